@@ -1,0 +1,46 @@
+"""Domain errors of the store. The gRPC server maps each to one status code
+(store_service/server.py) and the client maps codes back (store_service/client.py);
+nothing else converts between them."""
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base of every error the store raises on purpose."""
+
+
+class InvalidArgument(StoreError):
+    """Bad shapes, dtypes, ids, NaN/Inf, empty batches, k > rows. Names the field."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class NotFound(StoreError):
+    """An unknown version or shard."""
+
+
+class StaleVersion(StoreError):
+    """The request expected a version this shard no longer (or not yet) holds."""
+
+    def __init__(self, requested: int, serving: int):
+        self.requested = requested
+        self.serving = serving
+        super().__init__(f"version {requested} is not held by this shard; serving {serving}")
+
+
+class FailedPrecondition(StoreError):
+    """The operation does not fit the shard's state (e.g. add_rows on a shard that is not last)."""
+
+
+class Unauthenticated(StoreError):
+    """An admin call without a valid bearer token."""
+
+
+class ShardUnavailable(StoreError):
+    """A shard could not be reached within the deadline, after retries."""
+
+    def __init__(self, shard_id: int, address: str, cause: str):
+        self.shard_id = shard_id
+        self.address = address
+        super().__init__(f"shard {shard_id} at {address} unavailable: {cause}")
