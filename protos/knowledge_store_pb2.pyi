@@ -1,0 +1,255 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class Segment(_message.Message):
+    __slots__ = ("kind", "row_start", "num_rows", "n_sub")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROWS_FIELD_NUMBER: _ClassVar[int]
+    N_SUB_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    row_start: int
+    num_rows: int
+    n_sub: int
+    def __init__(self, kind: _Optional[str] = ..., row_start: _Optional[int] = ..., num_rows: _Optional[int] = ..., n_sub: _Optional[int] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address")
+    SHARD_ID_FIELD_NUMBER: _ClassVar[int]
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_END_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    shard_id: int
+    row_start: int
+    row_end: int
+    version: int
+    step: int
+    address: str
+    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("info", "d_k", "d_v", "value_dtype", "segments")
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    D_K_FIELD_NUMBER: _ClassVar[int]
+    D_V_FIELD_NUMBER: _ClassVar[int]
+    VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    info: ShardInfo
+    d_k: int
+    d_v: int
+    value_dtype: str
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    def __init__(self, info: _Optional[_Union[ShardInfo, _Mapping]] = ..., d_k: _Optional[int] = ..., d_v: _Optional[int] = ..., value_dtype: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("version", "queries", "k")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    queries: Tensor
+    k: int
+    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("ids", "scores", "keys")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    scores: Tensor
+    keys: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("version", "ids")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ids: Tensor
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: Tensor
+    def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReadoutRequest(_message.Message):
+    __slots__ = ("version", "ids", "weights")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ids: Tensor
+    weights: Tensor
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReadoutResponse(_message.Message):
+    __slots__ = ("out",)
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    out: Tensor
+    def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReadoutBackwardRequest(_message.Message):
+    __slots__ = ("version", "request_id", "ids", "weights", "grad_out")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    GRAD_OUT_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    request_id: str
+    ids: Tensor
+    weights: Tensor
+    grad_out: Tensor
+    def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class ReadoutBackwardResponse(_message.Message):
+    __slots__ = ("grad_weights",)
+    GRAD_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    grad_weights: Tensor
+    def __init__(self, grad_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AccumulateKeyGradsRequest(_message.Message):
+    __slots__ = ("version", "request_id", "ids", "grads")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    request_id: str
+    ids: Tensor
+    grads: Tensor
+    def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AccumulateKeyGradsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class EndStepRequest(_message.Message):
+    __slots__ = ("request_id", "step", "worker", "num_workers", "timeout_s")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    step: int
+    worker: int
+    num_workers: int
+    timeout_s: float
+    def __init__(self, request_id: _Optional[str] = ..., step: _Optional[int] = ..., worker: _Optional[int] = ..., num_workers: _Optional[int] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class EndStepResponse(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class AddRowsRequest(_message.Message):
+    __slots__ = ("request_id", "values", "keys")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    values: Tensor
+    keys: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class AddRowsResponse(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SetFlagRequest(_message.Message):
+    __slots__ = ("request_id", "ids", "value")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    ids: Tensor
+    value: bool
+    def __init__(self, request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., value: _Optional[bool] = ...) -> None: ...
+
+class SetFlagResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UsageResponse(_message.Message):
+    __slots__ = ("hits", "weight_sum", "frozen", "ablated")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
+    ABLATED_FIELD_NUMBER: _ClassVar[int]
+    hits: Tensor
+    weight_sum: Tensor
+    frozen: Tensor
+    ablated: Tensor
+    def __init__(self, hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., frozen: _Optional[_Union[Tensor, _Mapping]] = ..., ablated: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class WriteSnapshotRequest(_message.Message):
+    __slots__ = ("request_id", "version_dir", "version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_DIR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    version_dir: str
+    version: int
+    def __init__(self, request_id: _Optional[str] = ..., version_dir: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PrepareVersionRequest(_message.Message):
+    __slots__ = ("request_id", "store_root", "version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STORE_ROOT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    store_root: str
+    version: int
+    def __init__(self, request_id: _Optional[str] = ..., store_root: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class FlipVersionRequest(_message.Message):
+    __slots__ = ("request_id", "version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    version: int
+    def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ReleaseVersionRequest(_message.Message):
+    __slots__ = ("request_id", "version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    version: int
+    def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class VersionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
