@@ -1,0 +1,255 @@
+"""Triton kernels for the knowledge readout, forward and backward.
+
+Forward (one launch): one program per (token, slice of d_v). It loads the
+token's k ids (and scores, for the fused softmax), and for each d-chunk loads
+a [BLOCK_K, BLOCK_D] tile of gathered rows, scales by the weights and reduces
+over k in fp32. The T x k x d_v gathered tensor never exists in memory.
+
+Backward: the (t, j) pairs are sorted by row id (torch.sort on int32 keys,
+padding mapped to a sentinel that sorts last), unique_consecutive gives the
+segments, and one program per unique row (per d-slice) walks its segment:
+    row_grad[u] = sum_{(t,j) in seg(u)} w_tj * g_t          (segmented sum)
+    grad_w[t,j] = g_t . v_u                                  (fused: v_u is
+                                                              loaded once per
+                                                              unique row)
+No atomics, no dense N x d_v buffer: the output is (unique ids [U], row grads
+[U, d_v] fp32). For the fused softmax, grad_scores = w * (gw - sum_j w_j gw_j)
+is a small [T, k] epilogue.
+
+Everything accumulates in fp32; values may be fp32 or bf16 (or fp16).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _next_pow2(x: int) -> int:
+    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+
+
+# ----------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
+                        K, D, stride_v,
+                        SOFTMAX: tl.constexpr, K_PAD: tl.constexpr,
+                        BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                        D_PER_PROG: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    pd = tl.program_id(1)
+    row_base = t * K
+    if SOFTMAX:
+        offs_kp = tl.arange(0, K_PAD)
+        kp_mask = offs_kp < K
+        idk = tl.load(ids_ptr + row_base + offs_kp, mask=kp_mask, other=-1)
+        s = tl.load(w_ptr + row_base + offs_kp, mask=kp_mask, other=0.0).to(tl.float32)
+        s = tl.where(idk >= 0, s, float("-inf"))
+        m = tl.max(s, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.sum(tl.exp(s - m), axis=0)
+        inv = tl.where(den > 0, 1.0 / den, 0.0)
+    for dd in tl.static_range(0, D_PER_PROG, BLOCK_D):
+        offs_d = pd * D_PER_PROG + dd + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for k0 in tl.static_range(0, K_PAD, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            kmask = offs_k < K
+            idx = tl.load(ids_ptr + row_base + offs_k, mask=kmask, other=-1)
+            valid = idx >= 0
+            w = tl.load(w_ptr + row_base + offs_k, mask=kmask, other=0.0).to(tl.float32)
+            if SOFTMAX:
+                w = tl.exp(w - m) * inv
+            w = tl.where(valid, w, 0.0)
+            rows = tl.load(values_ptr + idx[:, None] * stride_v + offs_d[None, :],
+                           mask=valid[:, None] & dmask[None, :], other=0.0)
+            acc += tl.sum(rows.to(tl.float32) * w[:, None], axis=0)
+        tl.store(out_ptr + t * D + offs_d, acc, mask=dmask)
+
+
+def _fwd_config(K: int, D: int, dtype: torch.dtype):
+    k_pad = _next_pow2(max(K, 1))
+    block_d = min(_next_pow2(D), 256 if dtype in (torch.bfloat16, torch.float16) else 128)
+    block_k = min(k_pad, 16)
+    d_per_prog = min(_next_pow2(D), 1024)
+    d_per_prog = max(d_per_prog, block_d)
+    num_warps = 4
+    return k_pad, block_k, block_d, d_per_prog, num_warps
+
+
+def _check(values: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
+    if values.dim() != 2 or ids.dim() != 2 or w.shape != ids.shape:
+        raise ValueError(f"bad shapes values {tuple(values.shape)} ids {tuple(ids.shape)} w {tuple(w.shape)}")
+    if values.stride(1) != 1:
+        raise ValueError("values must be contiguous along d_v")
+
+
+def _readout_forward(values, ids, w, softmax: bool, config=None):
+    _check(values, ids, w)
+    T, K = ids.shape
+    D = values.shape[1]
+    out = torch.empty((T, D), dtype=torch.float32, device=values.device)
+    if T == 0 or D == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    ids = ids.contiguous()
+    w = w.contiguous()
+    k_pad, block_k, block_d, d_per_prog, num_warps = config or _fwd_config(K, D, values.dtype)
+    grid = (T, triton.cdiv(D, d_per_prog))
+    _readout_fwd_kernel[grid](values, ids, w, out, K, D, values.stride(0),
+                              SOFTMAX=softmax, K_PAD=k_pad, BLOCK_K=block_k, BLOCK_D=block_d,
+                              D_PER_PROG=d_per_prog, num_warps=num_warps)
+    return out
+
+
+def readout_weighted_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                            config=None) -> torch.Tensor:
+    """[T, d_v] fp32 = sum_j weights[t, j] * values[ids[t, j]] (ids -1 = padding)."""
+    return _readout_forward(values, ids, weights, softmax=False, config=config)
+
+
+def softmax_readout_triton(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                           config=None) -> torch.Tensor:
+    """Fused gather + masked softmax + weighted sum: [T, d_v] fp32."""
+    return _readout_forward(values, ids, scores, softmax=True, config=config)
+
+
+# ----------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------
+
+@triton.jit
+def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, seg_start_ptr, seg_cnt_ptr, uniq_ptr,
+                     rg_ptr, gw_ptr, U, TK, K, D, stride_v, stride_g,
+                     BLOCK_D: tl.constexpr):
+    """One program per (unique row, d-slice): segmented sum of w * g over the
+    row's occurrences, and the partial dot g . v for each occurrence."""
+    u = tl.program_id(0)
+    pd = tl.program_id(1)
+    start = tl.load(seg_start_ptr + u)
+    cnt = tl.load(seg_cnt_ptr + u)
+    row = tl.load(uniq_ptr + u).to(tl.int64)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    gw_base = gw_ptr + pd.to(tl.int64) * TK
+    for i in range(cnt):
+        p = tl.load(perm_ptr + start + i)
+        t = p // K
+        w = tl.load(w_ptr + p)
+        g = tl.load(g_ptr + t * stride_g + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        acc += w * g
+        tl.store(gw_base + p, tl.sum(g * v, axis=0))
+    tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
+
+
+def _bwd_block_d(D: int) -> int:
+    return min(_next_pow2(D), 2048)
+
+
+def _segments(ids: torch.Tensor, n_rows: int):
+    """Sort the flat (t, j) pairs by row id. Returns (perm int64 [TK] sorted
+    by id, padding last; unique ids [U] int64; segment starts [U] int32;
+    segment counts [U] int32), padding excluded from the segments."""
+    flat = ids.reshape(-1)
+    if n_rows < 2 ** 31 - 1:
+        sentinel = 2 ** 31 - 1
+        key = torch.where(flat >= 0, flat, sentinel).to(torch.int32)
+    else:
+        sentinel = 2 ** 63 - 1
+        key = torch.where(flat >= 0, flat, sentinel)
+    skey, perm = torch.sort(key)
+    uniq, counts = torch.unique_consecutive(skey, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    if uniq.numel() and int(skey[-1]) == sentinel:  # padding sorts last: drop its segment
+        uniq, counts, starts = uniq[:-1], counts[:-1], starts[:-1]
+    return perm, uniq.to(torch.int64), starts.to(torch.int32), counts.to(torch.int32)
+
+
+def _readout_backward(values, ids, w, grad_out):
+    """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w."""
+    T, K = ids.shape
+    D = values.shape[1]
+    dev = values.device
+    TK = T * K
+    g = grad_out
+    if g.stride(-1) != 1:
+        g = g.contiguous()
+    w = w.contiguous().reshape(-1)
+    perm, uniq, starts, counts = _segments(ids, values.shape[0])
+    U = uniq.numel()
+    block_d = _bwd_block_d(D)
+    n_dblk = triton.cdiv(D, block_d) if D else 0
+    row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
+    gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
+    if U and D:
+        num_warps = 4 if block_d <= 512 else 8
+        _row_grad_kernel[(U, n_dblk)](values, g, w, perm, starts, counts, uniq, row_grads, gw_part,
+                                      U, TK, K, D, values.stride(0), g.stride(0),
+                                      BLOCK_D=block_d, num_warps=num_warps)
+    grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
+    return grad_w.reshape(T, K), uniq, row_grads
+
+
+def readout_weighted_backward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                                     grad_out: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_weights [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
+    _check(values, ids, weights)
+    return _readout_backward(values, ids, weights.float(), grad_out)
+
+
+@triton.jit
+def _softmax_kernel(s_ptr, ids_ptr, w_ptr, K, K_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, K_PAD)
+    mask = offs < K
+    idk = tl.load(ids_ptr + t * K + offs, mask=mask, other=-1)
+    s = tl.load(s_ptr + t * K + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.where(idk >= 0, s, float("-inf"))
+    m = tl.max(s, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(s - m)
+    den = tl.sum(e, axis=0)
+    inv = tl.where(den > 0, 1.0 / den, 0.0)
+    tl.store(w_ptr + t * K + offs, e * inv, mask=mask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(w_ptr, gw_ptr, gs_ptr, K, K_PAD: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, K_PAD)
+    mask = offs < K
+    w = tl.load(w_ptr + t * K + offs, mask=mask, other=0.0)
+    gw = tl.load(gw_ptr + t * K + offs, mask=mask, other=0.0)
+    dot = tl.sum(w * gw, axis=0)
+    tl.store(gs_ptr + t * K + offs, w * (gw - dot), mask=mask)
+
+
+def masked_softmax_triton(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    T, K = ids.shape
+    w = torch.empty((T, K), dtype=torch.float32, device=scores.device)
+    if T and K:
+        _softmax_kernel[(T,)](scores.contiguous(), ids.contiguous(), w, K, K_PAD=_next_pow2(K),
+                              num_warps=1)
+    return w
+
+
+def softmax_readout_backward_triton(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
+                                    grad_out: torch.Tensor
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (grad_scores [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
+    _check(values, ids, scores)
+    T, K = ids.shape
+    w = masked_softmax_triton(scores, ids)
+    grad_w, uniq, row_grads = _readout_backward(values, ids, w, grad_out)
+    grad_s = torch.empty_like(w)
+    if T and K:
+        _softmax_bwd_kernel[(T,)](w, grad_w.contiguous(), grad_s, K, K_PAD=_next_pow2(K), num_warps=1)
+    return grad_s, uniq, row_grads
