@@ -1,0 +1,222 @@
+"""`RemoteShard`: a `ShardHandle` over gRPC, and `connect`, a `Table` over remote shards.
+
+The client mirrors the domain interface, so `Table` scatters over RemoteShards
+exactly as over in-process Shards (its executor runs the calls in parallel).
+Status codes become domain errors in exactly one place, `error_from_rpc`.
+
+    table = connect(["127.0.0.1:50051", "127.0.0.1:50052"], admin_token="secret")
+    res = table.search(queries, k=32)
+
+Transient failures (UNAVAILABLE) are retried with exponential backoff within the
+call's deadline; when that runs out the call raises `errors.ShardUnavailable`
+naming the shard and its address. Mutations carry a request_id that stays the
+same across retries, so a retried mutation is applied once.
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from typing import Sequence
+
+import grpc
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from protos import knowledge_store_pb2 as pb
+from protos import knowledge_store_pb2_grpc as pb_grpc
+from store_service import errors, wire
+from store_service.interface import (SegmentInfo, ShardDescription, ShardInfo, SearchResult, UsageStats)
+from store_service.server import (MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
+                                  STORE_SERVICE)
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", -1),     # the server enforces its own limit
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.enable_retries", 0),               # retries are ours, below, within one deadline
+]
+
+
+def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.StoreError:
+    """Status code (+ trailing metadata) -> domain error. The one mapping back."""
+    code = err.code()
+    details = err.details() or ""
+    md = dict(err.trailing_metadata() or ())
+    kind = md.get(MD_ERROR, "")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        field = md.get(MD_FIELD, "request")
+        prefix = f"{field}: "
+        return errors.InvalidArgument(field, details[len(prefix):] if details.startswith(prefix) else details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return errors.InvalidArgument("request", f"message too large for shard {shard_id} at {address}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        if kind == "stale-version":
+            return errors.StaleVersion(int(md[MD_REQUESTED_VERSION]), int(md[MD_SERVING_VERSION]))
+        return errors.FailedPrecondition(details)
+    if code == grpc.StatusCode.NOT_FOUND:
+        return errors.NotFound(details)
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return errors.Unauthenticated(details)
+    return errors.ShardUnavailable(shard_id, address, f"{code.name}: {details}")
+
+
+class RemoteShard:
+    """A shard served by `store_service.server` at `address` ("host:port")."""
+
+    def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
+                 shard_id: int = -1, backoff_s: float = 0.05):
+        self.address = address
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self._shard_id = shard_id  # learned from describe() when not given
+        self._admin_md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self._store = pb_grpc.KnowledgeStoreStub(self._channel)
+        self._admin = pb_grpc.StoreAdminStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._lock = threading.Lock()
+
+    @property
+    def shard_id(self) -> int:
+        return self._shard_id
+
+    def __repr__(self) -> str:
+        return f"RemoteShard({self.address!r}, shard_id={self._shard_id})"
+
+    def close(self) -> None:
+        self._channel.close()
+
+    # -- the one place RPCs are made ------------------------------------------
+    def _call(self, rpc, request, *, admin: bool = False, timeout_s: float | None = None):
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        metadata = self._admin_md if admin else ()
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    raise errors.ShardUnavailable(self._shard_id, self.address, "deadline exceeded before the call")
+                return rpc(request, timeout=remaining, metadata=metadata)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
+                    pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                    if time.monotonic() + pause < deadline:
+                        attempt += 1
+                        time.sleep(pause)
+                        continue
+                raise error_from_rpc(err, self._shard_id, self.address) from None
+
+    # -- data plane ---------------------------------------------------------
+    def describe(self) -> ShardDescription:
+        r = self._call(self._store.Describe, pb.DescribeRequest())
+        i = r.info
+        info = ShardInfo(shard_id=int(i.shard_id), row_start=int(i.row_start), row_end=int(i.row_end),
+                         version=int(i.version), step=int(i.step), address=self.address)
+        self._shard_id = info.shard_id
+        segments = tuple(SegmentInfo(kind=s.kind, row_start=int(s.row_start), num_rows=int(s.num_rows),
+                                     n_sub=int(s.n_sub)) for s in r.segments)
+        return ShardDescription(info=info, d_k=int(r.d_k), d_v=int(r.d_v), value_dtype=r.value_dtype,
+                                segments=segments)
+
+    def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult:
+        req = pb.SearchRequest(version=version, k=k)
+        wire.to_proto(queries, req.queries)
+        r = self._call(self._store.Search, req)
+        return SearchResult(ids=wire.from_proto(r.ids, "ids", ids=True),
+                            scores=wire.from_proto(r.scores, "scores"),
+                            keys=wire.from_proto(r.keys, "keys"))
+
+    def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor:
+        req = pb.FetchRequest(version=version)
+        wire.ids_to_proto(ids, req.ids)
+        return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
+
+    def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
+        req = pb.ReadoutRequest(version=version)
+        wire.ids_to_proto(ids, req.ids)
+        wire.to_proto(weights, req.weights)
+        return wire.from_proto(self._call(self._store.Readout, req).out, "out")
+
+    def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
+                         request_id: str = "", version: int = 0) -> torch.Tensor:
+        # An id of our own when the caller gives none, so a retry is not accumulated twice.
+        req = pb.ReadoutBackwardRequest(version=version, request_id=request_id or _new_id())
+        wire.ids_to_proto(ids, req.ids)
+        wire.to_proto(weights, req.weights)
+        wire.to_proto(grad_out, req.grad_out)
+        return wire.from_proto(self._call(self._store.ReadoutBackward, req).grad_weights, "grad_weights")
+
+    def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
+                             request_id: str = "", version: int = 0) -> None:
+        req = pb.AccumulateKeyGradsRequest(version=version, request_id=request_id or _new_id())
+        wire.ids_to_proto(ids, req.ids)
+        wire.to_proto(grads, req.grads)
+        self._call(self._store.AccumulateKeyGrads, req)
+
+    def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
+                 request_id: str = "", timeout_s: float = 60.0) -> int:
+        req = pb.EndStepRequest(step=step, worker=worker, num_workers=num_workers,
+                                request_id=request_id or _new_id(), timeout_s=timeout_s)
+        # The barrier may wait timeout_s for other workers; the RPC deadline covers that.
+        return int(self._call(self._store.EndStep, req, timeout_s=timeout_s + self.timeout_s).step)
+
+    # -- control plane (bearer token) ----------------------------------------
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        req = pb.AddRowsRequest(request_id=_new_id())
+        wire.to_proto(values, req.values)
+        wire.to_proto(keys, req.keys)
+        return wire.from_proto(self._call(self._admin.AddRows, req, admin=True).ids, "ids", ids=True)
+
+    def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None:
+        req = pb.SetFlagRequest(request_id=_new_id(), value=frozen)
+        wire.ids_to_proto(torch.as_tensor(ids, dtype=torch.int64), req.ids)
+        self._call(self._admin.SetFrozen, req, admin=True)
+
+    def set_ablated(self, ids: torch.Tensor, ablated: bool) -> None:
+        req = pb.SetFlagRequest(request_id=_new_id(), value=ablated)
+        wire.ids_to_proto(torch.as_tensor(ids, dtype=torch.int64), req.ids)
+        self._call(self._admin.SetAblated, req, admin=True)
+
+    def usage(self) -> UsageStats:
+        r = self._call(self._admin.Usage, pb.UsageRequest(), admin=True)
+        return UsageStats(hits=wire.from_proto(r.hits, "hits"), weight_sum=wire.from_proto(r.weight_sum, "weight_sum"),
+                          frozen=wire.from_proto(r.frozen, "frozen"), ablated=wire.from_proto(r.ablated, "ablated"))
+
+    def write_snapshot(self, version_dir: str, version: int) -> None:
+        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version)
+        self._call(self._admin.WriteSnapshot, req, admin=True)
+
+    def prepare_version(self, store_root: str, version: int) -> None:
+        req = pb.PrepareVersionRequest(request_id=_new_id(), store_root=str(store_root), version=version)
+        self._call(self._admin.PrepareVersion, req, admin=True)
+
+    def flip_version(self, version: int) -> None:
+        self._call(self._admin.FlipVersion, pb.FlipVersionRequest(request_id=_new_id(), version=version), admin=True)
+
+    def release_version(self, version: int) -> None:
+        req = pb.ReleaseVersionRequest(request_id=_new_id(), version=version)
+        self._call(self._admin.ReleaseVersion, req, admin=True)
+
+    def health(self) -> bool:
+        """The standard gRPC health check of the KnowledgeStore service."""
+        try:
+            r = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=STORE_SERVICE),
+                           timeout_s=min(self.timeout_s, 5.0))
+        except errors.StoreError:
+            return False
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
+            **table_kwargs):
+    """A `Table` over the shard servers at `addresses` (one per shard, any order)."""
+    from store_service.table import Table
+
+    shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries) for a in addresses]
+    return Table(shards, **table_kwargs)
