@@ -1,0 +1,142 @@
+"""Model configuration: one dataclass per module, named presets in a plain dict.
+
+The same `ModelConfig` yields the three baselines we compare (DESIGN.md section 1):
+dense (`ffn="dense"`), MoE (`ffn="moe"`) and MoE + knowledge (`knowledge=...`).
+A size is one word: `preset("small-knowledge")`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+def _round_to(x: float, multiple: int) -> int:
+    return max(multiple, int(multiple * round(x / multiple)))
+
+
+@dataclass
+class KnowledgeConfig:
+    """A knowledge layer (DESIGN.md section 2): h query heads over one shared table."""
+    layers: tuple[int, ...] = (1,)   # which blocks carry a knowledge layer
+    placement: str = "replace"       # "replace" the block's FFN, or sit "beside" it (summed, same input)
+    n_heads: int = 4                 # h query heads; heads share the table
+    d_k: int = 32                    # query / key width (split in two halves for product keys)
+    d_v: int = 0                     # value width; 0 -> d_model
+    k: int = 16                      # rows read out per head per token
+    tau: float = 1.0                 # softmax temperature over the top-k scores
+    n_sub: int = 32                  # sub-keys per codebook: the product segment has n_sub**2 rows
+    readout: str = "pushdown"        # "pushdown" (the shards compute the readout) or "fetch"
+    gate: bool = True                # y = W_o r * silu(W_g x)
+    qk_norm: bool = True             # q = RMSNorm(W_q x); codebooks initialised on the unit sphere
+    bias_update_rate: float = 1e-3   # product sub-key balancing (loss-free, selection only); 0 = off
+    value_lr: float = 1e-2           # the store's sparse optimizer lr for rows (used when building a table)
+    value_init_std: float = 0.0      # 0 -> d_v ** -0.5
+
+    def __post_init__(self):
+        self.layers = tuple(int(i) for i in self.layers)
+        if self.placement not in ("replace", "beside"):
+            raise ValueError(f"placement must be 'replace' or 'beside', got {self.placement!r}")
+        if self.readout not in ("pushdown", "fetch"):
+            raise ValueError(f"readout must be 'pushdown' or 'fetch', got {self.readout!r}")
+        if self.d_k % 2:
+            raise ValueError(f"d_k must be even (two product-key halves), got {self.d_k}")
+        if self.k > self.n_sub ** 2:
+            raise ValueError(f"k={self.k} exceeds the product segment's {self.n_sub ** 2} rows")
+
+    @property
+    def num_product_rows(self) -> int:
+        return self.n_sub ** 2
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 260
+    block_size: int = 128            # longest sequence (rotary table and KV cache length)
+    n_layers: int = 4
+    d_model: int = 128
+    n_heads: int = 4
+    head_dim: int = 0                # 0 -> d_model // n_heads
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+
+    ffn: str = "dense"               # "dense" | "moe"
+    d_ff: int = 0                    # dense SwiGLU hidden width; 0 -> 8/3 d_model rounded
+
+    # MoE (ffn == "moe"): n_shared shared experts + n_experts routed, n_active of them per token.
+    n_experts: int = 8
+    n_active: int = 2
+    n_shared: int = 1
+    d_expert: int = 0                # 0 -> d_ff // (n_active + n_shared): the active FFN width equals the dense one
+    router: str = "sigmoid"          # "sigmoid" (DeepSeek-V3) or "softmax" scores
+    route_norm: bool = True          # normalise the selected gate scores to sum to 1
+    moe_bias_rate: float = 1e-3      # loss-free balancing step (0 = off)
+    aux_loss_coef: float = 0.0       # optional sequence-level balance loss (DeepSeek-V3 uses ~1e-4)
+
+    knowledge: KnowledgeConfig | None = None
+
+    def __post_init__(self):
+        if isinstance(self.knowledge, dict):
+            self.knowledge = KnowledgeConfig(**self.knowledge)
+        if self.ffn not in ("dense", "moe"):
+            raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
+        if self.router not in ("sigmoid", "softmax"):
+            raise ValueError(f"router must be 'sigmoid' or 'softmax', got {self.router!r}")
+        if self.head_dim == 0:
+            assert self.d_model % self.n_heads == 0, "d_model must divide into heads"
+            self.head_dim = self.d_model // self.n_heads
+        if self.d_ff == 0:
+            self.d_ff = _round_to(8 * self.d_model / 3, 16)
+        if self.d_expert == 0:
+            self.d_expert = max(8, self.d_ff // (self.n_active + self.n_shared))
+        if self.n_active > self.n_experts:
+            raise ValueError("n_active must not exceed n_experts")
+        if self.knowledge is not None:
+            if self.knowledge.d_v == 0:
+                self.knowledge.d_v = self.d_model
+            bad = [i for i in self.knowledge.layers if not 0 <= i < self.n_layers]
+            if bad:
+                raise ValueError(f"knowledge layers {bad} outside [0, {self.n_layers})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# Presets. "tiny-*" are for tests (seconds on a CPU); "small-*" for the CPU quality
+# benchmark (a few minutes per run). Within a size the baselines are matched in
+# active parameters per token (see model.count_params; benchmarks/quality.py prints them).
+_TINY = dict(vocab_size=260, block_size=64, n_layers=2, d_model=32, n_heads=2)
+_SMALL = dict(vocab_size=260, block_size=128, n_layers=4, d_model=128, n_heads=4)
+_TINY_KN = dict(layers=(1,), n_heads=2, d_k=16, k=4, n_sub=8)
+_SMALL_KN = dict(layers=(2,), placement="beside", n_heads=4, d_k=32, k=16, n_sub=64)
+
+configs: dict[str, dict[str, Any]] = {
+    "tiny-dense": dict(_TINY, ffn="dense"),
+    "tiny-moe": dict(_TINY, ffn="moe", n_experts=4, n_active=2),
+    "tiny-knowledge": dict(_TINY, ffn="moe", n_experts=4, n_active=2, knowledge=_TINY_KN),
+    "small-dense": dict(_SMALL, ffn="dense"),
+    "small-dense-2x": dict(_SMALL, ffn="dense", n_layers=8),
+    "small-moe": dict(_SMALL, ffn="moe", n_experts=16, n_active=2),
+    "small-knowledge": dict(_SMALL, ffn="moe", n_experts=16, n_active=2, knowledge=_SMALL_KN),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """`preset("tiny-knowledge", d_model=64)` -> a fresh ModelConfig."""
+    if name not in configs:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(configs)}")
+    kw = dict(configs[name])
+    kn = overrides.pop("knowledge", kw.pop("knowledge", None))
+    kw.update(overrides)
+    if isinstance(kn, dict):
+        kn = KnowledgeConfig(**kn)
+    elif isinstance(kn, KnowledgeConfig):
+        kn = replace(kn)
+    return ModelConfig(**kw, knowledge=kn)

@@ -1,0 +1,212 @@
+"""A knowledge layer: h query heads over one shared table (DESIGN.md section 2).
+
+    q      = norm(W_q x)                         query, d_k
+    S, I   = top-k over rows i of  q.k_i + b_i   b_i: balancing bias, selection only
+    w      = softmax(q.k_I / tau)                recomputed differentiably
+    r      = sum_j w_j v_{I_j}                   the readout, d_v
+    y      = W_o concat_h(r) * silu(W_g x)       output (gating optional)
+
+Where each piece runs:
+- The product segment (rows [0, n_sub^2)) is searched here: its two codebooks
+  are parameters of this layer and its per-sub-key balancing biases are buffers.
+- Flat segments (rows appended after it) are searched by the store
+  (`table.search`), which returns selection scores and the rows' keys.
+- The top-k is merged here, and w is recomputed from q and the selected keys
+  so that gradients reach q, the codebooks, and the flat keys (sent to the
+  store with `table.accumulate_key_grads`).
+- The readout runs on the store (pushdown) or here on fetched rows (fetch).
+  Either way the backward is the store's `readout_backward`: it accumulates the
+  row gradients where the rows live and returns dL/dw, so rows never need a
+  second gradient path and both modes train identically. (Fetch is meant for
+  generation and small batches; it needs no change to the table protocol.)
+
+Only `store_service.kernels` functions and the `KnowledgeTable` protocol are used.
+"""
+from __future__ import annotations
+
+import uuid
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from store_service import kernels
+from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable
+
+from .config import KnowledgeConfig
+
+
+def _request_id() -> str:
+    return uuid.uuid4().hex
+
+
+class PushdownReadout(torch.autograd.Function):
+    """r = table.readout(ids, w); backward: dL/dw = table.readout_backward(ids, w, dL/dr).
+    The row gradients stay on the store and are applied at `table.end_step`."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable) -> torch.Tensor:
+        # weights [T, k] fp32, ids [T, k] int64 -> [T, d_v] fp32
+        w = weights.detach().float().contiguous()
+        ctx.table = table
+        ctx.save_for_backward(ids, w)
+        return table.readout(ids, w)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        ids, w = ctx.saved_tensors
+        grad_w = ctx.table.readout_backward(ids, w, grad_out.float().contiguous(), request_id=_request_id())
+        return grad_w, None, None
+
+
+class FetchReadout(torch.autograd.Function):
+    """r computed here from the fetched unique rows with the store's own kernel;
+    backward as pushdown (row gradients must end up on the store anyway)."""
+
+    @staticmethod
+    def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable) -> torch.Tensor:
+        w = weights.detach().float().contiguous()
+        valid = ids >= 0
+        uniq, inverse = torch.unique(ids[valid], return_inverse=True)  # [U], [#valid]
+        local = torch.full_like(ids, kernels.PAD_ID)
+        local[valid] = inverse
+        values = table.fetch(uniq).to(w.device)                          # [U, d_v]
+        ctx.table = table
+        ctx.save_for_backward(ids, w)
+        return kernels.readout_weighted(values, local, w)
+
+    backward = PushdownReadout.backward
+
+
+class KnowledgeLayer(nn.Module):
+    def __init__(self, d_model: int, cfg: KnowledgeConfig, table: KnowledgeTable | None = None,
+                 init_std: float = 0.02):
+        super().__init__()
+        self.cfg = cfg
+        self.n_heads, self.d_k, self.d_v, self.k, self.n = cfg.n_heads, cfg.d_k, cfg.d_v, cfg.k, cfg.n_sub
+        self.readout_mode = cfg.readout
+        self.wq = nn.Linear(d_model, cfg.n_heads * cfg.d_k, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.d_k, eps=1e-5) if cfg.qk_norm else nn.Identity()
+        half = cfg.d_k // 2
+        self.codebook_a = nn.Parameter(F.normalize(torch.randn(cfg.n_sub, half), dim=-1))
+        self.codebook_b = nn.Parameter(F.normalize(torch.randn(cfg.n_sub, half), dim=-1))
+        self.wo = nn.Linear(cfg.n_heads * cfg.d_v, d_model, bias=False)
+        self.wg = nn.Linear(d_model, d_model, bias=False) if cfg.gate else None
+        nn.init.normal_(self.wq.weight, std=d_model ** -0.5)
+        nn.init.normal_(self.wo.weight, std=init_std)
+        if self.wg is not None:
+            nn.init.normal_(self.wg.weight, std=init_std)
+        # Per-sub-key balancing biases (selection only; b_{i*n+j} = bias_a[i] + bias_b[j]).
+        self.register_buffer("bias_a", torch.zeros(cfg.n_sub))
+        self.register_buffer("bias_b", torch.zeros(cfg.n_sub))
+        # Sub-key selections since the last update_bias() (training only).
+        self.register_buffer("load_a", torch.zeros(cfg.n_sub), persistent=False)
+        self.register_buffer("load_b", torch.zeros(cfg.n_sub), persistent=False)
+        self.table: KnowledgeTable | None = None
+        self._ablated: torch.Tensor | None = None  # [n^2] bool, None when nothing is ablated
+        self._has_flat = False
+        self.record = False  # keep the last ids / weights (interpretability)
+        self.last_ids: torch.Tensor | None = None
+        self.last_weights: torch.Tensor | None = None
+        if table is not None:
+            self.attach(table)
+
+    # -- the table ---------------------------------------------------------
+    def attach(self, table: KnowledgeTable) -> None:
+        info = table.info()
+        seg0 = info.segments[0]
+        if seg0.kind != SEGMENT_PRODUCT or seg0.row_start != 0 or seg0.n_sub != self.n:
+            raise ValueError(f"table must start with a product segment of n_sub={self.n} at row 0; got {seg0}")
+        if (info.d_k, info.d_v) != (self.d_k, self.d_v):
+            raise ValueError(f"table dims (d_k={info.d_k}, d_v={info.d_v}) != layer ({self.d_k}, {self.d_v})")
+        self.table = table
+        self.refresh_table_state()
+
+    def refresh_table_state(self) -> None:
+        """Re-read what the layer caches about its table: whether flat segments
+        exist, and which product rows are ablated. Call after add_rows /
+        set_ablated / load_version."""
+        info = self.table.info()
+        self._has_flat = any(s.kind == SEGMENT_FLAT and s.num_rows > 0 for s in info.segments)
+        ablated = self.table.usage().ablated[: self.n * self.n].to(torch.bool)
+        self._ablated = ablated if bool(ablated.any()) else None
+
+    # -- forward -----------------------------------------------------------
+    def codebooks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cfg.qk_norm:
+            return F.normalize(self.codebook_a, dim=-1), F.normalize(self.codebook_b, dim=-1)
+        return self.codebook_a, self.codebook_b
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, D] -> [B, S, D]
+        B, S, D = x.shape
+        h, k, n = self.n_heads, self.k, self.n
+        q = self.q_norm(self.wq(x).view(B * S * h, self.d_k)).float()   # [T, d_k], T = B*S*h
+        ca, cb = self.codebooks()                                          # [n, d_k/2] each
+
+        ids, flat_keys = self._select(q.detach(), ca.detach(), cb.detach())  # [T, k], [T, k, d_k] | None
+
+        # Recompute the scores of the selected rows differentiably (no bias).
+        is_prod = (ids >= 0) & (ids < n * n)
+        pid = ids.clamp(0, n * n - 1)
+        keys = torch.cat([ca[pid // n], cb[pid % n]], dim=-1)              # [T, k, d_k]
+        if flat_keys is not None:
+            keys = torch.where(is_prod.unsqueeze(-1), keys, self._store_keys(flat_keys, ids, is_prod))
+        w = kernels.masked_softmax(torch.einsum("td,tkd->tk", q, keys) / self.cfg.tau, ids)  # [T, k]
+
+        readout = PushdownReadout if self.readout_mode == "pushdown" else FetchReadout
+        r = readout.apply(w, ids, self.table)                              # [T, d_v] fp32
+        y = self.wo(r.to(x.dtype).view(B, S, h * self.d_v))               # [B, S, D]
+        if self.wg is not None:
+            y = y * F.silu(self.wg(x))
+
+        if self.training:
+            self.load_a += torch.bincount(pid[is_prod] // n, minlength=n).to(self.load_a.dtype)
+            self.load_b += torch.bincount(pid[is_prod] % n, minlength=n).to(self.load_b.dtype)
+        if self.record:
+            self.last_ids = ids.view(B, S, h, k)
+            self.last_weights = w.detach().view(B, S, h, k)
+        return y
+
+    @torch.no_grad()
+    def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Top-k over all segments by q.k_i + b_i -> ids [T, k] and, when flat
+        segments exist, the flat keys of the selection [T, k, d_k] (0 elsewhere)."""
+        half = self.d_k // 2
+        scores, ids = kernels.product_key_search(q[:, :half], q[:, half:], ca, cb, self.k,
+                                                 self.bias_a, self.bias_b, self._ablated)
+        if not self._has_flat:
+            return ids, None
+        res = self.table.search(q, self.k)                                # flat segments only
+        scores = torch.cat([scores, res.scores.to(scores.device)], dim=1)  # [T, 2k]
+        ids = torch.cat([ids, res.ids.to(ids.device)], dim=1)
+        keys = torch.cat([torch.zeros_like(res.keys), res.keys], dim=1).to(q.device)  # [T, 2k, d_k]
+        top = scores.topk(self.k, dim=1).indices
+        ids = ids.gather(1, top).masked_fill(torch.isneginf(scores.gather(1, top)), kernels.PAD_ID)
+        return ids, keys.gather(1, top.unsqueeze(-1).expand(-1, -1, self.d_k))
+
+    def _store_keys(self, flat_keys: torch.Tensor, ids: torch.Tensor, is_prod: torch.Tensor) -> torch.Tensor:
+        """The flat keys as a leaf whose gradient is sent to the store in backward."""
+        keys = flat_keys.clone().requires_grad_(torch.is_grad_enabled())
+        if keys.requires_grad:
+            table = self.table
+
+            def send(grad: torch.Tensor) -> None:
+                is_flat = (ids >= 0) & ~is_prod
+                uniq, g = kernels.compact_row_grads(ids.masked_fill(~is_flat, kernels.PAD_ID), grad)
+                if uniq.numel():
+                    table.accumulate_key_grads(uniq, g, request_id=_request_id())
+            keys.register_hook(send)
+        return keys
+
+    # -- balancing ---------------------------------------------------------
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """After a step: each sub-key bias moves by a fixed amount against the
+        sign of its load error (the store does the same for flat rows)."""
+        rate = self.cfg.bias_update_rate
+        for load, bias in ((self.load_a, self.bias_a), (self.load_b, self.bias_b)):
+            if rate > 0 and load.sum() > 0:
+                bias += rate * torch.sign(load.mean() - load)
+            load.zero_()

@@ -1,0 +1,132 @@
+"""Mixture-of-experts FFN: one shared expert plus fine-grained routed experts.
+
+Routing follows DeepSeek-V3: per-expert scores (sigmoid or softmax), top-k
+selection on score + bias, gates = the selected *scores* (not the biased
+ones), normalised to sum to 1. The bias is a buffer moved after each step by a
+fixed amount against the sign of the expert's load error (loss-free
+balancing); it affects selection only. An optional small sequence-level
+auxiliary loss is available.
+
+Dispatch sorts the (token, slot) pairs by expert and runs each expert once on
+its contiguous slice; there is no loop over tokens.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w3 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights: w1, w3 [E, D, F], w2 [E, F, D]."""
+
+    def __init__(self, n_experts: int, d_model: int, d_expert: int, std: float = 0.02):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
+        self.w3 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
+        self.w2 = nn.Parameter(torch.randn(n_experts, d_expert, d_model) * std)
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # x_sorted: [M, D], rows grouped by expert, counts[e] rows for expert e
+        outs = []
+        for e, chunk in enumerate(torch.split(x_sorted, counts)):
+            if chunk.shape[0] == 0:
+                continue
+            outs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
+        return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_active = cfg.n_active
+        self.score_func = cfg.router
+        self.route_norm = cfg.route_norm
+        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        # Selection-only balancing bias (persistent: part of a checkpoint).
+        self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # x: [T, D] -> scores [T, E], top_idx [T, K], gates [T, K]
+        logits = self.gate(x).float()
+        scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
+        top_idx = torch.topk(scores + self.expert_bias, self.n_active, dim=-1).indices
+        gates = scores.gather(-1, top_idx)
+        if self.route_norm:
+            gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
+        return scores, top_idx, gates
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts = cfg.n_experts
+        self.n_active = cfg.n_active
+        self.bias_rate = cfg.moe_bias_rate
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.router = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_experts, cfg.d_model, cfg.d_expert, cfg.init_std)
+        self.shared = FeedForward(cfg.d_model, cfg.d_expert * cfg.n_shared) if cfg.n_shared > 0 else None
+        # Tokens routed to each expert since the last update_bias() (training only);
+        # `last_load` is the load of the last step, for reporting.
+        self.register_buffer("load", torch.zeros(cfg.n_experts), persistent=False)
+        self.register_buffer("last_load", torch.zeros(cfg.n_experts), persistent=False)
+        self.aux_loss = torch.zeros(())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [B, S, D]
+        B, S, D = x.shape
+        self.aux_loss = x.new_zeros(())
+        xf = x.reshape(-1, D)                                   # [T, D]
+        scores, top_idx, gates = self.router(xf)                # [T, E], [T, K], [T, K]
+
+        # Sort the T*K (token, slot) pairs by expert: each expert then sees one contiguous slice.
+        flat_expert = top_idx.reshape(-1)                       # [T*K]
+        order = torch.argsort(flat_expert, stable=True)         # [T*K]
+        token_of = order // self.n_active                       # which token each sorted pair came from
+        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        y_sorted = self.experts(xf[token_of], counts.tolist())  # [T*K, D]
+        y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+        out = torch.zeros_like(xf).index_add_(0, token_of, y_sorted)
+
+        if self.shared is not None:
+            out = out + self.shared(xf)
+        if self.training:
+            self.load += counts.to(self.load.dtype)
+            if self.aux_loss_coef > 0:
+                self.aux_loss = self._seq_aux_loss(scores.view(B, S, -1), top_idx.view(B, S, -1))
+        return out.view(B, S, D)
+
+    def _seq_aux_loss(self, scores: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 complementary sequence-wise balance loss: alpha * sum_i f_i P_i."""
+        B, S, E = scores.shape
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)                       # [B, E]
+        f = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, top_idx.reshape(B, -1), torch.ones(B, S * self.n_active, device=scores.device))
+        f = f * E / (self.n_active * S)
+        return self.aux_loss_coef * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> torch.Tensor:
+        """After an optimizer step: b_e += rate * sign(mean load - load_e). Returns the step's load."""
+        load = self.load.clone()
+        if load.sum() > 0 and self.bias_rate > 0:
+            self.router.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+        self.last_load.copy_(load)
+        self.load.zero_()
+        return load
