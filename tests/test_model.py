@@ -1,0 +1,75 @@
+"""The transformer: shapes for every baseline, KV-cache decoding equals the
+full forward, parameter accounting, end-of-step balancing hooks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_worker.config import configs, preset
+from model_worker.model import Transformer
+from tests.test_knowledge_layer import TensorTable
+
+
+def build(name: str, **overrides) -> Transformer:
+    torch.manual_seed(0)
+    cfg = preset(name, **overrides)
+    table = None
+    if cfg.knowledge is not None:
+        kn = cfg.knowledge
+        table = TensorTable(kn.d_k, kn.d_v, kn.n_sub, n_flat=7)
+    return Transformer(cfg, table)
+
+
+@pytest.mark.parametrize("name", [n for n in configs if n.startswith("tiny")])
+def test_shapes_and_backward(name):
+    model = build(name)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 11))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (2, 11, model.cfg.vocab_size) and logits.dtype == torch.float32
+    (loss + model.aux_loss()).backward()
+    assert model.tok_embeddings.weight.grad is not None
+    counts = model.count_params()
+    assert 0 < counts["active"] <= counts["total"]
+
+
+@pytest.mark.parametrize("name,placement", [("tiny-dense", None), ("tiny-moe", None),
+                                            ("tiny-knowledge", "replace"), ("tiny-knowledge", "beside")])
+def test_kv_cache_decoding_equals_full_forward(name, placement):
+    kw = {}
+    if placement:
+        kw["knowledge"] = dict(configs[name]["knowledge"], placement=placement)
+    model = build(name, **kw).eval()
+    B, S, P = 2, 12, 5
+    idx = torch.randint(0, model.cfg.vocab_size, (B, S))
+    with torch.no_grad():
+        full, _ = model(idx)
+        model.setup_caches(B, 32)
+        steps = [model(idx[:, :P], input_pos=torch.arange(P))[0]]          # prefill
+        for t in range(P, S):                                              # decode one token at a time
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0])
+        model.clear_caches()
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_knowledge_placement():
+    m = build("tiny-knowledge")
+    kl = m.cfg.knowledge.layers
+    assert all((b.knowledge is not None) == (i in kl) for i, b in enumerate(m.layers))
+    assert all(m.layers[i].ffn is None for i in kl)  # "replace"
+    m2 = build("tiny-knowledge", knowledge=dict(configs["tiny-knowledge"]["knowledge"], placement="beside"))
+    assert all(m2.layers[i].ffn is not None for i in kl)
+
+
+def test_end_step_moves_biases():
+    model = build("tiny-knowledge").train()
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx, idx)[1].backward()
+    loads = model.end_step()
+    assert loads and all(l.sum() == 2 * 16 * model.cfg.n_active for l in loads.values())
+    assert any(m.router.expert_bias.abs().sum() > 0 for m in model.moe_layers())
+    assert any(k.bias_a.abs().sum() > 0 for k in model.knowledge_layers())
+
+
+def test_requires_table_for_knowledge():
+    with pytest.raises(ValueError):
+        Transformer(preset("tiny-knowledge"))
