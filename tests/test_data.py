@@ -179,6 +179,8 @@ def test_packed_loader_resumable(corpus):
     c = PackedLoader(corpus.train_texts, tok, seq_len=64, batch_size=8, seed=3)
     c.load_state_dict(it.state_dict())
     assert torch.equal(next(c).inputs, a.batch(3).inputs)
+    with pytest.raises(ValueError):  # a position saved for other data/shapes is refused
+        PackedLoader(corpus.train_texts, tok, seq_len=32, batch_size=8, seed=3).load_state_dict(it.state_dict())
     # epochs are reshuffled, seeds differ
     assert not torch.equal(a.batch(0).inputs, a.batch(spe).inputs)
     d = PackedLoader(corpus.train_texts, tok, seq_len=64, batch_size=8, seed=4)

@@ -5,6 +5,7 @@
     tok = ByteTokenizer()                    # or build_tokenizer("bpe", corpus.train_texts, 1024)
     loader = PackedLoader(corpus.train_texts, tok, seq_len=128, batch_size=16, seed=0)
 
+Inspect a corpus: ``python -m model_worker.data --preset small [--dump DIR]``.
 See corpus.py, tokenizer.py and dataset.py for the details; evaluation lives in
 model_worker/evaluate.py.
 """

@@ -256,12 +256,21 @@ class Corpus:
             "facts": len(self.facts), "new_facts": len(self.new_facts),
             "train_examples": len(self.train), "eval_examples": len(self.eval),
             "train_chars": sum(len(t) for t in self.train_texts),
+            # longest rendered text / eval prompt in UTF-8 bytes (= byte-tokenizer tokens, without BOS/EOS)
+            "max_text_bytes": max((len(e.text.encode()) for e in self._all_examples()), default=0),
+            "max_eval_prompt_bytes": max((len(e.prompt.encode()) for e in self.eval + self.new_eval), default=0),
             "facts_per_relation": {r: per_rel[r] for r in self.relations},
             "new_facts_per_relation": {r: per_rel_new[r] for r in self.relations},
             "templates_per_relation": {r: len(TEMPLATES[r]) for r in self.relations},
+            # share of the most common answer: the recall of always guessing it
+            "majority_baseline": {r: _majority_share([f.answer for f in self.facts if f.relation == r])
+                                  for r in self.relations},
             "heldout_templates": list(self.config.heldout_templates),
             "dropped": dict(self.dropped),
         }
+
+    def _all_examples(self) -> list[Example]:
+        return self.train + self.eval + self.eval_seen + self.new_train + self.new_eval
 
     def fingerprint(self) -> str:
         """sha256 over config and every rendered text: store it with checkpoints."""
@@ -272,6 +281,10 @@ class Corpus:
                 h.update(b"\0")
             h.update(b"\1")
         return h.hexdigest()
+
+
+def _majority_share(answers: list[str]) -> float:
+    return round(Counter(answers).most_common(1)[0][1] / len(answers), 4) if answers else 0.0
 
 
 # ----------------------------------------------------------------------------- raw data
@@ -312,7 +325,8 @@ def _country_facts(countries: dict, codes: list[str], relations: set[str]) -> li
             "currency_of": currency,
             "language_of": _clean(lang.name) if lang else "",
             "alpha3_of": pc.alpha_3 if pc else "",
-            "official_name_of": official if official and official != name else "",
+            # skip trivial ones and ISO's inverted forms ("Taiwan, Province of China")
+            "official_name_of": official if official and official != name and "," not in official else "",
         }
         for rel, ans in values.items():
             if rel in relations and ans:
@@ -434,3 +448,4 @@ def build_corpus(config: CorpusConfig | str = "small") -> Corpus:
     new_eval = [render(f, t) for f in new for t in heldout_ids(f.relation)]
     return Corpus(config=config, facts=trained, new_facts=new, train=train, eval=eval_,
                   eval_seen=eval_seen, new_train=new_train, new_eval=new_eval, dropped=dropped)
+

@@ -94,10 +94,17 @@ class _StepIndexed:
         self.step += 1
         return b
 
+    def _identity(self) -> dict:
+        """What a saved position is only valid for (checked on load)."""
+        return {}
+
     def state_dict(self) -> dict:
-        return {"step": self.step}
+        return {"step": self.step, **self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
+        for k, v in self._identity().items():
+            if k in state and state[k] != v:
+                raise ValueError(f"loader state was saved with {k}={state[k]!r}, this loader has {v!r}")
         self.step = int(state["step"])
 
 
@@ -111,7 +118,7 @@ class PackedLoader(_StepIndexed):
         docs = encode_documents(texts, tokenizer)
         self._lengths = np.array([len(d) for d in docs], dtype=np.int64)
         self._offsets = np.concatenate([[0], np.cumsum(self._lengths)])
-        self._flat = np.fromiter((i for d in docs for i in d), dtype=np.int64, count=int(self._offsets[-1]))
+        self._flat = np.fromiter((i for d in docs for i in d), dtype=np.int32, count=int(self._offsets[-1]))
         self.num_tokens = int(self._offsets[-1])
         self.rows_per_epoch = max(0, (self.num_tokens - 1) // seq_len)
         self.steps_per_epoch = self.rows_per_epoch // batch_size
@@ -119,6 +126,10 @@ class PackedLoader(_StepIndexed):
             raise ValueError(f"{self.num_tokens} tokens do not fill one batch of "
                              f"{batch_size} x {seq_len}")
         self._cached_epoch, self._stream = None, None
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "seq_len": self.seq_len, "batch_size": self.batch_size,
+                "num_tokens": self.num_tokens}
 
     def _epoch_stream(self, epoch: int) -> np.ndarray:
         if self._cached_epoch != epoch:
@@ -136,7 +147,7 @@ class PackedLoader(_StepIndexed):
         stream = self._epoch_stream(epoch)
         T, B = self.seq_len, self.batch_size
         rows = np.stack([stream[r * T: r * T + T + 1] for r in range(i * B, (i + 1) * B)])
-        rows = torch.from_numpy(rows)
+        rows = torch.from_numpy(rows.astype(np.int64))
         return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), step)
 
 
@@ -188,6 +199,9 @@ class ExampleLoader(_StepIndexed):
         self.steps_per_epoch = len(self.examples) // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(self.examples)} examples do not fill one batch of {batch_size}")
+
+    def _identity(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "num_examples": len(self.examples)}
 
     def batch(self, step: int) -> Batch:
         epoch, i = divmod(step, self.steps_per_epoch)
