@@ -1,0 +1,141 @@
+"""Configuration of a knowledge table, and how its rows are split over shards.
+
+A size is one `TableConfig`; everything derivable (row counts, segment
+offsets, shard row ranges) is derived here and nowhere else.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from . import errors
+from .interface import SEGMENT_FLAT, SEGMENT_PRODUCT, SegmentInfo
+
+VALUE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class OptimizerConfig:
+    """Row-wise sparse optimizer applied at the step barrier (DESIGN.md section 4)."""
+    kind: str = "adam"                  # "adam" | "sgd"
+    lr: float = 1e-3                    # for values
+    key_lr: float | None = None         # for flat keys; None -> lr
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.kind not in ("adam", "sgd"):
+            raise errors.InvalidArgument("optimizer.kind", f"must be 'adam' or 'sgd', got {self.kind!r}")
+        if not self.lr >= 0:
+            raise errors.InvalidArgument("optimizer.lr", f"must be >= 0, got {self.lr}")
+
+    @property
+    def effective_key_lr(self) -> float:
+        return self.lr if self.key_lr is None else self.key_lr
+
+
+@dataclass
+class TableConfig:
+    d_k: int
+    d_v: int
+    # ("product", n_sub) -> n_sub**2 rows; ("flat", num_rows). Ids run through them in order.
+    segments: list[tuple[str, int]] = field(default_factory=lambda: [("flat", 1024)])
+    value_dtype: str = "float32"
+    # The model keeps product codebooks as its own parameters; the store holds
+    # copies only for standalone search (benchmarks, tools).
+    store_codebooks: bool = False
+    num_shards: int = 1
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # Loss-free balancing: after each step b_i -= bias_step * sign(load_i - mean load).
+    bias_step: float = 1e-3
+    init_scale: float = 0.02            # std of initial values
+    key_init_scale: float | None = None  # std of initial keys / sub-keys; None -> d_k**-0.5
+    seed: int = 0
+    device: str = "cpu"                 # "cpu" | "cuda" | "cuda:N"
+    # Flat search: a shard whose flat rows number at least this uses faiss
+    # (IndexFlatIP unless faiss_factory says otherwise); 0 = always exact.
+    faiss_threshold: int = 0
+    faiss_factory: str = "Flat"
+
+    def __post_init__(self):
+        if isinstance(self.optimizer, dict):
+            self.optimizer = OptimizerConfig(**self.optimizer)
+        self.segments = [(str(kind), int(n)) for kind, n in self.segments]
+        if self.key_init_scale is None:
+            self.key_init_scale = float(self.d_k) ** -0.5
+        if self.d_k < 1 or self.d_v < 1:
+            raise errors.InvalidArgument("d_k", f"d_k and d_v must be >= 1, got {self.d_k}, {self.d_v}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise errors.InvalidArgument("value_dtype", f"must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
+        if not self.segments:
+            raise errors.InvalidArgument("segments", "a table needs at least one segment")
+        for kind, n in self.segments:
+            if kind not in (SEGMENT_PRODUCT, SEGMENT_FLAT):
+                raise errors.InvalidArgument("segments", f"unknown segment kind {kind!r}")
+            if n < 1:
+                raise errors.InvalidArgument("segments", f"segment size must be >= 1, got {n}")
+            if kind == SEGMENT_PRODUCT and self.d_k % 2:
+                raise errors.InvalidArgument("d_k", "product keys split d_k in two halves: d_k must be even")
+        if self.num_shards < 1:
+            raise errors.InvalidArgument("num_shards", f"must be >= 1, got {self.num_shards}")
+
+    def segment_infos(self) -> tuple[SegmentInfo, ...]:
+        return segment_infos(self.segments)
+
+    @property
+    def num_rows(self) -> int:
+        return sum(s.num_rows for s in self.segment_infos())
+
+    def shard_ranges(self) -> list[tuple[int, int]]:
+        return partition_rows(self.segment_infos(), self.num_shards)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["segments"] = [list(s) for s in self.segments]
+        d["optimizer"]["betas"] = list(self.optimizer.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TableConfig":
+        d = dict(d)
+        d["optimizer"] = OptimizerConfig(**d["optimizer"])
+        return cls(**d)
+
+
+def segment_infos(spec: list[tuple[str, int]]) -> tuple[SegmentInfo, ...]:
+    out, start = [], 0
+    for kind, n in spec:
+        rows = n * n if kind == SEGMENT_PRODUCT else n
+        out.append(SegmentInfo(kind, start, rows, n if kind == SEGMENT_PRODUCT else 0))
+        start += rows
+    return tuple(out)
+
+
+def segments_to_json(segments: tuple[SegmentInfo, ...]) -> list[dict]:
+    return [dataclasses.asdict(s) for s in segments]
+
+
+def segments_from_json(data: list[dict]) -> tuple[SegmentInfo, ...]:
+    return tuple(SegmentInfo(**d) for d in data)
+
+
+def partition_rows(segments: tuple[SegmentInfo, ...], num_shards: int) -> list[tuple[int, int]]:
+    """Contiguous, non-empty row ranges of near-equal size. A boundary inside a
+    product segment is moved to a multiple of n_sub from the segment start, so
+    every shard owns whole first-codebook rows (its product search stays exact)."""
+    num_rows = sum(s.num_rows for s in segments)
+    bounds = [0]
+    for s in range(1, num_shards):
+        b = round(s * num_rows / num_shards)
+        for seg in segments:
+            if seg.kind == SEGMENT_PRODUCT and seg.row_start < b < seg.row_end:
+                b = seg.row_start + seg.n_sub * round((b - seg.row_start) / seg.n_sub)
+        bounds.append(max(b, bounds[-1]))
+    bounds.append(num_rows)
+    ranges = list(zip(bounds[:-1], bounds[1:]))
+    if any(lo >= hi for lo, hi in ranges):
+        raise errors.InvalidArgument(
+            "num_shards", f"cannot split {num_rows} rows into {num_shards} non-empty shards "
+                          "aligned to product-key rows")
+    return ranges

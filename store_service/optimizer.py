@@ -1,0 +1,68 @@
+"""Row-wise sparse optimizers: SGD and Adam over (unique rows, row gradients).
+
+Only the rows a step touched move. Adam keeps m, v per element and one step
+count per row, so a row's bias correction counts the steps *it* was updated,
+which makes a row's trajectory equal to dense `torch.optim.Adam` run on that
+row alone with the steps it received a gradient (the semantics of TorchRec's
+row-wise sparse Adam, without its row-wise v). Frozen rows, and their state,
+are never touched. Math in fp32; bf16 parameters are rounded to nearest after
+the update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowState:
+    steps: torch.Tensor          # [R] int64: updates applied to each row
+    m: torch.Tensor | None       # [R, d] fp32 (adam)
+    v: torch.Tensor | None       # [R, d] fp32 (adam)
+
+    @classmethod
+    def zeros(cls, kind: str, num_rows: int, dim: int, device: torch.device | str = "cpu") -> "RowState":
+        steps = torch.zeros(num_rows, dtype=torch.int64, device=device)
+        if kind == "adam":
+            return cls(steps, torch.zeros(num_rows, dim, device=device), torch.zeros(num_rows, dim, device=device))
+        return cls(steps, None, None)
+
+    def append(self, n: int) -> None:
+        """Room for n new rows at the end (add_rows)."""
+        self.steps = torch.cat([self.steps, self.steps.new_zeros(n)])
+        if self.m is not None:
+            self.m = torch.cat([self.m, self.m.new_zeros(n, self.m.shape[1])])
+            self.v = torch.cat([self.v, self.v.new_zeros(n, self.v.shape[1])])
+
+
+def sparse_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Tensor, grads: torch.Tensor, *,
+                lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                frozen: torch.Tensor | None = None) -> None:
+    """Update param[rows] in place. rows [U] int64 local, unique; grads [U, d]
+    fp32; frozen [R] bool (rows where True are skipped entirely)."""
+    if frozen is not None and rows.numel():
+        keep = ~frozen[rows]
+        rows, grads = rows[keep], grads[keep]
+    if rows.numel() == 0:
+        return
+    g = grads.float()
+    p = param[rows].float()
+    state.steps[rows] += 1
+    if kind == "sgd":
+        p.add_(g, alpha=-lr)  # the op torch.optim.SGD uses, so results match it bitwise
+    elif kind == "adam":
+        b1, b2 = betas
+        m, v = state.m[rows], state.v[rows]
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        t = state.steps[rows].double()
+        bc1 = 1 - b1 ** t
+        bc2_sqrt = (1 - b2 ** t).sqrt()
+        step_size = (lr / bc1).float().unsqueeze(1)
+        denom = (v.sqrt() / bc2_sqrt.float().unsqueeze(1)).add_(eps)
+        p.add_(-step_size * m / denom)
+        state.m[rows], state.v[rows] = m, v
+    else:
+        raise ValueError(f"unknown optimizer kind {kind!r}")
+    param[rows] = p.to(param.dtype)

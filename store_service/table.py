@@ -1,0 +1,336 @@
+"""A knowledge table over shards: scatter, gather, merge, retry. No domain logic.
+
+`Table` implements `interface.KnowledgeTable` over any list of
+`interface.ShardHandle`s: in-process `Shard`s or gRPC `RemoteShard`s. It keeps
+the shard map (row range and expected version per shard), routes each id to
+its owner, merges per-shard top-k and sums partial readouts. When a shard
+answers `StaleVersion` the map is refreshed and the *whole* operation is
+retried, so an answer never mixes two versions; mutating calls carry a
+request_id so a retried call is never applied twice.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from . import errors, persistence
+from .config import TableConfig
+from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
+                        TableInfo, UsageStats)
+from .shard import Shard, _int, _tensor, merge_topk
+
+
+@dataclass(frozen=True)
+class _ShardMap:
+    infos: tuple[ShardInfo, ...]   # in handle order
+    starts: torch.Tensor           # [S] int64
+    ends: torch.Tensor             # [S] int64
+    d_k: int
+    d_v: int
+    value_dtype: str
+    segments: tuple[SegmentInfo, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.segments[-1].row_end
+
+
+class Table:
+    """The in-process (or client-side) table. Thread-safe: calls may come from many threads."""
+
+    def __init__(self, shards: Sequence[ShardHandle], *, store_root: str | None = None,
+                 parallel: bool | None = None, max_retries: int = 3, refresh_wait_s: float = 10.0):
+        """parallel: call shards concurrently through a thread pool (default:
+        only when some shard is not an in-process `Shard`)."""
+        if not shards:
+            raise errors.InvalidArgument("shards", "a table needs at least one shard")
+        self.shards = list(shards)
+        self.store_root = store_root
+        self.max_retries = max_retries
+        self.refresh_wait_s = refresh_wait_s
+        if parallel is None:
+            parallel = not all(isinstance(s, Shard) for s in self.shards)
+        self._pool = ThreadPoolExecutor(len(self.shards), "table") if parallel and len(self.shards) > 1 else None
+        self._map_lock = threading.Lock()
+        self._map: _ShardMap = self._describe()
+
+    # -- construction ----------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: TableConfig, store_root: str | None = None, **kwargs) -> "Table":
+        """A fresh in-process table with the config's initialisation and partition."""
+        shards = [Shard(config, i, r) for i, r in enumerate(config.shard_ranges())]
+        return cls(shards, store_root=store_root, **kwargs)
+
+    @classmethod
+    def open(cls, store_root: str, version: int | None = None, *, device: str | None = None,
+             **kwargs) -> "Table":
+        """An in-process table serving a published version (default: the latest)."""
+        if version is None:
+            version = persistence.latest_version(store_root)
+            if version is None:
+                raise errors.NotFound(f"no published version under {store_root}")
+        root = persistence.read_root_attrs(store_root, version)
+        shards = [Shard.load(store_root, version, s["shard_id"], device) for s in root["shards"]]
+        return cls(shards, store_root=store_root, **kwargs)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    # -- shard map -------------------------------------------------------------
+
+    def _describe(self) -> _ShardMap:
+        """Describe every shard until they agree on one version and tile [0, N)
+        (a hot swap in progress can briefly show a mix)."""
+        deadline = time.monotonic() + self.refresh_wait_s
+        while True:
+            descs = self._each(lambda i, s: s.describe())
+            last = max(descs, key=lambda d: d.info.row_end)
+            ranges = sorted((d.info.row_start, d.info.row_end) for d in descs)
+            tiled = ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])) \
+                and ranges[-1][1] == last.segments[-1].row_end
+            one_version = len({d.info.version for d in descs}) == 1
+            if tiled and one_version:
+                break
+            if time.monotonic() > deadline:
+                raise errors.FailedPrecondition(
+                    f"shards disagree: ranges {ranges}, versions {[d.info.version for d in descs]}")
+            time.sleep(0.01)
+        infos = tuple(d.info for d in descs)
+        return _ShardMap(infos, torch.tensor([i.row_start for i in infos], dtype=torch.int64),
+                         torch.tensor([i.row_end for i in infos], dtype=torch.int64),
+                         last.d_k, last.d_v, last.value_dtype, last.segments)
+
+    def refresh(self) -> None:
+        m = self._describe()
+        with self._map_lock:
+            self._map = m
+
+    def info(self) -> TableInfo:
+        m = self._map
+        return TableInfo(m.d_k, m.d_v, m.num_rows, m.value_dtype, m.segments, m.infos)
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _each(self, fn: Callable, which: Sequence[int] | None = None) -> list:
+        """fn(index, shard) for the shards `which` (default all), in parallel when pooled.
+        Waits for every call before raising the first error."""
+        idx = list(range(len(self.shards))) if which is None else list(which)
+        if self._pool is None or len(idx) < 2:
+            return [fn(i, self.shards[i]) for i in idx]
+        futures = [self._pool.submit(fn, i, self.shards[i]) for i in idx]
+        errs = [f.exception() for f in futures]
+        for e in errs:
+            if e is not None:
+                raise e
+        return [f.result() for f in futures]
+
+    def _retrying(self, op: Callable[[_ShardMap], object]):
+        """Run op against the current map; on StaleVersion refresh and rerun all of it."""
+        for attempt in range(self.max_retries + 1):
+            m = self._map
+            try:
+                return op(m)
+            except errors.StaleVersion:
+                if attempt == self.max_retries:
+                    raise
+                self.refresh()
+
+    @staticmethod
+    def _owner(m: _ShardMap, ids: torch.Tensor) -> torch.Tensor:
+        """Index (into handle order) of each id's shard; -1 for PAD."""
+        order = torch.argsort(m.starts)
+        pos = torch.searchsorted(m.ends[order], ids.cpu(), right=True).clamp_max(len(order) - 1)
+        return torch.where(ids.cpu() >= 0, order[pos], torch.full_like(ids.cpu(), -1))
+
+    @staticmethod
+    def _check_ids(field: str, ids: torch.Tensor, num_rows: int, allow_pad: bool) -> None:
+        bad = (ids >= num_rows) | (ids < (-1 if allow_pad else 0))
+        if bool(bad.any()):
+            raise errors.InvalidArgument(field, f"id {int(ids[bad].reshape(-1)[0])} is out of range "
+                                                f"[{'-1 (padding), ' if allow_pad else ''}0, {num_rows})")
+
+    # -- data plane --------------------------------------------------------------
+
+    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys."""
+        _tensor("queries", queries, torch.float32, (None, self._map.d_k))
+        _int("k", k, 1)
+
+        def op(m: _ShardMap) -> SearchResult:
+            parts = self._each(lambda i, s: s.search(queries, k, version=m.infos[i].version))
+            dev = queries.device
+            return merge_topk(torch.cat([p.scores.to(dev) for p in parts], 1),
+                              torch.cat([p.ids.to(dev) for p in parts], 1),
+                              torch.cat([p.keys.to(dev) for p in parts], 1), k)
+        return self._retrying(op)
+
+    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD."""
+        _tensor("ids", ids, torch.int64, (None,))
+
+        def op(m: _ShardMap) -> torch.Tensor:
+            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            owner = self._owner(m, ids)
+            which = [int(i) for i in torch.unique(owner) if i >= 0]
+            dtype = torch.bfloat16 if m.value_dtype == "bfloat16" else torch.float32
+            out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=ids.device)
+            sels = {i: (owner == i).to(ids.device) for i in which}
+            parts = self._each(lambda i, s: s.fetch(ids[sels[i]], version=m.infos[i].version), which)
+            for i, part in zip(which, parts):
+                out[sels[i]] = part.to(ids.device, dtype)
+            return out
+        return self._retrying(op)
+
+    def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, call: Callable) -> list:
+        owner = self._owner(m, ids.reshape(-1)).reshape(ids.shape).to(ids.device)
+        which = [int(i) for i in torch.unique(owner) if i >= 0]
+        local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
+        return self._each(lambda i, s: call(s, local[i], m.infos[i].version), which)
+
+    def _check_readout(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        _tensor("ids", ids, torch.int64, (None, None))
+        _tensor("weights", weights, torch.float32, tuple(ids.shape))
+
+    def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """ids [T, k], weights [T, k] fp32 -> [T, d_v] fp32 = sum_j w_j V[ids_j]."""
+        self._check_readout(ids, weights)
+
+        def op(m: _ShardMap) -> torch.Tensor:
+            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout(loc, weights, version=v))
+            out = torch.zeros(ids.shape[0], m.d_v, device=ids.device)
+            for p in parts:
+                out += p.to(ids.device)
+            return out
+        return self._retrying(op)
+
+    def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
+                         request_id: str = "") -> torch.Tensor:
+        """grad_out [T, d_v] fp32 -> grad of weights [T, k] fp32; row gradients stay on the shards."""
+        self._check_readout(ids, weights)
+        _tensor("grad_out", grad_out, torch.float32, (ids.shape[0], self._map.d_v))
+        rid = request_id or uuid.uuid4().hex  # so our own retries are never applied twice
+
+        def op(m: _ShardMap) -> torch.Tensor:
+            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout_backward(
+                loc, weights, grad_out, request_id=rid, version=v))
+            out = torch.zeros(ids.shape, device=ids.device)
+            for p in parts:
+                out += p.to(ids.device)
+            return out
+        return self._retrying(op)
+
+    def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
+        """ids [M] (flat rows or PAD), grads [M, d_k] fp32."""
+        _tensor("ids", ids, torch.int64, (None,))
+        _tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_k))
+        rid = request_id or uuid.uuid4().hex
+
+        def op(m: _ShardMap) -> None:
+            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            owner = self._owner(m, ids).to(ids.device)
+            _check_flat(m, ids)
+            which = [int(i) for i in torch.unique(owner) if i >= 0]
+            def call(i, s):
+                sel = owner == i
+                s.accumulate_key_grads(ids[sel], grads[sel], request_id=rid, version=m.infos[i].version)
+            self._each(call, which)
+        self._retrying(op)
+
+    def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1, request_id: str = "",
+                 timeout_s: float = 60.0) -> int:
+        """Step barrier on every shard; returns the table's new step."""
+        _int("step", step, 0)
+        _int("num_workers", num_workers, 1)
+        _int("worker", worker, 0, num_workers)
+        rid = request_id or uuid.uuid4().hex
+        steps = self._each(lambda i, s: s.end_step(step, worker=worker, num_workers=num_workers,
+                                                 request_id=rid, timeout_s=timeout_s))
+        return min(steps)
+
+    # -- control plane -------------------------------------------------------------
+
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """values [M, d_v], keys [M, d_k] -> new ids [M], appended to the last flat segment."""
+        m = self._map
+        last = max(range(len(self.shards)), key=lambda i: m.infos[i].row_end)
+        ids = self.shards[last].add_rows(values, keys)
+        self.refresh()
+        return ids
+
+    def _route(self, ids: torch.Tensor, call: Callable) -> None:
+        _tensor("ids", ids, torch.int64, (None,))
+        m = self._map
+        self._check_ids("ids", ids, m.num_rows, allow_pad=False)
+        owner = self._owner(m, ids).to(ids.device)
+        which = [int(i) for i in torch.unique(owner)]
+        self._each(lambda i, s: call(s, ids[owner == i]), which)
+
+    def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None:
+        self._route(ids, lambda s, sub: s.set_frozen(sub, frozen))
+
+    def set_ablated(self, ids: torch.Tensor, ablated: bool = True) -> None:
+        self._route(ids, lambda s, sub: s.set_ablated(sub, ablated))
+
+    def usage(self) -> UsageStats:
+        """Usage of every row [N], in id order."""
+        m = self._map
+        parts = self._each(lambda i, s: s.usage())
+        order = sorted(range(len(parts)), key=lambda i: m.infos[i].row_start)
+        return UsageStats(*(torch.cat([getattr(parts[i], f) for i in order])
+                            for f in ("hits", "weight_sum", "frozen", "ablated")))
+
+    # -- versions ------------------------------------------------------------------
+
+    def snapshot(self) -> int:
+        """Publish the current state (take it between steps) as a new version."""
+        if self.store_root is None:
+            raise errors.FailedPrecondition("snapshot: this table has no store_root")
+        held = max(i.version for i in self._map.infos)
+        version = max(persistence.latest_version(self.store_root) or 0, held) + 1
+        with persistence.staged_version(self.store_root, version) as stage:
+            self._each(lambda i, s: s.write_snapshot(stage, version))
+            persistence.finish_version(stage, version)
+        return version
+
+    def load_version(self, version: int) -> None:
+        """Hot swap: every shard loads `version` beside the serving one, then all
+        flip, then the old versions are released once their in-flight requests end."""
+        _int("version", version, 1)
+        if self.store_root is not None and not os.path.isdir(persistence.version_path(self.store_root, version)):
+            raise errors.NotFound(f"version {version} is not published under {self.store_root}")
+        old = [info.version for info in self._map.infos]
+        store_root = self.store_root
+        try:
+            self._each(lambda i, s: s.prepare_version(store_root, version))
+        except BaseException:
+            for s in self.shards:  # drop what was prepared; the serving versions are untouched
+                try:
+                    s.release_version(version)
+                except errors.StoreError:
+                    pass
+            raise
+        self._each(lambda i, s: s.flip_version(version))
+        self.refresh()
+        self._each(lambda i, s: s.release_version(old[i]))
+
+
+def _check_flat(m: _ShardMap, ids: torch.Tensor) -> None:
+    flat = torch.zeros(ids.shape, dtype=torch.bool)
+    for seg in m.segments:
+        if seg.kind == SEGMENT_FLAT:
+            flat |= (ids.cpu() >= seg.row_start) & (ids.cpu() < seg.row_end)
+    bad = (ids.cpu() >= 0) & ~flat
+    if bool(bad.any()):
+        raise errors.InvalidArgument("ids", f"id {int(ids.cpu()[bad][0])} is a product-key row; "
+                                            "key gradients are for flat rows")
