@@ -70,13 +70,15 @@ def product_key_search(q_a: torch.Tensor, q_b: torch.Tensor, codebook_a: torch.T
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact product-key top-k -> (scores [B, k] fp32 descending, ids [B, k] int64)."""
     if _use_triton(q_a) and ablated is None:
-        from .triton_pk_search import product_key_search_triton
+        from .triton_pk_search import product_key_search_triton  # falls back to the reference for odd sizes
         return product_key_search_triton(q_a, q_b, codebook_a, codebook_b, k, bias_a, bias_b)
     return product_key_search_reference(q_a, q_b, codebook_a, codebook_b, k, bias_a, bias_b, ablated)
 
 
+from .autograd import SoftmaxReadout, softmax_readout  # noqa: E402
+
 __all__ = [
-    "PAD_ID", "compact_row_grads", "masked_softmax", "product_key_search",
+    "PAD_ID", "SoftmaxReadout", "softmax_readout", "compact_row_grads", "masked_softmax", "product_key_search",
     "readout_weighted", "readout_weighted_backward",
     "softmax_readout_forward", "softmax_readout_backward",
 ]

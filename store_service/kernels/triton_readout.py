@@ -51,7 +51,7 @@ def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
         m = tl.max(s, axis=0)
         m = tl.where(m == float("-inf"), 0.0, m)
         den = tl.sum(tl.exp(s - m), axis=0)
-        inv = tl.where(den > 0, 1.0 / den, 0.0)
+        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
     for dd in tl.static_range(0, D_PER_PROG, BLOCK_D):
         offs_d = pd * D_PER_PROG + dd + tl.arange(0, BLOCK_D)
         dmask = offs_d < D
@@ -72,13 +72,9 @@ def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
 
 
 def _fwd_config(K: int, D: int, dtype: torch.dtype):
-    k_pad = _next_pow2(max(K, 1))
-    block_d = min(_next_pow2(D), 256 if dtype in (torch.bfloat16, torch.float16) else 128)
-    block_k = min(k_pad, 16)
-    d_per_prog = min(_next_pow2(D), 1024)
-    d_per_prog = max(d_per_prog, block_d)
-    num_warps = 4
-    return k_pad, block_k, block_d, d_per_prog, num_warps
+    """(BLOCK_K, BLOCK_D, D_PER_PROG, num_warps)."""
+    block_d = 256 if dtype in (torch.bfloat16, torch.float16) else 128
+    return 16, block_d, 1024, 4
 
 
 def _check(values: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
@@ -99,7 +95,11 @@ def _readout_forward(values, ids, w, softmax: bool, config=None):
         return out.zero_()
     ids = ids.contiguous()
     w = w.contiguous()
-    k_pad, block_k, block_d, d_per_prog, num_warps = config or _fwd_config(K, D, values.dtype)
+    block_k, block_d, d_per_prog, num_warps = config or _fwd_config(K, D, values.dtype)
+    k_pad = _next_pow2(max(K, 1))
+    block_k = min(block_k, k_pad)
+    block_d = min(block_d, _next_pow2(D))
+    d_per_prog = max(min(d_per_prog, _next_pow2(D)), block_d)
     grid = (T, triton.cdiv(D, d_per_prog))
     _readout_fwd_kernel[grid](values, ids, w, out, K, D, values.stride(0),
                               SOFTMAX=softmax, K_PAD=k_pad, BLOCK_K=block_k, BLOCK_D=block_d,
@@ -172,8 +172,9 @@ def _segments(ids: torch.Tensor, n_rows: int):
     return perm, uniq.to(torch.int64), starts.to(torch.int32), counts.to(torch.int32)
 
 
-def _readout_backward(values, ids, w, grad_out):
-    """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w."""
+def _readout_backward(values, ids, w, grad_out, config=None):
+    """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
+    config: optional (BLOCK_D, num_warps) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
     dev = values.device
@@ -184,12 +185,13 @@ def _readout_backward(values, ids, w, grad_out):
     w = w.contiguous().reshape(-1)
     perm, uniq, starts, counts = _segments(ids, values.shape[0])
     U = uniq.numel()
-    block_d = _bwd_block_d(D)
+    block_d, num_warps = config or (_bwd_block_d(D), None)
+    if num_warps is None:
+        num_warps = 4 if block_d <= 512 else 8
     n_dblk = triton.cdiv(D, block_d) if D else 0
     row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
     gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
     if U and D:
-        num_warps = 4 if block_d <= 512 else 8
         _row_grad_kernel[(U, n_dblk)](values, g, w, perm, starts, counts, uniq, row_grads, gw_part,
                                       U, TK, K, D, values.stride(0), g.stride(0),
                                       BLOCK_D=block_d, num_warps=num_warps)
@@ -198,11 +200,11 @@ def _readout_backward(values, ids, w, grad_out):
 
 
 def readout_weighted_backward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                                     grad_out: torch.Tensor
+                                     grad_out: torch.Tensor, config=None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_weights [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
     _check(values, ids, weights)
-    return _readout_backward(values, ids, weights.float(), grad_out)
+    return _readout_backward(values, ids, weights.float(), grad_out, config)
 
 
 @triton.jit
@@ -217,7 +219,7 @@ def _softmax_kernel(s_ptr, ids_ptr, w_ptr, K, K_PAD: tl.constexpr):
     m = tl.where(m == float("-inf"), 0.0, m)
     e = tl.exp(s - m)
     den = tl.sum(e, axis=0)
-    inv = tl.where(den > 0, 1.0 / den, 0.0)
+    inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
     tl.store(w_ptr + t * K + offs, e * inv, mask=mask)
 
 
@@ -242,13 +244,13 @@ def masked_softmax_triton(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 
 def softmax_readout_backward_triton(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
-                                    grad_out: torch.Tensor
+                                    grad_out: torch.Tensor, config=None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_scores [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
     _check(values, ids, scores)
     T, K = ids.shape
     w = masked_softmax_triton(scores, ids)
-    grad_w, uniq, row_grads = _readout_backward(values, ids, w, grad_out)
+    grad_w, uniq, row_grads = _readout_backward(values, ids, w, grad_out, config)
     grad_s = torch.empty_like(w)
     if T and K:
         _softmax_bwd_kernel[(T,)](w, grad_w.contiguous(), grad_s, K, K_PAD=_next_pow2(K), num_warps=1)

@@ -1,0 +1,396 @@
+"""Readout and product-key search kernels: correctness on the GPU, then timings.
+
+    python benchmarks/kernels.py [--out benchmarks/results/kernels.json] [--variants]
+
+On a CUDA machine: checks the Triton kernels against the PyTorch reference
+(fp64 where it matters) on fresh random inputs, then times, for T = 16384,
+k = 32, d_v = 1024, N = 2^20, bf16 values:
+  forward and forward+backward of the Triton kernels, the PyTorch eager
+  reference and torch.compile of it; a device-to-device copy in the same run
+  (the bandwidth ceiling); product-key search (16384 queries, n = 1024,
+  k = 32, d = 64 per half) against the torch reference.
+Timings: triton.testing.do_bench medians (it flushes L2 between calls), inputs
+rotated over several sets. Writes JSON (also printed) with a `headline`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from store_service.kernels import reference as R  # noqa: E402
+
+RESULT = {"checks": {}, "timings_ms": {}, "variants": {}, "notes": []}
+SMOKE = os.environ.get("KBENCH_SMOKE") == "1"  # CPU + TRITON_INTERPRET: exercise the code paths only
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel(a, b):
+    a = a.double()
+    b = b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def bench(fn, rep=200):
+    if SMOKE:
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton
+    return float(triton.testing.do_bench(fn, warmup=50, rep=rep, return_mode="median"))
+
+
+def rotating(fn, sets):
+    state = {"i": 0}
+
+    def call():
+        s = sets[state["i"] % len(sets)]
+        state["i"] += 1
+        return fn(*s)
+    return call
+
+
+# ----------------------------------------------------------------------------
+def check_readout(dev):
+    from store_service.kernels import triton_readout as TR
+    out = {}
+    torch.manual_seed(1)
+    cases = [(64, 7, 96, 50), (1000, 32, 1024, 1 << 16), (513, 1, 130, 300), (257, 32, 64, 40)]
+    if SMOKE:
+        cases = [(8, 3, 16, 10)]
+    worst = 0.0
+    for dt in (torch.float32, torch.bfloat16):
+        for (T, K, D, N) in cases:
+            V = torch.randn(N, D, device=dev).to(dt)
+            ids = torch.randint(0, N, (T, K), device=dev)
+            ids[torch.rand(T, K, device=dev) < 0.1] = -1
+            ids[0] = -1
+            if T > 3:
+                ids[3] = ids[2]  # repeated rows across tokens
+            s = torch.randn(T, K, device=dev) * 2
+            g = torch.randn(T, D, device=dev)
+            Vd = V.double()
+            o = TR.softmax_readout_triton(V, ids, s)
+            r = R.softmax_readout_reference(Vd, ids, s.double())
+            e_f = rel(o, r)
+            gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, g)
+            rgs, ru, rrg = R.softmax_readout_backward_reference(Vd, ids, s.double(), g.double())
+            same_ids = bool(torch.equal(u, ru))
+            e_gs = rel(gs, rgs)
+            e_rg = rel(rg, rrg) if same_ids else float("inf")
+            w = R.masked_softmax(s, ids)
+            o2 = TR.readout_weighted_triton(V, ids, w)
+            e_w = rel(o2, R.readout_weighted_reference(Vd, ids, w.double()))
+            gw, u2, rg2 = TR.readout_weighted_backward_triton(V, ids, w, g)
+            rgw, ru2, rrg2 = R.readout_weighted_backward_reference(Vd, ids, w.double(), g.double())
+            e_gw = rel(gw, rgw)
+            e_rg2 = rel(rg2, rrg2) if torch.equal(u2, ru2) else float("inf")
+            key = f"{str(dt).split('.')[-1]}_T{T}_k{K}_d{D}_N{N}"
+            errs = dict(fwd=e_f, grad_scores=e_gs, row_grads=e_rg, weighted_fwd=e_w,
+                        grad_weights=e_gw, weighted_row_grads=e_rg2, unique_ids_equal=same_ids,
+                        finite=bool(torch.isfinite(o).all() and torch.isfinite(rg).all()))
+            out[key] = errs
+            worst = max(worst, e_f, e_gs, e_rg, e_w, e_gw, e_rg2)
+            log("check readout", key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in errs.items()})
+    out["worst_rel_err"] = worst
+    out["pass"] = worst < 1e-4
+    return out
+
+
+def check_pk(dev):
+    from store_service.kernels import triton_pk_search as P
+    out = {}
+    torch.manual_seed(2)
+    worst_id_mismatch = 0.0
+    pk_cases = [(4096, 1024, 64, 32, False, torch.float32), (4096, 1024, 64, 32, True, torch.bfloat16),
+                (999, 100, 48, 5, True, torch.float32), (64, 16, 16, 1, False, torch.float32)]
+    if SMOKE:
+        pk_cases = [(16, 16, 16, 4, True, torch.float32)]
+    for (B, n, d, k, bias, dt) in pk_cases:
+        qa = torch.randn(B, d, device=dev).to(dt)
+        qb = torch.randn(B, d, device=dev).to(dt)
+        ca = torch.randn(n, d, device=dev).to(dt)
+        cb = torch.randn(n, d, device=dev).to(dt)
+        ba = torch.randn(n, device=dev) if bias else None
+        bb = torch.randn(n, device=dev) if bias else None
+        s, i = P.product_key_search_triton(qa, qb, ca, cb, k, ba, bb)
+        rs, ri = R.product_key_search_reference(qa, qb, ca, cb, k, ba, bb)
+        mism = float((i != ri).float().mean())
+        # our ids must carry our scores (a mismatch vs the reference is allowed only at ties)
+        ia, ib = i // n, i % n
+        recomputed = (qa.float() @ ca.float().T).gather(1, ia) + (qb.float() @ cb.float().T).gather(1, ib)
+        if bias:
+            recomputed = recomputed + ba[ia] + bb[ib]
+        e_s = float((s - rs).abs().max())
+        e_re = float((recomputed - s).abs().max())
+        key = f"B{B}_n{n}_d{d}_k{k}_bias{int(bias)}_{str(dt).split('.')[-1]}"
+        out[key] = dict(id_mismatch_frac=mism, max_abs_score_diff=e_s, max_abs_recompute_diff=e_re,
+                        descending=bool((s[:, :-1] >= s[:, 1:]).all()) if k > 1 else True)
+        worst_id_mismatch = max(worst_id_mismatch, mism)
+        log("check pk", key, out[key])
+    out["pass"] = all(v["max_abs_score_diff"] < 1e-3 and v["descending"] for v in out.values()
+                      if isinstance(v, dict))
+    return out
+
+
+# ----------------------------------------------------------------------------
+def time_readout(dev, variants: bool):
+    from store_service.kernels import triton_readout as TR
+    T, K, D, N = (16, 4, 32, 64) if SMOKE else (16384, 32, 1024, 1 << 20)
+    elt = 2
+    torch.manual_seed(3)
+    n_sets = 3
+    V = torch.randn(N, D, device=dev, dtype=torch.bfloat16)
+    sets = []
+    for _ in range(n_sets):
+        ids = torch.randint(0, N, (T, K), device=dev)
+        s = torch.randn(T, K, device=dev)
+        g = torch.randn(T, D, device=dev)
+        sets.append((V, ids, s, g))
+    U = float(sum(torch.unique(st[1]).numel() for st in sets) / n_sets)
+
+    tm = {}
+    # bytes: gathered rows counted per occurrence for the gathers (as the issue does),
+    # every other input read once, every output written once at its real size.
+    fwd_bytes = T * K * D * elt + T * K * (8 + 4) + T * D * 4
+    bwd_bytes = T * K * D * elt + T * D * 4 + T * K * (8 + 4 + 4) + U * D * 4 + U * 8
+    # strict floor: each distinct row read once
+    fwd_bytes_strict = U * D * elt + T * K * (8 + 4) + T * D * 4
+    bwd_bytes_strict = U * D * elt + T * D * 4 + T * K * (8 + 4 + 4) + U * D * 4 + U * 8
+
+    # copy ceiling
+    a = torch.randn(1 << (10 if SMOKE else 29), device=dev, dtype=torch.bfloat16)  # 1 GiB
+    b = torch.empty_like(a)
+    t_copy = bench(lambda: b.copy_(a))
+    copy_bw = 2 * a.numel() * 2 / (t_copy * 1e-3)
+    tm["d2d_copy_1GiB"] = t_copy
+    del a, b
+    log(f"copy: {t_copy:.3f} ms  {copy_bw / 1e9:.0f} GB/s")
+
+    def fwd(V, ids, s, g):
+        return TR.softmax_readout_triton(V, ids, s)
+
+    def fwdbwd(V, ids, s, g):
+        TR.softmax_readout_triton(V, ids, s)
+        return TR.softmax_readout_backward_triton(V, ids, s, g)
+
+    def bwd(V, ids, s, g):
+        return TR.softmax_readout_backward_triton(V, ids, s, g)
+
+    tm["triton_fwd"] = bench(rotating(fwd, sets))
+    tm["triton_bwd"] = bench(rotating(bwd, sets))
+    tm["triton_fwdbwd"] = bench(rotating(fwdbwd, sets))
+    log(f"triton fwd {tm['triton_fwd']:.3f}  bwd {tm['triton_bwd']:.3f}  fwd+bwd {tm['triton_fwdbwd']:.3f} ms")
+
+    # backward pieces
+    w0 = TR.masked_softmax_triton(sets[0][2], sets[0][1])
+    tm["bwd_part_softmax"] = bench(rotating(lambda V, ids, s, g: TR.masked_softmax_triton(s, ids), sets))
+    tm["bwd_part_segments_sort_unique"] = bench(rotating(lambda V, ids, s, g: TR._segments(ids, N), sets))
+    seg = [TR._segments(st[1], N) for st in sets]
+
+    def rowgrad_only(i, cfg=None):
+        V, ids, s, g = sets[i]
+        perm, uniq, starts, counts = seg[i]
+        Uu = uniq.numel()
+        bd, nw = cfg or (TR._bwd_block_d(D), 8)
+        rg = torch.empty((Uu, D), dtype=torch.float32, device=dev)
+        gw = torch.zeros((triton_cdiv(D, bd), T * K), dtype=torch.float32, device=dev)
+        TR._row_grad_kernel[(Uu, triton_cdiv(D, bd))](V, g, w0, perm, starts, counts, uniq, rg, gw,
+                                                      Uu, T * K, K, D, V.stride(0), g.stride(0),
+                                                      BLOCK_D=bd, num_warps=nw)
+    st = {"i": 0}
+
+    def rg_call(cfg=None):
+        def f():
+            rowgrad_only(st["i"] % n_sets, cfg)
+            st["i"] += 1
+        return f
+    tm["bwd_part_row_grad_kernel"] = bench(rg_call())
+    log("bwd parts", {k: round(v, 4) for k, v in tm.items() if k.startswith("bwd_part")})
+
+    if variants:
+        fv = {}
+        for cfg in [(16, 256, 1024, 4), (32, 128, 1024, 4), (8, 512, 1024, 8), (16, 256, 512, 4),
+                    (32, 256, 1024, 8), (4, 1024, 1024, 4), (16, 512, 1024, 8), (8, 256, 256, 2)]:
+            try:
+                fv[str(cfg)] = bench(rotating(lambda V, ids, s, g: TR.softmax_readout_triton(V, ids, s, config=cfg), sets))
+            except Exception as e:  # noqa: BLE001
+                fv[str(cfg)] = repr(e)[:200]
+            log("fwd variant (BLOCK_K, BLOCK_D, D_PER_PROG, warps)", cfg, fv[str(cfg)])
+        RESULT["variants"]["fwd"] = fv
+        bv = {}
+        for cfg in [(1024, 4), (1024, 8), (512, 4), (256, 2), (2048, 8)]:
+            try:
+                bv[str(cfg)] = bench(rg_call(cfg))
+            except Exception as e:  # noqa: BLE001
+                bv[str(cfg)] = repr(e)[:200]
+            log("row-grad kernel variant (BLOCK_D, warps)", cfg, bv[str(cfg)])
+        RESULT["variants"]["row_grad_kernel"] = bv
+
+    # PyTorch eager reference and torch.compile of it
+    def ref_fwd(V, ids, s, g):
+        return R.softmax_readout_reference(V, ids, s)
+
+    def ref_fwdbwd_compact(V, ids, s, g):
+        R.softmax_readout_reference(V, ids, s)
+        return R.softmax_readout_backward_reference(V, ids, s, g)
+
+    Vg = V.detach().requires_grad_(True)
+    sets_g = [(Vg, st_[1], st_[2].clone().requires_grad_(True), st_[3]) for st_ in sets]
+
+    def autograd_fwdbwd(f):
+        def run(V, ids, s, g):
+            V.grad = None
+            s.grad = None
+            out = f(V, ids, s)
+            out.backward(g)
+        return run
+
+    tm["eager_fwd"] = bench(rotating(ref_fwd, sets), rep=100)
+    tm["eager_fwdbwd_autograd"] = bench(rotating(autograd_fwdbwd(R.softmax_readout_reference), sets_g), rep=100)
+    tm["eager_fwdbwd_compact"] = bench(rotating(ref_fwdbwd_compact, sets), rep=100)
+    log("eager", {k: round(v, 3) for k, v in tm.items() if k.startswith("eager")})
+    try:
+        if SMOKE:
+            raise RuntimeError("smoke mode: torch.compile skipped")
+        cf = torch.compile(R.softmax_readout_reference)
+        tm["compile_fwd"] = bench(rotating(lambda V, ids, s, g: cf(V, ids, s), sets), rep=100)
+        tm["compile_fwdbwd_autograd"] = bench(rotating(autograd_fwdbwd(cf), sets_g), rep=100)
+        cb = torch.compile(R.softmax_readout_backward_reference)
+        tm["compile_fwdbwd_compact"] = bench(rotating(lambda V, ids, s, g: (cf(V, ids, s), cb(V, ids, s, g)), sets),
+                                             rep=100)
+    except Exception as e:  # noqa: BLE001
+        RESULT["notes"].append("torch.compile failed: " + repr(e)[:300])
+        traceback.print_exc()
+    log("compile", {k: round(v, 3) for k, v in tm.items() if k.startswith("compile")})
+
+    bw = {
+        "copy_GBps": copy_bw / 1e9,
+        "fwd_bytes": fwd_bytes, "fwdbwd_bytes": fwd_bytes + bwd_bytes,
+        "fwd_bytes_strict": fwd_bytes_strict, "fwdbwd_bytes_strict": fwd_bytes_strict + bwd_bytes_strict,
+        "unique_rows_per_step": U,
+        "fwd_floor_ms": fwd_bytes / copy_bw * 1e3, "fwdbwd_floor_ms": (fwd_bytes + bwd_bytes) / copy_bw * 1e3,
+        "triton_fwd_GBps": fwd_bytes / (tm["triton_fwd"] * 1e-3) / 1e9,
+        "triton_fwdbwd_GBps": (fwd_bytes + bwd_bytes) / (tm["triton_fwdbwd"] * 1e-3) / 1e9,
+    }
+    bw["fwd_frac_of_copy"] = bw["triton_fwd_GBps"] * 1e9 / copy_bw
+    bw["fwdbwd_frac_of_copy"] = bw["triton_fwdbwd_GBps"] * 1e9 / copy_bw
+    bw["fwd_frac_of_copy_strict"] = fwd_bytes_strict / (tm["triton_fwd"] * 1e-3) / copy_bw
+    bw["fwdbwd_frac_of_copy_strict"] = (fwd_bytes_strict + bwd_bytes_strict) / (tm["triton_fwdbwd"] * 1e-3) / copy_bw
+    RESULT["timings_ms"]["readout"] = tm
+    RESULT["readout_bandwidth"] = bw
+    RESULT["readout_shape"] = dict(T=T, k=K, d_v=D, N=N, dtype="bfloat16", input_sets=n_sets)
+    log("bandwidth", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in bw.items()})
+    return tm, bw
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def time_pk(dev, variants: bool):
+    from store_service.kernels import triton_pk_search as P
+    B, n, d, k = (16, 32, 16, 4) if SMOKE else (16384, 1024, 64, 32)
+    torch.manual_seed(4)
+    tm = {}
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt).split(".")[-1]
+        sets = []
+        for _ in range(3):
+            sets.append((torch.randn(B, d, device=dev).to(dt), torch.randn(B, d, device=dev).to(dt),
+                         torch.randn(n, d, device=dev).to(dt), torch.randn(n, d, device=dev).to(dt)))
+        tm[f"torch_ref_{name}"] = bench(rotating(lambda a, b, c, e: R.product_key_search_reference(a, b, c, e, k), sets))
+        tm[f"triton_{name}"] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k), sets))
+        log(f"pk {name}: torch {tm[f'torch_ref_{name}']:.3f} ms  triton {tm[f'triton_{name}']:.3f} ms")
+        if variants and not SMOKE:
+            pv = {}
+            for cfg in [(16, 1024, 64, 32, 4), (16, 1024, 64, 32, 8), (32, 1024, 64, 32, 8), (32, 1024, 32, 32, 16),
+                        (8, 1024, 64, 32, 4)]:
+                try:
+                    pv[str(cfg)] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k, config=cfg), sets))
+                except Exception as ex:  # noqa: BLE001
+                    pv[str(cfg)] = repr(ex)[:200]
+                log("pk variant (BLOCK_B, BLOCK_N, BLOCK_DK, KP, warps)", name, cfg, pv[str(cfg)])
+            RESULT["variants"][f"pk_{name}"] = pv
+    RESULT["timings_ms"]["pk_search"] = tm
+    RESULT["pk_shape"] = dict(queries=B, n=n, d_half=d, k=k)
+    return tm
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "kernels.json"))
+    ap.add_argument("--variants", action="store_true")
+    ap.add_argument("--skip-checks", action="store_true")
+    args = ap.parse_args()
+    if SMOKE:
+        dev = "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/kernels.py needs a CUDA GPU")
+    else:
+        dev = "cuda"
+    import triton
+    RESULT["device"] = torch.cuda.get_device_name() if dev == "cuda" else "cpu (smoke)"
+    RESULT["versions"] = dict(torch=torch.__version__, triton=triton.__version__,
+                              has_tl_topk=hasattr(triton.language, "topk"))
+    RESULT["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def dump():
+        with open(args.out, "w") as f:
+            json.dump(RESULT, f, indent=1, default=str)
+
+    t0 = time.time()
+    if not args.skip_checks:
+        for name, fn in (("readout", check_readout), ("pk_search", check_pk)):
+            try:
+                RESULT["checks"][name] = fn(dev)
+            except Exception:  # noqa: BLE001
+                RESULT["checks"][name] = {"pass": False, "error": traceback.format_exc()[-1500:]}
+                traceback.print_exc()
+            dump()
+    log(f"checks done in {time.time() - t0:.0f} s")
+    tm = bw = pk = None
+    try:
+        tm, bw = time_readout(dev, args.variants)
+    except Exception:  # noqa: BLE001
+        RESULT["notes"].append("readout timing failed: " + traceback.format_exc()[-1500:])
+        traceback.print_exc()
+    dump()
+    try:
+        pk = time_pk(dev, args.variants)
+    except Exception:  # noqa: BLE001
+        RESULT["notes"].append("pk timing failed: " + traceback.format_exc()[-1500:])
+        traceback.print_exc()
+    head = {}
+    if tm and bw:
+        head["readout_fwd_bw_frac"] = bw["fwd_frac_of_copy"]
+        head["readout_fwdbwd_bw_frac"] = bw["fwdbwd_frac_of_copy"]
+        comp = [tm[k] for k in ("compile_fwdbwd_autograd", "compile_fwdbwd_compact") if k in tm]
+        if comp:
+            head["readout_fwdbwd_speedup_vs_compile"] = min(comp) / tm["triton_fwdbwd"]
+        head["readout_fwd_ms"] = tm["triton_fwd"]
+        head["readout_fwdbwd_ms"] = tm["triton_fwdbwd"]
+    if pk:
+        head["pk_search_speedup_vs_torch"] = pk["torch_ref_float32"] / pk["triton_float32"]
+        head["pk_search_speedup_vs_torch_bf16"] = pk["torch_ref_bfloat16"] / pk["triton_bfloat16"]
+    RESULT["headline"] = head
+    dump()
+    log(f"total {time.time() - t0:.0f} s")
+    print(json.dumps(RESULT, indent=1, default=str))
+    log("HEADLINE", json.dumps(head))
+
+
+if __name__ == "__main__":
+    main()
