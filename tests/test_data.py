@@ -41,6 +41,23 @@ def test_tiny_size_and_all_relations(corpus):
     assert all(n >= 4 for n in stats["templates_per_relation"].values())
 
 
+def test_small_preset_size():
+    stats = build_corpus("small").stats()
+    assert 2000 <= stats["facts"] + stats["new_facts"] <= 5000
+
+
+def test_max_text_bytes():
+    c = build_corpus(CorpusConfig.preset("tiny", max_text_bytes=70))
+    assert c.stats()["max_text_bytes"] <= 70 and c.dropped["long_text"] > 0
+
+
+def test_cli_dump(tmp_path, capsys):
+    from model_worker.data.__main__ import main
+    main(["--preset", "tiny", "--dump", str(tmp_path)])
+    assert '"facts"' in capsys.readouterr().out
+    assert (tmp_path / "eval.jsonl").read_text().count("\n") == len(build_corpus("tiny").eval)
+
+
 def _template_regex(template):
     prefix, suffix = split_template(template)
     parts = [re.escape(p) for p in prefix.split("{s}")]

@@ -131,6 +131,7 @@ CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America
 _ANSWER_SLOT = re.compile(r" \{a\}([.?!]?)$")
 
 
+@functools.lru_cache(maxsize=None)
 def split_template(template: str) -> tuple[str, str]:
     """'The capital of {s} is {a}.' -> ('The capital of {s} is', '.') (prefix, suffix)."""
     m = _ANSWER_SLOT.search(template)
@@ -150,6 +151,7 @@ class CorpusConfig:
     heldout_templates: tuple[int, ...] = (4,)  # template ids used only for evaluation
     new_fact_fraction: float = 0.1          # fraction of entity groups held out as "new facts"
     max_answer_words: int = 6               # drop facts with longer answers
+    max_text_bytes: int | None = None       # drop facts with a rendering longer than this (UTF-8 bytes)
     seed: int = 0
 
     def __post_init__(self):
@@ -375,11 +377,14 @@ def extract_facts(config: CorpusConfig) -> tuple[list[Fact], dict[str, int]]:
             if "timezone_of_city" in relations and c["timezone"]:
                 facts.append(Fact(name, "timezone_of_city", c["timezone"], group))
 
-    # answers must be short
+    # answers must be short; renderings must fit the model's context if asked
     kept = []
     for f in facts:
         if len(f.answer.split()) > config.max_answer_words:
             dropped["long_answer"] += 1
+        elif config.max_text_bytes is not None and any(
+                len(render(f, t).text.encode()) > config.max_text_bytes for t in range(len(TEMPLATES[f.relation]))):
+            dropped["long_text"] += 1
         else:
             kept.append(f)
     facts = kept
@@ -399,13 +404,16 @@ def extract_facts(config: CorpusConfig) -> tuple[list[Fact], dict[str, int]]:
     facts = kept
 
     # one answer per rendered prompt, over every template of every relation
+    def prompts(f):
+        return [split_template(t)[0].replace("{s}", f.subject) for t in TEMPLATES[f.relation]]
+
     prompt_answers = defaultdict(set)
     for f in facts:
-        for t in range(len(TEMPLATES[f.relation])):
-            prompt_answers[render(f, t).prompt].add(f.answer)
+        for p in prompts(f):
+            prompt_answers[p].add(f.answer)
     kept = []
     for f in facts:
-        if any(len(prompt_answers[render(f, t).prompt]) > 1 for t in range(len(TEMPLATES[f.relation]))):
+        if any(len(prompt_answers[p]) > 1 for p in prompts(f)):
             dropped["ambiguous_prompt"] += 1
         else:
             kept.append(f)
