@@ -244,14 +244,11 @@ class Shard:
 
     def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult:
         """queries [B, d_k] fp32 -> top-k over the keys this shard holds, padded
-        with PAD_ID / -inf where it holds fewer than k selectable rows."""
+        with PAD_ID / -inf where it holds fewer than k selectable rows. k above
+        the table's row count is an error."""
         with self._use(version) as st, st.lock:
             _tensor("queries", queries, torch.float32, (None, st.config.d_k))
-            _int("k", k, 1)
-            if st.searchable_rows() == 0:
-                raise errors.InvalidArgument("k", "the table holds no searchable keys")
-            if k > st.searchable_rows():
-                raise errors.InvalidArgument("k", f"k={k} exceeds the table's {st.searchable_rows()} searchable rows")
+            _check_k(k, st.segments[-1].row_end, st.searchable_rows())
             return _search(st, queries.to(st.device), k)
 
     def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor:
@@ -413,6 +410,14 @@ def _local(st: _State, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(ids >= 0, ids - st.row_start, torch.full_like(ids, PAD_ID))
 
 
+def _check_k(k, num_rows: int, searchable: int) -> None:
+    _int("k", k, 1)
+    if k > num_rows:
+        raise errors.InvalidArgument("k", f"k={k} exceeds the table's {num_rows} rows")
+    if searchable == 0:
+        raise errors.InvalidArgument("k", "the table holds no searchable keys (no flat rows, no codebooks)")
+
+
 def _check_readout(st: _State, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _tensor("ids", ids, torch.int64, (None, None))
     _tensor("weights", weights, torch.float32, tuple(ids.shape))
@@ -512,6 +517,8 @@ def _balance(st: _State) -> None:
             load = st.step_hits[st.flat_local].double()
             err = torch.sign(load - load[live].mean()).float() * live
             st.flat_bias -= step * err
+            if st.faiss is not None:
+                st.faiss.invalidate()
     for pc in st.pieces:
         n = pc.seg.n_sub
         lo = pc.local_lo - st.row_start

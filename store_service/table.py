@@ -164,6 +164,8 @@ class Table:
         """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys."""
         _tensor("queries", queries, torch.float32, (None, self._map.d_k))
         _int("k", k, 1)
+        if k > self._map.num_rows:
+            raise errors.InvalidArgument("k", f"k={k} exceeds the table's {self._map.num_rows} rows")
 
         def op(m: _ShardMap) -> SearchResult:
             parts = self._each(lambda i, s: s.search(queries, k, version=m.infos[i].version))
@@ -268,7 +270,9 @@ class Table:
         self.refresh()
         return ids
 
-    def _route(self, ids: torch.Tensor, call: Callable) -> None:
+    def _route(self, ids: torch.Tensor, flag, call: Callable) -> None:
+        if not isinstance(flag, bool):
+            raise errors.InvalidArgument("flag", f"expected a bool, got {type(flag).__name__}")
         _tensor("ids", ids, torch.int64, (None,))
         m = self._map
         self._check_ids("ids", ids, m.num_rows, allow_pad=False)
@@ -277,10 +281,10 @@ class Table:
         self._each(lambda i, s: call(s, ids[owner == i]), which)
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None:
-        self._route(ids, lambda s, sub: s.set_frozen(sub, frozen))
+        self._route(ids, frozen, lambda s, sub: s.set_frozen(sub, frozen))
 
     def set_ablated(self, ids: torch.Tensor, ablated: bool = True) -> None:
-        self._route(ids, lambda s, sub: s.set_ablated(sub, ablated))
+        self._route(ids, ablated, lambda s, sub: s.set_ablated(sub, ablated))
 
     def usage(self) -> UsageStats:
         """Usage of every row [N], in id order."""
