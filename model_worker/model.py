@@ -190,7 +190,7 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x)).float()
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-1)
+            loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     def aux_loss(self) -> torch.Tensor:

@@ -1,0 +1,235 @@
+"""Training: a straight line (nanoGPT style).
+
+config -> data -> table -> model -> optimizer -> loop { forward, backward
+(row gradients go to the store), optimizer step (model), balancing biases,
+table.end_step (rows, at the step barrier), eval, checkpoint }.
+
+    python -m model_worker.train --model small-knowledge --steps 600 --out runs/kn
+    python -m model_worker.train --resume runs/kn          # continue from runs/kn/latest
+
+In code:
+
+    result = train(TrainConfig(model="tiny-knowledge", steps=50, out_dir=d))
+    result = train(TrainConfig(...), table=connect(addresses))   # a remote table
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from store_service.config import OptimizerConfig, TableConfig
+from store_service.interface import KnowledgeTable
+
+from . import evaluate
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import ModelConfig, preset
+from .data import ByteTokenizer, PackedLoader, build_corpus, packed_batches
+from .generate import generate_fn, readout_mode
+from .model import Transformer
+
+
+@dataclass
+class TrainConfig:
+    model: str = "tiny-knowledge"          # a preset name (model_worker.config.configs)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    corpus: str = "tiny"                   # a corpus preset (model_worker.data.CORPUS_PRESETS)
+    seq_len: int = 64
+    batch_size: int = 16
+    steps: int = 200
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1              # cosine decay to lr * min_lr_ratio
+    warmup: int = 20
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # the table (knowledge models only): row-wise sparse optimizer applied at end_step
+    table_optimizer: str = "adam"          # "adam" | "sgd"
+    value_lr: float | None = None          # None -> knowledge.value_lr
+    flat_rows: int = 0                     # a flat segment after the product segment
+    num_shards: int = 1
+    table_bias_step: float = 1e-3
+    # evaluation and checkpoints (0 = never)
+    eval_every: int = 100
+    eval_recall_n: int = 256               # recall on the first n held-out-phrasing prompts (0 = all)
+    eval_loss_batches: int = 8
+    ckpt_every: int = 0
+    out_dir: str = "runs/default"
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        self.model_overrides = dict(self.model_overrides)
+
+
+def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
+    return preset(cfg.model, **{"vocab_size": vocab_size, "block_size": max(cfg.seq_len, 64),
+                                **cfg.model_overrides})
+
+
+def table_config(mcfg: ModelConfig, cfg: TrainConfig) -> TableConfig:
+    """The table a knowledge model needs: a product segment of n_sub^2 rows (row
+    ids [0, n_sub^2); its codebooks are the model's) then optional flat rows."""
+    kn = mcfg.knowledge
+    segments = [("product", kn.n_sub)] + ([("flat", cfg.flat_rows)] if cfg.flat_rows else [])
+    lr = kn.value_lr if cfg.value_lr is None else cfg.value_lr
+    return TableConfig(d_k=kn.d_k, d_v=kn.d_v, segments=segments, num_shards=cfg.num_shards,
+                       optimizer=OptimizerConfig(kind=cfg.table_optimizer, lr=lr),
+                       init_scale=kn.value_init_std or kn.d_v ** -0.5, bias_step=cfg.table_bias_step,
+                       seed=cfg.seed)
+
+
+def create_table(mcfg: ModelConfig, cfg: TrainConfig, store_root: str | None = None) -> KnowledgeTable:
+    from store_service.table import Table
+    return Table.create(table_config(mcfg, cfg), store_root or str(Path(cfg.out_dir) / "store"))
+
+
+def open_table(store_root: str, version: int | None = None) -> KnowledgeTable:
+    from store_service.table import Table
+    return Table.open(store_root, version)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def make_optimizer(model: Transformer, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "codebook" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "codebook" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95),
+                             eps=1e-8, fused=False, foreach=False)
+
+
+@torch.no_grad()
+def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
+    """Held-out loss (held-out phrasings) and fact recall on held-out phrasings.
+    Reads rows by fetch, so evaluation leaves the store's usage counts alone."""
+    model.eval()
+    with readout_mode(model, "fetch"):
+        batches = packed_batches(corpus.heldout_texts, tok, cfg.seq_len, cfg.batch_size)
+        if cfg.eval_loss_batches:
+            batches = batches[: cfg.eval_loss_batches]
+        loss = evaluate.heldout_loss(lambda b: model(b.inputs, b.targets)[1], batches)["loss"]
+        n = cfg.eval_recall_n or len(corpus.eval_prompts)
+        rec = evaluate.fact_recall(generate_fn(model, tok), corpus.eval_prompts[:n], corpus.eval_answers[:n],
+                                   corpus.eval_fact_types[:n])
+    model.train()
+    return {"heldout_loss": loss, "recall_heldout": rec["recall"]}
+
+
+def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str | Path | None = None,
+          stop_at: int | None = None) -> dict:
+    """Run (or resume) training. `table`: use this table instead of creating an
+    in-process one (e.g. a gRPC client); `resume`: a checkpoint directory, or an
+    out_dir whose `latest` is used; `stop_at`: stop after this step (checkpointing
+    it) without changing the schedule, to test resumption.
+    Returns {"losses": [...], "evals": [...], "tokens_per_s", "params", "final_loss", ...}."""
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # data
+    tok = ByteTokenizer()
+    corpus = build_corpus(cfg.corpus)
+    loader = PackedLoader(corpus.train_texts, tok, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+
+    # model and table
+    mcfg = model_config(cfg, tok.vocab_size)
+    if mcfg.knowledge is not None and table is None:
+        table = create_table(mcfg, cfg)
+    model = Transformer(mcfg, table if mcfg.knowledge is not None else None)
+    optimizer = make_optimizer(model, cfg)
+    start = 0
+    if resume is not None:
+        ckpt = Path(resume)
+        if not (ckpt / "meta.json").exists():
+            ckpt = latest_checkpoint(ckpt)
+        restored = load_checkpoint(ckpt, model, optimizer, table if mcfg.knowledge is not None else None)
+        start = restored.step
+        loader.load_state_dict(restored.loader_state)
+    table = table if mcfg.knowledge is not None else None
+    meta = {"model_config": mcfg.to_dict(), "train_config": dataclasses.asdict(cfg),
+            "tokenizer": tok.to_dict(), "corpus_fingerprint": corpus.fingerprint(),
+            "store_root": getattr(table, "store_root", None)}
+
+    history: dict[str, Any] = {"losses": [], "evals": [], "loads": [], "params": model.count_params()}
+    end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+    model.train()
+    tokens, t_train = 0, 0.0
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not cfg.progress, desc=cfg.model)
+    for step in bar:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > start:
+            history["evals"].append({"step": step, **evaluate_model(model, tok, corpus, cfg)})
+        t0 = time.perf_counter()
+        batch = next(loader)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        logits, loss = model(batch.inputs, batch.targets)
+        (loss + model.aux_loss()).backward()       # row and flat-key gradients go to the store here
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loads = model.end_step()                   # MoE and product-key balancing biases
+        if table is not None:
+            table.end_step(step)                   # step barrier: the store applies the row gradients
+        t_train += time.perf_counter() - t0
+        tokens += batch.inputs.numel()
+        history["losses"].append(loss.item())
+        if loads and step % 10 == 0:
+            history["loads"].append({"step": step, **{k: v.tolist() for k, v in loads.items()}})
+        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / t_train:.0f}")
+        done = step + 1
+        if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or (done == end and (cfg.ckpt_every or stop_at)):
+            save_checkpoint(out, done, model, optimizer, loader.state_dict(), table, meta)
+    if cfg.eval_every and end == cfg.steps:
+        history["evals"].append({"step": end, **evaluate_model(model, tok, corpus, cfg)})
+    history.update(final_loss=history["losses"][-1] if history["losses"] else float("nan"),
+                   tokens_per_s=tokens / t_train if t_train else 0.0, tokens=tokens, start_step=start,
+                   end_step=end)
+    history["model"] = model
+    return history
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Train a model (dense / MoE / MoE + knowledge).")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("model_overrides",):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kind = type(default) if default is not None else float
+        if kind is bool:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
+                            default=default)
+        else:
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
+    ap.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of ModelConfig fields")
+    ap.add_argument("--resume", default=None, help="a checkpoint directory or an out_dir")
+    args = vars(ap.parse_args(argv))
+    resume = args.pop("resume")
+    cfg = TrainConfig(**args)
+    if resume and cfg.out_dir == "runs/default":
+        cfg.out_dir = str(resume)
+    table = None
+    if resume and preset(cfg.model).knowledge is not None:
+        ckpt = Path(resume) if (Path(resume) / "meta.json").exists() else latest_checkpoint(resume)
+        meta = json.loads((ckpt / "meta.json").read_text())
+        table = open_table(meta["store_root"], meta["table_version"])
+    result = train(cfg, table=table, resume=resume)
+    print(json.dumps({k: v for k, v in result.items() if k in ("final_loss", "tokens_per_s", "evals", "params")},
+                     indent=2))
+
+
+if __name__ == "__main__":
+    main()
