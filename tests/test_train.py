@@ -42,3 +42,21 @@ def test_resume_is_exact(tmp_path, model):
     if table is not None:                                                 # the store's half of the cut
         ids = torch.arange(table.info().num_rows)
         assert torch.equal(full["model"].tables()[0].fetch(ids), table.fetch(ids))
+
+
+@pytest.mark.slow
+def test_remote_equals_local(tmp_path):
+    """The same 50 steps with the in-process table and with the gRPC client over
+    2 shard server processes (loopback) give the same losses (fp32, 1e-5 relative)."""
+    from model_worker.remote_table import loopback_table
+    from model_worker.train import model_config, table_config
+
+    cfg = _cfg(tmp_path / "local", steps=50, flat_rows=16)
+    local = train(cfg)
+    rcfg = _cfg(tmp_path / "remote", steps=50, flat_rows=16, num_shards=2)
+    with loopback_table(table_config(model_config(rcfg, 260), rcfg), str(tmp_path / "remote" / "store")) as table:
+        assert len(table.info().shards) == 2
+        remote = train(rcfg, table=table)
+        ids = torch.arange(table.info().num_rows)
+        torch.testing.assert_close(table.fetch(ids), local["model"].tables()[0].fetch(ids), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(remote["losses"]), torch.tensor(local["losses"]), rtol=1e-5, atol=0)

@@ -1,0 +1,45 @@
+"""A table served by shard server processes on this machine (loopback gRPC),
+for tests and benchmarks that compare a remote table with an in-process one.
+
+    with loopback_table(table_cfg, store_root) as table:   # table: store_service.table.Table over RemoteShards
+        train(cfg, table=table)
+
+The cluster layer (Ray actors) does this for real deployments; here we only
+need the same wire path.
+"""
+from __future__ import annotations
+
+import contextlib
+import secrets
+from typing import Iterator
+
+from store_service.config import TableConfig
+
+
+@contextlib.contextmanager
+def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int = 1) -> Iterator:
+    """Publish a fresh table of `config` (version 1 under store_root), serve each
+    of its config.num_shards shards from its own process, and yield a client Table."""
+    from store_service.client import connect
+    from store_service.server import start_shard_process
+    from store_service.table import Table
+
+    local = Table.create(config, store_root)
+    version = local.snapshot()
+    local.close()
+    token = secrets.token_hex(8)
+    procs = []
+    table = None
+    try:
+        for shard_id in range(config.num_shards):
+            procs.append(start_shard_process(store_root, version, shard_id, admin_token=token,
+                                             extra_args=["--torch-threads", str(torch_threads)]))
+        table = connect([p.address for p in procs], admin_token=token, store_root=store_root)
+        yield table
+    finally:
+        if table is not None:
+            table.close()
+            for s in table.shards:
+                s.close()
+        for p in procs:
+            p.stop()
