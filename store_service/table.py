@@ -10,6 +10,7 @@ request_id so a retried call is never applied twice.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -258,6 +259,10 @@ class Table:
         rid = request_id or uuid.uuid4().hex
         steps = self._each(lambda i, s: s.end_step(step, worker=worker, num_workers=num_workers,
                                                  request_id=rid, timeout_s=timeout_s))
+        with self._map_lock:
+            m = self._map
+            infos = tuple(dataclasses.replace(info, step=max(info.step, st)) for info, st in zip(m.infos, steps))
+            self._map = dataclasses.replace(m, infos=infos)
         return min(steps)
 
     # -- control plane -------------------------------------------------------------

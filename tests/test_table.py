@@ -1,0 +1,254 @@
+"""Table over in-process shards: scatter/gather equals one shard, routing, retries, swaps."""
+import threading
+
+import pytest
+import torch
+
+from store_service import errors, kernels
+from store_service.config import OptimizerConfig, TableConfig
+from store_service.interface import KnowledgeTable
+from store_service.shard import Shard
+from store_service.table import Table
+
+
+def _cfg(num_shards=3, **kw):
+    base = dict(d_k=8, d_v=16, segments=[("product", 6), ("flat", 40)], store_codebooks=True,
+                num_shards=num_shards, bias_step=0.0, optimizer=OptimizerConfig("adam", lr=0.01))
+    base.update(kw)
+    return TableConfig(**base)
+
+
+def _all_keys(table: Table):
+    """Brute-force key matrix [N, d_k] and selection bias [N] of the whole table."""
+    n_rows = table.info().num_rows
+    keys, bias = torch.zeros(n_rows, 8), torch.zeros(n_rows)
+    for sh in table.shards:
+        sd = sh.state_dict()
+        keys[sd["flat_ids"]] = sd["keys"]
+        bias[sd["flat_ids"]] = sd["flat_bias"]
+        d = sh.describe()
+        for si, seg in enumerate(d.segments):
+            if f"pk{si}_codebook_a" in sd:
+                g = torch.arange(max(d.info.row_start, seg.row_start), min(d.info.row_end, seg.row_end))
+                i, j = (g - seg.row_start) // seg.n_sub, (g - seg.row_start) % seg.n_sub
+                keys[g] = torch.cat([sd[f"pk{si}_codebook_a"][i], sd[f"pk{si}_codebook_b"][j]], 1)
+                bias[g] = sd[f"pk{si}_bias_a"][i] + sd[f"pk{si}_bias_b"][j]
+    return keys, bias
+
+
+def test_table_implements_the_protocol():
+    assert isinstance(Table.create(_cfg()), KnowledgeTable)
+
+
+def test_search_exact_across_segments_and_shards():
+    t = Table.create(_cfg())
+    q = torch.randn(9, 8)
+    first = t.search(q, 6)
+    t.set_ablated(first.ids[:, 0].unique())
+    res = t.search(q, 6)
+    keys, bias = _all_keys(t)
+    s = (q @ keys.T + bias).masked_fill(t.usage().ablated, float("-inf"))
+    top, ids = s.topk(6, dim=1)
+    assert torch.equal(res.ids, ids)
+    torch.testing.assert_close(res.scores, top)
+    torch.testing.assert_close(res.keys, keys[ids])
+    assert not bool(torch.isin(res.ids, first.ids[:, 0].contiguous()).any())
+    assert set(res.ids.flatten().tolist()) & set(range(36)) and set(res.ids.flatten().tolist()) & set(range(36, 76))
+    with pytest.raises(errors.InvalidArgument, match="k"):
+        t.search(q, 77)
+
+
+def test_one_shard_and_three_shards_agree():
+    t1, t3 = Table.create(_cfg(1)), Table.create(_cfg(3))
+    assert len(t3.shards) == 3
+    all_ids = torch.arange(76)
+    assert torch.equal(t1.fetch(all_ids), t3.fetch(all_ids))  # init does not depend on sharding
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 8, generator=gen)
+    assert torch.equal(t1.search(q, 7).ids, t3.search(q, 7).ids)
+    for step in range(3):
+        ids = torch.randint(-1, 76, (12, 5), generator=gen)
+        w = kernels.masked_softmax(torch.randn(12, 5, generator=gen), ids)
+        g = torch.randn(12, 16, generator=gen)
+        values = t1.fetch(all_ids)
+        out1, out3 = t1.readout(ids, w), t3.readout(ids, w)
+        torch.testing.assert_close(out1, out3, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(out3, kernels.readout_weighted(values, ids, w), atol=1e-6, rtol=1e-6)
+        gw1, gw3 = t1.readout_backward(ids, w, g), t3.readout_backward(ids, w, g)
+        torch.testing.assert_close(gw1, gw3, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(gw3, kernels.readout_weighted_backward(values, ids, w, g)[0],
+                                   atol=1e-6, rtol=1e-6)
+        flat = torch.tensor([40, 50, 75, -1])
+        kg = torch.randn(4, 8, generator=gen)
+        t1.accumulate_key_grads(flat, kg)
+        t3.accumulate_key_grads(flat, kg)
+        assert t1.end_step(step) == t3.end_step(step) == step + 1
+    torch.testing.assert_close(t1.fetch(all_ids), t3.fetch(all_ids), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_all_keys(t1)[0], _all_keys(t3)[0], atol=1e-6, rtol=0)
+    u1, u3 = t1.usage(), t3.usage()
+    assert torch.equal(u1.hits, u3.hits)
+    torch.testing.assert_close(u1.weight_sum, u3.weight_sum)
+    assert t3.info().step == 3
+
+
+def test_routing_only_calls_owners(monkeypatch):
+    t = Table.create(_cfg())
+    calls = []
+    for i, sh in enumerate(t.shards):
+        real = sh.readout
+        monkeypatch.setattr(sh, "readout", lambda ids, w, *, version=0, _r=real, _i=i: calls.append(_i) or _r(ids, w, version=version))
+    t.readout(torch.tensor([[60, 70, -1]]), torch.ones(1, 3))
+    assert calls == [2]
+
+
+def test_bad_input_changes_nothing_on_any_shard():
+    t = Table.create(_cfg())
+    t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2), torch.ones(1, 16))
+
+    def state():
+        out = [sh.state_dict() for sh in t.shards]
+        return out, [len(sh._serving.row_grads) for sh in t.shards], t.usage()
+    before = state()
+    bad = [
+        lambda: t.readout_backward(torch.tensor([[1, 76]]), torch.ones(1, 2), torch.ones(1, 16)),
+        lambda: t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2), torch.full((1, 16), float("inf"))),
+        lambda: t.readout(torch.tensor([[1, -2]]), torch.ones(1, 2)),
+        lambda: t.accumulate_key_grads(torch.tensor([40, 3]), torch.ones(2, 8)),  # 3 is a product row
+        lambda: t.set_frozen(torch.tensor([1, 100])),
+        lambda: t.set_ablated(torch.tensor([1, 2]), 1),
+        lambda: t.fetch(torch.tensor([[1]])),
+        lambda: t.add_rows(torch.ones(2, 16), torch.ones(3, 8)),
+        lambda: t.search(torch.randn(2, 8), 0),
+    ]
+    for call in bad:
+        with pytest.raises(errors.InvalidArgument):
+            call()
+    after = state()
+    for a, b in zip(before[0], after[0]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert before[1] == after[1]
+    assert all(torch.equal(getattr(before[2], f), getattr(after[2], f)) for f in ("hits", "frozen", "ablated"))
+
+
+def test_two_workers_two_threads_step_once():
+    t = Table.create(_cfg(optimizer=OptimizerConfig("sgd", lr=1.0)))
+    ref = Table.create(_cfg(optimizer=OptimizerConfig("sgd", lr=1.0)))
+    ids, w = torch.tensor([[1, 40, 70]]), torch.ones(1, 3)
+    gs = [torch.randn(1, 16), torch.randn(1, 16)]
+    out, errs = {}, []
+
+    def worker(rank):
+        try:
+            t.readout_backward(ids, w, gs[rank])
+            out[rank] = t.end_step(0, worker=rank, num_workers=2, timeout_s=20)
+        except Exception as e:  # pragma: no cover
+            errs.append(e)
+    ths = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(30)
+    assert not errs and out == {0: 1, 1: 1}
+    ref.readout_backward(ids, w, gs[0] + gs[1])
+    ref.end_step(0)
+    torch.testing.assert_close(t.fetch(torch.arange(76)), ref.fetch(torch.arange(76)))
+
+
+def test_add_rows_freeze_ablate_usage_through_table():
+    t = Table.create(_cfg())
+    key = torch.zeros(2, 8)
+    key[:, 1] = 40.0
+    ids = t.add_rows(torch.ones(2, 16), key)
+    assert ids.tolist() == [76, 77] and t.info().num_rows == 78
+    assert t.info().segments[-1].row_end == 78
+    q = torch.zeros(1, 8)
+    q[0, 1] = 1.0
+    assert set(t.search(q, 2).ids[0].tolist()) == {76, 77}
+    t.set_ablated(torch.tensor([76]))
+    assert 76 not in t.search(q, 2).ids[0].tolist()
+    t.set_frozen(torch.tensor([0, 77]))
+    t.readout(torch.tensor([[77, 0], [77, -1]]), torch.tensor([[0.5, 0.25], [1.0, 0.0]]))
+    u = t.usage()
+    assert u.hits.shape == (78,) and u.hits[77] == 2 and u.hits[0] == 1
+    assert u.weight_sum[77] == pytest.approx(1.5)
+    assert u.frozen.nonzero().flatten().tolist() == [0, 77]
+    assert u.ablated.nonzero().flatten().tolist() == [76]
+
+
+def test_stale_version_refreshes_and_retries(tmp_path):
+    t = Table.create(_cfg(), store_root=str(tmp_path))
+    v1 = t.snapshot()
+    t.load_version(v1)
+    other = Table(t.shards, store_root=str(tmp_path))  # another client: its map expects v1
+    assert [i.version for i in other.info().shards] == [v1] * 3
+    t.readout_backward(torch.tensor([[5]]), torch.ones(1, 1), torch.ones(1, 16))
+    t.end_step(0)
+    v2 = t.snapshot()
+    t.load_version(v2)  # releases v1 on every shard
+    res = other.fetch(torch.arange(76))
+    assert other.info().version == v2
+    assert torch.equal(res, t.fetch(torch.arange(76)))
+    # A retried backward after a refresh is not applied twice.
+    calls = []
+    real = t.shards[0].readout_backward
+
+    def flaky(*a, **kw):
+        calls.append(kw["request_id"])
+        if len(calls) == 1:
+            real(*a, **kw)
+            raise errors.StaleVersion(kw["version"], v2)
+        return real(*a, **kw)
+    t.shards[0].readout_backward = flaky
+    t.readout_backward(torch.tensor([[5]]), torch.ones(1, 1), torch.ones(1, 16))
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert len(t.shards[0]._serving.row_grads) == 1
+
+
+def test_hot_swap_through_table_with_request_in_flight(tmp_path, monkeypatch):
+    """A readout in flight across the flip is answered wholly by the old version.
+    (Versions must be published ones: a fresh table serves version 0 = "any".)"""
+    t = Table.create(_cfg(), store_root=str(tmp_path))
+    v1 = t.snapshot()
+    for step in range(2):
+        t.readout_backward(torch.tensor([[1, 40, 70]]), torch.ones(1, 3), torch.ones(1, 16))
+        t.end_step(step)
+        if step == 0:
+            t.load_version(t.snapshot())  # serving a published version from here on
+    trained = t.fetch(torch.arange(76))
+    entered, go = threading.Event(), threading.Event()
+    real = kernels.readout_weighted
+
+    def slow(values, ids, weights):
+        entered.set()
+        go.wait(10)
+        return real(values, ids, weights)
+    monkeypatch.setattr(kernels, "readout_weighted", slow)
+    ids, w = torch.tensor([[1, 40, 70]]), torch.ones(1, 3)
+    out = {}
+    reader = threading.Thread(target=lambda: out.setdefault("r", t.readout(ids, w)))
+    reader.start()
+    assert entered.wait(10)
+    monkeypatch.setattr(kernels, "readout_weighted", real)
+    swap = threading.Thread(target=t.load_version, args=(v1,))
+    swap.start()
+    swap.join(0.3)
+    assert swap.is_alive()  # flipped, now draining the in-flight readout before release
+    assert t.shards[0].serving_version == v1
+    go.set()
+    reader.join(10)
+    swap.join(10)
+    assert not swap.is_alive()
+    torch.testing.assert_close(out["r"], trained[[1, 40, 70]].sum(0, keepdim=True))  # wholly old
+    assert not torch.equal(t.fetch(torch.arange(76)), trained)
+    assert t.info().version == v1 and t.info().step == 0
+    assert all(sh.held_versions()['retiring'] == [] for sh in t.shards)
+
+
+def test_parallel_executor_gives_same_answers():
+    a = Table.create(_cfg())
+    b = Table(a.shards, parallel=True)
+    q = torch.randn(4, 8)
+    assert torch.equal(a.search(q, 5).ids, b.search(q, 5).ids)
+    ids = torch.randint(0, 76, (6, 3))
+    torch.testing.assert_close(a.readout(ids, torch.ones(6, 3)), b.readout(ids, torch.ones(6, 3)))
+    b.close()
