@@ -20,13 +20,17 @@ import argparse
 import hmac
 import logging
 import os
+import queue
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -365,11 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: a free one)")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB)
     parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--admin-token-env", default="KSTORE_ADMIN_TOKEN",
                         help="environment variable holding the StoreAdmin bearer token")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     token = os.environ.get(args.admin_token_env, "")
     if not token:
         parser.error(f"set ${args.admin_token_env} to the StoreAdmin bearer token")
@@ -384,6 +392,55 @@ def main(argv: list[str] | None = None) -> None:
         signal.signal(sig, lambda *_: done.set())
     done.wait()
     handle.stop(grace=2.0)
+
+
+@dataclass
+class ShardProcess:
+    """A shard server running as its own process (`python -m store_service.server`)."""
+    proc: "subprocess.Popen[str]"
+    shard_id: int
+    address: str
+    metrics_port: int | None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_token: str, port: int = 0,
+                        host: str = "127.0.0.1", metrics_port: int | None = None, extra_args: Sequence[str] = (),
+                        env: dict[str, str] | None = None, startup_timeout_s: float = 60.0) -> ShardProcess:
+    """Launch one shard server process and wait until it reports its bound address."""
+    cmd = [sys.executable, "-m", "store_service.server", "--store-root", str(store_root), "--version", str(version),
+           "--shard", str(shard_id), "--port", str(port), "--host", host, *extra_args]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    full_env = {**os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": admin_token}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=full_env)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    deadline = time.monotonic() + startup_timeout_s
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=0.1)
+        except queue.Empty:
+            if proc.poll() is not None:
+                raise RuntimeError(f"shard server {shard_id} exited with {proc.returncode} before serving")
+            continue
+        m = re.match(r"kstore-shard (\d+) serving (\S+) metrics (\S+)", line)
+        if m:
+            mport = None if m.group(3) == "None" else int(m.group(3))
+            return ShardProcess(proc, shard_id, m.group(2), mport)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"shard server {shard_id} did not start within {startup_timeout_s}s")
 
 
 def load_shard(store_root: str, version: int, shard_id: int) -> ShardHandle:
