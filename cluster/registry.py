@@ -29,7 +29,8 @@ class ShardEntry:
 
 @dataclass
 class ShardMap:
-    map_version: int = 0
+    map_version: int = 0      # the layout generation: bumped when the shard set is replaced (scaling)
+    revision: int = 0         # bumped on every change (a restarted shard's new address, a swap)
     table_version: int = 0
     num_shards: int = 0
     entries: dict[int, ShardEntry] = field(default_factory=dict)
@@ -41,14 +42,15 @@ class ShardMap:
         return [self.entries[i].address for i in range(self.num_shards)]
 
     def to_dict(self) -> dict:
-        return {"map_version": self.map_version, "table_version": self.table_version,
+        return {"map_version": self.map_version, "revision": self.revision,
+                "table_version": self.table_version,
                 "num_shards": self.num_shards,
                 "entries": [asdict(self.entries[i]) for i in sorted(self.entries)]}
 
     @staticmethod
     def from_dict(d: dict) -> "ShardMap":
         entries = {e["shard_id"]: ShardEntry(**e) for e in d["entries"]}
-        return ShardMap(d["map_version"], d["table_version"], d["num_shards"], entries)
+        return ShardMap(d["map_version"], d["revision"], d["table_version"], d["num_shards"], entries)
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)
@@ -63,7 +65,8 @@ class Registry:
         """Start a new map generation of `num_shards` shards at `table_version`;
         shard actors of that generation then register into it."""
         with self._changed:
-            self._map = ShardMap(self._map.map_version + 1, table_version, num_shards, {})
+            self._map = ShardMap(self._map.map_version + 1, self._map.revision + 1, table_version,
+                                 num_shards, {})
             self._changed.notify_all()
             return self._map.map_version
 
@@ -74,6 +77,7 @@ class Registry:
             if map_version != self._map.map_version:
                 return self._map.map_version
             self._map.entries[entry["shard_id"]] = ShardEntry(**entry)
+            self._map.revision += 1
             self._map.table_version = max(self._map.table_version, entry["version"])
             self._changed.notify_all()
             return self._map.map_version
@@ -83,6 +87,7 @@ class Registry:
             self._map.table_version = version
             self._map.entries = {i: ShardEntry(**{**asdict(e), "version": version})
                                  for i, e in self._map.entries.items()}
+            self._map.revision += 1
             self._changed.notify_all()
 
     def get_map(self) -> dict:
@@ -90,13 +95,15 @@ class Registry:
             return self._map.to_dict()
 
     def wait_for(self, min_map_version: int = 0, complete: bool = True, timeout_s: float = 60.0,
-                 not_address: str = "") -> dict:
-        """Block until the map reaches `min_map_version` and (optionally) every
-        shard has registered, or, with `not_address`, until no entry points
-        at that (dead) address any more."""
+                 not_address: str = "", min_revision: int = 0) -> dict:
+        """Block until the map reaches `min_map_version` / `min_revision` and
+        (optionally) every shard has registered, or, with `not_address`, until
+        no entry points at that (dead) address any more."""
         def ready() -> bool:
             m = self._map
-            if m.map_version < min_map_version or (complete and not m.complete()):
+            if m.map_version < min_map_version or m.revision < min_revision:
+                return False
+            if complete and not m.complete():
                 return False
             return not not_address or all(e.address != not_address for e in m.entries.values())
 

@@ -1,0 +1,205 @@
+"""Start, inspect, scale, hot-swap and stop a store cluster on Ray.
+
+    cluster = StoreCluster.start(ClusterConfig(num_shards=2), table_config)
+    table = cluster.table()                 # a FollowingTable: the model's KnowledgeTable
+    cluster.scale(4)                        # re-partition onto 4 shard actors, publish the new map
+    cluster.swap(version)                   # hot-swap every shard to a published version
+    cluster.stop()
+
+Shards are Ray actors (cluster.shard_actor); their map lives in the registry
+actor (cluster.registry). Everything that touches rows goes through the
+store's gRPC API; this module only places actors and publishes maps.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from store_service import persistence
+from store_service.client import RemoteShard
+from store_service.config import TableConfig
+
+from .config import ClusterConfig
+from .following_table import FollowingTable
+from .registry import NAMESPACE, ShardMap, get_or_create_registry
+from .shard_actor import ShardActor, latest_version_with_layout
+
+log = logging.getLogger(__name__)
+
+
+def init_ray(config: ClusterConfig) -> bool:
+    """Connect to (or embed) a Ray cluster. Returns True if this call started Ray."""
+    if ray.is_initialized():
+        return False
+    if config.ray_address:
+        ray.init(address=config.ray_address, namespace=NAMESPACE, logging_level="ERROR",
+                 log_to_driver=False)
+    else:
+        ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False, num_cpus=max(os.cpu_count() or 2, 4))
+    return True
+
+
+@dataclass
+class StoreCluster:
+    config: ClusterConfig
+    registry: object
+    actors: list = field(default_factory=list)
+    map_version: int = 0
+    owns_ray: bool = False
+
+    # -- start -------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: ClusterConfig, table_config: TableConfig | None = None) -> "StoreCluster":
+        """Publish an initial version if the store root has none (from table_config),
+        re-partition it if its shard count differs from config.num_shards, and
+        start one shard actor per shard."""
+        owns = init_ray(config)
+        os.makedirs(config.store_root, exist_ok=True)
+        version = persistence.latest_version(config.store_root)
+        if version is None:
+            if table_config is None:
+                raise FileNotFoundError(f"no published version under {config.store_root}; "
+                                        "give a table config to create one")
+            from store_service.table import Table
+            from dataclasses import replace
+            table = Table.create(replace(table_config, num_shards=config.num_shards), config.store_root)
+            version = table.snapshot()
+            table.close()
+        if len(persistence.read_root_attrs(config.store_root, version)["shards"]) != config.num_shards:
+            version = persistence.repartition(config.store_root, version, config.num_shards)
+        cluster = cls(config, get_or_create_registry(), owns_ray=owns)
+        cluster._start_generation(version, config.num_shards)
+        return cluster
+
+    def _start_generation(self, version: int, num_shards: int) -> list:
+        gen = ray.get(self.registry.expect.remote(num_shards, version))
+        opts = self.config.shard.ray_options()
+        if self.config.ray_address:  # a standing cluster: the shards outlive the command that started them
+            opts["lifetime"] = "detached"
+        actors = [ShardActor.options(name=f"kstore_shard_g{gen}_{i}", **opts).remote(
+            os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token)
+            for i in range(num_shards)]
+        m = ShardMap.from_dict(ray.get(self.registry.wait_for.remote(min_map_version=gen, complete=True,
+                                                                    timeout_s=120.0)))
+        if m.map_version != gen or not m.complete():
+            raise RuntimeError(f"shard actors of generation {gen} did not all register: {m.to_dict()}")
+        self.actors, self.map_version = actors, gen
+        return actors
+
+    # -- clients -----------------------------------------------------------------
+
+    def table(self, on_restart: str = "follow", **kwargs) -> FollowingTable:
+        return FollowingTable(admin_token=self.config.admin_token, on_restart=on_restart,
+                              store_root=os.path.abspath(self.config.store_root), **kwargs)
+
+    def shard_map(self) -> ShardMap:
+        return ShardMap.from_dict(ray.get(self.registry.get_map.remote()))
+
+    def status(self) -> dict:
+        """Shards (address, node, rows, version, step, health) and row usage."""
+        m = self.shard_map()
+        shards = []
+        for i in range(m.num_shards):
+            e = m.entries[i]
+            rs = RemoteShard(e.address, admin_token=self.config.admin_token, timeout_s=10.0, shard_id=i)
+            try:
+                d = rs.describe()
+                u = rs.usage()
+                shards.append({"shard": i, "address": e.address, "node": e.node_id[:12], "pid": e.pid,
+                               "rows": [d.info.row_start, d.info.row_end], "version": d.info.version,
+                               "step": d.info.step, "healthy": rs.health(),
+                               "rows_used": int((u.hits > 0).sum()), "frozen": int(u.frozen.sum()),
+                               "ablated": int(u.ablated.sum())})
+            finally:
+                rs.close()
+        return {"map_version": m.map_version, "revision": m.revision, "table_version": m.table_version,
+                "published_versions": persistence.list_versions(self.config.store_root), "shards": shards}
+
+    # -- operations ----------------------------------------------------------------
+
+    def scale(self, num_shards: int, *, drain_s: float = 2.0) -> int:
+        """Re-partition the serving rows onto `num_shards` new shard actors.
+
+        The serving state is published first (so nothing trained is lost), then
+        re-partitioned into a new version, served by a new generation of actors;
+        clients follow the registry to it, and the old actors are stopped once
+        clients have had `drain_s` to move. Call it between training steps.
+        Returns the new version."""
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        table = self.table()
+        try:
+            version = table.snapshot()
+        finally:
+            table.close()
+        new_version = persistence.repartition(self.config.store_root, version, num_shards)
+        old = self.actors
+        self._start_generation(new_version, num_shards)
+        time.sleep(drain_s)
+        _stop_actors(old)
+        return new_version
+
+    def swap(self, version: int, shard: int | None = None) -> int:
+        """Hot-swap to a published version through the admin API, while serving.
+
+        shard=None swaps the whole table. With a shard id, only that shard's
+        rows come from `version`: a new version is composed (that shard from
+        `version`, the others from the serving one) and the whole table swaps
+        to it, so every answer still comes wholly from one version.
+        Returns the version now serving."""
+        m = self.shard_map()
+        if shard is not None:
+            version = persistence.compose_version(self.config.store_root, m.table_version, {shard: version})
+        table = self.table()
+        try:
+            table.load_version(version)
+        finally:
+            table.close()
+        ray.get(self.registry.set_table_version.remote(version))
+        return version
+
+    def kill_shard(self, shard: int) -> int:
+        """Kill a shard's process (as a crash would); Ray restarts it. Returns the dead pid."""
+        pid = self.shard_map().entries[shard].pid
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def stop(self) -> None:
+        _stop_actors(self.actors)
+        self.actors = []
+        try:
+            ray.kill(self.registry, no_restart=True)
+        except Exception:
+            pass
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def _stop_actors(actors: list) -> None:
+    for a in actors:
+        try:
+            ray.get(a.stop.remote(), timeout=10)
+        except Exception:
+            pass
+        ray.kill(a, no_restart=True)
+
+
+def attach(config: ClusterConfig) -> StoreCluster:
+    """A handle on a running cluster (for the command line): its registry and actors."""
+    init_ray(config)
+    from .registry import get_registry
+    registry = get_registry()
+    m = ShardMap.from_dict(ray.get(registry.get_map.remote()))
+    actors = [ray.get_actor(f"kstore_shard_g{m.map_version}_{i}", namespace=NAMESPACE)
+              for i in range(m.num_shards)]
+    return StoreCluster(config, registry, actors, m.map_version)
+
+
+__all__ = ["StoreCluster", "attach", "init_ray", "latest_version_with_layout"]
