@@ -256,3 +256,39 @@ def test_parallel_executor_gives_same_answers():
     ids = torch.randint(0, 76, (6, 3))
     torch.testing.assert_close(a.readout(ids, torch.ones(6, 3)), b.readout(ids, torch.ones(6, 3)))
     b.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_table_matches_cpu_table(tmp_path):
+    """Shards on the GPU (Triton kernels where they apply) give the CPU table's answers."""
+    cpu, gpu = Table.create(_cfg(bias_step=0.01)), Table.create(_cfg(bias_step=0.01, device="cuda"),
+                                                                  store_root=str(tmp_path))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(33, 8, generator=gen)
+    gpu.set_ablated(torch.tensor([3, 45]))
+    cpu.set_ablated(torch.tensor([3, 45]))
+    for step in range(3):
+        a, b = cpu.search(q, 6), gpu.search(q.cuda(), 6)
+        assert b.ids.is_cuda
+        assert torch.equal(a.ids, b.ids.cpu())
+        torch.testing.assert_close(a.scores, b.scores.cpu(), atol=1e-5, rtol=1e-5)
+        ids = torch.randint(-1, 76, (20, 5), generator=gen)
+        w = torch.rand(20, 5, generator=gen)
+        g = torch.randn(20, 16, generator=gen)
+        torch.testing.assert_close(cpu.readout(ids, w), gpu.readout(ids.cuda(), w.cuda()).cpu(),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cpu.readout_backward(ids, w, g),
+                                   gpu.readout_backward(ids.cuda(), w.cuda(), g.cuda()).cpu(), atol=1e-5, rtol=1e-5)
+        kg = torch.randn(2, 8, generator=gen)
+        cpu.accumulate_key_grads(torch.tensor([40, 70]), kg)
+        gpu.accumulate_key_grads(torch.tensor([40, 70]).cuda(), kg.cuda())
+        cpu.end_step(step)
+        gpu.end_step(step)
+    torch.testing.assert_close(cpu.fetch(torch.arange(76)), gpu.fetch(torch.arange(76)).cpu(), atol=1e-5, rtol=1e-5)
+    assert torch.equal(cpu.usage().hits, gpu.usage().hits)
+    gpu.add_rows(torch.ones(2, 16, device="cuda"), torch.ones(2, 8, device="cuda"))
+    gpu.set_frozen(torch.tensor([0, 77]))
+    v = gpu.snapshot()
+    back = Table.open(str(tmp_path), v, device="cuda")
+    assert torch.equal(back.fetch(torch.arange(78)), gpu.fetch(torch.arange(78)))
+    assert torch.equal(back.search(q.cuda(), 6).ids, gpu.search(q.cuda(), 6).ids)
