@@ -196,19 +196,23 @@ def time_readout(dev, variants: bool):
     # backward pieces
     w0 = TR.masked_softmax_triton(sets[0][2], sets[0][1])
     tm["bwd_part_softmax"] = bench(rotating(lambda V, ids, s, g: TR.masked_softmax_triton(s, ids), sets))
-    tm["bwd_part_segments_sort_unique"] = bench(rotating(lambda V, ids, s, g: TR._segments(ids, N), sets))
+    tm["bwd_part_segments_sort"] = bench(rotating(lambda V, ids, s, g: TR._segments(ids, N), sets))
     seg = [TR._segments(st[1], N) for st in sets]
 
     def rowgrad_only(i, cfg=None):
         V, ids, s, g = sets[i]
-        perm, uniq, starts, counts = seg[i]
-        Uu = uniq.numel()
-        bd, nw = cfg or (TR._bwd_block_d(D), 8)
+        skey, perm, bounds = seg[i]
+        Uu = bounds.numel() - 1
+        cfg = cfg or TR._bwd_config(D)
+        bd, nw, cm = cfg[:3]
+        hints = cfg[3] if len(cfg) > 3 else True
+        nd = triton_cdiv(D, bd)
+        uq = torch.empty(Uu, dtype=torch.int64, device=dev)
         rg = torch.empty((Uu, D), dtype=torch.float32, device=dev)
-        gw = torch.zeros((triton_cdiv(D, bd), T * K), dtype=torch.float32, device=dev)
-        TR._row_grad_kernel[(Uu, triton_cdiv(D, bd))](V, g, w0, perm, starts, counts, uniq, rg, gw,
-                                                      Uu, T * K, K, D, V.stride(0), g.stride(0),
-                                                      BLOCK_D=bd, num_warps=nw)
+        gw = torch.zeros((nd, T * K), dtype=torch.float32, device=dev)
+        TR._row_grad_kernel[(Uu, nd)](V, g, w0, perm, skey, bounds, uq, rg, gw,
+                                      T * K, K, D, V.stride(0), g.stride(0),
+                                      BLOCK_D=bd, CMAX=cm, HINTS=hints, num_warps=nw)
     st = {"i": 0}
 
     def rg_call(cfg=None):
@@ -221,8 +225,8 @@ def time_readout(dev, variants: bool):
 
     if variants:
         fv = {}
-        for cfg in [(16, 256, 1024, 4), (32, 128, 1024, 4), (8, 512, 1024, 8), (16, 256, 512, 4),
-                    (32, 256, 1024, 8), (4, 1024, 1024, 4), (16, 512, 1024, 8), (8, 256, 256, 2)]:
+        for cfg in [(4, 1024, 1024, 4), (1, 1024, 1024, 4), (2, 1024, 1024, 4), (8, 1024, 1024, 8),
+                    (4, 1024, 1024, 8), (4, 512, 1024, 4), (2, 1024, 1024, 2), (4, 512, 512, 4)]:
             try:
                 fv[str(cfg)] = bench(rotating(lambda V, ids, s, g: TR.softmax_readout_triton(V, ids, s, config=cfg), sets))
             except Exception as e:  # noqa: BLE001
@@ -230,12 +234,13 @@ def time_readout(dev, variants: bool):
             log("fwd variant (BLOCK_K, BLOCK_D, D_PER_PROG, warps)", cfg, fv[str(cfg)])
         RESULT["variants"]["fwd"] = fv
         bv = {}
-        for cfg in [(1024, 4), (1024, 8), (512, 4), (256, 2), (2048, 8)]:
+        for cfg in [(1024, 4, 4), (1024, 4, 4, False), (1024, 4, 2), (1024, 8, 4), (512, 4, 4), (1024, 4, 8),
+                    (1024, 2, 2), (512, 2, 2)]:
             try:
                 bv[str(cfg)] = bench(rg_call(cfg))
             except Exception as e:  # noqa: BLE001
                 bv[str(cfg)] = repr(e)[:200]
-            log("row-grad kernel variant (BLOCK_D, warps)", cfg, bv[str(cfg)])
+            log("row-grad kernel variant (BLOCK_D, warps, CMAX[, hints])", cfg, bv[str(cfg)])
         RESULT["variants"]["row_grad_kernel"] = bv
 
     # PyTorch eager reference and torch.compile of it
@@ -315,13 +320,13 @@ def time_pk(dev, variants: bool):
         log(f"pk {name}: torch {tm[f'torch_ref_{name}']:.3f} ms  triton {tm[f'triton_{name}']:.3f} ms")
         if variants and not SMOKE:
             pv = {}
-            for cfg in [(16, 1024, 64, 32, 4), (16, 1024, 64, 32, 8), (32, 1024, 64, 32, 8), (32, 1024, 32, 32, 16),
-                        (8, 1024, 64, 32, 4)]:
+            for cfg in [(16, 128, 64, 4), (16, 128, 64, 8), (16, 256, 64, 8), (32, 128, 64, 8), (16, 64, 64, 4),
+                        (32, 256, 64, 8), (16, 256, 64, 4)]:
                 try:
                     pv[str(cfg)] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k, config=cfg), sets))
                 except Exception as ex:  # noqa: BLE001
                     pv[str(cfg)] = repr(ex)[:200]
-                log("pk variant (BLOCK_B, BLOCK_N, BLOCK_DK, KP, warps)", name, cfg, pv[str(cfg)])
+                log("pk variant (BLOCK_B, CHUNK_N, BLOCK_DK, warps)", name, cfg, pv[str(cfg)])
             RESULT["variants"][f"pk_{name}"] = pv
     RESULT["timings_ms"]["pk_search"] = tm
     RESULT["pk_shape"] = dict(queries=B, n=n, d_half=d, k=k)

@@ -73,8 +73,9 @@ def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
 
 def _fwd_config(K: int, D: int, dtype: torch.dtype):
     """(BLOCK_K, BLOCK_D, D_PER_PROG, num_warps)."""
-    block_d = 256 if dtype in (torch.bfloat16, torch.float16) else 128
-    return 16, block_d, 1024, 4
+    # measured on an H100 (benchmarks/KERNEL_NOTES.md): a few whole rows per step
+    # beats wide [16, 256] tiles by 3x
+    return 4, 1024, 1024, 4
 
 
 def _check(values: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
@@ -124,40 +125,72 @@ def softmax_readout_triton(values: torch.Tensor, ids: torch.Tensor, scores: torc
 # ----------------------------------------------------------------------------
 
 @triton.jit
-def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, seg_start_ptr, seg_cnt_ptr, uniq_ptr,
-                     rg_ptr, gw_ptr, U, TK, K, D, stride_v, stride_g,
-                     BLOCK_D: tl.constexpr):
-    """One program per (unique row, d-slice): segmented sum of w * g over the
-    row's occurrences, and the partial dot g . v for each occurrence."""
+def _seg_flags_kernel(skey_ptr, flag_ptr, TK, SENT, BLOCK: tl.constexpr):
+    """flag[i], i in [0, TK]: i starts a segment of a real id, or i is the end
+    of the real ids (first padding slot, or TK). nonzero(flag) = U + 1 bounds."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    cur = tl.load(skey_ptr + offs, mask=offs < TK, other=SENT)
+    prev = tl.load(skey_ptr + offs - 1, mask=(offs >= 1) & (offs <= TK), other=SENT)
+    first = offs == 0
+    start_real = (cur != SENT) & (first | (cur != prev))
+    end_mark = (cur == SENT) & (first | (prev != SENT))
+    tl.store(flag_ptr + offs, (start_real | end_mark).to(tl.int8), mask=offs <= TK)
+
+
+@triton.jit
+def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, uniq_ptr,
+                     rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g,
+                     BLOCK_D: tl.constexpr, CMAX: tl.constexpr, HINTS: tl.constexpr = True):
+    """One program per (unique row u, d-slice): walks the row's segment of the
+    sorted (t, j) pairs CMAX occurrences at a time (their g rows loaded as one
+    tile, so the loads are in flight together):
+        row_grad[u] = sum w_tj * g_t        grad_w[t, j] (partial over the d-slice) = g_t . v_u
+    v_u is read once per unique row. No atomics: each output has one writer."""
     u = tl.program_id(0)
     pd = tl.program_id(1)
-    start = tl.load(seg_start_ptr + u)
-    cnt = tl.load(seg_cnt_ptr + u)
-    row = tl.load(uniq_ptr + u).to(tl.int64)
+    start = tl.load(bounds_ptr + u)
+    end = tl.load(bounds_ptr + u + 1)
+    row = tl.load(skey_ptr + start).to(tl.int64)
+    tl.store(uniq_ptr + u, row, mask=pd == 0)
     offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
+                eviction_policy="evict_first").to(tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     gw_base = gw_ptr + pd.to(tl.int64) * TK
-    for i in range(cnt):
-        p = tl.load(perm_ptr + start + i)
+    offs_c = tl.arange(0, CMAX)
+    for c0 in range(start, end, CMAX):
+        pos = c0 + offs_c
+        cm = pos < end
+        p = tl.load(perm_ptr + pos, mask=cm, other=0)
         t = p // K
-        w = tl.load(w_ptr + p)
-        g = tl.load(g_ptr + t * stride_g + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        acc += w * g
-        tl.store(gw_base + p, tl.sum(g * v, axis=0))
-    tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
+        w = tl.load(w_ptr + p, mask=cm, other=0.0)
+        # g is re-read ~k times across programs: keep it in L2, stream the rest
+        if HINTS:
+            g = tl.load(g_ptr + t[:, None] * stride_g + offs_d[None, :], mask=cm[:, None] & dmask[None, :],
+                        other=0.0, eviction_policy="evict_last").to(tl.float32)
+        else:
+            g = tl.load(g_ptr + t[:, None] * stride_g + offs_d[None, :], mask=cm[:, None] & dmask[None, :],
+                        other=0.0).to(tl.float32)
+        acc += tl.sum(g * w[:, None], axis=0)
+        tl.store(gw_base + p, tl.sum(g * v[None, :], axis=1), mask=cm)
+    if HINTS:
+        tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+    else:
+        tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
 
 
-def _bwd_block_d(D: int) -> int:
-    return min(_next_pow2(D), 2048)
+def _bwd_config(D: int):
+    """(BLOCK_D, num_warps, CMAX) of the row-gradient kernel."""
+    return min(_next_pow2(D), 1024), 4, 4
 
 
 def _segments(ids: torch.Tensor, n_rows: int):
-    """Sort the flat (t, j) pairs by row id. Returns (perm int64 [TK] sorted
-    by id, padding last; unique ids [U] int64; segment starts [U] int32;
-    segment counts [U] int32), padding excluded from the segments."""
+    """Sort the flat (t, j) pairs by row id (padding -> a sentinel that sorts
+    last). Returns (sorted keys, perm int64 [TK], bounds int64 [U + 1]):
+    unique row u owns sorted positions bounds[u] .. bounds[u+1]-1."""
     flat = ids.reshape(-1)
+    TK = flat.numel()
     if n_rows < 2 ** 31 - 1:
         sentinel = 2 ** 31 - 1
         key = torch.where(flat >= 0, flat, sentinel).to(torch.int32)
@@ -165,16 +198,16 @@ def _segments(ids: torch.Tensor, n_rows: int):
         sentinel = 2 ** 63 - 1
         key = torch.where(flat >= 0, flat, sentinel)
     skey, perm = torch.sort(key)
-    uniq, counts = torch.unique_consecutive(skey, return_counts=True)
-    starts = torch.cumsum(counts, 0) - counts
-    if uniq.numel() and int(skey[-1]) == sentinel:  # padding sorts last: drop its segment
-        uniq, counts, starts = uniq[:-1], counts[:-1], starts[:-1]
-    return perm, uniq.to(torch.int64), starts.to(torch.int32), counts.to(torch.int32)
+    flag = torch.empty(TK + 1, dtype=torch.int8, device=flat.device)
+    BLOCK = 1024
+    _seg_flags_kernel[(triton.cdiv(TK + 1, BLOCK),)](skey, flag, TK, sentinel, BLOCK=BLOCK)
+    bounds = torch.nonzero(flag).view(-1)  # the one host sync: U is data-dependent
+    return skey, perm, bounds
 
 
 def _readout_backward(values, ids, w, grad_out, config=None):
     """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
-    config: optional (BLOCK_D, num_warps) of the row-gradient kernel."""
+    config: optional (BLOCK_D, num_warps, CMAX) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
     dev = values.device
@@ -183,18 +216,20 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     if g.stride(-1) != 1:
         g = g.contiguous()
     w = w.contiguous().reshape(-1)
-    perm, uniq, starts, counts = _segments(ids, values.shape[0])
-    U = uniq.numel()
-    block_d, num_warps = config or (_bwd_block_d(D), None)
-    if num_warps is None:
-        num_warps = 4 if block_d <= 512 else 8
+    skey, perm, bounds = _segments(ids, values.shape[0])
+    U = bounds.numel() - 1
+    block_d, num_warps, cmax = config or _bwd_config(D)
+    block_d = min(block_d, _next_pow2(D))
     n_dblk = triton.cdiv(D, block_d) if D else 0
+    uniq = torch.empty(U, dtype=torch.int64, device=dev)
     row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
     gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
     if U and D:
-        _row_grad_kernel[(U, n_dblk)](values, g, w, perm, starts, counts, uniq, row_grads, gw_part,
-                                      U, TK, K, D, values.stride(0), g.stride(0),
-                                      BLOCK_D=block_d, num_warps=num_warps)
+        _row_grad_kernel[(U, n_dblk)](values, g, w, perm, skey, bounds, uniq, row_grads, gw_part,
+                                      TK, K, D, values.stride(0), g.stride(0),
+                                      BLOCK_D=block_d, CMAX=cmax, num_warps=num_warps)
+    elif U:
+        uniq.copy_(skey[bounds[:-1]])
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
     return grad_w.reshape(T, K), uniq, row_grads
 
