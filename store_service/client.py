@@ -15,7 +15,6 @@ same across retries, so a retried mutation is applied once.
 from __future__ import annotations
 
 import random
-import threading
 import time
 import uuid
 from typing import Sequence
@@ -65,7 +64,11 @@ class RemoteShard:
     """A shard served by `store_service.server` at `address` ("host:port")."""
 
     def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-                 shard_id: int = -1, backoff_s: float = 0.05):
+                 shard_id: int = -1, backoff_s: float = 0.05,
+                 interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = ()):
+        """timeout_s: deadline of one call, retries included. retries: how many
+        times an UNAVAILABLE call is retried. interceptors: client interceptors
+        (tracing, byte counting) wrapped around the channel."""
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
@@ -73,10 +76,10 @@ class RemoteShard:
         self._shard_id = shard_id  # learned from describe() when not given
         self._admin_md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        self._store = pb_grpc.KnowledgeStoreStub(self._channel)
-        self._admin = pb_grpc.StoreAdminStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._lock = threading.Lock()
+        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
+        self._store = pb_grpc.KnowledgeStoreStub(channel)
+        self._admin = pb_grpc.StoreAdminStub(channel)
+        self._health = health_pb2_grpc.HealthStub(channel)
 
     @property
     def shard_id(self) -> int:
@@ -214,9 +217,11 @@ def _new_id() -> str:
 
 
 def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-            **table_kwargs):
-    """A `Table` over the shard servers at `addresses` (one per shard, any order)."""
+            interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), **table_kwargs):
+    """A `Table` over the shard servers at `addresses` (one per shard, any order).
+    table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
-    shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries) for a in addresses]
+    shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
+                          interceptors=interceptors) for a in addresses]
     return Table(shards, **table_kwargs)
