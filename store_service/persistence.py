@@ -233,6 +233,34 @@ def repartition(store_root: str, version: int, num_shards: int) -> int:
     return new_version
 
 
+def compose_version(store_root: str, base_version: int, overrides: dict[int, int]) -> int:
+    """Publish a new version whose shards come from `base_version`, except shard
+    s, which comes from version overrides[s] (e.g. to roll one shard back).
+    The layouts must agree: same shard ids, row ranges, dims and segments.
+    Returns the new version."""
+    base = read_root_attrs(store_root, base_version)
+    ids = [s["shard_id"] for s in base["shards"]]
+    for sid, v in overrides.items():
+        if sid not in ids:
+            raise errors.InvalidArgument("overrides", f"shard {sid} is not in version {base_version}")
+        other = read_root_attrs(store_root, v)
+        mine = next(s for s in base["shards"] if s["shard_id"] == sid)
+        theirs = next((s for s in other["shards"] if s["shard_id"] == sid), None)
+        same = theirs == mine and all(other[k] == base[k] for k in ("d_k", "d_v", "value_dtype", "segments"))
+        if not same:
+            raise errors.InvalidArgument("overrides", f"shard {sid} of version {v} does not have the layout "
+                                                      f"of version {base_version}")
+    new_version = max(list_versions(store_root)) + 1
+    with staged_version(store_root, new_version) as stage:
+        for sid in ids:
+            src = version_path(store_root, overrides.get(sid, base_version))
+            shutil.copytree(os.path.join(src, shard_group_name(sid)), os.path.join(stage, shard_group_name(sid)))
+            zarr.open_group(os.path.join(stage, shard_group_name(sid)), mode="a").attrs.update(
+                {"version": new_version})
+        finish_version(stage, new_version)
+    return new_version
+
+
 def _owned_subrows(seg, row_start: int, row_end: int) -> tuple[int, int]:
     """First-codebook rows [i0, i1) of product segment `seg` inside [row_start, row_end)."""
     lo = max(row_start, seg.row_start) - seg.row_start
@@ -249,6 +277,6 @@ def load_config(store_root: str, version: int) -> TableConfig:
 __all__ = [
     "ShardData", "list_versions", "latest_version", "version_path", "staged_version",
     "write_shard", "read_shard", "write_root_attrs", "read_root_attrs", "finish_version",
-    "repartition", "clean_staging", "load_config", "to_numpy", "from_numpy",
+    "repartition", "compose_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
     "segments_to_json", "segments_from_json", "SEGMENT_PRODUCT",
 ]

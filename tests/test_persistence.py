@@ -125,3 +125,25 @@ def test_repartition_preserves_every_row_bitwise(tmp_path, num_shards):
     q = torch.randn(6, 8)
     assert torch.equal(t.search(q, 5).ids, u.search(q, 5).ids)
     assert torch.equal(t.fetch(torch.arange(76)), u.fetch(torch.arange(76)))
+
+
+def test_compose_version_takes_one_shard_from_another_version(tmp_path):
+    t = Table.create(_cfg(), str(tmp_path))
+    v1 = t.snapshot()
+    before = _state(t)
+    _train(t)
+    v2 = t.snapshot()
+    after = _state(t)
+    v3 = persistence.compose_version(str(tmp_path), v2, {1: v1})
+    u = Table.open(str(tmp_path), v3)
+    got = _state(u)
+    for sid, want in ((0, after[0]), (1, before[1]), (2, after[2])):
+        for k in want:
+            if k != "step":
+                assert torch.equal(got[sid][k], want[k]), (sid, k)
+    assert u.info().version == v3 and persistence.read_root_attrs(str(tmp_path), v3)["step"] == 0
+    t.add_rows(torch.ones(1, 16), torch.ones(1, 8))
+    v4 = t.snapshot()
+    with pytest.raises(errors.InvalidArgument):
+        persistence.compose_version(str(tmp_path), v1, {2: v4})  # shard 2 grew: another layout
+
