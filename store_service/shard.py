@@ -223,10 +223,13 @@ class Shard:
         the shard does not hold is a no-op."""
         with self._vcond:
             self._pending.pop(version, None)
+            # Unreachable from now on (new requests for it get StaleVersion), so
+            # steady traffic from stale clients cannot hold the drain open.
             going = [s for s in self._retiring if s.version == version]
-            if not self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s):
-                raise errors.FailedPrecondition(f"version {version} still has requests in flight")
             self._retiring = [s for s in self._retiring if s.version != version]
+            if not self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s):
+                raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
+                                                f"{timeout_s}s; dropped anyway")
 
     # -- describe ------------------------------------------------------------
 
@@ -333,6 +336,9 @@ class Shard:
                 del st.arrivals[step]
                 st.cond.notify_all()
             elif not st.cond.wait_for(lambda: st.step > step, timeout_s):
+                arrived.discard(worker)  # as if it never came: a retry arrives afresh
+                if not arrived:
+                    del st.arrivals[step]
                 raise BarrierTimeout(f"end_step {step}: {len(arrived)} of {n} workers arrived "
                                      f"within {timeout_s}s (shard {self.shard_id})")
             return step + 1
@@ -615,7 +621,9 @@ def _init_state(cfg: TableConfig, shard_id: int, lo: int, hi: int) -> _State:
 
 
 def _state_to_data(st: _State, version: int) -> persistence.ShardData:
-    np_ = persistence.to_numpy
+    """Copies of the state (the caller may write them while the state moves on)."""
+    def np_(t):
+        return persistence.to_numpy(t).copy()
     arrays = {
         "values": np_(st.values), "frozen": np_(st.frozen), "ablated": np_(st.ablated),
         "hits": np_(st.hits), "weight_sum": np_(st.weight_sum), "opt_steps": np_(st.opt.steps),
