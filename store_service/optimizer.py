@@ -47,22 +47,22 @@ def sparse_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Ten
     if rows.numel() == 0:
         return
     g = grads.float()
-    p = param[rows].float()
-    state.steps[rows] += 1
+    p = param.index_select(0, rows).float()
+    state.steps.index_add_(0, rows, torch.ones_like(rows))
     if kind == "sgd":
         p.add_(g, alpha=-lr)  # the op torch.optim.SGD uses, so results match it bitwise
     elif kind == "adam":
         b1, b2 = betas
-        m, v = state.m[rows], state.v[rows]
+        m, v = state.m.index_select(0, rows), state.v.index_select(0, rows)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        t = state.steps[rows].double()
-        bc1 = 1 - b1 ** t
-        bc2_sqrt = (1 - b2 ** t).sqrt()
-        step_size = (lr / bc1).float().unsqueeze(1)
-        denom = (v.sqrt() / bc2_sqrt.float().unsqueeze(1)).add_(eps)
-        p.add_(-step_size * m / denom)
-        state.m[rows], state.v[rows] = m, v
+        t = state.steps.index_select(0, rows).double()
+        step_size = (lr / (1 - b1 ** t)).float().unsqueeze(1)       # [U, 1]
+        bc2_sqrt = (1 - b2 ** t).sqrt().float().unsqueeze(1)        # [U, 1]
+        denom = v.sqrt().div_(bc2_sqrt).add_(eps)
+        p.sub_((m * step_size).div_(denom))
+        state.m.index_copy_(0, rows, m)
+        state.v.index_copy_(0, rows, v)
     else:
         raise ValueError(f"unknown optimizer kind {kind!r}")
-    param[rows] = p.to(param.dtype)
+    param.index_copy_(0, rows, p.to(param.dtype))

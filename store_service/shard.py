@@ -504,6 +504,11 @@ def _apply_step(st: _State) -> None:
 
 
 def _merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, grads) pairs -> (unique sorted ids, summed grads)."""
+    if len(pairs) == 1 and pairs[0][0].numel() <= 1:
+        return pairs[0][0], pairs[0][1].float().reshape(-1, dim)
+    if len(pairs) == 1 and bool((pairs[0][0][1:] > pairs[0][0][:-1]).all()):
+        return pairs[0][0], pairs[0][1].float().reshape(-1, dim)  # already unique and sorted
     ids = torch.cat([p[0] for p in pairs])
     grads = torch.cat([p[1].float() for p in pairs]).reshape(-1, dim)
     uniq, inverse = torch.unique(ids, return_inverse=True)
