@@ -73,9 +73,9 @@ def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
 
 def _fwd_config(K: int, D: int, dtype: torch.dtype):
     """(BLOCK_K, BLOCK_D, D_PER_PROG, num_warps)."""
-    # measured on an H100 (benchmarks/KERNEL_NOTES.md): a few whole rows per step
-    # beats wide [16, 256] tiles by 3x
-    return 4, 1024, 1024, 4
+    # measured on an H100 (benchmarks/KERNEL_NOTES.md): one whole row per step
+    # (0.40 ms) beats 4 rows (0.42) and wide [16, 256] tiles (1.26) at d_v = 1024
+    return 1, 1024, 1024, 4
 
 
 def _check(values: torch.Tensor, ids: torch.Tensor, w: torch.Tensor):
@@ -138,51 +138,67 @@ def _seg_flags_kernel(skey_ptr, flag_ptr, TK, SENT, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, uniq_ptr,
+def _first_map_kernel(perm_ptr, bounds_ptr, first_ptr, U, BLOCK: tl.constexpr):
+    """first[p] = u where pair p is the first (lowest) occurrence of unique row u."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < U
+    start = tl.load(bounds_ptr + offs, mask=m, other=0)
+    p = tl.load(perm_ptr + start, mask=m, other=0)
+    tl.store(first_ptr + p, offs, mask=m)
+
+
+@triton.jit
+def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, first_ptr, uniq_ptr,
                      rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g,
-                     BLOCK_D: tl.constexpr, CMAX: tl.constexpr, HINTS: tl.constexpr = True):
-    """One program per (unique row u, d-slice): walks the row's segment of the
-    sorted (t, j) pairs CMAX occurrences at a time (their g rows loaded as one
-    tile, so the loads are in flight together):
+                     BLOCK_D: tl.constexpr, ORDERED: tl.constexpr, HINTS: tl.constexpr):
+    """One program per (unique row u, d-slice) walks the row's segment of the
+    sorted (t, j) pairs:
         row_grad[u] = sum w_tj * g_t        grad_w[t, j] (partial over the d-slice) = g_t . v_u
-    v_u is read once per unique row. No atomics: each output has one writer."""
-    u = tl.program_id(0)
+    v_u is read once per unique row; no atomics: each output has one writer.
+    ORDERED: program i handles the row whose first occurrence is pair i (and
+    exits if pair i is no first occurrence), so programs running together read
+    the same few g rows: g is gathered ~k times per token and does not fit in
+    L2 otherwise (measured: the g gathers then cost as much as HBM traffic)."""
+    i = tl.program_id(0)
     pd = tl.program_id(1)
-    start = tl.load(bounds_ptr + u)
-    end = tl.load(bounds_ptr + u + 1)
-    row = tl.load(skey_ptr + start).to(tl.int64)
-    tl.store(uniq_ptr + u, row, mask=pd == 0)
-    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
-                eviction_policy="evict_first").to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    gw_base = gw_ptr + pd.to(tl.int64) * TK
-    offs_c = tl.arange(0, CMAX)
-    for c0 in range(start, end, CMAX):
-        pos = c0 + offs_c
-        cm = pos < end
-        p = tl.load(perm_ptr + pos, mask=cm, other=0)
-        t = p // K
-        w = tl.load(w_ptr + p, mask=cm, other=0.0)
-        # g is re-read ~k times across programs: keep it in L2, stream the rest
-        if HINTS:
-            g = tl.load(g_ptr + t[:, None] * stride_g + offs_d[None, :], mask=cm[:, None] & dmask[None, :],
-                        other=0.0, eviction_policy="evict_last").to(tl.float32)
-        else:
-            g = tl.load(g_ptr + t[:, None] * stride_g + offs_d[None, :], mask=cm[:, None] & dmask[None, :],
-                        other=0.0).to(tl.float32)
-        acc += tl.sum(g * w[:, None], axis=0)
-        tl.store(gw_base + p, tl.sum(g * v[None, :], axis=1), mask=cm)
-    if HINTS:
-        tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+    if ORDERED:
+        u = tl.load(first_ptr + i)
     else:
-        tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
+        u = i
+    if u >= 0:
+        start = tl.load(bounds_ptr + u)
+        end = tl.load(bounds_ptr + u + 1)
+        row = tl.load(skey_ptr + start).to(tl.int64)
+        tl.store(uniq_ptr + u, row, mask=pd == 0)
+        offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        if HINTS:
+            v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+        else:
+            v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        gw_base = gw_ptr + pd.to(tl.int64) * TK
+        for q in range(start, end):
+            p = tl.load(perm_ptr + q)
+            t = p // K
+            w = tl.load(w_ptr + p)
+            if HINTS:
+                g = tl.load(g_ptr + t * stride_g + offs_d, mask=dmask, other=0.0,
+                            eviction_policy="evict_last").to(tl.float32)
+            else:
+                g = tl.load(g_ptr + t * stride_g + offs_d, mask=dmask, other=0.0).to(tl.float32)
+            acc += w * g
+            tl.store(gw_base + p, tl.sum(g * v, axis=0))
+        if HINTS:
+            tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+        else:
+            tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
 
 
 def _bwd_config(D: int):
-    """(BLOCK_D, num_warps, CMAX) of the row-gradient kernel."""
-    return min(_next_pow2(D), 1024), 4, 4
+    """(BLOCK_D, num_warps, ORDERED, HINTS) of the row-gradient kernel."""
+    return min(_next_pow2(D), 1024), 4, True, True
 
 
 def _segments(ids: torch.Tensor, n_rows: int):
@@ -197,7 +213,7 @@ def _segments(ids: torch.Tensor, n_rows: int):
     else:
         sentinel = 2 ** 63 - 1
         key = torch.where(flat >= 0, flat, sentinel)
-    skey, perm = torch.sort(key)
+    skey, perm = torch.sort(key, stable=True)
     flag = torch.empty(TK + 1, dtype=torch.int8, device=flat.device)
     BLOCK = 1024
     _seg_flags_kernel[(triton.cdiv(TK + 1, BLOCK),)](skey, flag, TK, sentinel, BLOCK=BLOCK)
@@ -207,7 +223,7 @@ def _segments(ids: torch.Tensor, n_rows: int):
 
 def _readout_backward(values, ids, w, grad_out, config=None):
     """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
-    config: optional (BLOCK_D, num_warps, CMAX) of the row-gradient kernel."""
+    config: optional (BLOCK_D, num_warps, ORDERED, HINTS) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
     dev = values.device
@@ -218,16 +234,24 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     w = w.contiguous().reshape(-1)
     skey, perm, bounds = _segments(ids, values.shape[0])
     U = bounds.numel() - 1
-    block_d, num_warps, cmax = config or _bwd_config(D)
+    block_d, num_warps, ordered, hints = config or _bwd_config(D)
     block_d = min(block_d, _next_pow2(D))
     n_dblk = triton.cdiv(D, block_d) if D else 0
     uniq = torch.empty(U, dtype=torch.int64, device=dev)
     row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
     gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
     if U and D:
-        _row_grad_kernel[(U, n_dblk)](values, g, w, perm, skey, bounds, uniq, row_grads, gw_part,
-                                      TK, K, D, values.stride(0), g.stride(0),
-                                      BLOCK_D=block_d, CMAX=cmax, num_warps=num_warps)
+        if ordered:
+            first = torch.full((TK,), -1, dtype=torch.int32, device=dev)
+            _first_map_kernel[(triton.cdiv(U, 1024),)](perm, bounds, first, U, BLOCK=1024)
+            grid0 = TK
+        else:
+            first = bounds  # unused
+            grid0 = U
+        _row_grad_kernel[(grid0, n_dblk)](values, g, w, perm, skey, bounds, first, uniq, row_grads, gw_part,
+                                          TK, K, D, values.stride(0), g.stride(0),
+                                          BLOCK_D=block_d, ORDERED=ordered, HINTS=hints,
+                                          num_warps=num_warps)
     elif U:
         uniq.copy_(skey[bounds[:-1]])
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
