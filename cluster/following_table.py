@@ -98,14 +98,15 @@ class FollowingTable(Table):
             self.shards = self._handles(m)
             self._reset_pool()
             self._bound = m
-            self.refresh()
             for s in old_shards:
                 s.close()
             log.info("following shard map generation %d revision %d (%d shards)%s", m.map_version,
                      m.revision, m.num_shards, ", a shard restarted" if restarted else "")
-        if restarted and self.on_restart == "raise":
-            raise ShardRestarted(f"a shard restarted (map revision {m.revision}); "
-                                 "rows it held since the last published version are lost")
+            if restarted and self.on_restart == "raise":
+                # The caller restores a checkpoint (load_version) before reading again.
+                raise ShardRestarted(f"a shard restarted (map revision {m.revision}); "
+                                     "rows it held since the last published version are lost")
+            self.refresh()
 
     def _reset_pool(self) -> None:
         from concurrent.futures import ThreadPoolExecutor

@@ -94,18 +94,16 @@ class Registry:
         with self._changed:
             return self._map.to_dict()
 
+    @ray.method(max_task_retries=0)  # a long poll: the caller polls again, no retry after a kill
     def wait_for(self, min_map_version: int = 0, complete: bool = True, timeout_s: float = 60.0,
-                 not_address: str = "", min_revision: int = 0) -> dict:
+                 min_revision: int = 0) -> dict:
         """Block until the map reaches `min_map_version` / `min_revision` and
-        (optionally) every shard has registered, or, with `not_address`, until
-        no entry points at that (dead) address any more."""
+        (optionally) every shard has registered; returns the map either way."""
         def ready() -> bool:
             m = self._map
             if m.map_version < min_map_version or m.revision < min_revision:
                 return False
-            if complete and not m.complete():
-                return False
-            return not not_address or all(e.address != not_address for e in m.entries.values())
+            return not complete or m.complete()
 
         with self._changed:
             self._changed.wait_for(ready, timeout=timeout_s)

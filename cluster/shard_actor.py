@@ -40,7 +40,7 @@ class ShardActor:
 
         torch.set_num_threads(torch_threads)
         self.shard_id = shard_id
-        version = latest_version_with_layout(store_root, num_shards, base_version)
+        version = self._version_to_load(store_root, num_shards, base_version, map_version)
         self.shard = Shard.load(store_root, version, shard_id)
         self.server = serve_shard(self.shard, port=0, admin_token=admin_token, host=bind_host,
                                   metrics_port=0 if metrics else None)
@@ -52,6 +52,19 @@ class ShardActor:
         log.info("shard %d %s version %d at %s", shard_id, "restarted with" if restarted else "serving",
                  version, self.server.address)
         ray.get(get_registry().register.remote(self.entry, map_version))
+
+    @staticmethod
+    def _version_to_load(store_root: str, num_shards: int, base_version: int, map_version: int) -> int:
+        """The version the rest of the table serves (a restart must not mix
+        versions), else the newest published one of this layout."""
+        from store_service import persistence
+
+        m = ray.get(get_registry().get_map.remote())
+        v = m["table_version"]
+        if m["map_version"] == map_version and v >= base_version and v in persistence.list_versions(store_root) \
+                and len(persistence.read_root_attrs(store_root, v)["shards"]) == num_shards:
+            return v
+        return latest_version_with_layout(store_root, num_shards, base_version)
 
     def entry_(self) -> dict:
         return dict(self.entry, metrics_port=self.server.metrics_port)
