@@ -11,9 +11,14 @@ import torch
 PAD_ID = -1
 
 
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype: fp32 for fp32/bf16/fp16 (and ints), fp64 kept (for gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _gather(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     valid = ids >= 0
-    rows = values[ids.clamp_min(0)].float()  # [T, k, d_v]
+    rows = _acc(values[ids.clamp_min(0)])  # [T, k, d_v]
     return rows * valid.unsqueeze(-1), valid
 
 
@@ -21,7 +26,7 @@ def readout_weighted_reference(values: torch.Tensor, ids: torch.Tensor,
                                weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_j weights[t, j] * values[ids[t, j]]  -> [T, d_v] fp32."""
     rows, _ = _gather(values, ids)
-    return torch.einsum("tk,tkd->td", weights.float(), rows)
+    return torch.einsum("tk,tkd->td", _acc(weights).to(rows.dtype), rows)
 
 
 def compact_row_grads(ids: torch.Tensor, contrib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,8 +37,9 @@ def compact_row_grads(ids: torch.Tensor, contrib: torch.Tensor) -> tuple[torch.T
     keep = flat_ids >= 0
     flat_ids, flat = flat_ids[keep], flat[keep]
     uniq, inverse = torch.unique(flat_ids, return_inverse=True)
-    grads = torch.zeros(uniq.numel(), flat.shape[1], dtype=torch.float32, device=flat.device)
-    grads.index_add_(0, inverse, flat.float())
+    flat = _acc(flat)
+    grads = torch.zeros(uniq.numel(), flat.shape[1], dtype=flat.dtype, device=flat.device)
+    grads.index_add_(0, inverse, flat)
     return uniq, grads
 
 
@@ -43,16 +49,16 @@ def readout_weighted_backward_reference(values: torch.Tensor, ids: torch.Tensor,
     """-> (grad_weights [T, k] fp32, unique ids [U], row grads [U, d_v] fp32).
     dL/dw_j = g . v_{ids_j};  dL/dv_i = sum over (t, j) with ids[t, j] == i of w_tj g_t."""
     rows, _ = _gather(values, ids)
-    g = grad_out.float()
+    g = _acc(grad_out).to(rows.dtype)
     grad_w = torch.einsum("td,tkd->tk", g, rows)
-    contrib = weights.float().unsqueeze(-1) * g.unsqueeze(1)  # [T, k, d_v]
+    contrib = _acc(weights).to(rows.dtype).unsqueeze(-1) * g.unsqueeze(1)  # [T, k, d_v]
     uniq, row_grads = compact_row_grads(ids, contrib)
     return grad_w, uniq, row_grads
 
 
 def masked_softmax(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Softmax over k with padding slots excluded (a row of all padding gives zeros)."""
-    s = scores.float().masked_fill(ids < 0, float("-inf"))
+    s = _acc(scores).masked_fill(ids < 0, float("-inf"))
     w = torch.softmax(s, dim=-1)
     return torch.nan_to_num(w, nan=0.0)
 

@@ -1,0 +1,205 @@
+"""Readout and product-key kernels: Triton (under TRITON_INTERPRET=1, on the CPU)
+against the PyTorch reference, and the reference against autograd/gradcheck.
+
+Shapes are kept small: the interpreter runs every program in numpy.
+"""
+import importlib
+import os
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel modules
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import store_service.kernels as K  # noqa: E402
+from store_service.kernels import reference as R  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+for _m in ("store_service.kernels.triton_readout", "store_service.kernels.triton_pk_search"):
+    if _m in sys.modules:  # imported before the interpreter was switched on: rebuild under it
+        importlib.reload(sys.modules[_m])
+from store_service.kernels import triton_pk_search as TP  # noqa: E402
+from store_service.kernels import triton_readout as TR  # noqa: E402
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def _inputs(T, k, d, N, dtype, seed, pad_frac=0.15, repeats=True):
+    g = torch.Generator().manual_seed(seed)
+    V = torch.randn(N, d, generator=g).to(dtype)
+    ids = torch.randint(0, N, (T, k), generator=g)
+    ids[torch.rand(T, k, generator=g) < pad_frac] = -1
+    if repeats and T > 2:
+        ids[1] = ids[2]                      # the same rows in two tokens
+        ids[2, 0] = ids[2, -1]               # the same row twice in one token
+    if T > 3:
+        ids[3] = -1                          # an all-padding token
+    s = torch.randn(T, k, generator=g) * 2
+    go = torch.randn(T, d, generator=g)
+    return V, ids, s, go
+
+
+# (T, k, d_v, N): odd sizes, k = 1, few rows (many repeats), d_v not a power of two
+SHAPES = [(7, 5, 33, 20), (16, 1, 64, 8), (5, 32, 16, 40), (33, 3, 24, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax_readout_triton_matches_reference(shape, dtype):
+    T, k, d, N = shape
+    V, ids, s, go = _inputs(T, k, d, N, dtype, seed=hash((shape, str(dtype))) % 1000)
+    Vd = V.double()
+    out = TR.softmax_readout_triton(V, ids, s)
+    assert out.dtype == torch.float32 and out.shape == (T, d)
+    assert _rel(out, R.softmax_readout_reference(Vd, ids, s.double())) < 1e-5
+    if T > 3:
+        assert torch.all(out[3] == 0)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go)
+    rgs, ru, rrg = R.softmax_readout_backward_reference(Vd, ids, s.double(), go.double())
+    assert u.dtype == torch.int64 and torch.equal(u, ru)
+    assert rg.dtype == torch.float32 and rg.shape == (u.numel(), d)
+    assert _rel(rg, rrg) < 1e-5
+    assert _rel(gs, rgs) < 1e-5
+    assert torch.all(gs[ids < 0] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weighted_readout_triton_matches_reference(dtype):
+    T, k, d, N = 9, 6, 40, 12
+    V, ids, s, go = _inputs(T, k, d, N, dtype, seed=7)
+    w = torch.rand(T, k)  # any weights, not only softmax ones
+    Vd = V.double()
+    out = TR.readout_weighted_triton(V, ids, w)
+    assert _rel(out, R.readout_weighted_reference(Vd, ids, w.double())) < 1e-5
+    gw, u, rg = TR.readout_weighted_backward_triton(V, ids, w, go)
+    rgw, ru, rrg = R.readout_weighted_backward_reference(Vd, ids, w.double(), go.double())
+    assert torch.equal(u, ru)
+    assert _rel(gw, rgw) < 1e-5 and _rel(rg, rrg) < 1e-5
+    assert torch.all(gw[ids < 0] == 0)
+
+
+def test_backward_compact_layout_and_edge_cases():
+    # all padding: no rows, zero score grads
+    V = torch.randn(10, 8)
+    ids = torch.full((3, 4), -1)
+    s, go = torch.randn(3, 4), torch.randn(3, 8)
+    out = TR.softmax_readout_triton(V, ids, s)
+    assert torch.all(out == 0)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go)
+    assert u.numel() == 0 and rg.shape == (0, 8) and torch.all(gs == 0)
+    # one row used in every slot of every token: one segment summing all occurrences
+    ids = torch.zeros((4, 3), dtype=torch.int64)
+    s4, go4 = torch.randn(4, 3), torch.randn(4, 8)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s4, go4)
+    assert u.tolist() == [0]
+    torch.testing.assert_close(rg[0], go4.sum(0), rtol=1e-5, atol=1e-5)  # softmax weights sum to 1
+    torch.testing.assert_close(gs, torch.zeros(4, 3), rtol=0, atol=1e-6)  # equal rows: flat scores
+
+
+def test_row_grad_config_variants_agree():
+    V, ids, s, go = _inputs(6, 4, 20, 9, torch.float32, seed=3)
+    ref = R.softmax_readout_backward_reference(V.double(), ids, s.double(), go.double())
+    for cfg in [(32, 1, False, False), (8, 1, True, True)]:  # d split in blocks, (un)ordered programs
+        gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg)
+        assert torch.equal(u, ref[1]) and _rel(rg, ref[2]) < 1e-5 and _rel(gs, ref[0]) < 1e-5
+    out = TR.softmax_readout_triton(V, ids, s, config=(4, 8, 16, 1))  # k tiles, d split over programs
+    assert _rel(out, R.softmax_readout_reference(V.double(), ids, s.double())) < 1e-5
+
+
+# ---------------------------------------------------------------------------- reference
+
+
+def test_reference_gradcheck():
+    torch.manual_seed(0)
+    V = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2, 2], [5, -1, 0], [-1, -1, -1], [1, 3, 4]])
+    s = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, sc: R.softmax_readout_reference(v, ids, sc), (V, s))
+    w = torch.rand(4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, ww: R.readout_weighted_reference(v, ids, ww), (V, w))
+
+
+def test_reference_backward_matches_autograd():
+    torch.manual_seed(1)
+    V = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[0, 2, 2, -1], [6, 0, 1, 1], [-1, -1, -1, -1]])
+    s = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    go = torch.randn(3, 4, dtype=torch.float64)
+    R.softmax_readout_reference(V, ids, s).backward(go)
+    gs, u, rg = R.softmax_readout_backward_reference(V.detach(), ids, s.detach(), go)
+    dense = torch.zeros_like(V).index_add_(0, u, rg.double())
+    torch.testing.assert_close(dense, V.grad)
+    torch.testing.assert_close(gs.double(), s.grad)
+    assert u.tolist() == [0, 1, 2, 6]
+
+
+# ---------------------------------------------------------------------------- autograd wrapper
+
+
+@pytest.mark.parametrize("use_triton", [False, True])
+def test_softmax_readout_autograd(monkeypatch, use_triton):
+    if use_triton:  # route the dispatcher to the Triton kernels (interpreted) on CPU tensors
+        monkeypatch.setattr(K, "_use_triton", lambda t: True)
+    torch.manual_seed(2)
+    ids = torch.tensor([[0, 3, 3], [2, -1, 0], [4, 1, 0]])
+    V = torch.randn(5, 6, requires_grad=True)
+    s = torch.randn(3, 3, requires_grad=True)
+    go = torch.randn(3, 6)
+    K.softmax_readout(V, ids, s).backward(go)
+    V2, s2 = V.detach().clone().requires_grad_(True), s.detach().clone().requires_grad_(True)
+    R.softmax_readout_reference(V2, ids, s2).backward(go)
+    torch.testing.assert_close(V.grad, V2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad, s2.grad, rtol=1e-5, atol=1e-6)
+    # sparse gradient for values
+    V3 = V.detach().clone().requires_grad_(True)
+    K.SoftmaxReadout.apply(V3, ids, s.detach(), True).backward(go)
+    assert V3.grad.is_sparse
+    torch.testing.assert_close(V3.grad.to_dense(), V2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_cpu_uses_reference():
+    V, ids, s, go = _inputs(4, 3, 8, 6, torch.float32, seed=5)
+    torch.testing.assert_close(K.softmax_readout_forward(V, ids, s), R.softmax_readout_reference(V, ids, s))
+    a = K.softmax_readout_backward(V, ids, s, go)
+    b = R.softmax_readout_backward_reference(V, ids, s, go)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+# ---------------------------------------------------------------------------- product keys
+
+
+@pytest.mark.parametrize("B,n,d,k,bias", [(20, 32, 16, 8, False), (5, 10, 8, 5, True),
+                                          (17, 16, 24, 1, True), (16, 4, 16, 16, False)])
+def test_pk_search_triton_matches_reference(B, n, d, k, bias):
+    g = torch.Generator().manual_seed(B * n + k)
+    qa, qb = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
+    ca, cb = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ba = torch.randn(n, generator=g) if bias else None
+    bb = torch.randn(n, generator=g) if bias else None
+    s, i = TP.product_key_search_triton(qa, qb, ca, cb, k, ba, bb)
+    rs, ri = R.product_key_search_reference(qa, qb, ca, cb, k, ba, bb)
+    assert s.shape == (B, k) and i.dtype == torch.int64
+    torch.testing.assert_close(s, rs, rtol=0, atol=1e-5)
+    assert torch.equal(i, ri)  # continuous random scores: no ties
+
+
+def test_pk_search_ties_and_bf16():
+    # integer-valued scores tie a lot: same scores as the reference, ids consistent with them
+    g = torch.Generator().manual_seed(11)
+    B, n, d, k = 16, 16, 16, 8
+    qa = torch.randint(-2, 3, (B, d), generator=g).float()
+    qb = torch.randint(-2, 3, (B, d), generator=g).float()
+    ca = torch.randint(-1, 2, (n, d), generator=g).to(torch.bfloat16)
+    cb = torch.randint(-1, 2, (n, d), generator=g).to(torch.bfloat16)
+    s, i = TP.product_key_search_triton(qa, qb, ca, cb, k)
+    rs, _ = R.product_key_search_reference(qa, qb, ca, cb, k)
+    torch.testing.assert_close(s, rs)
+    full = (qa @ ca.float().T)[:, :, None] + (qb @ cb.float().T)[:, None, :]
+    torch.testing.assert_close(full.reshape(B, -1).gather(1, i), s)
+    assert all(len(set(r)) == k for r in i.tolist())  # distinct ids per query
