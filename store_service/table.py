@@ -257,8 +257,17 @@ class Table:
         _int("num_workers", num_workers, 1)
         _int("worker", worker, 0, num_workers)
         rid = request_id or uuid.uuid4().hex
-        steps = self._each(lambda i, s: s.end_step(step, worker=worker, num_workers=num_workers,
-                                                 request_id=rid, timeout_s=timeout_s))
+
+        def call(i, s):
+            return s.end_step(step, worker=worker, num_workers=num_workers, request_id=rid, timeout_s=timeout_s)
+        if self._pool is None or len(self.shards) < 2:
+            steps = [call(i, s) for i, s in enumerate(self.shards)]
+        else:
+            # Barrier calls block until every worker arrives: give them their own
+            # threads, so workers sharing this table cannot starve the shared pool.
+            with ThreadPoolExecutor(len(self.shards), "table-barrier") as pool:
+                futures = [pool.submit(call, i, s) for i, s in enumerate(self.shards)]
+                steps = [f.result() for f in futures]
         with self._map_lock:
             m = self._map
             infos = tuple(dataclasses.replace(info, step=max(info.step, st)) for info, st in zip(m.infos, steps))

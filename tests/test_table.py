@@ -292,3 +292,32 @@ def test_cuda_table_matches_cpu_table(tmp_path):
     back = Table.open(str(tmp_path), v, device="cuda")
     assert torch.equal(back.fetch(torch.arange(78)), gpu.fetch(torch.arange(78)))
     assert torch.equal(back.search(q.cuda(), 6).ids, gpu.search(q.cuda(), 6).ids)
+
+
+def test_search_pads_when_the_store_holds_fewer_searchable_rows_than_k():
+    """Product codebooks kept by the model: the store searches its few flat rows only."""
+    t = Table.create(_cfg(segments=[("product", 6), ("flat", 4)], store_codebooks=False, num_shards=2))
+    res = t.search(torch.randn(3, 8), 6)
+    assert bool((res.ids[:, :4] >= 36).all()) and bool((res.ids[:, 4:] == -1).all())
+    assert bool(torch.isneginf(res.scores[:, 4:]).all())
+
+
+def test_parallel_table_shared_by_two_worker_threads_steps_once():
+    shards = Table.create(_cfg(optimizer=OptimizerConfig("sgd", lr=1.0))).shards
+    t = Table(shards, parallel=True)
+    out, errs = {}, []
+
+    def worker(rank):
+        try:
+            t.readout_backward(torch.tensor([[1, 40, 70]]), torch.ones(1, 3), torch.ones(1, 16))
+            out[rank] = t.end_step(0, worker=rank, num_workers=2, timeout_s=20)
+        except Exception as e:  # pragma: no cover
+            errs.append(e)
+    ths = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join(30)
+    t.close()
+    assert not errs and out == {0: 1, 1: 1}
+    assert all(sh.describe().info.step == 1 for sh in shards)
