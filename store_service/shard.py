@@ -10,8 +10,15 @@ Concurrency. The data of one version is a `_State` with its own lock; every
 read and write of that version holds it, so a reader never sees half an
 optimizer step. The shard holds one serving state and, during a hot swap, a
 prepared one and retiring ones. `_vlock` guards that table of versions and
-the in-flight count per state; `release_version` waits until a retiring
-state has no request in flight before dropping it.
+the in-flight count per state; `release_version` makes a retiring state
+unreachable, then waits until it has no request in flight.
+
+Versions. A state's version is the published version it was loaded from; a
+fresh shard serves version 0. `write_snapshot` does not relabel the serving
+state. A request names the version it expects (0 = whatever is serving) and
+is answered by the serving, a retiring or a prepared state of that number,
+else it gets StaleVersion. Gradients accumulated on a state that is flipped
+away before its end_step are dropped with it: swap between steps.
 """
 from __future__ import annotations
 

@@ -321,3 +321,42 @@ def test_parallel_table_shared_by_two_worker_threads_steps_once():
     t.close()
     assert not errs and out == {0: 1, 1: 1}
     assert all(sh.describe().info.step == 1 for sh in shards)
+
+
+def test_concurrent_traffic_with_steps_snapshot_and_swap(tmp_path):
+    """Readers and writers on 3 threads while the main thread steps, snapshots and hot-swaps."""
+    t = Table.create(_cfg(num_shards=2), str(tmp_path))
+    stop, errs, calls = threading.Event(), [], [0]
+
+    def client(seed):
+        gen = torch.Generator().manual_seed(seed)
+        while not stop.is_set():
+            try:
+                ids = torch.randint(-1, 76, (8, 4), generator=gen)
+                w = torch.rand(8, 4, generator=gen)
+                t.search(torch.randn(4, 8, generator=gen), 5)
+                assert t.readout(ids, w).shape == (8, 16)
+                t.readout_backward(ids, w, torch.randn(8, 16, generator=gen))
+                t.fetch(ids[0])
+                calls[0] += 1
+            except Exception as e:  # pragma: no cover
+                errs.append(e)
+                return
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for th in threads:
+        th.start()
+    try:
+        step, version = 0, None
+        while step < 5:
+            step = t.end_step(step)
+            if step == 3 and version is None:
+                version = t.snapshot()
+                t.load_version(version)  # same state, now as a published version
+    finally:
+        stop.set()
+        for th in threads:
+            th.join(30)
+    assert not errs, errs[0]
+    assert calls[0] > 0 and t.info().step == 5 and t.info().version == version
+    snap = Table.open(str(tmp_path), version)
+    assert snap.info().step == 3
