@@ -20,12 +20,18 @@ def _pad(scores: torch.Tensor, idx: torch.Tensor, k: int) -> tuple[torch.Tensor,
     return scores, idx
 
 
+_SCORE_ELEMS = 1 << 25  # a chunk's score block is at most 128 MiB of fp32
+
+
 def exact_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, bias: torch.Tensor | None = None,
-               ablated: torch.Tensor | None = None, chunk_rows: int = 65536
+               ablated: torch.Tensor | None = None, chunk_rows: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """queries [B, d] fp32, keys [R, d], bias [R], ablated [R] bool ->
-    (scores [B, k] fp32, local ids [B, k] int64). Memory O(B * chunk_rows)."""
+    (scores [B, k] fp32, local ids [B, k] int64). Memory O(B * chunk_rows);
+    by default chunk_rows keeps the score block near 128 MiB."""
     B, R = queries.shape[0], keys.shape[0]
+    if chunk_rows is None:
+        chunk_rows = max(4096, _SCORE_ELEMS // max(B, 1))
     best_s = queries.new_full((B, 0), float("-inf"), dtype=torch.float32)
     best_i = torch.empty(B, 0, dtype=torch.int64, device=queries.device)
     q = queries.float()
