@@ -360,3 +360,25 @@ def test_concurrent_traffic_with_steps_snapshot_and_swap(tmp_path):
     assert calls[0] > 0 and t.info().step == 5 and t.info().version == version
     snap = Table.open(str(tmp_path), version)
     assert snap.info().step == 3
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from store_service.config import partition_rows, segment_infos  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.lists(st.tuples(st.sampled_from(["product", "flat"]), st.integers(1, 12)), min_size=1, max_size=4),
+       num_shards=st.integers(1, 6))
+def test_partition_tiles_rows_and_keeps_product_rows_whole(spec, num_shards):
+    segs = segment_infos(spec)
+    try:
+        ranges = partition_rows(segs, num_shards)
+    except errors.InvalidArgument:
+        return  # too few aligned boundaries for that many shards
+    assert ranges[0][0] == 0 and ranges[-1][1] == segs[-1].row_end
+    assert all(lo < hi for lo, hi in ranges) and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    for lo, _ in ranges:
+        for s in segs:
+            if s.kind == "product" and s.row_start < lo < s.row_end:
+                assert (lo - s.row_start) % s.n_sub == 0
