@@ -1,0 +1,540 @@
+"""Continual learning: new knowledge = new rows, trained alone (DESIGN.md section 1, point 2).
+
+`learn` teaches a trained model new facts without touching what it knows:
+
+1. run the frozen model over the new text and keep, at every scored position
+   (the answer tokens), each knowledge layer's query per head;
+2. append one flat row per (new fact, answer position, head): its key is the
+   mean direction of that fact's queries over its phrasings, scaled so that it
+   scores `key_margin` above the best product-key row for those queries (and so
+   is rarely picked by unrelated queries); its value starts small;
+3. freeze every existing row (`table.set_frozen`) and every model parameter
+   (`requires_grad_(False)`), train only the new rows (values, and their keys
+   at `key_lr`) with the store's sparse optimizer;
+4. publish a new store version. The model weights do not change (tested bitwise).
+
+The baselines it is compared with (benchmarks/continual.py), with the same data
+and step budget:
+
+- "sparse_memory": sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103):
+  per batch, rank existing rows by TF-IDF (term frequency = reads in the batch,
+  document frequency = share of pretraining batches that read the row), unfreeze
+  only the top-t, train them with SGD; model frozen.
+- "full_finetune": every model parameter (AdamW) and every row (the store's optimizer).
+- "lora": low-rank adapters on the attention and expert weights (`LoRADelta`);
+  rows and base weights frozen.
+
+    from model_worker.continual import LearnConfig, learn
+    result = learn(model, table, corpus.new_train, tok, LearnConfig(steps=300))
+    result.version, result.new_ids, result.losses
+
+Row optimizers: the store applies row updates with its own optimizer config; for an
+in-process table `row_optimizer` swaps it for the duration of a run (a remote table
+keeps its own and a warning says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
+
+from store_service import kernels
+from store_service.config import OptimizerConfig
+from store_service.interface import KnowledgeTable
+from store_service.optimizer import RowState
+
+from .data import Batch, ByteTokenizer, ExampleLoader
+from .model import Transformer
+
+METHODS = ("new_rows", "sparse_memory", "full_finetune", "lora")
+
+
+@dataclass
+class TextFact:
+    """A new fact given as text. With an answer, the loss is on " answer" only;
+    without one (a plain sentence), on the whole sentence."""
+    prompt: str
+    completion: str
+    answer: str = ""
+    relation: str = "text"
+    subject: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+
+def facts_from_lines(lines: Sequence[str]) -> list[TextFact]:
+    """'prompt<TAB>answer' -> loss on the answer; a plain sentence -> loss on all of it."""
+    out = []
+    for line in lines:
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if "\t" in line:
+            prompt, ans = line.split("\t", 1)
+            out.append(TextFact(prompt.rstrip(), " " + ans.strip(), ans.strip(), subject=prompt.rstrip()))
+        else:
+            out.append(TextFact("", line.strip(), subject=line.strip()))
+    return out
+
+
+@dataclass
+class LearnConfig:
+    method: str = "new_rows"          # one of METHODS
+    steps: int = 200
+    batch_size: int = 16
+    seed: int = 0
+    # new_rows
+    lr: float | None = None           # None -> per-method default (DEFAULT_LR)
+    row_optimizer: str | None = None  # None -> per-method default ("adam" for new rows, "sgd" for sparse memory)
+    key_lr: float = 0.0               # flat-key lr for new rows (0: keys stay where they were initialised)
+    key_margin: float = 1.0           # new key's score on its own queries - best product-key score
+    value_init_std: float = 1e-3      # "values small"
+    max_new_rows: int = 0             # 0 = one per (fact, answer position, head, layer)
+    # sparse_memory (Lin et al. 2025)
+    top_t: int = 64                   # rows unfrozen per batch
+    background_batches: int = 32      # pretraining batches for document frequencies
+    # full_finetune / lora (model parameters, AdamW)
+    model_lr: float | None = None     # None -> DEFAULT_LR
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+
+# Per-method learning rates (tuned on the tiny corpus, benchmarks/continual.py --tune).
+DEFAULT_LR = {"new_rows": 1e-2, "sparse_memory": 1.0, "full_finetune": 1e-4, "lora": 1e-3}
+
+
+@dataclass
+class LearnResult:
+    method: str
+    losses: list[float]
+    new_ids: torch.Tensor | None = None      # rows appended (new_rows)
+    version: int | None = None               # published store version (when publish=True)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+# -- row optimizer ---------------------------------------------------------------------
+
+@contextlib.contextmanager
+def row_optimizer(table: KnowledgeTable, kind: str, lr: float, key_lr: float | None = None,
+                  bias_step: float | None = None) -> Iterator[bool]:
+    """Use this sparse optimizer for rows (and flat-key balancing step) while inside.
+    Only in-process shards can be reconfigured; yields whether it was applied."""
+    from store_service.shard import Shard
+
+    shards = getattr(table, "shards", [])
+    if not shards or not all(isinstance(s, Shard) for s in shards):
+        warnings.warn("row_optimizer: not an in-process table; the store's own optimizer is used")
+        yield False
+        return
+    saved = []
+    for s in shards:
+        with s._use(0) as st, st.lock:  # noqa: SLF001 - the shard's serving state, in-process only
+            saved.append((st, st.config))
+            opt = OptimizerConfig(kind=kind, lr=lr, key_lr=key_lr, betas=st.config.optimizer.betas,
+                                  eps=st.config.optimizer.eps)
+            st.config = dataclasses.replace(st.config, optimizer=opt,
+                                            bias_step=st.config.bias_step if bias_step is None else bias_step)
+            if kind == "adam" and st.opt.m is None:
+                st.opt = RowState.zeros("adam", st.values.shape[0], st.values.shape[1], st.device)
+                st.key_opt = RowState.zeros("adam", st.keys.shape[0], st.keys.shape[1], st.device)
+    try:
+        yield True
+    finally:
+        for st, cfg in saved:
+            with st.lock:
+                st.config = cfg
+
+
+# -- LoRA --------------------------------------------------------------------------------
+
+class LoRADelta(nn.Module):
+    """A parametrization W -> W + (alpha / r) A @ B for a weight [..., a, b]
+    (a Linear's [out, in], or stacked experts [E, a, b]). B starts at zero, so
+    the adapted model starts equal to the base one."""
+
+    def __init__(self, shape: Sequence[int], rank: int, alpha: float):
+        super().__init__()
+        *batch, a, b = shape
+        self.A = nn.Parameter(torch.randn(*batch, a, rank) * a ** -0.5)
+        self.B = nn.Parameter(torch.zeros(*batch, rank, b))
+        self.scale = alpha / rank
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.scale * (self.A @ self.B).to(w.dtype)
+
+
+def lora_targets(model: Transformer) -> list[tuple[nn.Module, str]]:
+    """Attention (wqkv, wo) and expert weights (routed w1/w2/w3, shared expert)."""
+    out = []
+    for block in model.layers:
+        out += [(block.attention.wqkv, "weight"), (block.attention.wo, "weight")]
+        ffn = block.ffn
+        if ffn is None:
+            continue
+        if hasattr(ffn, "experts"):
+            out += [(ffn.experts, n) for n in ("w1", "w2", "w3")]
+            if ffn.shared is not None:
+                out += [(m, "weight") for m in ffn.shared.modules() if isinstance(m, nn.Linear)]
+        else:
+            out += [(m, "weight") for m in ffn.modules() if isinstance(m, nn.Linear)]
+    return out
+
+
+def add_lora(model: Transformer, rank: int = 8, alpha: float = 16.0) -> list[nn.Parameter]:
+    """Attach LoRA adapters; returns their parameters (the only trainable ones)."""
+    params = []
+    for mod, name in lora_targets(model):
+        delta = LoRADelta(getattr(mod, name).shape, rank, alpha).to(getattr(mod, name).device)
+        parametrize.register_parametrization(mod, name, delta)
+        params += [delta.A, delta.B]
+    return params
+
+
+def merge_lora(model: Transformer) -> None:
+    """Fold the adapters into the weights (W <- W + scale A B) and drop them."""
+    for mod, name in lora_targets(model):
+        if parametrize.is_parametrized(mod, name):
+            parametrize.remove_parametrizations(mod, name, leave_parametrized=True)
+
+
+# -- queries of the new text ---------------------------------------------------------------
+
+@torch.no_grad()
+def collect_queries(model: Transformer, batches: Sequence[Batch], groups: Sequence[Sequence[int]]
+                    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per knowledge layer (block index) -> (queries [P, h, d_k], group key [P, 2]) at
+    every scored position: key = (group of the example, index of the position among
+    the example's scored positions). groups[b][row] is the group of batch b's row."""
+    kls = {i: b.knowledge for i, b in enumerate(model.layers) if b.knowledge is not None}
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [kl.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
+             for i, kl in kls.items()]
+    out: dict[int, list] = {i: [] for i in kls}
+    was = model.training
+    model.eval()
+    try:
+        from .generate import readout_mode
+        with readout_mode(model, "fetch"):
+            for batch, grp in zip(batches, groups):
+                model(batch.inputs)
+                scored = batch.targets != -100                                # [B, S]
+                pos = (scored.cumsum(1) - 1)[scored]                          # index among scored
+                g = torch.as_tensor(grp, dtype=torch.int64)[:, None].expand_as(scored)[scored]
+                for i, kl in kls.items():
+                    x = captured[i]                                           # [B, S, D]
+                    B, S, _ = x.shape
+                    q = kl.q_norm(kl.wq(x).view(B, S, kl.n_heads, kl.d_k)).float()
+                    out[i].append((q[scored], torch.stack([g, pos], 1)))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {i: (torch.cat([a for a, _ in v]), torch.cat([b for _, b in v])) for i, v in out.items() if v}
+
+
+def product_top_scores(kl, q: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    """q [T, d_k] -> scores of the best k product-key rows [T, k] (with the layer's biases)."""
+    ca, cb = kl.codebooks()
+    half = kl.d_k // 2
+    s, _ = kernels.product_key_search(q[:, :half].contiguous(), q[:, half:].contiguous(), ca.detach(),
+                                      cb.detach(), k or kl.k, kl.bias_a, kl.bias_b, kl._ablated)
+    return s
+
+
+@torch.no_grad()
+def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]],
+                  margin: float, max_rows: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
+    """One key per (layer, group, position, head): the normalised mean of its queries,
+    scaled so its mean score on them is `margin` above their best product-key score.
+    -> keys [M, d_k], info."""
+    keys, info = [], {}
+    for layer, (q, gk) in queries.items():
+        kl = model.layers[layer].knowledge
+        P, h, d = q.shape
+        uniq, inv = torch.unique(gk, dim=0, return_inverse=True)             # [U, 2], [P]
+        U = uniq.shape[0]
+        qn = torch.nn.functional.normalize(q, dim=-1)                          # [P, h, d]
+        mean = torch.zeros(U, h, d).index_add_(0, inv, qn)
+        u = torch.nn.functional.normalize(mean, dim=-1)                        # [U, h, d]
+        self_score = torch.zeros(U, h).index_add_(0, inv, (q * u[inv]).sum(-1))
+        count = torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()
+        self_score = self_score / count                                        # mean q.u over the group
+        best = product_top_scores(kl, q.reshape(P * h, d), 1).reshape(P, h)
+        best_g = torch.full((U, h), float("-inf")).scatter_reduce(0, inv[:, None].expand(P, h), best, "amax")
+        scale = (best_g + margin) / self_score.clamp_min(1e-3)
+        k_all = (u * scale[..., None]).reshape(U * h, d)
+        keys.append(k_all)
+        info[f"layer{layer}"] = {"groups": U, "queries": P, "heads": h,
+                                 "mean_scale": float(scale.mean()), "mean_best_product_score": float(best_g.mean())}
+    keys = torch.cat(keys)
+    if max_rows and keys.shape[0] > max_rows:
+        g = torch.Generator().manual_seed(seed)
+        keys = keys[torch.randperm(keys.shape[0], generator=g)[:max_rows]]
+    return keys.float().contiguous(), info
+
+
+# -- data ------------------------------------------------------------------------------------
+
+def _loader(examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig) -> ExampleLoader:
+    answer_only = all(getattr(e, "prompt", "") for e in examples)
+    return ExampleLoader(examples, tok, min(cfg.batch_size, len(examples)), seed=cfg.seed, answer_only=answer_only)
+
+
+def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int) -> tuple[list[Batch], list[list[int]]]:
+    """All examples once; group = the fact (subject, relation) of each row."""
+    from .data import collate_examples
+    answer_only = all(getattr(e, "prompt", "") for e in examples)
+    names: dict[tuple, int] = {}
+    gid = [names.setdefault((e.subject, e.relation), len(names)) for e in examples]
+    batches, groups = [], []
+    for s in range(0, len(examples), batch_size):
+        batches.append(collate_examples(examples[s:s + batch_size], tok, answer_only))
+        groups.append(gid[s:s + batch_size])
+    return batches, groups
+
+
+# -- the training loop shared by every method ---------------------------------------------
+
+def _grad_carrier(model: Transformer) -> list[nn.Parameter]:
+    """Let gradients reach the readout (and so the rows) while the model is frozen:
+    the codebooks require grad, their gradients are thrown away, they never move."""
+    carriers = []
+    for kl in model.knowledge_layers():
+        for p in (kl.codebook_a, kl.codebook_b):
+            p.requires_grad_(True)
+            carriers.append(p)
+    return carriers
+
+
+def _run(model: Transformer, table: KnowledgeTable, loader: ExampleLoader, cfg: LearnConfig,
+         params: list[nn.Parameter], lr: float, before_backward=None) -> list[float]:
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
+    trainable = set(map(id, params))
+    discard = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
+    step0 = table.info().step
+    losses = []
+    model.train()
+    for s in range(cfg.steps):
+        batch = loader.batch(s)
+        with parametrize.cached():
+            _, loss = model(batch.inputs, batch.targets)
+        if before_backward is not None:
+            before_backward(s)
+        loss.backward()
+        if opt is not None:
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for p in discard:
+            p.grad = None
+        table.end_step(step0 + s)          # the store applies row gradients to unfrozen rows
+        losses.append(float(loss))
+    return losses
+
+
+def _freeze_model(model: Transformer) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: ByteTokenizer,
+          cfg: LearnConfig | None = None, *, background: Sequence[Batch] | None = None,
+          publish: bool = True) -> LearnResult:
+    """Teach `model` + `table` the facts in `examples` (corpus Examples or TextFacts)
+    with cfg.method. For "new_rows" the model and every existing row stay bitwise
+    unchanged. `background`: pretraining batches (sparse_memory's document
+    frequencies). publish: snapshot the table as a new version at the end."""
+    cfg = cfg or LearnConfig()
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[cfg.method]
+    loader = _loader(examples, tok, cfg)
+    n_old = table.info().num_rows
+    old_ids = torch.arange(n_old, dtype=torch.int64)
+    was_frozen = table.usage().frozen.clone()
+    result = LearnResult(cfg.method, [])
+
+    if cfg.method == "new_rows":
+        _freeze_model(model)
+        batches, groups = _group_batches(examples, tok, cfg.batch_size)
+        keys, info = init_new_keys(model, collect_queries(model, batches, groups), cfg.key_margin,
+                                   cfg.max_new_rows, cfg.seed)
+        d_v = table.info().d_v
+        values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
+        table.set_frozen(old_ids, True)
+        result.new_ids = table.add_rows(values, keys)
+        model.refresh_table_state()
+        result.info.update(info, new_rows=int(keys.shape[0]))
+        with row_optimizer(table, cfg.row_optimizer or "adam", lr, cfg.key_lr, bias_step=0.0):
+            _grad_carrier(model)
+            try:
+                result.losses = _run(model, table, loader, cfg, [], lr)
+            finally:
+                _freeze_model(model)
+
+    elif cfg.method == "sparse_memory":
+        _freeze_model(model)
+        df = _document_frequency(model, background or [], n_old)
+        n_bg = max(1, len(background or []))
+        idf = torch.log((n_bg + 1) / (df + 1))
+        table.set_frozen(old_ids, True)
+        state = {"open": torch.zeros(0, dtype=torch.int64), "unfrozen": set()}
+
+        def choose_rows(step: int) -> None:
+            tf = torch.zeros(n_old, dtype=torch.float64)
+            for kl in model.knowledge_layers():
+                ids = kl.last_ids[kl.last_weights > 0]
+                ids = ids[(ids >= 0) & (ids < n_old)]
+                tf += torch.bincount(ids, minlength=n_old).double()
+            score = tf * idf
+            top = score.topk(min(cfg.top_t, int((tf > 0).sum()) or 1)).indices
+            if state["open"].numel():
+                table.set_frozen(state["open"], True)
+            table.set_frozen(top, False)
+            state["open"] = top
+            state["unfrozen"].update(top.tolist())
+
+        for kl in model.knowledge_layers():
+            kl.record = True
+        with row_optimizer(table, cfg.row_optimizer or "sgd", lr, bias_step=0.0):
+            _grad_carrier(model)
+            try:
+                result.losses = _run(model, table, loader, cfg, [], lr, before_backward=choose_rows)
+            finally:
+                _freeze_model(model)
+                for kl in model.knowledge_layers():
+                    kl.record = False
+        result.info["rows_updated"] = len(state["unfrozen"])
+
+    elif cfg.method == "full_finetune":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        table.set_frozen(old_ids, False)
+        mlr = cfg.model_lr if cfg.model_lr is not None else DEFAULT_LR["full_finetune"]
+        row_lr = cfg.lr if cfg.lr is not None else None
+        ctx = row_optimizer(table, cfg.row_optimizer or "adam", row_lr, bias_step=0.0) if row_lr \
+            else contextlib.nullcontext()
+        with ctx:
+            result.losses = _run(model, table, loader, cfg, list(model.parameters()), mlr)
+        _freeze_model(model)
+
+    elif cfg.method == "lora":
+        _freeze_model(model)
+        params = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
+        table.set_frozen(old_ids, True)
+        mlr = cfg.model_lr if cfg.model_lr is not None else DEFAULT_LR["lora"]
+        result.losses = _run(model, table, loader, cfg, params, mlr)
+        merge_lora(model)
+        _freeze_model(model)
+
+    # restore the freeze flags the old rows had (new rows stay trainable)
+    table.set_frozen(old_ids, False)
+    if bool(was_frozen.any()):
+        table.set_frozen(old_ids[was_frozen[:n_old]], True)
+    model.eval()
+    if publish and getattr(table, "store_root", None):
+        result.version = table.snapshot()
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+@torch.no_grad()
+def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: int) -> torch.Tensor:
+    """Number of batches in which each row was read (weight > 0), over `batches`."""
+    from .generate import readout_mode
+    df = torch.zeros(n_rows, dtype=torch.float64)
+    kls = model.knowledge_layers()
+    was = model.training
+    model.eval()
+    for kl in kls:
+        kl.record = True
+    try:
+        with readout_mode(model, "fetch"):
+            for b in batches:
+                model(b.inputs)
+                used = torch.zeros(n_rows, dtype=torch.bool)
+                for kl in kls:
+                    ids = kl.last_ids[kl.last_weights > 0]
+                    used[ids[(ids >= 0) & (ids < n_rows)]] = True
+                df += used.double()
+    finally:
+        for kl in kls:
+            kl.record = False
+        model.train(was)
+    return df
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def measure(model: Transformer, tok: ByteTokenizer, *, new_eval: Sequence, old_eval: Sequence,
+            heldout_texts: Sequence[str], loss_batches: int = 8, seq_len: int = 64,
+            batch_size: int = 16) -> dict:
+    """New-fact recall, old-fact recall (held-out phrasings) and held-out loss.
+    Reads rows by fetch: measuring leaves the store's usage counts alone."""
+    from . import evaluate
+    from .data import packed_batches
+    from .generate import generate_fn, readout_mode
+
+    model.eval()
+    with readout_mode(model, "fetch"):
+        gen = generate_fn(model, tok)
+        new = evaluate.recall_on_examples(gen, list(new_eval)) if new_eval else {"recall": float("nan")}
+        old = evaluate.recall_on_examples(gen, list(old_eval)) if old_eval else {"recall": float("nan")}
+        batches = packed_batches(list(heldout_texts), tok, seq_len, batch_size)[:loss_batches]
+        loss = evaluate.heldout_loss(lambda b: model(b.inputs, b.targets)[1], batches)["loss"]
+    return {"new_recall": new["recall"], "old_recall": old["recall"], "heldout_loss": loss,
+            "new_correct": new.get("correct"), "old_correct": old.get("correct")}
+
+
+def forgetting(before: dict, after: dict) -> dict:
+    """Relative drop of old-fact recall, and rise of held-out loss."""
+    b = before["old_recall"]
+    return {"recall_drop": (b - after["old_recall"]) / b if b > 0 else 0.0,
+            "loss_rise": (after["heldout_loss"] - before["heldout_loss"]) / before["heldout_loss"]}
+
+
+def new_row_interference(model: Transformer, batches: Sequence[Batch], first_new_id: int) -> float:
+    """Share of (token, head) reads on `batches` that select at least one row with
+    id >= first_new_id: how often new rows reach into old contexts."""
+    from .generate import readout_mode
+    kls = model.knowledge_layers()
+    hit = total = 0
+    was = model.training
+    model.eval()
+    for kl in kls:
+        kl.record = True
+    try:
+        with torch.no_grad(), readout_mode(model, "fetch"):
+            for b in batches:
+                model(b.inputs)
+                for kl in kls:
+                    sel = (kl.last_ids >= first_new_id).any(-1)      # [B, S, h]
+                    hit += int(sel.sum())
+                    total += sel.numel()
+    finally:
+        for kl in kls:
+            kl.record = False
+        model.train(was)
+    return hit / max(1, total)
+
+
+def _isfinite(x: float) -> bool:
+    return x == x and not math.isinf(x)

@@ -1,0 +1,331 @@
+"""Deployment knobs: fewer rows per token, rows laid out by use, a hot-row cache.
+
+    with inference_k(model, 4): answer(...)                 # read k=4 rows instead of k_train
+    plan = cooccurrence_order(model, tok, corpus.train_texts)
+    new_version = publish_reordered(store_root, version, plan)   # rows moved, ids remapped
+    permute_model(model, plan)                              # the codebooks follow (same function)
+    cached = CachedTable(table, capacity=4096, policy="lru")  # for fetch-mode generation
+    model.attach_table(cached); ...; cached.stats()
+
+Reordering. Product-key row ids are tied to the codebooks (id = i*n + j), so a
+product segment is reordered only by permuting the codebooks: permuting
+codebook_a's rows moves whole blocks of n rows, permuting codebook_b's rows
+moves the rows inside every block the same way. The model's codebooks and
+sub-key biases are permuted with the same permutations, so the model computes
+exactly what it did. Flat segments are reordered freely (first-touch order).
+Blocks and sub-keys are ordered spectrally (Fiedler vector of the co-occurrence
+graph of "used by the same document").
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from store_service import persistence
+from store_service.config import segments_from_json
+from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable
+
+from .data import ByteTokenizer, collate_examples
+from .generate import readout_mode
+from .model import Transformer
+
+
+# -- k at inference ---------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def inference_k(model: Transformer, k: int):
+    """Every knowledge layer reads k rows per head instead of its trained k."""
+    kls = model.knowledge_layers()
+    old = [kl.k for kl in kls]
+    for kl in kls:
+        if not 1 <= k <= kl.n * kl.n:
+            raise ValueError(f"k={k} outside [1, {kl.n * kl.n}]")
+        kl.k = k
+    try:
+        yield
+    finally:
+        for kl, k0 in zip(kls, old):
+            kl.k = k0
+
+
+# -- usage traces ---------------------------------------------------------------------------
+
+@dataclass
+class _Doc:
+    prompt: str
+    completion: str
+
+
+@torch.no_grad()
+def usage_trace(model: Transformer, tok: ByteTokenizer, texts: Sequence[str], batch_size: int = 16
+                ) -> list[torch.Tensor]:
+    """The unique rows each document reads (all knowledge layers), one tensor per text."""
+    kls = model.knowledge_layers()
+    out: list[torch.Tensor] = []
+    was = model.training
+    model.eval()
+    for kl in kls:
+        kl.record = True
+    try:
+        with readout_mode(model, "fetch"):
+            for s in range(0, len(texts), batch_size):
+                b = collate_examples([_Doc("", t) for t in texts[s:s + batch_size]], tok, answer_only=False)
+                model(b.inputs)
+                valid = b.targets != -100
+                for i in range(b.inputs.shape[0]):
+                    ids = torch.cat([kl.last_ids[i][valid[i]].reshape(-1) for kl in kls])
+                    out.append(torch.unique(ids[ids >= 0]))
+    finally:
+        for kl in kls:
+            kl.record = False
+        model.train(was)
+    return out
+
+
+# -- reordering -----------------------------------------------------------------------------
+
+@dataclass
+class ReorderPlan:
+    """new id -> old id for every row (`old_of_new` [N]); for the product segment
+    (rows [0, n^2)) also the codebook permutations (new sub-key -> old sub-key)."""
+    old_of_new: torch.Tensor   # [N] int64
+    perm_a: torch.Tensor       # [n]
+    perm_b: torch.Tensor       # [n]
+    n_sub: int
+
+    @property
+    def new_of_old(self) -> torch.Tensor:
+        inv = torch.empty_like(self.old_of_new)
+        inv[self.old_of_new] = torch.arange(self.old_of_new.numel())
+        return inv
+
+    def remap(self, old_ids: torch.Tensor) -> torch.Tensor:
+        """Old ids (PAD -1 kept) -> new ids."""
+        inv = self.new_of_old
+        return torch.where(old_ids >= 0, inv[old_ids.clamp_min(0)], old_ids)
+
+
+def _spectral_order(co: torch.Tensor) -> torch.Tensor:
+    """Order of the nodes of a co-occurrence graph [n, n] by its Fiedler vector,
+    so that nodes used together sit together; unused nodes go last."""
+    co = co.double().clone()
+    co.fill_diagonal_(0)
+    deg = co.sum(1)
+    used = deg > 0
+    order_used = torch.zeros(0, dtype=torch.int64)
+    if int(used.sum()) > 2:
+        idx = used.nonzero().squeeze(1)
+        c = co[idx][:, idx]
+        d = c.sum(1)
+        lap = torch.eye(len(idx), dtype=torch.float64) - c / torch.sqrt(d[:, None] * d[None, :])
+        _, vec = torch.linalg.eigh(lap)
+        order_used = idx[torch.argsort(vec[:, 1] / torch.sqrt(d))]
+    else:
+        order_used = used.nonzero().squeeze(1)
+    return torch.cat([order_used, (~used).nonzero().squeeze(1)])
+
+
+def cooccurrence_order(trace: Sequence[torch.Tensor], num_rows: int, n_sub: int) -> ReorderPlan:
+    """A reorder plan from a usage trace (the rows each document read)."""
+    n = n_sub
+    P = n * n
+    co_a = torch.zeros(n, n)
+    co_b = torch.zeros(n, n)
+    first_touch = torch.full((num_rows,), len(trace), dtype=torch.int64)
+    for d, ids in enumerate(trace):
+        prod = ids[ids < P]
+        for sub, co in ((torch.unique(prod // n), co_a), (torch.unique(prod % n), co_b)):
+            co[sub[:, None], sub[None, :]] += 1.0 / max(1, sub.numel())
+        flat = ids[ids >= P]
+        first_touch[flat] = torch.minimum(first_touch[flat], torch.full_like(flat, d))
+    perm_a, perm_b = _spectral_order(co_a), _spectral_order(co_b)
+    old_prod = (perm_a[:, None] * n + perm_b[None, :]).reshape(-1)             # new id -> old id
+    flat_ids = torch.arange(P, num_rows)
+    flat_new = flat_ids[torch.argsort(first_touch[P:], stable=True)] if num_rows > P else flat_ids
+    return ReorderPlan(torch.cat([old_prod, flat_new]), perm_a, perm_b, n)
+
+
+def publish_reordered(store_root: str, version: int, plan: ReorderPlan) -> int:
+    """Publish a new version with every row moved to its new id (values, keys,
+    optimizer state, masks, usage: all bitwise), same shard layout. Returns it."""
+    root = persistence.read_root_attrs(store_root, version)
+    vdir = persistence.version_path(store_root, version)
+    olds = sorted((persistence.read_shard(vdir, s["shard_id"]) for s in root["shards"]),
+                  key=lambda d: d.attrs["row_start"])
+    segments = segments_from_json(root["segments"])
+    if segments[0].kind != SEGMENT_PRODUCT or segments[0].n_sub != plan.n_sub:
+        raise ValueError("the plan's product segment does not match the table's")
+    if any(s.kind not in (SEGMENT_PRODUCT, SEGMENT_FLAT) for s in segments) or \
+            sum(s.kind == SEGMENT_PRODUCT for s in segments) != 1:
+        raise ValueError("reordering supports one product segment followed by flat segments")
+    old_of_new = plan.old_of_new.numpy()
+    new_of_old = plan.new_of_old.numpy()
+    names = olds[0].arrays
+    whole = {k: np.concatenate([d.arrays[k] for d in olds])
+             for k in persistence.ROW_ARRAYS + persistence.FLAT_ARRAYS if k in names}
+    rows = {k: whole[k][old_of_new] for k in persistence.ROW_ARRAYS if k in whole}
+    flat_new_ids = new_of_old[whole["flat_ids"]] if whole["flat_ids"].size else whole["flat_ids"]
+    o = np.argsort(flat_new_ids, kind="stable")
+    flat = {k: whole[k][o] for k in persistence.FLAT_ARRAYS if k in whole}
+    flat["flat_ids"] = flat_new_ids[o].astype(whole["flat_ids"].dtype)
+    pa, pb = plan.perm_a.numpy(), plan.perm_b.numpy()
+    new_version = max(persistence.list_versions(store_root) + [version]) + 1
+    with persistence.staged_version(store_root, new_version) as stage:
+        for d in olds:
+            lo, hi = d.attrs["row_start"], d.attrs["row_end"]
+            arrays = {k: v[lo:hi] for k, v in rows.items()}
+            sel = (flat["flat_ids"] >= lo) & (flat["flat_ids"] < hi)
+            arrays.update({k: v[sel] for k, v in flat.items()})
+            for name, arr in d.arrays.items():             # store-side codebooks, if any
+                if name.startswith("pk"):
+                    arrays[name] = arr[pa] if name.endswith(("_a",)) else arr[pb]
+            attrs = dict(d.attrs, version=new_version)
+            persistence.write_shard(stage, persistence.ShardData(attrs, arrays))
+        persistence.finish_version(stage, new_version)
+    return new_version
+
+
+@torch.no_grad()
+def permute_model(model: Transformer, plan: ReorderPlan) -> None:
+    """Permute every knowledge layer's codebooks and sub-key biases to match the plan."""
+    for kl in model.knowledge_layers():
+        kl.codebook_a.copy_(kl.codebook_a[plan.perm_a])
+        kl.codebook_b.copy_(kl.codebook_b[plan.perm_b])
+        kl.bias_a.copy_(kl.bias_a[plan.perm_a])
+        kl.bias_b.copy_(kl.bias_b[plan.perm_b])
+
+
+def locality(trace: Sequence[torch.Tensor], page_rows: int, group: int = 1) -> dict:
+    """Fetch locality of a trace, per batch of `group` documents: distinct pages of
+    `page_rows` rows touched, contiguous id runs (range reads), and rows."""
+    pages, runs, rows = [], [], []
+    for s in range(0, len(trace), group):
+        ids = torch.unique(torch.cat(list(trace[s:s + group])))
+        if ids.numel() == 0:
+            continue
+        rows.append(ids.numel())
+        pages.append(torch.unique(ids // page_rows).numel())
+        runs.append(int((ids[1:] != ids[:-1] + 1).sum()) + 1)
+    f = lambda x: float(np.mean(x)) if x else 0.0
+    return {"rows": f(rows), "pages": f(pages), "runs": f(runs), "page_rows": page_rows, "docs_per_batch": group}
+
+
+# -- hot-row cache ----------------------------------------------------------------------------
+
+class CachedTable:
+    """A `KnowledgeTable` whose `fetch` is served from a cache of hot rows (LRU or
+    LFU); everything else goes to the wrapped table. The cache empties itself when
+    the table's version changes and after any call that can change rows (end_step,
+    add_rows, load_version)."""
+
+    def __init__(self, inner: KnowledgeTable, capacity: int = 4096, policy: str = "lru"):
+        if policy not in ("lru", "lfu"):
+            raise ValueError(f"policy must be 'lru' or 'lfu', got {policy!r}")
+        self.inner, self.capacity, self.policy = inner, capacity, policy
+        self._rows: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._freq: dict[int, int] = {}
+        self._version = inner.info().version
+        self._lock = threading.Lock()
+        self.hits = self.misses = self.fetch_calls = 0
+
+    def __getattr__(self, name):  # the rest of the protocol, and anything else (store_root, shards)
+        return getattr(self.inner, name)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+            self._freq.clear()
+
+    def stats(self) -> dict:
+        total = self.hits + self.misses
+        return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
+                "fetch_calls": self.fetch_calls, "cached_rows": len(self._rows), "capacity": self.capacity,
+                "policy": self.policy}
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = self.fetch_calls = 0
+
+    def info(self):
+        return self.inner.info()
+
+    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
+        version = self.inner.info().version
+        if version != self._version:
+            self.clear()
+            self._version = version
+        keys = ids.tolist()
+        with self._lock:
+            miss = [i for i in dict.fromkeys(keys) if i >= 0 and i not in self._rows]
+        self.fetch_calls += 1
+        fetched = {}
+        if miss:
+            vals = self.inner.fetch(torch.tensor(miss, dtype=torch.int64))
+            fetched = dict(zip(miss, vals))
+        with self._lock:
+            self.misses += sum(1 for i in keys if i in fetched)
+            self.hits += sum(1 for i in keys if i >= 0 and i not in fetched)
+            out_rows = []
+            for i in keys:
+                if i < 0:
+                    out_rows.append(None)
+                    continue
+                v = self._rows.get(i)
+                if v is None:
+                    v = fetched[i]
+                    self._insert(i, v)
+                else:
+                    self._rows.move_to_end(i)
+                self._freq[i] = self._freq.get(i, 0) + 1
+                out_rows.append(v)
+        ref = next((v for v in out_rows if v is not None), None)
+        if ref is None:
+            return self.inner.fetch(ids)
+        zero = torch.zeros_like(ref)
+        return torch.stack([zero if v is None else v for v in out_rows])
+
+    def _insert(self, i: int, v: torch.Tensor) -> None:
+        if self.capacity <= 0:
+            return
+        if len(self._rows) >= self.capacity:
+            if self.policy == "lru":
+                self._rows.popitem(last=False)
+            else:
+                victim = min(self._rows, key=lambda r: self._freq.get(r, 0))
+                del self._rows[victim]
+        self._rows[i] = v.clone()
+
+    # calls that can change rows: pass through, then forget
+    def end_step(self, *a, **kw):
+        out = self.inner.end_step(*a, **kw)
+        self.clear()
+        return out
+
+    def add_rows(self, *a, **kw):
+        out = self.inner.add_rows(*a, **kw)
+        self.clear()
+        return out
+
+    def load_version(self, *a, **kw):
+        out = self.inner.load_version(*a, **kw)
+        self.clear()
+        return out
+
+
+def timed_generation(model: Transformer, tok: ByteTokenizer, prompts: Sequence[str], max_new_tokens: int = 16
+                     ) -> tuple[float, int]:
+    """(seconds, generated tokens) for greedy answers to prompts, one prompt at a time
+    (batch 1: the setting where fetch mode and a cache matter)."""
+    from .generate import generate
+    n = 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        out = generate(model, torch.tensor([tok.encode(p, bos=True)]), max_new_tokens, eos_id=tok.eos_id)
+        n += out.tokens.numel()
+    return time.perf_counter() - t0, n
