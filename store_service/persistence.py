@@ -31,8 +31,7 @@ import torch
 import zarr
 
 from . import errors
-from .config import TableConfig, partition_rows, segments_from_json, segments_to_json
-from .interface import SEGMENT_PRODUCT
+from .config import TableConfig, partition_rows, segments_from_json
 
 _VERSION_RE = re.compile(r"^v(\d{8})$")
 
@@ -294,5 +293,4 @@ __all__ = [
     "ShardData", "list_versions", "latest_version", "version_path", "staged_version",
     "write_shard", "read_shard", "write_root_attrs", "read_root_attrs", "finish_version",
     "repartition", "compose_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
-    "segments_to_json", "segments_from_json", "SEGMENT_PRODUCT",
 ]

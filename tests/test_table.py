@@ -7,7 +7,6 @@ import torch
 from store_service import errors, kernels
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
-from store_service.shard import Shard
 from store_service.table import Table
 
 
