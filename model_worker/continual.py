@@ -345,7 +345,7 @@ def _run(model: Transformer, table: KnowledgeTable, loader: ExampleLoader, cfg: 
         for p in discard:
             p.grad = None
         table.end_step(step0 + s)          # the store applies row gradients to unfrozen rows
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 

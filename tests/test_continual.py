@@ -1,0 +1,100 @@
+"""Continual learning: `learn` with new rows leaves the model and every old row
+bitwise unchanged, publishes a version, and the baselines run."""
+import torch
+
+from model_worker import continual as C
+from model_worker.data import ByteTokenizer
+from model_worker.model import Transformer
+from model_worker.train import TrainConfig, create_table, model_config
+from store_service.table import Table
+
+FACTS = [C.TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
+         for s, a in [("Xland", "Zorp"), ("Quux", "Blip"), ("Vorn", "Tesk"), ("Mure", "Ald")]]
+
+
+def make(tmp_path):
+    cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path))
+    mcfg = model_config(cfg, 260)
+    table = create_table(mcfg, cfg, str(tmp_path / "store"))
+    torch.manual_seed(0)
+    return Transformer(mcfg, table), table
+
+
+def shard_state(table):
+    return {k: v.clone() for k, v in table.shards[0].state_dict().items()}
+
+
+def test_learn_new_rows_changes_nothing_old_bitwise(tmp_path):
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    before = shard_state(table)
+    res = C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, lr=1e-2, key_lr=1e-3))
+
+    after = model.state_dict()
+    assert params.keys() == after.keys()
+    for k in params:  # every weight and persistent buffer, bitwise
+        assert torch.equal(params[k], after[k]), k
+    assert not any(p.requires_grad for p in model.parameters())
+    now = shard_state(table)
+    for name in ("values", "opt_m", "opt_v", "opt_steps", "frozen", "ablated"):
+        assert torch.equal(before[name], now[name][:n_old]), name
+    # new rows exist, were trained (values moved from their init), and were published
+    assert res.new_ids is not None and res.new_ids.min() == n_old and res.new_ids.numel() > 0
+    assert table.info().num_rows == n_old + res.new_ids.numel()
+    assert int(now["opt_steps"][n_old:].sum()) > 0
+    assert res.version is not None
+    reopened = Table.open(str(tmp_path / "store"), res.version)
+    again = {k: v for k, v in reopened.shards[0].state_dict().items()}
+    assert torch.equal(again["values"][:n_old], before["values"])
+    assert torch.equal(again["values"][n_old:], now["values"][n_old:])
+    assert torch.equal(again["keys"], now["keys"])
+
+
+def test_new_rows_learn_the_facts(tmp_path):
+    model, table = make(tmp_path)
+    res = C.learn(model, table, FACTS, ByteTokenizer(),
+                  C.LearnConfig(steps=30, batch_size=4, lr=3e-2, key_margin=2.0), publish=False)
+    # a random model passes little through its knowledge layer (small W_o, gate): a clear drop is enough
+    assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5 - 0.05
+
+
+def test_sparse_memory_updates_only_top_t_rows_and_no_weights(tmp_path):
+    model, table = make(tmp_path)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    before = shard_state(table)["values"]
+    res = C.learn(model, table, FACTS, ByteTokenizer(),
+                  C.LearnConfig(method="sparse_memory", steps=3, batch_size=4, top_t=5), background=[], publish=False)
+    changed = (shard_state(table)["values"] != before).any(1)
+    assert 0 < int(changed.sum()) <= 3 * 5 and int(changed.sum()) <= res.info["rows_updated"]
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    assert not bool(table.usage().frozen.any())  # freeze flags restored
+
+
+def test_lora_starts_equal_and_merges(tmp_path):
+    model, table = make(tmp_path)
+    x = torch.randint(0, 256, (2, 16))
+    ref = model(x)[0]
+    params = C.add_lora(model, rank=2)
+    assert len(params) > 0
+    torch.testing.assert_close(model(x)[0], ref)
+    C.merge_lora(model)
+    assert not any("parametrizations" in k for k in model.state_dict())
+
+
+def test_full_finetune_and_lora_change_weights_not_rows_for_lora(tmp_path):
+    model, table = make(tmp_path)
+    before = shard_state(table)["values"]
+    w0 = model.layers[0].attention.wqkv.weight.clone()
+    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(method="lora", steps=2, batch_size=4), publish=False)
+    assert not torch.equal(model.layers[0].attention.wqkv.weight, w0)
+    assert torch.equal(shard_state(table)["values"], before)
+    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(method="full_finetune", steps=2, batch_size=4),
+            publish=False)
+    assert not torch.equal(shard_state(table)["values"], before)
+
+
+def test_facts_from_lines():
+    f = C.facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", ""])
+    assert f[0].prompt == "The capital of Xland is" and f[0].completion == " Zorp" and f[0].answer == "Zorp"
+    assert f[1].prompt == "" and f[1].completion == "Zorp is a city."
