@@ -71,6 +71,14 @@ def parse_ids(spec: str):
     return torch.tensor(out, dtype=torch.int64)
 
 
+def _step_shards(spec: str) -> tuple[int, int]:
+    try:
+        step, shards = spec.split(":")
+        return int(step), int(shards)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected STEP:SHARDS, e.g. 200:4; got {spec!r}") from None
+
+
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
@@ -132,7 +140,8 @@ def cmd_train(args) -> None:
                  "seq_len": 128, "out_dir": os.path.abspath(args.out), "ckpt_every": args.ckpt_every,
                  "eval_every": args.eval_every, "seed": cfg.seed}
     worker = WorkerActor.options(**cfg.worker.ray_options()).remote(cfg.admin_token)
-    summary = ray.get(worker.train.remote(train_cfg, cfg.store_root))
+    scale_at = dict(args.scale_at or [])
+    summary = ray.get(worker.train.remote(train_cfg, cfg.to_dict(), scale_at=scale_at))
     _print({k: summary[k] for k in ("final_loss", "tokens_per_s", "evals", "recoveries")})
 
 
@@ -225,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/cluster", help="checkpoint directory")
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--eval-every", type=int, default=100)
+    t.add_argument("--scale-at", type=_step_shards, action="append", metavar="STEP:SHARDS",
+                   help="re-partition the store onto SHARDS shards after STEP (repeatable)")
     t.set_defaults(fn=cmd_train)
 
     g = sub.add_parser("generate", help="answer questions from a checkpoint, against the cluster's store")

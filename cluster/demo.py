@@ -19,7 +19,7 @@ import time
 import ray
 
 from .config import ClusterConfig
-from .launch import StoreCluster
+from .launch import StoreCluster, init_ray
 from .worker_actor import WorkerActor
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
     cfg = ClusterConfig(store_root=os.path.join(root, "store"), num_shards=num_shards)
 
     _say(f"starting an embedded Ray cluster: {num_shards} store shards, 1 worker")
+    init_ray(cfg, log_to_driver=True)  # the worker's progress bar is drawn here
     cluster = StoreCluster.start(cfg, tcfg)
     summary: dict = {}
     try:
@@ -56,7 +57,7 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
 
         _say(f"training {model} on the '{corpus}' facts corpus for {steps} steps (rows update on the shards)")
         import dataclasses
-        result = ray.get(worker.train.remote(dataclasses.asdict(train_cfg), cfg.store_root))
+        result = ray.get(worker.train.remote(dataclasses.asdict(train_cfg), cfg.to_dict()))
         ev = result["evals"][-1] if result["evals"] else {}
         print(f"   final loss {result['final_loss']:.3f}, {result['tokens_per_s']:.0f} tokens/s")
         _say("fact recall on held-out phrasings (templates never seen in training)")

@@ -32,17 +32,24 @@ from .shard_actor import ShardActor, latest_version_with_layout
 log = logging.getLogger(__name__)
 
 
-def init_ray(config: ClusterConfig) -> bool:
-    """Connect to (or embed) a Ray cluster. Returns True if this call started Ray."""
+_owns_ray = False
+
+
+def init_ray(config: ClusterConfig, log_to_driver: bool = False) -> bool:
+    """Connect to (or embed) a Ray cluster. Returns True if this process started
+    (and so should stop) it. log_to_driver shows the actors' output and progress bars."""
+    global _owns_ray
     if ray.is_initialized():
-        return False
+        return _owns_ray
     if config.ray_address:
         ray.init(address=config.ray_address, namespace=NAMESPACE, logging_level="ERROR",
-                 log_to_driver=False)
+                 log_to_driver=log_to_driver)
     else:
+        # More logical CPUs than cores: the shard actors mostly wait on gRPC.
         ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR",
-                 log_to_driver=False, num_cpus=max(os.cpu_count() or 2, 4))
-    return True
+                 log_to_driver=log_to_driver, num_cpus=max(os.cpu_count() or 2, 4))
+        _owns_ray = True
+    return _owns_ray
 
 
 @dataclass
@@ -80,9 +87,9 @@ class StoreCluster:
 
     def _start_generation(self, version: int, num_shards: int) -> list:
         gen = ray.get(self.registry.expect.remote(num_shards, version))
-        opts = self.config.shard.ray_options()
-        if self.config.ray_address:  # a standing cluster: the shards outlive the command that started them
-            opts["lifetime"] = "detached"
+        # Detached: a shard belongs to the cluster, not to the process that started it
+        # (a command line, or a worker that scales the store mid-run); stop() ends it.
+        opts = dict(self.config.shard.ray_options(), lifetime="detached")
         actors = [ShardActor.options(name=f"kstore_shard_g{gen}_{i}", **opts).remote(
             os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token)
             for i in range(num_shards)]
@@ -172,7 +179,12 @@ class StoreCluster:
         return pid
 
     def stop(self) -> None:
-        _stop_actors(self.actors)
+        """Stop every shard actor of the current layout (whoever started it) and the registry."""
+        try:
+            current = attach(self.config).actors
+        except Exception:  # the registry is gone already
+            current = []
+        _stop_actors(list({a._actor_id: a for a in self.actors + current}.values()))
         self.actors = []
         try:
             ray.kill(self.registry, no_restart=True)

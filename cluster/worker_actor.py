@@ -1,15 +1,21 @@
 """A model worker as a Ray actor: trains or generates against the store
 cluster's shard map (through a FollowingTable), with no store logic of its own.
 
-Training survives a shard crash: the table raises ShardRestarted (or the
-shard stays unreachable), the worker waits for Ray to restart the shard and
-the registry to show it, then resumes from the last consistent checkpoint
-(model weights + the store version published at that step).
+- Data parallel: W worker actors join one torch.distributed group (gloo on
+  CPU); model gradients are all-reduced, row gradients go to the shards, whose
+  step barrier applies them once all W workers have arrived.
+- Scaling while training: `scale_at={step: shards}` re-partitions the store
+  between two steps (rank 0 does it; every rank follows the registry).
+- Training survives a shard crash: the table raises ShardRestarted (or the
+  shard stays unreachable), the worker waits for Ray to restart the shard and
+  the registry to show it, then resumes from the last consistent checkpoint
+  (model weights + the store version published at that step).
 """
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 
 import ray
@@ -17,17 +23,44 @@ import ray
 log = logging.getLogger(__name__)
 
 
+class RayProgress:
+    """tqdm's interface, as far as training uses it, over Ray's tqdm_ray, whose
+    bars the driver draws (plain tqdm in an actor would garble its output)."""
+
+    def __init__(self, iterable, initial: int = 0, total: int | None = None, disable: bool = False,
+                 desc: str | None = None):
+        from ray.experimental import tqdm_ray
+
+        self._it = iterable
+        self._desc = desc or ""
+        self._bar = None if disable else tqdm_ray.tqdm(desc=self._desc, total=total)
+        if self._bar is not None and initial:
+            self._bar.update(initial)
+
+    def __iter__(self):
+        for item in self._it:
+            yield item
+            if self._bar is not None:
+                self._bar.update(1)
+        if self._bar is not None:
+            self._bar.close()
+
+    def set_postfix(self, **kw) -> None:
+        if self._bar is not None:
+            self._bar.set_description(f"{self._desc} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+
+
 @ray.remote(max_restarts=0)
 class WorkerActor:
-    def __init__(self, admin_token: str, rank: int = 0, world_size: int = 1, torch_threads: int = 1):
+    def __init__(self, admin_token: str, torch_threads: int = 1):
         import torch
 
         torch.set_num_threads(torch_threads)
         self.admin_token = admin_token
-        self.rank, self.world_size = rank, world_size
         self.model = None
         self.tokenizer = None
         self.recoveries = 0
+        self._store_root = ""
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -35,46 +68,68 @@ class WorkerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def free_port(self) -> tuple[str, int]:
+        """An address for the torch.distributed rendezvous, on this worker's node."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return "127.0.0.1", s.getsockname()[1]
+
     def _table(self, on_restart: str):
         from .following_table import FollowingTable
         return FollowingTable(admin_token=self.admin_token, on_restart=on_restart,
                               store_root=self._store_root)
 
-    def train(self, train_config: dict, store_root: str, resume: str | None = None,
-              max_recoveries: int = 3) -> dict:
+    def train(self, train_config: dict, cluster_config: dict, resume: str | None = None, *,
+              data_parallel: tuple[int, int, str, int] | None = None, scale_at: dict[int, int] | None = None,
+              max_recoveries: int = 3, ray_progress: bool = True, return_state: bool = False) -> dict:
         """Run model_worker.train against the cluster's store. Returns the run's
-        summary (losses, tokens/s, evals) and keeps the model for `answer`."""
+        summary (losses, tokens/s, evals) and keeps the model for `answer`.
+        data_parallel: (rank, world_size, master_addr, master_port)."""
         from model_worker.checkpoint import latest_checkpoint
+        from model_worker.distributed import DataParallel
         from model_worker.train import TrainConfig, train
         from store_service import errors
 
+        from .config import ClusterConfig
         from .following_table import ShardRestarted
 
-        self._store_root = os.path.abspath(store_root)
+        ccfg = ClusterConfig.from_dict(cluster_config)
+        self._store_root = os.path.abspath(ccfg.store_root)
         cfg = TrainConfig(**train_config)
+        dp = DataParallel.init(*data_parallel) if data_parallel is not None else None
+        rank = dp.rank if dp is not None else 0
         table = self._table("raise")
-        while True:
-            try:
-                result = train(cfg, table=table, resume=resume)
-                break
-            except (ShardRestarted, errors.ShardUnavailable) as e:
-                if self.recoveries >= max_recoveries:
-                    raise
-                self.recoveries += 1
-                ckpt = latest_checkpoint(cfg.out_dir)
-                if ckpt is None:
-                    raise RuntimeError(f"a shard failed ({e}) before the first checkpoint; "
-                                       "nothing consistent to resume from") from e
-                log.warning("worker %d: %s; resuming from %s", self.rank, e, ckpt)
-                _wait_for_restarted_shards(table)
-                resume = str(ckpt)
+        hook = _scaler(ccfg, scale_at, table, dp) if scale_at else None
+        progress = RayProgress if ray_progress else _no_progress
+        try:
+            while True:
+                try:
+                    result = train(cfg, table=table, resume=resume, data_parallel=dp, step_hook=hook,
+                                   progress_bar=progress)
+                    break
+                except (ShardRestarted, errors.ShardUnavailable) as e:
+                    if self.recoveries >= max_recoveries or dp is not None:
+                        raise  # data-parallel recovery restarts the whole group: the caller's job
+                    self.recoveries += 1
+                    ckpt = latest_checkpoint(cfg.out_dir)
+                    if ckpt is None:
+                        raise RuntimeError(f"a shard failed ({e}) before the first checkpoint; "
+                                           "nothing consistent to resume from") from e
+                    log.warning("%s; resuming from %s", e, ckpt)
+                    _wait_for_restarted_shards(table)
+                    resume = str(ckpt)
+        finally:
+            if dp is not None:
+                dp.shutdown()
         table.on_restart = "follow"  # from here on the model only reads: follow restarts
         self.model = result.pop("model").eval()
         from model_worker.data import ByteTokenizer
         self.tokenizer = ByteTokenizer()
         return {"losses": result["losses"], "start_step": result["start_step"],
                 "final_loss": result["final_loss"], "tokens_per_s": result["tokens_per_s"],
-                "evals": result["evals"], "recoveries": self.recoveries, "params": result["params"]}
+                "evals": result["evals"], "recoveries": self.recoveries, "params": result["params"],
+                "table_step": table.info().step, "num_shards": len(table.shards),
+                "model_state": dict(self.model.state_dict()) if return_state else None}
 
     def load(self, checkpoint: str) -> None:
         """Serve a checkpoint: its model, against the cluster's store (follows swaps and scaling)."""
@@ -109,6 +164,35 @@ class WorkerActor:
             best = flat_w.topk(min(top, flat_w.numel()))
             out[int(layer)] = [(int(flat_ids[i]), round(float(v), 4)) for v, i in zip(best.values, best.indices)]
         return out
+
+
+def _no_progress(iterable, **_):
+    class _Bar:
+        def __iter__(self):
+            return iter(iterable)
+
+        def set_postfix(self, **__):
+            pass
+    return _Bar()
+
+
+def _scaler(config, scale_at: dict[int, int], table, dp):
+    """A step hook that re-partitions the store at the scheduled steps. Every
+    worker stops between the two steps (so no gradient reaches the old shards
+    after the snapshot), rank 0 scales, and every worker rebinds its table to
+    the new shards before the next step."""
+    def hook(done: int) -> None:
+        if done not in scale_at:
+            return
+        if dp is not None:
+            dp.barrier()
+        if dp is None or dp.rank == 0:
+            from .launch import attach
+            attach(config).scale(int(scale_at[done]), drain_s=1.0)
+        if dp is not None:
+            dp.barrier()
+        table.sync(wait_for_change=True)
+    return hook
 
 
 def _wait_for_restarted_shards(table, timeout_s: float = 120.0) -> None:

@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -32,6 +32,7 @@ from store_service.interface import KnowledgeTable
 from . import evaluate
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ModelConfig, preset
+from .distributed import DataParallel
 from .data import ByteTokenizer, PackedLoader, build_corpus, packed_batches
 from .generate import generate_fn, readout_mode
 from .model import Transformer
@@ -129,11 +130,16 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
 
 
 def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str | Path | None = None,
-          stop_at: int | None = None) -> dict:
+          stop_at: int | None = None, data_parallel: DataParallel | None = None,
+          step_hook: Callable[[int], None] | None = None, progress_bar: Callable = tqdm) -> dict:
     """Run (or resume) training. `table`: use this table instead of creating an
     in-process one (e.g. a gRPC client); `resume`: a checkpoint directory, or an
     out_dir whose `latest` is used; `stop_at`: stop after this step (checkpointing
     it) without changing the schedule, to test resumption.
+    `data_parallel`: this worker's rank among W workers sharing one store (each
+    trains on batches step*W + rank; rank 0 evaluates and checkpoints);
+    `step_hook(done_steps)`: called between steps, after any checkpoint (the
+    cluster scales the store there); `progress_bar`: a tqdm-like factory.
     Returns {"losses": [...], "evals": [...], "tokens_per_s", "params", "final_loss", ...}."""
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out_dir)
@@ -167,23 +173,30 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     model.train()
     tokens, t_train = 0, 0.0
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not cfg.progress, desc=cfg.model)
+    dp = data_parallel
+    rank, world = (dp.rank, dp.world_size) if dp is not None else (0, 1)
+    bar = progress_bar(range(start, end), initial=start, total=end, disable=not cfg.progress or rank != 0,
+                       desc=cfg.model)
     for step in bar:
-        if cfg.eval_every and step % cfg.eval_every == 0 and step > start:
+        if cfg.eval_every and step % cfg.eval_every == 0 and step > start and rank == 0:
             history["evals"].append({"step": step, **evaluate_model(model, tok, corpus, cfg)})
         t0 = time.perf_counter()
-        batch = next(loader)
+        batch = next(loader) if dp is None else loader.batch(step * world + rank)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
         logits, loss = model(batch.inputs, batch.targets)
-        (loss + model.aux_loss()).backward()       # row and flat-key gradients go to the store here
+        ((loss + model.aux_loss()) / world).backward()  # row and flat-key gradients go to the store here
+        if dp is not None:
+            dp.all_reduce_grads(model)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if dp is not None:
+            dp.all_reduce_loads(model)
         loads = model.end_step()                   # MoE and product-key balancing biases
-        if table is not None:
-            table.end_step(step)                   # step barrier: the store applies the row gradients
+        if table is not None:                      # step barrier: the store applies the row gradients
+            table.end_step(step, worker=rank, num_workers=world)
         t_train += time.perf_counter() - t0
         tokens += batch.inputs.numel()
         history["losses"].append(loss.item())
@@ -192,8 +205,13 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / t_train:.0f}")
         done = step + 1
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or (done == end and (cfg.ckpt_every or stop_at)):
-            save_checkpoint(out, done, model, optimizer, loader.state_dict(), table, meta)
-    if cfg.eval_every and end == cfg.steps:
+            if rank == 0:
+                save_checkpoint(out, done, model, optimizer, loader.state_dict(), table, meta)
+            if dp is not None:
+                dp.barrier()
+        if step_hook is not None:
+            step_hook(done)
+    if cfg.eval_every and end == cfg.steps and rank == 0:
         history["evals"].append({"step": end, **evaluate_model(model, tok, corpus, cfg)})
     history.update(final_loss=history["losses"][-1] if history["losses"] else float("nan"),
                    tokens_per_s=tokens / t_train if t_train else 0.0, tokens=tokens, start_step=start,
