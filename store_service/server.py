@@ -422,7 +422,9 @@ def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_t
            "--shard", str(shard_id), "--port", str(port), "--host", host, *extra_args]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
-    full_env = {**os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": admin_token}
+    # Idle OpenMP threads sleep instead of spinning: several servers (and their
+    # clients) often share a machine's cores, and spinning threads starve them.
+    full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": admin_token}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=full_env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
