@@ -189,6 +189,8 @@ def time_readout(dev, variants: bool):
         return TR.softmax_readout_backward_triton(V, ids, s, g)
 
     tm["triton_fwd"] = bench(rotating(fwd, sets))
+    fwdbwd(*sets[0])  # first CUDA call: the row-gradient kernel config is tuned here
+    RESULT["row_grad_config_tuned"] = {str(k): v for k, v in TR._BWD_TUNED.items()}
     tm["triton_bwd"] = bench(rotating(bwd, sets))
     tm["triton_fwdbwd"] = bench(rotating(fwdbwd, sets))
     log(f"triton fwd {tm['triton_fwd']:.3f}  bwd {tm['triton_bwd']:.3f}  fwd+bwd {tm['triton_fwdbwd']:.3f} ms")
@@ -203,20 +205,12 @@ def time_readout(dev, variants: bool):
         V, ids, s, g = sets[i]
         skey, perm, bounds = seg[i]
         Uu = bounds.numel() - 1
-        bd, nw, ordered, hints = cfg or TR._bwd_config(D)
-        nd = triton_cdiv(D, bd)
+        cfg = cfg or TR._bwd_config(D)
+        nd = triton_cdiv(D, min(cfg[0], D))
         uq = torch.empty(Uu, dtype=torch.int64, device=dev)
         rg = torch.empty((Uu, D), dtype=torch.float32, device=dev)
         gw = torch.zeros((nd, T * K), dtype=torch.float32, device=dev)
-        if ordered:
-            first = torch.full((T * K,), -1, dtype=torch.int32, device=dev)
-            TR._first_map_kernel[(triton_cdiv(Uu, 1024),)](perm, bounds, first, Uu, BLOCK=1024)
-        else:
-            first = bounds
-        TR._row_grad_kernel[(T * K if ordered else Uu, nd)](V, g, w0, perm, skey, bounds, first, uq, rg, gw,
-                                                            T * K, K, D, V.stride(0), g.stride(0),
-                                                            BLOCK_D=bd, ORDERED=ordered, HINTS=hints,
-                                                            num_warps=nw)
+        TR._launch_row_grad(cfg, V, g, w0, perm, skey, bounds, uq, rg, gw, T * K, K, D)
     st = {"i": 0}
 
     def rg_call(cfg=None):
@@ -238,13 +232,12 @@ def time_readout(dev, variants: bool):
             log("fwd variant (BLOCK_K, BLOCK_D, D_PER_PROG, warps)", cfg, fv[str(cfg)])
         RESULT["variants"]["fwd"] = fv
         bv = {}
-        for cfg in [(1024, 4, True, True), (1024, 4, False, True), (1024, 4, True, False), (1024, 2, True, True),
-                    (512, 2, True, True), (1024, 8, True, True)]:
+        for cfg in TR._BWD_CANDIDATES + [(1024, 4, False, True, 1), (1024, 8, True, True, 8)]:
             try:
                 bv[str(cfg)] = bench(rg_call(cfg))
             except Exception as e:  # noqa: BLE001
                 bv[str(cfg)] = repr(e)[:200]
-            log("row-grad kernel variant (BLOCK_D, warps, ORDERED, HINTS)", cfg, bv[str(cfg)])
+            log("row-grad kernel variant (BLOCK_D, warps, ORDERED, HINTS, ROWS)", cfg, bv[str(cfg)])
         RESULT["variants"]["row_grad_kernel"] = bv
 
     # PyTorch eager reference and torch.compile of it
@@ -324,12 +317,12 @@ def time_pk(dev, variants: bool):
         log(f"pk {name}: torch {tm[f'torch_ref_{name}']:.3f} ms  triton {tm[f'triton_{name}']:.3f} ms")
         if variants and not SMOKE:
             pv = {}
-            for cfg in [(16, 32, 8), (16, 32, 4), (16, 64, 8), (32, 32, 8), (16, 16, 4)]:
+            for cfg in [(16, 16, 8, 1), (16, 16, 4, 1), (16, 32, 8, 1), (32, 16, 8, 1)]:
                 try:
                     pv[str(cfg)] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k, config=cfg), sets))
                 except Exception as ex:  # noqa: BLE001
                     pv[str(cfg)] = repr(ex)[:200]
-                log("pk variant (BLOCK_B, BLOCK_DK, warps)", name, cfg, pv[str(cfg)])
+                log("pk variant (BLOCK_B, BLOCK_DK, warps, stages)", name, cfg, pv[str(cfg)])
             RESULT["variants"][f"pk_{name}"] = pv
     RESULT["timings_ms"]["pk_search"] = tm
     RESULT["pk_shape"] = dict(queries=B, n=n, d_half=d, k=k)

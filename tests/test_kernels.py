@@ -104,7 +104,8 @@ def test_backward_compact_layout_and_edge_cases():
 def test_row_grad_config_variants_agree():
     V, ids, s, go = _inputs(6, 4, 20, 9, torch.float32, seed=3)
     ref = R.softmax_readout_backward_reference(V.double(), ids, s.double(), go.double())
-    for cfg in [(32, 1, False, False), (8, 1, True, True)]:  # d split in blocks, (un)ordered programs
+    # d split in blocks, (un)ordered programs, several rows per program
+    for cfg in [(32, 1, False, False), (8, 1, True, True), (32, 2, True, True, 2), (8, 4, True, True, 4)]:
         gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg)
         assert torch.equal(u, ref[1]) and _rel(rg, ref[2]) < 1e-5 and _rel(gs, ref[0]) < 1e-5
     out = TR.softmax_readout_triton(V, ids, s, config=(4, 8, 16, 1))  # k tiles, d split over programs

@@ -185,8 +185,10 @@ def _pairs(k: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
 
 
 def _pk_config(n: int, k: int, d: int):
-    """(BLOCK_B, BLOCK_DK, num_warps)."""
-    return 16, min(max(16, _next_pow2(d)), 32), 8
+    """(BLOCK_B, BLOCK_DK, num_warps, num_stages). One stage: a pipelined [BLOCK_DK, n]
+    codebook tile needs 260 KB of shared memory at BLOCK_DK = 32, n = 1024 (more than
+    the H100's 227 KB); unpipelined at BLOCK_DK = 16 it is 65 KB."""
+    return 16, 16, 8, 1
 
 
 def pk_search_supported(n: int, k: int) -> bool:
@@ -225,7 +227,7 @@ def product_key_search_triton(q_a: torch.Tensor, q_b: torch.Tensor, codebook_a: 
     bb = (bias_b if bias_b is not None else torch.zeros(n, device=dev)).float().contiguous()
     kp = max(2, _next_pow2(k))
     block_n = max(16, _next_pow2(n), kp)
-    block_b, block_dk, num_warps = config or _pk_config(n, k, d)
+    block_b, block_dk, num_warps, num_stages = config or _pk_config(n, k, d)
     pi, pj, np_ = _pairs(k, dev)
     if np_ < kp:
         pi = torch.cat([pi, pi.new_full((kp - np_,), -1)])
@@ -237,5 +239,5 @@ def product_key_search_triton(q_a: torch.Tensor, q_b: torch.Tensor, codebook_a: 
                                 qa.stride(0), qb.stride(0), ca.stride(0), cb.stride(0),
                                 HAS_BIAS=has_bias, IEEE=(dt == torch.float32), BLOCK_B=block_b,
                                 BLOCK_N=block_n, BLOCK_DK=block_dk, K=k, KP=kp, NP=np_,
-                                num_warps=num_warps)
+                                num_warps=num_warps, num_stages=num_stages)
     return out_s, out_i

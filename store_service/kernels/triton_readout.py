@@ -196,9 +196,101 @@ def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, f
             tl.store(rg_ptr + u.to(tl.int64) * D + offs_d, acc, mask=dmask)
 
 
+@triton.jit
+def _row_grad_rows_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, first_ptr, uniq_ptr,
+                          rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g,
+                          BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
+    """As _row_grad_kernel (ORDERED, HINTS) but ROWS unique rows per program,
+    their loads issued together ([ROWS, BLOCK_D] tiles, one row per warp when
+    num_warps == ROWS): more independent loads in flight per program; v kept
+    in its storage dtype to save registers."""
+    i = tl.program_id(0)
+    pd = tl.program_id(1)
+    slot = i.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    u = tl.load(first_ptr + slot, mask=slot < TK, other=-1)
+    valid = u >= 0
+    u = tl.where(valid, u, 0)
+    start = tl.load(bounds_ptr + u, mask=valid, other=0)
+    end = tl.load(bounds_ptr + u + 1, mask=valid, other=0)
+    row = tl.load(skey_ptr + start, mask=valid, other=0).to(tl.int64)
+    tl.store(uniq_ptr + u, row, mask=valid & ((u * 0 + pd) == 0))
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    m2 = valid[:, None] & dmask[None, :]
+    v = tl.load(values_ptr + row[:, None] * stride_v + offs_d[None, :], mask=m2, other=0.0,
+                eviction_policy="evict_first")
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
+    gw_base = gw_ptr + pd.to(tl.int64) * TK
+    n_max = tl.max(end - start, axis=0)
+    for c in range(0, n_max):
+        q = start + c
+        m = valid & (q < end)
+        p = tl.load(perm_ptr + q, mask=m, other=0)
+        t = p // K
+        w = tl.load(w_ptr + p, mask=m, other=0.0)
+        g = tl.load(g_ptr + t[:, None] * stride_g + offs_d[None, :], mask=m[:, None] & dmask[None, :],
+                    other=0.0, eviction_policy="evict_last").to(tl.float32)
+        acc += w[:, None] * g
+        tl.store(gw_base + p, tl.sum(g * v.to(tl.float32), axis=1), mask=m)
+    tl.store(rg_ptr + u.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=m2, cache_modifier=".cs")
+
+
+# row-gradient kernel configs: (BLOCK_D cap, num_warps, ORDERED, HINTS, ROWS); ROWS > 1 uses
+# _row_grad_rows_kernel (always ordered, with hints). On CUDA the first call for a
+# (d_v, dtype) times the candidates on the real inputs and keeps the fastest.
+_BWD_CANDIDATES = [(1024, 2, True, True, 1), (1024, 4, True, True, 1), (1024, 1, True, True, 1),
+                   (1024, 2, True, True, 2), (1024, 4, True, True, 4)]
+_BWD_TUNED: dict = {}
+
+
 def _bwd_config(D: int):
-    """(BLOCK_D, num_warps, ORDERED, HINTS) of the row-gradient kernel."""
-    return min(_next_pow2(D), 1024), 4, True, True
+    """Default (BLOCK_D, num_warps, ORDERED, HINTS, ROWS): best measured on an H100 at d_v = 1024
+    (benchmarks/KERNEL_NOTES.md)."""
+    return min(_next_pow2(D), 1024), 2, True, True, 1
+
+
+def _launch_row_grad(cfg, values, g, w, perm, skey, bounds, uniq, row_grads, gw_part, TK, K, D):
+    block_d, num_warps, ordered, hints = cfg[:4]
+    rows = cfg[4] if len(cfg) > 4 else 1
+    block_d = min(block_d, _next_pow2(D))
+    n_dblk = triton.cdiv(D, block_d)
+    U = bounds.numel() - 1
+    if ordered or rows > 1:
+        first = torch.full((TK,), -1, dtype=torch.int32, device=values.device)
+        _first_map_kernel[(triton.cdiv(U, 1024),)](perm, bounds, first, U, BLOCK=1024)
+    else:
+        first = bounds  # unused
+    if rows > 1:
+        _row_grad_rows_kernel[(triton.cdiv(TK, rows), n_dblk)](
+            values, g, w, perm, skey, bounds, first, uniq, row_grads, gw_part, TK, K, D,
+            values.stride(0), g.stride(0), BLOCK_D=block_d, ROWS=rows, num_warps=num_warps)
+    else:
+        _row_grad_kernel[(TK if ordered else U, n_dblk)](
+            values, g, w, perm, skey, bounds, first, uniq, row_grads, gw_part, TK, K, D,
+            values.stride(0), g.stride(0), BLOCK_D=block_d, ORDERED=ordered, HINTS=hints,
+            num_warps=num_warps)
+
+
+def _tuned_bwd_config(args, D: int, dtype):
+    key = (D, dtype, args[0].device.index)
+    if key in _BWD_TUNED:
+        return _BWD_TUNED[key]
+    times = []
+    for cfg in _BWD_CANDIDATES:
+        try:
+            _launch_row_grad(cfg, *args)  # compile + warm
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+            ev[0].record()
+            for _ in range(3):
+                _launch_row_grad(cfg, *args)
+            ev[1].record()
+            torch.cuda.synchronize()
+            times.append((ev[0].elapsed_time(ev[1]), cfg))
+        except Exception:  # noqa: BLE001  (a config that does not compile here is skipped)
+            continue
+    best = min(times, key=lambda x: x[0])[1] if times else _bwd_config(D)
+    _BWD_TUNED[key] = best
+    return best
 
 
 def _segments(ids: torch.Tensor, n_rows: int):
@@ -213,7 +305,7 @@ def _segments(ids: torch.Tensor, n_rows: int):
     else:
         sentinel = 2 ** 63 - 1
         key = torch.where(flat >= 0, flat, sentinel)
-    skey, perm = torch.sort(key, stable=True)
+    skey, perm = torch.sort(key)  # radix sort; order inside a segment does not matter
     flag = torch.empty(TK + 1, dtype=torch.int8, device=flat.device)
     BLOCK = 1024
     _seg_flags_kernel[(triton.cdiv(TK + 1, BLOCK),)](skey, flag, TK, sentinel, BLOCK=BLOCK)
@@ -223,7 +315,8 @@ def _segments(ids: torch.Tensor, n_rows: int):
 
 def _readout_backward(values, ids, w, grad_out, config=None):
     """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
-    config: optional (BLOCK_D, num_warps, ORDERED, HINTS) of the row-gradient kernel."""
+    config: optional (BLOCK_D, num_warps, ORDERED, HINTS[, ROWS]) of the row-gradient kernel;
+    by default tuned on the first CUDA call per (d_v, dtype) among _BWD_CANDIDATES."""
     T, K = ids.shape
     D = values.shape[1]
     dev = values.device
@@ -234,24 +327,16 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     w = w.contiguous().reshape(-1)
     skey, perm, bounds = _segments(ids, values.shape[0])
     U = bounds.numel() - 1
-    block_d, num_warps, ordered, hints = config or _bwd_config(D)
-    block_d = min(block_d, _next_pow2(D))
+    block_d = min(_next_pow2(D), 1024) if config is None else min(config[0], _next_pow2(D))
     n_dblk = triton.cdiv(D, block_d) if D else 0
     uniq = torch.empty(U, dtype=torch.int64, device=dev)
     row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
     gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
     if U and D:
-        if ordered:
-            first = torch.full((TK,), -1, dtype=torch.int32, device=dev)
-            _first_map_kernel[(triton.cdiv(U, 1024),)](perm, bounds, first, U, BLOCK=1024)
-            grid0 = TK
-        else:
-            first = bounds  # unused
-            grid0 = U
-        _row_grad_kernel[(grid0, n_dblk)](values, g, w, perm, skey, bounds, first, uniq, row_grads, gw_part,
-                                          TK, K, D, values.stride(0), g.stride(0),
-                                          BLOCK_D=block_d, ORDERED=ordered, HINTS=hints,
-                                          num_warps=num_warps)
+        args = (values, g, w, perm, skey, bounds, uniq, row_grads, gw_part, TK, K, D)
+        if config is None:
+            config = _tuned_bwd_config(args, D, values.dtype) if values.is_cuda else _bwd_config(D)
+        _launch_row_grad(config, *args)
     elif U:
         uniq.copy_(skey[bounds[:-1]])
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
