@@ -113,9 +113,9 @@ class ModelConfig:
 # benchmark (a few minutes per run). Within a size the baselines are matched in
 # active parameters per token (see model.count_params; benchmarks/quality.py prints them).
 _TINY = dict(vocab_size=260, block_size=64, n_layers=2, d_model=32, n_heads=2)
-_SMALL = dict(vocab_size=260, block_size=128, n_layers=4, d_model=128, n_heads=4)
+_SMALL = dict(vocab_size=260, block_size=128, n_layers=4, d_model=64, n_heads=4)
 _TINY_KN = dict(layers=(1,), n_heads=2, d_k=16, k=4, n_sub=8)
-_SMALL_KN = dict(layers=(2,), placement="beside", n_heads=4, d_k=32, k=16, n_sub=64)
+_SMALL_KN = dict(layers=(2,), placement="replace", n_heads=2, d_k=32, k=16, n_sub=64)
 
 configs: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),

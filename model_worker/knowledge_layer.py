@@ -146,13 +146,18 @@ class KnowledgeLayer(nn.Module):
 
         ids, flat_keys = self._select(q.detach(), ca.detach(), cb.detach())  # [T, k], [T, k, d_k] | None
 
-        # Recompute the scores of the selected rows differentiably (no bias).
+        # Recompute the scores of the selected rows differentiably (no bias). A product
+        # key is (c_a[i], c_b[j]), so q.k = (q_a C_a^T)[i] + (q_b C_b^T)[j]: gather from the
+        # [T, n] sub-scores (a cheap scatter in backward) instead of gathering keys.
+        half = self.d_k // 2
         is_prod = (ids >= 0) & (ids < n * n)
         pid = ids.clamp(0, n * n - 1)
-        keys = torch.cat([ca[pid // n], cb[pid % n]], dim=-1)              # [T, k, d_k]
+        sa, sb = q[:, :half] @ ca.T, q[:, half:] @ cb.T                     # [T, n] each
+        scores = sa.gather(1, pid // n) + sb.gather(1, pid % n)            # [T, k]
         if flat_keys is not None:
-            keys = torch.where(is_prod.unsqueeze(-1), keys, self._store_keys(flat_keys, ids, is_prod))
-        w = kernels.masked_softmax(torch.einsum("td,tkd->tk", q, keys) / self.cfg.tau, ids)  # [T, k]
+            flat = torch.einsum("td,tkd->tk", q, self._store_keys(flat_keys, ids, is_prod))
+            scores = torch.where(is_prod, scores, flat)
+        w = kernels.masked_softmax(scores / self.cfg.tau, ids)            # [T, k]
 
         readout = PushdownReadout if self.readout_mode == "pushdown" else FetchReadout
         r = readout.apply(w, ids, self.table)                              # [T, d_v] fp32
