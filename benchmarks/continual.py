@@ -57,15 +57,163 @@ def base_checkpoint(out: str = BASE_DIR) -> Path:
     return ck
 
 
+def load_base(ckpt: Path, scratch: str):
+    """The base checkpoint's model and a private copy of its table version under
+    `scratch` (what a benchmark publishes never lands in the base store)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_model
+
+    from model_worker.checkpoint import read_meta
+    from model_worker.config import ModelConfig
+    from model_worker.data import tokenizer_from_dict
+    from model_worker.model import Transformer
+    from store_service import persistence
+    from store_service.table import Table
+
+    meta = read_meta(ckpt)
+    v = int(meta["table_version"])
+    dst = persistence.version_path(scratch, v)
+    if not os.path.isdir(dst):
+        os.makedirs(scratch, exist_ok=True)
+        shutil.copytree(persistence.version_path(meta["store_root"], v), dst)
+    table = Table.open(scratch, v)
+    model = Transformer(ModelConfig.from_dict(meta["model_config"]), table)
+    load_model(model, str(Path(ckpt) / "model.safetensors"), strict=True)
+    torch.manual_seed(0)
+    return model.eval(), tokenizer_from_dict(meta["tokenizer"]), table, meta
+
+
+def run(args) -> dict:
+    import shutil
+
+    import torch
+
+    from model_worker import continual as C
+    from model_worker.data import PackedLoader, build_corpus
+
+    torch.set_num_threads(args.threads)
+    ckpt = Path(args.checkpoint) if args.checkpoint else base_checkpoint(args.base)
+    scratch = tempfile_root(args)
+    model, tok, table, meta = load_base(ckpt, scratch)
+    corpus = build_corpus(meta["train_config"]["corpus"])
+    old_eval = corpus.eval[: args.old_n] if args.old_n else corpus.eval
+    ev = dict(new_eval=corpus.new_eval, old_eval=old_eval, heldout_texts=corpus.heldout_texts,
+              loss_batches=args.loss_batches)
+    t0 = time.time()
+    base = C.measure(model, tok, **ev)
+    base["seconds"] = time.time() - t0
+    print("base", json.dumps(base), flush=True)
+    bg_loader = PackedLoader(corpus.train_texts, tok, 64, 16, seed=1)
+    background = [bg_loader.batch(i) for i in range(args.background_batches)]
+    old_batches = [bg_loader.batch(1000 + i) for i in range(4)]
+    methods = {}
+    for method in args.methods:
+        model, tok, table, meta = load_base(ckpt, scratch)
+        kw = dict(method=method, steps=args.steps, batch_size=args.batch_size, top_t=args.top_t,
+                  key_margin=args.key_margin, key_lr=args.key_lr)
+        if method in args.lr:
+            if method in ("full_finetune", "lora"):
+                kw["model_lr"] = args.lr[method]
+            else:
+                kw["lr"] = args.lr[method]
+        cfg = C.LearnConfig(**kw)
+        res = C.learn(model, table, corpus.new_train, tok, cfg, background=background, publish=False)
+        t1 = time.time()
+        after = C.measure(model, tok, **ev)
+        after["eval_seconds"] = time.time() - t1
+        fg = C.forgetting(base, after)
+        entry = {"config": {k: v for k, v in kw.items()}, "learn_seconds": res.seconds, **after, **fg,
+                 "info": res.info, "loss_first": res.losses[0], "loss_last": sum(res.losses[-5:]) / 5,
+                 "losses": res.losses}
+        if method == "new_rows":
+            entry["interference_old_text"] = C.new_row_interference(model, old_batches, int(res.new_ids.min()))
+        methods[method] = entry
+        print(method, json.dumps({k: v for k, v in entry.items() if k != "losses"}), flush=True)
+    shutil.rmtree(scratch, ignore_errors=True)
+    headline = {
+        "new_recall": {m: methods[m]["new_recall"] for m in methods},
+        "forgetting": {m: methods[m]["recall_drop"] for m in methods},
+        "heldout_loss_rise": {m: methods[m]["loss_rise"] for m in methods},
+        "base_old_recall": base["old_recall"], "base_new_recall": base["new_recall"],
+        "steps": args.steps, "batch_size": args.batch_size,
+        "new_facts": len(corpus.new_facts), "new_eval_prompts": len(corpus.new_eval), "old_eval_prompts": len(old_eval),
+    }
+    if "new_rows" in methods and "full_finetune" in methods:
+        nr, ff = methods["new_rows"], methods["full_finetune"]
+        headline["target_new_rows_forgetting_below_2pct"] = nr["recall_drop"] < 0.02
+        headline["target_new_rows_recall_at_least_full_finetune"] = nr["new_recall"] >= ff["new_recall"]
+    return {"benchmark": "continual", "device": device_string(), "headline": headline, "base": base,
+            "base_checkpoint": str(ckpt), "model_config": meta["model_config"], "methods": methods,
+            "notes": "forgetting = relative drop of exact-match recall of old facts on held-out phrasings; "
+                     "new recall = exact match on the new facts' held-out phrasings (never trained on). "
+                     "Same data (corpus.new_train, answer-only loss), steps and batch size for every method."}
+
+
+def tempfile_root(args) -> str:
+    import tempfile
+    return tempfile.mkdtemp(prefix="continual_", dir=args.scratch)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    methods = list(result["methods"])
+    nr = [result["methods"][m]["new_recall"] for m in methods]
+    fg = [100 * result["methods"][m]["recall_drop"] for m in methods]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].bar(methods, nr, color="tab:blue")
+    ax[0].set_title("new-fact recall (held-out phrasings)")
+    ax[0].set_ylim(0, 1)
+    ax[1].bar(methods, fg, color="tab:red")
+    ax[1].axhline(2, ls="--", c="k", lw=1)
+    ax[1].set_title("forgetting: relative drop of old-fact recall (%)")
+    for m in methods:
+        ax[2].plot(result["methods"][m]["losses"], label=m)
+    ax[2].set_title("training loss on the new facts")
+    ax[2].set_xlabel("step")
+    ax[2].legend()
+    for a in ax[:2]:
+        a.tick_params(axis="x", rotation=20)
+    fig.suptitle(f"continual learning, {result['headline']['steps']} steps each; {result['device'][:60]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--train-base", action="store_true")
-    ap.add_argument("--base", default=BASE_DIR)
+    ap.add_argument("--train-base", action="store_true", help="train the base model and stop")
+    ap.add_argument("--base", default=BASE_DIR, help="base model directory (trained if it has no checkpoint)")
     ap.add_argument("--base-steps", type=int, default=None)
+    ap.add_argument("--checkpoint", default=None, help="a step directory to use as the base instead")
+    ap.add_argument("--methods", nargs="+", default=["new_rows", "sparse_memory", "full_finetune", "lora"])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--top-t", type=int, default=64)
+    ap.add_argument("--key-margin", type=float, default=1.0)
+    ap.add_argument("--key-lr", type=float, default=0.0)
+    ap.add_argument("--lr", type=json.loads, default={}, help='JSON per method, e.g. {"lora": 3e-3}')
+    ap.add_argument("--old-n", type=int, default=0, help="old-fact prompts to measure (0 = all)")
+    ap.add_argument("--loss-batches", type=int, default=8)
+    ap.add_argument("--background-batches", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--scratch", default="runs")
+    ap.add_argument("--out", default="benchmarks/results/continual.json")
     args = ap.parse_args(argv)
     if args.train_base:
         print(train_base(args.base, args.base_steps))
         return
+    os.makedirs(args.scratch, exist_ok=True)
+    t0 = time.time()
+    result = run(args)
+    result["wall_seconds"] = time.time() - t0
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, args.out.replace(".json", ".png"))
+    print(json.dumps(result["headline"], indent=2))
 
 
 if __name__ == "__main__":

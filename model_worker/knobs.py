@@ -64,9 +64,10 @@ class _Doc:
 
 
 @torch.no_grad()
-def usage_trace(model: Transformer, tok: ByteTokenizer, texts: Sequence[str], batch_size: int = 16
-                ) -> list[torch.Tensor]:
-    """The unique rows each document reads (all knowledge layers), one tensor per text."""
+def usage_trace(model: Transformer, tok: ByteTokenizer, texts: Sequence[str], batch_size: int = 16,
+                per: str = "doc") -> list[torch.Tensor]:
+    """The unique rows read (all knowledge layers, all heads) per document (`per="doc"`)
+    or per token (`per="token"`: what one decode step fetches), sorted."""
     kls = model.knowledge_layers()
     out: list[torch.Tensor] = []
     was = model.training
@@ -80,8 +81,11 @@ def usage_trace(model: Transformer, tok: ByteTokenizer, texts: Sequence[str], ba
                 model(b.inputs)
                 valid = b.targets != -100
                 for i in range(b.inputs.shape[0]):
-                    ids = torch.cat([kl.last_ids[i][valid[i]].reshape(-1) for kl in kls])
-                    out.append(torch.unique(ids[ids >= 0]))
+                    ids = torch.cat([kl.last_ids[i][valid[i]].flatten(1) for kl in kls], 1)   # [S_i, L*h*k]
+                    if per == "doc":
+                        out.append(torch.unique(ids[ids >= 0]))
+                    else:
+                        out.extend(torch.unique(t[t >= 0]) for t in ids)
     finally:
         for kl in kls:
             kl.record = False
@@ -214,7 +218,7 @@ def locality(trace: Sequence[torch.Tensor], page_rows: int, group: int = 1) -> d
         pages.append(torch.unique(ids // page_rows).numel())
         runs.append(int((ids[1:] != ids[:-1] + 1).sum()) + 1)
     f = lambda x: float(np.mean(x)) if x else 0.0
-    return {"rows": f(rows), "pages": f(pages), "runs": f(runs), "page_rows": page_rows, "docs_per_batch": group}
+    return {"rows": f(rows), "pages": f(pages), "runs": f(runs), "page_rows": page_rows, "trace_units_per_batch": group}
 
 
 # -- hot-row cache ----------------------------------------------------------------------------
@@ -261,29 +265,26 @@ class CachedTable:
             self.clear()
             self._version = version
         keys = ids.tolist()
-        with self._lock:
-            miss = [i for i in dict.fromkeys(keys) if i >= 0 and i not in self._rows]
         self.fetch_calls += 1
-        fetched = {}
-        if miss:
-            vals = self.inner.fetch(torch.tensor(miss, dtype=torch.int64))
-            fetched = dict(zip(miss, vals))
-        with self._lock:
-            self.misses += sum(1 for i in keys if i in fetched)
-            self.hits += sum(1 for i in keys if i >= 0 and i not in fetched)
+        with self._lock:  # held across the miss fetch: a concurrent eviction cannot drop a row we count on
+            miss = [i for i in dict.fromkeys(keys) if i >= 0 and i not in self._rows]
+            fetched = dict(zip(miss, self.inner.fetch(torch.tensor(miss, dtype=torch.int64)))) if miss else {}
             out_rows = []
             for i in keys:
                 if i < 0:
                     out_rows.append(None)
                     continue
-                v = self._rows.get(i)
-                if v is None:
+                if i in fetched:
                     v = fetched[i]
-                    self._insert(i, v)
+                    self.misses += 1
                 else:
+                    v = self._rows[i]
                     self._rows.move_to_end(i)
+                    self.hits += 1
                 self._freq[i] = self._freq.get(i, 0) + 1
                 out_rows.append(v)
+            for i, v in fetched.items():
+                self._insert(i, v)
         ref = next((v for v in out_rows if v is not None), None)
         if ref is None:
             return self.inner.fetch(ids)
@@ -296,9 +297,11 @@ class CachedTable:
         if len(self._rows) >= self.capacity:
             if self.policy == "lru":
                 self._rows.popitem(last=False)
-            else:
-                victim = min(self._rows, key=lambda r: self._freq.get(r, 0))
-                del self._rows[victim]
+            else:  # evict the least-used 1/16 at once: amortised O(1) per insert
+                rows = list(self._rows)
+                freq = torch.tensor([self._freq.get(r, 0) for r in rows])
+                for j in torch.topk(freq, max(1, len(rows) // 16), largest=False).indices.tolist():
+                    del self._rows[rows[j]]
         self._rows[i] = v.clone()
 
     # calls that can change rows: pass through, then forget
