@@ -73,3 +73,27 @@ def test_end_step_moves_biases():
 def test_requires_table_for_knowledge():
     with pytest.raises(ValueError):
         Transformer(preset("tiny-knowledge"))
+
+
+def test_generate_greedy_matches_full_forward_and_records_rows():
+    from model_worker.generate import answer, generate, sample_next
+    from model_worker.data import ByteTokenizer
+    model = build("tiny-knowledge").eval()
+    prompt = torch.randint(0, 256, (2, 6))
+    gen = generate(model, prompt, 5, record=True)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(5):                       # the slow way: full forward over the whole sequence
+            nxt = model(seq)[0][:, -1].argmax(-1)
+            seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(gen.tokens, seq[:, 6:])
+    (layer, (ids, w)), = gen.rows.items()
+    kn = model.cfg.knowledge
+    assert layer in kn.layers and ids.shape == w.shape == (2, 6 + 4, kn.n_heads, kn.k)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 10, kn.n_heads))
+    out = answer(model, ByteTokenizer(), ["ab", "cd", "xyz"], max_new_tokens=3)
+    assert len(out) == 3
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 5.0, 4.9, -10.0]])
+    picks = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(50)}
+    assert picks <= {1, 2} and len(picks) == 2  # top-p keeps the two likely tokens only
