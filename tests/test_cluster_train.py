@@ -73,6 +73,16 @@ def test_training_across_scaling_matches_in_process(tmp_path):
         result = ray.get(worker.train.remote(dataclasses.asdict(cfg), cluster.config.to_dict(),
                                              scale_at={8: 3, 16: 1}, ray_progress=False), timeout=600)
         assert cluster.shard_map().num_shards == 1
+        # then hot-swap the store while the worker generates: no failed call
+        table = cluster.table()
+        version = table.snapshot()
+        table.close()
+        questions = ["The capital of France is", "Paris is the capital of"]
+        calls = [worker.answer.remote(questions, 8) for _ in range(6)]
+        cluster.swap(version)
+        calls += [worker.answer.remote(questions, 8) for _ in range(2)]
+        answers = ray.get(calls, timeout=300)  # raises if any call failed
+        assert len(answers) == 8 and answers[-1] == answers[0]
     finally:
         cluster.stop()
         ray.shutdown()
