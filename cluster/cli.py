@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--ids", type=parse_ids, required=True, help="e.g. 3,7,100:200")
     av.add_parser("stats", help="row usage: fraction used, KL from uniform, top-row share")
     a.set_defaults(fn=cmd_admin)
+    from .cli_knowledge import register
+    register(sub)
     return p
 
 
