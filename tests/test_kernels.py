@@ -45,7 +45,7 @@ def _inputs(T, k, d, N, dtype, seed, pad_frac=0.15, repeats=True):
 
 
 # (T, k, d_v, N): odd sizes, k = 1, few rows (many repeats), d_v not a power of two
-SHAPES = [(7, 5, 33, 20), (16, 1, 64, 8), (5, 32, 16, 40), (33, 3, 24, 5)]
+SHAPES = [(7, 5, 33, 20), (16, 1, 64, 8), (5, 16, 16, 40), (13, 3, 24, 5)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -175,8 +175,8 @@ def test_dispatch_cpu_uses_reference():
 # ---------------------------------------------------------------------------- product keys
 
 
-@pytest.mark.parametrize("B,n,d,k,bias", [(20, 32, 16, 8, False), (5, 10, 8, 5, True),
-                                          (17, 16, 24, 1, True), (16, 4, 16, 16, False)])
+@pytest.mark.parametrize("B,n,d,k,bias", [(16, 32, 16, 8, False), (5, 10, 8, 5, True),
+                                          (17, 16, 24, 1, True), (3, 3, 8, 8, False)])
 def test_pk_search_triton_matches_reference(B, n, d, k, bias):
     g = torch.Generator().manual_seed(B * n + k)
     qa, qb = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)

@@ -33,7 +33,8 @@ class SoftmaxReadout(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             if ctx.sparse_grad:
                 grad_v = torch.sparse_coo_tensor(uniq.unsqueeze(0), row_grads.to(values.dtype),
-                                                 values.shape, is_coalesced=True)
+                                                 values.shape, is_coalesced=True,
+                                                 check_invariants=False)
             else:
                 dense = torch.zeros(values.shape, dtype=torch.float32, device=values.device)
                 dense.index_add_(0, uniq, row_grads)

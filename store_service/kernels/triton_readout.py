@@ -235,14 +235,10 @@ def _row_grad_rows_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_p
     tl.store(rg_ptr + u.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=m2, cache_modifier=".cs")
 
 
-# row-gradient kernel configs: (BLOCK_D cap, num_warps, ORDERED, HINTS, ROWS); ROWS > 1 uses
-# _row_grad_rows_kernel (always ordered, with hints). On CUDA the first call for a
-# (d_v, dtype) times the candidates on the real inputs and keeps the fastest.
-_BWD_CANDIDATES = [(1024, 2, True, True, 1), (1024, 4, True, True, 1), (1024, 1, True, True, 1),
-                   (1024, 2, True, True, 2), (1024, 4, True, True, 4)]
-_BWD_TUNED: dict = {}
-
-
+# Row-gradient configs measured on an H100 at T=16384, k=32, d_v=1024 (benchmarks/KERNEL_NOTES.md):
+# (1024, 2, ordered, hints, 1) 1.29 ms; 4 warps 1.37; 1 warp 1.34; unordered 1.51; 2 rows/program
+# 1.73; 4 rows 1.99. A first-call tuner that timed these on the first (small) problem picked
+# 2 rows/program and cost 0.35 ms at the large size, so the default is fixed.
 def _bwd_config(D: int):
     """Default (BLOCK_D, num_warps, ORDERED, HINTS, ROWS): best measured on an H100 at d_v = 1024
     (benchmarks/KERNEL_NOTES.md)."""
@@ -271,28 +267,6 @@ def _launch_row_grad(cfg, values, g, w, perm, skey, bounds, uniq, row_grads, gw_
             num_warps=num_warps)
 
 
-def _tuned_bwd_config(args, D: int, dtype):
-    key = (D, dtype, args[0].device.index)
-    if key in _BWD_TUNED:
-        return _BWD_TUNED[key]
-    times = []
-    for cfg in _BWD_CANDIDATES:
-        try:
-            _launch_row_grad(cfg, *args)  # compile + warm
-            ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-            ev[0].record()
-            for _ in range(3):
-                _launch_row_grad(cfg, *args)
-            ev[1].record()
-            torch.cuda.synchronize()
-            times.append((ev[0].elapsed_time(ev[1]), cfg))
-        except Exception:  # noqa: BLE001  (a config that does not compile here is skipped)
-            continue
-    best = min(times, key=lambda x: x[0])[1] if times else _bwd_config(D)
-    _BWD_TUNED[key] = best
-    return best
-
-
 def _segments(ids: torch.Tensor, n_rows: int):
     """Sort the flat (t, j) pairs by row id (padding -> a sentinel that sorts
     last). Returns (sorted keys, perm int64 [TK], bounds int64 [U + 1]):
@@ -315,8 +289,7 @@ def _segments(ids: torch.Tensor, n_rows: int):
 
 def _readout_backward(values, ids, w, grad_out, config=None):
     """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
-    config: optional (BLOCK_D, num_warps, ORDERED, HINTS[, ROWS]) of the row-gradient kernel;
-    by default tuned on the first CUDA call per (d_v, dtype) among _BWD_CANDIDATES."""
+    config: optional (BLOCK_D, num_warps, ORDERED, HINTS[, ROWS]) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
     dev = values.device
@@ -333,10 +306,8 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     row_grads = torch.empty((U, D), dtype=torch.float32, device=dev)
     gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
     if U and D:
-        args = (values, g, w, perm, skey, bounds, uniq, row_grads, gw_part, TK, K, D)
-        if config is None:
-            config = _tuned_bwd_config(args, D, values.dtype) if values.is_cuda else _bwd_config(D)
-        _launch_row_grad(config, *args)
+        _launch_row_grad(config or _bwd_config(D), values, g, w, perm, skey, bounds, uniq, row_grads,
+                         gw_part, TK, K, D)
     elif U:
         uniq.copy_(skey[bounds[:-1]])
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
