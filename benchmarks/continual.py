@@ -99,8 +99,9 @@ def run(args) -> dict:
     model, tok, table, meta = load_base(ckpt, scratch)
     corpus = build_corpus(meta["train_config"]["corpus"])
     old_eval = corpus.eval[: args.old_n] if args.old_n else corpus.eval
+    old_seen = corpus.eval_seen[: args.old_n] if args.old_n else corpus.eval_seen
     ev = dict(new_eval=corpus.new_eval, old_eval=old_eval, heldout_texts=corpus.heldout_texts,
-              loss_batches=args.loss_batches)
+              old_seen=old_seen if args.seen else (), loss_batches=args.loss_batches)
     t0 = time.time()
     base = C.measure(model, tok, **ev)
     base["seconds"] = time.time() - t0
@@ -136,6 +137,8 @@ def run(args) -> dict:
         "new_recall": {m: methods[m]["new_recall"] for m in methods},
         "forgetting": {m: methods[m]["recall_drop"] for m in methods},
         "heldout_loss_rise": {m: methods[m]["loss_rise"] for m in methods},
+        "forgetting_seen_phrasing": {m: methods[m]["seen_recall_drop"] for m in methods},
+        "base_old_seen_recall": base["old_seen_recall"],
         "base_old_recall": base["old_recall"], "base_new_recall": base["new_recall"],
         "steps": args.steps, "batch_size": args.batch_size,
         "new_facts": len(corpus.new_facts), "new_eval_prompts": len(corpus.new_eval), "old_eval_prompts": len(old_eval),
@@ -197,6 +200,7 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=json.loads, default={}, help='JSON per method, e.g. {"lora": 3e-3}')
     ap.add_argument("--old-n", type=int, default=0, help="old-fact prompts to measure (0 = all)")
     ap.add_argument("--loss-batches", type=int, default=8)
+    ap.add_argument("--seen", type=int, default=1, help="also measure old facts on a trained phrasing (1/0)")
     ap.add_argument("--background-batches", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scratch", default="runs")

@@ -3,8 +3,10 @@
     python -m benchmarks.interpret      # -> benchmarks/results/interpret.{json,png}
 
 Ablation: for groups of facts the base model recalls, ablate (admin API) the rows
-their answers read most, and measure the recall of those facts and of every other
-recalled fact in a sample; the same number of random used rows is the control.
+their answers read most (ranked by TF-IDF against a pass over the training texts),
+and measure the recall of those facts and of other recalled facts; the same number
+of random used rows is the control. Selectivity = drop of the ablated facts' recall
+- drop of the others'.
 Usage: fraction of rows used, KL of usage from uniform, top-1% share (Lample et
 al. 2019), from the store's training counts and from one eval pass; histogram.
 """
@@ -43,9 +45,10 @@ def run(args) -> dict:
     usage = {"store_training_counts": usage_summary(train_usage), "eval_pass": usage_summary(eval_usage)}
     hist = {"store_training_counts": usage_histogram(train_usage), "eval_pass": usage_histogram(eval_usage)}
 
-    # which eval facts the model gets right (held-out phrasing)
-    rec = evaluate.recall_on_examples(gen, corpus.eval, return_predictions=True)
-    right = [e for e, p in zip(corpus.eval, rec["predictions"])
+    # which facts the model gets right (on a trained phrasing by default: more of them)
+    pool = corpus.eval_seen if args.phrasing == "seen" else corpus.eval
+    rec = evaluate.recall_on_examples(gen, pool, return_predictions=True)
+    right = [e for e, p in zip(pool, rec["predictions"])
              if evaluate.normalize_answer(p) == evaluate.normalize_answer(e.answer)]
     rng = random.Random(0)
     rng.shuffle(right)
@@ -59,7 +62,8 @@ def run(args) -> dict:
     results = []
     for gi, group in enumerate(groups):
         others = [e for e in right if e not in group][: args.others]
-        rows = I.answer_rows(model, tok, group, per_fact=max(args.per_fact))
+        rows = I.answer_rows(model, tok, group, per_fact=max(args.per_fact),
+                             background=eval_usage.weight_sum if args.tfidf else None)
         for r in args.per_fact:
             ids = torch.unique(torch.cat([x[:r] for x in rows]))
             with I.ablated(model, ids):
@@ -98,7 +102,8 @@ def run(args) -> dict:
         "usage_kl_from_uniform": usage["store_training_counts"]["kl_from_uniform"],
         "usage_top1pct_share": usage["store_training_counts"]["top_share"],
         "eval_pass_fraction_used": usage["eval_pass"]["fraction_used"],
-        "facts_recalled_by_base": len(right), "eval_facts": len(corpus.eval),
+        "facts_recalled_by_base": len(right), "facts": len(pool), "phrasing": args.phrasing,
+        "row_ranking": "tf-idf" if args.tfidf else "weight",
     }
     return {"benchmark": "interpret", "device": device_string(), "headline": headline,
             "ablation": {"by_rows_per_fact": summary, "runs": results, "group_size": args.group_size,
@@ -143,6 +148,9 @@ def main(argv=None) -> None:
     ap.add_argument("--group-size", type=int, default=8)
     ap.add_argument("--others", type=int, default=48)
     ap.add_argument("--per-fact", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--phrasing", choices=["seen", "heldout"], default="seen",
+                    help="facts (and their rows) on a trained phrasing or the held-out one")
+    ap.add_argument("--tfidf", type=int, default=1, help="rank a fact's rows by TF-IDF against the eval pass (1/0)")
     ap.add_argument("--m", type=int, default=8, help="top contexts kept per row")
     ap.add_argument("--context-docs", type=int, default=1076)
     ap.add_argument("--threads", type=int, default=1)

@@ -187,7 +187,8 @@ def cmd_reorder(args) -> None:
 def _bench(module: str):
     def run(args) -> None:
         import importlib
-        importlib.import_module(module).main(args.bench_args)
+        rest = list(args.bench_args)
+        importlib.import_module(module).main(rest[1:] if rest[:1] == ["--"] else rest)
     return run
 
 

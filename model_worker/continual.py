@@ -100,6 +100,9 @@ class LearnConfig:
     key_margin: float = 1.0           # new key's score on its own queries - best product-key score
     value_init_std: float = 1e-3      # "values small"
     max_new_rows: int = 0             # 0 = one per (fact, answer position, head, layer)
+    calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
+    contrast: bool = True             # key direction: group mean minus the old-text mean query
+    bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
     # sparse_memory (Lin et al. 2025)
     top_t: int = 64                   # rows unfrozen per batch
     background_batches: int = 32      # pretraining batches for document frequencies
@@ -259,34 +262,78 @@ def product_top_scores(kl, q: torch.Tensor, k: int | None = None) -> torch.Tenso
 
 @torch.no_grad()
 def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]],
-                  margin: float, max_rows: int = 0, seed: int = 0) -> tuple[torch.Tensor, dict]:
-    """One key per (layer, group, position, head): the normalised mean of its queries,
-    scaled so its mean score on them is `margin` above their best product-key score.
-    -> keys [M, d_k], info."""
+                  margin: float, max_rows: int = 0, seed: int = 0,
+                  background: dict[int, torch.Tensor] | None = None, contrast: bool = True,
+                  bg_quantile: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """One key per (layer, group, position, head) -> keys [M, d_k], info.
+
+    Direction: the mean of the group's normalised queries, minus (contrast) the mean
+    of the background queries of that head, so that what every context shares does
+    not count. Scale: `margin` above the best product-key score of the group's
+    queries; with `background` (old-text queries [P, h, d_k] per layer) capped so
+    that the key's score on (1 - bg_quantile) of them stays below their k-th best
+    product score: the row is then not selected in old contexts, and old answers
+    cannot change. Rows that cannot reach their own queries under that cap are kept
+    (harmless) and counted in info["unreachable"]."""
     keys, info = [], {}
+    F = torch.nn.functional
     for layer, (q, gk) in queries.items():
         kl = model.layers[layer].knowledge
         P, h, d = q.shape
         uniq, inv = torch.unique(gk, dim=0, return_inverse=True)             # [U, 2], [P]
         U = uniq.shape[0]
-        qn = torch.nn.functional.normalize(q, dim=-1)                          # [P, h, d]
-        mean = torch.zeros(U, h, d).index_add_(0, inv, qn)
-        u = torch.nn.functional.normalize(mean, dim=-1)                        # [U, h, d]
-        self_score = torch.zeros(U, h).index_add_(0, inv, (q * u[inv]).sum(-1))
-        count = torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()
-        self_score = self_score / count                                        # mean q.u over the group
+        mean = torch.zeros(U, h, d).index_add_(0, inv, F.normalize(q, dim=-1))
+        mean = mean / torch.bincount(inv, minlength=U).clamp_min(1)[:, None, None].float()
+        bg = background.get(layer) if background else None
+        if contrast and bg is not None:
+            mean = mean - F.normalize(bg, dim=-1).mean(0)[None]                 # [U, h, d]
+        u = F.normalize(mean, dim=-1)
+        own = torch.zeros(U, h).index_add_(0, inv, (q * u[inv]).sum(-1))
+        own = own / torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()   # mean q.u in the group
         best = product_top_scores(kl, q.reshape(P * h, d), 1).reshape(P, h)
         best_g = torch.full((U, h), float("-inf")).scatter_reduce(0, inv[:, None].expand(P, h), best, "amax")
-        scale = (best_g + margin) / self_score.clamp_min(1e-3)
-        k_all = (u * scale[..., None]).reshape(U * h, d)
-        keys.append(k_all)
-        info[f"layer{layer}"] = {"groups": U, "queries": P, "heads": h,
-                                 "mean_scale": float(scale.mean()), "mean_best_product_score": float(best_g.mean())}
+        scale = (best_g + margin) / own.clamp_min(1e-3)
+        cap = torch.full_like(scale, float("inf"))
+        if bg is not None:
+            qb = bg.reshape(-1, d)                                              # every head's old queries
+            kth = product_top_scores(kl, qb, kl.k)[:, -1]                       # [Pb] score needed to be selected
+            flat_u = u.reshape(U * h, d)
+            caps = []
+            for c in range(0, flat_u.shape[0], 512):
+                sc = qb @ flat_u[c:c + 512].T                                   # [Pb, c]
+                ratio = torch.where(sc > 0, kth[:, None].clamp_min(1e-3) / sc, torch.full_like(sc, float("inf")))
+                caps.append(ratio.quantile(bg_quantile, dim=0) if bg_quantile > 0 else ratio.min(0).values)
+            cap = 0.98 * torch.cat(caps).reshape(U, h)
+        scale = torch.minimum(scale, cap)
+        reach = own * scale                                                     # mean own score after the cap
+        own_kth = product_top_scores(kl, q.reshape(P * h, d), kl.k)[:, -1].reshape(P, h)
+        kth_g = torch.full((U, h), float("inf")).scatter_reduce(0, inv[:, None].expand(P, h), own_kth, "amin")
+        keys.append((u * scale[..., None]).reshape(U * h, d))
+        info[f"layer{layer}"] = {"groups": U, "queries": P, "heads": h, "mean_scale": float(scale.mean()),
+                                 "mean_best_product_score": float(best_g.mean()),
+                                 "capped_by_background": float((cap < (best_g + margin) / own.clamp_min(1e-3)).float().mean()),
+                                 "unreachable": float((reach <= kth_g).float().mean()),
+                                 "above_best_product": float((reach > best_g).float().mean())}
     keys = torch.cat(keys)
     if max_rows and keys.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
         keys = keys[torch.randperm(keys.shape[0], generator=g)[:max_rows]]
     return keys.float().contiguous(), info
+
+
+@torch.no_grad()
+def background_queries(model: Transformer, batches: Sequence[Batch], max_per_layer: int = 16384,
+                       seed: int = 0) -> dict[int, torch.Tensor]:
+    """Old-text queries per knowledge layer [P, h, d_k] (every position), subsampled."""
+    groups = [[0] * b.inputs.shape[0] for b in batches]
+    full = [Batch(b.inputs, torch.zeros_like(b.targets)) for b in batches]   # every position "scored"
+    out = {}
+    g = torch.Generator().manual_seed(seed)
+    for layer, (q, _) in collect_queries(model, full, groups).items():
+        if q.shape[0] > max_per_layer:
+            q = q[torch.randperm(q.shape[0], generator=g)[:max_per_layer]]
+        out[layer] = q
+    return out
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -360,7 +407,7 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
     """Teach `model` + `table` the facts in `examples` (corpus Examples or TextFacts)
     with cfg.method. For "new_rows" the model and every existing row stay bitwise
     unchanged. `background`: pretraining batches (sparse_memory's document
-    frequencies). publish: snapshot the table as a new version at the end."""
+    frequencies; new_rows' key calibration). publish: snapshot the table as a new version."""
     cfg = cfg or LearnConfig()
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -374,8 +421,10 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
     if cfg.method == "new_rows":
         _freeze_model(model)
         batches, groups = _group_batches(examples, tok, cfg.batch_size)
+        bgq = background_queries(model, background) if background and cfg.calibrate else None
         keys, info = init_new_keys(model, collect_queries(model, batches, groups), cfg.key_margin,
-                                   cfg.max_new_rows, cfg.seed)
+                                   cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
+                                   bg_quantile=cfg.bg_quantile)
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
         table.set_frozen(old_ids, True)
@@ -485,9 +534,10 @@ def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: in
 
 @torch.no_grad()
 def measure(model: Transformer, tok: ByteTokenizer, *, new_eval: Sequence, old_eval: Sequence,
-            heldout_texts: Sequence[str], loss_batches: int = 8, seq_len: int = 64,
+            heldout_texts: Sequence[str], old_seen: Sequence = (), loss_batches: int = 8, seq_len: int = 64,
             batch_size: int = 16) -> dict:
-    """New-fact recall, old-fact recall (held-out phrasings) and held-out loss.
+    """New-fact recall, old-fact recall (held-out phrasings; `old_seen`: also on a
+    trained phrasing) and held-out loss.
     Reads rows by fetch: measuring leaves the store's usage counts alone."""
     from . import evaluate
     from .data import packed_batches
@@ -498,16 +548,20 @@ def measure(model: Transformer, tok: ByteTokenizer, *, new_eval: Sequence, old_e
         gen = generate_fn(model, tok)
         new = evaluate.recall_on_examples(gen, list(new_eval)) if new_eval else {"recall": float("nan")}
         old = evaluate.recall_on_examples(gen, list(old_eval)) if old_eval else {"recall": float("nan")}
+        seen = evaluate.recall_on_examples(gen, list(old_seen)) if old_seen else {"recall": float("nan")}
         batches = packed_batches(list(heldout_texts), tok, seq_len, batch_size)[:loss_batches]
         loss = evaluate.heldout_loss(lambda b: model(b.inputs, b.targets)[1], batches)["loss"]
     return {"new_recall": new["recall"], "old_recall": old["recall"], "heldout_loss": loss,
-            "new_correct": new.get("correct"), "old_correct": old.get("correct")}
+            "new_correct": new.get("correct"), "old_correct": old.get("correct"),
+            "old_seen_recall": seen["recall"], "old_seen_correct": seen.get("correct")}
 
 
 def forgetting(before: dict, after: dict) -> dict:
     """Relative drop of old-fact recall, and rise of held-out loss."""
-    b = before["old_recall"]
-    return {"recall_drop": (b - after["old_recall"]) / b if b > 0 else 0.0,
+    def drop(key):
+        b = before.get(key, float("nan"))
+        return (b - after[key]) / b if b > 0 else float("nan")
+    return {"recall_drop": drop("old_recall"), "seen_recall_drop": drop("old_seen_recall"),
             "loss_rise": (after["heldout_loss"] - before["heldout_loss"]) / before["heldout_loss"]}
 
 

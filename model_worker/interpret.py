@@ -214,9 +214,11 @@ def format_explanation(e: dict, only_answer: bool = False) -> str:
 
 @torch.no_grad()
 def answer_rows(model: Transformer, tok: ByteTokenizer, examples: Sequence, per_fact: int = 8,
-                batch_size: int = 32) -> list[torch.Tensor]:
+                batch_size: int = 32, background: torch.Tensor | None = None) -> list[torch.Tensor]:
     """For each example (prompt + completion), the `per_fact` rows with the largest total
-    readout weight over the positions that predict its answer (teacher forced)."""
+    readout weight over the positions that predict its answer (teacher forced).
+    background [N]: per-row readout weight on general text; rows are then ranked by
+    TF-IDF, weight * log(total / background), so rows every text reads rank low."""
     kls = model.knowledge_layers()
     out: list[torch.Tensor] = []
     was = model.training
@@ -237,6 +239,9 @@ def answer_rows(model: Transformer, tok: ByteTokenizer, examples: Sequence, per_
                     ok = scored[:, :, None, None].expand_as(ids) & (ids >= 0)
                     bi = torch.arange(len(chunk))[:, None, None, None].expand_as(ids)
                     tot.index_put_((bi[ok], ids[ok]), w[ok].float(), accumulate=True)
+                if background is not None:
+                    bg = background.double()
+                    tot = tot * torch.log((bg.sum() + 1) / (bg + 1)).float().clamp_min(0)
                 top = tot.topk(per_fact, dim=1)
                 for i in range(len(chunk)):
                     out.append(top.indices[i][top.values[i] > 0])
