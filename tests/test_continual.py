@@ -98,3 +98,19 @@ def test_facts_from_lines():
     f = C.facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", ""])
     assert f[0].prompt == "The capital of Xland is" and f[0].completion == " Zorp" and f[0].answer == "Zorp"
     assert f[1].prompt == "" and f[1].completion == "Zorp is a city."
+
+
+def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
+    from model_worker.data import collate_examples
+    model, table = make(tmp_path)
+    tok = ByteTokenizer()
+    old = ["The capital of France is Paris.", "Berlin is the capital of Germany.", "Rome lies in Italy."]
+    bg = [collate_examples([C.TextFact("", t) for t in old], tok, answer_only=False)]
+    bgq = C.background_queries(model, bg)
+    batches, groups = C._group_batches(FACTS, tok, 4)
+    keys, info = C.init_new_keys(model, C.collect_queries(model, batches, groups), 1.0, background=bgq)
+    kl = model.knowledge_layers()[0]
+    q = bgq[1].reshape(-1, kl.d_k)
+    kth = C.product_top_scores(kl, q, kl.k)[:, -1]
+    assert bool(((q @ keys.T).max(1).values < kth).all())   # no old query would pick a new row
+    assert keys.shape[0] == info["layer1"]["groups"] * kl.n_heads
