@@ -329,12 +329,46 @@ def time_pk(dev, variants: bool):
     return tm
 
 
+def plot(json_path: str) -> str:
+    """Bar chart of the readout times (ms) next to the JSON: kernels.png."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    d = json.load(open(json_path))
+    t = d.get("readout_timings_ms_run3") or d["timings_ms"]["readout"]
+    bw = d.get("readout_bandwidth_run3") or d["readout_bandwidth"]
+    names = ["copy floor", "Triton", "torch.compile", "eager"]
+    fwd = [bw["fwd_floor_ms"], d["headline"]["readout_fwd_ms"], t["compile_fwd"], t["eager_fwd"]]
+    fb = [bw["fwdbwd_floor_ms"], d["headline"]["readout_fwdbwd_ms"],
+          min(t["compile_fwdbwd_autograd"], t["compile_fwdbwd_compact"]),
+          min(t["eager_fwdbwd_autograd"], t["eager_fwdbwd_compact"])]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], fwd, 0.4, label="forward")
+    ax.bar([i + 0.2 for i in x], fb, 0.4, label="forward + backward")
+    for i in x:
+        ax.text(i - 0.2, fwd[i], f"{fwd[i]:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i + 0.2, fb[i], f"{fb[i]:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("ms")
+    ax.set_title(f"readout T=16384 k=32 d_v=1024 N=2^20 bf16, {d['device']}", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    out = os.path.splitext(json_path)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG for an existing kernels.json")
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "kernels.json"))
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
     args = ap.parse_args()
+    if args.plot:
+        print(plot(args.plot))
+        return
     if SMOKE:
         dev = "cpu"
     elif not torch.cuda.is_available():
