@@ -28,15 +28,20 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 
-import grpc
-import torch
-from tqdm import tqdm
+# The shard server processes sleep idle OpenMP threads (start_shard_process);
+# the in-process side gets the same setting, before torch loads, so the two
+# paths are compared on equal terms.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from store_service import persistence
-from store_service.client import connect
-from store_service.config import OptimizerConfig, TableConfig
-from store_service.server import start_shard_process
-from store_service.table import Table
+import grpc  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from store_service import persistence  # noqa: E402
+from store_service.client import connect  # noqa: E402
+from store_service.config import OptimizerConfig, TableConfig  # noqa: E402
+from store_service.server import start_shard_process  # noqa: E402
+from store_service.table import Table  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TOKEN = "bench-token"
@@ -214,6 +219,7 @@ def run(size: Size, iters: int, warmup: int, store_root: str, server_threads: in
                   "grpc": f"connect() over {size.shards} `python -m store_service.server` processes on 127.0.0.1, "
                           "calls scattered in parallel by the Table's thread pool",
                   "server_torch_threads": server_threads or "torch default",
+                  "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                   "client_torch_threads": torch.get_num_threads(), "build_and_publish_s": build_s},
         "in_process": inproc,
         "in_process_variants": {"shards_in_turn": inproc_seq, "thread_pool": inproc_par},
