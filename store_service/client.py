@@ -109,7 +109,11 @@ class RemoteShard:
                         attempt += 1
                         time.sleep(pause)
                         continue
-                raise error_from_rpc(err, self._shard_id, self.address) from None
+                domain = error_from_rpc(err, self._shard_id, self.address)
+                if isinstance(domain, errors.ShardUnavailable):
+                    domain = errors.ShardUnavailable(self._shard_id, self.address,
+                                                     f"{err.code().name} after {attempt + 1} attempt(s): {err.details()}")
+                raise domain from None
 
     # -- data plane ---------------------------------------------------------
     def describe(self) -> ShardDescription:
