@@ -5,16 +5,21 @@ token's k ids (and scores, for the fused softmax), and for each d-chunk loads
 a [BLOCK_K, BLOCK_D] tile of gathered rows, scales by the weights and reduces
 over k in fp32. The T x k x d_v gathered tensor never exists in memory.
 
-Backward: the (t, j) pairs are sorted by row id (torch.sort on int32 keys,
-padding mapped to a sentinel that sorts last), unique_consecutive gives the
-segments, and one program per unique row (per d-slice) walks its segment:
+Backward: the (t, j) pairs are sorted by row id (torch radix sort on int32
+keys, padding mapped to a sentinel that sorts last); a flag kernel + nonzero
+gives the segment bounds (the one host sync: U is data-dependent), and one
+program per unique row (per d-slice) walks its segment:
     row_grad[u] = sum_{(t,j) in seg(u)} w_tj * g_t          (segmented sum)
     grad_w[t,j] = g_t . v_u                                  (fused: v_u is
                                                               loaded once per
                                                               unique row)
-No atomics, no dense N x d_v buffer: the output is (unique ids [U], row grads
-[U, d_v] fp32). For the fused softmax, grad_scores = w * (gw - sum_j w_j gw_j)
-is a small [T, k] epilogue.
+Programs run in first-occurrence order so that concurrent programs share g
+rows in L2. No atomics, no dense N x d_v buffer: the output is (unique ids
+[U] sorted, row grads [U, d_v] fp32). For the fused softmax, grad_scores =
+w * (gw - sum_j w_j gw_j) is a small [T, k] epilogue kernel.
+
+Measured on an H100 (benchmarks/KERNEL_NOTES.md), T=16384, k=32, d_v=1024,
+bf16: forward 0.40 ms (95% of the copy bandwidth), forward + backward 2.06 ms.
 
 Everything accumulates in fp32; values may be fp32 or bf16 (or fp16).
 """
