@@ -237,7 +237,7 @@ class CachedTable:
         self._freq: dict[int, int] = {}
         self._version = inner.info().version
         self._lock = threading.Lock()
-        self.hits = self.misses = self.fetch_calls = 0
+        self.hits = self.misses = self.fetch_calls = self.calls_served = 0
 
     def __getattr__(self, name):  # the rest of the protocol, and anything else (store_root, shards)
         return getattr(self.inner, name)
@@ -250,11 +250,12 @@ class CachedTable:
     def stats(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
-                "fetch_calls": self.fetch_calls, "cached_rows": len(self._rows), "capacity": self.capacity,
-                "policy": self.policy}
+                "fetch_calls": self.fetch_calls, "calls_served_from_cache": self.calls_served,
+                "call_hit_rate": self.calls_served / self.fetch_calls if self.fetch_calls else 0.0,
+                "cached_rows": len(self._rows), "capacity": self.capacity, "policy": self.policy}
 
     def reset_stats(self) -> None:
-        self.hits = self.misses = self.fetch_calls = 0
+        self.hits = self.misses = self.fetch_calls = self.calls_served = 0
 
     def info(self):
         return self.inner.info()
@@ -269,6 +270,7 @@ class CachedTable:
         with self._lock:  # held across the miss fetch: a concurrent eviction cannot drop a row we count on
             miss = [i for i in dict.fromkeys(keys) if i >= 0 and i not in self._rows]
             fetched = dict(zip(miss, self.inner.fetch(torch.tensor(miss, dtype=torch.int64)))) if miss else {}
+            self.calls_served += not miss
             out_rows = []
             for i in keys:
                 if i < 0:
