@@ -103,6 +103,8 @@ class LearnConfig:
     calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
     contrast: bool = True             # key direction: group mean minus the old-text mean query
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
+    guard_weight: float = 0.0         # + weight * KL(base || now) on old-text batches (trains new rows only)
+    guard_batches: int = 4
     # sparse_memory (Lin et al. 2025)
     top_t: int = 64                   # rows unfrozen per batch
     background_batches: int = 32      # pretraining batches for document frequencies
@@ -370,7 +372,7 @@ def _grad_carrier(model: Transformer) -> list[nn.Parameter]:
 
 
 def _run(model: Transformer, table: KnowledgeTable, loader: ExampleLoader, cfg: LearnConfig,
-         params: list[nn.Parameter], lr: float, before_backward=None) -> list[float]:
+         params: list[nn.Parameter], lr: float, before_backward=None, extra_loss=None) -> list[float]:
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0) if params else None
     trainable = set(map(id, params))
     discard = [p for p in model.parameters() if p.requires_grad and id(p) not in trainable]
@@ -383,7 +385,8 @@ def _run(model: Transformer, table: KnowledgeTable, loader: ExampleLoader, cfg: 
             _, loss = model(batch.inputs, batch.targets)
         if before_backward is not None:
             before_backward(s)
-        loss.backward()
+        total = loss if extra_loss is None else loss + extra_loss(s)
+        total.backward()
         if opt is not None:
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -422,6 +425,8 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         _freeze_model(model)
         batches, groups = _group_batches(examples, tok, cfg.batch_size)
         bgq = background_queries(model, background) if background and cfg.calibrate else None
+        guard = _guard(model, background[:cfg.guard_batches], cfg.guard_weight) \
+            if background and cfg.guard_weight > 0 else None
         keys, info = init_new_keys(model, collect_queries(model, batches, groups), cfg.key_margin,
                                    cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
                                    bg_quantile=cfg.bg_quantile)
@@ -434,7 +439,7 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         with row_optimizer(table, cfg.row_optimizer or "adam", lr, cfg.key_lr, bias_step=0.0):
             _grad_carrier(model)
             try:
-                result.losses = _run(model, table, loader, cfg, [], lr)
+                result.losses = _run(model, table, loader, cfg, [], lr, extra_loss=guard)
             finally:
                 _freeze_model(model)
 
@@ -502,6 +507,24 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         result.version = table.snapshot()
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _guard(model: Transformer, batches: Sequence[Batch], weight: float):
+    """A loss that keeps the model's predictions on old text where they were:
+    weight * KL(base || now), base taken now (before any new row exists). Only new
+    rows can move, so it pushes their keys out of old contexts."""
+    from .generate import readout_mode
+    with torch.no_grad(), readout_mode(model, "fetch"):
+        was = model.training
+        model.eval()
+        base = [torch.log_softmax(model(b.inputs)[0], -1) for b in batches]
+        model.train(was)
+
+    def loss(step: int) -> torch.Tensor:
+        i = step % len(batches)
+        logp = torch.log_softmax(model(batches[i].inputs)[0], -1)
+        return weight * (base[i].exp() * (base[i] - logp)).sum(-1).mean()
+    return loss
 
 
 @torch.no_grad()
