@@ -65,6 +65,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     seed: int = 0
     progress: bool = True
+    threads: int = 0                       # torch intra-op threads (0 = torch's default); 1 is best on a busy small CPU
 
     def __post_init__(self):
         self.model_overrides = dict(self.model_overrides)
@@ -142,6 +143,8 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     cluster scales the store there); `progress_bar`: a tqdm-like factory.
     Returns {"losses": [...], "evals": [...], "tokens_per_s", "params", "final_loss", ...}."""
     torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
