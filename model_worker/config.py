@@ -110,21 +110,23 @@ class ModelConfig:
 
 
 # Presets. "tiny-*" are for tests (seconds on a CPU); "small-*" for the CPU quality
-# benchmark (a few minutes per run). Within a size the baselines are matched in
-# active parameters per token (see model.count_params; benchmarks/quality.py prints them).
+# benchmark (minutes per run). Within "small" the baselines are matched in active
+# parameters per token (model.count_params): the knowledge layer sits beside the FFN
+# of block 2, so the dense and MoE baselines get a wider FFN (d_ff 208 vs 176) to
+# match; small-dense-2x has twice the knowledge model's active parameters.
 _TINY = dict(vocab_size=260, block_size=64, n_layers=2, d_model=32, n_heads=2)
 _SMALL = dict(vocab_size=260, block_size=128, n_layers=4, d_model=64, n_heads=4)
 _TINY_KN = dict(layers=(1,), n_heads=2, d_k=16, k=4, n_sub=8)
-_SMALL_KN = dict(layers=(2,), placement="replace", n_heads=2, d_k=32, k=16, n_sub=64)
+_SMALL_KN = dict(layers=(2,), placement="beside", n_heads=2, d_k=32, k=16, n_sub=64, value_lr=0.05)
 
 configs: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),
     "tiny-moe": dict(_TINY, ffn="moe", n_experts=4, n_active=2),
     "tiny-knowledge": dict(_TINY, ffn="moe", n_experts=4, n_active=2, knowledge=_TINY_KN),
-    "small-dense": dict(_SMALL, ffn="dense"),
-    "small-dense-2x": dict(_SMALL, ffn="dense", n_layers=8),
-    "small-moe": dict(_SMALL, ffn="moe", n_experts=16, n_active=2),
-    "small-knowledge": dict(_SMALL, ffn="moe", n_experts=16, n_active=2, knowledge=_SMALL_KN),
+    "small-dense": dict(_SMALL, ffn="dense", d_ff=208),                      # ~242k active
+    "small-dense-2x": dict(_SMALL, ffn="dense", n_layers=8, d_ff=224),       # ~490k active
+    "small-moe": dict(_SMALL, ffn="moe", d_ff=208, n_experts=16, n_active=2),  # ~245k active
+    "small-knowledge": dict(_SMALL, ffn="moe", d_ff=176, n_experts=16, n_active=2, knowledge=_SMALL_KN),  # ~241k
 }
 
 
