@@ -18,7 +18,7 @@ and step budget:
 
 - "sparse_memory": sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103):
   per batch, rank existing rows by TF-IDF (term frequency = reads in the batch,
-  document frequency = share of pretraining batches that read the row), unfreeze
+  document frequency = share of pretraining sequences that read the row), unfreeze
   only the top-t, train them with SGD; model frozen.
 - "full_finetune": every model parameter (AdamW) and every row (the store's optimizer).
 - "lora": low-rank adapters on the attention and expert weights (`LoRADelta`);
@@ -446,7 +446,7 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
     elif cfg.method == "sparse_memory":
         _freeze_model(model)
         df = _document_frequency(model, background or [], n_old)
-        n_bg = max(1, len(background or []))
+        n_bg = max(1, sum(b.inputs.shape[0] for b in background or []))
         idf = torch.log((n_bg + 1) / (df + 1))
         table.set_frozen(old_ids, True)
         state = {"open": torch.zeros(0, dtype=torch.int64), "unfrozen": set()}
@@ -529,7 +529,10 @@ def _guard(model: Transformer, batches: Sequence[Batch], weight: float):
 
 @torch.no_grad()
 def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: int) -> torch.Tensor:
-    """Number of batches in which each row was read (weight > 0), over `batches`."""
+    """Number of documents (sequences of `batches`) in which each row was read (weight > 0).
+    Lin et al. take a batch as the document over a 1M-row memory; with a table of
+    ~1k rows every row is read in every batch, so the idf would be 0 for all: a
+    sequence is the document here."""
     from .generate import readout_mode
     df = torch.zeros(n_rows, dtype=torch.float64)
     kls = model.knowledge_layers()
@@ -541,11 +544,12 @@ def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: in
         with readout_mode(model, "fetch"):
             for b in batches:
                 model(b.inputs)
-                used = torch.zeros(n_rows, dtype=torch.bool)
-                for kl in kls:
-                    ids = kl.last_ids[kl.last_weights > 0]
-                    used[ids[(ids >= 0) & (ids < n_rows)]] = True
-                df += used.double()
+                for i in range(b.inputs.shape[0]):       # a document = one sequence
+                    used = torch.zeros(n_rows, dtype=torch.bool)
+                    for kl in kls:
+                        ids = kl.last_ids[i][kl.last_weights[i] > 0]
+                        used[ids[(ids >= 0) & (ids < n_rows)]] = True
+                    df += used.double()
     finally:
         for kl in kls:
             kl.record = False
@@ -557,10 +561,11 @@ def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: in
 
 @torch.no_grad()
 def measure(model: Transformer, tok: ByteTokenizer, *, new_eval: Sequence, old_eval: Sequence,
-            heldout_texts: Sequence[str], old_seen: Sequence = (), loss_batches: int = 8, seq_len: int = 64,
+            heldout_texts: Sequence[str], old_seen: Sequence = (), new_seen: Sequence = (),
+            loss_batches: int = 8, seq_len: int = 64,
             batch_size: int = 16) -> dict:
     """New-fact recall, old-fact recall (held-out phrasings; `old_seen`: also on a
-    trained phrasing) and held-out loss.
+    trained phrasing; `new_seen`: new facts on a phrasing they were taught with) and held-out loss.
     Reads rows by fetch: measuring leaves the store's usage counts alone."""
     from . import evaluate
     from .data import packed_batches
@@ -572,11 +577,13 @@ def measure(model: Transformer, tok: ByteTokenizer, *, new_eval: Sequence, old_e
         new = evaluate.recall_on_examples(gen, list(new_eval)) if new_eval else {"recall": float("nan")}
         old = evaluate.recall_on_examples(gen, list(old_eval)) if old_eval else {"recall": float("nan")}
         seen = evaluate.recall_on_examples(gen, list(old_seen)) if old_seen else {"recall": float("nan")}
+        nseen = evaluate.recall_on_examples(gen, list(new_seen)) if new_seen else {"recall": float("nan")}
         batches = packed_batches(list(heldout_texts), tok, seq_len, batch_size)[:loss_batches]
         loss = evaluate.heldout_loss(lambda b: model(b.inputs, b.targets)[1], batches)["loss"]
     return {"new_recall": new["recall"], "old_recall": old["recall"], "heldout_loss": loss,
             "new_correct": new.get("correct"), "old_correct": old.get("correct"),
-            "old_seen_recall": seen["recall"], "old_seen_correct": seen.get("correct")}
+            "old_seen_recall": seen["recall"], "old_seen_correct": seen.get("correct"),
+            "new_seen_recall": nseen["recall"], "new_seen_correct": nseen.get("correct")}
 
 
 def forgetting(before: dict, after: dict) -> dict:
