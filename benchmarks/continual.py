@@ -61,10 +61,10 @@ def base_checkpoint(out: str = BASE_DIR) -> Path:
 # method picked by new-fact recall, ties by forgetting). "new_rows_reach" is new rows
 # with keys allowed to win 0.1% of old-text queries each: more reach, more forgetting.
 DEFAULT_CONFIGS = {
-    "new_rows": {"method": "new_rows", "lr": 1e-2, "bg_quantile": 0.0},
+    "new_rows": {"method": "new_rows", "lr": 3e-2, "bg_quantile": 0.0},
     "sparse_memory": {"method": "sparse_memory", "lr": 100.0, "top_t": 64, "row_optimizer": "sgd"},
     "full_finetune": {"method": "full_finetune", "model_lr": 3e-4},
-    "lora": {"method": "lora", "model_lr": 1e-3},
+    "lora": {"method": "lora", "model_lr": 3e-3},
     "new_rows_reach": {"method": "new_rows", "lr": 1e-2, "bg_quantile": 1e-3},
 }
 

@@ -120,7 +120,7 @@ class LearnConfig:
 
 
 # Per-method learning rates (tuned on the tiny corpus, benchmarks/continual.py --tune).
-DEFAULT_LR = {"new_rows": 1e-2, "sparse_memory": 1.0, "full_finetune": 1e-4, "lora": 1e-3}
+DEFAULT_LR = {"new_rows": 3e-2, "sparse_memory": 100.0, "full_finetune": 3e-4, "lora": 3e-3}
 
 
 @dataclass
