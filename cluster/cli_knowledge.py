@@ -76,11 +76,19 @@ def cmd_learn(args) -> None:
         examples = corpus.new_train
     cfg = C.LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t)
+    if args.lr is not None and args.method in ("full_finetune", "lora"):
+        cfg.model_lr, cfg.lr = args.lr, None
     before = None
     if corpus is not None and args.measure:
         before = C.measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
                            heldout_texts=corpus.heldout_texts)
-    res = C.learn(model, table, examples, tok, cfg, publish=True)
+    # old (pretraining) text: calibrates new keys so old contexts do not select them,
+    # and gives sparse memory finetuning its document frequencies
+    from model_worker.data import PackedLoader
+    pre = corpus if corpus is not None else build_corpus(meta["train_config"]["corpus"])
+    bg = PackedLoader(pre.train_texts, tok, 64, 16, seed=1)
+    background = [bg.batch(i) for i in range(args.background_batches)]
+    res = C.learn(model, table, examples, tok, cfg, background=background, publish=True)
     out = Path(args.out) if args.out else ckpt.parent / f"learned_v{res.version:08d}"
     model_arg = None if args.method in ("new_rows", "sparse_memory") else model
     _write_checkpoint(ckpt, out, meta, res.version, model=model_arg, learned={"method": args.method,
@@ -206,10 +214,13 @@ def register(sub) -> None:
     p.add_argument("--method", default="new_rows", choices=["new_rows", "sparse_memory", "full_finetune", "lora"])
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=None, help="row lr (default per method)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="lr: rows (new_rows, sparse_memory) or model weights (full_finetune, lora); default per method")
     p.add_argument("--key-lr", type=float, default=0.0)
     p.add_argument("--key-margin", type=float, default=1.0)
     p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
+    p.add_argument("--background-batches", type=int, default=32,
+                   help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys")
     p.add_argument("--measure", type=int, default=0, metavar="N",
                    help="with --corpus-new: recall of new facts and of N old facts before and after")
     p.add_argument("--out", default=None, help="checkpoint directory to write (default: beside the input)")
