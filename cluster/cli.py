@@ -131,9 +131,7 @@ def cmd_scale(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import ray
-
-    from .worker_actor import WorkerActor
+    from .worker_actor import WorkerActor, follow_training
     cluster = _attach(args)
     cfg = cluster.config
     train_cfg = {"model": cfg.model_preset, "corpus": cfg.corpus_preset, "steps": args.steps,
@@ -141,7 +139,7 @@ def cmd_train(args) -> None:
                  "eval_every": args.eval_every, "seed": cfg.seed}
     worker = WorkerActor.options(**cfg.worker.ray_options()).remote(cfg.admin_token)
     scale_at = dict(args.scale_at or [])
-    summary = ray.get(worker.train.remote(train_cfg, cfg.to_dict(), scale_at=scale_at))
+    summary = follow_training(worker, worker.train.remote(train_cfg, cfg.to_dict(), scale_at=scale_at))
     _print({k: summary[k] for k in ("final_loss", "tokens_per_s", "evals", "recoveries")})
 
 

@@ -11,6 +11,7 @@ Ray cluster on this machine.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -19,8 +20,8 @@ import time
 import ray
 
 from .config import ClusterConfig
-from .launch import StoreCluster, init_ray
-from .worker_actor import WorkerActor
+from .launch import StoreCluster
+from .worker_actor import WorkerActor, follow_training
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,6 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
     cfg = ClusterConfig(store_root=os.path.join(root, "store"), num_shards=num_shards)
 
     _say(f"starting an embedded Ray cluster: {num_shards} store shards, 1 worker")
-    init_ray(cfg, log_to_driver=True)  # the worker's progress bar is drawn here
     cluster = StoreCluster.start(cfg, tcfg)
     summary: dict = {}
     try:
@@ -56,8 +56,7 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
         worker = WorkerActor.options(**cfg.worker.ray_options()).remote(cfg.admin_token)
 
         _say(f"training {model} on the '{corpus}' facts corpus for {steps} steps (rows update on the shards)")
-        import dataclasses
-        result = ray.get(worker.train.remote(dataclasses.asdict(train_cfg), cfg.to_dict()))
+        result = follow_training(worker, worker.train.remote(dataclasses.asdict(train_cfg), cfg.to_dict()))
         ev = result["evals"][-1] if result["evals"] else {}
         print(f"   final loss {result['final_loss']:.3f}, {result['tokens_per_s']:.0f} tokens/s")
         _say("fact recall on held-out phrasings (templates never seen in training)")
@@ -74,14 +73,14 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
             print(f"   {q!r} -> {g.strip()!r}   (expected {a!r})")
 
         q = qs[0]
-        _say(f"rows the first answer token of {q!r} read (row id, weight)")
-        rows = ray.get(worker.rows_used.remote(q, 8))
+        _say(f"rows the first answer token of {q!r} read (the top 8 of each layer: row id, weight)")
+        rows = ray.get(worker.rows_used.remote(q, 1 << 20))  # every row read, by weight
         for layer, rs in rows.items():
-            print(f"   layer {layer}: {rs}")
+            print(f"   layer {layer}: {rs[:8]}")
 
         table = cluster.table()
         snapshot = table.snapshot()
-        _say(f"published snapshot version {snapshot}; ablating those rows while serving")
+        _say(f"published snapshot version {snapshot}; ablating every row that token read, while serving")
         used = torch.tensor(sorted({r for rs in rows.values() for r, _ in rs}), dtype=torch.int64)
         table.set_ablated(used, True)
         after = ray.get(worker.answer.remote([q]))[0]

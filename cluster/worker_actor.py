@@ -23,34 +23,30 @@ import ray
 log = logging.getLogger(__name__)
 
 
-class RayProgress:
-    """tqdm's interface, as far as training uses it, over Ray's tqdm_ray, whose
-    bars the driver draws (plain tqdm in an actor would garble its output)."""
+class ProgressReport:
+    """tqdm's interface, as far as training uses it, recording where the run is;
+    the driver polls `WorkerActor.progress()` and draws the bar itself (a bar
+    drawn inside an actor would reach the driver as a stream of log lines)."""
 
-    def __init__(self, iterable, initial: int = 0, total: int | None = None, disable: bool = False,
-                 desc: str | None = None):
-        from ray.experimental import tqdm_ray
+    def __init__(self, state: dict):
+        self.state = state
 
+    def __call__(self, iterable, initial: int = 0, total: int | None = None, disable: bool = False,
+                 desc: str | None = None) -> "ProgressReport":
+        self.state.update(step=initial, total=total, desc=desc or "", postfix={}, active=not disable)
         self._it = iterable
-        self._desc = desc or ""
-        self._bar = None if disable else tqdm_ray.tqdm(desc=self._desc, total=total)
-        if self._bar is not None and initial:
-            self._bar.update(initial)
+        return self
 
     def __iter__(self):
         for item in self._it:
             yield item
-            if self._bar is not None:
-                self._bar.update(1)
-        if self._bar is not None:
-            self._bar.close()
+            self.state["step"] += 1
 
     def set_postfix(self, **kw) -> None:
-        if self._bar is not None:
-            self._bar.set_description(f"{self._desc} " + " ".join(f"{k}={v}" for k, v in kw.items()))
+        self.state["postfix"] = kw
 
 
-@ray.remote(max_restarts=0)
+@ray.remote(max_restarts=0, concurrency_groups={"monitor": 1})
 class WorkerActor:
     def __init__(self, admin_token: str, torch_threads: int = 1):
         import torch
@@ -61,6 +57,12 @@ class WorkerActor:
         self.tokenizer = None
         self.recoveries = 0
         self._store_root = ""
+        self._progress: dict = {"step": 0, "total": None, "desc": "", "postfix": {}, "active": False}
+
+    @ray.method(concurrency_group="monitor")
+    def progress(self) -> dict:
+        """Where training is (answered while `train` runs, from its own thread)."""
+        return dict(self._progress, recoveries=self.recoveries)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -81,10 +83,11 @@ class WorkerActor:
 
     def train(self, train_config: dict, cluster_config: dict, resume: str | None = None, *,
               data_parallel: tuple[int, int, str, int] | None = None, scale_at: dict[int, int] | None = None,
-              max_recoveries: int = 3, ray_progress: bool = True, return_state: bool = False) -> dict:
+              max_recoveries: int = 3, return_state: bool = False) -> dict:
         """Run model_worker.train against the cluster's store. Returns the run's
         summary (losses, tokens/s, evals) and keeps the model for `answer`.
-        data_parallel: (rank, world_size, master_addr, master_port)."""
+        data_parallel: (rank, world_size, master_addr, master_port).
+        Poll `progress()` meanwhile (see `follow_training`)."""
         from model_worker.checkpoint import latest_checkpoint
         from model_worker.distributed import DataParallel
         from model_worker.train import TrainConfig, train
@@ -100,7 +103,7 @@ class WorkerActor:
         rank = dp.rank if dp is not None else 0
         table = self._table("raise")
         hook = _scaler(ccfg, scale_at, table, dp) if scale_at else None
-        progress = RayProgress if ray_progress else _no_progress
+        progress = ProgressReport(self._progress)
         try:
             while True:
                 try:
@@ -166,16 +169,6 @@ class WorkerActor:
         return out
 
 
-def _no_progress(iterable, **_):
-    class _Bar:
-        def __iter__(self):
-            return iter(iterable)
-
-        def set_postfix(self, **__):
-            pass
-    return _Bar()
-
-
 def _scaler(config, scale_at: dict[int, int], table, dp):
     """A step hook that re-partitions the store at the scheduled steps. Every
     worker stops between the two steps (so no gradient reaches the old shards
@@ -207,3 +200,28 @@ def _wait_for_restarted_shards(table, timeout_s: float = 120.0) -> None:
             return
         time.sleep(0.2)
     raise TimeoutError(f"shards did not come back within {timeout_s}s")
+
+
+def follow_training(worker, pending, poll_s: float = 0.5):
+    """Draw a worker's training progress here, in the driver, until `pending`
+    (its `train` call) finishes; returns its result."""
+    from tqdm import tqdm
+
+    bar, finished = None, False
+    while True:
+        done, _ = ray.wait([pending], timeout=poll_s)
+        p = ray.get(worker.progress.remote())
+        if p["active"] and p["total"] and not finished:
+            if bar is None:
+                bar = tqdm(total=p["total"], initial=p["step"], desc=p["desc"])
+            bar.n = p["step"]
+            bar.set_postfix(p["postfix"], refresh=False)
+            bar.refresh()
+            if p["step"] >= p["total"]:  # the last steps are done; evaluation may follow
+                bar.close()
+                finished = True
+        if done:
+            if bar is not None and not finished:
+                bar.close()
+            return ray.get(pending)
+

@@ -31,7 +31,7 @@ def test_training_survives_a_killed_shard(tmp_path):
                                  table_config(model_config(cfg, 260), cfg))
     try:
         worker = WorkerActor.remote(cluster.config.admin_token)
-        pending = worker.train.remote(dataclasses.asdict(cfg), cluster.config.to_dict(), ray_progress=False)
+        pending = worker.train.remote(dataclasses.asdict(cfg), cluster.config.to_dict())
         latest = Path(cfg.out_dir) / "latest"
         deadline = time.monotonic() + 300
         while not latest.exists() and time.monotonic() < deadline:
@@ -71,7 +71,7 @@ def test_training_across_scaling_matches_in_process(tmp_path):
     try:
         worker = WorkerActor.remote(cluster.config.admin_token)
         result = ray.get(worker.train.remote(dataclasses.asdict(cfg), cluster.config.to_dict(),
-                                             scale_at={8: 3, 16: 1}, ray_progress=False), timeout=600)
+                                             scale_at={8: 3, 16: 1}), timeout=600)
         assert cluster.shard_map().num_shards == 1
         # then hot-swap the store while the worker generates: no failed call
         table = cluster.table()
@@ -103,7 +103,7 @@ def test_two_data_parallel_workers_share_one_store(tmp_path):
         workers = [WorkerActor.remote(cluster.config.admin_token) for _ in range(2)]
         addr, port = ray.get(workers[0].free_port.remote())
         runs = ray.get([w.train.remote(dataclasses.asdict(cfg), cluster.config.to_dict(),
-                                       data_parallel=(r, 2, addr, port), ray_progress=False, return_state=True)
+                                       data_parallel=(r, 2, addr, port), return_state=True)
                         for r, w in enumerate(workers)], timeout=600)
     finally:
         cluster.stop()
