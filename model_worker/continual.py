@@ -103,6 +103,7 @@ class LearnConfig:
     calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
     contrast: bool = True             # key direction: group mean minus the old-text mean query
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
+    key_per_phrasing: bool = False    # one key per (fact, phrasing, position, head) instead of per fact
     guard_weight: float = 0.0         # + weight * KL(base || now) on old-text batches (trains new rows only)
     guard_batches: int = 4
     # sparse_memory (Lin et al. 2025)
@@ -345,12 +346,15 @@ def _loader(examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig) -> Example
     return ExampleLoader(examples, tok, min(cfg.batch_size, len(examples)), seed=cfg.seed, answer_only=answer_only)
 
 
-def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int) -> tuple[list[Batch], list[list[int]]]:
-    """All examples once; group = the fact (subject, relation) of each row."""
+def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int, per_phrasing: bool = False
+                   ) -> tuple[list[Batch], list[list[int]]]:
+    """All examples once; group = the fact (subject, relation) of each row (and its
+    phrasing, with per_phrasing)."""
     from .data import collate_examples
     answer_only = all(getattr(e, "prompt", "") for e in examples)
     names: dict[tuple, int] = {}
-    gid = [names.setdefault((e.subject, e.relation), len(names)) for e in examples]
+    gid = [names.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), len(names))
+           for e in examples]
     batches, groups = [], []
     for s in range(0, len(examples), batch_size):
         batches.append(collate_examples(examples[s:s + batch_size], tok, answer_only))
@@ -423,7 +427,7 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
 
     if cfg.method == "new_rows":
         _freeze_model(model)
-        batches, groups = _group_batches(examples, tok, cfg.batch_size)
+        batches, groups = _group_batches(examples, tok, cfg.batch_size, cfg.key_per_phrasing)
         bgq = background_queries(model, background) if background and cfg.calibrate else None
         guard = _guard(model, background[:cfg.guard_batches], cfg.guard_weight) \
             if background and cfg.guard_weight > 0 else None

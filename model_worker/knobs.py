@@ -225,18 +225,20 @@ def locality(trace: Sequence[torch.Tensor], page_rows: int, group: int = 1) -> d
 
 class CachedTable:
     """A `KnowledgeTable` whose `fetch` is served from a cache of hot rows (LRU or
-    LFU); everything else goes to the wrapped table. The cache empties itself when
-    the table's version changes and after any call that can change rows (end_step,
-    add_rows, load_version)."""
+    LFU); everything else goes to the wrapped table. Vectorised: a slot per cached
+    row in one [capacity, d_v] tensor, a dense id -> slot map, and one `fetch` of
+    the missing rows per call (none when every row is cached). The cache empties
+    itself when the table's version changes and after any call that can change
+    rows (end_step, add_rows, load_version)."""
 
     def __init__(self, inner: KnowledgeTable, capacity: int = 4096, policy: str = "lru"):
         if policy not in ("lru", "lfu"):
             raise ValueError(f"policy must be 'lru' or 'lfu', got {policy!r}")
-        self.inner, self.capacity, self.policy = inner, capacity, policy
-        self._rows: OrderedDict[int, torch.Tensor] = OrderedDict()
-        self._freq: dict[int, int] = {}
-        self._version = inner.info().version
+        self.inner, self.capacity, self.policy = inner, max(0, int(capacity)), policy
         self._lock = threading.Lock()
+        self._version = inner.info().version
+        self._vals: torch.Tensor | None = None
+        self.clear()
         self.hits = self.misses = self.fetch_calls = self.calls_served = 0
 
     def __getattr__(self, name):  # the rest of the protocol, and anything else (store_root, shards)
@@ -244,15 +246,21 @@ class CachedTable:
 
     def clear(self) -> None:
         with self._lock:
-            self._rows.clear()
-            self._freq.clear()
+            self._slot_of = torch.full((self.inner.info().num_rows,), -1, dtype=torch.int64)  # id -> slot
+            self._row_of = torch.full((self.capacity,), -1, dtype=torch.int64)                 # slot -> id
+            self._last = torch.full((self.capacity,), -1, dtype=torch.int64)                   # LRU: tick of last use
+            self._freq = torch.zeros(self.capacity, dtype=torch.int64)                         # LFU: uses
+            self._tick = 0
+
+    def cached_ids(self) -> set[int]:
+        return set(self._row_of[self._row_of >= 0].tolist())
 
     def stats(self) -> dict:
         total = self.hits + self.misses
         return {"hits": self.hits, "misses": self.misses, "hit_rate": self.hits / total if total else 0.0,
                 "fetch_calls": self.fetch_calls, "calls_served_from_cache": self.calls_served,
                 "call_hit_rate": self.calls_served / self.fetch_calls if self.fetch_calls else 0.0,
-                "cached_rows": len(self._rows), "capacity": self.capacity, "policy": self.policy}
+                "cached_rows": int((self._row_of >= 0).sum()), "capacity": self.capacity, "policy": self.policy}
 
     def reset_stats(self) -> None:
         self.hits = self.misses = self.fetch_calls = self.calls_served = 0
@@ -261,50 +269,57 @@ class CachedTable:
         return self.inner.info()
 
     def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        version = self.inner.info().version
-        if version != self._version:
+        """ids [M] int64 (PAD -1 allowed) -> [M, d_v], 0 at PAD."""
+        info = self.inner.info()
+        if info.version != self._version or info.num_rows > self._slot_of.numel():
             self.clear()
-            self._version = version
-        keys = ids.tolist()
-        self.fetch_calls += 1
-        with self._lock:  # held across the miss fetch: a concurrent eviction cannot drop a row we count on
-            miss = [i for i in dict.fromkeys(keys) if i >= 0 and i not in self._rows]
-            fetched = dict(zip(miss, self.inner.fetch(torch.tensor(miss, dtype=torch.int64)))) if miss else {}
-            self.calls_served += not miss
-            out_rows = []
-            for i in keys:
-                if i < 0:
-                    out_rows.append(None)
-                    continue
-                if i in fetched:
-                    v = fetched[i]
-                    self.misses += 1
-                else:
-                    v = self._rows[i]
-                    self._rows.move_to_end(i)
-                    self.hits += 1
-                self._freq[i] = self._freq.get(i, 0) + 1
-                out_rows.append(v)
-            for i, v in fetched.items():
-                self._insert(i, v)
-        ref = next((v for v in out_rows if v is not None), None)
-        if ref is None:
-            return self.inner.fetch(ids)
-        zero = torch.zeros_like(ref)
-        return torch.stack([zero if v is None else v for v in out_rows])
+            self._version = info.version
+        with self._lock:
+            self.fetch_calls += 1
+            self._tick += 1
+            valid = ids >= 0
+            slots = torch.full_like(ids, -1)
+            slots[valid] = self._slot_of[ids[valid]]
+            hit = slots >= 0
+            miss = valid & ~hit
+            self.hits += int(hit.sum())
+            self.misses += int(miss.sum())
+            if self._vals is not None:
+                out = torch.zeros(ids.shape[0], self._vals.shape[1], dtype=self._vals.dtype)
+            if bool(hit.any()):
+                hs = slots[hit]
+                out[hit] = self._vals[hs]
+                self._last[hs] = self._tick
+                self._freq[hs] += 1
+            if not bool(miss.any()):
+                self.calls_served += 1
+                return out if self._vals is not None else self.inner.fetch(ids)
+            want = torch.unique(ids[miss])                                   # sorted
+            vals = self.inner.fetch(want)                                    # [U, d_v]
+            if self._vals is None:
+                self._vals = torch.zeros(self.capacity, vals.shape[1], dtype=vals.dtype)
+                out = torch.zeros(ids.shape[0], vals.shape[1], dtype=vals.dtype)
+                if bool(hit.any()):
+                    out[hit] = self._vals[slots[hit]]
+            out[miss] = vals[torch.searchsorted(want, ids[miss])]
+            self._insert(want, vals)
+            return out
 
-    def _insert(self, i: int, v: torch.Tensor) -> None:
-        if self.capacity <= 0:
+    def _insert(self, ids: torch.Tensor, vals: torch.Tensor) -> None:
+        m = min(ids.numel(), self.capacity)
+        if m == 0:
             return
-        if len(self._rows) >= self.capacity:
-            if self.policy == "lru":
-                self._rows.popitem(last=False)
-            else:  # evict the least-used 1/16 at once: amortised O(1) per insert
-                rows = list(self._rows)
-                freq = torch.tensor([self._freq.get(r, 0) for r in rows])
-                for j in torch.topk(freq, max(1, len(rows) // 16), largest=False).indices.tolist():
-                    del self._rows[rows[j]]
-        self._rows[i] = v.clone()
+        key = self._last if self.policy == "lru" else self._freq
+        key = torch.where(self._row_of < 0, torch.full_like(key, -2), key)  # free slots first
+        victims = torch.topk(key, m, largest=False).indices
+        old = self._row_of[victims]
+        self._slot_of[old[old >= 0]] = -1
+        ids, vals = ids[:m], vals[:m]
+        self._row_of[victims] = ids
+        self._slot_of[ids] = victims
+        self._vals[victims] = vals.to(self._vals.dtype)
+        self._last[victims] = self._tick
+        self._freq[victims] = 1
 
     # calls that can change rows: pass through, then forget
     def end_step(self, *a, **kw):

@@ -71,7 +71,7 @@ def test_cached_table(tmp_path):
     c.fetch(torch.tensor([1, 2]))
     assert c.stats()["hits"] == 2
     c.fetch(torch.tensor([4, 5]))          # evicts the least recent (3, then 1)
-    assert set(c._rows) == {1, 2, 4, 5}
+    assert c.cached_ids() == {1, 2, 4, 5}
     c.fetch(torch.tensor([3]))
     assert c.stats()["misses"] == 6
     lfu = K.CachedTable(table, capacity=2, policy="lfu")
@@ -79,7 +79,7 @@ def test_cached_table(tmp_path):
         lfu.fetch(torch.tensor([7]))
     lfu.fetch(torch.tensor([8]))
     lfu.fetch(torch.tensor([9]))           # evicts 8 (1 use), keeps 7 (3 uses)
-    assert 7 in lfu._rows and 8 not in lfu._rows
+    assert 7 in lfu.cached_ids() and 8 not in lfu.cached_ids()
     v = table.snapshot()
     lfu.load_version(v)                    # rows may have changed: the cache empties
-    assert len(lfu._rows) == 0
+    assert lfu.cached_ids() == set()
