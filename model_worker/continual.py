@@ -103,7 +103,7 @@ class LearnConfig:
     calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
     contrast: bool = True             # key direction: group mean minus the old-text mean query
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
-    key_per_phrasing: bool = False    # one key per (fact, phrasing, position, head) instead of per fact
+    key_per_phrasing: bool = True     # one key per (fact, phrasing, position, head); False: per fact
     guard_weight: float = 0.0         # + weight * KL(base || now) on old-text batches (trains new rows only)
     guard_batches: int = 4
     # sparse_memory (Lin et al. 2025)
@@ -121,7 +121,7 @@ class LearnConfig:
 
 
 # Per-method learning rates (tuned on the tiny corpus, benchmarks/continual.py --tune).
-DEFAULT_LR = {"new_rows": 3e-2, "sparse_memory": 100.0, "full_finetune": 3e-4, "lora": 3e-3}
+DEFAULT_LR = {"new_rows": 0.1, "sparse_memory": 100.0, "full_finetune": 3e-4, "lora": 3e-3}
 
 
 @dataclass
