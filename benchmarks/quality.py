@@ -38,7 +38,7 @@ def device_string() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU: {cpu}, {os.cpu_count()} cores visible, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    return f"CPU: {cpu}, {os.cpu_count()} cores visible (shared with other jobs), torch {torch.__version__}"
 
 
 def base_config(args, model: str, out_dir: str, **kw) -> TrainConfig:
@@ -120,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
-    results: dict = {"device": device_string(), "command": " ".join(["python"] + sys.argv), "config": vars(args),
+    results: dict = {"device": f"{device_string()}; {args.jobs} runs in parallel, {args.threads} torch thread(s) each", "command": " ".join(["python"] + sys.argv), "config": vars(args),
                      "runs": {}}
     keys = args.runs.split(",")
     # Runs are independent: run them in `--jobs` processes of one torch thread each
