@@ -161,7 +161,7 @@ def plot(result: dict, path: str) -> None:
     x = range(len(labels))
     ax[1].bar([i - 0.2 for i in x], before, 0.4, label="trained order")
     ax[1].bar([i + 0.2 for i in x], after, 0.4, label="reordered")
-    ax[1].set_xticks(list(x), labels)
+    ax[1].set_xticks(list(x), labels, fontsize=8)
     ax[1].set_title(f"fetch locality ({r['page_rows']} rows per 4 KiB page)")
     ax[1].legend()
     c = result["cache"]
@@ -171,7 +171,7 @@ def plot(result: dict, path: str) -> None:
         if "hit_rate" in c[n]:
             ax[2].text(i, c[n]["tokens_per_s"], f"{c[n]['hit_rate']:.2f}", ha="center", va="bottom", fontsize=8)
     ax[2].tick_params(axis="x", rotation=45)
-    ax[2].set_title("generation over gRPC (fetch, batch 1): tokens/s; row hit rate on bars", fontsize=9)
+    ax[2].set_title("generation over gRPC (fetch, batch 1): tokens/s\nrow hit rate on the bars", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
