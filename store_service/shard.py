@@ -457,20 +457,16 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
     h = cfg.d_k // 2
     for pc in st.pieces:
         n = pc.seg.n_sub
-        # Rows of other shards are excluded by a -inf first-codebook bias; the
-        # search over the full n x n grid stays exact for the rows that remain.
-        bias_a = torch.full_like(pc.bias_a, float("-inf"))
-        bias_a[pc.i0:pc.i1] = pc.bias_a[pc.i0:pc.i1]
+        # The shard owns first-codebook rows [i0, i1): it searches that slice
+        # against the whole second codebook, an exact top-k over its own rows,
+        # so the table's search work does not grow with the number of shards.
         lo = pc.local_lo - st.row_start
         abl_rows = st.ablated[lo:lo + (pc.i1 - pc.i0) * n]
-        ablated = None
-        if bool(abl_rows.any()):
-            ablated = torch.zeros(n * n, dtype=torch.bool, device=st.device)
-            ablated[pc.i0 * n:pc.i1 * n] = abl_rows
-        s, sub = kernels.product_key_search(q[:, :h], q[:, h:], pc.codebook_a, pc.codebook_b, k,
-                                            bias_a, pc.bias_b, ablated)
+        s, sub = kernels.product_key_search(q[:, :h], q[:, h:], pc.codebook_a[pc.i0:pc.i1], pc.codebook_b, k,
+                                            pc.bias_a[pc.i0:pc.i1], pc.bias_b,
+                                            abl_rows if bool(abl_rows.any()) else None)
         valid = (sub >= 0) & ~torch.isneginf(s)
-        sub = sub.clamp_min(0)
+        sub = sub.clamp_min(0) + pc.i0 * n  # ids within the segment
         ia, ib = sub // n, sub % n
         all_s.append(s.masked_fill(~valid, float("-inf")))
         all_ids.append(torch.where(valid, pc.seg.row_start + sub, torch.full_like(sub, PAD_ID)))

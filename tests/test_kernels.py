@@ -204,3 +204,24 @@ def test_pk_search_ties_and_bf16():
     full = (qa @ ca.float().T)[:, :, None] + (qb @ cb.float().T)[:, None, :]
     torch.testing.assert_close(full.reshape(B, -1).gather(1, i), s)
     assert all(len(set(r)) == k for r in i.tolist())  # distinct ids per query
+
+
+@pytest.mark.parametrize("na,nb,k", [(3, 16, 8), (16, 5, 4), (7, 7, 49), (2, 3, 10)])
+def test_pk_reference_rectangular_slice_is_exact(na, nb, k):
+    """A shard searches its slice of the first codebook against the whole second
+    one: exact top-k over na x nb, ids i*nb + j, ablated rows never chosen,
+    padding when fewer than k rows are selectable."""
+    from store_service.kernels.reference import product_key_search_reference
+    g = torch.Generator().manual_seed(na * 100 + nb)
+    qa, qb = torch.randn(5, 6, generator=g), torch.randn(5, 6, generator=g)
+    ca, cb = torch.randn(na, 6, generator=g), torch.randn(nb, 6, generator=g)
+    ablated = torch.rand(na * nb, generator=g) < 0.3
+    full = ((qa @ ca.T).unsqueeze(-1) + (qb @ cb.T).unsqueeze(-2)).reshape(5, -1)
+    for mask in (None, ablated):
+        s, ids = product_key_search_reference(qa, qb, ca, cb, k, ablated=mask)
+        ref = full if mask is None else full.masked_fill(mask, float("-inf"))
+        kk = min(k, int((~torch.isinf(ref[0])).sum()))
+        top, pos = ref.topk(kk, dim=-1)
+        torch.testing.assert_close(s[:, :kk], top)
+        assert torch.equal(ids[:, :kk], pos)
+        assert bool((ids[:, kk:] == -1).all()) and bool(torch.isneginf(s[:, kk:]).all())

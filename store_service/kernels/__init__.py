@@ -78,7 +78,7 @@ def product_key_search(q_a: torch.Tensor, q_b: torch.Tensor, codebook_a: torch.T
     # k = 32), barely faster than this torch reference in fp32 (1.81 vs 1.90 ms) and slower
     # in bf16 (2.02 vs 1.92 ms; benchmarks/KERNEL_NOTES.md), so CUDA uses the reference
     # unless KSTORE_PK_TRITON=1.
-    if _PK_TRITON and _use_triton(q_a) and ablated is None:
+    if _PK_TRITON and _use_triton(q_a) and ablated is None and codebook_a.shape[0] == codebook_b.shape[0]:
         from .triton_pk_search import product_key_search_triton  # falls back to the reference for odd sizes
         return product_key_search_triton(q_a, q_b, codebook_a, codebook_b, k, bias_a, bias_b)
     return product_key_search_reference(q_a, q_b, codebook_a, codebook_b, k, bias_a, bias_b, ablated)

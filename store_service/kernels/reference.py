@@ -86,44 +86,51 @@ def product_key_search_reference(q_a: torch.Tensor, q_b: torch.Tensor,
                                  bias_b: torch.Tensor | None = None,
                                  ablated: torch.Tensor | None = None
                                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k over n^2 product keys (Lample et al. 2019).
+    """Exact top-k over na x nb product keys (Lample et al. 2019).
 
-    q_a, q_b [B, d] (the two halves of a query); codebook_a, codebook_b [n, d];
-    optional per-sub-key selection biases [n]; optional ablated mask [n*n] bool
-    (ablated rows are never selected). Returns (scores [B, k] fp32, ids [B, k]
-    int64 = i*n + j), scores sorted descending.
+    q_a, q_b [B, d] (the two halves of a query); codebook_a [na, d], codebook_b
+    [nb, d] (na < nb when a shard searches only its slice of the first codebook);
+    optional per-sub-key selection biases [na], [nb]; optional ablated mask
+    [na*nb] bool (ablated rows are never selected). Returns (scores [B, k] fp32,
+    ids [B, k] int64 = i*nb + j), scores sorted descending, PAD_ID / -inf where
+    fewer than k rows are selectable.
 
     Without ablation the top-k of sums lies in the top-k x top-k grid. With
-    ablation, the grid is widened (c doubles) until the k-th best unablated
+    ablation, the grid is widened (doubling) until the k-th best unablated
     candidate beats every score outside the grid, which keeps it exact.
     """
-    n = codebook_a.shape[0]
-    sa = q_a.float() @ codebook_a.float().T  # [B, n]
-    sb = q_b.float() @ codebook_b.float().T
+    na, nb = codebook_a.shape[0], codebook_b.shape[0]
+    sa = q_a.float() @ codebook_a.float().T  # [B, na]
+    sb = q_b.float() @ codebook_b.float().T  # [B, nb]
     if bias_a is not None:
         sa = sa + bias_a.float()
     if bias_b is not None:
         sb = sb + bias_b.float()
-    c = min(k, n)
+    ca, cb = min(k, na), min(k, nb)
     while True:
-        ta, ia = sa.topk(c, dim=-1)  # [B, c] sorted
-        tb, ib = sb.topk(c, dim=-1)
-        cand = (ta.unsqueeze(-1) + tb.unsqueeze(-2)).reshape(q_a.shape[0], c * c)
-        cand_ids = (ia.unsqueeze(-1) * n + ib.unsqueeze(-2)).reshape(q_a.shape[0], c * c)
+        ta, ia = sa.topk(ca, dim=-1)  # [B, ca] sorted
+        tb, ib = sb.topk(cb, dim=-1)
+        cand = (ta.unsqueeze(-1) + tb.unsqueeze(-2)).reshape(q_a.shape[0], ca * cb)
+        cand_ids = (ia.unsqueeze(-1) * nb + ib.unsqueeze(-2)).reshape(q_a.shape[0], ca * cb)
         if ablated is not None:
             cand = cand.masked_fill(ablated[cand_ids], float("-inf"))
-        kk = min(k, c * c)
+        kk = min(k, ca * cb)
         top, pos = cand.topk(kk, dim=-1)
-        if ablated is None or c == n:
+        if ablated is None or (ca == na and cb == nb):
             break
-        # Anything outside the grid scores at most max(a_1 + b_c, a_c + b_1).
-        bound = torch.maximum(ta[:, 0] + tb[:, -1], ta[:, -1] + tb[:, 0])
+        # Anything outside the grid scores at most a_1 + b_cb (j outside) or a_ca + b_1 (i outside).
+        outside = []
+        if cb < nb:
+            outside.append(ta[:, 0] + tb[:, -1])
+        if ca < na:
+            outside.append(ta[:, -1] + tb[:, 0])
+        bound = torch.stack(outside).amax(0)
         if kk == k and bool((top[:, -1] >= bound).all()):
             break
-        c = min(2 * c, n)
+        ca, cb = min(2 * ca, na), min(2 * cb, nb)
     ids = cand_ids.gather(-1, pos)
-    if kk < k or ablated is not None:
-        # Fewer than k selectable rows: pad.
+    if kk < k or ablated is not None or bias_a is not None:
+        # Fewer than k selectable rows (ablated, or excluded by a -inf bias): pad.
         pad = torch.isinf(top) & (top < 0)
         ids = ids.masked_fill(pad, PAD_ID)
         if kk < k:
