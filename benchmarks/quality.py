@@ -61,7 +61,6 @@ def throughput(args, work: Path) -> dict:
             tcfg = table_config(model_config(cfg, 260), cfg)
             with loopback_table(tcfg, str(work / "tput_remote" / "store")) as table:
                 r = train(cfg, table=table)
-        # skip the first steps (warm-up of allocators and channels)
         out[name] = {"tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"], "losses": r["losses"]}
     out["remote_over_local"] = out["remote"]["tokens_per_s"] / out["local"]["tokens_per_s"]
     out["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(out["remote"]["losses"], out["local"]["losses"]))

@@ -82,7 +82,7 @@ def load_checkpoint(ckpt: str | Path, model: Transformer, optimizer: torch.optim
     if table is not None and meta.get("table_version") is not None:
         table.load_version(int(meta["table_version"]))
         model.refresh_table_state()
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=True)
+    load_model(model, str(ckpt / "model.safetensors"), strict=True)
     state = torch.load(ckpt / "train_state.pt", weights_only=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])

@@ -6,8 +6,6 @@ section 7); it reaches it only through the knowledge layers.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

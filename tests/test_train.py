@@ -3,7 +3,6 @@ exactly, in fp32); remote table == in-process table (slow)."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
