@@ -121,7 +121,7 @@ class LearnConfig:
 
 
 # Per-method learning rates (tuned on the tiny corpus, benchmarks/continual.py --tune).
-DEFAULT_LR = {"new_rows": 0.1, "sparse_memory": 100.0, "full_finetune": 3e-4, "lora": 3e-3}
+DEFAULT_LR = {"new_rows": 0.3, "sparse_memory": 100.0, "full_finetune": 3e-4, "lora": 3e-3}
 
 
 @dataclass
