@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=600, help="training steps (default 600)")
     d.add_argument("--store-root", default="runs/demo", help="where store versions and checkpoints go")
     d.add_argument("--corpus", default="tiny", help="corpus preset: tiny | small | full")
-    d.add_argument("--model", default="demo-knowledge", help="model preset (model_worker.config.configs)")
+    d.add_argument("--model", default="small-knowledge", help="model preset (model_worker.config.configs)")
     d.add_argument("--shards", type=int, default=2, help="store shard actors (default 2)")
     d.set_defaults(fn=cmd_demo)
 

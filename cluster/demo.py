@@ -31,7 +31,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tiny",
-             model: str = "demo-knowledge", num_shards: int = 2, questions: int = 4) -> dict:
+             model: str = "small-knowledge", num_shards: int = 2, questions: int = 4) -> dict:
     import torch
 
     from model_worker.data import build_corpus
@@ -40,8 +40,10 @@ def run_demo(steps: int = 600, store_root: str = "runs/demo", corpus: str = "tin
     t_start = time.time()
     root = os.path.abspath(store_root)
     shutil.rmtree(root, ignore_errors=True)
-    train_cfg = TrainConfig(model=model, corpus=corpus, steps=steps, out_dir=os.path.join(root, "checkpoints"),
-                            ckpt_every=steps, eval_every=steps, num_shards=num_shards)
+    # seq_len 96 holds the longest prompt of the tiny corpus (the model's context is its seq_len).
+    train_cfg = TrainConfig(model=model, corpus=corpus, steps=steps, seq_len=96, threads=1,
+                            out_dir=os.path.join(root, "checkpoints"), ckpt_every=steps, eval_every=steps,
+                            num_shards=num_shards)
     tcfg = table_config(model_config(train_cfg, 260), train_cfg)
     cfg = ClusterConfig(store_root=os.path.join(root, "store"), num_shards=num_shards)
 
