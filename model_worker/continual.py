@@ -537,27 +537,18 @@ def _document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: in
     Lin et al. take a batch as the document over a 1M-row memory; with a table of
     ~1k rows every row is read in every batch, so the idf would be 0 for all: a
     sequence is the document here."""
-    from .generate import readout_mode
+    from .generate import recording_rows
     df = torch.zeros(n_rows, dtype=torch.float64)
     kls = model.knowledge_layers()
-    was = model.training
-    model.eval()
-    for kl in kls:
-        kl.record = True
-    try:
-        with readout_mode(model, "fetch"):
-            for b in batches:
-                model(b.inputs)
-                for i in range(b.inputs.shape[0]):       # a document = one sequence
-                    used = torch.zeros(n_rows, dtype=torch.bool)
-                    for kl in kls:
-                        ids = kl.last_ids[i][kl.last_weights[i] > 0]
-                        used[ids[(ids >= 0) & (ids < n_rows)]] = True
-                    df += used.double()
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
+    with recording_rows(model):
+        for b in batches:
+            model(b.inputs)
+            for i in range(b.inputs.shape[0]):       # a document = one sequence
+                used = torch.zeros(n_rows, dtype=torch.bool)
+                for kl in kls:
+                    ids = kl.last_ids[i][kl.last_weights[i] > 0]
+                    used[ids[(ids >= 0) & (ids < n_rows)]] = True
+                df += used.double()
     return df
 
 
@@ -602,25 +593,16 @@ def forgetting(before: dict, after: dict) -> dict:
 def new_row_interference(model: Transformer, batches: Sequence[Batch], first_new_id: int) -> float:
     """Share of (token, head) reads on `batches` that select at least one row with
     id >= first_new_id: how often new rows reach into old contexts."""
-    from .generate import readout_mode
+    from .generate import recording_rows
     kls = model.knowledge_layers()
     hit = total = 0
-    was = model.training
-    model.eval()
-    for kl in kls:
-        kl.record = True
-    try:
-        with torch.no_grad(), readout_mode(model, "fetch"):
-            for b in batches:
-                model(b.inputs)
-                for kl in kls:
-                    sel = (kl.last_ids >= first_new_id).any(-1)      # [B, S, h]
-                    hit += int(sel.sum())
-                    total += sel.numel()
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
+    with torch.no_grad(), recording_rows(model):
+        for b in batches:
+            model(b.inputs)
+            for kl in kls:
+                sel = (kl.last_ids >= first_new_id).any(-1)      # [B, S, h]
+                hit += int(sel.sum())
+                total += sel.numel()
     return hit / max(1, total)
 
 

@@ -42,6 +42,25 @@ def readout_mode(model: Transformer, mode: str | None):
             kl.readout_mode = m
 
 
+@contextlib.contextmanager
+def recording_rows(model: Transformer):
+    """Eval mode, fetch readout, and every knowledge layer recording the rows it
+    reads (`kl.last_ids`, `kl.last_weights`); everything restored on exit.
+    Fetch leaves the store's usage counts alone."""
+    was = model.training
+    model.eval()
+    kls = model.knowledge_layers()
+    for kl in kls:
+        kl.record = True
+    try:
+        with readout_mode(model, "fetch"):
+            yield kls
+    finally:
+        for kl in kls:
+            kl.record = False
+        model.train(was)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> next ids [B]. temperature 0 = greedy; else nucleus (top-p) sampling."""

@@ -25,7 +25,7 @@ import torch
 from store_service.interface import UsageStats
 
 from .data import ByteTokenizer, collate_examples
-from .generate import generate, readout_mode
+from .generate import generate, recording_rows
 from .model import Transformer
 
 
@@ -130,31 +130,22 @@ def collect_row_contexts(model: Transformer, tok: ByteTokenizer, texts: Sequence
     hits = torch.zeros(n_rows, dtype=torch.int64)
     wsum = torch.zeros(n_rows, dtype=torch.float64)
     kls = model.knowledge_layers()
-    was = model.training
-    model.eval()
-    for kl in kls:
-        kl.record = True
-    try:
-        with readout_mode(model, "fetch"):
-            for s in range(0, len(texts), batch_size):
-                docs = [_Doc("", t) for t in texts[s:s + batch_size]]
-                b = collate_examples(docs, tok, answer_only=False)
-                model(b.inputs)
-                valid = b.targets != -100                                       # [B, S] real tokens
-                for kl in kls:
-                    ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
-                    B, S, h, k = ids.shape
-                    ok = valid[:, :, None, None].expand_as(ids) & (ids >= 0)
-                    doc = (torch.arange(B) + s)[:, None, None, None].expand_as(ids)
-                    pos = torch.arange(S)[None, :, None, None].expand_as(ids)
-                    ctx.update(ids[ok], w[ok], doc[ok], pos[ok])
-                    read = ok & (w > 0)
-                    hits.index_add_(0, ids[read], torch.ones_like(ids[read]))
-                    wsum.index_add_(0, ids[ok], w[ok].double())
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
+    with recording_rows(model):
+        for s in range(0, len(texts), batch_size):
+            docs = [_Doc("", t) for t in texts[s:s + batch_size]]
+            b = collate_examples(docs, tok, answer_only=False)
+            model(b.inputs)
+            valid = b.targets != -100                                       # [B, S] real tokens
+            for kl in kls:
+                ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
+                B, S, h, k = ids.shape
+                ok = valid[:, :, None, None].expand_as(ids) & (ids >= 0)
+                doc = (torch.arange(B) + s)[:, None, None, None].expand_as(ids)
+                pos = torch.arange(S)[None, :, None, None].expand_as(ids)
+                ctx.update(ids[ok], w[ok], doc[ok], pos[ok])
+                read = ok & (w > 0)
+                hits.index_add_(0, ids[read], torch.ones_like(ids[read]))
+                wsum.index_add_(0, ids[ok], w[ok].double())
     tab = model.tables()[0].usage()
     return ctx, (UsageStats(hits, wsum, tab.frozen, tab.ablated) if usage else None)
 
@@ -221,34 +212,25 @@ def answer_rows(model: Transformer, tok: ByteTokenizer, examples: Sequence, per_
     TF-IDF, weight * log(total / background), so rows every text reads rank low."""
     kls = model.knowledge_layers()
     out: list[torch.Tensor] = []
-    was = model.training
-    model.eval()
-    for kl in kls:
-        kl.record = True
-    try:
-        with readout_mode(model, "fetch"):
-            n_rows = model.tables()[0].info().num_rows
-            for s in range(0, len(examples), batch_size):
-                chunk = list(examples[s:s + batch_size])
-                b = collate_examples(chunk, tok, answer_only=True)
-                model(b.inputs)
-                scored = b.targets != -100
-                tot = torch.zeros(len(chunk), n_rows)
-                for kl in kls:
-                    ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
-                    ok = scored[:, :, None, None].expand_as(ids) & (ids >= 0)
-                    bi = torch.arange(len(chunk))[:, None, None, None].expand_as(ids)
-                    tot.index_put_((bi[ok], ids[ok]), w[ok].float(), accumulate=True)
-                if background is not None:
-                    bg = background.double()
-                    tot = tot * torch.log((bg.sum() + 1) / (bg + 1)).float().clamp_min(0)
-                top = tot.topk(per_fact, dim=1)
-                for i in range(len(chunk)):
-                    out.append(top.indices[i][top.values[i] > 0])
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
+    with recording_rows(model):
+        n_rows = model.tables()[0].info().num_rows
+        for s in range(0, len(examples), batch_size):
+            chunk = list(examples[s:s + batch_size])
+            b = collate_examples(chunk, tok, answer_only=True)
+            model(b.inputs)
+            scored = b.targets != -100
+            tot = torch.zeros(len(chunk), n_rows)
+            for kl in kls:
+                ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
+                ok = scored[:, :, None, None].expand_as(ids) & (ids >= 0)
+                bi = torch.arange(len(chunk))[:, None, None, None].expand_as(ids)
+                tot.index_put_((bi[ok], ids[ok]), w[ok].float(), accumulate=True)
+            if background is not None:
+                bg = background.double()
+                tot = tot * torch.log((bg.sum() + 1) / (bg + 1)).float().clamp_min(0)
+            top = tot.topk(per_fact, dim=1)
+            for i in range(len(chunk)):
+                out.append(top.indices[i][top.values[i] > 0])
     return out
 
 

@@ -33,7 +33,7 @@ from store_service.config import segments_from_json
 from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable
 
 from .data import ByteTokenizer, collate_examples
-from .generate import readout_mode
+from .generate import recording_rows
 from .model import Transformer
 
 
@@ -70,26 +70,17 @@ def usage_trace(model: Transformer, tok: ByteTokenizer, texts: Sequence[str], ba
     or per token (`per="token"`: what one decode step fetches), sorted."""
     kls = model.knowledge_layers()
     out: list[torch.Tensor] = []
-    was = model.training
-    model.eval()
-    for kl in kls:
-        kl.record = True
-    try:
-        with readout_mode(model, "fetch"):
-            for s in range(0, len(texts), batch_size):
-                b = collate_examples([_Doc("", t) for t in texts[s:s + batch_size]], tok, answer_only=False)
-                model(b.inputs)
-                valid = b.targets != -100
-                for i in range(b.inputs.shape[0]):
-                    ids = torch.cat([kl.last_ids[i][valid[i]].flatten(1) for kl in kls], 1)   # [S_i, L*h*k]
-                    if per == "doc":
-                        out.append(torch.unique(ids[ids >= 0]))
-                    else:
-                        out.extend(torch.unique(t[t >= 0]) for t in ids)
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
+    with recording_rows(model):
+        for s in range(0, len(texts), batch_size):
+            b = collate_examples([_Doc("", t) for t in texts[s:s + batch_size]], tok, answer_only=False)
+            model(b.inputs)
+            valid = b.targets != -100
+            for i in range(b.inputs.shape[0]):
+                ids = torch.cat([kl.last_ids[i][valid[i]].flatten(1) for kl in kls], 1)   # [S_i, L*h*k]
+                if per == "doc":
+                    out.append(torch.unique(ids[ids >= 0]))
+                else:
+                    out.extend(torch.unique(t[t >= 0]) for t in ids)
     return out
 
 
