@@ -114,7 +114,7 @@ def cmd_status(args) -> None:
 
 
 def cmd_down(args) -> None:
-    cfg = _load_state(args)
+    _load_state(args)  # exits with a message when no cluster is recorded
     try:
         _attach(args).stop()
     finally:

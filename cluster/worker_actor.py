@@ -100,7 +100,6 @@ class WorkerActor:
         self._store_root = os.path.abspath(ccfg.store_root)
         cfg = TrainConfig(**train_config)
         dp = DataParallel.init(*data_parallel) if data_parallel is not None else None
-        rank = dp.rank if dp is not None else 0
         table = self._table("raise")
         hook = _scaler(ccfg, scale_at, table, dp) if scale_at else None
         progress = ProgressReport(self._progress)

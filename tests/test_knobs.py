@@ -2,7 +2,6 @@
 import torch
 
 from model_worker import knobs as K
-from model_worker.checkpoint import save_checkpoint
 from model_worker.data import ByteTokenizer
 from model_worker.model import Transformer
 from model_worker.train import TrainConfig, create_table, model_config
