@@ -14,7 +14,6 @@ Writes benchmarks/results/cluster_bench.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from benchmarks.common import write_results
 from benchmarks.store_bench import device_string
 from cluster.config import ClusterConfig
 from cluster.launch import StoreCluster
@@ -136,11 +136,7 @@ def main() -> None:
     }
     if args.small:
         result["note"] = "--small run: the table has 2^14 rows, not 1M"
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    _plot(result, args.out.replace(".json", ".png"))
-    print(json.dumps(result["headline"], indent=2))
+    write_results(result, args.out, _plot)
 
 
 def _plot(result: dict, path: str) -> None:

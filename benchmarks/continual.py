@@ -12,6 +12,8 @@ import platform
 import time
 from pathlib import Path
 
+from benchmarks.common import cpu_model, write_results
+
 BASE_DIR = "runs/bench_base"
 # The base model every issue-6 benchmark uses: the team's small MoE + knowledge preset,
 # trained on the tiny corpus with its new facts held out of pretraining.
@@ -26,14 +28,7 @@ BASE = dict(model="small-knowledge", corpus="tiny", seq_len=64, batch_size=16, s
 
 def device_string() -> str:
     import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs visible, torch {torch.__version__} " \
            f"({torch.get_num_threads()} threads), CPU only"
 
@@ -247,11 +242,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     result = run(args)
     result["wall_seconds"] = time.time() - t0
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(_no_nan(result), f, indent=2)
-    plot(result, args.out.replace(".json", ".png"))
-    print(json.dumps(result["headline"], indent=2))
+    write_results(_no_nan(result), args.out, plot)
 
 
 if __name__ == "__main__":

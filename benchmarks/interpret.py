@@ -18,6 +18,8 @@ import os
 import random
 import time
 
+from benchmarks.common import write_results
+
 
 def run(args) -> dict:
     import torch
@@ -161,11 +163,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     result = run(args)
     result["wall_seconds"] = time.time() - t0
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, args.out.replace(".json", ".png"))
-    print(json.dumps(result["headline"], indent=2))
+    write_results(result, args.out, plot)
 
 
 if __name__ == "__main__":

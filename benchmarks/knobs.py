@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from benchmarks.common import write_results
+
 
 def run(args) -> dict:
     import tempfile
@@ -194,11 +196,7 @@ def main(argv=None) -> None:
     t0 = time.time()
     result = run(args)
     result["wall_seconds"] = time.time() - t0
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, args.out.replace(".json", ".png"))
-    print(json.dumps(result["headline"], indent=2))
+    write_results(result, args.out, plot)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.common import cpu_model  # noqa: E402
+
 from model_worker.remote_table import loopback_table  # noqa: E402
 from model_worker.train import TrainConfig, model_config, table_config, train  # noqa: E402
 
@@ -32,12 +33,7 @@ RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe"
 
 
 def device_string() -> str:
-    cpu = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"CPU: {cpu}, {os.cpu_count()} cores visible (shared with other jobs), torch {torch.__version__}"
 
 

@@ -37,6 +37,7 @@ import grpc  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from benchmarks.common import cpu_model  # noqa: E402
 from store_service import persistence  # noqa: E402
 from store_service.client import connect  # noqa: E402
 from store_service.config import OptimizerConfig, TableConfig  # noqa: E402
@@ -63,12 +64,7 @@ SMALL = Size(n_sub=64, flat_rows=4096, d_k=64, d_v=128, k=16, batch=128)
 
 
 def device_string() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return f"{platform.system()} {platform.machine()}, {cpu}, cpu, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
