@@ -94,26 +94,18 @@ class FollowingTable(Table):
             if m is None or m.revision <= self._bound.revision:
                 return
             restarted = self._restarted(m)
-            old_shards = self.shards
-            self.shards = self._handles(m)
-            self._reset_pool()
+            # A restarted shard serves the last published version; the caller
+            # restores a checkpoint before the map is described again.
+            old_shards = self.rebind(self._handles(m), refresh=False)
             self._bound = m
             for s in old_shards:
                 s.close()
             log.info("following shard map generation %d revision %d (%d shards)%s", m.map_version,
                      m.revision, m.num_shards, ", a shard restarted" if restarted else "")
             if restarted and self.on_restart == "raise":
-                # The caller restores a checkpoint (load_version) before reading again.
                 raise ShardRestarted(f"a shard restarted (map revision {m.revision}); "
                                      "rows it held since the last published version are lost")
             self.refresh()
-
-    def _reset_pool(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-        self._pool = ThreadPoolExecutor(len(self.shards), "table") if len(self.shards) > 1 else None
 
     def _retrying(self, op):
         if self._latest is not None and self._latest.revision > self._bound.revision:

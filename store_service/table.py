@@ -56,9 +56,8 @@ class Table:
         self.store_root = store_root
         self.max_retries = max_retries
         self.refresh_wait_s = refresh_wait_s
-        if parallel is None:
-            parallel = not all(isinstance(s, Shard) for s in self.shards)
-        self._pool = ThreadPoolExecutor(len(self.shards), "table") if parallel and len(self.shards) > 1 else None
+        self._parallel = parallel
+        self._pool = self._make_pool()
         self._map_lock = threading.Lock()
         self._map: _ShardMap = self._describe()
 
@@ -109,6 +108,26 @@ class Table:
         return _ShardMap(infos, torch.tensor([i.row_start for i in infos], dtype=torch.int64),
                          torch.tensor([i.row_end for i in infos], dtype=torch.int64),
                          last.d_k, last.d_v, last.value_dtype, last.segments)
+
+    def _make_pool(self) -> ThreadPoolExecutor | None:
+        parallel = self._parallel
+        if parallel is None:
+            parallel = not all(isinstance(s, Shard) for s in self.shards)
+        return ThreadPoolExecutor(len(self.shards), "table") if parallel and len(self.shards) > 1 else None
+
+    def rebind(self, shards: Sequence[ShardHandle], *, refresh: bool = True) -> list[ShardHandle]:
+        """Serve from a new set of shard handles (the store was re-partitioned or a
+        shard moved); returns the old handles for the caller to close."""
+        if not shards:
+            raise errors.InvalidArgument("shards", "a table needs at least one shard")
+        old, old_pool = self.shards, self._pool
+        self.shards = list(shards)
+        self._pool = self._make_pool()
+        if old_pool is not None:
+            old_pool.shutdown(wait=False)
+        if refresh:
+            self.refresh()
+        return old
 
     def refresh(self) -> None:
         m = self._describe()
