@@ -113,15 +113,17 @@ def check_pk(dev):
     torch.manual_seed(2)
     worst_id_mismatch = 0.0
     pk_cases = [(4096, 1024, 64, 32, False, torch.float32), (4096, 1024, 64, 32, True, torch.bfloat16),
-                (999, 100, 48, 5, True, torch.float32), (64, 16, 16, 1, False, torch.float32)]
+                (999, 100, 48, 5, True, torch.float32), (64, 16, 16, 1, False, torch.float32),
+                (512, (256, 1024), 64, 32, False, torch.float32), (300, 2048, 32, 64, True, torch.float32)]
     if SMOKE:
         pk_cases = [(16, 16, 16, 4, True, torch.float32)]
     for (B, n, d, k, bias, dt) in pk_cases:
+        na, n = n if isinstance(n, tuple) else (n, n)  # rectangular: a shard's slice of codebook A
         qa = torch.randn(B, d, device=dev).to(dt)
         qb = torch.randn(B, d, device=dev).to(dt)
-        ca = torch.randn(n, d, device=dev).to(dt)
+        ca = torch.randn(na, d, device=dev).to(dt)
         cb = torch.randn(n, d, device=dev).to(dt)
-        ba = torch.randn(n, device=dev) if bias else None
+        ba = torch.randn(na, device=dev) if bias else None
         bb = torch.randn(n, device=dev) if bias else None
         s, i = P.product_key_search_triton(qa, qb, ca, cb, k, ba, bb)
         rs, ri = R.product_key_search_reference(qa, qb, ca, cb, k, ba, bb)
@@ -133,7 +135,7 @@ def check_pk(dev):
             recomputed = recomputed + ba[ia] + bb[ib]
         e_s = float((s - rs).abs().max())
         e_re = float((recomputed - s).abs().max())
-        key = f"B{B}_n{n}_d{d}_k{k}_bias{int(bias)}_{str(dt).split('.')[-1]}"
+        key = f"B{B}_na{na}_nb{n}_d{d}_k{k}_bias{int(bias)}_{str(dt).split('.')[-1]}"
         out[key] = dict(id_mismatch_frac=mism, max_abs_score_diff=e_s, max_abs_recompute_diff=e_re,
                         descending=bool((s[:, :-1] >= s[:, 1:]).all()) if k > 1 else True)
         worst_id_mismatch = max(worst_id_mismatch, mism)
@@ -188,41 +190,27 @@ def time_readout(dev, variants: bool):
         return TR.softmax_readout_backward_triton(V, ids, s, g)
 
     tm["triton_fwd"] = bench(rotating(fwd, sets))
-    RESULT["row_grad_config"] = list(TR._bwd_config(D))
+    RESULT["row_grad_config"] = list(TR._fo_config(D))
     tm["triton_bwd"] = bench(rotating(bwd, sets))
     tm["triton_fwdbwd"] = bench(rotating(fwdbwd, sets))
     log(f"triton fwd {tm['triton_fwd']:.3f}  bwd {tm['triton_bwd']:.3f}  fwd+bwd {tm['triton_fwdbwd']:.3f} ms")
 
-    # backward pieces
-    w0 = TR.masked_softmax_triton(sets[0][2], sets[0][1])
+    # backward pieces, and the previous pipeline (sort, nonzero + host sync, one program
+    # per unique row) in the same run
     tm["bwd_part_softmax"] = bench(rotating(lambda V, ids, s, g: TR.masked_softmax_triton(s, ids), sets))
-    tm["bwd_part_segments_sort"] = bench(rotating(lambda V, ids, s, g: TR._segments(ids, N), sets))
-    seg = [TR._segments(st[1], N) for st in sets]
+    tm["bwd_part_sort"] = bench(rotating(lambda V, ids, s, g: torch.sort(ids.reshape(-1).to(torch.int32)), sets))
 
-    def rowgrad_only(i, cfg=None):
-        V, ids, s, g = sets[i]
-        skey, perm, bounds = seg[i]
-        Uu = bounds.numel() - 1
-        cfg = cfg or TR._bwd_config(D)
-        nd = triton_cdiv(D, min(cfg[0], D))
-        uq = torch.empty(Uu, dtype=torch.int64, device=dev)
-        rg = torch.empty((Uu, D), dtype=torch.float32, device=dev)
-        gw = torch.zeros((nd, T * K), dtype=torch.float32, device=dev)
-        TR._launch_row_grad(cfg, V, g, w0, perm, skey, bounds, uq, rg, gw, T * K, K, D)
-    st = {"i": 0}
-
-    def rg_call(cfg=None):
-        def f():
-            rowgrad_only(st["i"] % n_sets, cfg)
-            st["i"] += 1
-        return f
-    tm["bwd_part_row_grad_kernel"] = bench(rg_call())
-    log("bwd parts", {k: round(v, 4) for k, v in tm.items() if k.startswith("bwd_part")})
+    def fwdbwd_previous(V, ids, s, g):
+        TR.softmax_readout_triton(V, ids, s)
+        w = TR.masked_softmax_triton(s, ids)
+        return TR._readout_backward_sorted(V, ids, w, g)
+    tm["triton_fwdbwd_previous_pipeline"] = bench(rotating(fwdbwd_previous, sets))
+    log("bwd parts", {k: round(v, 4) for k, v in tm.items() if k.startswith("bwd_part")},
+        "previous pipeline fwd+bwd", round(tm["triton_fwdbwd_previous_pipeline"], 4))
 
     if variants:
         fv = {}
-        for cfg in [(1, 1024, 1024, 4), (2, 1024, 1024, 2), (1, 1024, 1024, 2), (1, 512, 1024, 4),
-                    (1, 1024, 1024, 8)]:
+        for cfg in [(1, 1024, 1024, 4), (2, 1024, 1024, 2), (1, 1024, 1024, 2), (1, 1024, 1024, 8)]:
             try:
                 fv[str(cfg)] = bench(rotating(lambda V, ids, s, g: TR.softmax_readout_triton(V, ids, s, config=cfg), sets))
             except Exception as e:  # noqa: BLE001
@@ -230,14 +218,14 @@ def time_readout(dev, variants: bool):
             log("fwd variant (BLOCK_K, BLOCK_D, D_PER_PROG, warps)", cfg, fv[str(cfg)])
         RESULT["variants"]["fwd"] = fv
         bv = {}
-        for cfg in [(1024, 2, True, True, 1), (1024, 4, True, True, 1), (1024, 1, True, True, 1),
-                    (1024, 4, False, True, 1), (1024, 2, True, True, 2)]:
+        for cfg in [(1024, 2), (1024, 4), (1024, 1), (1024, 8), (512, 2), (512, 1)]:
             try:
-                bv[str(cfg)] = bench(rg_call(cfg))
+                bv[str(cfg)] = bench(rotating(
+                    lambda V, ids, s, g: TR.softmax_readout_backward_triton(V, ids, s, g, config=cfg), sets))
             except Exception as e:  # noqa: BLE001
                 bv[str(cfg)] = repr(e)[:200]
-            log("row-grad kernel variant (BLOCK_D, warps, ORDERED, HINTS, ROWS)", cfg, bv[str(cfg)])
-        RESULT["variants"]["row_grad_kernel"] = bv
+            log("bwd variant (BLOCK_D, warps)", cfg, bv[str(cfg)])
+        RESULT["variants"]["bwd"] = bv
 
     # PyTorch eager reference and torch.compile of it
     def ref_fwd(V, ids, s, g):
@@ -314,14 +302,19 @@ def time_pk(dev, variants: bool):
         tm[f"torch_ref_{name}"] = bench(rotating(lambda a, b, c, e: R.product_key_search_reference(a, b, c, e, k), sets))
         tm[f"triton_{name}"] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k), sets))
         log(f"pk {name}: torch {tm[f'torch_ref_{name}']:.3f} ms  triton {tm[f'triton_{name}']:.3f} ms")
+        # the two parts: the reference's score GEMMs alone (both halves), the selection alone
+        tm[f"scores_only_{name}"] = bench(rotating(lambda a, b, c, e: (P._scores(a, c, None), P._scores(b, e, None)),
+                                                   sets))
+        log(f"pk {name}: score GEMMs alone {tm[f'scores_only_{name}']:.3f} ms")
         if variants and not SMOKE:
             pv = {}
-            for cfg in [(16, 64, 64, 4), (16, 128, 64, 4), (16, 256, 64, 4), (32, 128, 64, 8)]:
+            for nw in (1, 2, 4):
                 try:
-                    pv[str(cfg)] = bench(rotating(lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k, config=cfg), sets))
+                    pv[f"num_warps={nw}"] = bench(rotating(
+                        lambda a, b, c, e: P.product_key_search_triton(a, b, c, e, k, num_warps=nw), sets))
                 except Exception as ex:  # noqa: BLE001
-                    pv[str(cfg)] = repr(ex)[:200]
-                log("pk variant (BLOCK_B, CHUNK_N, BLOCK_DK, warps)", name, cfg, pv[str(cfg)])
+                    pv[f"num_warps={nw}"] = repr(ex)[:200]
+                log("pk variant", name, nw, pv[f"num_warps={nw}"])
             RESULT["variants"][f"pk_{name}"] = pv
     RESULT["timings_ms"]["pk_search"] = tm
     RESULT["pk_shape"] = dict(queries=B, n=n, d_half=d, k=k)

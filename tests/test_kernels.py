@@ -104,10 +104,16 @@ def test_backward_compact_layout_and_edge_cases():
 def test_row_grad_config_variants_agree():
     V, ids, s, go = _inputs(6, 4, 20, 9, torch.float32, seed=3)
     ref = R.softmax_readout_backward_reference(V.double(), ids, s.double(), go.double())
-    # d split in blocks, (un)ordered programs, several rows per program
-    for cfg in [(32, 1, False, False), (8, 1, True, True), (32, 2, True, True, 2), (8, 4, True, True, 4)]:
+    # the shipped pipeline, whole rows and d split over programs
+    for cfg in [(32, 1), (8, 2)]:
         gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg)
         assert torch.equal(u, ref[1]) and _rel(rg, ref[2]) < 1e-5 and _rel(gs, ref[0]) < 1e-5
+    # the previous pipeline (kept as the benchmark's comparison): (un)ordered programs, rows per program
+    w = R.masked_softmax(s, ids)
+    ref_w = R.readout_weighted_backward_reference(V.double(), ids, w.double(), go.double())
+    for cfg in [(32, 1, False, False), (8, 1, True, True), (32, 2, True, True, 2), (8, 4, True, True, 4)]:
+        gw, u, rg = TR._readout_backward_sorted(V, ids, w, go, config=cfg)
+        assert torch.equal(u, ref_w[1]) and _rel(rg, ref_w[2]) < 1e-5 and _rel(gw, ref_w[0]) < 1e-5
     out = TR.softmax_readout_triton(V, ids, s, config=(4, 8, 16, 1))  # k tiles, d split over programs
     assert _rel(out, R.softmax_readout_reference(V.double(), ids, s.double())) < 1e-5
 
@@ -176,13 +182,16 @@ def test_dispatch_cpu_uses_reference():
 
 
 @pytest.mark.parametrize("B,n,d,k,bias", [(16, 32, 16, 8, False), (5, 10, 8, 5, True),
-                                          (17, 16, 24, 1, True), (3, 3, 8, 8, False)])
+                                          (17, 16, 24, 1, True), (3, 3, 8, 8, False),
+                                          (4, 1024, 16, 32, False), (3, (5, 40), 8, 16, True),
+                                          (3, (40, 3), 8, 64, False)])
 def test_pk_search_triton_matches_reference(B, n, d, k, bias):
-    g = torch.Generator().manual_seed(B * n + k)
+    na, nb = n if isinstance(n, tuple) else (n, n)  # rectangular: a shard's slice of codebook A
+    g = torch.Generator().manual_seed(B * na + nb + k)
     qa, qb = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
-    ca, cb = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
-    ba = torch.randn(n, generator=g) if bias else None
-    bb = torch.randn(n, generator=g) if bias else None
+    ca, cb = torch.randn(na, d, generator=g), torch.randn(nb, d, generator=g)
+    ba = torch.randn(na, generator=g) if bias else None
+    bb = torch.randn(nb, generator=g) if bias else None
     s, i = TP.product_key_search_triton(qa, qb, ca, cb, k, ba, bb)
     rs, ri = R.product_key_search_reference(qa, qb, ca, cb, k, ba, bb)
     assert s.shape == (B, k) and i.dtype == torch.int64
@@ -204,6 +213,31 @@ def test_pk_search_ties_and_bf16():
     full = (qa @ ca.float().T)[:, :, None] + (qb @ cb.float().T)[:, None, :]
     torch.testing.assert_close(full.reshape(B, -1).gather(1, i), s)
     assert all(len(set(r)) == k for r in i.tolist())  # distinct ids per query
+
+
+def test_pk_search_ties_go_to_the_smaller_id():
+    # all sub-key scores equal: every row ties, so the k smallest ids win, in id order
+    B, n, d, k = 2, 8, 4, 5
+    ca = cb = torch.ones(n, d)
+    q = torch.ones(B, d)
+    s, i = TP.product_key_search_triton(q, q, ca, cb, k)
+    assert i.tolist() == [list(range(k))] * B
+    torch.testing.assert_close(s, torch.full((B, k), 2.0 * d))
+
+
+def test_pk_search_minus_inf_bias_pads():
+    # a -inf bias removes sub-keys: fewer than k selectable rows -> PAD_ID / -inf, as the reference
+    g = torch.Generator().manual_seed(3)
+    B, n, d, k = 4, 4, 8, 8
+    qa, qb = torch.randn(B, d, generator=g), torch.randn(B, d, generator=g)
+    ca, cb = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ba = torch.tensor([0.0, float("-inf"), float("-inf"), 0.0])
+    bb = torch.tensor([0.0, 0.0, float("-inf"), float("-inf")])
+    s, i = TP.product_key_search_triton(qa, qb, ca, cb, k, ba, bb)
+    rs, ri = R.product_key_search_reference(qa, qb, ca, cb, k, ba, bb)
+    torch.testing.assert_close(s, rs, rtol=0, atol=1e-5)
+    assert torch.equal(i[:, :4].sort(-1).values, ri[:, :4].sort(-1).values)
+    assert (i[:, 4:] == R.PAD_ID).all() and torch.isneginf(s[:, 4:]).all()
 
 
 @pytest.mark.parametrize("na,nb,k", [(3, 16, 8), (16, 5, 4), (7, 7, 49), (2, 3, 10)])

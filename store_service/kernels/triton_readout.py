@@ -292,8 +292,152 @@ def _segments(ids: torch.Tensor, n_rows: int):
     return skey, perm, bounds
 
 
+
+@triton.jit
+def _start_flags_kernel(skey_ptr, flag_ptr, TK, SENT, BLOCK: tl.constexpr):
+    """flag[i] = 1 where sorted position i starts the segment of a real id."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    cur = tl.load(skey_ptr + offs, mask=m, other=SENT)
+    prev = tl.load(skey_ptr + offs - 1, mask=m & (offs >= 1), other=SENT)
+    start = (cur != SENT) & ((offs == 0) | (cur != prev))
+    tl.store(flag_ptr + offs, start.to(tl.int32), mask=m)
+
+
+@triton.jit
+def _first_occurrence_kernel(skey_ptr, perm_ptr, csum_ptr, uniq_ptr, fo_u_ptr, fo_cnt_ptr, fo_start_ptr,
+                             TK, SENT, BLOCK: tl.constexpr):
+    """For each segment start i (output slot u = csum[i] - 1): walk the segment
+    (1.27 pairs on average at the benchmark shape) for its length and its
+    lowest pair p, and file the segment under p: fo_u[p] = u, fo_cnt[p] =
+    length, fo_start[p] = i. uniq[u] = the row id."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < TK
+    cur = tl.load(skey_ptr + offs, mask=m, other=SENT)
+    prev = tl.load(skey_ptr + offs - 1, mask=m & (offs >= 1), other=SENT)
+    start = m & (cur != SENT) & ((offs == 0) | (cur != prev))
+    u = tl.load(csum_ptr + offs, mask=start, other=1) - 1
+    pmin = tl.load(perm_ptr + offs, mask=start, other=0)
+    length = start.to(tl.int32)
+    active = start
+    while tl.max(active.to(tl.int32), axis=0) > 0:
+        q = offs + length
+        nxt = tl.load(skey_ptr + q, mask=active & (q < TK), other=SENT)
+        same = active & (nxt == cur)
+        p = tl.load(perm_ptr + q, mask=same, other=0)
+        pmin = tl.where(same & (p < pmin), p, pmin)
+        length += same.to(tl.int32)
+        active = same
+    tl.store(uniq_ptr + u, cur.to(tl.int64), mask=start)
+    tl.store(fo_u_ptr + pmin, u, mask=start)
+    tl.store(fo_cnt_ptr + pmin, length, mask=start)
+    tl.store(fo_start_ptr + pmin, offs.to(tl.int32), mask=start)
+
+
+@triton.jit
+def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr, fo_cnt_ptr, fo_start_ptr,
+                           rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g, BLOCK_D: tl.constexpr):
+    """One program per (t, j) pair i. If i is its row's first occurrence, the
+    program owns the row:  row_grad[u] = sum over the row's pairs of w * g_t,
+    grad_w[p] = g_t . v_row for each of them. Pair i's own token, weight and row
+    id are known without the sort, so the common case (a row used once: 77% of
+    rows at the benchmark shape) is two dependent loads deep (ids -> v), as the
+    forward; only rows used more than once walk their sorted segment."""
+    i = tl.program_id(0).to(tl.int64)
+    pd = tl.program_id(1)
+    offs_d = pd * BLOCK_D + tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    cnt = tl.load(fo_cnt_ptr + i)
+    u = tl.load(fo_u_ptr + i).to(tl.int64)
+    row = tl.load(ids_ptr + i)
+    w = tl.load(w_ptr + i)
+    # issued before the branch (a pair that owns no row wastes an L2 hit: its token's
+    # g row is read by the token's other programs anyway)
+    g = tl.load(g_ptr + (i // K) * stride_g + offs_d, mask=dmask, other=0.0,
+                eviction_policy="evict_last").to(tl.float32)
+    if cnt > 0:
+        v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
+        acc = w * g
+        gw_base = gw_ptr + pd.to(tl.int64) * TK
+        tl.store(gw_base + i, tl.sum(g * v, axis=0))
+        if cnt > 1:
+            start = tl.load(fo_start_ptr + i)
+            for q in range(start, start + cnt):
+                p = tl.load(perm_ptr + q)
+                if p != i:
+                    w2 = tl.load(w_ptr + p)
+                    g2 = tl.load(g_ptr + (p // K) * stride_g + offs_d, mask=dmask, other=0.0).to(tl.float32)
+                    acc += w2 * g2
+                    tl.store(gw_base + p, tl.sum(g2 * v, axis=0))
+        tl.store(rg_ptr + u * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+
+
+def _fo_config(D: int):
+    """(BLOCK_D, num_warps) of the row-gradient kernel."""
+    return min(_next_pow2(D), 1024), 2
+
+
 def _readout_backward(values, ids, w, grad_out, config=None):
-    """-> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
+    """-> (grad_w [T, K] fp32, unique ids [U] sorted, row grads [U, D] fp32) for given weights w.
+
+    Sort the flat (t, j) pairs by row id (padding -> a sentinel that sorts last),
+    number the segments by a prefix sum, file each segment under its first pair,
+    and let the program of that pair compute the row's gradient. Everything is
+    enqueued before the one host sync (U, to size the outputs) at the end: the
+    row grads are written into a [min(T*k, N), D] buffer of which the first U rows
+    are returned (a view), so no kernel waits on the host.
+    config: optional (BLOCK_D, num_warps) of the row-gradient kernel."""
+    T, K = ids.shape
+    D = values.shape[1]
+    N = values.shape[0]
+    dev = values.device
+    TK = T * K
+    g = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    w = w.contiguous().reshape(-1)
+    flat = ids.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if N < 2 ** 31 - 1:
+        sentinel = 2 ** 31 - 1
+        key = torch.where(flat >= 0, flat, sentinel).to(torch.int32)
+    else:
+        sentinel = 2 ** 63 - 1
+        key = torch.where(flat >= 0, flat, sentinel)
+    skey, perm = torch.sort(key)  # radix sort; order inside a segment does not matter
+    BLOCK = 1024
+    nblk = triton.cdiv(TK, BLOCK)
+    flag = torch.empty(TK, dtype=torch.int32, device=dev)
+    if TK:
+        _start_flags_kernel[(nblk,)](skey, flag, TK, sentinel, BLOCK=BLOCK)
+    csum = torch.cumsum(flag, 0, dtype=torch.int32)
+    cap = min(TK, N)
+    uniq = torch.empty(cap, dtype=torch.int64, device=dev)
+    fo_u = torch.empty(TK, dtype=torch.int32, device=dev)
+    fo_cnt = torch.zeros(TK, dtype=torch.int32, device=dev)
+    fo_start = torch.empty(TK, dtype=torch.int32, device=dev)
+    if TK:
+        _first_occurrence_kernel[(nblk,)](skey, perm, csum, uniq, fo_u, fo_cnt, fo_start, TK, sentinel,
+                                          BLOCK=BLOCK)
+    block_d, num_warps = config or _fo_config(D)
+    block_d = min(block_d, _next_pow2(D))
+    n_dblk = triton.cdiv(D, block_d) if D else 0
+    row_grads = torch.empty((cap, D), dtype=torch.float32, device=dev)
+    gw_part = torch.zeros((max(n_dblk, 1), TK), dtype=torch.float32, device=dev)
+    if TK and D:
+        _row_grad_first_kernel[(TK, n_dblk)](values, flat, g, w, perm, fo_u, fo_cnt, fo_start, row_grads, gw_part,
+                                             TK, K, D, values.stride(0), g.stride(0), BLOCK_D=block_d,
+                                             num_warps=num_warps)
+    grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
+    U = int(csum[-1]) if TK else 0  # the host sync, after everything is enqueued
+    return grad_w.reshape(T, K), uniq[:U], row_grads[:U]
+
+
+def _readout_backward_sorted(values, ids, w, grad_out, config=None):
+    """The previous pipeline (sort, nonzero bounds with a host sync in the middle, a
+    first-occurrence map, one program per unique row reading its segment): kept as the
+    benchmark's comparison for _readout_backward.
+    -> (grad_w [T, K] fp32, unique ids [U], row grads [U, D] fp32) for given weights w.
     config: optional (BLOCK_D, num_warps, ORDERED, HINTS[, ROWS]) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
