@@ -145,6 +145,26 @@ def check_pk(dev):
     return out
 
 
+def kernel_breakdown(fn, iters=20):
+    """GPU time per kernel name (ms per call of fn), from the torch profiler."""
+    if SMOKE:
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if t:
+            out[ev.key[:80]] = round(t / 1e3 / iters, 4)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:16])
+
+
 # ----------------------------------------------------------------------------
 def time_readout(dev, variants: bool):
     from store_service.kernels import triton_readout as TR
@@ -208,6 +228,11 @@ def time_readout(dev, variants: bool):
     log("bwd parts", {k: round(v, 4) for k, v in tm.items() if k.startswith("bwd_part")},
         "previous pipeline fwd+bwd", round(tm["triton_fwdbwd_previous_pipeline"], 4))
 
+    tm_k = kernel_breakdown(rotating(fwdbwd, sets))
+    if tm_k:
+        RESULT["fwdbwd_kernel_breakdown_ms"] = tm_k
+        log("fwd+bwd kernels (ms per call)", tm_k)
+
     if variants:
         fv = {}
         for cfg in [(1, 1024, 1024, 4), (2, 1024, 1024, 2), (1, 1024, 1024, 2), (1, 1024, 1024, 8)]:
@@ -218,13 +243,14 @@ def time_readout(dev, variants: bool):
             log("fwd variant (BLOCK_K, BLOCK_D, D_PER_PROG, warps)", cfg, fv[str(cfg)])
         RESULT["variants"]["fwd"] = fv
         bv = {}
-        for cfg in [(1024, 2), (1024, 4), (1024, 1), (1024, 8), (512, 2), (512, 1)]:
+        for cfg in [(1024, 2, True, True), (1024, 2, False, True), (1024, 2, True, False),
+                    (1024, 2, False, False), (1024, 4, False, True), (512, 1, True, True)]:
             try:
                 bv[str(cfg)] = bench(rotating(
                     lambda V, ids, s, g: TR.softmax_readout_backward_triton(V, ids, s, g, config=cfg), sets))
             except Exception as e:  # noqa: BLE001
                 bv[str(cfg)] = repr(e)[:200]
-            log("bwd variant (BLOCK_D, warps)", cfg, bv[str(cfg)])
+            log("bwd variant (BLOCK_D, warps, G_EARLY, HINTS)", cfg, bv[str(cfg)])
         RESULT["variants"]["bwd"] = bv
 
     # PyTorch eager reference and torch.compile of it

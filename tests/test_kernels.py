@@ -105,7 +105,7 @@ def test_row_grad_config_variants_agree():
     V, ids, s, go = _inputs(6, 4, 20, 9, torch.float32, seed=3)
     ref = R.softmax_readout_backward_reference(V.double(), ids, s.double(), go.double())
     # the shipped pipeline, whole rows and d split over programs
-    for cfg in [(32, 1), (8, 2)]:
+    for cfg in [(32, 1), (8, 2), (32, 2, False, False), (8, 1, True, False)]:
         gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg)
         assert torch.equal(u, ref[1]) and _rel(rg, ref[2]) < 1e-5 and _rel(gs, ref[0]) < 1e-5
     # the previous pipeline (kept as the benchmark's comparison): (un)ordered programs, rows per program

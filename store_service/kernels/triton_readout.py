@@ -336,7 +336,8 @@ def _first_occurrence_kernel(skey_ptr, perm_ptr, csum_ptr, uniq_ptr, fo_u_ptr, f
 
 @triton.jit
 def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr, fo_cnt_ptr, fo_start_ptr,
-                           rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g, BLOCK_D: tl.constexpr):
+                           rg_ptr, gw_ptr, TK, K, D, stride_v, stride_g, BLOCK_D: tl.constexpr,
+                           G_EARLY: tl.constexpr, HINTS: tl.constexpr):
     """One program per (t, j) pair i. If i is its row's first occurrence, the
     program owns the row:  row_grad[u] = sum over the row's pairs of w * g_t,
     grad_w[p] = g_t . v_row for each of them. Pair i's own token, weight and row
@@ -351,13 +352,22 @@ def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr
     u = tl.load(fo_u_ptr + i).to(tl.int64)
     row = tl.load(ids_ptr + i)
     w = tl.load(w_ptr + i)
-    # issued before the branch (a pair that owns no row wastes an L2 hit: its token's
-    # g row is read by the token's other programs anyway)
-    g = tl.load(g_ptr + (i // K) * stride_g + offs_d, mask=dmask, other=0.0,
-                eviction_policy="evict_last").to(tl.float32)
+    g_ptrs = g_ptr + (i // K) * stride_g + offs_d
+    if G_EARLY:
+        # issued before the branch (a pair that owns no row wastes an L2 hit: its
+        # token's g row is read by the token's other programs anyway)
+        if HINTS:
+            g = tl.load(g_ptrs, mask=dmask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        else:
+            g = tl.load(g_ptrs, mask=dmask, other=0.0).to(tl.float32)
     if cnt > 0:
-        v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
+        if not G_EARLY:
+            g = tl.load(g_ptrs, mask=dmask, other=0.0).to(tl.float32)
+        if HINTS:
+            v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
+        else:
+            v = tl.load(values_ptr + row * stride_v + offs_d, mask=dmask, other=0.0).to(tl.float32)
         acc = w * g
         gw_base = gw_ptr + pd.to(tl.int64) * TK
         tl.store(gw_base + i, tl.sum(g * v, axis=0))
@@ -370,12 +380,16 @@ def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr
                     g2 = tl.load(g_ptr + (p // K) * stride_g + offs_d, mask=dmask, other=0.0).to(tl.float32)
                     acc += w2 * g2
                     tl.store(gw_base + p, tl.sum(g2 * v, axis=0))
-        tl.store(rg_ptr + u * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+        if HINTS:
+            tl.store(rg_ptr + u * D + offs_d, acc, mask=dmask, cache_modifier=".cs")
+        else:
+            tl.store(rg_ptr + u * D + offs_d, acc, mask=dmask)
 
 
 def _fo_config(D: int):
-    """(BLOCK_D, num_warps) of the row-gradient kernel."""
-    return min(_next_pow2(D), 1024), 2
+    """(BLOCK_D, num_warps, G_EARLY, HINTS) of the row-gradient kernel: measured on an H100
+    at d_v = 1024 (benchmarks/KERNEL_NOTES.md), 2 warps: backward 1.57 ms, 1 or 4 warps ~2.0."""
+    return min(_next_pow2(D), 1024), 2, True, True
 
 
 def _readout_backward(values, ids, w, grad_out, config=None):
@@ -387,7 +401,7 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     enqueued before the one host sync (U, to size the outputs) at the end: the
     row grads are written into a [min(T*k, N), D] buffer of which the first U rows
     are returned (a view), so no kernel waits on the host.
-    config: optional (BLOCK_D, num_warps) of the row-gradient kernel."""
+    config: optional (BLOCK_D, num_warps[, G_EARLY, HINTS]) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
     N = values.shape[0]
@@ -419,7 +433,8 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     if TK:
         _first_occurrence_kernel[(nblk,)](skey, perm, csum, uniq, fo_u, fo_cnt, fo_start, TK, sentinel,
                                           BLOCK=BLOCK)
-    block_d, num_warps = config or _fo_config(D)
+    cfg = tuple(config or _fo_config(D))
+    block_d, num_warps, g_early, hints = (cfg + (True, True))[:4]
     block_d = min(block_d, _next_pow2(D))
     n_dblk = triton.cdiv(D, block_d) if D else 0
     row_grads = torch.empty((cap, D), dtype=torch.float32, device=dev)
@@ -427,7 +442,7 @@ def _readout_backward(values, ids, w, grad_out, config=None):
     if TK and D:
         _row_grad_first_kernel[(TK, n_dblk)](values, flat, g, w, perm, fo_u, fo_cnt, fo_start, row_grads, gw_part,
                                              TK, K, D, values.stride(0), g.stride(0), BLOCK_D=block_d,
-                                             num_warps=num_warps)
+                                             G_EARLY=g_early, HINTS=hints, num_warps=num_warps)
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
     U = int(csum[-1]) if TK else 0  # the host sync, after everything is enqueued
     return grad_w.reshape(T, K), uniq[:U], row_grads[:U]
