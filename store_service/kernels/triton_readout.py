@@ -413,7 +413,8 @@ def _fo_config(D: int):
 
 
 def _readout_backward(values, ids, w, grad_out, config=None, softmax=False):
-    """-> (grad_w [T, K] fp32, w [T, K] fp32, unique ids [U] sorted, row grads [U, D] fp32).
+    """-> (grad_w [T, K] fp32, w [T, K] fp32, unique-id buffer, row-grad buffer, csum): _trim
+    (the host sync) cuts the buffers to (unique ids [U] sorted, row grads [U, D] fp32).
 
     w: the weights, or (softmax=True) the scores, whose masked softmax is recomputed here.
     Sort the flat (t, j) pairs by row id (padding -> a sentinel that sorts last),
@@ -471,8 +472,13 @@ def _readout_backward(values, ids, w, grad_out, config=None, softmax=False):
                                              gw_part, TK, K, D, values.stride(0), g.stride(0), BLOCK_D=block_d,
                                              G_EARLY=g_early, HINTS=hints, num_warps=num_warps)
     grad_w = gw_part[0] if n_dblk <= 1 else gw_part.sum(0)
-    U = int(csum[-1]) if TK else 0  # the host sync, after everything is enqueued
-    return grad_w.reshape(T, K), weights, uniq[:U], row_grads[:U]
+    return grad_w.reshape(T, K), weights, uniq, row_grads, csum
+
+
+def _trim(uniq, row_grads, csum):
+    """The one host sync (U), once the caller has enqueued its last kernel."""
+    U = int(csum[-1]) if csum.numel() else 0
+    return uniq[:U], row_grads[:U]
 
 
 def _readout_backward_sorted(values, ids, w, grad_out, config=None):
@@ -510,8 +516,8 @@ def readout_weighted_backward_triton(values: torch.Tensor, ids: torch.Tensor, we
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (grad_weights [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
     _check(values, ids, weights)
-    grad_w, _, uniq, row_grads = _readout_backward(values, ids, weights.float(), grad_out, config)
-    return grad_w, uniq, row_grads
+    grad_w, _, uniq, row_grads, csum = _readout_backward(values, ids, weights.float(), grad_out, config)
+    return (grad_w, *_trim(uniq, row_grads, csum))
 
 
 @triton.jit
@@ -556,8 +562,8 @@ def softmax_readout_backward_triton(values: torch.Tensor, ids: torch.Tensor, sco
     """-> (grad_scores [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
     _check(values, ids, scores)
     T, K = ids.shape
-    grad_w, w, uniq, row_grads = _readout_backward(values, ids, scores, grad_out, config, softmax=True)
+    grad_w, w, uniq, row_grads, csum = _readout_backward(values, ids, scores, grad_out, config, softmax=True)
     grad_s = torch.empty_like(w)
     if T and K:
-        _softmax_bwd_kernel[(T,)](w, grad_w.contiguous(), grad_s, K, K_PAD=_next_pow2(K), num_warps=1)
-    return grad_s, uniq, row_grads
+        _softmax_bwd_kernel[(T,)](w, grad_w, grad_s, K, K_PAD=_next_pow2(K), num_warps=1)
+    return (grad_s, *_trim(uniq, row_grads, csum))
