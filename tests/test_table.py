@@ -1,4 +1,5 @@
 """Table over in-process shards: scatter/gather equals one shard, routing, retries, swaps."""
+from dataclasses import replace
 import threading
 
 import pytest
@@ -291,6 +292,22 @@ def test_cuda_table_matches_cpu_table(tmp_path):
     back = Table.open(str(tmp_path), v, device="cuda")
     assert torch.equal(back.fetch(torch.arange(78)), gpu.fetch(torch.arange(78)))
     assert torch.equal(back.search(q.cuda(), 6).ids, gpu.search(q.cuda(), 6).ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_product_key_search_matches_cpu_without_ablation():
+    """No ablation mask: the GPU shards take the Triton select path (rectangular: each
+    shard searches its slice of codebook A) and must choose the CPU table's rows."""
+    cfg = _cfg(segments=[("product", 32), ("flat", 40)], bias_step=0.01)
+    cpu, gpu = Table.create(cfg), Table.create(replace(cfg, device="cuda"))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        q = torch.randn(65, 8, generator=gen)
+        a, b = cpu.search(q, 8), gpu.search(q.cuda(), 8)
+        assert torch.equal(a.ids, b.ids.cpu())
+        torch.testing.assert_close(a.scores, b.scores.cpu(), atol=1e-5, rtol=1e-5)
+        cpu.end_step(step)
+        gpu.end_step(step)
 
 
 def test_search_pads_when_the_store_holds_fewer_searchable_rows_than_k():
