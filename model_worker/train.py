@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     progress: bool = True
     threads: int = 0                       # torch intra-op threads (0 = torch's default); 1 is best on a busy small CPU
+    device: str = "cpu"                    # "cuda": model, batches and the in-process table's shards on the GPU
 
     def __post_init__(self):
         self.model_overrides = dict(self.model_overrides)
@@ -85,7 +86,7 @@ def table_config(mcfg: ModelConfig, cfg: TrainConfig) -> TableConfig:
     return TableConfig(d_k=kn.d_k, d_v=kn.d_v, segments=segments, num_shards=cfg.num_shards,
                        optimizer=OptimizerConfig(kind=cfg.table_optimizer, lr=lr),
                        init_scale=kn.value_init_std or kn.d_v ** -0.5, bias_step=cfg.table_bias_step,
-                       seed=cfg.seed)
+                       seed=cfg.seed, device=cfg.device)
 
 
 def create_table(mcfg: ModelConfig, cfg: TrainConfig, store_root: str | None = None) -> KnowledgeTable:
@@ -122,7 +123,8 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
         batches = packed_batches(corpus.heldout_texts, tok, cfg.seq_len, cfg.batch_size)
         if cfg.eval_loss_batches:
             batches = batches[: cfg.eval_loss_batches]
-        loss = evaluate.heldout_loss(lambda b: model(b.inputs, b.targets)[1], batches)["loss"]
+        dev = model.output.weight.device
+        loss = evaluate.heldout_loss(lambda b: model(b.inputs.to(dev), b.targets.to(dev))[1], batches)["loss"]
         n = cfg.eval_recall_n or len(corpus.eval_prompts)
         rec = evaluate.fact_recall(generate_fn(model, tok), corpus.eval_prompts[:n], corpus.eval_answers[:n],
                                    corpus.eval_fact_types[:n])
@@ -157,7 +159,7 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     mcfg = model_config(cfg, tok.vocab_size)
     if mcfg.knowledge is not None and table is None:
         table = create_table(mcfg, cfg)
-    model = Transformer(mcfg, table if mcfg.knowledge is not None else None)
+    model = Transformer(mcfg, table if mcfg.knowledge is not None else None).to(cfg.device)
     optimizer = make_optimizer(model, cfg)
     start = 0
     if resume is not None:
@@ -185,6 +187,8 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
             history["evals"].append({"step": step, **evaluate_model(model, tok, corpus, cfg)})
         t0 = time.perf_counter()
         batch = next(loader) if dp is None else loader.batch(step * world + rank)
+        if cfg.device != "cpu":
+            batch = batch.to(cfg.device)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(step, cfg)
         logits, loss = model(batch.inputs, batch.targets)
