@@ -169,14 +169,16 @@ class EndStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class AddRowsRequest(_message.Message):
-    __slots__ = ("request_id", "values", "keys")
+    __slots__ = ("request_id", "values", "keys", "bias")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     values: Tensor
     keys: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    bias: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AddRowsResponse(_message.Message):
     __slots__ = ("ids",)

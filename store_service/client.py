@@ -170,10 +170,12 @@ class RemoteShard:
         return int(self._call(self._store.EndStep, req, timeout_s=timeout_s + self.timeout_s).step)
 
     # -- control plane (bearer token) ----------------------------------------
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         req = pb.AddRowsRequest(request_id=_new_id())
         wire.to_proto(values, req.values)
         wire.to_proto(keys, req.keys)
+        if bias is not None:
+            wire.to_proto(bias, req.bias)
         return wire.from_proto(self._call(self._admin.AddRows, req, admin=True).ids, "ids", ids=True)
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None:

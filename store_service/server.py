@@ -224,8 +224,10 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
             # Copies: the shard keeps these rows, and must not alias the request's buffer.
             values = wire.from_proto(request.values, "values", dtypes=_VALUES, ndim=2).clone()
             keys = wire.from_proto(request.keys, "keys", dtypes=_FLOATS, ndim=2).clone()
+            bias = wire.from_proto(request.bias, "bias", dtypes=_FLOATS, ndim=1).clone() \
+                if request.HasField("bias") else None
             resp = pb.AddRowsResponse()
-            wire.to_proto(self._shard.add_rows(values, keys), resp.ids)
+            wire.to_proto(self._shard.add_rows(values, keys, bias), resp.ids)
             return resp
         return self._admin("AddRows", context, call, request.request_id)
 

@@ -352,18 +352,21 @@ class Shard:
 
     # -- control plane -------------------------------------------------------
 
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Append rows (values [M, d_v], keys [M, d_k]) to the table's last flat
-        segment; only the shard holding the table's last rows may. -> ids [M]."""
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Append rows (values [M, d_v], keys [M, d_k], optional selection bias [M],
+        default 0) to the table's last flat segment; only the shard holding the
+        table's last rows may. -> ids [M]."""
         with self._use(0) as st, st.lock:
             cfg = st.config
             _tensor("values", values, (torch.float32, st.values.dtype), (None, cfg.d_v))
             _tensor("keys", keys, torch.float32, (values.shape[0], cfg.d_k))
+            if bias is not None:
+                _tensor("bias", bias, torch.float32, (values.shape[0],))
             if st.row_end != st.segments[-1].row_end:
                 raise errors.FailedPrecondition(
                     f"add_rows: shard {self.shard_id} owns [{st.row_start}, {st.row_end}), not the table's "
                     f"last rows (table ends at {st.segments[-1].row_end})")
-            _append_rows(st, values.to(st.device), keys.to(st.device))
+            _append_rows(st, values.to(st.device), keys.to(st.device), None if bias is None else bias.to(st.device))
             m = values.shape[0]
             return torch.arange(st.row_end - m, st.row_end, dtype=torch.int64)
 
@@ -542,7 +545,7 @@ def _balance(st: _State) -> None:
         pc.bias_b -= step * torch.sign(lb - lb.mean()).float()
 
 
-def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor) -> None:
+def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> None:
     m, start = values.shape[0], st.row_end
     last = st.segments[-1]
     if last.kind == SEGMENT_FLAT:
@@ -556,7 +559,7 @@ def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor) -> None:
     st.opt.append(m)
     st.flat_ids = torch.cat([st.flat_ids, torch.arange(start, start + m, device=st.device)])
     st.keys = torch.cat([st.keys, keys.float()])
-    st.flat_bias = torch.cat([st.flat_bias, st.flat_bias.new_zeros(m)])
+    st.flat_bias = torch.cat([st.flat_bias, st.flat_bias.new_zeros(m) if bias is None else bias.float()])
     st.key_opt.append(m)
     st.row_end += m
     st._reindex()

@@ -295,11 +295,12 @@ class Table:
 
     # -- control plane -------------------------------------------------------------
 
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """values [M, d_v], keys [M, d_k] -> new ids [M], appended to the last flat segment."""
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """values [M, d_v], keys [M, d_k] (, selection bias [M]; default 0) -> new ids [M],
+        appended to the last flat segment."""
         m = self._map
         last = max(range(len(self.shards)), key=lambda i: m.infos[i].row_end)
-        ids = self.shards[last].add_rows(values, keys)
+        ids = self.shards[last].add_rows(values, keys, bias)
         self.refresh()
         return ids
 

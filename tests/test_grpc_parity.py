@@ -99,12 +99,18 @@ def test_remote_table_matches_in_process(tables):
     new_v = torch.randn(5, d_v, generator=gen)
     new_k = torch.randn(5, d_k, generator=gen)
     assert torch.equal(local.add_rows(new_v, new_k), remote.add_rows(new_v, new_k))
-    assert remote.info().num_rows == local.info().num_rows == N + 5
-    _same_search(local.search(q, k), remote.search(q, k))
+    # ... and rows with a selection bias: one the queries cannot miss, one they cannot reach
+    big_k = q.mean(0, keepdim=True).expand(2, d_k) * 100
+    bias = torch.tensor([0.0, -1e6])
+    assert torch.equal(local.add_rows(new_v[:2], big_k, bias), remote.add_rows(new_v[:2], big_k, bias))
+    assert remote.info().num_rows == local.info().num_rows == N + 7
+    s_new = remote.search(q, k)
+    assert bool((s_new.ids == N + 6).sum() == 0) and bool((s_new.ids == N + 5).any())
+    _same_search(local.search(q, k), s_new)
     lu, ru = local.usage(), remote.usage()
     for f in ("hits", "weight_sum", "frozen", "ablated"):
         assert torch.equal(getattr(lu, f), getattr(ru, f)), f
-    _close(local.fetch(torch.arange(N + 5)), remote.fetch(torch.arange(N + 5)))
+    _close(local.fetch(torch.arange(N + 7)), remote.fetch(torch.arange(N + 7)))
 
 
 def test_bf16_values_travel_as_raw_bytes(tmp_path):
