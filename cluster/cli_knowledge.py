@@ -217,7 +217,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None,
                    help="lr: rows (new_rows, sparse_memory) or model weights (full_finetune, lora); default per method")
     p.add_argument("--key-lr", type=float, default=0.0)
-    p.add_argument("--key-margin", type=float, default=1.0)
+    p.add_argument("--key-margin", type=float, default=3.0)
     p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
     p.add_argument("--background-batches", type=int, default=32,
                    help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys")

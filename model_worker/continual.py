@@ -4,10 +4,17 @@
 
 1. run the frozen model over the new text and keep, at every scored position
    (the answer tokens), each knowledge layer's query per head;
-2. append one flat row per (new fact, answer position, head): its key is the
-   mean direction of that fact's queries over its phrasings, scaled so that it
-   scores `key_margin` above the best product-key row for those queries (and so
-   is rarely picked by unrelated queries); its value starts small;
+2. append one flat row per (new fact, phrasing, answer position, head): its key
+   is the mean direction of those queries (minus the old-text mean), and its
+   selection must not reach old text. Two ways: cap the key's scale so that no
+   old-text query ranks it in its top-k (the first version; the row then scores
+   barely above the product rows and gets a small share of the softmax weight),
+   or (`select_bias`) scale the key to score `key_margin` above the best product
+   row and give the row a negative selection bias, the largest that keeps the
+   old-text queries off it (the row then takes most of the weight wherever it is
+   read). Optionally also rows per (fact, position, head) over all its phrasings
+   (`fact_rows`) and per (subject, last tokens, head) at the subject in the
+   prompt (`subject_rows`); values start small;
 3. freeze every existing row (`table.set_frozen`) and every model parameter
    (`requires_grad_(False)`), train only the new rows (values, and their keys
    at `key_lr`) with the store's sparse optimizer;
@@ -97,13 +104,20 @@ class LearnConfig:
     lr: float | None = None           # None -> per-method default (DEFAULT_LR)
     row_optimizer: str | None = None  # None -> per-method default ("adam" for new rows, "sgd" for sparse memory)
     key_lr: float = 0.0               # flat-key lr for new rows (0: keys stay where they were initialised)
-    key_margin: float = 1.0           # new key's score on its own queries - best product-key score
+    key_margin: float = 3.0           # new key's score on its own queries - best product-key score
     value_init_std: float = 1e-3      # "values small"
     max_new_rows: int = 0             # 0 = one per (fact, answer position, head, layer)
     calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
+    select_bias: bool = True          # large keys + a per-row selection bias from old-text queries
+                                      #   (instead of capping the key scale); needs `background`
     contrast: bool = True             # key direction: group mean minus the old-text mean query
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
     key_per_phrasing: bool = True     # one key per (fact, phrasing, position, head); False: per fact
+    fact_rows: bool = True            # with key_per_phrasing: + one row per (fact, position, head) keyed on
+                                      #   the mean over the fact's phrasings (what a new phrasing is nearest)
+    answer_rows: bool = True          # rows keyed on the queries that predict the answer tokens
+    subject_rows: int = 3             # + rows keyed on the queries at the last n tokens of the subject
+                                      #   (one per subject, token, head; shared by the subject's facts)
     guard_weight: float = 0.0         # + weight * KL(base || now) on old-text batches (trains new rows only)
     guard_batches: int = 4
     # sparse_memory (Lin et al. 2025)
@@ -222,11 +236,14 @@ def merge_lora(model: Transformer) -> None:
 # -- queries of the new text ---------------------------------------------------------------
 
 @torch.no_grad()
-def collect_queries(model: Transformer, batches: Sequence[Batch], groups: Sequence[Sequence[int]]
+def collect_queries(model: Transformer, batches: Sequence[Batch], groups: Sequence[Sequence[int]],
+                    at: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
                     ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per knowledge layer (block index) -> (queries [P, h, d_k], group key [P, 2]) at
     every scored position: key = (group of the example, index of the position among
-    the example's scored positions). groups[b][row] is the group of batch b's row."""
+    the example's scored positions). groups[b][row] is the group of batch b's row.
+    at[b] = (mask [B, S] bool, label [B, S] int64): these positions instead, keyed
+    (group, label)."""
     kls = {i: b.knowledge for i, b in enumerate(model.layers) if b.knowledge is not None}
     captured: dict[int, torch.Tensor] = {}
     hooks = [kl.register_forward_pre_hook(lambda m, args, i=i: captured.__setitem__(i, args[0]))
@@ -237,10 +254,14 @@ def collect_queries(model: Transformer, batches: Sequence[Batch], groups: Sequen
     try:
         from .generate import readout_mode
         with readout_mode(model, "fetch"):
-            for batch, grp in zip(batches, groups):
+            for b, (batch, grp) in enumerate(zip(batches, groups)):
                 model(batch.inputs)
-                scored = batch.targets != -100                                # [B, S]
-                pos = (scored.cumsum(1) - 1)[scored]                          # index among scored
+                if at is None:
+                    scored = batch.targets != -100                            # [B, S]
+                    pos = (scored.cumsum(1) - 1)[scored]                      # index among scored
+                else:
+                    scored, label = at[b]
+                    pos = label[scored]
                 g = torch.as_tensor(grp, dtype=torch.int64)[:, None].expand_as(scored)[scored]
                 for i, kl in kls.items():
                     x = captured[i]                                           # [B, S, D]
@@ -267,7 +288,7 @@ def product_top_scores(kl, q: torch.Tensor, k: int | None = None) -> torch.Tenso
 def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]],
                   margin: float, max_rows: int = 0, seed: int = 0,
                   background: dict[int, torch.Tensor] | None = None, contrast: bool = True,
-                  bg_quantile: float = 0.0) -> tuple[torch.Tensor, dict]:
+                  bg_quantile: float = 0.0, select_bias: bool = False) -> tuple[torch.Tensor, dict]:
     """One key per (layer, group, position, head) -> keys [M, d_k], info.
 
     Direction: the mean of the group's normalised queries, minus (contrast) the mean
@@ -277,8 +298,15 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
     that the key's score on (1 - bg_quantile) of them stays below their k-th best
     product score: the row is then not selected in old contexts, and old answers
     cannot change. Rows that cannot reach their own queries under that cap are kept
-    (harmless) and counted in info["unreachable"]."""
-    keys, info = [], {}
+    (harmless) and counted in info["unreachable"].
+
+    select_bias (needs `background`): no cap on the scale, so that the key scores
+    `margin` above the best product row and the row takes most of the softmax weight
+    where it is selected; instead each row gets a (negative) selection bias, the
+    largest that keeps the same old-text queries from selecting it: selection
+    becomes a threshold on q.u, the softmax weight is unchanged by the bias. The
+    biases are returned in info["bias"] [M]."""
+    keys, biases, info = [], [], {}
     F = torch.nn.functional
     for layer, (q, gk) in queries.items():
         kl = model.layers[layer].knowledge
@@ -297,6 +325,27 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
         best_g = torch.full((U, h), float("-inf")).scatter_reduce(0, inv[:, None].expand(P, h), best, "amax")
         scale = (best_g + margin) / own.clamp_min(1e-3)
         cap = torch.full_like(scale, float("inf"))
+        own_kth = product_top_scores(kl, q.reshape(P * h, d), kl.k)[:, -1].reshape(P, h)
+        if select_bias and bg is not None:
+            qb = bg.reshape(-1, d)
+            kth = product_top_scores(kl, qb, kl.k)[:, -1]
+            flat_k = (u * scale[..., None]).reshape(U * h, d)
+            bs = []
+            for c in range(0, flat_k.shape[0], 512):
+                slack = kth[:, None] - qb @ flat_k[c:c + 512].T                  # [Pb, c]: bias that ties
+                bs.append(slack.quantile(bg_quantile, dim=0) if bg_quantile > 0 else slack.min(0).values)
+            bias = (torch.cat(bs) - 0.05 * scale.reshape(-1)).reshape(U, h)    # a little below the tie
+            mine = (q * (u * scale[..., None])[inv]).sum(-1) + bias[inv]         # [P, h] own selection score
+            hit = torch.zeros(U, h).index_add_(0, inv, (mine > own_kth).float())
+            hit = hit / torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()
+            keys.append((u * scale[..., None]).reshape(U * h, d))
+            biases.append(bias.reshape(-1))
+            info[f"layer{layer}"] = {"groups": U, "queries": P, "heads": h, "mean_scale": float(scale.mean()),
+                                     "mean_bias": float(bias.mean()),
+                                     "mean_best_product_score": float(best_g.mean()),
+                                     "own_queries_selecting": float(hit.mean()),
+                                     "unreachable": float((hit == 0).float().mean())}
+            continue
         if bg is not None:
             qb = bg.reshape(-1, d)                                              # every head's old queries
             kth = product_top_scores(kl, qb, kl.k)[:, -1]                       # [Pb] score needed to be selected
@@ -309,7 +358,6 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
             cap = 0.98 * torch.cat(caps).reshape(U, h)
         scale = torch.minimum(scale, cap)
         reach = own * scale                                                     # mean own score after the cap
-        own_kth = product_top_scores(kl, q.reshape(P * h, d), kl.k)[:, -1].reshape(P, h)
         kth_g = torch.full((U, h), float("inf")).scatter_reduce(0, inv[:, None].expand(P, h), own_kth, "amin")
         keys.append((u * scale[..., None]).reshape(U * h, d))
         info[f"layer{layer}"] = {"groups": U, "queries": P, "heads": h, "mean_scale": float(scale.mean()),
@@ -318,10 +366,47 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
                                  "unreachable": float((reach <= kth_g).float().mean()),
                                  "above_best_product": float((reach > best_g).float().mean())}
     keys = torch.cat(keys)
+    bias = torch.cat(biases) if biases else None
     if max_rows and keys.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
-        keys = keys[torch.randperm(keys.shape[0], generator=g)[:max_rows]]
+        pick = torch.randperm(keys.shape[0], generator=g)[:max_rows]
+        keys = keys[pick]
+        bias = bias[pick] if bias is not None else None
+    if bias is not None:
+        info["bias"] = bias.float().contiguous()
     return keys.float().contiguous(), info
+
+
+def subject_positions(examples: Sequence, tok: ByteTokenizer, n_last: int, batch_size: int
+                      ) -> tuple[list[Batch], list[list[int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every example once, with the input positions of the last `n_last` tokens of its
+    subject in the prompt (labelled 0 = last token, 1 = the one before, ...) and its
+    group = the subject (negative ids, so they never collide with answer groups).
+    Examples whose prompt does not contain their subject contribute no position."""
+    from .data import collate_examples
+    answer_only = all(getattr(e, "prompt", "") for e in examples)
+    names: dict[str, int] = {}
+    batches, groups, at = [], [], []
+    for s in range(0, len(examples), batch_size):
+        chunk = examples[s:s + batch_size]
+        batch = collate_examples(chunk, tok, answer_only)
+        mask = torch.zeros(batch.inputs.shape, dtype=torch.bool)
+        label = torch.zeros(batch.inputs.shape, dtype=torch.int64)
+        grp = []
+        for i, e in enumerate(chunk):
+            subj = getattr(e, "subject", "")
+            grp.append(-1 - names.setdefault(subj, len(names)))
+            j = e.prompt.rfind(subj) if subj else -1
+            if j < 0:
+                continue
+            first = len(tok.encode(e.prompt[:j], bos=True))                  # input index of its first token
+            last = len(tok.encode(e.prompt[:j + len(subj)], bos=True)) - 1   # ... and of its last
+            for off in range(min(n_last, last - first + 1)):
+                mask[i, last - off], label[i, last - off] = True, off
+        batches.append(batch)
+        groups.append(grp)
+        at.append((mask, label))
+    return batches, groups, at
 
 
 @torch.no_grad()
@@ -431,13 +516,23 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         bgq = background_queries(model, background) if background and cfg.calibrate else None
         guard = _guard(model, background[:cfg.guard_batches], cfg.guard_weight) \
             if background and cfg.guard_weight > 0 else None
-        keys, info = init_new_keys(model, collect_queries(model, batches, groups), cfg.key_margin,
+        queries = collect_queries(model, batches, groups) if cfg.answer_rows else {}
+        if cfg.answer_rows and cfg.fact_rows and cfg.key_per_phrasing:
+            fq = collect_queries(model, *_group_batches(examples, tok, cfg.batch_size, False))
+            queries = {i: (torch.cat([q, fq[i][0]]), torch.cat([g, fq[i][1] + torch.tensor([1 << 40, 0])]))
+                       for i, (q, g) in queries.items()}
+        if cfg.subject_rows:
+            sq = collect_queries(model, *subject_positions(examples, tok, cfg.subject_rows, cfg.batch_size))
+            queries = {i: (torch.cat([queries[i][0], q]), torch.cat([queries[i][1], g])) if i in queries else (q, g)
+                       for i, (q, g) in sq.items()}
+        keys, info = init_new_keys(model, queries, cfg.key_margin,
                                    cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
-                                   bg_quantile=cfg.bg_quantile)
+                                   bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias)
+        bias = info.pop("bias", None)
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
+        result.new_ids = table.add_rows(values, keys, bias)
         table.set_frozen(old_ids, True)
-        result.new_ids = table.add_rows(values, keys)
         model.refresh_table_state()
         result.info.update(info, new_rows=int(keys.shape[0]))
         with row_optimizer(table, cfg.row_optimizer or "adam", lr, cfg.key_lr, bias_step=0.0):
@@ -604,6 +699,95 @@ def new_row_interference(model: Transformer, batches: Sequence[Batch], first_new
                 hit += int(sel.sum())
                 total += sel.numel()
     return hit / max(1, total)
+
+
+@torch.no_grad()
+def new_row_reads(model: Transformer, tok: ByteTokenizer, examples: Sequence, first_new_id: int) -> dict:
+    """Do the new rows carry the answers? Teacher-forced on `examples`, at their answer
+    positions: share of positions (and of the positions that predict the answer's first
+    character, where the fact is decided) at which some head selects a new row, the
+    readout weight new rows get there, and next-token accuracy with the new rows and
+    with them ablated. Also the share of subject positions that read a new row."""
+    from .data import collate_examples
+    from .generate import readout_mode
+    kls = model.knowledge_layers()
+    table = kls[0].table
+    b = collate_examples(list(examples), tok, True)
+    scored = b.targets != -100
+    first_char = scored & ((scored.cumsum(1) - 1) == 1)          # target 0 is the space before the answer
+    _, _, at = subject_positions(list(examples), tok, 1 << 30, len(examples))
+    subj = at[0][0]
+    for kl in kls:
+        kl.record = True
+    try:
+        with readout_mode(model, "fetch"):
+            logits = model(b.inputs)[0]
+        sel = torch.stack([(kl.last_ids >= first_new_id).any(-1) for kl in kls]).any(0)     # [B, S, h]
+        wnew = torch.stack([(kl.last_weights * (kl.last_ids >= first_new_id)).sum(-1) for kl in kls]).mean(0)
+        new_ids = torch.arange(first_new_id, table.info().num_rows)
+        table.set_ablated(new_ids, True)
+        model.refresh_table_state()
+        try:
+            with readout_mode(model, "fetch"):
+                logits0 = model(b.inputs)[0]
+        finally:
+            table.set_ablated(new_ids, False)
+            model.refresh_table_state()
+    finally:
+        for kl in kls:
+            kl.record = False
+    ok, ok0 = logits.argmax(-1) == b.targets, logits0.argmax(-1) == b.targets
+    return {"answer_positions": int(scored.sum()),
+            "answer_positions_reading_new": float(sel.any(-1)[scored].float().mean()),
+            "first_char_positions_reading_new": float(sel.any(-1)[first_char].float().mean()),
+            "new_weight_where_read": float(wnew[sel & scored[..., None]].mean()) if bool((sel & scored[..., None]).any()) else 0.0,
+            "subject_positions_reading_new": float(sel.any(-1)[subj].float().mean()) if bool(subj.any()) else 0.0,
+            "token_acc": float(ok[scored].float().mean()), "token_acc_new_rows_ablated": float(ok0[scored].float().mean()),
+            "first_char_acc": float(ok[first_char].float().mean()),
+            "first_char_acc_new_rows_ablated": float(ok0[first_char].float().mean())}
+
+
+@torch.no_grad()
+def query_separation(model: Transformer, tok: ByteTokenizer, taught: Sequence, heldout: Sequence,
+                     background: dict[int, torch.Tensor]) -> dict:
+    """Can any key tell a new fact's held-out phrasing from old text? Per position kind
+    ("first_char": the query that predicts the answer's first character; "subject":
+    the query at the subject's last token), per fact and head: cos of the held-out
+    phrasing's query with the fact's mean taught-phrasing direction, the largest cos
+    of an old-text query (`background`) with it, and the share of held-out queries
+    above that largest one (only those could select a row old text never selects)."""
+    F = torch.nn.functional
+    names: dict[tuple, int] = {}
+    for e in taught:
+        names.setdefault((e.subject, e.relation), len(names))
+    heldout = [e for e in heldout if (e.subject, e.relation) in names]
+
+    def at(examples, kind):
+        if kind == "subject":
+            batches, _, where = subject_positions(examples, tok, 1, 64)
+        else:
+            batches, _ = _group_batches(examples, tok, 64)
+            where = []
+            for b in batches:
+                sc = b.targets != -100
+                m = sc & ((sc.cumsum(1) - 1) == 1)
+                where.append((m, torch.zeros_like(b.targets)))
+        groups = [[names[(e.subject, e.relation)] for e in examples[i:i + 64]] for i in range(0, len(examples), 64)]
+        return collect_queries(model, batches, groups, where)
+
+    out = {}
+    for kind in ("first_char", "subject"):
+        qt, qh = at(list(taught), kind), at(heldout, kind)
+        for layer, (q, gk) in qt.items():
+            U, h = len(names), q.shape[1]
+            u = F.normalize(torch.zeros(U, h, q.shape[2]).index_add_(0, gk[:, 0], F.normalize(q, dim=-1)), dim=-1)
+            q2, g2 = qh[layer][0], qh[layer][1][:, 0]
+            own = (F.normalize(q2, dim=-1) * u[g2]).sum(-1)                                   # [P, h]
+            bg = F.normalize(background[layer], dim=-1)                                       # [Pb, h, d]
+            old = torch.stack([(bg[:, j] @ u[:, j].T).max(0).values for j in range(h)], 1)   # [U, h]
+            out[f"layer{layer}_{kind}"] = {"heldout_cos": float(own.mean()), "old_text_max_cos": float(old.mean()),
+                                           "heldout_above_old_max": float((own > old[g2]).float().mean())}
+    return out
 
 
 def _isfinite(x: float) -> bool:

@@ -114,3 +114,61 @@ def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
     kth = C.product_top_scores(kl, q, kl.k)[:, -1]
     assert bool(((q @ keys.T).max(1).values < kth).all())   # no old query would pick a new row
     assert keys.shape[0] == info["layer1"]["groups"] * kl.n_heads
+
+
+def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path):
+    from model_worker.data import collate_examples
+    model, table = make(tmp_path)
+    tok = ByteTokenizer()
+    old = ["The capital of France is Paris.", "Berlin is the capital of Germany.", "Rome lies in Italy."]
+    bg = [collate_examples([C.TextFact("", t) for t in old], tok, answer_only=False)]
+    bgq = C.background_queries(model, bg)
+    queries = C.collect_queries(model, *C._group_batches(FACTS, tok, 4))
+    keys, info = C.init_new_keys(model, queries, 3.0, background=bgq, select_bias=True)
+    bias = info.pop("bias")
+    kl = model.knowledge_layers()[0]
+    q = bgq[1].reshape(-1, kl.d_k)
+    kth = C.product_top_scores(kl, q, kl.k)[:, -1]
+    assert bias.shape == (keys.shape[0],)
+    assert bool(((q @ keys.T + bias).max(1).values < kth).all())   # the bias keeps old queries off the rows
+    # the keys themselves are large: their own queries score above the best product row
+    own = queries[1][0].reshape(-1, kl.d_k)
+    assert float((own @ keys.T).max(1).values.mean()) > float(C.product_top_scores(kl, own, 1).mean())
+    # the table keeps the bias: a search sees it
+    n_old = table.info().num_rows
+    ids = table.add_rows(torch.zeros(keys.shape[0], table.info().d_v), keys, bias)
+    assert ids.min() == n_old
+    assert torch.equal(table.shards[0].state_dict()["flat_bias"][-keys.shape[0]:], bias)
+
+
+def test_subject_positions():
+    tok = ByteTokenizer()
+    facts = [C.TextFact("The capital of Xland is", " Zorp.", "Zorp", "capital_of", "Xland"),
+             C.TextFact("Xland has the capital", " Zorp.", "Zorp", "capital_of", "Xland")]
+    batches, groups, at = C.subject_positions(facts, tok, 2, 4)
+    mask, label = at[0]
+    inputs = batches[0].inputs
+    assert groups[0][0] == groups[0][1] < 0                      # one group per subject, never an answer group
+    for row, e in enumerate(facts):
+        pos = mask[row].nonzero()[:, 0]
+        assert bytes(inputs[row, pos].tolist()) == b"nd"         # the subject's last two bytes
+        assert label[row, pos].tolist() == [1, 0]
+
+
+def test_learn_new_rows_with_subject_rows_and_bias_changes_nothing_old(tmp_path):
+    from model_worker.data import collate_examples
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    before = shard_state(table)
+    bg = [collate_examples([C.TextFact("", "The capital of France is Paris.")], ByteTokenizer(), answer_only=False)]
+    res = C.learn(model, table, FACTS, ByteTokenizer(),
+                  C.LearnConfig(steps=4, batch_size=4, lr=1e-2, select_bias=True, subject_rows=2, fact_rows=True),
+                  background=bg, publish=False)
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    now = shard_state(table)
+    for name in ("values", "opt_m", "opt_v", "opt_steps", "frozen", "ablated"):
+        assert torch.equal(before[name], now[name][:n_old]), name
+    assert torch.equal(before["flat_bias"], now["flat_bias"][:before["flat_bias"].shape[0]])
+    assert res.new_ids.numel() == now["flat_bias"].shape[0] - before["flat_bias"].shape[0]
+    assert bool((now["flat_bias"][-res.new_ids.numel():] != 0).any())
