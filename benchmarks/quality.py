@@ -47,9 +47,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe", "knowledge": "small-knowledge"}
 
 
-def device_string() -> str:
+def device_string(device: str = "cpu") -> str:
     cpu = cpu_model()
-    return f"CPU: {cpu}, {os.cpu_count()} cores visible (shared with other jobs), torch {torch.__version__}"
+    host = f"CPU: {cpu}, {os.cpu_count()} cores visible (shared with other jobs), torch {torch.__version__}"
+    if device.startswith("cuda"):
+        return f"GPU: {torch.cuda.get_device_name(0)} (models and tables on the GPU); {host}"
+    return host
 
 
 def model_overrides(args, model: str) -> dict:
@@ -64,7 +67,8 @@ def base_config(args, model: str, out_dir: str, seed: int = 0, **kw) -> TrainCon
                                  seq_len=args.seq_len, batch_size=args.batch_size,
                                  lr=args.lr, warmup=args.warmup, corpus=args.corpus,
                                  eval_every=max(1, args.steps // args.evals), eval_recall_n=0, eval_loss_batches=0,
-                                 value_lr=args.value_lr, out_dir=out_dir, progress=args.progress, seed=seed),
+                                 value_lr=args.value_lr, out_dir=out_dir, progress=args.progress, seed=seed,
+                                 device=args.device),
                           **kw})
 
 
@@ -101,6 +105,19 @@ def final_detail(model, corpus) -> dict:
             out[name] = {"recall": r["recall"], "n": r["n"],
                          "by_type": {t: round(v["recall"], 4) for t, v in r["by_type"].items()}}
     return out
+
+
+def _timing_run(job) -> float:
+    """Seconds per training step of one run's config, measured with the other runs
+    training beside it (the contention the real runs will see): `--time-budget`."""
+    args, key, seed, work = job
+    torch.set_num_threads(args.threads)
+    warm, timed = 10, args.calibrate_steps
+    cfg = base_config(args, RUNS[key], str(Path(work) / f"calib_{key}_seed{seed}"), seed=seed,
+                      steps=warm + timed, eval_every=0)
+    marks = []
+    train(cfg, step_hook=lambda done: marks.append(time.perf_counter()))
+    return (marks[-1] - marks[warm - 1]) / timed
 
 
 def _quality_run(job) -> dict:
@@ -160,12 +177,18 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2, help="quality runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--progress", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: every run's model and table on the GPU")
+    ap.add_argument("--time-budget", type=float, default=0.0,
+                    help="seconds of training per run: time each config's steps with all runs in flight, "
+                         "then set --steps to what the slowest fits (every model still gets the same tokens)")
+    ap.add_argument("--calibrate-steps", type=int, default=40)
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
-    results: dict = {"device": f"{device_string()}; {args.jobs} runs in parallel, {args.threads} torch thread(s) each", "command": " ".join(["python"] + sys.argv), "config": vars(args),
-                     "runs": {}}
+    results: dict = {"device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
+                               f"{args.threads} torch thread(s) each",
+                     "command": " ".join(["python"] + sys.argv), "config": vars(args), "runs": {}}
     keys = args.runs.split(",")
     # Runs are independent: run them in `--jobs` processes of one torch thread each
     # (on a small shared CPU, one thread per process wastes far less time on contention).
@@ -174,9 +197,18 @@ def main() -> None:
     with ctx.Pool(args.jobs) as pool:
         slow_first = sorted(keys, key=lambda k: ("knowledge", "dense_2x", "moe", "dense").index(k))
         jobs = [(args, key, seed, str(work)) for seed in args.seeds for key in slow_first]
-        for r in pool.imap_unordered(_quality_run, jobs):
+        if args.time_budget:
+            per_step = dict(zip([(k, s) for _, k, s, _ in jobs], pool.map(_timing_run, jobs, chunksize=1)))
+            slowest = max(per_step.values())
+            args.steps = max(100, int(args.time_budget / slowest) // 100 * 100)
+            results["calibration"] = {"seconds_per_step": {f"{k}_seed{s}": t for (k, s), t in per_step.items()},
+                                      "steps": args.steps}
+            print(f"calibration: slowest {slowest * 1e3:.1f} ms/step -> {args.steps} steps per run", flush=True)
+        partial = Path(args.out).with_suffix(".partial.json")
+        for r in pool.imap_unordered(_quality_run, jobs, chunksize=1):
             key, seed = r["key"], r["seed"]
             by_seed[seed][key] = r
+            partial.write_text(json.dumps({**results, "runs_by_seed": by_seed}, indent=1))
             last = r["evals"][-1]
             print(f"seed {seed} {key:10s} active {r['params']['active']:>9,d} total {r['params']['total']:>10,d} "
                   f"recall {last['recall_heldout']:.3f} (seen {r['final_recall']['seen']['recall']:.3f}) heldout_loss {last['heldout_loss']:.4f} "

@@ -242,3 +242,17 @@ def test_split_texts():
     train, held = split_texts(texts, 0.1, seed=0)
     assert len(held) == 10 and len(train) == 90 and not set(train) & set(held)
     assert split_texts(texts, 0.1, seed=0) == (train, held)
+
+
+def test_more_paraphrases_same_facts_and_heldout_still_unseen():
+    few = build_corpus(CorpusConfig.preset("tiny"))
+    many = build_corpus(CorpusConfig.preset("tiny", num_templates=10))
+    assert many.facts == few.facts and many.new_facts == few.new_facts
+    assert [e.text for e in many.eval] == [e.text for e in few.eval]           # the same held-out phrasings
+    assert len(many.train) == len(few.train) * 9 // 4                          # 9 training paraphrases, not 4
+    held = {e.prompt for e in many.eval}
+    assert not held & {e.prompt for e in many.train}
+    regexes = [_template_regex(ts[4]) for ts in TEMPLATES.values()]
+    assert not any(rx.fullmatch(e.text) for e in many.train for rx in regexes)
+    with pytest.raises(ValueError, match="num_templates"):
+        CorpusConfig.preset("tiny", num_templates=11)

