@@ -185,7 +185,8 @@ def main(argv=None) -> None:
     ap.add_argument("--old-n", type=int, default=128)
     ap.add_argument("--fwd-reps", type=int, default=3)
     ap.add_argument("--trace-docs", type=int, default=1076)
-    ap.add_argument("--cache-rows", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--cache-rows", type=int, nargs="+", default=[512, 2048, 8192, 16384],
+                    help="cache capacities in rows (the base's table has 16,384)")
     ap.add_argument("--cache-prompts", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)

@@ -219,8 +219,9 @@ def register(sub) -> None:
     p.add_argument("--key-lr", type=float, default=0.0)
     p.add_argument("--key-margin", type=float, default=3.0)
     p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
-    p.add_argument("--background-batches", type=int, default=32,
-                   help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys")
+    p.add_argument("--background-batches", type=int, default=128,
+                   help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys: old text they "
+                        "miss may select the new rows, so cover the pretraining text where you can")
     p.add_argument("--measure", type=int, default=0, metavar="N",
                    help="with --corpus-new: recall of new facts and of N old facts before and after")
     p.add_argument("--out", default=None, help="checkpoint directory to write (default: beside the input)")

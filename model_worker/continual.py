@@ -110,6 +110,7 @@ class LearnConfig:
     calibrate: bool = True            # cap key scales on old-text queries (needs `background` batches)
     select_bias: bool = True          # large keys + a per-row selection bias from old-text queries
                                       #   (instead of capping the key scale); needs `background`
+    select_margin: float = 0.05       # select_bias: how far (x key scale) below the closest old-text query
     contrast: bool = True             # key direction: group mean minus the old-text mean query
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
     key_per_phrasing: bool = True     # one key per (fact, phrasing, position, head); False: per fact
@@ -288,7 +289,8 @@ def product_top_scores(kl, q: torch.Tensor, k: int | None = None) -> torch.Tenso
 def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]],
                   margin: float, max_rows: int = 0, seed: int = 0,
                   background: dict[int, torch.Tensor] | None = None, contrast: bool = True,
-                  bg_quantile: float = 0.0, select_bias: bool = False) -> tuple[torch.Tensor, dict]:
+                  bg_quantile: float = 0.0, select_bias: bool = False, select_margin: float = 0.05
+                  ) -> tuple[torch.Tensor, dict]:
     """One key per (layer, group, position, head) -> keys [M, d_k], info.
 
     Direction: the mean of the group's normalised queries, minus (contrast) the mean
@@ -334,7 +336,9 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
             for c in range(0, flat_k.shape[0], 512):
                 slack = kth[:, None] - qb @ flat_k[c:c + 512].T                  # [Pb, c]: bias that ties
                 bs.append(slack.quantile(bg_quantile, dim=0) if bg_quantile > 0 else slack.min(0).values)
-            bias = (torch.cat(bs) - 0.05 * scale.reshape(-1)).reshape(U, h)    # a little below the tie
+            # below the tie with the closest old-text query by select_margin x the key's scale:
+            # a safety margin for old text the background sample does not contain
+            bias = (torch.cat(bs) - select_margin * scale.reshape(-1)).reshape(U, h)
             mine = (q * (u * scale[..., None])[inv]).sum(-1) + bias[inv]         # [P, h] own selection score
             hit = torch.zeros(U, h).index_add_(0, inv, (mine > own_kth).float())
             hit = hit / torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()
@@ -410,7 +414,7 @@ def subject_positions(examples: Sequence, tok: ByteTokenizer, n_last: int, batch
 
 
 @torch.no_grad()
-def background_queries(model: Transformer, batches: Sequence[Batch], max_per_layer: int = 16384,
+def background_queries(model: Transformer, batches: Sequence[Batch], max_per_layer: int = 65536,
                        seed: int = 0) -> dict[int, torch.Tensor]:
     """Old-text queries per knowledge layer [P, h, d_k] (every position), subsampled."""
     groups = [[0] * b.inputs.shape[0] for b in batches]
@@ -527,7 +531,8 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
                        for i, (q, g) in sq.items()}
         keys, info = init_new_keys(model, queries, cfg.key_margin,
                                    cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
-                                   bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias)
+                                   bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
+                                   select_margin=cfg.select_margin)
         bias = info.pop("bias", None)
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
