@@ -97,14 +97,19 @@ def run(args) -> dict:
     cache = {}
     try:
         remote = connect([server.address], admin_token="bench", store_root=scratch)
-        runs = [("none", 0, None)] + [(f"{p}_{c}", c, p) for c in args.cache_rows for p in ("lru", "lfu")]
-        for name, cap, policy in runs:
+        # each policy starting empty, and LFU preloaded with the rows the store's usage counts say are hot
+        runs = [("none", 0, None, False)] + [(f"{p}_{c}", c, p, False) for c in args.cache_rows for p in ("lru", "lfu")] \
+            + [(f"lfu_{c}_warm", c, "lfu", True) for c in args.cache_rows]
+        for name, cap, policy, warm in runs:
             t = remote if policy is None else K.CachedTable(remote, cap, policy)
             model.attach_table(t)
             K.timed_generation(model, tok, prompts[:2], args.max_new_tokens)     # warm up gRPC
             if policy is not None:
                 t.clear()
                 t.reset_stats()
+                if warm:
+                    t.warm()
+                    t.reset_stats()
             sec, n = K.timed_generation(model, tok, prompts, args.max_new_tokens)
             e = {"capacity_rows": cap, "share_of_table": cap / info.num_rows, "seconds": sec, "tokens": n,
                  "tokens_per_s": n / sec}

@@ -82,3 +82,29 @@ def test_cached_table(tmp_path):
     v = table.snapshot()
     lfu.load_version(v)                    # rows may have changed: the cache empties
     assert lfu.cached_ids() == set()
+
+
+def test_cached_table_warm_from_usage(tmp_path):
+    _, table = make(tmp_path)
+    n = table.info().num_rows
+    read = torch.tensor([[5, 9, 9, 9], [5, 9, 12, -1], [5, 30, 12, 1]])
+    table.readout(read, torch.full(read.shape, 0.25))              # the store counts these reads
+    hits = table.usage().hits
+    hot = torch.topk(hits.double(), 3).indices
+    assert set(hot.tolist()) == {5, 9, 12}
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(table, name)
+
+        def fetch(self, ids):
+            calls.append(ids)
+            return table.fetch(ids)
+
+    c = K.CachedTable(Counting(), capacity=3, policy="lfu")
+    assert c.warm() == 3 and c.cached_ids() == set(hot.tolist())
+    calls.clear()
+    torch.testing.assert_close(c.fetch(hot), table.fetch(hot), rtol=0, atol=0)
+    assert calls == [] and c.stats()["call_hit_rate"] == 1.0        # served without touching the store
+    assert c.warm(torch.tensor([n - 1])) == 1 and n - 1 in c.cached_ids()
