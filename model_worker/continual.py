@@ -523,6 +523,8 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         queries = collect_queries(model, batches, groups) if cfg.answer_rows else {}
         if cfg.answer_rows and cfg.fact_rows and cfg.key_per_phrasing:
             fq = collect_queries(model, *_group_batches(examples, tok, cfg.batch_size, False))
+            # per-fact groups get their own ids (offset far above any per-phrasing group id)
+            # so that init_new_keys makes one row for each, beside the per-phrasing rows
             queries = {i: (torch.cat([q, fq[i][0]]), torch.cat([g, fq[i][1] + torch.tensor([1 << 40, 0])]))
                        for i, (q, g) in queries.items()}
         if cfg.subject_rows:
