@@ -204,9 +204,9 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
         loads = model.end_step()                   # MoE and product-key balancing biases
         if table is not None:                      # step barrier: the store applies the row gradients
             table.end_step(step, worker=rank, num_workers=world)
+        history["losses"].append(loss.item())   # waits for the step on a GPU: time it inside t_train
         t_train += time.perf_counter() - t0
         tokens += batch.inputs.numel()
-        history["losses"].append(loss.item())
         if loads and step % 10 == 0:
             history["loads"].append({"step": step, **{k: v.tolist() for k, v in loads.items()}})
         bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / t_train:.0f}")
