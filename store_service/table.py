@@ -166,10 +166,13 @@ class Table:
 
     @staticmethod
     def _owner(m: _ShardMap, ids: torch.Tensor) -> torch.Tensor:
-        """Index (into handle order) of each id's shard; -1 for PAD."""
-        order = torch.argsort(m.starts)
-        pos = torch.searchsorted(m.ends[order], ids.cpu(), right=True).clamp_max(len(order) - 1)
-        return torch.where(ids.cpu() >= 0, order[pos], torch.full_like(ids.cpu(), -1))
+        """Index (into handle order) of each id's shard; -1 for PAD. Computed on the ids'
+        device: a GPU worker's ids ([tokens x heads x k], megabytes a step) never cross to the host."""
+        if len(m.infos) == 1:
+            return (ids >= 0).long() - 1
+        order = torch.argsort(m.starts).to(ids.device)
+        pos = torch.searchsorted(m.ends.to(ids.device)[order], ids, right=True).clamp_max(len(order) - 1)
+        return torch.where(ids >= 0, order[pos], torch.full_like(ids, -1))
 
     @staticmethod
     def _check_ids(field: str, ids: torch.Tensor, num_rows: int, allow_pad: bool) -> None:
@@ -213,6 +216,8 @@ class Table:
         return self._retrying(op)
 
     def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, call: Callable) -> list:
+        if len(self.shards) == 1:   # nothing to split, and no host sync to find out so
+            return self._each(lambda i, s: call(s, ids, m.infos[i].version), [0])
         owner = self._owner(m, ids.reshape(-1)).reshape(ids.shape).to(ids.device)
         which = [int(i) for i in torch.unique(owner) if i >= 0]
         local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
