@@ -83,7 +83,7 @@ def base_config(args, model: str, out_dir: str, seed: int = 0, **kw) -> TrainCon
                                  lr=args.lr, warmup=args.warmup, corpus=args.corpus,
                                  eval_every=max(1, args.steps // args.evals), eval_recall_n=0, eval_loss_batches=0,
                                  value_lr=args.value_lr, out_dir=out_dir, progress=args.progress, seed=seed,
-                                 device=args.device),
+                                 device=args.device, eval_batch_size=args.eval_batch_size),
                           **kw})
 
 
@@ -109,14 +109,14 @@ def throughput(args, work: Path) -> dict:
 
 
 @torch.no_grad()
-def final_detail(model, corpus) -> dict:
+def final_detail(model, corpus, batch_size: int = 64) -> dict:
     """The trained model's recall per relation on held-out phrasings, and on a seen phrasing."""
     model.eval()
     fn = generate_fn(model, ByteTokenizer())
     out = {}
     with readout_mode(model, "fetch"):
         for name, examples in (("heldout", corpus.eval), ("seen", corpus.eval_seen)):
-            r = evaluate.recall_on_examples(fn, examples)
+            r = evaluate.recall_on_examples(fn, examples, batch_size=batch_size)
             out[name] = {"recall": r["recall"], "n": r["n"],
                          "by_type": {t: round(v["recall"], 4) for t, v in r["by_type"].items()}}
     return out
@@ -141,7 +141,7 @@ def _quality_run(job) -> dict:
     t0 = time.time()
     cfg = base_config(args, RUNS[key], str(Path(work) / f"{key}_seed{seed}"), seed=seed)
     r = train(cfg)
-    detail = final_detail(r["model"], build_corpus(cfg.corpus))
+    detail = final_detail(r["model"], build_corpus(cfg.corpus), args.eval_batch_size)
     return {"key": key, "seed": seed, "preset": RUNS[key], "params": r["params"], "evals": r["evals"], "final_train_loss": r["final_loss"],
             "final_recall": detail, "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
             "wall_s": time.time() - t0, "model_config": r["model"].cfg.to_dict()}
@@ -221,6 +221,9 @@ def main() -> None:
                     help="seconds of training per run: time each config's steps with all runs in flight, "
                          "then set --steps to what the slowest fits (every model still gets the same tokens)")
     ap.add_argument("--calibrate-steps", type=int, default=40)
+    ap.add_argument("--eval-batch-size", type=int, default=64,
+                    help="prompts per generation call in recall; on a GPU use ~1024 (decoding is launch-bound: "
+                         "the H200 runs spent most of their wall time decoding groups of <= 64 prompts)")
     ap.add_argument("--reuse", default=None,
                     help="a (partial) quality JSON from an earlier call with the same training settings: its "
                          "finished runs are kept, only the missing (model, seed) runs are trained")

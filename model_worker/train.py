@@ -61,6 +61,8 @@ class TrainConfig:
     eval_every: int = 100
     eval_recall_n: int = 256               # recall on the first n held-out-phrasing prompts (0 = all)
     eval_loss_batches: int = 8
+    eval_batch_size: int = 64              # prompts per generation call (grouped by length inside it); on a
+                                           #   GPU, where each decoded token is a launch-bound step, use ~1024
     ckpt_every: int = 0
     out_dir: str = "runs/default"
     seed: int = 0
@@ -127,7 +129,7 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
         loss = evaluate.heldout_loss(lambda b: model(b.inputs.to(dev), b.targets.to(dev))[1], batches)["loss"]
         n = cfg.eval_recall_n or len(corpus.eval_prompts)
         rec = evaluate.fact_recall(generate_fn(model, tok), corpus.eval_prompts[:n], corpus.eval_answers[:n],
-                                   corpus.eval_fact_types[:n])
+                                   corpus.eval_fact_types[:n], batch_size=cfg.eval_batch_size)
     model.train()
     return {"heldout_loss": loss, "recall_heldout": rec["recall"]}
 

@@ -73,3 +73,18 @@ def test_heldout_loss_weighted_by_tokens():
     class B:
         def __init__(self, n): self.num_targets = n
     assert heldout_loss(lambda b: float(b.num_targets), [B(1), B(3)])["loss"] == pytest.approx(2.5)
+
+
+def test_recall_does_not_depend_on_the_generation_batch():
+    """eval_batch_size only groups prompts differently (equal-length groups, no padding)."""
+    from model_worker.config import preset
+    from model_worker.generate import generate_fn
+    from model_worker.model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-dense")).eval()
+    corpus = build_corpus("tiny")
+    prompts, answers = corpus.eval_prompts[:96], corpus.eval_answers[:96]
+    fn = generate_fn(model, ByteTokenizer())
+    small = fact_recall(fn, prompts, answers, max_new_tokens=8, batch_size=7, return_predictions=True)
+    large = fact_recall(fn, prompts, answers, max_new_tokens=8, batch_size=1024, return_predictions=True)
+    assert small["predictions"] == large["predictions"]
