@@ -33,10 +33,23 @@ def device_string() -> str:
            f"({torch.get_num_threads()} threads), CPU only"
 
 
-def train_base(out: str = BASE_DIR, steps: int | None = None) -> Path:
+def base_dir(layer: int | None) -> str:
+    """Where the base with its knowledge layer in block `layer` lives (None: the quality model's block 2)."""
+    return BASE_DIR if layer is None else f"{BASE_DIR}_l{layer}"
+
+
+def base_settings(layer: int | None = None) -> dict:
+    """BASE, with the knowledge layer moved to block `layer` (every other setting the same)."""
+    if layer is None:
+        return BASE
+    mo = BASE["model_overrides"]
+    return {**BASE, "model_overrides": {**mo, "knowledge": {**mo["knowledge"], "layers": (layer,)}}}
+
+
+def train_base(out: str = BASE_DIR, steps: int | None = None, layer: int | None = None) -> Path:
     from model_worker.checkpoint import latest_checkpoint
     from model_worker.train import TrainConfig, train
-    cfg = TrainConfig(**{**BASE, "out_dir": out, **({"steps": steps} if steps else {})})
+    cfg = TrainConfig(**{**base_settings(layer), "out_dir": out, **({"steps": steps} if steps else {})})
     t0 = time.time()
     r = train(cfg)
     print(json.dumps({"base_train_s": time.time() - t0, "final_loss": r["final_loss"],
@@ -44,11 +57,11 @@ def train_base(out: str = BASE_DIR, steps: int | None = None) -> Path:
     return latest_checkpoint(out)
 
 
-def base_checkpoint(out: str = BASE_DIR) -> Path:
+def base_checkpoint(out: str = BASE_DIR, layer: int | None = None) -> Path:
     from model_worker.checkpoint import latest_checkpoint
     ck = latest_checkpoint(out)
     if ck is None:
-        ck = train_base(out)
+        ck = train_base(out, layer=layer)
     return ck
 
 
@@ -127,7 +140,7 @@ def run(args) -> dict:
     from model_worker.data import PackedLoader, build_corpus
 
     torch.set_num_threads(args.threads)
-    ckpt = Path(args.checkpoint) if args.checkpoint else base_checkpoint(args.base)
+    ckpt = Path(args.checkpoint) if args.checkpoint else base_checkpoint(args.base, args.base_layer)
     scratch = tempfile_root(args)
     model, tok, table, meta = load_base(ckpt, scratch)
     corpus = build_corpus(meta["train_config"]["corpus"])
@@ -244,7 +257,10 @@ def _no_nan(x):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-base", action="store_true", help="train the base model and stop")
-    ap.add_argument("--base", default=BASE_DIR, help="base model directory (trained if it has no checkpoint)")
+    ap.add_argument("--base", default=None, help="base model directory (trained if it has no checkpoint; "
+                                                 f"default {BASE_DIR}, or {BASE_DIR}_l<N> with --base-layer N)")
+    ap.add_argument("--base-layer", type=int, default=None,
+                    help="put the base's knowledge layer in this block instead of block 2 (1: two blocks above it)")
     ap.add_argument("--base-steps", type=int, default=None)
     ap.add_argument("--checkpoint", default=None, help="a step directory to use as the base instead")
     ap.add_argument("--methods", nargs="+", default=["new_rows", "sparse_memory", "full_finetune", "lora",
@@ -262,8 +278,9 @@ def main(argv=None) -> None:
     ap.add_argument("--scratch", default="runs")
     ap.add_argument("--out", default="benchmarks/results/continual.json")
     args = ap.parse_args(argv)
+    args.base = args.base or base_dir(args.base_layer)
     if args.train_base:
-        print(train_base(args.base, args.base_steps))
+        print(train_base(args.base, args.base_steps, args.base_layer))
         return
     os.makedirs(args.scratch, exist_ok=True)
     t0 = time.time()
