@@ -211,7 +211,7 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
         tokens += batch.inputs.numel()
         if loads and step % 10 == 0:
             history["loads"].append({"step": step, **{k: v.tolist() for k, v in loads.items()}})
-        bar.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens / t_train:.0f}")
+        bar.set_postfix(loss=f"{history['losses'][-1]:.4f}", tok_s=f"{tokens / t_train:.0f}")
         done = step + 1
         if (cfg.ckpt_every and done % cfg.ckpt_every == 0) or (done == end and (cfg.ckpt_every or stop_at)):
             if rank == 0:

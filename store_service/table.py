@@ -216,7 +216,7 @@ class Table:
         return self._retrying(op)
 
     def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, call: Callable) -> list:
-        if len(self.shards) == 1:   # nothing to split, and no host sync to find out so
+        if len(m.infos) == 1:   # nothing to split, and no host sync to find out so
             return self._each(lambda i, s: call(s, ids, m.infos[i].version), [0])
         owner = self._owner(m, ids.reshape(-1)).reshape(ids.shape).to(ids.device)
         which = [int(i) for i in torch.unique(owner) if i >= 0]
