@@ -17,9 +17,10 @@ from model_worker.config import configs
 
 BASE_DIR = "runs/bench_base"
 DEFAULT_BASE_LAYER = 1   # the continual benchmark's base (interpret and knobs use block 2, BASE_DIR)
-# The base model every issue-6 benchmark uses: the knowledge model of the quality
+# The base recipe of the issue-6 benchmarks: the knowledge model of the quality
 # benchmark (benchmarks/quality.py, seed 0: the small-knowledge preset with a 16k-row
-# product segment), trained on the medium corpus with its new facts held out of
+# product segment; interpret and knobs use it as is, continual with the layer moved to
+# DEFAULT_BASE_LAYER), trained on the medium corpus with its new facts held out of
 # pretraining: ~640 old facts and 71 new ones, so that recall and forgetting move in
 # steps of ~1/100 rather than ~1/16 (the tiny-corpus base recalled 16 old facts).
 BASE = dict(model="small-knowledge", corpus="medium", seq_len=64, batch_size=32, steps=1500, lr=3e-3, warmup=40,
