@@ -50,13 +50,14 @@ class PushdownReadout(torch.autograd.Function):
         w = weights.detach().float().contiguous()
         ctx.table = table
         ctx.save_for_backward(ids, w)
-        return table.readout(ids, w)
+        # A remote store answers on the host; the result joins the model on the worker's device.
+        return table.readout(ids, w).to(w.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         ids, w = ctx.saved_tensors
         grad_w = ctx.table.readout_backward(ids, w, grad_out.float().contiguous(), request_id=_request_id())
-        return grad_w, None, None
+        return grad_w.to(w.device), None, None
 
 
 class FetchReadout(torch.autograd.Function):

@@ -72,3 +72,19 @@ def test_cuda_training_matches_cpu(tmp_path):
         losses[dev] = train(cfg)["losses"]
     for a, b in zip(losses["cpu"], losses["cuda"]):
         assert abs(a - b) <= 1e-5 * abs(a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_worker_with_remote_store(tmp_path):
+    """A GPU worker over 2 loopback shard servers (which answer on the host) follows
+    the same GPU worker with its table in GPU memory: results are moved back to the
+    worker's device in forward and backward."""
+    from model_worker.remote_table import loopback_table
+    from model_worker.train import model_config, table_config
+
+    cfg = _cfg(tmp_path / "local", steps=20, device="cuda")
+    local = train(cfg)
+    rcfg = _cfg(tmp_path / "remote", steps=20, num_shards=2, device="cuda")
+    with loopback_table(table_config(model_config(rcfg, 260), rcfg), str(tmp_path / "remote" / "store")) as table:
+        remote = train(rcfg, table=table)
+    torch.testing.assert_close(torch.tensor(remote["losses"]), torch.tensor(local["losses"]), rtol=1e-4, atol=0)
