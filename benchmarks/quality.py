@@ -21,16 +21,13 @@ On a GPU, `--device cuda --jobs 12 --time-budget 150` puts every run's model and
 table on the GPU and sets --steps so that the slowest run fits the budget;
 `--reuse FILE` keeps the finished runs of an earlier call trained with the same
 settings (a lease ends mid-benchmark) and trains only the missing ones.
-On an H200 (benchmarks/results/quality_h200_medium_para.partial.json; medium-para
-corpus, 2300 steps of 256 x 64 tokens = 37.7M tokens per model, 12x the CPU
-regime): each baseline recalls 0.965 of the facts on a trained phrasing, and on the
-held-out phrasing dense 0.274, dense-2x 0.285, MoE 0.289 (mean of 3 seeds).
-The knowledge runs did not finish in the 30 GPU minutes (3 calls): on the GPU a knowledge-model
-step took 0.14 s against MoE's 0.07 s with 12 runs in flight (the table split each
-readout's ids by shard on the host; a one-shard table now skips that, not yet timed
-there), and greedy evaluation of 637 prompts x 3 took most of each run's wall time.
-The tokens/s in that file count only kernel launches (fixed since: the step is
-timed through `loss.item()`).
+On an H200 (benchmarks/results/quality_h200_medium_para.json; medium-para corpus,
+2300 steps of 256 x 64 tokens = 37.7M tokens per model, 12x the CPU regime, 7 seeds
+gathered over 5 calls with --reuse): every model recalls 0.965 of the facts on a
+trained phrasing; on the held-out phrasing dense 0.262, dense-2x 0.280, MoE 0.275,
+knowledge 0.305, with seed standard errors of 0.02-0.04 and paired knowledge-minus-
+baseline gaps of +0.025 to +0.042 (s.e. 0.033-0.055): the highest mean, within noise.
+`--summarize FILE` rebuilds a saved JSON's headline and PNG without training.
 
 Writes benchmarks/results/quality.json and quality.png (recall vs training steps).
 """
@@ -168,7 +165,63 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
                 by_seed[int(seed)][key] = r
                 taken.append(f"{key}_seed{seed}")
     print(f"reusing {len(taken)} runs from {path}: {', '.join(taken)}", flush=True)
-    return {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken}
+    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken}
+    if old.get("throughput"):
+        info["throughput"] = old["throughput"]
+    return info
+
+
+def _mean_and_se(xs: list[float]) -> dict:
+    """Mean and its standard error over seeds (se is None for one seed)."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return {"mean": m, "se": None}
+    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
+    return {"mean": m, "se": (var / len(xs)) ** 0.5}
+
+
+def headline(results: dict, keys: list[str], seeds: list, corpus: str) -> dict:
+    """The summary a reader looks for first, from the runs of every seed. The per-seed
+    spread and the paired (same seed) differences say whether a gap is more than noise."""
+    by_seed = {s: results["runs_by_seed"][s] for s in seeds}
+    runs = results["runs"]
+
+    def final(s, k, metric="recall_heldout"):
+        return by_seed[s][k]["evals"][-1][metric]
+
+    out = {
+        "recall_heldout": {k: _mean_and_se([final(s, k) for s in seeds])["mean"] for k in keys},
+        "recall_heldout_se": {k: _mean_and_se([final(s, k) for s in seeds])["se"] for k in keys},
+        "recall_heldout_per_seed": {s: {k: final(s, k) for k in keys} for s in seeds},
+        "recall_seen_phrasing": {k: sum(by_seed[s][k]["final_recall"]["seen"]["recall"] for s in seeds)
+                                 / len(seeds) for k in keys},
+        "heldout_loss": {k: _mean_and_se([final(s, k, "heldout_loss") for s in seeds])["mean"] for k in keys},
+        "seeds": list(seeds),
+        "corpus": corpus,
+        "active_params": {k: runs[k]["params"]["active"] for k in runs},
+        "total_params": {k: runs[k]["params"]["total"] for k in runs},
+        "remote_over_local_tokens_per_s": results.get("throughput", {}).get("remote_over_local"),
+        "training_tokens": {k: runs[k]["tokens"] for k in runs},
+    }
+    if "knowledge" in keys:
+        others = [k for k in keys if k != "knowledge"]
+        paired = {k: _mean_and_se([final(s, "knowledge") - final(s, k) for s in seeds]) for k in others}
+        out["knowledge_recall_minus"] = {k: paired[k]["mean"] for k in others}
+        out["knowledge_recall_minus_se"] = {k: paired[k]["se"] for k in others}
+        out["knowledge_wins_per_seed"] = {s: all(final(s, "knowledge") > final(s, k) for k in others) for s in seeds}
+    return out
+
+
+def summarize(path: Path, out: Path) -> dict:
+    """Rebuild the headline and the PNG of a saved quality JSON (no training): for runs
+    gathered over several calls, or a headline that gained fields since."""
+    results = json.loads(path.read_text())
+    keys = list(results["runs"])
+    seeds = list(results["runs_by_seed"])
+    results["headline"] = headline(results, keys, seeds, results["config"]["corpus"])
+    out.write_text(json.dumps(results, indent=2))
+    plot(results, out.with_suffix(".png"))
+    return results["headline"]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -179,14 +232,18 @@ def plot(results: dict, path: Path) -> None:
     by_seed = results["runs_by_seed"]
     for i, name in enumerate(results["runs"]):
         runs = [by_seed[s][name] for s in by_seed]
-        steps = [e["step"] for e in runs[0]["evals"]]
         label = f"{name} ({runs[0]['params']['active'] / 1e3:.0f}k active, {runs[0]['params']['total'] / 1e6:.2f}M total)"
         for ax, metric in ((a, "recall_heldout"), (b, "heldout_loss")):
-            curves = [[e[metric] for e in r["evals"]] for r in runs]
-            ax.plot(steps, [sum(c) / len(c) for c in zip(*curves)], marker="o", color=f"C{i}", label=label)
-            if len(curves) > 1:
-                for c in curves:
-                    ax.plot(steps, c, color=f"C{i}", alpha=0.3, lw=0.8)
+            # Runs reused from another call may have been evaluated at other steps: the
+            # mean is drawn at the steps every run shares (at least the last one).
+            shared = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in runs)))
+            at = [{e["step"]: e[metric] for e in r["evals"]} for r in runs]
+            ax.plot(shared, [sum(c[t] for c in at) / len(at) for t in shared], marker="o", color=f"C{i}",
+                    label=label, ls="none" if len(shared) == 1 else "-")
+            if len(runs) > 1:
+                for r in runs:
+                    ax.plot([e["step"] for e in r["evals"]], [e[metric] for e in r["evals"]],
+                            color=f"C{i}", alpha=0.3, lw=0.8, marker="." if len(r["evals"]) == 1 else None)
     a.set(xlabel="training step", ylabel="fact recall, held-out phrasings",
           title=f"Recall vs training steps (mean of {len(by_seed)} seed(s); thin: each seed)")
     b.set(xlabel="training step", ylabel="held-out loss (nats/token)", title="Held-out text loss")
@@ -227,8 +284,13 @@ def main() -> None:
     ap.add_argument("--reuse", default=None,
                     help="a (partial) quality JSON from an earlier call with the same training settings: its "
                          "finished runs are kept, only the missing (model, seed) runs are trained")
+    ap.add_argument("--summarize", default=None, metavar="FILE",
+                    help="train nothing: rebuild the headline and PNG of a saved quality JSON into --out")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
     args = ap.parse_args()
+    if args.summarize:
+        print(json.dumps(summarize(Path(args.summarize), Path(args.out)), indent=2))
+        return
 
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
     results: dict = {"device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
@@ -252,6 +314,7 @@ def main() -> None:
                                       "steps": args.steps}
             print(f"calibration: slowest {slowest * 1e3:.1f} ms/step -> {args.steps} steps per run", flush=True)
         partial = Path(args.out).with_suffix(".partial.json")
+        partial.parent.mkdir(parents=True, exist_ok=True)
         for r in pool.imap_unordered(_quality_run, jobs, chunksize=1):
             key, seed = r["key"], r["seed"]
             by_seed[seed][key] = r
@@ -264,34 +327,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         results["throughput"] = throughput(args, work)
         print("throughput", json.dumps(results["throughput"]), flush=True)
+    elif results.get("reused", {}).get("throughput"):   # measured by the call whose runs we took
+        results["throughput"] = {**results["reused"]["throughput"], "from": results["reused"]["from"]}
 
     results["runs_by_seed"] = {s: {k: by_seed[s][k] for k in keys} for s in args.seeds}
-    results["runs"] = runs = dict(results["runs_by_seed"][args.seeds[0]])  # the first seed's runs, in full
-
-    def mean(metric: str, k: str) -> float:
-        return sum(by_seed[s][k]["evals"][-1][metric] for s in args.seeds) / len(args.seeds)
-    final = {k: {m: mean(m, k) for m in ("recall_heldout", "heldout_loss")} for k in keys}
-    results["headline"] = {
-        "recall_heldout": {k: final[k]["recall_heldout"] for k in final},
-        "recall_heldout_per_seed": {s: {k: by_seed[s][k]["evals"][-1]["recall_heldout"] for k in keys}
-                                    for s in args.seeds},
-        "recall_seen_phrasing": {k: sum(by_seed[s][k]["final_recall"]["seen"]["recall"] for s in args.seeds)
-                                 / len(args.seeds) for k in keys},
-        "heldout_loss": {k: final[k]["heldout_loss"] for k in final},
-        "seeds": args.seeds,
-        "corpus": args.corpus,
-        "active_params": {k: runs[k]["params"]["active"] for k in runs},
-        "total_params": {k: runs[k]["params"]["total"] for k in runs},
-        "remote_over_local_tokens_per_s": results.get("throughput", {}).get("remote_over_local"),
-        "training_tokens": {k: runs[k]["tokens"] for k in runs},
-    }
-    if "knowledge" in final:
-        kn = final["knowledge"]["recall_heldout"]
-        results["headline"]["knowledge_recall_minus"] = {k: kn - final[k]["recall_heldout"]
-                                                         for k in final if k != "knowledge"}
-        results["headline"]["knowledge_wins_per_seed"] = {
-            s: all(by_seed[s]["knowledge"]["evals"][-1]["recall_heldout"] > by_seed[s][k]["evals"][-1]["recall_heldout"]
-                   for k in keys if k != "knowledge") for s in args.seeds}
+    results["runs"] = dict(results["runs_by_seed"][args.seeds[0]])  # the first seed's runs, in full
+    results["headline"] = headline(results, keys, args.seeds, args.corpus)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

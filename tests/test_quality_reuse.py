@@ -46,3 +46,37 @@ def test_reuse_refuses_runs_trained_otherwise(tmp_path, field, value):
     with pytest.raises(SystemExit, match=field):
         reuse_runs(_args(), _earlier(tmp_path, **{field: value}), by_seed, ["dense"])
     assert by_seed == {0: {}}
+
+
+def _run(recall, loss=2.4, steps=(2300,)):
+    return {"evals": [{"step": s, "recall_heldout": recall, "heldout_loss": loss} for s in steps],
+            "final_recall": {"seen": {"recall": 0.9}}, "params": {"active": 10, "total": 20}, "tokens": 100}
+
+
+def test_headline_reports_seed_spread_and_paired_differences():
+    from benchmarks.quality import headline
+    by_seed = {0: {"dense": _run(0.2), "knowledge": _run(0.4)},
+               1: {"dense": _run(0.3), "knowledge": _run(0.2)}}
+    h = headline({"runs_by_seed": by_seed, "runs": by_seed[0]}, ["dense", "knowledge"], [0, 1], "medium")
+    assert h["recall_heldout"] == pytest.approx({"dense": 0.25, "knowledge": 0.3})
+    # paired per seed: +0.2 and -0.1 -> mean 0.05, sd 0.2121, se 0.15
+    assert h["knowledge_recall_minus"]["dense"] == pytest.approx(0.05)
+    assert h["knowledge_recall_minus_se"]["dense"] == pytest.approx(0.15)
+    assert h["recall_heldout_se"]["dense"] == pytest.approx(0.05)
+    assert h["knowledge_wins_per_seed"] == {0: True, 1: False}
+    assert h["remote_over_local_tokens_per_s"] is None
+
+
+def test_summarize_rebuilds_headline_and_plot_of_runs_evaluated_at_other_steps(tmp_path):
+    """Runs gathered over calls with different --evals: the plot draws the shared steps."""
+    from benchmarks.quality import summarize
+    by_seed = {"0": {"dense": _run(0.2, steps=(700, 1400, 2300)), "knowledge": _run(0.4)},
+               "1": {"dense": _run(0.3), "knowledge": _run(0.2)}}
+    src = tmp_path / "q.json"
+    src.write_text(json.dumps({"config": {"corpus": "medium"}, "runs_by_seed": by_seed, "runs": by_seed["0"],
+                               "throughput": {"remote_over_local": 0.5}}))
+    h = summarize(src, tmp_path / "out.json")
+    assert h["remote_over_local_tokens_per_s"] == 0.5
+    assert h["recall_heldout"]["knowledge"] == pytest.approx(0.3)
+    assert json.loads((tmp_path / "out.json").read_text())["headline"] == json.loads(json.dumps(h))
+    assert (tmp_path / "out.png").stat().st_size > 0
