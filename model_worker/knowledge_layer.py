@@ -50,7 +50,8 @@ class PushdownReadout(torch.autograd.Function):
         w = weights.detach().float().contiguous()
         ctx.table = table
         ctx.save_for_backward(ids, w)
-        # A remote store answers on the host; the result joins the model on the worker's device.
+        # A remote store's answer arrives in host memory (decoded from the wire, wherever its
+        # shards live); the result joins the model on the worker's device.
         return table.readout(ids, w).to(w.device)
 
     @staticmethod

@@ -76,9 +76,9 @@ def test_cuda_training_matches_cpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_worker_with_remote_store(tmp_path):
-    """A GPU worker over 2 loopback shard servers (which answer on the host) follows
-    the same GPU worker with its table in GPU memory: results are moved back to the
-    worker's device in forward and backward."""
+    """A GPU worker over 2 loopback shard servers (their answers arrive in host memory,
+    off the wire) follows the same GPU worker with its table in its own GPU memory:
+    results are moved back to the worker's device in forward and backward."""
     from model_worker.remote_table import loopback_table
     from model_worker.train import model_config, table_config
 
