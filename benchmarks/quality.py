@@ -4,6 +4,7 @@ training tokens and data, on this CPU. Also: training throughput with the table
 served by 2 gRPC shard processes on loopback vs the in-process table.
 
     python benchmarks/quality.py                      # ~30 min on 2 CPU cores (4 models x 3 seeds)
+    python benchmarks/quality.py --seeds 0,1,2,3,4,5 --reuse benchmarks/results/quality.json   # 3 more seeds
     python benchmarks/quality.py --seeds 0 --steps 300 --no-throughput   # a quick look
 
 The regime (the defaults): the "medium" corpus (~640 facts: 60 countries, 150
