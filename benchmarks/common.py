@@ -1,11 +1,13 @@
-"""What every benchmark script shares: naming the CPU it ran on, and writing
-its result as JSON + PNG and printing the headline."""
+"""What every benchmark script shares: naming the CPU it ran on, writing its
+result as JSON + PNG and printing the headline, counting gRPC bytes."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 from typing import Callable
+
+import grpc
 
 
 def cpu_model() -> str:
@@ -24,3 +26,25 @@ def write_results(result: dict, out: str, plot: Callable[[dict, str], object]) -
         json.dump(result, f, indent=2)
     plot(result, out.replace(".json", ".png"))
     print(json.dumps(result["headline"], indent=2))
+
+
+class ByteCounter(grpc.UnaryUnaryClientInterceptor):
+    """Serialized request + response bytes per method."""
+
+    def __init__(self):
+        self.bytes: dict[str, int] = {}
+        self.calls: dict[str, int] = {}
+        self.enabled = False
+
+    def intercept_unary_unary(self, continuation, details, request):
+        response = continuation(details, request)
+        if self.enabled:
+            method = details.method.rsplit("/", 1)[-1]
+            size = request.ByteSize() + response.result().ByteSize()
+            self.bytes[method] = self.bytes.get(method, 0) + size
+            self.calls[method] = self.calls.get(method, 0) + 1
+        return response
+
+    def reset(self) -> None:
+        self.bytes.clear()
+        self.calls.clear()

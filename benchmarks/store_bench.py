@@ -33,11 +33,10 @@ from dataclasses import asdict, dataclass
 # paths are compared on equal terms.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import grpc  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from benchmarks.common import cpu_model  # noqa: E402
+from benchmarks.common import ByteCounter, cpu_model  # noqa: E402
 from store_service import persistence  # noqa: E402
 from store_service.client import connect  # noqa: E402
 from store_service.config import OptimizerConfig, TableConfig  # noqa: E402
@@ -66,28 +65,6 @@ SMALL = Size(n_sub=64, flat_rows=4096, d_k=64, d_v=128, k=16, batch=128)
 def device_string() -> str:
     cpu = cpu_model()
     return f"{platform.system()} {platform.machine()}, {cpu}, cpu, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-class ByteCounter(grpc.UnaryUnaryClientInterceptor):
-    """Serialized request + response bytes per method."""
-
-    def __init__(self):
-        self.bytes: dict[str, int] = {}
-        self.calls: dict[str, int] = {}
-        self.enabled = False
-
-    def intercept_unary_unary(self, continuation, details, request):
-        response = continuation(details, request)
-        if self.enabled:
-            method = details.method.rsplit("/", 1)[-1]
-            size = request.ByteSize() + response.result().ByteSize()
-            self.bytes[method] = self.bytes.get(method, 0) + size
-            self.calls[method] = self.calls.get(method, 0) + 1
-        return response
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
 
 
 def _time(fn, iters: int, warmup: int, label: str) -> dict:

@@ -80,3 +80,17 @@ def test_summarize_rebuilds_headline_and_plot_of_runs_evaluated_at_other_steps(t
     assert h["recall_heldout"]["knowledge"] == pytest.approx(0.3)
     assert json.loads((tmp_path / "out.json").read_text())["headline"] == json.loads(json.dumps(h))
     assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_throughput_times_steady_steps_and_counts_wire_bytes(tmp_path):
+    """The remote vs in-process comparison: same losses, the timed steps' bytes by RPC."""
+    from benchmarks.quality import throughput
+    args = Namespace(steps=100, seq_len=16, batch_size=2, lr=3e-3, value_lr=None, knowledge='{"n_sub": 16}',
+                     warmup=2, corpus="tiny", evals=1, progress=False, device="cpu", eval_batch_size=8,
+                     seeds=[0], tput_steps=2)
+    out = throughput(args, tmp_path)
+    assert out["timed_steps"] == 2 and out["max_rel_loss_diff"] == 0.0
+    assert "wire_bytes_per_step" not in out["local"]
+    assert out["remote"]["calls_per_step"]["Readout"] == 2   # one per shard
+    assert out["remote"]["wire_bytes_per_step"]["Readout"] > 2 * 16 * 4   # at least the partial sums
+    assert out["remote_over_local"] == pytest.approx(out["remote"]["tokens_per_s"] / out["local"]["tokens_per_s"])
