@@ -213,9 +213,10 @@ def headline(results: dict, keys: list[str], seeds: list, corpus: str) -> dict:
     def final(s, k, metric="recall_heldout"):
         return by_seed[s][k]["evals"][-1][metric]
 
+    recall = {k: _mean_and_se([final(s, k) for s in seeds]) for k in keys}
     out = {
-        "recall_heldout": {k: _mean_and_se([final(s, k) for s in seeds])["mean"] for k in keys},
-        "recall_heldout_se": {k: _mean_and_se([final(s, k) for s in seeds])["se"] for k in keys},
+        "recall_heldout": {k: recall[k]["mean"] for k in keys},
+        "recall_heldout_se": {k: recall[k]["se"] for k in keys},
         "recall_heldout_per_seed": {s: {k: final(s, k) for k in keys} for s in seeds},
         "recall_seen_phrasing": {k: sum(by_seed[s][k]["final_recall"]["seen"]["recall"] for s in seeds)
                                  / len(seeds) for k in keys},
