@@ -110,7 +110,8 @@ def throughput(args, work: Path) -> dict:
             r = train(cfg, step_hook=hook)
         else:
             tcfg = table_config(model_config(cfg, 260), cfg)
-            with loopback_table(tcfg, str(work / "tput_remote" / "store"), interceptors=[counter]) as table:
+            with loopback_table(tcfg, str(work / "tput_remote" / "store"), interceptors=[counter],
+                                server_device=args.server_device) as table:
                 r = train(cfg, table=table, step_hook=hook)
         steady = (marks[-1] - marks[TPUT_WARM_STEPS - 1]) / args.tput_steps
         out[name] = {"tokens_per_s": cfg.batch_size * cfg.seq_len / steady, "seconds_per_step": steady,
@@ -122,6 +123,7 @@ def throughput(args, work: Path) -> dict:
     out["remote_over_local"] = out["remote"]["tokens_per_s"] / out["local"]["tokens_per_s"]
     out["remote_over_local_whole_run"] = out["remote"]["whole_run_tokens_per_s"] / out["local"]["whole_run_tokens_per_s"]
     out["timed_steps"] = args.tput_steps
+    out["server_device"] = args.server_device or args.device
     out["remote_extra_seconds_per_step"] = out["remote"]["seconds_per_step"] - out["local"]["seconds_per_step"]
     out["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(out["remote"]["losses"], out["local"]["losses"]))
     for name in ("local", "remote"):
@@ -297,6 +299,9 @@ def main() -> None:
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--throughput-only", action="store_true",
                     help="train no quality run: only the remote vs in-process throughput, written to --out")
+    ap.add_argument("--server-device", default=None,
+                    help="where the throughput run's 2 shard servers keep their rows (default: --device); "
+                         "e.g. cpu with --device cuda: a GPU worker over host-memory shards")
     ap.add_argument("--jobs", type=int, default=2, help="quality runs in parallel (processes)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
     ap.add_argument("--progress", action="store_true")

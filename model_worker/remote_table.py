@@ -18,10 +18,11 @@ from store_service.config import TableConfig
 
 @contextlib.contextmanager
 def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int = 1,
-                   interceptors: Sequence = ()) -> Iterator:
+                   interceptors: Sequence = (), server_device: str | None = None) -> Iterator:
     """Publish a fresh table of `config` (version 1 under store_root), serve each
     of its config.num_shards shards from its own process, and yield a client Table
-    (`interceptors`: gRPC client interceptors on every shard's channel, e.g. a byte counter)."""
+    (`interceptors`: gRPC client interceptors on every shard's channel, e.g. a byte counter;
+    `server_device`: where the servers keep their rows, default config.device)."""
     from store_service.client import connect
     from store_service.server import start_shard_process
     from store_service.table import Table
@@ -35,7 +36,8 @@ def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int =
     try:
         for shard_id in range(config.num_shards):
             procs.append(start_shard_process(store_root, version, shard_id, admin_token=token,
-                                             extra_args=["--torch-threads", str(torch_threads)]))
+                                             extra_args=["--torch-threads", str(torch_threads),
+                                                         *(["--device", server_device] if server_device else [])]))
         table = connect([p.address for p in procs], admin_token=token, store_root=store_root,
                         interceptors=interceptors)
         yield table

@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB)
     parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--device", default=None,
+                        help="where this shard's rows live, e.g. cpu or cuda:1 (default: the published table's "
+                             "device); a swapped-in version stays there")
     parser.add_argument("--admin-token-env", default="KSTORE_ADMIN_TOKEN",
                         help="environment variable holding the StoreAdmin bearer token")
     args = parser.parse_args(argv)
@@ -383,7 +386,10 @@ def main(argv: list[str] | None = None) -> None:
     token = os.environ.get(args.admin_token_env, "")
     if not token:
         parser.error(f"set ${args.admin_token_env} to the StoreAdmin bearer token")
-    shard = load_shard(args.store_root, args.version, args.shard)
+    try:
+        shard = load_shard(args.store_root, args.version, args.shard, device=args.device)
+    except errors.StoreError as e:   # a clear line, not a traceback, for a bad version or device
+        parser.exit(2, f"kstore-shard {args.shard}: cannot serve version {args.version} of {args.store_root}: {e}\n")
     handle = serve_shard(shard, args.port, admin_token=token, host=args.host, metrics_port=args.metrics_port,
                          max_message_mb=args.max_message_mb, max_workers=args.workers)
     # One parseable line: launchers (tests, benchmarks, cluster) read the bound ports from it.
@@ -447,9 +453,9 @@ def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_t
     raise RuntimeError(f"shard server {shard_id} did not start within {startup_timeout_s}s")
 
 
-def load_shard(store_root: str, version: int, shard_id: int) -> ShardHandle:
+def load_shard(store_root: str, version: int, shard_id: int, device: str | None = None) -> ShardHandle:
     from store_service.shard import Shard
-    return Shard.load(store_root, version, shard_id)
+    return Shard.load(store_root, version, shard_id, device=device)
 
 
 if __name__ == "__main__":

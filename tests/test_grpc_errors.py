@@ -332,3 +332,42 @@ def test_metrics_endpoint_serves_counters(env):
     assert 'kstore_rows{shard="0"} 76.0' in text
     assert f'kstore_version{{shard="0"}} {float(env["version"])}' in text
     assert "kstore_usage_fraction_used" in text and "kstore_frozen_rows" in text
+
+
+def _server_cmd(root: str, version: int, *extra: str) -> list[str]:
+    import sys
+    return [sys.executable, "-m", "store_service.server", "--store-root", root, "--version", str(version),
+            "--shard", "0", "--port", "0", *extra]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error path needs a machine without CUDA")
+def test_server_refuses_a_device_it_does_not_have_with_one_clear_line(env):
+    import os
+    import subprocess
+    proc = subprocess.run(_server_cmd(env["root"], env["version"], "--device", "cuda"), capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "KSTORE_ADMIN_TOKEN": TOKEN})
+    assert proc.returncode == 2
+    assert "cannot serve version" in proc.stderr and "CUDA is not available" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_server_device_overrides_the_published_device(tmp_path):
+    """A table published from GPU memory, served from host memory (`--device cpu`):
+    the same answers as the GPU table."""
+    from store_service.client import connect
+    from store_service.server import start_shard_process
+    cfg = TableConfig(d_k=D_K, d_v=D_V, segments=[("flat", 40)], num_shards=1, device="cuda")
+    gpu = Table.create(cfg, str(tmp_path))
+    version = gpu.snapshot()
+    proc = start_shard_process(str(tmp_path), version, 0, admin_token=TOKEN, extra_args=["--device", "cpu"])
+    try:
+        remote = connect([proc.address])
+        ids = torch.randint(0, 40, (5, 3))
+        w = torch.rand(5, 3)
+        torch.testing.assert_close(remote.readout(ids, w), gpu.readout(ids.cuda(), w.cuda()).cpu())
+        remote.close()
+        for s in remote.shards:
+            s.close()
+    finally:
+        proc.stop()

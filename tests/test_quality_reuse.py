@@ -87,7 +87,7 @@ def test_throughput_times_steady_steps_and_counts_wire_bytes(tmp_path):
     from benchmarks.quality import throughput
     args = Namespace(steps=100, seq_len=16, batch_size=2, lr=3e-3, value_lr=None, knowledge='{"n_sub": 16}',
                      warmup=2, corpus="tiny", evals=1, progress=False, device="cpu", eval_batch_size=8,
-                     seeds=[0], tput_steps=2)
+                     seeds=[0], tput_steps=2, server_device=None)
     out = throughput(args, tmp_path)
     assert out["timed_steps"] == 2 and out["max_rel_loss_diff"] == 0.0
     assert "wire_bytes_per_step" not in out["local"]
