@@ -368,7 +368,7 @@ def main() -> None:
         results["throughput"] = throughput(args, work)
         print("throughput", json.dumps(results["throughput"]), flush=True)
     elif results.get("reused", {}).get("throughput"):   # measured by the call whose runs we took
-        results["throughput"] = {**results["reused"]["throughput"], "from": results["reused"]["from"]}
+        results["throughput"] = {**results["reused"].pop("throughput"), "from": results["reused"]["from"]}
 
     results["runs_by_seed"] = {s: {k: by_seed[s][k] for k in keys} for s in args.seeds}
     results["runs"] = dict(results["runs_by_seed"][args.seeds[0]])  # the first seed's runs, in full
