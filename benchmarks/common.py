@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-from typing import Callable
+import time
+from typing import Callable, Sequence
 
 import grpc
 
@@ -29,22 +30,79 @@ def write_results(result: dict, out: str, plot: Callable[[dict, str], object]) -
 
 
 class ByteCounter(grpc.UnaryUnaryClientInterceptor):
-    """Serialized request + response bytes per method."""
+    """Serialized request + response bytes, calls and client-side wall seconds per method
+    (the seconds cover protobuf serialization, transport and the server's handling, not
+    the tensor <-> bytes conversion on either side of the call)."""
 
     def __init__(self):
         self.bytes: dict[str, int] = {}
         self.calls: dict[str, int] = {}
+        self.seconds: dict[str, float] = {}
         self.enabled = False
 
     def intercept_unary_unary(self, continuation, details, request):
-        response = continuation(details, request)
+        start = time.perf_counter()
+        response = continuation(details, request)   # a sync stub: returns once the call is done
         if self.enabled:
+            elapsed = time.perf_counter() - start
             method = details.method.rsplit("/", 1)[-1]
             size = request.ByteSize() + response.result().ByteSize()
             self.bytes[method] = self.bytes.get(method, 0) + size
             self.calls[method] = self.calls.get(method, 0) + 1
+            self.seconds[method] = self.seconds.get(method, 0.0) + elapsed
         return response
 
     def reset(self) -> None:
         self.bytes.clear()
         self.calls.clear()
+        self.seconds.clear()
+
+
+def server_handling_seconds(metrics_port: int, host: str = "127.0.0.1") -> dict[str, tuple[float, float]]:
+    """{method: (calls, seconds)} a shard server has spent handling RPCs so far (its
+    `kstore_request_seconds` histogram, read from its /metrics endpoint)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://{host}:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "kstore_request_seconds":
+            continue
+        for sample in family.samples:
+            method = sample.labels.get("method")
+            if sample.name.endswith("_count"):
+                out.setdefault(method, [0.0, 0.0])[0] = sample.value
+            elif sample.name.endswith("_sum"):
+                out.setdefault(method, [0.0, 0.0])[1] = sample.value
+    return {m: (c, s) for m, (c, s) in out.items()}
+
+
+class CallTimer:
+    """Wall seconds and calls of chosen methods of one object (a table), timed from the
+    caller's side; `sync` (e.g. torch.cuda.synchronize) runs before and after each call, so
+    GPU work queued before the call is not billed to it and work it queues is."""
+
+    def __init__(self, obj, methods: Sequence[str], sync: Callable[[], None] | None = None):
+        self.seconds = {m: 0.0 for m in methods}
+        self.calls = {m: 0 for m in methods}
+        self.enabled = False
+        for m in methods:
+            setattr(obj, m, self._wrap(m, getattr(obj, m), sync))
+
+    def _wrap(self, name: str, fn: Callable, sync: Callable[[], None] | None) -> Callable:
+        def timed(*args, **kwargs):
+            if not self.enabled:
+                return fn(*args, **kwargs)
+            if sync:
+                sync()
+            start = time.perf_counter()
+            result = fn(*args, **kwargs)
+            if sync:
+                sync()
+            self.seconds[name] += time.perf_counter() - start
+            self.calls[name] += 1
+            return result
+        return timed

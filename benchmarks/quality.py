@@ -49,14 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, cpu_model  # noqa: E402
+from benchmarks.common import ByteCounter, CallTimer, cpu_model, server_handling_seconds  # noqa: E402
 
 from model_worker import evaluate  # noqa: E402
 from model_worker.config import configs  # noqa: E402
 from model_worker.data import ByteTokenizer, build_corpus  # noqa: E402
 from model_worker.generate import generate_fn, readout_mode  # noqa: E402
 from model_worker.remote_table import loopback_table  # noqa: E402
-from model_worker.train import TrainConfig, model_config, table_config, train  # noqa: E402
+from model_worker.train import TrainConfig, create_table, model_config, table_config, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe", "knowledge": "small-knowledge"}
@@ -88,46 +88,108 @@ def base_config(args, model: str, out_dir: str, seed: int = 0, **kw) -> TrainCon
 
 
 TPUT_WARM_STEPS = 10
+TABLE_OPS = ("search", "readout", "readout_backward", "accumulate_key_grads", "end_step")
+
+
+WIRE_VARIANTS = {   # how readouts travel: (compacted per-shard entries, dtype of the d_v-wide tensors)
+    "compact-fp32": (True, "float32"),    # the default: exact
+    "grid-fp32": (False, "float32"),      # every shard gets the whole [T, k] grid, others' ids as -1
+    "compact-bf16": (True, "bfloat16"),   # partial readouts and their gradients in bf16
+}
+
+
+def _tput_run(args, work: Path, name: str, remote: bool, timed: bool,
+              wire_variant: str = "compact-fp32") -> tuple[dict, list[float]]:
+    """One throughput run. `timed`: also bill each table call's wall time (with a device
+    sync around it, which perturbs the step time: that is why the untimed runs are separate),
+    and for a remote table each RPC's client-side and server-side seconds."""
+    cfg = base_config(args, RUNS["knowledge"], str(work / f"tput_{name}"), seed=args.seeds[0],
+                      steps=TPUT_WARM_STEPS + args.tput_steps, eval_every=0, num_shards=2)
+    marks: list[float] = []
+    counter = ByteCounter()
+    timers: list[CallTimer] = []
+    servers: list = []
+    scrapes: list[list[dict]] = []
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+
+    def hook(done: int) -> None:
+        marks.append(time.perf_counter())
+        counting = done >= TPUT_WARM_STEPS   # count the timed steps only
+        counter.enabled = counting
+        for t in timers:
+            t.enabled = counting
+        if timed and servers and done in (TPUT_WARM_STEPS, TPUT_WARM_STEPS + args.tput_steps):
+            scrapes.append([server_handling_seconds(p.metrics_port) for p in servers])
+
+    def attach_timer(table) -> None:
+        if timed:
+            timers.append(CallTimer(table, [m for m in TABLE_OPS if hasattr(table, m)], sync=sync))
+
+    mcfg = model_config(cfg, ByteTokenizer().vocab_size)
+    if not remote:
+        table = create_table(mcfg, cfg)   # what train() would make; ours, to time its calls
+        attach_timer(table)
+        r = train(cfg, table=table, step_hook=hook)
+    else:
+        tcfg = table_config(mcfg, cfg)
+        compact, wire_dtype = WIRE_VARIANTS[wire_variant]
+        with loopback_table(tcfg, str(work / f"tput_{name}" / "store"), interceptors=[counter],
+                            server_device=args.server_device, servers=servers if timed else None,
+                            compact_readout=compact, readout_wire_dtype=wire_dtype) as table:
+            attach_timer(table)
+            r = train(cfg, table=table, step_hook=hook)
+    n = args.tput_steps
+    steady = (marks[-1] - marks[TPUT_WARM_STEPS - 1]) / n
+    out = {"tokens_per_s": cfg.batch_size * cfg.seq_len / steady, "seconds_per_step": steady,
+           "whole_run_tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"]}
+    if counter.bytes:
+        # Serialized request + response bytes per training step, by RPC: where the wire time goes.
+        out["wire_bytes_per_step"] = {m: b / n for m, b in counter.bytes.items()}
+        out["calls_per_step"] = {m: c / n for m, c in counter.calls.items()}
+    if timed:
+        t = timers[0]
+        out["table_call_seconds_per_step"] = {m: s / n for m, s in t.seconds.items() if t.calls[m]}
+        if counter.seconds:
+            # Summed over the shards' parallel calls: a step waits for about half of it.
+            out["rpc_client_seconds_per_step"] = {m: s / n for m, s in counter.seconds.items()}
+        if len(scrapes) == 2:
+            handled: dict[str, float] = {}
+            for before, after in zip(*scrapes):
+                for m, (calls, secs) in after.items():
+                    if calls > before.get(m, (0, 0.0))[0]:
+                        handled[m] = handled.get(m, 0.0) + (secs - before.get(m, (0, 0.0))[1]) / n
+            out["rpc_server_seconds_per_step"] = handled
+    return out, r["losses"]
 
 
 def throughput(args, work: Path) -> dict:
     """The same knowledge-model run (no eval) with the in-process table and with 2 loopback
     shard servers. tokens/s is timed over the `--tput-steps` after TPUT_WARM_STEPS first
     steps (kernel compilation, in the worker and in each fresh server process, and
-    allocator warm-up are not throughput); `whole_run_tokens_per_s` counts every step."""
-    out = {}
+    allocator warm-up are not throughput); `whole_run_tokens_per_s` counts every step.
+    A second pair of runs bills the time to each table call and RPC (`breakdown`)."""
+    out, losses = {}, {}
     for name in ("local", "remote"):
-        cfg = base_config(args, RUNS["knowledge"], str(work / f"tput_{name}"), seed=args.seeds[0],
-                          steps=TPUT_WARM_STEPS + args.tput_steps, eval_every=0, num_shards=2)
-        marks: list[float] = []
-        counter = ByteCounter()
-
-        def hook(done: int) -> None:
-            marks.append(time.perf_counter())
-            counter.enabled = done >= TPUT_WARM_STEPS   # count the timed steps' bytes only
-
-        if name == "local":
-            r = train(cfg, step_hook=hook)
-        else:
-            tcfg = table_config(model_config(cfg, 260), cfg)
-            with loopback_table(tcfg, str(work / "tput_remote" / "store"), interceptors=[counter],
-                                server_device=args.server_device) as table:
-                r = train(cfg, table=table, step_hook=hook)
-        steady = (marks[-1] - marks[TPUT_WARM_STEPS - 1]) / args.tput_steps
-        out[name] = {"tokens_per_s": cfg.batch_size * cfg.seq_len / steady, "seconds_per_step": steady,
-                     "whole_run_tokens_per_s": r["tokens_per_s"], "final_loss": r["final_loss"], "losses": r["losses"]}
-        if counter.bytes:
-            # Serialized request + response bytes per training step, by RPC: where the wire time goes.
-            out[name]["wire_bytes_per_step"] = {m: b / args.tput_steps for m, b in counter.bytes.items()}
-            out[name]["calls_per_step"] = {m: c / args.tput_steps for m, c in counter.calls.items()}
+        out[name], losses[name] = _tput_run(args, work, name, remote=name == "remote", timed=False)
     out["remote_over_local"] = out["remote"]["tokens_per_s"] / out["local"]["tokens_per_s"]
     out["remote_over_local_whole_run"] = out["remote"]["whole_run_tokens_per_s"] / out["local"]["whole_run_tokens_per_s"]
     out["timed_steps"] = args.tput_steps
     out["server_device"] = args.server_device or args.device
     out["remote_extra_seconds_per_step"] = out["remote"]["seconds_per_step"] - out["local"]["seconds_per_step"]
-    out["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(out["remote"]["losses"], out["local"]["losses"]))
-    for name in ("local", "remote"):
-        out[name].pop("losses")
+    out["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses["remote"], losses["local"]))
+    out["wire"] = "compact-fp32"
+    others = [v for v in args.wire_variants.split(",") if v and v != "compact-fp32"]
+    if others:
+        # The same run with readouts travelling otherwise, against the same local run.
+        out["wire_variants"] = {}
+        for v in others:
+            run, vl = _tput_run(args, work, f"remote_{v}", remote=True, timed=False, wire_variant=v)
+            run["remote_over_local"] = run["tokens_per_s"] / out["local"]["tokens_per_s"]
+            run["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(vl, losses["local"]))
+            out["wire_variants"][v] = run
+    if not args.no_breakdown:
+        out["breakdown"] = {name: _tput_run(args, work, f"{name}_timed", remote=name == "remote", timed=True)[0]
+                            for name in ("local", "remote")}
     return out
 
 
@@ -281,6 +343,13 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _wire_variants(text: str) -> str:
+    bad = [v for v in text.split(",") if v and v not in WIRE_VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown wire variant(s) {bad}; choose from {sorted(WIRE_VARIANTS)}")
+    return text
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1500)
@@ -297,6 +366,11 @@ def main() -> None:
     ap.add_argument("--tput-steps", type=int, default=40)
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--wire-variants", default="", type=_wire_variants,
+                    help=f"comma-separated readout wire formats to also time remotely, of {sorted(WIRE_VARIANTS)} "
+                         "(the headline ratio is compact-fp32's, which is exact)")
+    ap.add_argument("--no-breakdown", action="store_true",
+                    help="skip the throughput's second pair of runs, which bill the step time to table calls and RPCs")
     ap.add_argument("--throughput-only", action="store_true",
                     help="train no quality run: only the remote vs in-process throughput, written to --out")
     ap.add_argument("--server-device", default=None,

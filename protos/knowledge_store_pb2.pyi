@@ -96,15 +96,29 @@ class FetchResponse(_message.Message):
     values: Tensor
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class SlotMask(_message.Message):
+    __slots__ = ("rows", "cols", "bits")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    cols: int
+    bits: bytes
+    def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., bits: _Optional[bytes] = ...) -> None: ...
+
 class ReadoutRequest(_message.Message):
-    __slots__ = ("version", "ids", "weights")
+    __slots__ = ("version", "ids", "weights", "slots", "out_dtype")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     weights: Tensor
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    slots: SlotMask
+    out_dtype: str
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[SlotMask, _Mapping]] = ..., out_dtype: _Optional[str] = ...) -> None: ...
 
 class ReadoutResponse(_message.Message):
     __slots__ = ("out",)
@@ -113,18 +127,20 @@ class ReadoutResponse(_message.Message):
     def __init__(self, out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class ReadoutBackwardRequest(_message.Message):
-    __slots__ = ("version", "request_id", "ids", "weights", "grad_out")
+    __slots__ = ("version", "request_id", "ids", "weights", "grad_out", "slots")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUT_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
     version: int
     request_id: str
     ids: Tensor
     weights: Tensor
     grad_out: Tensor
-    def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    slots: SlotMask
+    def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., grad_out: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[SlotMask, _Mapping]] = ...) -> None: ...
 
 class ReadoutBackwardResponse(_message.Message):
     __slots__ = ("grad_weights",)

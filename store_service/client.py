@@ -26,9 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.interface import (SegmentInfo, ShardDescription, ShardInfo, SearchResult, UsageStats)
+from store_service.interface import (PAD_ID, SegmentInfo, ShardDescription, ShardInfo, SearchResult, UsageStats)
 from store_service.server import (MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
                                   STORE_SERVICE)
+
+READOUT_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
@@ -65,10 +67,22 @@ class RemoteShard:
 
     def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
                  shard_id: int = -1, backoff_s: float = 0.05,
-                 interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = ()):
+                 interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+                 compact_readout: bool = True, readout_wire_dtype: str = "float32"):
         """timeout_s: deadline of one call, retries included. retries: how many
         times an UNAVAILABLE call is retried. interceptors: client interceptors
-        (tracing, byte counting) wrapped around the channel."""
+        (tracing, byte counting) wrapped around the channel.
+        compact_readout: send a readout only the (token, slot) entries this shard owns, with
+        a bit mask of where they go (DESIGN.md section 3's O(d_v + k) bytes, k counted per
+        shard), instead of the full [T, k] grid with the others as -1; the numbers are the same.
+        readout_wire_dtype: "float32" (exact: remote = in-process) or "bfloat16", which halves
+        the d_v-wide tensors (partial readouts, their gradients) on the wire; the shard still
+        sums and accumulates in float32."""
+        if readout_wire_dtype not in READOUT_WIRE_DTYPES:
+            raise errors.InvalidArgument("readout_wire_dtype", f"{readout_wire_dtype!r}; use one of "
+                                                               f"{sorted(READOUT_WIRE_DTYPES)}")
+        self.compact_readout = compact_readout
+        self.readout_wire_dtype = readout_wire_dtype
         self.address = address
         self.timeout_s = timeout_s
         self.retries = retries
@@ -140,20 +154,31 @@ class RemoteShard:
         wire.ids_to_proto(ids, req.ids)
         return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
 
+    def _put_entries(self, req, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
+        """Fill a readout request's ids and weights (compacted: the slot mask, returned)."""
+        if not self.compact_readout:
+            wire.ids_to_proto(ids, req.ids)
+            wire.to_proto(weights, req.weights)
+            return None
+        mask = ids != PAD_ID      # compacted where the tensors live, so only the entries cross to the host
+        wire.slots_to_proto(mask, req.slots)
+        wire.ids_to_proto(ids[mask], req.ids)
+        wire.to_proto(weights[mask], req.weights)
+        return mask
+
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
-        req = pb.ReadoutRequest(version=version)
-        wire.ids_to_proto(ids, req.ids)
-        wire.to_proto(weights, req.weights)
-        return wire.from_proto(self._call(self._store.Readout, req).out, "out")
+        req = pb.ReadoutRequest(version=version, out_dtype=self.readout_wire_dtype)
+        self._put_entries(req, ids, weights)
+        return wire.from_proto(self._call(self._store.Readout, req).out, "out").float()
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "", version: int = 0) -> torch.Tensor:
         # An id of our own when the caller gives none, so a retry is not accumulated twice.
         req = pb.ReadoutBackwardRequest(version=version, request_id=request_id or _new_id())
-        wire.ids_to_proto(ids, req.ids)
-        wire.to_proto(weights, req.weights)
-        wire.to_proto(grad_out, req.grad_out)
-        return wire.from_proto(self._call(self._store.ReadoutBackward, req).grad_weights, "grad_weights")
+        mask = self._put_entries(req, ids, weights)
+        wire.to_proto(grad_out.to(READOUT_WIRE_DTYPES[self.readout_wire_dtype]), req.grad_out)
+        grad_w = wire.from_proto(self._call(self._store.ReadoutBackward, req).grad_weights, "grad_weights")
+        return grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights")
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None:
@@ -223,11 +248,14 @@ def _new_id() -> str:
 
 
 def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-            interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), **table_kwargs):
+            interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), compact_readout: bool = True,
+            readout_wire_dtype: str = "float32", **table_kwargs):
     """A `Table` over the shard servers at `addresses` (one per shard, any order).
+    compact_readout, readout_wire_dtype: see RemoteShard.
     table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
     shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
-                          interceptors=interceptors) for a in addresses]
+                          interceptors=interceptors, compact_readout=compact_readout,
+                          readout_wire_dtype=readout_wire_dtype) for a in addresses]
     return Table(shards, **table_kwargs)

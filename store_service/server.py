@@ -33,13 +33,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.interface import ShardDescription, ShardHandle
+from store_service.interface import PAD_ID, ShardDescription, ShardHandle
 from store_service.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,33 @@ def _describe_response(d: ShardDescription) -> pb.DescribeResponse:
 
 _FLOATS = ("float32",)
 _VALUES = ("float32", "bfloat16")
+_WIRE_FLOATS = ("float32", "bfloat16")   # d_v-wide readout tensors may travel in bfloat16
+
+
+def _wire_dtype(name: str, field: str) -> torch.dtype:
+    if name in ("", "float32"):
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    raise errors.InvalidArgument(field, f"{name!r} is not a readout wire dtype; use float32 or bfloat16")
+
+
+def _readout_entries(request) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(slot mask or None, ids [T, k], weights [T, k]) of a (possibly compacted) readout request."""
+    if not request.HasField("slots"):
+        return (None, wire.from_proto(request.ids, "ids", ids=True, ndim=2),
+                wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=2))
+    mask = wire.slots_from_proto(request.slots, "slots")
+    ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
+    weights = wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=1)
+    return (mask, wire.scatter_slots(mask, ids, PAD_ID, "ids"),
+            wire.scatter_slots(mask, weights, 0.0, "weights"))
+
+
+def _readout_tokens(request) -> int:
+    if request.HasField("slots"):
+        return int(request.slots.rows)
+    return request.ids.shape[0] if request.ids.shape else 0
 
 
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
@@ -169,26 +197,24 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Readout(self, request, context):
         def call():
-            ids = wire.from_proto(request.ids, "ids", ids=True, ndim=2)
-            weights = wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=2)
+            mask, ids, weights = _readout_entries(request)
+            out_dtype = _wire_dtype(request.out_dtype, "out_dtype")
             resp = pb.ReadoutResponse()
-            wire.to_proto(self._shard.readout(ids, weights, version=request.version), resp.out)
+            wire.to_proto(self._shard.readout(ids, weights, version=request.version).to(out_dtype), resp.out)
             return resp
-        return self._rpc.handle("Readout", context, call, items=request.ids.shape[0] if request.ids.shape else 0)
+        return self._rpc.handle("Readout", context, call, items=_readout_tokens(request))
 
     def ReadoutBackward(self, request, context):
         # request_id is passed to the shard, which owns the dedup of row-gradient accumulation.
         def call():
-            ids = wire.from_proto(request.ids, "ids", ids=True, ndim=2)
-            weights = wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=2)
-            grad_out = wire.from_proto(request.grad_out, "grad_out", dtypes=_FLOATS, ndim=2)
+            mask, ids, weights = _readout_entries(request)
+            grad_out = wire.from_proto(request.grad_out, "grad_out", dtypes=_WIRE_FLOATS, ndim=2).float()
             grad_w = self._shard.readout_backward(ids, weights, grad_out, request_id=request.request_id,
                                                   version=request.version)
             resp = pb.ReadoutBackwardResponse()
-            wire.to_proto(grad_w, resp.grad_weights)
+            wire.to_proto(grad_w if mask is None else grad_w.cpu()[mask], resp.grad_weights)
             return resp
-        return self._rpc.handle("ReadoutBackward", context, call,
-                                items=request.ids.shape[0] if request.ids.shape else 0)
+        return self._rpc.handle("ReadoutBackward", context, call, items=_readout_tokens(request))
 
     def AccumulateKeyGrads(self, request, context):
         def call():
@@ -381,7 +407,6 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.torch_threads:
-        import torch
         torch.set_num_threads(args.torch_threads)
     token = os.environ.get(args.admin_token_env, "")
     if not token:

@@ -99,3 +99,53 @@ def from_proto(msg: pb.Tensor, field: str, *, dtypes: tuple[str, ...] | None = N
     if ids and t.dtype != torch.int64:
         t = t.to(torch.int64)
     return t
+
+
+# -- compacted (token, slot) grids ------------------------------------------------------
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return (2 ** torch.arange(8, device=device)).to(torch.uint8)
+
+
+def slots_to_proto(mask: torch.Tensor, out: pb.SlotMask) -> pb.SlotMask:
+    """bool [rows, cols] -> SlotMask (bits packed LSB first, row-major; packed on the
+    mask's device so only the bits cross to the host)."""
+    rows, cols = mask.shape
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    packed = (flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)).sum(1, dtype=torch.uint8)
+    out.rows, out.cols = rows, cols
+    out.bits = packed.cpu().numpy().tobytes()
+    return out
+
+
+def slots_from_proto(msg: pb.SlotMask, field: str = "slots") -> torch.Tensor:
+    """SlotMask -> bool [rows, cols], validated (InvalidArgument naming `field`)."""
+    rows, cols = int(msg.rows), int(msg.cols)
+    if rows < 0 or cols < 0:
+        raise InvalidArgument(field, f"negative grid {rows} x {cols}")
+    n = rows * cols
+    if len(msg.bits) != (n + 7) // 8:
+        raise InvalidArgument(field, f"{len(msg.bits)} bytes of bits for a {rows} x {cols} grid "
+                                     f"(expected {(n + 7) // 8})")
+    if n == 0:
+        return torch.zeros(rows, cols, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        packed = torch.frombuffer(msg.bits, dtype=torch.uint8)
+    bits = (packed[:, None] & _bit_weights(packed.device)).ne(0).reshape(-1)
+    if bool(bits[n:].any()):
+        raise InvalidArgument(field, "padding bits past the last slot are set")
+    return bits[:n].reshape(rows, cols)
+
+
+def scatter_slots(mask: torch.Tensor, entries: torch.Tensor, fill: float | int, field: str) -> torch.Tensor:
+    """entries [E] (the slots set in mask, row-major) -> [rows, cols], `fill` elsewhere."""
+    count = int(mask.sum())
+    if entries.shape != (count,):
+        raise InvalidArgument(field, f"expected {count} entries (the slots set), got shape {list(entries.shape)}")
+    out = torch.full(mask.shape, fill, dtype=entries.dtype)
+    out[mask] = entries
+    return out

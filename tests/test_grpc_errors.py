@@ -158,6 +158,27 @@ def _bad_requests(env):
         "readout-weights-inf": (s.Readout, pb.ReadoutRequest(ids=_t(IDS), weights=_t(INF_W)), IA, "weights"),
         "readout-weights-bf16": (s.Readout, pb.ReadoutRequest(ids=_t(IDS), weights=_t(W.bfloat16())),
                                  IA, "weights"),
+        "readout-slots-bits-length": (s.Readout, pb.ReadoutRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=b"\x07\x00"), ids=_t(torch.tensor([0, 5, 40])),
+            weights=_t(torch.rand(3))), IA, "slots"),
+        "readout-slots-padding-bit": (s.Readout, pb.ReadoutRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=bytes([0b11000111])), ids=_t(torch.tensor([0, 5, 40])),
+            weights=_t(torch.rand(3))), IA, "slots"),
+        "readout-slots-fewer-ids": (s.Readout, pb.ReadoutRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=bytes([0b00000111])), ids=_t(torch.tensor([0, 5])),
+            weights=_t(torch.rand(3))), IA, "ids"),
+        "readout-slots-more-weights": (s.Readout, pb.ReadoutRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=bytes([0b00000111])), ids=_t(torch.tensor([0, 5, 40])),
+            weights=_t(torch.rand(4))), IA, "weights"),
+        "readout-slots-grid-ids": (s.Readout, pb.ReadoutRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=bytes([0b00111111])), ids=_t(IDS), weights=_t(W)), IA, "ids"),
+        "readout-out-dtype": (s.Readout, pb.ReadoutRequest(ids=_t(IDS), weights=_t(W), out_dtype="float16"),
+                              IA, "out_dtype"),
+        "backward-slots-fewer-ids": (s.ReadoutBackward, pb.ReadoutBackwardRequest(
+            slots=pb.SlotMask(rows=2, cols=3, bits=bytes([0b00000111])), ids=_t(torch.tensor([0, 5])),
+            weights=_t(torch.rand(3)), grad_out=_t(torch.zeros(2, D_V))), IA, "ids"),
+        "backward-grad-float64": (s.ReadoutBackward, pb.ReadoutBackwardRequest(
+            ids=_t(IDS), weights=_t(W), grad_out=_t(torch.zeros(2, D_V, dtype=torch.float64))), IA, "grad_out"),
         "backward-grad-nan": (s.ReadoutBackward, pb.ReadoutBackwardRequest(
             ids=_t(IDS), weights=_t(W), grad_out=_t(torch.full((2, D_V), float("nan")))), IA, "grad_out"),
         "backward-grad-dims": (s.ReadoutBackward, pb.ReadoutBackwardRequest(

@@ -25,13 +25,14 @@ def _config(kind: str = "adam") -> TableConfig:
                        num_shards=3, bias_step=1e-2, seed=3, optimizer=OptimizerConfig(kind, lr=0.05))
 
 
-@pytest.fixture
-def tables(tmp_path):
+@pytest.fixture(params=[True, False], ids=["compact-readout", "full-grid-readout"])
+def tables(tmp_path, request):
     root = str(tmp_path)
     version = Table.create(_config(), root).snapshot()
     local = Table.open(root, version)
     servers = [serve_shard(Shard.load(root, version, i), admin_token=TOKEN) for i in range(3)]
-    remote = connect([s.address for s in reversed(servers)], admin_token=TOKEN, store_root=root, timeout_s=20)
+    remote = connect([s.address for s in reversed(servers)], admin_token=TOKEN, store_root=root, timeout_s=20,
+                     compact_readout=request.param)
     try:
         yield local, remote
     finally:
@@ -111,6 +112,54 @@ def test_remote_table_matches_in_process(tables):
     for f in ("hits", "weight_sum", "frozen", "ablated"):
         assert torch.equal(getattr(lu, f), getattr(ru, f)), f
     _close(local.fetch(torch.arange(N + 7)), remote.fetch(torch.arange(N + 7)))
+
+
+def test_bf16_readout_wire_halves_the_bytes_and_stays_close(tmp_path):
+    """readout_wire_dtype="bfloat16": partial readouts and their gradients travel in bf16 (half
+    the bytes of those tensors); the shards sum and accumulate in fp32, so results stay within
+    bf16 rounding of the in-process table's, and an SGD step moves the rows the same way (Adam's
+    first step is sign(g) * lr, which a rounded near-zero gradient can flip)."""
+    from benchmarks.common import ByteCounter
+
+    root = str(tmp_path)
+    version = Table.create(_config("sgd"), root).snapshot()
+    local = Table.open(root, version)
+    servers = [serve_shard(Shard.load(root, version, i), admin_token=TOKEN) for i in range(3)]
+    counters = {"float32": ByteCounter(), "bfloat16": ByteCounter()}
+    remotes = {d: connect([s.address for s in servers], admin_token=TOKEN, store_root=root,
+                          readout_wire_dtype=d, interceptors=[c]) for d, c in counters.items()}
+    try:
+        gen = torch.Generator().manual_seed(2)
+        d_k, d_v = _config().d_k, _config().d_v
+        q = torch.randn(64, d_k, generator=gen)
+        s = local.search(q, 8)
+        w = torch.softmax(s.scores, -1)
+        g = torch.randn(64, d_v, generator=gen)
+        for c in counters.values():
+            c.enabled = True
+        want = local.readout(s.ids, w)
+        got = remotes["bfloat16"].readout(s.ids, w)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+        _close(remotes["float32"].readout(s.ids, w), want)
+        # Only the bf16 client's backward is applied, so the step compares with the local one.
+        want_gw = local.readout_backward(s.ids, w, g, request_id="b")
+        got_gw = remotes["bfloat16"].readout_backward(s.ids, w, g, request_id="b")
+        torch.testing.assert_close(got_gw, want_gw, rtol=2e-2, atol=2e-2 * float(want_gw.abs().max()))
+        assert local.end_step(0) == remotes["bfloat16"].end_step(0) == 1
+        every = torch.arange(_config().num_rows)
+        torch.testing.assert_close(remotes["float32"].fetch(every), local.fetch(every), rtol=1e-2, atol=1e-3)
+        fp32, bf16 = counters["float32"].bytes, counters["bfloat16"].bytes
+        # out is [64, 24] per shard: 6144 bytes in fp32, 3072 in bf16, over each of 3 shards
+        # (give or take the dtype names and length prefixes)
+        assert abs(fp32["Readout"] - bf16["Readout"] - 3 * 64 * d_v * 2) < 32
+    finally:
+        for r in remotes.values():
+            r.close()
+            for sh in r.shards:
+                sh.close()
+        for sv in servers:
+            sv.stop(grace=None)
 
 
 def test_bf16_values_travel_as_raw_bytes(tmp_path):

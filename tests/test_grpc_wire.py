@@ -66,3 +66,22 @@ def test_dtype_and_rank_expectations():
         wire.from_proto(wire.to_proto(torch.zeros(3)), "ids", ids=True)
     with pytest.raises(errors.InvalidArgument, match="cannot travel"):
         wire.to_proto(torch.zeros(2, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (4, 8), (1, 1), (0, 4), (7, 13)])
+def test_slot_mask_round_trip_packs_lsb_first(shape):
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(shape[0] * 31 + shape[1])) < 0.5
+    msg = wire.slots_to_proto(mask, pb.SlotMask())
+    assert len(msg.bits) == (mask.numel() + 7) // 8
+    assert torch.equal(wire.slots_from_proto(msg), mask)
+    if mask.numel():   # the documented layout: numpy's packbits, little bit order
+        import numpy as np
+        assert msg.bits == np.packbits(mask.reshape(-1).numpy(), bitorder="little").tobytes()
+
+
+def test_scatter_slots_puts_entries_back_in_row_major_order():
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    out = wire.scatter_slots(mask, torch.tensor([7, 8, 9]), -1, "ids")
+    assert out.tolist() == [[7, -1, 8], [-1, 9, -1]]
+    with pytest.raises(errors.InvalidArgument, match="ids: expected 3 entries"):
+        wire.scatter_slots(mask, torch.tensor([7, 8]), -1, "ids")
