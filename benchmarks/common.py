@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -39,17 +40,24 @@ class ByteCounter(grpc.UnaryUnaryClientInterceptor):
         self.calls: dict[str, int] = {}
         self.seconds: dict[str, float] = {}
         self.enabled = False
+        self._lock = threading.Lock()
 
     def intercept_unary_unary(self, continuation, details, request):
         start = time.perf_counter()
-        response = continuation(details, request)   # a sync stub: returns once the call is done
+        response = continuation(details, request)   # done (a blocking call) or in flight (.future)
         if self.enabled:
-            elapsed = time.perf_counter() - start
             method = details.method.rsplit("/", 1)[-1]
-            size = request.ByteSize() + response.result().ByteSize()
-            self.bytes[method] = self.bytes.get(method, 0) + size
-            self.calls[method] = self.calls.get(method, 0) + 1
-            self.seconds[method] = self.seconds.get(method, 0.0) + elapsed
+
+            def record(done) -> None:
+                if done.exception() is not None:
+                    return
+                elapsed = time.perf_counter() - start
+                size = request.ByteSize() + done.result().ByteSize()
+                with self._lock:
+                    self.bytes[method] = self.bytes.get(method, 0) + size
+                    self.calls[method] = self.calls.get(method, 0) + 1
+                    self.seconds[method] = self.seconds.get(method, 0.0) + elapsed
+            response.add_done_callback(record)   # runs at once when the call is already done
         return response
 
     def reset(self) -> None:

@@ -71,10 +71,15 @@ def device_string(device: str = "cpu") -> str:
 
 
 def model_overrides(args, model: str) -> dict:
-    """--knowledge JSON: fields of the knowledge layer's config to change (knowledge preset only)."""
-    if not args.knowledge or configs[model].get("knowledge") is None:
+    """--knowledge JSON: fields of the knowledge layer's config to change; --knowledge-model
+    JSON: fields of the knowledge model's own config (e.g. a narrower d_ff that keeps the
+    active parameters matched when the knowledge layer grows). Knowledge preset only."""
+    if configs[model].get("knowledge") is None:
         return {}
-    return {"knowledge": {**configs[model]["knowledge"], **json.loads(args.knowledge)}}
+    out = json.loads(args.knowledge_model) if args.knowledge_model else {}
+    if args.knowledge:
+        out["knowledge"] = {**configs[model]["knowledge"], **json.loads(args.knowledge)}
+    return out
 
 
 def base_config(args, model: str, out_dir: str, seed: int = 0, **kw) -> TrainConfig:
@@ -91,15 +96,24 @@ TPUT_WARM_STEPS = 10
 TABLE_OPS = ("search", "readout", "readout_backward", "accumulate_key_grads", "end_step")
 
 
-WIRE_VARIANTS = {   # how readouts travel: (compacted per-shard entries, dtype of the d_v-wide tensors)
-    "compact-fp32": (True, "float32"),    # the default: exact
-    "grid-fp32": (False, "float32"),      # every shard gets the whole [T, k] grid, others' ids as -1
-    "compact-bf16": (True, "bfloat16"),   # partial readouts and their gradients in bf16
-}
+def wire_variant(name: str) -> dict:
+    """How readouts travel, by name: "{compact|grid}-{fp32|bf16}[-c<rows>]": each shard gets
+    only its entries (compact, the default) or the whole [T, k] grid with the others' ids as
+    -1; the partial readouts and their gradients in fp32 (exact) or bf16; calls split into
+    pieces of <rows> rows, all in flight at once. The default is "compact-fp32"."""
+    parts = name.split("-")
+    ok = len(parts) in (2, 3) and parts[0] in ("compact", "grid") and parts[1] in ("fp32", "bf16") and \
+        (len(parts) == 2 or (parts[2].startswith("c") and parts[2][1:].isdigit()))
+    if not ok:
+        raise ValueError(f"wire variant {name!r}: expected {{compact|grid}}-{{fp32|bf16}}[-c<rows>]")
+    return {"compact_readout": parts[0] == "compact",
+            "readout_wire_dtype": {"fp32": "float32", "bf16": "bfloat16"}[parts[1]],
+            "readout_chunk_rows": int(parts[2][1:]) if len(parts) == 3 else 0}
+
 
 
 def _tput_run(args, work: Path, name: str, remote: bool, timed: bool,
-              wire_variant: str = "compact-fp32") -> tuple[dict, list[float]]:
+              wire: str = "compact-fp32") -> tuple[dict, list[float]]:
     """One throughput run. `timed`: also bill each table call's wall time (with a device
     sync around it, which perturbs the step time: that is why the untimed runs are separate),
     and for a remote table each RPC's client-side and server-side seconds."""
@@ -132,10 +146,9 @@ def _tput_run(args, work: Path, name: str, remote: bool, timed: bool,
         r = train(cfg, table=table, step_hook=hook)
     else:
         tcfg = table_config(mcfg, cfg)
-        compact, wire_dtype = WIRE_VARIANTS[wire_variant]
         with loopback_table(tcfg, str(work / f"tput_{name}" / "store"), interceptors=[counter],
                             server_device=args.server_device, servers=servers if timed else None,
-                            compact_readout=compact, readout_wire_dtype=wire_dtype) as table:
+                            torch_threads=args.server_threads, **wire_variant(wire)) as table:
             attach_timer(table)
             r = train(cfg, table=table, step_hook=hook)
     n = args.tput_steps
@@ -183,7 +196,7 @@ def throughput(args, work: Path) -> dict:
         # The same run with readouts travelling otherwise, against the same local run.
         out["wire_variants"] = {}
         for v in others:
-            run, vl = _tput_run(args, work, f"remote_{v}", remote=True, timed=False, wire_variant=v)
+            run, vl = _tput_run(args, work, f"remote_{v}", remote=True, timed=False, wire=v)
             run["remote_over_local"] = run["tokens_per_s"] / out["local"]["tokens_per_s"]
             run["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(vl, losses["local"]))
             out["wire_variants"][v] = run
@@ -233,7 +246,9 @@ def _quality_run(job) -> dict:
 
 
 # Settings that must match for an earlier call's run to stand beside this call's runs.
-SAME_TRAINING = ("steps", "seq_len", "batch_size", "lr", "value_lr", "knowledge", "warmup", "corpus", "device")
+SAME_TRAINING = ("steps", "seq_len", "batch_size", "lr", "value_lr", "knowledge", "knowledge_model", "warmup",
+                 "corpus", "device")
+ADDED_LATER = {"knowledge_model": ""}   # what an option meant in files written before it existed
 
 
 def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
@@ -243,6 +258,7 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
     prev = old["config"]
     if old.get("calibration"):                      # --time-budget chose the steps there
         prev = {**prev, "steps": old["calibration"]["steps"]}
+    prev = {**ADDED_LATER, **prev}
     diff = {k: (prev.get(k), getattr(args, k)) for k in SAME_TRAINING if prev.get(k) != getattr(args, k)}
     if diff:
         raise SystemExit(f"--reuse {path}: trained with other settings (earlier, now): {diff}")
@@ -344,9 +360,12 @@ def plot(results: dict, path: Path) -> None:
 
 
 def _wire_variants(text: str) -> str:
-    bad = [v for v in text.split(",") if v and v not in WIRE_VARIANTS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown wire variant(s) {bad}; choose from {sorted(WIRE_VARIANTS)}")
+    for v in text.split(","):
+        if v:
+            try:
+                wire_variant(v)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 
@@ -359,6 +378,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--value-lr", type=float, default=None, help="the table's row lr (default: the preset's)")
     ap.add_argument("--knowledge", default='{"n_sub": 128}', help='JSON overrides of the knowledge layer, e.g. \'{"n_sub": 128}\'')
+    ap.add_argument("--knowledge-model", default="",
+                    help='JSON overrides of the knowledge model\'s config, e.g. \'{"d_ff": 144}\'')
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--corpus", default="medium")
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
@@ -367,8 +388,10 @@ def main() -> None:
     ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--wire-variants", default="", type=_wire_variants,
-                    help=f"comma-separated readout wire formats to also time remotely, of {sorted(WIRE_VARIANTS)} "
+                    help="comma-separated readout wire formats to also time remotely, "
+                         "{compact|grid}-{fp32|bf16}[-c<rows>], e.g. grid-fp32,compact-bf16-c8192 "
                          "(the headline ratio is compact-fp32's, which is exact)")
+    ap.add_argument("--server-threads", type=int, default=1, help="torch threads of each throughput shard server")
     ap.add_argument("--no-breakdown", action="store_true",
                     help="skip the throughput's second pair of runs, which bill the step time to table calls and RPCs")
     ap.add_argument("--throughput-only", action="store_true",

@@ -20,14 +20,14 @@ from store_service.config import TableConfig
 def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int = 1,
                    interceptors: Sequence = (), server_device: str | None = None,
                    servers: list | None = None, compact_readout: bool = True,
-                   readout_wire_dtype: str = "float32") -> Iterator:
+                   readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0) -> Iterator:
     """Publish a fresh table of `config` (version 1 under store_root), serve each
     of its config.num_shards shards from its own process, and yield a client Table
     (`interceptors`: gRPC client interceptors on every shard's channel, e.g. a byte counter;
     `server_device`: where the servers keep their rows, default config.device;
     `servers`: a list to fill with each server's ShardProcess, whose /metrics port is then
     open, for callers that read the servers' own request timings;
-    compact_readout, readout_wire_dtype: how readouts travel, see store_service.client.RemoteShard)."""
+    compact_readout, readout_wire_dtype, readout_chunk_rows: how readouts travel, see store_service.client.RemoteShard)."""
     from store_service.client import connect
     from store_service.server import start_shard_process
     from store_service.table import Table
@@ -48,7 +48,7 @@ def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int =
             servers.extend(procs)
         table = connect([p.address for p in procs], admin_token=token, store_root=store_root,
                         interceptors=interceptors, compact_readout=compact_readout,
-                        readout_wire_dtype=readout_wire_dtype)
+                        readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows)
         yield table
     finally:
         if table is not None:

@@ -68,7 +68,8 @@ class RemoteShard:
     def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
                  shard_id: int = -1, backoff_s: float = 0.05,
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
-                 compact_readout: bool = True, readout_wire_dtype: str = "float32"):
+                 compact_readout: bool = True, readout_wire_dtype: str = "float32",
+                 readout_chunk_rows: int = 0):
         """timeout_s: deadline of one call, retries included. retries: how many
         times an UNAVAILABLE call is retried. interceptors: client interceptors
         (tracing, byte counting) wrapped around the channel.
@@ -77,11 +78,17 @@ class RemoteShard:
         shard), instead of the full [T, k] grid with the others as -1; the numbers are the same.
         readout_wire_dtype: "float32" (exact: remote = in-process) or "bfloat16", which halves
         the d_v-wide tensors (partial readouts, their gradients) on the wire; the shard still
-        sums and accumulates in float32."""
+        sums and accumulates in float32.
+        readout_chunk_rows: split a readout of more rows than this into calls of at most this
+        many, all in flight at once (0: one call), so that encoding, transport and the
+        shard's work on different pieces overlap; the numbers are the same."""
+        if readout_chunk_rows < 0:
+            raise errors.InvalidArgument("readout_chunk_rows", f"must be >= 0, got {readout_chunk_rows}")
         if readout_wire_dtype not in READOUT_WIRE_DTYPES:
             raise errors.InvalidArgument("readout_wire_dtype", f"{readout_wire_dtype!r}; use one of "
                                                                f"{sorted(READOUT_WIRE_DTYPES)}")
         self.compact_readout = compact_readout
+        self.readout_chunk_rows = readout_chunk_rows
         self.readout_wire_dtype = readout_wire_dtype
         self.address = address
         self.timeout_s = timeout_s
@@ -129,6 +136,26 @@ class RemoteShard:
                                                      f"{err.code().name} after {attempt + 1} attempt(s): {err.details()}")
                 raise domain from None
 
+    def _call_all(self, rpc, requests: list) -> list:
+        """Several calls of one method in flight together; each failed one is then retried
+        (and mapped to a domain error) by `_call`, so the semantics are `_call`'s."""
+        if len(requests) == 1:
+            return [self._call(rpc, requests[0])]
+        futures = [rpc.future(r, timeout=self.timeout_s) for r in requests]
+        out = []
+        for request, fut in zip(requests, futures):
+            try:
+                out.append(fut.result())
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise error_from_rpc(err, self._shard_id, self.address) from None
+                out.append(self._call(rpc, request))
+        return out
+
+    def _row_chunks(self, rows: int) -> list[slice]:
+        step = self.readout_chunk_rows or rows
+        return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), max(step, 1))]
+
     # -- data plane ---------------------------------------------------------
     def describe(self) -> ShardDescription:
         r = self._call(self._store.Describe, pb.DescribeRequest())
@@ -167,18 +194,32 @@ class RemoteShard:
         return mask
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
-        req = pb.ReadoutRequest(version=version, out_dtype=self.readout_wire_dtype)
-        self._put_entries(req, ids, weights)
-        return wire.from_proto(self._call(self._store.Readout, req).out, "out").float()
+        requests = []
+        for rows in self._row_chunks(ids.shape[0]):
+            req = pb.ReadoutRequest(version=version, out_dtype=self.readout_wire_dtype)
+            self._put_entries(req, ids[rows], weights[rows])
+            requests.append(req)
+        outs = [wire.from_proto(r.out, "out") for r in self._call_all(self._store.Readout, requests)]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "", version: int = 0) -> torch.Tensor:
-        # An id of our own when the caller gives none, so a retry is not accumulated twice.
-        req = pb.ReadoutBackwardRequest(version=version, request_id=request_id or _new_id())
-        mask = self._put_entries(req, ids, weights)
-        wire.to_proto(grad_out.to(READOUT_WIRE_DTYPES[self.readout_wire_dtype]), req.grad_out)
-        grad_w = wire.from_proto(self._call(self._store.ReadoutBackward, req).grad_weights, "grad_weights")
-        return grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights")
+        # An id of our own when the caller gives none, so a retry is not accumulated twice;
+        # each piece of a chunked call has its own, derived from it.
+        rid = request_id or _new_id()
+        chunks = self._row_chunks(ids.shape[0])
+        grad_out = grad_out.to(READOUT_WIRE_DTYPES[self.readout_wire_dtype])
+        requests, masks = [], []
+        for i, rows in enumerate(chunks):
+            req = pb.ReadoutBackwardRequest(version=version, request_id=rid if len(chunks) == 1 else f"{rid}/{i}")
+            masks.append(self._put_entries(req, ids[rows], weights[rows]))
+            wire.to_proto(grad_out[rows], req.grad_out)
+            requests.append(req)
+        parts = []
+        for mask, resp in zip(masks, self._call_all(self._store.ReadoutBackward, requests)):
+            grad_w = wire.from_proto(resp.grad_weights, "grad_weights")
+            parts.append(grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights"))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None:
@@ -249,13 +290,14 @@ def _new_id() -> str:
 
 def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
             interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), compact_readout: bool = True,
-            readout_wire_dtype: str = "float32", **table_kwargs):
+            readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0, **table_kwargs):
     """A `Table` over the shard servers at `addresses` (one per shard, any order).
-    compact_readout, readout_wire_dtype: see RemoteShard.
+    compact_readout, readout_wire_dtype, readout_chunk_rows: see RemoteShard.
     table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
     shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
                           interceptors=interceptors, compact_readout=compact_readout,
-                          readout_wire_dtype=readout_wire_dtype) for a in addresses]
+                          readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows)
+              for a in addresses]
     return Table(shards, **table_kwargs)

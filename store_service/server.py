@@ -150,12 +150,13 @@ def _wire_dtype(name: str, field: str) -> torch.dtype:
     raise errors.InvalidArgument(field, f"{name!r} is not a readout wire dtype; use float32 or bfloat16")
 
 
-def _readout_entries(request) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(slot mask or None, ids [T, k], weights [T, k]) of a (possibly compacted) readout request."""
+def _readout_entries(request, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(slot mask or None, ids [T, k], weights [T, k]) of a (possibly compacted) readout
+    request; a compacted one is expanded on `device`, where the shard's rows are."""
     if not request.HasField("slots"):
         return (None, wire.from_proto(request.ids, "ids", ids=True, ndim=2),
                 wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=2))
-    mask = wire.slots_from_proto(request.slots, "slots")
+    mask = wire.slots_from_proto(request.slots, "slots", device=device)
     ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
     weights = wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=1)
     return (mask, wire.scatter_slots(mask, ids, PAD_ID, "ids"),
@@ -172,6 +173,11 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def __init__(self, rpc: _Rpc):
         self._rpc = rpc
         self._shard = rpc.shard
+
+    @property
+    def _device(self) -> torch.device:
+        # Where compacted readouts are expanded: beside the shard's rows when it says where.
+        return getattr(self._shard, "device", torch.device("cpu"))
 
     def Describe(self, request, context):
         return self._rpc.handle("Describe", context, lambda: _describe_response(self._shard.describe()))
@@ -197,7 +203,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Readout(self, request, context):
         def call():
-            mask, ids, weights = _readout_entries(request)
+            mask, ids, weights = _readout_entries(request, self._device)
             out_dtype = _wire_dtype(request.out_dtype, "out_dtype")
             resp = pb.ReadoutResponse()
             wire.to_proto(self._shard.readout(ids, weights, version=request.version).to(out_dtype), resp.out)
@@ -207,12 +213,12 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def ReadoutBackward(self, request, context):
         # request_id is passed to the shard, which owns the dedup of row-gradient accumulation.
         def call():
-            mask, ids, weights = _readout_entries(request)
+            mask, ids, weights = _readout_entries(request, self._device)
             grad_out = wire.from_proto(request.grad_out, "grad_out", dtypes=_WIRE_FLOATS, ndim=2).float()
             grad_w = self._shard.readout_backward(ids, weights, grad_out, request_id=request.request_id,
                                                   version=request.version)
             resp = pb.ReadoutBackwardResponse()
-            wire.to_proto(grad_w if mask is None else grad_w.cpu()[mask], resp.grad_weights)
+            wire.to_proto(grad_w if mask is None else grad_w[mask.to(grad_w.device)], resp.grad_weights)
             return resp
         return self._rpc.handle("ReadoutBackward", context, call, items=_readout_tokens(request))
 

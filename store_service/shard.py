@@ -186,6 +186,11 @@ class Shard:
         self._pending, self._retiring = {}, []
         return self
 
+    @property
+    def device(self) -> torch.device:
+        """Where the serving version's rows live (a hot swap keeps the device)."""
+        return self._serving.device
+
     # -- versions and in-flight accounting ----------------------------------
 
     @contextlib.contextmanager

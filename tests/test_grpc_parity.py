@@ -25,14 +25,15 @@ def _config(kind: str = "adam") -> TableConfig:
                        num_shards=3, bias_step=1e-2, seed=3, optimizer=OptimizerConfig(kind, lr=0.05))
 
 
-@pytest.fixture(params=[True, False], ids=["compact-readout", "full-grid-readout"])
+@pytest.fixture(params=[(True, 0), (False, 0), (True, 5)],
+                ids=["compact-readout", "full-grid-readout", "compact-readout-in-chunks-of-5-rows"])
 def tables(tmp_path, request):
     root = str(tmp_path)
     version = Table.create(_config(), root).snapshot()
     local = Table.open(root, version)
     servers = [serve_shard(Shard.load(root, version, i), admin_token=TOKEN) for i in range(3)]
     remote = connect([s.address for s in reversed(servers)], admin_token=TOKEN, store_root=root, timeout_s=20,
-                     compact_readout=request.param)
+                     compact_readout=request.param[0], readout_chunk_rows=request.param[1])
     try:
         yield local, remote
     finally:

@@ -9,7 +9,7 @@ from benchmarks.quality import SAME_TRAINING, reuse_runs
 
 def _args(**kw):
     base = dict(steps=2300, seq_len=64, batch_size=256, lr=3e-3, value_lr=None, knowledge='{"n_sub": 128}',
-                warmup=40, corpus="medium-para", device="cuda")
+                knowledge_model="", warmup=40, corpus="medium-para", device="cuda")
     return Namespace(**{**base, **kw})
 
 
@@ -87,10 +87,46 @@ def test_throughput_times_steady_steps_and_counts_wire_bytes(tmp_path):
     from benchmarks.quality import throughput
     args = Namespace(steps=100, seq_len=16, batch_size=2, lr=3e-3, value_lr=None, knowledge='{"n_sub": 16}',
                      warmup=2, corpus="tiny", evals=1, progress=False, device="cpu", eval_batch_size=8,
-                     seeds=[0], tput_steps=2, server_device=None)
+                     seeds=[0], tput_steps=2, server_device=None, knowledge_model="",
+                     wire_variants="grid-fp32,compact-bf16,compact-fp32-c8", no_breakdown=False, server_threads=1)
     out = throughput(args, tmp_path)
     assert out["timed_steps"] == 2 and out["max_rel_loss_diff"] == 0.0
     assert "wire_bytes_per_step" not in out["local"]
     assert out["remote"]["calls_per_step"]["Readout"] == 2   # one per shard
     assert out["remote"]["wire_bytes_per_step"]["Readout"] > 2 * 16 * 4   # at least the partial sums
     assert out["remote_over_local"] == pytest.approx(out["remote"]["tokens_per_s"] / out["local"]["tokens_per_s"])
+    # The other wire formats, same run: the full grid is exact and bigger, bf16 is smaller and close.
+    grid, bf16 = out["wire_variants"]["grid-fp32"], out["wire_variants"]["compact-bf16"]
+    compact = out["remote"]["wire_bytes_per_step"]
+    assert grid["max_rel_loss_diff"] == 0.0 and 0 < bf16["max_rel_loss_diff"] < 1e-2
+    for rpc in ("Readout", "ReadoutBackward"):
+        assert grid["wire_bytes_per_step"][rpc] > compact[rpc] > bf16["wire_bytes_per_step"][rpc]
+    # 2 x 16 tokens x 2 heads = 64 rows: 8 calls per shard; the shard sums the row gradients of
+    # 8 requests instead of 1, in another order: equal up to fp32 rounding
+    chunked = out["wire_variants"]["compact-fp32-c8"]
+    assert chunked["max_rel_loss_diff"] < 1e-5 and chunked["calls_per_step"]["Readout"] == 2 * 8
+    # The breakdown bills time to each table call and RPC, on both sides of the wire.
+    b = out["breakdown"]
+    assert set(b["local"]["table_call_seconds_per_step"]) >= {"readout", "readout_backward", "end_step"}
+    for side in ("rpc_client_seconds_per_step", "rpc_server_seconds_per_step"):
+        assert set(b["remote"][side]) >= {"Readout", "ReadoutBackward", "EndStep"} and "Describe" not in b["remote"][side]
+        assert all(v > 0 for v in b["remote"][side].values())
+
+
+def test_wire_bench_times_each_format_against_the_in_process_table(tmp_path):
+    """benchmarks/wire_bench.py on a small shape: every format's calls, bytes and times."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    out = tmp_path / "wire.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "wire_bench.py"
+    subprocess.run([sys.executable, str(script), "--rows", "256", "--n-sub", "16", "--reps", "2",
+                    "--variants", "grid-fp32,compact-bf16-c64", "--out", str(out)], check=True, timeout=300)
+    r = json.loads(out.read_text())
+    grid, chunked = r["remote"]["grid-fp32"], r["remote"]["compact-bf16-c64"]
+    assert grid["readout"]["calls"] == 2 and chunked["readout"]["calls"] == 2 * 4
+    assert chunked["readout_backward"]["wire_mb"] < grid["readout_backward"]["wire_mb"]
+    for run in (grid, chunked):
+        for op in ("readout", "readout_backward"):
+            assert run[op]["table_ms"] > 0 and run[op]["client_rpc_ms"] > 0 and run[op]["server_ms"] > 0
+    assert r["in_process"]["readout"]["table_ms"] > 0 and r["server_phases"]["rows"] == 256
