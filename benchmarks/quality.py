@@ -59,7 +59,7 @@ from model_worker.remote_table import loopback_table  # noqa: E402
 from model_worker.train import TrainConfig, create_table, model_config, table_config, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe", "knowledge": "small-knowledge"}
+RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe", "knowledge": "small-knowledge-2l"}
 
 
 def device_string(device: str = "cpu") -> str:
@@ -265,6 +265,8 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
     taken = []
     for seed, runs in old["runs_by_seed"].items():
         for key, r in runs.items():
+            if r.get("preset", RUNS.get(key)) != RUNS.get(key):   # that model has changed since
+                continue
             if int(seed) in by_seed and key in keys:
                 by_seed[int(seed)][key] = r
                 taken.append(f"{key}_seed{seed}")

@@ -127,6 +127,12 @@ configs: dict[str, dict[str, Any]] = {
     "small-dense-2x": dict(_SMALL, ffn="dense", n_layers=8, d_ff=224),       # ~490k active
     "small-moe": dict(_SMALL, ffn="moe", d_ff=208, n_experts=16, n_active=2),  # ~245k active
     "small-knowledge": dict(_SMALL, ffn="moe", d_ff=176, n_experts=16, n_active=2, knowledge=_SMALL_KN),  # ~241k
+    # The quality benchmark's knowledge model: knowledge layers beside the FFNs of blocks 1
+    # and 2, both reading the one table (as the memory-layers paper shares one memory over
+    # several layers); the narrower d_ff pays for the second layer's projections (~243k
+    # active with the benchmark's 16k-row table).
+    "small-knowledge-2l": dict(_SMALL, ffn="moe", d_ff=144, n_experts=16, n_active=2,
+                               knowledge=dict(_SMALL_KN, layers=(1, 2))),
 }
 
 

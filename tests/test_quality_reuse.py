@@ -30,6 +30,20 @@ def test_reuse_takes_finished_runs_of_the_seeds_and_models_asked_for(tmp_path):
     assert info["runs"] == ["dense_seed0"]
 
 
+def test_reuse_skips_runs_of_a_model_whose_preset_has_changed(tmp_path):
+    """A run records its preset; when the benchmark's model for that key is another preset now
+    (the knowledge model moved to small-knowledge-2l), the old run is retrained, not taken."""
+    from benchmarks.quality import RUNS
+    path = _earlier(tmp_path)
+    data = json.loads(path.read_text())
+    data["runs_by_seed"]["0"]["knowledge"] = {**data["runs_by_seed"]["0"]["dense"], "preset": "small-knowledge"}
+    data["runs_by_seed"]["0"]["dense"]["preset"] = RUNS["dense"]
+    path.write_text(json.dumps(data))
+    by_seed = {0: {}}
+    info = reuse_runs(_args(), path, by_seed, ["dense", "knowledge"])
+    assert set(by_seed[0]) == {"dense"} and info["runs"] == ["dense_seed0"]
+
+
 def test_reuse_counts_the_steps_a_time_budget_chose(tmp_path):
     path = _earlier(tmp_path, steps=1500)
     data = json.loads(path.read_text())
