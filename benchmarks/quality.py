@@ -12,9 +12,11 @@ cities; one paraphrase template per relation held out), 1500 steps of 32 x 64
 tokens (~25 passes over the training text, enough for these models to memorise
 a good share of the facts; with fewer passes every model sits at the
 majority-answer baseline and the comparison is noise). The knowledge model is
-the small-knowledge preset with a 16k-row table (n_sub 128; active parameters
-still matched: the codebooks count as active, the rows it does not read do
-not). Recall is exact match over *all* held-out-phrasing prompts of the trained
+the small-knowledge-2l preset (knowledge layers beside the FFNs of blocks 1 and 2,
+both over one 16k-row table, n_sub 128; chosen over the one-layer small-knowledge
+on seeds 100-102, which the reported seeds do not include) at matched active
+parameters (the codebooks count as active, the rows it does not read do not).
+The H200 figures below are the one-layer small-knowledge model's. Recall is exact match over *all* held-out-phrasing prompts of the trained
 facts; the headline is the mean over `--seeds`, each seed is reported beside it,
 with recall on a seen phrasing and per relation in each run's `final_recall`.
 
@@ -28,8 +30,10 @@ gathered over 5 calls with --reuse): every model recalls 0.965 of the facts on a
 trained phrasing; on the held-out phrasing dense 0.262, dense-2x 0.280, MoE 0.275,
 knowledge 0.305, with seed standard errors of 0.02-0.04 and paired knowledge-minus-
 baseline gaps of +0.025 to +0.042 (s.e. 0.033-0.055): the highest mean, within noise.
-Remote vs in-process tokens/s there, steady state: 0.37 at 16k tokens per step (54.5 MB
-over the wire per step), 0.65 at 4k. `--throughput-only` measures that alone;
+Remote vs in-process tokens/s there, steady state, 16k tokens per step: 0.26-0.37 in exact
+fp32, 0.53 with bf16 readouts on the wire in 8192-row pieces and 4 threads per server
+(`--wire-variants compact-bf16-c8192 --server-threads 4`; benchmarks/results/h200_throughput/).
+`--throughput-only` measures that alone;
 `--summarize FILE` rebuilds a saved JSON's headline and PNG without training.
 
 Writes benchmarks/results/quality.json and quality.png (recall vs training steps).

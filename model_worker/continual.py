@@ -112,6 +112,9 @@ class LearnConfig:
                                       #   (instead of capping the key scale); needs `background`
     select_margin: float = 0.05       # select_bias: how far (x key scale) below the closest old-text query
     contrast: bool = True             # key direction: group mean minus the old-text mean query
+    whiten: float = 0.0               # > 0: key direction Sigma^-1 (group mean - old mean) (Fisher's discriminant:
+                                      #   away from the directions old-text queries spread in), Sigma the old-text
+                                      #   queries' covariance per head + whiten x its mean variance as a ridge
     bg_quantile: float = 0.0          # share of old-text queries a new key may still win (0 = none)
     key_per_phrasing: bool = True     # one key per (fact, phrasing, position, head); False: per fact
     fact_rows: bool = True            # with key_per_phrasing: + one row per (fact, position, head) keyed on
@@ -289,13 +292,15 @@ def product_top_scores(kl, q: torch.Tensor, k: int | None = None) -> torch.Tenso
 def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, torch.Tensor]],
                   margin: float, max_rows: int = 0, seed: int = 0,
                   background: dict[int, torch.Tensor] | None = None, contrast: bool = True,
-                  bg_quantile: float = 0.0, select_bias: bool = False, select_margin: float = 0.05
-                  ) -> tuple[torch.Tensor, dict]:
+                  bg_quantile: float = 0.0, select_bias: bool = False, select_margin: float = 0.05,
+                  whiten: float = 0.0) -> tuple[torch.Tensor, dict]:
     """One key per (layer, group, position, head) -> keys [M, d_k], info.
 
     Direction: the mean of the group's normalised queries, minus (contrast) the mean
     of the background queries of that head, so that what every context shares does
-    not count. Scale: `margin` above the best product-key score of the group's
+    not count; `whiten` > 0 turns that difference by the inverse covariance of the
+    background queries (ridge `whiten` x their mean variance), so that the key scores
+    low along the directions old text varies in most. Scale: `margin` above the best product-key score of the group's
     queries; with `background` (old-text queries [P, h, d_k] per layer) capped so
     that the key's score on (1 - bg_quantile) of them stays below their k-th best
     product score: the row is then not selected in old contexts, and old answers
@@ -320,6 +325,12 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
         bg = background.get(layer) if background else None
         if contrast and bg is not None:
             mean = mean - F.normalize(bg, dim=-1).mean(0)[None]                 # [U, h, d]
+        if whiten > 0 and bg is not None:
+            nb = F.normalize(bg, dim=-1)
+            c = nb - nb.mean(0)
+            cov = torch.einsum("phd,phe->hde", c, c) / max(c.shape[0] - 1, 1)    # [h, d, d]
+            ridge = whiten * cov.diagonal(dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(d)
+            mean = torch.linalg.solve(cov + ridge, mean.permute(1, 2, 0)).permute(2, 0, 1)   # [U, h, d]
         u = F.normalize(mean, dim=-1)
         own = torch.zeros(U, h).index_add_(0, inv, (q * u[inv]).sum(-1))
         own = own / torch.bincount(inv, minlength=U).clamp_min(1)[:, None].float()   # mean q.u in the group
@@ -534,7 +545,7 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
         keys, info = init_new_keys(model, queries, cfg.key_margin,
                                    cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
                                    bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
-                                   select_margin=cfg.select_margin)
+                                   select_margin=cfg.select_margin, whiten=cfg.whiten)
         bias = info.pop("bias", None)
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std

@@ -1,5 +1,6 @@
 """Continual learning: `learn` with new rows leaves the model and every old row
 bitwise unchanged, publishes a version, and the baselines run."""
+import pytest
 import torch
 
 from model_worker import continual as C
@@ -116,7 +117,8 @@ def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
     assert keys.shape[0] == info["layer1"]["groups"] * kl.n_heads
 
 
-def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path):
+@pytest.mark.parametrize("whiten", [0.0, 0.5], ids=["mean-difference", "whitened"])
+def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path, whiten):
     from model_worker.data import collate_examples
     model, table = make(tmp_path)
     tok = ByteTokenizer()
@@ -124,7 +126,7 @@ def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path):
     bg = [collate_examples([C.TextFact("", t) for t in old], tok, answer_only=False)]
     bgq = C.background_queries(model, bg)
     queries = C.collect_queries(model, *C._group_batches(FACTS, tok, 4))
-    keys, info = C.init_new_keys(model, queries, 3.0, background=bgq, select_bias=True)
+    keys, info = C.init_new_keys(model, queries, 3.0, background=bgq, select_bias=True, whiten=whiten)
     bias = info.pop("bias")
     kl = model.knowledge_layers()[0]
     q = bgq[1].reshape(-1, kl.d_k)

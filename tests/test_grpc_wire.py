@@ -85,3 +85,14 @@ def test_scatter_slots_puts_entries_back_in_row_major_order():
     assert out.tolist() == [[7, -1, 8], [-1, 9, -1]]
     with pytest.raises(errors.InvalidArgument, match="ids: expected 3 entries"):
         wire.scatter_slots(mask, torch.tensor([7, 8]), -1, "ids")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32, torch.bool])
+def test_cuda_tensors_encode_through_pinned_memory_bitwise(dtype):
+    t = (torch.randn(300, 7) * 100).to(dtype)
+    got = wire.from_proto(wire.to_proto(t.cuda()[:, 1:5]), "t")   # non-contiguous on the GPU
+    assert got.dtype == dtype and torch.equal(got, t[:, 1:5])
+    mask = torch.rand(33, 5) < 0.5
+    assert torch.equal(wire.slots_from_proto(wire.slots_to_proto(mask.cuda(), pb.SlotMask()), device="cuda").cpu(),
+                       mask)
