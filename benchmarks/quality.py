@@ -179,6 +179,10 @@ def _tput_run(args, work: Path, name: str, remote: bool, timed: bool,
     return out, r["losses"]
 
 
+def _max_rel_diff(losses: list[float], reference: list[float]) -> float:
+    return max(abs(a - b) / abs(b) for a, b in zip(losses, reference))
+
+
 def throughput(args, work: Path) -> dict:
     """The same knowledge-model run (no eval) with the in-process table and with 2 loopback
     shard servers. tokens/s is timed over the `--tput-steps` after TPUT_WARM_STEPS first
@@ -193,7 +197,7 @@ def throughput(args, work: Path) -> dict:
     out["timed_steps"] = args.tput_steps
     out["server_device"] = args.server_device or args.device
     out["remote_extra_seconds_per_step"] = out["remote"]["seconds_per_step"] - out["local"]["seconds_per_step"]
-    out["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(losses["remote"], losses["local"]))
+    out["max_rel_loss_diff"] = _max_rel_diff(losses["remote"], losses["local"])
     out["wire"] = "compact-fp32"
     others = [v for v in args.wire_variants.split(",") if v and v != "compact-fp32"]
     if others:
@@ -202,7 +206,7 @@ def throughput(args, work: Path) -> dict:
         for v in others:
             run, vl = _tput_run(args, work, f"remote_{v}", remote=True, timed=False, wire=v)
             run["remote_over_local"] = run["tokens_per_s"] / out["local"]["tokens_per_s"]
-            run["max_rel_loss_diff"] = max(abs(a - b) / abs(b) for a, b in zip(vl, losses["local"]))
+            run["max_rel_loss_diff"] = _max_rel_diff(vl, losses["local"])
             out["wire_variants"][v] = run
     if not args.no_breakdown:
         out["breakdown"] = {name: _tput_run(args, work, f"{name}_timed", remote=name == "remote", timed=True)[0]

@@ -30,8 +30,6 @@ from store_service.interface import (PAD_ID, SegmentInfo, ShardDescription, Shar
 from store_service.server import (MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
                                   STORE_SERVICE)
 
-READOUT_WIRE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
     ("grpc.max_receive_message_length", -1),
@@ -84,9 +82,9 @@ class RemoteShard:
         shard's work on different pieces overlap; the numbers are the same."""
         if readout_chunk_rows < 0:
             raise errors.InvalidArgument("readout_chunk_rows", f"must be >= 0, got {readout_chunk_rows}")
-        if readout_wire_dtype not in READOUT_WIRE_DTYPES:
+        if readout_wire_dtype not in wire.READOUT_WIRE_DTYPES:
             raise errors.InvalidArgument("readout_wire_dtype", f"{readout_wire_dtype!r}; use one of "
-                                                               f"{sorted(READOUT_WIRE_DTYPES)}")
+                                                               f"{sorted(wire.READOUT_WIRE_DTYPES)}")
         self.compact_readout = compact_readout
         self.readout_chunk_rows = readout_chunk_rows
         self.readout_wire_dtype = readout_wire_dtype
@@ -208,7 +206,7 @@ class RemoteShard:
         # each piece of a chunked call has its own, derived from it.
         rid = request_id or _new_id()
         chunks = self._row_chunks(ids.shape[0])
-        grad_out = grad_out.to(READOUT_WIRE_DTYPES[self.readout_wire_dtype])
+        grad_out = grad_out.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype])
         requests, masks = [], []
         for i, rows in enumerate(chunks):
             req = pb.ReadoutBackwardRequest(version=version, request_id=rid if len(chunks) == 1 else f"{rid}/{i}")

@@ -139,15 +139,15 @@ def _describe_response(d: ShardDescription) -> pb.DescribeResponse:
 
 _FLOATS = ("float32",)
 _VALUES = ("float32", "bfloat16")
-_WIRE_FLOATS = ("float32", "bfloat16")   # d_v-wide readout tensors may travel in bfloat16
+_WIRE_FLOATS = tuple(wire.READOUT_WIRE_DTYPES)   # d_v-wide readout tensors may travel in bfloat16
 
 
 def _wire_dtype(name: str, field: str) -> torch.dtype:
-    if name in ("", "float32"):
-        return torch.float32
-    if name == "bfloat16":
-        return torch.bfloat16
-    raise errors.InvalidArgument(field, f"{name!r} is not a readout wire dtype; use float32 or bfloat16")
+    try:
+        return wire.READOUT_WIRE_DTYPES[name or "float32"]
+    except KeyError:
+        raise errors.InvalidArgument(field, f"{name!r} is not a readout wire dtype; use one of "
+                                            f"{' or '.join(wire.READOUT_WIRE_DTYPES)}") from None
 
 
 def _readout_entries(request, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:

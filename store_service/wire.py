@@ -31,6 +31,9 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 INT32_MAX = 2**31 - 1
 
+# The dtypes the d_v-wide readout tensors (partial readouts, their gradients) may travel in.
+READOUT_WIRE_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
 
 def dtype_name(dtype: torch.dtype) -> str:
     try:
