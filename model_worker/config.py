@@ -14,6 +14,9 @@ def _round_to(x: float, multiple: int) -> int:
     return max(multiple, int(multiple * round(x / multiple)))
 
 
+READOUT_MODES = ("pushdown", "fetch", "auto")
+
+
 @dataclass
 class KnowledgeConfig:
     """A knowledge layer (DESIGN.md section 2): h query heads over one shared table."""
@@ -25,7 +28,9 @@ class KnowledgeConfig:
     k: int = 16                      # rows read out per head per token
     tau: float = 1.0                 # softmax temperature over the top-k scores
     n_sub: int = 32                  # sub-keys per codebook: the product segment has n_sub**2 rows
-    readout: str = "pushdown"        # "pushdown" (the shards compute the readout) or "fetch"
+    readout: str = "pushdown"        # "pushdown": the shards compute the readout (moves [T, d_v] partial sums);
+                                     # "fetch": the worker computes it from the U distinct rows it selected
+                                     # (moves [U, d_v] rows); "auto": fetch when U <= T, per call
     gate: bool = True                # y = W_o r * silu(W_g x)
     qk_norm: bool = True             # q = RMSNorm(W_q x); codebooks initialised on the unit sphere
     bias_update_rate: float = 1e-3   # product sub-key balancing (loss-free, selection only); 0 = off
@@ -36,8 +41,8 @@ class KnowledgeConfig:
         self.layers = tuple(int(i) for i in self.layers)
         if self.placement not in ("replace", "beside"):
             raise ValueError(f"placement must be 'replace' or 'beside', got {self.placement!r}")
-        if self.readout not in ("pushdown", "fetch"):
-            raise ValueError(f"readout must be 'pushdown' or 'fetch', got {self.readout!r}")
+        if self.readout not in READOUT_MODES:
+            raise ValueError(f"readout must be one of {', '.join(READOUT_MODES)}; got {self.readout!r}")
         if self.d_k % 2:
             raise ValueError(f"d_k must be even (two product-key halves), got {self.d_k}")
         if self.k > self.n_sub ** 2:

@@ -31,7 +31,7 @@ class Generation:
 
 @contextlib.contextmanager
 def readout_mode(model: Transformer, mode: str | None):
-    """Temporarily switch every knowledge layer's readout ("pushdown" / "fetch")."""
+    """Temporarily switch every knowledge layer's readout ("pushdown" / "fetch" / "auto")."""
     old = [kl.readout_mode for kl in model.knowledge_layers()]
     if mode is not None:
         model.set_readout(mode)

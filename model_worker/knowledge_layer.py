@@ -14,11 +14,14 @@ Where each piece runs:
 - The top-k is merged here, and w is recomputed from q and the selected keys
   so that gradients reach q, the codebooks, and the flat keys (sent to the
   store with `table.accumulate_key_grads`).
-- The readout runs on the store (pushdown) or here on fetched rows (fetch).
-  Either way the backward is the store's `readout_backward`: it accumulates the
-  row gradients where the rows live and returns dL/dw, so rows never need a
-  second gradient path and both modes train identically. (Fetch is meant for
-  generation and small batches; it needs no change to the table protocol.)
+- The readout runs on the store (pushdown) or here on fetched rows (fetch), and
+  so does its backward. Pushdown moves a [T, d_v] partial readout per shard each
+  way (T = tokens x heads); fetch moves the U distinct selected rows, and in
+  backward their gradients dL/dv (sent with `accumulate_value_grads`, in the
+  background: nothing waits for them until the step barrier) plus their usage
+  (`record_usage`). Fetch wins when U < T: tables small against the batch, or
+  heads that agree; "auto" picks per call. Both modes train the same (up to fp32
+  summation order): the store applies the same row gradients at `end_step`.
 
 Only `store_service.kernels` functions and the `KnowledgeTable` protocol are used.
 """
@@ -61,23 +64,45 @@ class PushdownReadout(torch.autograd.Function):
         return grad_w.to(w.device), None, None
 
 
+def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [T, k] -> (the distinct selected rows [U] sorted, ids as positions in them [T, k], PAD kept)."""
+    valid = ids >= 0
+    uniq, inverse = torch.unique(ids[valid], return_inverse=True)  # [U], [#valid]
+    local = torch.full_like(ids, kernels.PAD_ID)
+    local[valid] = inverse
+    return uniq, local
+
+
 class FetchReadout(torch.autograd.Function):
-    """r computed here from the fetched unique rows with the store's own kernel;
-    backward as pushdown (row gradients must end up on the store anyway)."""
+    """r computed here from the fetched distinct rows with the store's own kernel, and so
+    is its backward; the rows' use and gradients go to the store (in the background)."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable) -> torch.Tensor:
+    def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable,
+                uniq: torch.Tensor, local: torch.Tensor, record_usage: bool) -> torch.Tensor:
+        # weights [T, k] fp32; uniq [U], local [T, k] from distinct_rows(ids)
         w = weights.detach().float().contiguous()
-        valid = ids >= 0
-        uniq, inverse = torch.unique(ids[valid], return_inverse=True)  # [U], [#valid]
-        local = torch.full_like(ids, kernels.PAD_ID)
-        local[valid] = inverse
         values = table.fetch(uniq).to(w.device)                          # [U, d_v]
+        if record_usage:
+            valid = local >= 0
+            lv, wv = local[valid], w[valid]
+            read = lv[wv > 0]
+            hits = torch.zeros(uniq.numel(), dtype=torch.int64, device=w.device)
+            hits.index_add_(0, read, torch.ones_like(read))
+            weight_sum = torch.zeros(uniq.numel(), dtype=torch.float64, device=w.device)
+            weight_sum.index_add_(0, lv, wv.double())
+            table.record_usage(uniq, hits, weight_sum, request_id=_request_id())
         ctx.table = table
-        ctx.save_for_backward(ids, w)
+        ctx.save_for_backward(uniq, local, w, values)
         return kernels.readout_weighted(values, local, w)
 
-    backward = PushdownReadout.backward
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        uniq, local, w, values = ctx.saved_tensors
+        grad_w, rows, row_grads = kernels.readout_weighted_backward(values, local, w, grad_out.float().contiguous())
+        if rows.numel():
+            ctx.table.accumulate_value_grads(uniq[rows], row_grads, request_id=_request_id())
+        return grad_w, None, None, None, None, None
 
 
 class KnowledgeLayer(nn.Module):
@@ -161,8 +186,7 @@ class KnowledgeLayer(nn.Module):
             scores = torch.where(is_prod, scores, flat)
         w = kernels.masked_softmax(scores / self.cfg.tau, ids)            # [T, k]
 
-        readout = PushdownReadout if self.readout_mode == "pushdown" else FetchReadout
-        r = readout.apply(w, ids, self.table)                              # [T, d_v] fp32
+        r = self._readout(w, ids)                                          # [T, d_v] fp32
         y = self.wo(r.to(x.dtype).view(B, S, h * self.d_v))               # [B, S, D]
         if self.wg is not None:
             y = y * F.silu(self.wg(x))
@@ -174,6 +198,16 @@ class KnowledgeLayer(nn.Module):
             self.last_ids = ids.view(B, S, h, k)
             self.last_weights = w.detach().view(B, S, h, k)
         return y
+
+    def _readout(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        if self.readout_mode == "pushdown":
+            return PushdownReadout.apply(w, ids, self.table)
+        uniq, local = distinct_rows(ids)
+        if uniq.numel() == 0 or (self.readout_mode == "auto" and uniq.numel() > ids.shape[0]):
+            return PushdownReadout.apply(w, ids, self.table)   # more distinct rows than readouts
+        # A training forward counts its rows' use (as a pushdown readout does, and the
+        # balancing needs it); evaluation and generation read by fetch to leave usage alone.
+        return FetchReadout.apply(w, ids, self.table, uniq, local, self.training)
 
     @torch.no_grad()
     def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from store_service.interface import KnowledgeTable
 
-from .config import ModelConfig
+from .config import READOUT_MODES, ModelConfig
 from .knowledge_layer import KnowledgeLayer
 from .moe import MoE, FeedForward
 
@@ -152,8 +152,9 @@ class Transformer(nn.Module):
             kl.refresh_table_state()
 
     def set_readout(self, mode: str) -> None:
-        """"pushdown" or "fetch" for every knowledge layer (e.g. fetch for generation)."""
-        assert mode in ("pushdown", "fetch")
+        """"pushdown", "fetch" or "auto" for every knowledge layer (e.g. fetch for generation)."""
+        if mode not in READOUT_MODES:
+            raise ValueError(f"readout mode must be one of {', '.join(READOUT_MODES)}; got {mode!r}")
         for kl in self.knowledge_layers():
             kl.readout_mode = mode
 

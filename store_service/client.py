@@ -75,8 +75,8 @@ class RemoteShard:
         a bit mask of where they go (DESIGN.md section 3's O(d_v + k) bytes, k counted per
         shard), instead of the full [T, k] grid with the others as -1; the numbers are the same.
         readout_wire_dtype: "float32" (exact: remote = in-process) or "bfloat16", which halves
-        the d_v-wide tensors (partial readouts, their gradients) on the wire; the shard still
-        sums and accumulates in float32.
+        the d_v-wide tensors (partial readouts, fetched values, their gradients) on the wire;
+        the shard still sums and accumulates in float32.
         readout_chunk_rows: split a readout of more rows than this into calls of at most this
         many, all in flight at once (0: one call), so that encoding, transport and the
         shard's work on different pieces overlap; the numbers are the same."""
@@ -175,9 +175,27 @@ class RemoteShard:
                             keys=wire.from_proto(r.keys, "keys"))
 
     def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor:
-        req = pb.FetchRequest(version=version)
+        # With a bfloat16 readout wire the values travel rounded to bfloat16 too (`Table.fetch`
+        # hands them back in the table's value dtype).
+        out_dtype = "bfloat16" if self.readout_wire_dtype == "bfloat16" else ""
+        req = pb.FetchRequest(version=version, out_dtype=out_dtype)
         wire.ids_to_proto(ids, req.ids)
         return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
+
+    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
+                     request_id: str = "", version: int = 0) -> None:
+        req = pb.RecordUsageRequest(version=version, request_id=request_id or _new_id())
+        wire.ids_to_proto(ids, req.ids)
+        wire.ids_to_proto(hits, req.hits)   # counts: int32 when they fit, like ids
+        wire.to_proto(weight_sum, req.weight_sum)
+        self._call(self._store.RecordUsage, req)
+
+    def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
+                               request_id: str = "", version: int = 0) -> None:
+        req = pb.AccumulateValueGradsRequest(version=version, request_id=request_id or _new_id())
+        wire.ids_to_proto(ids, req.ids)
+        wire.to_proto(grads.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype]), req.grads)
+        self._call(self._store.AccumulateValueGrads, req)
 
     def _put_entries(self, req, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
         """Fill a readout request's ids and weights (compacted: the slot mask, returned)."""

@@ -120,6 +120,23 @@ class KnowledgeTable(Protocol):
                              *, request_id: str = "") -> None:
         """Gradients for flat keys: ids [M], grads [M, d_k]."""
 
+    # Fetch mode: the caller computes the readout from `fetch`ed rows (and its backward
+    # from them), then reports the use of the rows and sends their gradients. Both may
+    # be sent in the background; `end_step`, `usage` and `snapshot` wait for them.
+    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor,
+                     *, request_id: str = "") -> None:
+        """ids [M] int64, hits [M] int64 (entries with weight > 0), weight_sum [M] float64:
+        counted as a pushdown readout of those entries would count them."""
+
+    def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor,
+                               *, request_id: str = "") -> None:
+        """Row gradients dL/dv: ids [M] int64 (repeats summed), grads [M, d_v] fp32; applied
+        at `end_step` like readout_backward's."""
+
+    def flush(self) -> None:
+        """Wait until every mutation sent in the background has been applied; raise the
+        first error among them."""
+
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
                  request_id: str = "") -> int:
         """Step barrier: once all `num_workers` have called it for `step`, the
@@ -179,6 +196,10 @@ class ShardHandle(Protocol):
                          request_id: str = "", version: int = 0) -> torch.Tensor: ...
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None: ...
+    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
+                     request_id: str = "", version: int = 0) -> None: ...
+    def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
+                               request_id: str = "", version: int = 0) -> None: ...
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
                  request_id: str = "", timeout_s: float = 60.0) -> int: ...
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor,

@@ -302,6 +302,43 @@ class Shard:
                 st.row_grads.append((rows, row_grads))
             return grad_w
 
+    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
+                     request_id: str = "", version: int = 0) -> None:
+        """A fetch-mode readout's use of rows, recorded as a pushdown readout records it:
+        ids [M] (owned or PAD), hits [M] int64 >= 0 (entries with weight > 0), weight_sum [M]
+        float64 (summed weights). Counts toward usage and this step's balancing load."""
+        with self._use(version) as st, st.lock:
+            _tensor("ids", ids, torch.int64, (None,))
+            _tensor("hits", hits, torch.int64, (ids.shape[0],))
+            _tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
+            _ids("ids", ids, st.row_start, st.row_end, allow_pad=True)
+            if bool((hits < 0).any()):
+                raise errors.InvalidArgument("hits", "counts must be >= 0")
+            if st.mark_seen(request_id):
+                return
+            local = _local(st, ids)
+            keep = local >= 0
+            rows, h, ws = local[keep], hits.to(st.device)[keep], weight_sum.to(st.device)[keep]
+            st.hits.index_add_(0, rows, h)
+            st.step_hits.index_add_(0, rows, h)
+            st.weight_sum.index_add_(0, rows, ws)
+
+    def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
+                               request_id: str = "", version: int = 0) -> None:
+        """Row gradients computed by the caller (fetch mode): ids [M] (owned or PAD; repeats
+        are summed), grads [M, d_v] fp32. Accumulated as readout_backward's are, for end_step
+        (once per request_id)."""
+        with self._use(version) as st, st.lock:
+            _tensor("ids", ids, torch.int64, (None,))
+            _tensor("grads", grads, torch.float32, (ids.shape[0], st.config.d_v))
+            _ids("ids", ids, st.row_start, st.row_end, allow_pad=True)
+            if st.mark_seen(request_id):
+                return
+            local = _local(st, ids)
+            keep = local >= 0
+            if bool(keep.any()):
+                st.row_grads.append((local[keep], grads.to(st.device)[keep]))
+
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None:
         """ids [M] (owned flat rows or PAD), grads [M, d_k] fp32."""

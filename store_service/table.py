@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -58,6 +58,12 @@ class Table:
         self.refresh_wait_s = refresh_wait_s
         self._parallel = parallel
         self._pool = self._make_pool()
+        # Mutations whose answer nobody waits for (fetch mode's row gradients and usage) go
+        # out on their own threads, so they overlap the caller's work and never queue ahead
+        # of a read on the shared pool; `flush` (every end_step) waits for them.
+        self._send_pool = self._make_pool("table-send")
+        self._pending: list[Future] = []
+        self._pending_lock = threading.Lock()
         self._map_lock = threading.Lock()
         self._map: _ShardMap = self._describe()
 
@@ -82,8 +88,12 @@ class Table:
         return cls(shards, store_root=store_root, **kwargs)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
+        try:
+            self.flush()
+        finally:
+            for pool in (self._pool, self._send_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
     # -- shard map -------------------------------------------------------------
 
@@ -109,22 +119,26 @@ class Table:
                          torch.tensor([i.row_end for i in infos], dtype=torch.int64),
                          last.d_k, last.d_v, last.value_dtype, last.segments)
 
-    def _make_pool(self) -> ThreadPoolExecutor | None:
+    def _make_pool(self, name: str = "table") -> ThreadPoolExecutor | None:
         parallel = self._parallel
         if parallel is None:
             parallel = not all(isinstance(s, Shard) for s in self.shards)
-        return ThreadPoolExecutor(len(self.shards), "table") if parallel and len(self.shards) > 1 else None
+        if name == "table-send":   # background sends pay off even to a single remote shard
+            return ThreadPoolExecutor(len(self.shards), name) if parallel else None
+        return ThreadPoolExecutor(len(self.shards), name) if parallel and len(self.shards) > 1 else None
 
     def rebind(self, shards: Sequence[ShardHandle], *, refresh: bool = True) -> list[ShardHandle]:
         """Serve from a new set of shard handles (the store was re-partitioned or a
         shard moved); returns the old handles for the caller to close."""
         if not shards:
             raise errors.InvalidArgument("shards", "a table needs at least one shard")
-        old, old_pool = self.shards, self._pool
+        self.flush()
+        old, old_pools = self.shards, (self._pool, self._send_pool)
         self.shards = list(shards)
-        self._pool = self._make_pool()
-        if old_pool is not None:
-            old_pool.shutdown(wait=False)
+        self._pool, self._send_pool = self._make_pool(), self._make_pool("table-send")
+        for pool in old_pools:
+            if pool is not None:
+                pool.shutdown(wait=False)
         if refresh:
             self.refresh()
         return old
@@ -274,12 +288,81 @@ class Table:
             self._each(call, which)
         self._retrying(op)
 
+    # -- fetch mode: usage and row gradients computed by the caller ----------------
+
+    def _split(self, ids: torch.Tensor, *tensors: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+        """(shard index, (ids, *tensors) restricted to its rows) for every shard owning some."""
+        m = self._map
+        self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+        owner = self._owner(m, ids)
+        which = [int(i) for i in torch.unique(owner) if i >= 0]
+        out = []
+        for i in which:
+            sel = owner == i
+            out.append((i, (ids[sel], *(t[sel] for t in tensors))))
+        return out
+
+    def _send_later(self, i: int, call: Callable[[ShardHandle, int], None]) -> None:
+        """call(shard, expected version) for shard i, in the background when the shards are
+        remote. A StaleVersion (the shard flipped meanwhile) refreshes the map and resends
+        to that shard: these mutations are per row, and a flip keeps a shard's rows."""
+        def task() -> None:
+            for attempt in range(self.max_retries + 1):
+                try:
+                    return call(self.shards[i], self._map.infos[i].version)
+                except errors.StaleVersion:
+                    if attempt == self.max_retries:
+                        raise
+                    self.refresh()
+        if self._send_pool is None:
+            task()
+            return
+        fut = self._send_pool.submit(task)
+        with self._pending_lock:
+            self._pending.append(fut)
+
+    def flush(self) -> None:
+        """Wait for every mutation sent in the background; raise the first error among them
+        (each has been retried as any call is)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        errs = [f.exception() for f in pending]
+        for e in errs:
+            if e is not None:
+                raise e
+
+    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
+                     request_id: str = "") -> None:
+        """ids [M], hits [M] int64, weight_sum [M] float64: a fetch-mode readout's use of
+        rows, counted as a pushdown readout counts it (sent in the background)."""
+        _tensor("ids", ids, torch.int64, (None,))
+        _tensor("hits", hits, torch.int64, (ids.shape[0],))
+        _tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
+        if bool((hits < 0).any()):
+            raise errors.InvalidArgument("hits", "counts must be >= 0")
+        rid = request_id or uuid.uuid4().hex
+        for i, (sub, h, ws) in self._split(ids, hits, weight_sum):
+            self._send_later(i, lambda s, v, sub=sub, h=h, ws=ws: s.record_usage(
+                sub, h, ws, request_id=rid, version=v))
+
+    def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
+        """ids [M] (repeats summed), grads [M, d_v] fp32: row gradients computed by the caller
+        (fetch mode), applied at end_step like readout_backward's (sent in the background)."""
+        _tensor("ids", ids, torch.int64, (None,))
+        _tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_v))
+        rid = request_id or uuid.uuid4().hex
+        for i, (sub, g) in self._split(ids, grads):
+            self._send_later(i, lambda s, v, sub=sub, g=g: s.accumulate_value_grads(
+                sub, g, request_id=rid, version=v))
+
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1, request_id: str = "",
                  timeout_s: float = 60.0) -> int:
-        """Step barrier on every shard; returns the table's new step."""
+        """Step barrier on every shard (after this worker's background sends have landed);
+        returns the table's new step."""
         _int("step", step, 0)
         _int("num_workers", num_workers, 1)
         _int("worker", worker, 0, num_workers)
+        self.flush()
         rid = request_id or uuid.uuid4().hex
 
         def call(i, s):
@@ -327,6 +410,7 @@ class Table:
 
     def usage(self) -> UsageStats:
         """Usage of every row [N], in id order."""
+        self.flush()
         m = self._map
         parts = self._each(lambda i, s: s.usage())
         order = sorted(range(len(parts)), key=lambda i: m.infos[i].row_start)
@@ -339,6 +423,7 @@ class Table:
         """Publish the current state (take it between steps) as a new version."""
         if self.store_root is None:
             raise errors.FailedPrecondition("snapshot: this table has no store_root")
+        self.flush()
         held = max(i.version for i in self._map.infos)
         version = max(persistence.latest_version(self.store_root) or 0, held) + 1
         with persistence.staged_version(self.store_root, version) as stage:
@@ -352,6 +437,7 @@ class Table:
         _int("version", version, 1)
         if self.store_root is not None and not os.path.isdir(persistence.version_path(self.store_root, version)):
             raise errors.NotFound(f"version {version} is not published under {self.store_root}")
+        self.flush()
         old = [info.version for info in self._map.infos]
         store_root = self.store_root
         try:

@@ -187,6 +187,26 @@ def _bad_requests(env):
             ids=_t(torch.tensor([3])), grads=_t(torch.zeros(1, D_K))), IA, "ids"),
         "key-grads-shape": (s.AccumulateKeyGrads, pb.AccumulateKeyGradsRequest(
             ids=_t(torch.tensor([40])), grads=_t(torch.zeros(2, D_K))), IA, "grads"),
+        "usage-not-owned": (s.RecordUsage, pb.RecordUsageRequest(
+            ids=_t(torch.tensor([0, 99])), hits=_t(torch.ones(2, dtype=torch.int64)),
+            weight_sum=_t(torch.ones(2, dtype=torch.float64))), IA, "ids"),
+        "usage-negative-hits": (s.RecordUsage, pb.RecordUsageRequest(
+            ids=_t(torch.tensor([0])), hits=_t(torch.tensor([-3])), weight_sum=_t(torch.ones(1, dtype=torch.float64))),
+            IA, "hits"),
+        "usage-float-hits": (s.RecordUsage, pb.RecordUsageRequest(
+            ids=_t(torch.tensor([0])), hits=_t(torch.ones(1)), weight_sum=_t(torch.ones(1, dtype=torch.float64))),
+            IA, "hits"),
+        "usage-missing-weights": (s.RecordUsage, pb.RecordUsageRequest(
+            ids=_t(torch.tensor([0])), hits=_t(torch.ones(1, dtype=torch.int64))), IA, "weight_sum"),
+        "value-grads-dims": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
+            ids=_t(torch.tensor([0, 1])), grads=_t(torch.zeros(2, D_V + 1))), IA, "grads"),
+        "value-grads-nan": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
+            ids=_t(torch.tensor([0])), grads=_t(torch.full((1, D_V), float("nan")))), IA, "grads"),
+        "value-grads-float64": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
+            ids=_t(torch.tensor([0])), grads=_t(torch.zeros(1, D_V, dtype=torch.float64))), IA, "grads"),
+        "value-grads-out-of-range": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
+            ids=_t(torch.tensor([76])), grads=_t(torch.zeros(1, D_V))), IA, "ids"),
+        "fetch-out-dtype": (s.Fetch, pb.FetchRequest(ids=_t(torch.tensor([0])), out_dtype="int8"), IA, "out_dtype"),
         "end-step-future": (s.EndStep, pb.EndStepRequest(step=5, num_workers=1), IA, "step"),
         "end-step-worker": (s.EndStep, pb.EndStepRequest(step=0, worker=3, num_workers=2), IA, "worker"),
         "add-rows-nan": (a.AddRows, pb.AddRowsRequest(values=_t(torch.full((2, D_V), float("nan"))),

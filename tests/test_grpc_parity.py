@@ -150,6 +150,9 @@ def test_bf16_readout_wire_halves_the_bytes_and_stays_close(tmp_path):
         assert local.end_step(0) == remotes["bfloat16"].end_step(0) == 1
         every = torch.arange(_config().num_rows)
         torch.testing.assert_close(remotes["float32"].fetch(every), local.fetch(every), rtol=1e-2, atol=1e-3)
+        # A bf16 wire rounds fetched values too, handed back in the table's dtype.
+        exact, rounded = remotes["float32"].fetch(every), remotes["bfloat16"].fetch(every)
+        assert rounded.dtype == torch.float32 and torch.equal(rounded, exact.bfloat16().float())
         fp32, bf16 = counters["float32"].bytes, counters["bfloat16"].bytes
         # out is [64, 24] per shard: 6144 bytes in fp32, 3072 in bf16, over each of 3 shards
         # (give or take the dtype names and length prefixes)

@@ -56,6 +56,12 @@ class TensorTable:
     def accumulate_key_grads(self, ids, grads, *, request_id=""):
         self.key_grad.index_add_(0, ids - self.P, grads)
 
+    def accumulate_value_grads(self, ids, grads, *, request_id=""):
+        self.value_grad.index_add_(0, ids, grads)
+
+    def record_usage(self, ids, hits, weight_sum, *, request_id=""):
+        pass
+
     def usage(self):
         z = torch.zeros(self.N)
         return UsageStats(z.long(), z.double(), torch.zeros(self.N, dtype=torch.bool), self.ablated.clone())

@@ -102,8 +102,10 @@ def test_throughput_times_steady_steps_and_counts_wire_bytes(tmp_path):
     args = Namespace(steps=100, seq_len=16, batch_size=2, lr=3e-3, value_lr=None, knowledge='{"n_sub": 16}',
                      warmup=2, corpus="tiny", evals=1, progress=False, device="cpu", eval_batch_size=8,
                      seeds=[0], tput_steps=2, server_device=None, knowledge_model="",
-                     wire_variants="grid-fp32,compact-bf16,compact-fp32-c8", no_breakdown=False, server_threads=1)
+                     wire_variants="grid-fp32,compact-bf16,compact-fp32-c8", no_breakdown=False, server_threads=1,
+                     tput_readouts="pushdown")
     out = throughput(args, tmp_path)
+    assert out["readout"] == "pushdown" and "by_readout" not in out
     assert out["timed_steps"] == 2 and out["max_rel_loss_diff"] == 0.0
     assert "wire_bytes_per_step" not in out["local"]
     assert out["remote"]["calls_per_step"]["Readout"] == 2 * 2   # one per shard and knowledge layer (2 of each)
@@ -125,6 +127,25 @@ def test_throughput_times_steady_steps_and_counts_wire_bytes(tmp_path):
     for side in ("rpc_client_seconds_per_step", "rpc_server_seconds_per_step"):
         assert set(b["remote"][side]) >= {"Readout", "ReadoutBackward", "EndStep"} and "Describe" not in b["remote"][side]
         assert all(v > 0 for v in b["remote"][side].values())
+
+
+def test_throughput_compares_readout_modes_side_by_side(tmp_path):
+    """Fetch mode moves the selected rows and their gradients instead of partial readouts;
+    remote = local there too, and each mode keeps its own in-process run beside it."""
+    from benchmarks.quality import throughput
+    args = Namespace(steps=100, seq_len=16, batch_size=2, lr=3e-3, value_lr=None, knowledge='{"n_sub": 16}',
+                     warmup=2, corpus="tiny", evals=1, progress=False, device="cpu", eval_batch_size=8,
+                     seeds=[0], tput_steps=2, server_device=None, knowledge_model="", wire_variants="",
+                     no_breakdown=True, server_threads=1, tput_readouts="pushdown,fetch")
+    out = throughput(args, tmp_path)
+    modes = out["by_readout"]
+    assert set(modes) == {"pushdown", "fetch"} and out["readout"] in modes
+    assert out["remote"]["tokens_per_s"] == max(m["remote_tokens_per_s"] for m in modes.values())
+    fetch = out if out["readout"] == "fetch" else out["runs_by_readout"]["fetch"]
+    assert fetch["max_rel_loss_diff"] < 1e-5 and modes["fetch"]["local_tokens_per_s"] > 0
+    calls = fetch["remote"]["calls_per_step"]
+    assert "Readout" not in calls and "ReadoutBackward" not in calls
+    assert calls["Fetch"] == calls["AccumulateValueGrads"] == calls["RecordUsage"] == 2 * 2   # shards x layers
 
 
 def test_wire_bench_times_each_format_against_the_in_process_table(tmp_path):

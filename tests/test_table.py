@@ -8,6 +8,7 @@ import torch
 from store_service import errors, kernels
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
+from store_service.shard import Shard
 from store_service.table import Table
 
 
@@ -398,3 +399,81 @@ def test_partition_tiles_rows_and_keeps_product_rows_whole(spec, num_shards):
         for s in segs:
             if s.kind == "product" and s.row_start < lo < s.row_end:
                 assert (lo - s.row_start) % s.n_sub == 0
+
+
+# -- fetch mode: the caller's row gradients and usage ----------------------------------------
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_value_grads_and_usage_equal_pushdown_backward(parallel):
+    """Row gradients the caller computed from fetched rows (repeats summed) and their usage,
+    sent in the background (parallel) or at once, leave the table as pushdown's backward
+    does; a frozen row stays bitwise unchanged, a repeated request_id is applied once."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 76, (12, 5), generator=g)
+    ids[0, 1] = -1
+    w = torch.rand(12, 5, generator=g)
+    grad_out = torch.randn(12, 16, generator=g)
+    push, fetch = Table.create(_cfg()), Table.create(_cfg(), parallel=parallel)
+    frozen = ids[1, :1]
+    for t in (push, fetch):
+        t.set_frozen(frozen)
+    before = push.fetch(torch.arange(76))
+
+    push.readout(ids, w)
+    grad_w = push.readout_backward(ids, w, grad_out)
+    push.end_step(0)
+
+    valid = ids >= 0
+    uniq, inverse = torch.unique(ids[valid], return_inverse=True)
+    local = torch.full_like(ids, -1)
+    local[valid] = inverse
+    values = fetch.fetch(uniq)
+    hits = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inverse, torch.ones_like(inverse))
+    wsum = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, w[valid].double())
+    fetch.record_usage(uniq, hits, wsum)
+    gw, rows, row_grads = kernels.readout_weighted_backward(values, local, w, grad_out)
+    torch.testing.assert_close(gw, grad_w)
+    # Sent in two halves with repeats, and the first half twice under one request_id.
+    half = rows.numel() // 2
+    fetch.accumulate_value_grads(uniq[rows[:half]], row_grads[:half], request_id="a")
+    fetch.accumulate_value_grads(uniq[rows[:half]], row_grads[:half], request_id="a")
+    fetch.accumulate_value_grads(torch.cat([uniq[rows[half:]], uniq[rows[half:]]]),
+                                 torch.cat([row_grads[half:] * 0.25, row_grads[half:] * 0.75]), request_id="b")
+    fetch.end_step(0)
+
+    all_ids = torch.arange(76)
+    torch.testing.assert_close(fetch.fetch(all_ids), push.fetch(all_ids), rtol=1e-5, atol=1e-7)
+    assert torch.equal(fetch.fetch(frozen), before[frozen])
+    assert not torch.equal(push.fetch(all_ids), before)
+    up, uf = push.usage(), fetch.usage()
+    assert torch.equal(uf.hits, up.hits)
+    torch.testing.assert_close(uf.weight_sum, up.weight_sum)
+
+
+def test_background_send_error_surfaces_at_end_step():
+    """A row-gradient send that fails in the background is raised by the next end_step
+    (the barrier never applies a step that lost gradients), and only once."""
+    class Failing(Shard):
+        def accumulate_value_grads(self, *a, **kw):
+            raise errors.ShardUnavailable(self.shard_id, "test", "down")
+
+    cfg = _cfg(num_shards=2)
+    shards = [Shard(cfg, 0, cfg.shard_ranges()[0]), Failing(cfg, 1, cfg.shard_ranges()[1])]
+    t = Table(shards, parallel=True)
+    t.accumulate_value_grads(torch.tensor([0, 75]), torch.ones(2, 16))   # returns at once
+    with pytest.raises(errors.ShardUnavailable):
+        t.end_step(0)
+    assert t.info().step == 0
+    t.flush()   # nothing pending any more
+
+
+def test_value_grads_bad_input_is_refused_at_the_call():
+    t = Table.create(_cfg(), parallel=True)
+    with pytest.raises(errors.InvalidArgument, match="grads"):
+        t.accumulate_value_grads(torch.tensor([1]), torch.ones(1, 15))
+    with pytest.raises(errors.InvalidArgument, match="ids"):
+        t.accumulate_value_grads(torch.tensor([76]), torch.ones(1, 16))
+    with pytest.raises(errors.InvalidArgument, match="hits"):
+        t.record_usage(torch.tensor([1]), torch.tensor([-1]), torch.ones(1, dtype=torch.float64))
+    t.end_step(0)
+    assert int(t.usage().hits.sum()) == 0

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model_worker.checkpoint import latest_checkpoint
+from model_worker.config import configs
 from model_worker.train import TrainConfig, open_table, train
 
 N = 5
@@ -43,21 +44,45 @@ def test_resume_is_exact(tmp_path, model):
         assert torch.equal(full["model"].tables()[0].fetch(ids), table.fetch(ids))
 
 
+def _readout(mode: str) -> dict:
+    return {"model_overrides": {"knowledge": {**configs["tiny-knowledge"]["knowledge"], "readout": mode}}}
+
+
+@pytest.mark.parametrize("mode", ["fetch", "auto"])
+def test_fetch_training_equals_pushdown(tmp_path, mode):
+    """Fetch mode (readout and its backward on the worker from the fetched rows; row
+    gradients and usage sent to the store) trains as pushdown does: the same losses, the
+    same rows after, the same usage counts (flat rows too: they are balanced from those)."""
+    runs = {m: train(_cfg(tmp_path / m, flat_rows=16, num_shards=2, **_readout(m))) for m in ("pushdown", mode)}
+    ref, got = runs["pushdown"], runs[mode]
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref["losses"]), rtol=1e-5, atol=0)
+    t_ref, t_got = ref["model"].tables()[0], got["model"].tables()[0]
+    ids = torch.arange(t_ref.info().num_rows)
+    torch.testing.assert_close(t_got.fetch(ids), t_ref.fetch(ids), rtol=1e-4, atol=1e-6)
+    u_ref, u_got = t_ref.usage(), t_got.usage()
+    assert int(u_ref.hits.sum()) > 0 and torch.equal(u_got.hits, u_ref.hits)
+    torch.testing.assert_close(u_got.weight_sum, u_ref.weight_sum, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.slow
-def test_remote_equals_local(tmp_path):
+@pytest.mark.parametrize("mode", ["pushdown", "fetch"])
+def test_remote_equals_local(tmp_path, mode):
     """The same 50 steps with the in-process table and with the gRPC client over
-    2 shard server processes (loopback) give the same losses (fp32, 1e-5 relative)."""
+    2 shard server processes (loopback) give the same losses (fp32, 1e-5 relative),
+    with readouts on the shards (pushdown) or on the worker (fetch: row gradients and
+    usage go to the shards in the background)."""
     from model_worker.remote_table import loopback_table
     from model_worker.train import model_config, table_config
 
-    cfg = _cfg(tmp_path / "local", steps=50, flat_rows=16)
+    cfg = _cfg(tmp_path / "local", steps=50, flat_rows=16, **_readout(mode))
     local = train(cfg)
-    rcfg = _cfg(tmp_path / "remote", steps=50, flat_rows=16, num_shards=2)
+    rcfg = _cfg(tmp_path / "remote", steps=50, flat_rows=16, num_shards=2, **_readout(mode))
     with loopback_table(table_config(model_config(rcfg, 260), rcfg), str(tmp_path / "remote" / "store")) as table:
         assert len(table.info().shards) == 2
         remote = train(rcfg, table=table)
         ids = torch.arange(table.info().num_rows)
         torch.testing.assert_close(table.fetch(ids), local["model"].tables()[0].fetch(ids), rtol=1e-4, atol=1e-6)
+        assert torch.equal(table.usage().hits, local["model"].tables()[0].usage().hits)
     torch.testing.assert_close(torch.tensor(remote["losses"]), torch.tensor(local["losses"]), rtol=1e-5, atol=0)
 
 
