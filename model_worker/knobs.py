@@ -276,8 +276,12 @@ class CachedTable:
             self._insert(ids, vals)
         return int(ids.numel())
 
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [M] int64 (PAD -1 allowed) -> [M, d_v], 0 at PAD."""
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [M] int64 (PAD -1 allowed) -> [M, d_v], 0 at PAD. A fetch that records usage
+        (a training readout's: hits / weight_sum) must reach the store: it bypasses the cache."""
+        if hits is not None or weight_sum is not None:
+            return self.inner.fetch(ids, hits=hits, weight_sum=weight_sum)
         info = self.inner.info()
         if info.version != self._version or info.num_rows > self._slot_of.numel():
             self.clear()

@@ -18,8 +18,8 @@ Where each piece runs:
   so does its backward. Pushdown moves a [T, d_v] partial readout per shard each
   way (T = tokens x heads); fetch moves the U distinct selected rows, and in
   backward their gradients dL/dv (sent with `accumulate_value_grads`, in the
-  background: nothing waits for them until the step barrier) plus their usage
-  (`record_usage`). Fetch wins when U < T: tables small against the batch, or
+  background: nothing waits for them until the step barrier); a training fetch
+  carries the rows' usage. Fetch wins when U < T: tables small against the batch, or
   heads that agree; "auto" picks per call. Both modes train the same (up to fp32
   summation order): the store applies the same row gradients at `end_step`.
 
@@ -82,16 +82,16 @@ class FetchReadout(torch.autograd.Function):
                 uniq: torch.Tensor, local: torch.Tensor, record_usage: bool) -> torch.Tensor:
         # weights [T, k] fp32; uniq [U], local [T, k] from distinct_rows(ids)
         w = weights.detach().float().contiguous()
-        values = table.fetch(uniq).to(w.device)                          # [U, d_v]
-        if record_usage:
+        usage = {}
+        if record_usage:   # the fetch carries the rows' use, counted as a pushdown readout counts it
             valid = local >= 0
             lv, wv = local[valid], w[valid]
             read = lv[wv > 0]
-            hits = torch.zeros(uniq.numel(), dtype=torch.int64, device=w.device)
-            hits.index_add_(0, read, torch.ones_like(read))
-            weight_sum = torch.zeros(uniq.numel(), dtype=torch.float64, device=w.device)
-            weight_sum.index_add_(0, lv, wv.double())
-            table.record_usage(uniq, hits, weight_sum, request_id=_request_id())
+            usage["hits"] = torch.zeros(uniq.numel(), dtype=torch.int64, device=w.device).index_add_(
+                0, read, torch.ones_like(read))
+            usage["weight_sum"] = torch.zeros(uniq.numel(), dtype=torch.float64, device=w.device).index_add_(
+                0, lv, wv.double())
+        values = table.fetch(uniq, **usage).to(w.device)                 # [U, d_v]
         ctx.table = table
         ctx.save_for_backward(uniq, local, w, values)
         return kernels.readout_weighted(values, local, w)

@@ -83,38 +83,24 @@ class SearchResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("version", "ids", "out_dtype")
+    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     out_dtype: str
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ...) -> None: ...
+    hits: Tensor
+    weight_sum: Tensor
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: Tensor
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
-
-class RecordUsageRequest(_message.Message):
-    __slots__ = ("version", "request_id", "ids", "hits", "weight_sum")
-    VERSION_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    IDS_FIELD_NUMBER: _ClassVar[int]
-    HITS_FIELD_NUMBER: _ClassVar[int]
-    WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
-    version: int
-    request_id: str
-    ids: Tensor
-    hits: Tensor
-    weight_sum: Tensor
-    def __init__(self, version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
-
-class RecordUsageResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
 
 class AccumulateValueGradsRequest(_message.Message):
     __slots__ = ("version", "request_id", "ids", "grads")

@@ -64,11 +64,6 @@ class KnowledgeStoreStub:
                 request_serializer=knowledge__store__pb2.AccumulateKeyGradsRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.AccumulateKeyGradsResponse.FromString,
                 _registered_method=True)
-        self.RecordUsage = channel.unary_unary(
-                '/knowledge_store.v1.KnowledgeStore/RecordUsage',
-                request_serializer=knowledge__store__pb2.RecordUsageRequest.SerializeToString,
-                response_deserializer=knowledge__store__pb2.RecordUsageResponse.FromString,
-                _registered_method=True)
         self.AccumulateValueGrads = channel.unary_unary(
                 '/knowledge_store.v1.KnowledgeStore/AccumulateValueGrads',
                 request_serializer=knowledge__store__pb2.AccumulateValueGradsRequest.SerializeToString,
@@ -120,12 +115,6 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def RecordUsage(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def AccumulateValueGrads(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -170,11 +159,6 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.AccumulateKeyGrads,
                     request_deserializer=knowledge__store__pb2.AccumulateKeyGradsRequest.FromString,
                     response_serializer=knowledge__store__pb2.AccumulateKeyGradsResponse.SerializeToString,
-            ),
-            'RecordUsage': grpc.unary_unary_rpc_method_handler(
-                    servicer.RecordUsage,
-                    request_deserializer=knowledge__store__pb2.RecordUsageRequest.FromString,
-                    response_serializer=knowledge__store__pb2.RecordUsageResponse.SerializeToString,
             ),
             'AccumulateValueGrads': grpc.unary_unary_rpc_method_handler(
                     servicer.AccumulateValueGrads,
@@ -349,33 +333,6 @@ class KnowledgeStore:
             '/knowledge_store.v1.KnowledgeStore/AccumulateKeyGrads',
             knowledge__store__pb2.AccumulateKeyGradsRequest.SerializeToString,
             knowledge__store__pb2.AccumulateKeyGradsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def RecordUsage(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/knowledge_store.v1.KnowledgeStore/RecordUsage',
-            knowledge__store__pb2.RecordUsageRequest.SerializeToString,
-            knowledge__store__pb2.RecordUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -174,21 +174,17 @@ class RemoteShard:
                             scores=wire.from_proto(r.scores, "scores"),
                             keys=wire.from_proto(r.keys, "keys"))
 
-    def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor:
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
         # With a bfloat16 readout wire the values travel rounded to bfloat16 too (`Table.fetch`
         # hands them back in the table's value dtype).
         out_dtype = "bfloat16" if self.readout_wire_dtype == "bfloat16" else ""
         req = pb.FetchRequest(version=version, out_dtype=out_dtype)
         wire.ids_to_proto(ids, req.ids)
+        if hits is not None:
+            wire.ids_to_proto(hits, req.hits)   # counts: int32 when they fit, like ids
+            wire.to_proto(weight_sum, req.weight_sum)
         return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
-
-    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
-                     request_id: str = "", version: int = 0) -> None:
-        req = pb.RecordUsageRequest(version=version, request_id=request_id or _new_id())
-        wire.ids_to_proto(ids, req.ids)
-        wire.ids_to_proto(hits, req.hits)   # counts: int32 when they fit, like ids
-        wire.to_proto(weight_sum, req.weight_sum)
-        self._call(self._store.RecordUsage, req)
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                                request_id: str = "", version: int = 0) -> None:

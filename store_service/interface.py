@@ -103,8 +103,11 @@ class KnowledgeTable(Protocol):
         """queries [B, d_k] -> top-k over every segment whose keys the store
         holds (flat segments, and product segments whose codebooks it holds)."""
 
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [M] int64 -> values [M, d_v] in the table's value dtype."""
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [M] int64 -> values [M, d_v] in the table's value dtype. With hits [M] int64
+        (entries with weight > 0) and weight_sum [M] float64, the fetch is a fetch-mode
+        training readout's and its use of the rows is recorded as a pushdown readout's."""
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Pushdown forward. ids [T, k] int64, weights [T, k] float32 ->
@@ -121,13 +124,8 @@ class KnowledgeTable(Protocol):
         """Gradients for flat keys: ids [M], grads [M, d_k]."""
 
     # Fetch mode: the caller computes the readout from `fetch`ed rows (and its backward
-    # from them), then reports the use of the rows and sends their gradients. Both may
-    # be sent in the background; `end_step`, `usage` and `snapshot` wait for them.
-    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor,
-                     *, request_id: str = "") -> None:
-        """ids [M] int64, hits [M] int64 (entries with weight > 0), weight_sum [M] float64:
-        counted as a pushdown readout of those entries would count them."""
-
+    # from them), then sends the rows' gradients, maybe in the background; `end_step`,
+    # `usage` and `snapshot` wait for them.
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor,
                                *, request_id: str = "") -> None:
         """Row gradients dL/dv: ids [M] int64 (repeats summed), grads [M, d_v] fp32; applied
@@ -190,14 +188,13 @@ class ShardHandle(Protocol):
 
     def describe(self) -> ShardDescription: ...
     def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult: ...
-    def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor: ...
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor: ...
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor: ...
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "", version: int = 0) -> torch.Tensor: ...
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None: ...
-    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
-                     request_id: str = "", version: int = 0) -> None: ...
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                                request_id: str = "", version: int = 0) -> None: ...
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,

@@ -197,21 +197,16 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         def call():
             ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
             out_dtype = _wire_dtype(request.out_dtype, "out_dtype") if request.out_dtype else None
-            values = self._shard.fetch(ids, version=request.version)
+            usage = {}
+            if request.HasField("hits") or request.HasField("weight_sum"):
+                usage = dict(hits=wire.from_proto(request.hits, "hits", ids=True, ndim=1),
+                             weight_sum=wire.from_proto(request.weight_sum, "weight_sum",
+                                                        dtypes=("float64", "float32"), ndim=1).double())
+            values = self._shard.fetch(ids, version=request.version, **usage)
             resp = pb.FetchResponse()
             wire.to_proto(values if out_dtype is None else values.to(out_dtype), resp.values)
             return resp
         return self._rpc.handle("Fetch", context, call, items=request.ids.shape[0] if request.ids.shape else 0)
-
-    def RecordUsage(self, request, context):
-        def call():
-            ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
-            hits = wire.from_proto(request.hits, "hits", ids=True, ndim=1)
-            weight_sum = wire.from_proto(request.weight_sum, "weight_sum", dtypes=("float64", "float32"), ndim=1)
-            self._shard.record_usage(ids, hits, weight_sum.double(), request_id=request.request_id,
-                                     version=request.version)
-            return pb.RecordUsageResponse()
-        return self._rpc.handle("RecordUsage", context, call, items=request.ids.shape[0] if request.ids.shape else 0)
 
     def AccumulateValueGrads(self, request, context):
         def call():

@@ -266,14 +266,25 @@ class Shard:
             _check_k(k, st.segments[-1].row_end, st.searchable_rows())
             return _search(st, queries.to(st.device), k)
 
-    def fetch(self, ids: torch.Tensor, *, version: int = 0) -> torch.Tensor:
-        """ids [M] int64 (owned or PAD) -> values [M, d_v] in the value dtype (0 at PAD)."""
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
+        """ids [M] int64 (owned or PAD) -> values [M, d_v] in the value dtype (0 at PAD).
+        hits [M] int64 >= 0 and weight_sum [M] float64, both or neither: a fetch-mode
+        training readout's use of the rows (entries with weight > 0, summed weights),
+        recorded as a pushdown readout records its own (usage, this step's balancing load)."""
         with self._use(version) as st, st.lock:
             _tensor("ids", ids, torch.int64, (None,))
             _ids("ids", ids, st.row_start, st.row_end, allow_pad=True)
+            _check_usage(ids, hits, weight_sum)
             local = _local(st, ids)
             out = st.values[local.clamp_min(0)]
             out[local < 0] = 0
+            if hits is not None:
+                keep = local >= 0
+                rows, h = local[keep], hits.to(st.device)[keep]
+                st.hits.index_add_(0, rows, h)
+                st.step_hits.index_add_(0, rows, h)
+                st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
             return out
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
@@ -301,27 +312,6 @@ class Shard:
             if not st.mark_seen(request_id):
                 st.row_grads.append((rows, row_grads))
             return grad_w
-
-    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
-                     request_id: str = "", version: int = 0) -> None:
-        """A fetch-mode readout's use of rows, recorded as a pushdown readout records it:
-        ids [M] (owned or PAD), hits [M] int64 >= 0 (entries with weight > 0), weight_sum [M]
-        float64 (summed weights). Counts toward usage and this step's balancing load."""
-        with self._use(version) as st, st.lock:
-            _tensor("ids", ids, torch.int64, (None,))
-            _tensor("hits", hits, torch.int64, (ids.shape[0],))
-            _tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
-            _ids("ids", ids, st.row_start, st.row_end, allow_pad=True)
-            if bool((hits < 0).any()):
-                raise errors.InvalidArgument("hits", "counts must be >= 0")
-            if st.mark_seen(request_id):
-                return
-            local = _local(st, ids)
-            keep = local >= 0
-            rows, h, ws = local[keep], hits.to(st.device)[keep], weight_sum.to(st.device)[keep]
-            st.hits.index_add_(0, rows, h)
-            st.step_hits.index_add_(0, rows, h)
-            st.weight_sum.index_add_(0, rows, ws)
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                                request_id: str = "", version: int = 0) -> None:
@@ -466,6 +456,19 @@ class Shard:
 def _local(st: _State, ids: torch.Tensor) -> torch.Tensor:
     ids = ids.to(st.device)
     return torch.where(ids >= 0, ids - st.row_start, torch.full_like(ids, PAD_ID))
+
+
+def _check_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.Tensor | None) -> None:
+    """A fetch's usage: hits [M] int64 >= 0 and weight_sum [M] float64, both or neither."""
+    if (hits is None) != (weight_sum is None):
+        raise errors.InvalidArgument("hits" if hits is None else "weight_sum",
+                                     "hits and weight_sum come together (a fetch's usage) or not at all")
+    if hits is None:
+        return
+    _tensor("hits", hits, torch.int64, (ids.shape[0],))
+    _tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
+    if bool((hits < 0).any()):
+        raise errors.InvalidArgument("hits", "counts must be >= 0")
 
 
 def _check_k(k, num_rows: int, searchable: int) -> None:

@@ -25,7 +25,7 @@ from . import errors, persistence
 from .config import TableConfig
 from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
                         TableInfo, UsageStats)
-from .shard import Shard, _int, _tensor, merge_topk
+from .shard import Shard, _check_usage, _int, _tensor, merge_topk
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class Table:
         self.refresh_wait_s = refresh_wait_s
         self._parallel = parallel
         self._pool = self._make_pool()
-        # Mutations whose answer nobody waits for (fetch mode's row gradients and usage) go
+        # Mutations whose answer nobody waits for (fetch mode's row gradients) go
         # out on their own threads, so they overlap the caller's work and never queue ahead
         # of a read on the shared pool; `flush` (every end_step) waits for them.
         self._send_pool = self._make_pool("table-send")
@@ -212,9 +212,13 @@ class Table:
                               torch.cat([p.keys.to(dev) for p in parts], 1), k)
         return self._retrying(op)
 
-    def fetch(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD."""
+    def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
+              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
+        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD. hits [M]
+        int64 and weight_sum [M] float64 (both or neither): record the fetch-mode readout's
+        use of the rows, as a pushdown readout records its own."""
         _tensor("ids", ids, torch.int64, (None,))
+        _check_usage(ids, hits, weight_sum)
 
         def op(m: _ShardMap) -> torch.Tensor:
             self._check_ids("ids", ids, m.num_rows, allow_pad=True)
@@ -223,7 +227,13 @@ class Table:
             dtype = torch.bfloat16 if m.value_dtype == "bfloat16" else torch.float32
             out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=ids.device)
             sels = {i: (owner == i).to(ids.device) for i in which}
-            parts = self._each(lambda i, s: s.fetch(ids[sels[i]], version=m.infos[i].version), which)
+
+            def call(i, s):
+                sel = sels[i]
+                if hits is None:
+                    return s.fetch(ids[sel], version=m.infos[i].version)
+                return s.fetch(ids[sel], hits=hits[sel], weight_sum=weight_sum[sel], version=m.infos[i].version)
+            parts = self._each(call, which)
             for i, part in zip(which, parts):
                 out[sels[i]] = part.to(ids.device, dtype)
             return out
@@ -288,7 +298,7 @@ class Table:
             self._each(call, which)
         self._retrying(op)
 
-    # -- fetch mode: usage and row gradients computed by the caller ----------------
+    # -- fetch mode: row gradients computed by the caller ----------------------------
 
     def _split(self, ids: torch.Tensor, *tensors: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
         """(shard index, (ids, *tensors) restricted to its rows) for every shard owning some."""
@@ -330,20 +340,6 @@ class Table:
         for e in errs:
             if e is not None:
                 raise e
-
-    def record_usage(self, ids: torch.Tensor, hits: torch.Tensor, weight_sum: torch.Tensor, *,
-                     request_id: str = "") -> None:
-        """ids [M], hits [M] int64, weight_sum [M] float64: a fetch-mode readout's use of
-        rows, counted as a pushdown readout counts it (sent in the background)."""
-        _tensor("ids", ids, torch.int64, (None,))
-        _tensor("hits", hits, torch.int64, (ids.shape[0],))
-        _tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
-        if bool((hits < 0).any()):
-            raise errors.InvalidArgument("hits", "counts must be >= 0")
-        rid = request_id or uuid.uuid4().hex
-        for i, (sub, h, ws) in self._split(ids, hits, weight_sum):
-            self._send_later(i, lambda s, v, sub=sub, h=h, ws=ws: s.record_usage(
-                sub, h, ws, request_id=rid, version=v))
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
         """ids [M] (repeats summed), grads [M, d_v] fp32: row gradients computed by the caller

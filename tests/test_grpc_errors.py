@@ -187,17 +187,20 @@ def _bad_requests(env):
             ids=_t(torch.tensor([3])), grads=_t(torch.zeros(1, D_K))), IA, "ids"),
         "key-grads-shape": (s.AccumulateKeyGrads, pb.AccumulateKeyGradsRequest(
             ids=_t(torch.tensor([40])), grads=_t(torch.zeros(2, D_K))), IA, "grads"),
-        "usage-not-owned": (s.RecordUsage, pb.RecordUsageRequest(
-            ids=_t(torch.tensor([0, 99])), hits=_t(torch.ones(2, dtype=torch.int64)),
-            weight_sum=_t(torch.ones(2, dtype=torch.float64))), IA, "ids"),
-        "usage-negative-hits": (s.RecordUsage, pb.RecordUsageRequest(
+        "fetch-usage-length": (s.Fetch, pb.FetchRequest(
+            ids=_t(torch.tensor([0, 1])), hits=_t(torch.ones(3, dtype=torch.int64)),
+            weight_sum=_t(torch.ones(2, dtype=torch.float64))), IA, "hits"),
+        "fetch-usage-negative-hits": (s.Fetch, pb.FetchRequest(
             ids=_t(torch.tensor([0])), hits=_t(torch.tensor([-3])), weight_sum=_t(torch.ones(1, dtype=torch.float64))),
             IA, "hits"),
-        "usage-float-hits": (s.RecordUsage, pb.RecordUsageRequest(
+        "fetch-usage-float-hits": (s.Fetch, pb.FetchRequest(
             ids=_t(torch.tensor([0])), hits=_t(torch.ones(1)), weight_sum=_t(torch.ones(1, dtype=torch.float64))),
             IA, "hits"),
-        "usage-missing-weights": (s.RecordUsage, pb.RecordUsageRequest(
+        "fetch-usage-missing-weights": (s.Fetch, pb.FetchRequest(
             ids=_t(torch.tensor([0])), hits=_t(torch.ones(1, dtype=torch.int64))), IA, "weight_sum"),
+        "fetch-usage-nan-weights": (s.Fetch, pb.FetchRequest(
+            ids=_t(torch.tensor([0])), hits=_t(torch.ones(1, dtype=torch.int64)),
+            weight_sum=_t(torch.tensor([float("nan")], dtype=torch.float64))), IA, "weight_sum"),
         "value-grads-dims": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
             ids=_t(torch.tensor([0, 1])), grads=_t(torch.zeros(2, D_V + 1))), IA, "grads"),
         "value-grads-nan": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(

@@ -7,10 +7,15 @@ import importlib
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported by the kernel modules
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    # The interpreter would replace the compiled kernels for every test of this session
+    # (the CUDA tests too): on a GPU machine run this file on its own, TRITON_INTERPRET=1.
+    pytest.skip("Triton interpreter tests: run `TRITON_INTERPRET=1 pytest tests/test_kernels.py` alone "
+                "on a CUDA machine", allow_module_level=True)
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are (re)built below
 
 import store_service.kernels as K  # noqa: E402
 from store_service.kernels import reference as R  # noqa: E402

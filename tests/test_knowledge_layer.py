@@ -42,7 +42,7 @@ class TensorTable:
         scores, idx = s.topk(min(k, self.n_flat), dim=-1)
         return SearchResult(idx + self.P, scores, self.flat_keys[idx])
 
-    def fetch(self, ids):
+    def fetch(self, ids, *, hits=None, weight_sum=None):
         return self.values[ids]
 
     def readout(self, ids, weights):
@@ -58,9 +58,6 @@ class TensorTable:
 
     def accumulate_value_grads(self, ids, grads, *, request_id=""):
         self.value_grad.index_add_(0, ids, grads)
-
-    def record_usage(self, ids, hits, weight_sum, *, request_id=""):
-        pass
 
     def usage(self):
         z = torch.zeros(self.N)

@@ -405,9 +405,9 @@ def test_partition_tiles_rows_and_keeps_product_rows_whole(spec, num_shards):
 
 @pytest.mark.parametrize("parallel", [False, True])
 def test_value_grads_and_usage_equal_pushdown_backward(parallel):
-    """Row gradients the caller computed from fetched rows (repeats summed) and their usage,
-    sent in the background (parallel) or at once, leave the table as pushdown's backward
-    does; a frozen row stays bitwise unchanged, a repeated request_id is applied once."""
+    """Row gradients the caller computed from fetched rows (repeats summed), sent in the
+    background (parallel) or at once, and the usage its fetch carried, leave the table as
+    pushdown's readout and backward do; a frozen row stays bitwise unchanged, a repeated request_id is applied once."""
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, 76, (12, 5), generator=g)
     ids[0, 1] = -1
@@ -427,10 +427,10 @@ def test_value_grads_and_usage_equal_pushdown_backward(parallel):
     uniq, inverse = torch.unique(ids[valid], return_inverse=True)
     local = torch.full_like(ids, -1)
     local[valid] = inverse
-    values = fetch.fetch(uniq)
     hits = torch.zeros(uniq.numel(), dtype=torch.int64).index_add_(0, inverse, torch.ones_like(inverse))
     wsum = torch.zeros(uniq.numel(), dtype=torch.float64).index_add_(0, inverse, w[valid].double())
-    fetch.record_usage(uniq, hits, wsum)
+    values = fetch.fetch(uniq, hits=hits, weight_sum=wsum)
+    assert torch.equal(values, fetch.fetch(uniq))   # the usage changes no value
     gw, rows, row_grads = kernels.readout_weighted_backward(values, local, w, grad_out)
     torch.testing.assert_close(gw, grad_w)
     # Sent in two halves with repeats, and the first half twice under one request_id.
@@ -474,6 +474,6 @@ def test_value_grads_bad_input_is_refused_at_the_call():
     with pytest.raises(errors.InvalidArgument, match="ids"):
         t.accumulate_value_grads(torch.tensor([76]), torch.ones(1, 16))
     with pytest.raises(errors.InvalidArgument, match="hits"):
-        t.record_usage(torch.tensor([1]), torch.tensor([-1]), torch.ones(1, dtype=torch.float64))
+        t.fetch(torch.tensor([1]), hits=torch.tensor([-1]), weight_sum=torch.ones(1, dtype=torch.float64))
     t.end_step(0)
     assert int(t.usage().hits.sum()) == 0

@@ -100,16 +100,18 @@ def test_cuda_training_matches_cpu(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_worker_with_remote_store(tmp_path):
+@pytest.mark.parametrize("mode", ["pushdown", "fetch"])
+def test_cuda_worker_with_remote_store(tmp_path, mode):
     """A GPU worker over 2 loopback shard servers (their answers arrive in host memory,
     off the wire) follows the same GPU worker with its table in its own GPU memory:
-    results are moved back to the worker's device in forward and backward."""
+    results are moved back to the worker's device in forward and backward (fetch mode:
+    row gradients and usage leave from the GPU in the background)."""
     from model_worker.remote_table import loopback_table
     from model_worker.train import model_config, table_config
 
-    cfg = _cfg(tmp_path / "local", steps=20, device="cuda")
+    cfg = _cfg(tmp_path / "local", steps=20, device="cuda", **_readout(mode))
     local = train(cfg)
-    rcfg = _cfg(tmp_path / "remote", steps=20, num_shards=2, device="cuda")
+    rcfg = _cfg(tmp_path / "remote", steps=20, num_shards=2, device="cuda", **_readout(mode))
     with loopback_table(table_config(model_config(rcfg, 260), rcfg), str(tmp_path / "remote" / "store")) as table:
         remote = train(rcfg, table=table)
     torch.testing.assert_close(torch.tensor(remote["losses"]), torch.tensor(local["losses"]), rtol=1e-4, atol=0)
