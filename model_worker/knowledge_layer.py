@@ -28,6 +28,8 @@ Only `store_service.kernels` functions and the `KnowledgeTable` protocol are use
 from __future__ import annotations
 
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -73,25 +75,29 @@ def distinct_rows(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return uniq, local
 
 
+def fetch_usage(local: torch.Tensor, w: torch.Tensor, n_rows: int) -> dict[str, torch.Tensor]:
+    """A training readout's use of its distinct rows, counted as a pushdown readout counts
+    its own: hits [U] (entries with weight > 0) and weight_sum [U] (float64)."""
+    valid = local >= 0
+    lv, wv = local[valid], w[valid]
+    read = lv[wv > 0]
+    return {"hits": torch.zeros(n_rows, dtype=torch.int64, device=w.device).index_add_(0, read, torch.ones_like(read)),
+            "weight_sum": torch.zeros(n_rows, dtype=torch.float64, device=w.device).index_add_(0, lv, wv.double())}
+
+
+# Fetches in flight while the caller computes something else (the FFN beside the layer).
+_FETCHES = ThreadPoolExecutor(4, thread_name_prefix="knowledge-fetch")
+
+
 class FetchReadout(torch.autograd.Function):
     """r computed here from the fetched distinct rows with the store's own kernel, and so
-    is its backward; the rows' use and gradients go to the store (in the background)."""
+    is its backward; the rows' gradients go to the store (in the background)."""
 
     @staticmethod
-    def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable,
-                uniq: torch.Tensor, local: torch.Tensor, record_usage: bool) -> torch.Tensor:
-        # weights [T, k] fp32; uniq [U], local [T, k] from distinct_rows(ids)
+    def forward(ctx, weights: torch.Tensor, values: torch.Tensor, local: torch.Tensor, uniq: torch.Tensor,
+                table: KnowledgeTable) -> torch.Tensor:
+        # weights [T, k] fp32; values [U, d_v] the fetched rows uniq [U]; local [T, k] from distinct_rows
         w = weights.detach().float().contiguous()
-        usage = {}
-        if record_usage:   # the fetch carries the rows' use, counted as a pushdown readout counts it
-            valid = local >= 0
-            lv, wv = local[valid], w[valid]
-            read = lv[wv > 0]
-            usage["hits"] = torch.zeros(uniq.numel(), dtype=torch.int64, device=w.device).index_add_(
-                0, read, torch.ones_like(read))
-            usage["weight_sum"] = torch.zeros(uniq.numel(), dtype=torch.float64, device=w.device).index_add_(
-                0, lv, wv.double())
-        values = table.fetch(uniq, **usage).to(w.device)                 # [U, d_v]
         ctx.table = table
         ctx.save_for_backward(uniq, local, w, values)
         return kernels.readout_weighted(values, local, w)
@@ -102,7 +108,19 @@ class FetchReadout(torch.autograd.Function):
         grad_w, rows, row_grads = kernels.readout_weighted_backward(values, local, w, grad_out.float().contiguous())
         if rows.numel():
             ctx.table.accumulate_value_grads(uniq[rows], row_grads, request_id=_request_id())
-        return grad_w, None, None, None, None, None
+        return grad_w, None, None, None, None
+
+
+@dataclass
+class PendingReadout:
+    """What `KnowledgeLayer.start` leaves for `finish`: the selection, and in fetch mode the
+    fetch of its distinct rows, in flight."""
+    x: torch.Tensor
+    ids: torch.Tensor
+    w: torch.Tensor
+    fetch: Future | None = None
+    uniq: torch.Tensor | None = None
+    local: torch.Tensor | None = None
 
 
 class KnowledgeLayer(nn.Module):
@@ -166,6 +184,12 @@ class KnowledgeLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D] -> [B, S, D]
+        return self.finish(self.start(x))
+
+    def start(self, x: torch.Tensor) -> PendingReadout:
+        """Everything up to the readout; in fetch mode the fetch of the selected rows is
+        then in flight, so that a caller can compute the FFN beside this layer meanwhile
+        (`finish` waits for it). forward(x) == finish(start(x))."""
         B, S, D = x.shape
         h, k, n = self.n_heads, self.k, self.n
         q = self.q_norm(self.wq(x).view(B * S * h, self.d_k)).float()   # [T, d_k], T = B*S*h
@@ -186,28 +210,41 @@ class KnowledgeLayer(nn.Module):
             scores = torch.where(is_prod, scores, flat)
         w = kernels.masked_softmax(scores / self.cfg.tau, ids)            # [T, k]
 
-        r = self._readout(w, ids)                                          # [T, d_v] fp32
-        y = self.wo(r.to(x.dtype).view(B, S, h * self.d_v))               # [B, S, D]
-        if self.wg is not None:
-            y = y * F.silu(self.wg(x))
-
         if self.training:
             self.load_a += torch.bincount(pid[is_prod] // n, minlength=n).to(self.load_a.dtype)
             self.load_b += torch.bincount(pid[is_prod] % n, minlength=n).to(self.load_b.dtype)
         if self.record:
             self.last_ids = ids.view(B, S, h, k)
             self.last_weights = w.detach().view(B, S, h, k)
-        return y
+        return self._start_readout(PendingReadout(x, ids, w))
 
-    def _readout(self, w: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def _start_readout(self, p: PendingReadout) -> PendingReadout:
         if self.readout_mode == "pushdown":
-            return PushdownReadout.apply(w, ids, self.table)
-        uniq, local = distinct_rows(ids)
-        if uniq.numel() == 0 or (self.readout_mode == "auto" and uniq.numel() > ids.shape[0]):
-            return PushdownReadout.apply(w, ids, self.table)   # more distinct rows than readouts
+            return p
+        uniq, local = distinct_rows(p.ids)
+        if uniq.numel() == 0 or (self.readout_mode == "auto" and uniq.numel() > p.ids.shape[0]):
+            return p   # more distinct rows than readouts: pushdown moves fewer bytes
         # A training forward counts its rows' use (as a pushdown readout does, and the
         # balancing needs it); evaluation and generation read by fetch to leave usage alone.
-        return FetchReadout.apply(w, ids, self.table, uniq, local, self.training)
+        usage = fetch_usage(local, p.w.detach(), uniq.numel()) if self.training else {}
+        # The fetch gets host copies (taken now, while the device has little queued): its
+        # thread then never waits on the device, whose queue the caller is about to fill.
+        host = {k: t.cpu() for k, t in usage.items()}
+        p.uniq, p.local = uniq, local
+        p.fetch = _FETCHES.submit(self.table.fetch, uniq.cpu(), **host)
+        return p
+
+    def finish(self, p: PendingReadout) -> torch.Tensor:
+        B, S, D = p.x.shape
+        if p.fetch is None:
+            r = PushdownReadout.apply(p.w, p.ids, self.table)                  # [T, d_v] fp32
+        else:
+            values = p.fetch.result().to(p.w.device)                           # [U, d_v]
+            r = FetchReadout.apply(p.w, values, p.local, p.uniq, self.table)
+        y = self.wo(r.to(p.x.dtype).view(B, S, self.n_heads * self.d_v))      # [B, S, D]
+        if self.wg is not None:
+            y = y * F.silu(self.wg(p.x))
+        return y
 
     @torch.no_grad()
     def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor

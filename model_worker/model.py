@@ -96,7 +96,12 @@ class TransformerBlock(nn.Module):
     def forward(self, x, rope, mask, input_pos):
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         n = self.ffn_norm(h)
-        return h + sum(m(n) for m in (self.ffn, self.knowledge) if m is not None)
+        if self.knowledge is None:
+            return h + self.ffn(n)
+        pending = self.knowledge.start(n)       # a fetch-mode readout's rows are in flight
+        f = self.ffn(n) if self.ffn is not None else None   # ... while the FFN beside it runs
+        y = self.knowledge.finish(pending)
+        return h + (y if f is None else f + y)
 
 
 class Transformer(nn.Module):

@@ -97,3 +97,36 @@ def test_generate_greedy_matches_full_forward_and_records_rows():
     logits = torch.tensor([[0.0, 5.0, 4.9, -10.0]])
     picks = {int(sample_next(logits, 1.0, 0.9, g)) for _ in range(50)}
     assert picks <= {1, 2} and len(picks) == 2  # top-p keeps the two likely tokens only
+
+
+def test_fetch_is_in_flight_while_the_ffn_beside_it_runs():
+    """With the knowledge layer beside the FFN, a fetch-mode readout's fetch is answered
+    while the FFN computes: here the fetch cannot answer until the FFN has started (it
+    would deadlock if the block fetched first and then ran the FFN), and the output equals
+    pushdown's."""
+    import threading
+
+    kn = {**configs["tiny-knowledge"]["knowledge"], "placement": "beside", "readout": "fetch"}
+    model = build("tiny-knowledge", knowledge=kn).eval()
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 9))
+    with torch.no_grad():
+        model.set_readout("pushdown")
+        want = model(idx)[0]
+        model.set_readout("fetch")
+        table = model.tables()[0]
+        ffn_started = threading.Event()
+        inner_fetch = table.fetch
+
+        def fetch_after_ffn(ids, **kw):
+            assert ffn_started.wait(timeout=10), "the FFN did not run while the fetch was in flight"
+            ffn_started.clear()
+            return inner_fetch(ids, **kw)
+        table.fetch = fetch_after_ffn
+        hooks = [b.ffn.register_forward_pre_hook(lambda m, a: ffn_started.set())
+                 for b in model.layers if b.knowledge is not None]
+        try:
+            got = model(idx)[0]
+        finally:
+            for hk in hooks:
+                hk.remove()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
