@@ -182,14 +182,19 @@ class KnowledgeLayer(nn.Module):
             return F.normalize(self.codebook_a, dim=-1), F.normalize(self.codebook_b, dim=-1)
         return self.codebook_a, self.codebook_b
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, D] -> [B, S, D]
-        return self.finish(self.start(x))
+    def forward(self, x: torch.Tensor, beside: nn.Module | None = None) -> torch.Tensor:
+        """x: [B, S, D] -> [B, S, D]. beside: a module on the same input (the FFN beside this
+        layer), run while a fetch-mode readout's rows are in flight; its output is added
+        (beside(x) + layer(x))."""
+        p = self.start(x)
+        f = beside(x) if beside is not None else None
+        y = self.finish(p)
+        return y if f is None else f + y
 
     def start(self, x: torch.Tensor) -> PendingReadout:
         """Everything up to the readout; in fetch mode the fetch of the selected rows is
-        then in flight, so that a caller can compute the FFN beside this layer meanwhile
-        (`finish` waits for it). forward(x) == finish(start(x))."""
+        then in flight, so that the caller can compute something else meanwhile (`finish`
+        waits for it). forward(x) == finish(start(x))."""
         B, S, D = x.shape
         h, k, n = self.n_heads, self.k, self.n
         q = self.q_norm(self.wq(x).view(B * S * h, self.d_k)).float()   # [T, d_k], T = B*S*h

@@ -98,10 +98,8 @@ class TransformerBlock(nn.Module):
         n = self.ffn_norm(h)
         if self.knowledge is None:
             return h + self.ffn(n)
-        pending = self.knowledge.start(n)       # a fetch-mode readout's rows are in flight
-        f = self.ffn(n) if self.ffn is not None else None   # ... while the FFN beside it runs
-        y = self.knowledge.finish(pending)
-        return h + (y if f is None else f + y)
+        # Beside: the FFN runs while a fetch-mode readout's rows are in flight.
+        return h + self.knowledge(n, beside=self.ffn)
 
 
 class Transformer(nn.Module):
