@@ -30,10 +30,12 @@ gathered over 5 calls with --reuse): every model recalls 0.965 of the facts on a
 trained phrasing; on the held-out phrasing dense 0.262, dense-2x 0.280, MoE 0.275,
 knowledge 0.305, with seed standard errors of 0.02-0.04 and paired knowledge-minus-
 baseline gaps of +0.025 to +0.042 (s.e. 0.033-0.055): the highest mean, within noise.
-Remote vs in-process tokens/s there, steady state, 16k tokens per step: 0.26-0.37 in exact
-fp32, 0.53 with bf16 readouts on the wire in 8192-row pieces and 4 threads per server
-(`--wire-variants compact-bf16-c8192 --server-threads 4`; benchmarks/results/h200_throughput/).
-`--throughput-only` measures that alone;
+Remote vs in-process tokens/s there, steady state, 16k tokens per step, exact fp32: with
+fetch-mode readouts (the worker fetches the ~2k rows per shard and layer a step selects and
+sends back their gradients) median 0.80 of 3 pairs (0.69-0.94 over calls), pushdown (the
+shards return [65,536, d_v] partial sums) 0.24 in the same call as the 0.94
+(`--throughput-only --tput-readouts fetch,pushdown --tput-repeats 3`;
+benchmarks/results/h200_throughput/). `--throughput-only` measures that alone;
 `--summarize FILE` rebuilds a saved JSON's headline and PNG without training.
 
 Writes benchmarks/results/quality.json and quality.png (recall vs training steps).
