@@ -19,9 +19,11 @@ Where each piece runs:
   way (T = tokens x heads); fetch moves the U distinct selected rows, and in
   backward their gradients dL/dv (sent with `accumulate_value_grads`, in the
   background: nothing waits for them until the step barrier); a training fetch
-  carries the rows' usage. Fetch wins when U < T: tables small against the batch, or
-  heads that agree; "auto" picks per call. Both modes train the same (up to fp32
-  summation order): the store applies the same row gradients at `end_step`.
+  carries the rows' usage. Fetch wins when U < T: tables small against the
+  batch, or heads that agree; "auto" picks per call. Both modes train the same
+  (up to fp32 summation order): the store applies the same row gradients at
+  `end_step`. A fetch is in flight while `forward(x, beside=ffn)` runs the FFN
+  beside the layer (`start` / `finish` split the layer around it).
 
 Only `store_service.kernels` functions and the `KnowledgeTable` protocol are used.
 """
