@@ -288,29 +288,25 @@ class Table:
         rid = request_id or uuid.uuid4().hex
 
         def op(m: _ShardMap) -> None:
-            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
-            owner = self._owner(m, ids).to(ids.device)
+            parts = dict(self._split(m, ids, grads))
             _check_flat(m, ids)
-            which = [int(i) for i in torch.unique(owner) if i >= 0]
-            def call(i, s):
-                sel = owner == i
-                s.accumulate_key_grads(ids[sel], grads[sel], request_id=rid, version=m.infos[i].version)
-            self._each(call, which)
+            self._each(lambda i, s: s.accumulate_key_grads(*parts[i], request_id=rid, version=m.infos[i].version),
+                       list(parts))
         self._retrying(op)
 
-    # -- fetch mode: row gradients computed by the caller ----------------------------
-
-    def _split(self, ids: torch.Tensor, *tensors: torch.Tensor) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
-        """(shard index, (ids, *tensors) restricted to its rows) for every shard owning some."""
-        m = self._map
+    def _split(self, m: _ShardMap, ids: torch.Tensor, *tensors: torch.Tensor
+               ) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
+        """(shard index, (ids, *tensors) restricted to its rows) for every shard owning some
+        of ids [M] (checked against the map; PAD goes nowhere)."""
         self._check_ids("ids", ids, m.num_rows, allow_pad=True)
         owner = self._owner(m, ids)
-        which = [int(i) for i in torch.unique(owner) if i >= 0]
         out = []
-        for i in which:
+        for i in (int(i) for i in torch.unique(owner) if i >= 0):
             sel = owner == i
             out.append((i, (ids[sel], *(t[sel] for t in tensors))))
         return out
+
+    # -- fetch mode: row gradients computed by the caller ----------------------------
 
     def _send_later(self, i: int, call: Callable[[ShardHandle, int], None]) -> None:
         """call(shard, expected version) for shard i, in the background when the shards are
@@ -347,7 +343,7 @@ class Table:
         _tensor("ids", ids, torch.int64, (None,))
         _tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_v))
         rid = request_id or uuid.uuid4().hex
-        for i, (sub, g) in self._split(ids, grads):
+        for i, (sub, g) in self._split(self._map, ids, grads):
             self._send_later(i, lambda s, v, sub=sub, g=g: s.accumulate_value_grads(
                 sub, g, request_id=rid, version=v))
 
