@@ -61,7 +61,7 @@ class Table:
         # Mutations whose answer nobody waits for (fetch mode's row gradients) go
         # out on their own threads, so they overlap the caller's work and never queue ahead
         # of a read on the shared pool; `flush` (every end_step) waits for them.
-        self._send_pool = self._make_pool("table-send")
+        self._send_pool = self._make_send_pool()
         self._pending: list[Future] = []
         self._pending_lock = threading.Lock()
         self._map_lock = threading.Lock()
@@ -119,13 +119,15 @@ class Table:
                          torch.tensor([i.row_end for i in infos], dtype=torch.int64),
                          last.d_k, last.d_v, last.value_dtype, last.segments)
 
-    def _make_pool(self, name: str = "table") -> ThreadPoolExecutor | None:
+    def _make_pool(self, name: str = "table", min_shards: int = 2) -> ThreadPoolExecutor | None:
         parallel = self._parallel
         if parallel is None:
             parallel = not all(isinstance(s, Shard) for s in self.shards)
-        if name == "table-send":   # background sends pay off even to a single remote shard
-            return ThreadPoolExecutor(len(self.shards), name) if parallel else None
-        return ThreadPoolExecutor(len(self.shards), name) if parallel and len(self.shards) > 1 else None
+        return ThreadPoolExecutor(len(self.shards), name) if parallel and len(self.shards) >= min_shards else None
+
+    def _make_send_pool(self) -> ThreadPoolExecutor | None:
+        # Background sends pay off even to a single remote shard.
+        return self._make_pool("table-send", min_shards=1)
 
     def rebind(self, shards: Sequence[ShardHandle], *, refresh: bool = True) -> list[ShardHandle]:
         """Serve from a new set of shard handles (the store was re-partitioned or a
@@ -135,7 +137,7 @@ class Table:
         self.flush()
         old, old_pools = self.shards, (self._pool, self._send_pool)
         self.shards = list(shards)
-        self._pool, self._send_pool = self._make_pool(), self._make_pool("table-send")
+        self._pool, self._send_pool = self._make_pool(), self._make_send_pool()
         for pool in old_pools:
             if pool is not None:
                 pool.shutdown(wait=False)
