@@ -5,7 +5,7 @@ They run in-process: the checkpoint's store root is opened with `Table.open`
 next to the checkpoint's, with a new checkpoint directory that points at it.
 
     kstore learn --checkpoint runs/x/step_000800 --corpus-new          # the corpus' held-out facts
-    kstore learn --checkpoint runs/x/step_000800 --facts new.txt       # lines "prompt<TAB>answer"
+    kstore learn --checkpoint runs/x/step_000800 --facts new.txt       # lines "prompt<TAB>answer[<TAB>subject]"
     kstore explain --checkpoint runs/x/step_000800 "The capital of France is"
     kstore ablate --checkpoint runs/x/step_000800 --rows 12,40:48 "The capital of France is"
     kstore usage --checkpoint runs/x/step_000800
@@ -75,7 +75,8 @@ def cmd_learn(args) -> None:
         corpus = build_corpus(args.corpus or meta["train_config"]["corpus"])
         examples = corpus.new_train
     cfg = C.LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t)
+                        key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t,
+                        gate_on_subject=not args.no_gate)
     if args.lr is not None and args.method in ("full_finetune", "lora"):
         cfg.model_lr, cfg.lr = args.lr, None
     before = None
@@ -95,6 +96,7 @@ def cmd_learn(args) -> None:
                                                                              "facts": len(examples)})
     report = {"method": args.method, "facts": len(examples), "steps": args.steps,
               "new_rows": int(res.new_ids.numel()) if res.new_ids is not None else 0,
+              "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0),
               "published_version": res.version, "checkpoint": str(out),
               "loss_first": res.losses[0], "loss_last": res.losses[-1], "seconds": round(res.seconds, 1),
               "model_weights_changed": args.method in ("full_finetune", "lora")}
@@ -208,7 +210,9 @@ def register(sub) -> None:
     p = sub.add_parser("learn", help="teach new facts: new rows only (default), published as a new store version")
     ck(p)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--facts", help="a text file: 'prompt<TAB>answer' per line (or plain sentences)")
+    src.add_argument("--facts", help="a text file: 'prompt<TAB>answer[<TAB>subject]' per line (or plain "
+                                     "sentences); the subject (default: the whole prompt) is what the fact's rows "
+                                     "are gated on")
     src.add_argument("--corpus-new", action="store_true", help="the corpus' held-out new facts (default)")
     p.add_argument("--corpus", default=None, help="corpus preset (default: the checkpoint's)")
     p.add_argument("--method", default="new_rows", choices=["new_rows", "sparse_memory", "full_finetune", "lora"])
@@ -219,6 +223,8 @@ def register(sub) -> None:
     p.add_argument("--key-lr", type=float, default=0.0)
     p.add_argument("--key-margin", type=float, default=3.0)
     p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
+    p.add_argument("--no-gate", action="store_true",
+                   help="new_rows: do not gate a fact's answer rows on its subject's rows (selection bias only)")
     p.add_argument("--background-batches", type=int, default=128,
                    help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys: old text they "
                         "miss may select the new rows, so cover the pretraining text where you can")

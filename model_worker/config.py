@@ -36,6 +36,8 @@ class KnowledgeConfig:
     bias_update_rate: float = 1e-3   # product sub-key balancing (loss-free, selection only); 0 = off
     value_lr: float = 1e-2           # the store's sparse optimizer lr for rows (used when building a table)
     value_init_std: float = 0.0      # 0 -> d_v ** -0.5
+    gate_pool: int = 8               # with gated rows in the table: flat candidates per query = gate_pool x k,
+                                     # so that closed gated rows do not crowd open ones out of the search
 
     def __post_init__(self):
         self.layers = tuple(int(i) for i in self.layers)
@@ -45,6 +47,8 @@ class KnowledgeConfig:
             raise ValueError(f"readout must be one of {', '.join(READOUT_MODES)}; got {self.readout!r}")
         if self.d_k % 2:
             raise ValueError(f"d_k must be even (two product-key halves), got {self.d_k}")
+        if self.gate_pool < 1:
+            raise ValueError(f"gate_pool must be >= 1, got {self.gate_pool}")
         if self.k > self.n_sub ** 2:
             raise ValueError(f"k={self.k} exceeds the product segment's {self.n_sub ** 2} rows")
 

@@ -15,6 +15,15 @@
    read). Optionally also rows per (fact, position, head) over all its phrasings
    (`fact_rows`) and per (subject, last tokens, head) at the subject in the
    prompt (`subject_rows`); values start small;
+   with `gate_on_subject` (the default) the subject rows are the *cue* of their
+   subject's answer rows, which are *gated* on it (interface.py: cues and
+   gates): an answer row can be selected only in a sequence where one of its
+   subject's rows was selected at or before that position, so it needs no
+   selection bias. Why: at the answer, no linear function of the query tells a
+   new fact's unseen phrasing from an old fact's (`novelty_probe`: AUC ~0.53),
+   so any bias that keeps old facts off the rows also keeps the new phrasing
+   off; the subject's own tokens do tell them apart, and the gate carries that
+   decision from the subject to the answer;
 3. freeze every existing row (`table.set_frozen`) and every model parameter
    (`requires_grad_(False)`), train only the new rows (values, and their keys
    at `key_lr`) with the store's sparse optimizer;
@@ -80,15 +89,18 @@ class TextFact:
 
 
 def facts_from_lines(lines: Sequence[str]) -> list[TextFact]:
-    """'prompt<TAB>answer' -> loss on the answer; a plain sentence -> loss on all of it."""
+    """'prompt<TAB>answer' -> loss on the answer; 'prompt<TAB>answer<TAB>subject' names the
+    fact's subject (what its rows are gated on; default: the whole prompt); a plain
+    sentence -> loss on all of it."""
     out = []
     for line in lines:
         line = line.rstrip("\n")
         if not line.strip():
             continue
         if "\t" in line:
-            prompt, ans = line.split("\t", 1)
-            out.append(TextFact(prompt.rstrip(), " " + ans.strip(), ans.strip(), subject=prompt.rstrip()))
+            prompt, ans, *rest = line.split("\t")
+            subject = rest[0].strip() if rest and rest[0].strip() else prompt.rstrip()
+            out.append(TextFact(prompt.rstrip(), " " + ans.strip(), ans.strip(), subject=subject))
         else:
             out.append(TextFact("", line.strip(), subject=line.strip()))
     return out
@@ -122,6 +134,11 @@ class LearnConfig:
     answer_rows: bool = True          # rows keyed on the queries that predict the answer tokens
     subject_rows: int = 3             # + rows keyed on the queries at the last n tokens of the subject
                                       #   (one per subject, token, head; shared by the subject's facts)
+    gate_on_subject: bool = True      # with subject_rows and answer_rows: the subject rows are the cue of
+                                      #   their subject's answer rows, which are selectable only in a sequence
+                                      #   where that cue fired (interface.py: cues and gates) and so take no
+                                      #   selection bias: old text, which never names the new subject, cannot
+                                      #   read them, however close its queries come to their keys
     guard_weight: float = 0.0         # + weight * KL(base || now) on old-text batches (trains new rows only)
     guard_batches: int = 4
     # sparse_memory (Lin et al. 2025)
@@ -312,14 +329,20 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
     where it is selected; instead each row gets a (negative) selection bias, the
     largest that keeps the same old-text queries from selecting it: selection
     becomes a threshold on q.u, the softmax weight is unchanged by the bias. The
-    biases are returned in info["bias"] [M]."""
+    biases are returned in info["bias"] [M].
+
+    info["row_groups"] [M] and info["row_layers"] [M]: each key's group (the first
+    column of the queries' group key) and knowledge layer."""
     keys, biases, info = [], [], {}
+    row_groups, row_layers = [], []
     F = torch.nn.functional
     for layer, (q, gk) in queries.items():
         kl = model.layers[layer].knowledge
         P, h, d = q.shape
         uniq, inv = torch.unique(gk, dim=0, return_inverse=True)             # [U, 2], [P]
         U = uniq.shape[0]
+        row_groups.append(uniq[:, 0].repeat_interleave(h))
+        row_layers.append(torch.full((U * h,), layer, dtype=torch.int64))
         mean = torch.zeros(U, h, d).index_add_(0, inv, F.normalize(q, dim=-1))
         mean = mean / torch.bincount(inv, minlength=U).clamp_min(1)[:, None, None].float()
         bg = background.get(layer) if background else None
@@ -382,11 +405,13 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
                                  "above_best_product": float((reach > best_g).float().mean())}
     keys = torch.cat(keys)
     bias = torch.cat(biases) if biases else None
+    groups, layers = torch.cat(row_groups), torch.cat(row_layers)
     if max_rows and keys.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(keys.shape[0], generator=g)[:max_rows]
-        keys = keys[pick]
+        keys, groups, layers = keys[pick], groups[pick], layers[pick]
         bias = bias[pick] if bias is not None else None
+    info["row_groups"], info["row_layers"] = groups, layers
     if bias is not None:
         info["bias"] = bias.float().contiguous()
     return keys.float().contiguous(), info
@@ -460,6 +485,39 @@ def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int, per_
         batches.append(collate_examples(examples[s:s + batch_size], tok, answer_only))
         groups.append(gid[s:s + batch_size])
     return batches, groups
+
+
+def group_subjects(examples: Sequence, per_phrasing: bool = False) -> list[str]:
+    """The subject of each of `_group_batches`' groups (list index = group id)."""
+    names: dict[tuple, str] = {}
+    for e in examples:
+        names.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), e.subject)
+    return list(names.values())
+
+
+def subject_names(examples: Sequence) -> list[str]:
+    """The subject of each of `subject_positions`' groups: group -1 - i is subject i."""
+    return list(dict.fromkeys(getattr(e, "subject", "") for e in examples))
+
+
+def cue_gates(row_groups: torch.Tensor, row_layers: torch.Tensor, first_id: int,
+              answer_subjects: dict[int, str], cue_subjects: dict[int, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cue and gate labels for rows about to be appended at ids first_id + [0, M): the
+    rows of a subject's subject positions become its cue (label: the id of its first
+    such row in that layer, unique across the table), the answer rows of its facts are
+    gated on it. Rows whose subject has no cue row in their layer stay ungated."""
+    M = row_groups.numel()
+    cue, gate = torch.full((M,), -1, dtype=torch.int64), torch.full((M,), -1, dtype=torch.int64)
+    label: dict[tuple[int, str], int] = {}
+    for r in range(M):
+        g, layer = int(row_groups[r]), int(row_layers[r])
+        if g in cue_subjects:
+            cue[r] = label.setdefault((layer, cue_subjects[g]), first_id + r)
+    for r in range(M):
+        g, layer = int(row_groups[r]), int(row_layers[r])
+        if g in answer_subjects and (layer, answer_subjects[g]) in label:
+            gate[r] = label[(layer, answer_subjects[g])]
+    return cue, gate
 
 
 # -- the training loop shared by every method ---------------------------------------------
@@ -547,9 +605,21 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
                                    bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
                                    select_margin=cfg.select_margin, whiten=cfg.whiten)
         bias = info.pop("bias", None)
+        row_groups, row_layers = info.pop("row_groups"), info.pop("row_layers")
+        groups = {}
+        if cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows:
+            answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
+            if cfg.fact_rows and cfg.key_per_phrasing:
+                answer.update({(1 << 40) + g: s for g, s in enumerate(group_subjects(examples, False))})
+            cues = {-1 - i: s for i, s in enumerate(subject_names(examples))}
+            cue, gate = cue_gates(row_groups, row_layers, n_old, answer, cues)
+            if bias is not None:
+                bias = bias.masked_fill(gate >= 0, 0.0)     # the gate keeps old text off them instead
+            groups = {"cue": cue, "gate": gate}
+            info.update(cue_rows=int((cue >= 0).sum()), gated_rows=int((gate >= 0).sum()))
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
-        result.new_ids = table.add_rows(values, keys, bias)
+        result.new_ids = table.add_rows(values, keys, bias, **groups)
         table.set_frozen(old_ids, True)
         model.refresh_table_state()
         result.info.update(info, new_rows=int(keys.shape[0]))
@@ -805,6 +875,75 @@ def query_separation(model: Transformer, tok: ByteTokenizer, taught: Sequence, h
             old = torch.stack([(bg[:, j] @ u[:, j].T).max(0).values for j in range(h)], 1)   # [U, h]
             out[f"layer{layer}_{kind}"] = {"heldout_cos": float(own.mean()), "old_text_max_cos": float(old.mean()),
                                            "heldout_above_old_max": float((own > old[g2]).float().mean())}
+    return out
+
+
+def _auc(pos: torch.Tensor, neg: torch.Tensor) -> float:
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    s = torch.cat([pos, neg]).double()
+    ranks = torch.empty_like(s)
+    order = s.argsort()
+    ranks[order] = torch.arange(1, s.numel() + 1, dtype=torch.float64)
+    for v in s.unique()[s.unique(return_counts=True)[1] > 1]:            # average the ranks of ties
+        tie = s == v
+        ranks[tie] = ranks[tie].mean()
+    n, m = pos.numel(), neg.numel()
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
+
+
+def _probe(pos: torch.Tensor, neg: torch.Tensor, weight_decay: float = 1e-3) -> torch.Tensor:
+    """A logistic-regression direction [d] (+ bias) separating pos [P, d] from neg [N, d]
+    (classes weighted equally)."""
+    X = torch.cat([pos, neg]).double()
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    w = torch.zeros(X.shape[1] + 1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=300, line_search_fn="strong_wolfe")
+    pw = torch.tensor(len(neg) / max(len(pos), 1), dtype=torch.float64)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(X @ w[:-1] + w[-1], y, pos_weight=pw) \
+            + weight_decay * w[:-1].square().sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    return w.detach()[:-1].float()
+
+
+@torch.no_grad()
+def novelty_probe(model: Transformer, tok: ByteTokenizer, taught: Sequence, new_heldout: Sequence,
+                  old_heldout: Sequence, background: dict[int, torch.Tensor], max_background: int = 20000) -> dict:
+    """Is "this is a new fact" a linear function of the knowledge layer's query? Per layer
+    and position kind ("first_char": the query that predicts the answer's first character;
+    "subject": the subject's last token), a logistic probe (every head's query concatenated)
+    fitted on the new facts' taught phrasings against old text (`background`), then scored
+    on held-out phrasings: AUC of new facts' against old facts' (0.5: no better than chance;
+    what an ungated key or bias can tell at best), and against old text."""
+    def at(examples, kind):
+        groups = [[0] * len(examples[i:i + 64]) for i in range(0, len(examples), 64)]
+        if kind == "subject":
+            batches, _, where = subject_positions(list(examples), tok, 1, 64)
+        else:
+            batches, _ = _group_batches(list(examples), tok, 64)
+            where = []
+            for b in batches:
+                sc = b.targets != -100
+                where.append((sc & ((sc.cumsum(1) - 1) == 1), torch.zeros_like(b.targets)))
+        return {i: q.flatten(1) for i, (q, _) in collect_queries(model, batches, groups, where).items()}
+
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for kind in ("first_char", "subject"):
+        qt, qn, qo = at(taught, kind), at(new_heldout, kind), at(old_heldout, kind)
+        for layer, bg in background.items():
+            bg = bg.flatten(1)
+            bg = bg[torch.randperm(bg.shape[0], generator=g)]
+            fit, test = bg[:max_background // 2], bg[max_background // 2:max_background]
+            w = _probe(qt[layer], fit)
+            sn, so, sb = qn[layer] @ w, qo[layer] @ w, test @ w
+            out[f"layer{layer}_{kind}"] = {"auc_new_vs_old_heldout": _auc(sn, so), "auc_new_heldout_vs_old_text": _auc(sn, sb),
+                                           "new_heldout": int(sn.numel()), "old_heldout": int(so.numel())}
     return out
 
 

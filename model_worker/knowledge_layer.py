@@ -11,6 +11,12 @@ Where each piece runs:
   are parameters of this layer and its per-sub-key balancing biases are buffers.
 - Flat segments (rows appended after it) are searched by the store
   (`table.search`), which returns selection scores and the rows' keys.
+- Gated flat rows (interface.py: cues and gates) are masked here before the
+  merge: a row with gate g is a candidate at position t of a sequence only if a
+  row with cue g is in the top-k of position t or an earlier one, that top-k
+  taken over the ungated candidates (so a gated row never opens a gate). During
+  generation the open gates carry over from one call to the next (reset when a
+  call starts at position 0).
 - The top-k is merged here, and w is recomputed from q and the selected keys
   so that gradients reach q, the codebooks, and the flat keys (sent to the
   store with `table.accumulate_key_grads`).
@@ -152,6 +158,9 @@ class KnowledgeLayer(nn.Module):
         self.table: KnowledgeTable | None = None
         self._ablated: torch.Tensor | None = None  # [n^2] bool, None when nothing is ablated
         self._has_flat = False
+        self._gated = False        # the table has gated rows
+        self._num_rows = 0
+        self._open: tuple[torch.Tensor, torch.Tensor] | None = None  # generation: (labels [G], open [B, G])
         self.record = False  # keep the last ids / weights (interpretability)
         self.last_ids: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
@@ -175,6 +184,8 @@ class KnowledgeLayer(nn.Module):
         set_ablated / load_version."""
         info = self.table.info()
         self._has_flat = any(s.kind == SEGMENT_FLAT and s.num_rows > 0 for s in info.segments)
+        self._gated = info.gated_rows > 0
+        self._num_rows = info.num_rows
         ablated = self.table.usage().ablated[: self.n * self.n].to(torch.bool)
         self._ablated = ablated if bool(ablated.any()) else None
 
@@ -184,16 +195,18 @@ class KnowledgeLayer(nn.Module):
             return F.normalize(self.codebook_a, dim=-1), F.normalize(self.codebook_b, dim=-1)
         return self.codebook_a, self.codebook_b
 
-    def forward(self, x: torch.Tensor, beside: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, beside: nn.Module | None = None,
+                input_pos: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, S, D] -> [B, S, D]. beside: a module on the same input (the FFN beside this
         layer), run while a fetch-mode readout's rows are in flight; its output is added
-        (beside(x) + layer(x))."""
-        p = self.start(x)
+        (beside(x) + layer(x)). input_pos [S]: generation with caches (gates opened by
+        earlier calls stay open)."""
+        p = self.start(x, input_pos)
         f = beside(x) if beside is not None else None
         y = self.finish(p)
         return y if f is None else f + y
 
-    def start(self, x: torch.Tensor) -> PendingReadout:
+    def start(self, x: torch.Tensor, input_pos: torch.Tensor | None = None) -> PendingReadout:
         """Everything up to the readout; in fetch mode the fetch of the selected rows is
         then in flight, so that the caller can compute something else meanwhile (`finish`
         waits for it). forward(x) == finish(start(x))."""
@@ -202,7 +215,7 @@ class KnowledgeLayer(nn.Module):
         q = self.q_norm(self.wq(x).view(B * S * h, self.d_k)).float()   # [T, d_k], T = B*S*h
         ca, cb = self.codebooks()                                          # [n, d_k/2] each
 
-        ids, flat_keys = self._select(q.detach(), ca.detach(), cb.detach())  # [T, k], [T, k, d_k] | None
+        ids, flat_keys = self._select(q.detach(), ca.detach(), cb.detach(), (B, S), input_pos)  # [T, k], [T, k, d_k]
 
         # Recompute the scores of the selected rows differentiably (no bias). A product
         # key is (c_a[i], c_b[j]), so q.k = (q_a C_a^T)[i] + (q_b C_b^T)[j]: gather from the
@@ -254,22 +267,64 @@ class KnowledgeLayer(nn.Module):
         return y
 
     @torch.no_grad()
-    def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, shape: tuple[int, int] | None = None,
+                input_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Top-k over all segments by q.k_i + b_i -> ids [T, k] and, when flat
-        segments exist, the flat keys of the selection [T, k, d_k] (0 elsewhere)."""
+        segments exist, the flat keys of the selection [T, k, d_k] (0 elsewhere).
+        shape = (B, S) of the tokens behind q's T = B*S*h rows (needed for gates)."""
         half = self.d_k // 2
         scores, ids = kernels.product_key_search(q[:, :half], q[:, half:], ca, cb, self.k,
                                                  self.bias_a, self.bias_b, self._ablated)
         if not self._has_flat:
             return ids, None
-        res = self.table.search(q, self.k)                                # flat segments only
-        scores = torch.cat([scores, res.scores.to(scores.device)], dim=1)  # [T, 2k]
+        gated = self._gated and shape is not None
+        res = self.table.search(q, min(self.k * self.cfg.gate_pool, self._num_rows) if gated else self.k)
+        flat_scores = res.scores.to(scores.device)
+        if gated and res.gate is not None:
+            flat_scores = self._close_gates(scores, flat_scores, res.cue.to(ids.device), res.gate.to(ids.device),
+                                            shape, input_pos)
+        scores = torch.cat([scores, flat_scores], dim=1)                   # [T, k + flat candidates]
         ids = torch.cat([ids, res.ids.to(ids.device)], dim=1)
-        keys = torch.cat([torch.zeros_like(res.keys), res.keys], dim=1).to(q.device)  # [T, 2k, d_k]
+        keys = torch.cat([res.keys.new_zeros(res.keys.shape[0], self.k, self.d_k), res.keys], dim=1).to(q.device)
         top = scores.topk(self.k, dim=1).indices
         ids = ids.gather(1, top).masked_fill(torch.isneginf(scores.gather(1, top)), kernels.PAD_ID)
         return ids, keys.gather(1, top.unsqueeze(-1).expand(-1, -1, self.d_k))
+
+    def _close_gates(self, prod_scores: torch.Tensor, scores: torch.Tensor, cue: torch.Tensor, gate: torch.Tensor,
+                     shape: tuple[int, int], input_pos: torch.Tensor | None) -> torch.Tensor:
+        """Flat candidates' scores [T, C] with -inf where the row's gate is closed at its
+        position (interface.py, cues and gates)."""
+        B, S = shape
+        h, k, dev = self.n_heads, self.k, scores.device
+        is_gated = gate >= 0
+        # the cues that fire: labels of the cue rows in the top-k over ungated candidates
+        cand = torch.cat([prod_scores, scores.masked_fill(is_gated, float("-inf"))], 1)
+        cues = torch.cat([torch.full_like(prod_scores, -1, dtype=torch.int64), cue], 1)
+        s, top = cand.topk(k, dim=1)
+        fired = cues.gather(1, top).masked_fill(torch.isneginf(s), -1)                  # [T, k]
+        carry = self._open if input_pos is not None and int(input_pos[0]) > 0 else None
+        if carry is not None and carry[1].shape[0] != B:
+            carry = None
+        parts = [fired[fired >= 0], gate[is_gated]] + ([carry[0].to(dev)] if carry is not None else [])
+        labels = torch.unique(torch.cat(parts))                                          # [G] sorted
+        G = labels.numel()
+        if G == 0:
+            self._open = None
+            return scores
+        tok = torch.arange(B * S * h, device=dev) // h                                   # row -> token b*S + s
+        is_open = torch.zeros(B * S, G, dtype=torch.bool, device=dev)
+        hit = fired >= 0
+        is_open[tok[:, None].expand_as(fired)[hit], torch.searchsorted(labels, fired[hit])] = True
+        is_open = is_open.view(B, S, G).int().cummax(1).values.bool()                   # open from where it fired on
+        if carry is not None:
+            was = torch.searchsorted(labels, carry[0].to(dev))                           # every carried label is in labels
+            prev = torch.zeros(B, G, dtype=torch.bool, device=dev)
+            prev[:, was] = carry[1].to(dev)
+            is_open |= prev[:, None]
+        self._open = (labels, is_open[:, -1]) if input_pos is not None else None
+        gi = torch.searchsorted(labels, gate.clamp_min(0)).clamp_max(G - 1)
+        ok = is_open.view(B * S, G)[tok[:, None].expand_as(gate), gi] & (labels[gi] == gate)
+        return scores.masked_fill(is_gated & ~ok, float("-inf"))
 
     def _store_keys(self, flat_keys: torch.Tensor, ids: torch.Tensor, is_prod: torch.Tensor) -> torch.Tensor:
         """The flat keys as a leaf whose gradient is sent to the store in backward."""

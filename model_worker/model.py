@@ -99,7 +99,7 @@ class TransformerBlock(nn.Module):
         if self.knowledge is None:
             return h + self.ffn(n)
         # Beside: the FFN runs while a fetch-mode readout's rows are in flight.
-        return h + self.knowledge(n, beside=self.ffn)
+        return h + self.knowledge(n, beside=self.ffn, input_pos=input_pos)
 
 
 class Transformer(nn.Module):

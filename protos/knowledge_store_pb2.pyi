@@ -29,20 +29,22 @@ class Segment(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., row_start: _Optional[int] = ..., num_rows: _Optional[int] = ..., n_sub: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address")
+    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address", "gated_rows")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_END_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    GATED_ROWS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     row_start: int
     row_end: int
     version: int
     step: int
     address: str
-    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ...) -> None: ...
+    gated_rows: int
+    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., gated_rows: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -73,14 +75,18 @@ class SearchRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "scores", "keys")
+    __slots__ = ("ids", "scores", "keys", "cue", "gate")
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
+    CUE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     scores: Tensor
     keys: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cue: Tensor
+    gate: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")
@@ -207,16 +213,20 @@ class EndStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class AddRowsRequest(_message.Message):
-    __slots__ = ("request_id", "values", "keys", "bias")
+    __slots__ = ("request_id", "values", "keys", "bias", "cue", "gate")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
+    CUE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     values: Tensor
     keys: Tensor
     bias: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    cue: Tensor
+    gate: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AddRowsResponse(_message.Message):
     __slots__ = ("ids",)

@@ -159,7 +159,8 @@ class RemoteShard:
         r = self._call(self._store.Describe, pb.DescribeRequest())
         i = r.info
         info = ShardInfo(shard_id=int(i.shard_id), row_start=int(i.row_start), row_end=int(i.row_end),
-                         version=int(i.version), step=int(i.step), address=self.address)
+                         version=int(i.version), step=int(i.step), address=self.address,
+                         gated_rows=int(i.gated_rows))
         self._shard_id = info.shard_id
         segments = tuple(SegmentInfo(kind=s.kind, row_start=int(s.row_start), num_rows=int(s.num_rows),
                                      n_sub=int(s.n_sub)) for s in r.segments)
@@ -170,9 +171,13 @@ class RemoteShard:
         req = pb.SearchRequest(version=version, k=k)
         wire.to_proto(queries, req.queries)
         r = self._call(self._store.Search, req)
-        return SearchResult(ids=wire.from_proto(r.ids, "ids", ids=True),
-                            scores=wire.from_proto(r.scores, "scores"),
-                            keys=wire.from_proto(r.keys, "keys"))
+        ids = wire.from_proto(r.ids, "ids", ids=True)
+        if r.HasField("cue") and r.HasField("gate"):
+            cue, gate = wire.from_proto(r.cue, "cue", ids=True), wire.from_proto(r.gate, "gate", ids=True)
+        else:       # no selected row has a cue or a gate
+            cue, gate = torch.full_like(ids, -1), torch.full_like(ids, -1)
+        return SearchResult(ids=ids, scores=wire.from_proto(r.scores, "scores"),
+                            keys=wire.from_proto(r.keys, "keys"), cue=cue, gate=gate)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
@@ -248,12 +253,17 @@ class RemoteShard:
         return int(self._call(self._store.EndStep, req, timeout_s=timeout_s + self.timeout_s).step)
 
     # -- control plane (bearer token) ----------------------------------------
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         req = pb.AddRowsRequest(request_id=_new_id())
         wire.to_proto(values, req.values)
         wire.to_proto(keys, req.keys)
         if bias is not None:
             wire.to_proto(bias, req.bias)
+        if cue is not None:
+            wire.to_proto(cue, req.cue)
+        if gate is not None:
+            wire.to_proto(gate, req.gate)
         return wire.from_proto(self._call(self._admin.AddRows, req, admin=True).ids, "ids", ids=True)
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None:

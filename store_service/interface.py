@@ -19,6 +19,11 @@ Conventions (DESIGN.md sections 2, 3, 5):
 - Balancing bias b_i affects selection only. Flat rows carry a per-row bias on
   their shard; product-key rows a per-sub-key bias (b_i + b_j), which keeps the
   O(n) exact search exact.
+- Cues and gates (flat rows only; int64 group labels, -1 = none): a row with a
+  gate g may be selected at a position of a sequence only once a row with cue g
+  was selected at that position or an earlier one (the knowledge layer applies
+  this; the store keeps the labels with the rows and returns them with a search).
+  `continual.learn` keys a new fact's answer rows on its subject this way.
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ class ShardInfo:
     version: int
     step: int
     address: str = ""  # host:port for a remote shard, "" in-process
+    gated_rows: int = 0  # flat rows with a gate (selectable only after their cue fired)
 
     @property
     def num_rows(self) -> int:
@@ -76,12 +82,18 @@ class TableInfo:
     def step(self) -> int:
         return min(s.step for s in self.shards)
 
+    @property
+    def gated_rows(self) -> int:
+        return sum(s.gated_rows for s in self.shards)
+
 
 @dataclass
 class SearchResult:
     ids: torch.Tensor     # [B, k] int64, PAD_ID where fewer than k rows exist
     scores: torch.Tensor  # [B, k] float32, selection score q.k_i + b_i (-inf at PAD)
     keys: torch.Tensor    # [B, k, d_k] float32, the keys of the selected rows (0 at PAD)
+    cue: torch.Tensor | None = None   # [B, k] int64, the rows' cue group (-1: none, and at PAD)
+    gate: torch.Tensor | None = None  # [B, k] int64, the rows' gate group (-1: ungated, and at PAD)
 
 
 @dataclass
@@ -143,10 +155,12 @@ class KnowledgeTable(Protocol):
         returns the table's new step."""
 
     # -- control plane ----------------------------------------------------
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Append rows (values [M, d_v], keys [M, d_k], optional selection bias
-        [M], default 0) to the table's last flat segment (creating one if the
-        last segment is a product segment). Returns their new ids [M]."""
+        [M], default 0, optional cue and gate groups [M] int64, default -1) to the
+        table's last flat segment (creating one if the last segment is a product
+        segment). Returns their new ids [M]."""
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None: ...
 
@@ -199,8 +213,8 @@ class ShardHandle(Protocol):
                                request_id: str = "", version: int = 0) -> None: ...
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
                  request_id: str = "", timeout_s: float = 60.0) -> int: ...
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor: ...
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor: ...
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None: ...
     def set_ablated(self, ids: torch.Tensor, ablated: bool) -> None: ...
     def usage(self) -> UsageStats: ...

@@ -7,7 +7,7 @@ Layout:
                                             segments, shards (the shard map), config, optimizer
         shard_0000/                         one subgroup per shard
             values, frozen, ablated, hits, weight_sum, opt_steps[, opt_m, opt_v],
-            flat_ids, keys, flat_bias, key_steps[, key_m, key_v],
+            flat_ids, keys, flat_bias, key_steps[, key_m, key_v][, flat_cue, flat_gate],
             pk<seg>_codebook_a, pk<seg>_codebook_b, pk<seg>_bias_a, pk<seg>_bias_b
             attrs: shard_id, row_start, row_end, step, version, d_k, d_v, value_dtype,
                    segments, config, value_storage ("bfloat16" values are stored as
@@ -37,7 +37,7 @@ _VERSION_RE = re.compile(r"^v(\d{8})$")
 
 # Arrays with one entry per owned row, and with one entry per owned flat row.
 ROW_ARRAYS = ("values", "frozen", "ablated", "hits", "weight_sum", "opt_steps", "opt_m", "opt_v")
-FLAT_ARRAYS = ("flat_ids", "keys", "flat_bias", "key_steps", "key_m", "key_v")
+FLAT_ARRAYS = ("flat_ids", "keys", "flat_bias", "key_steps", "key_m", "key_v", "flat_cue", "flat_gate")
 
 
 def version_name(version: int) -> str:

@@ -131,7 +131,7 @@ def _describe_response(d: ShardDescription) -> pb.DescribeResponse:
     i = d.info
     return pb.DescribeResponse(
         info=pb.ShardInfo(shard_id=i.shard_id, row_start=i.row_start, row_end=i.row_end,
-                          version=i.version, step=i.step, address=i.address),
+                          version=i.version, step=i.step, address=i.address, gated_rows=i.gated_rows),
         d_k=d.d_k, d_v=d.d_v, value_dtype=d.value_dtype,
         segments=[pb.Segment(kind=s.kind, row_start=s.row_start, num_rows=s.num_rows, n_sub=s.n_sub)
                   for s in d.segments])
@@ -190,6 +190,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             wire.ids_to_proto(res.ids, resp.ids)
             wire.to_proto(res.scores, resp.scores)
             wire.to_proto(res.keys, resp.keys)
+            if res.cue is not None and res.gate is not None and bool((res.cue >= 0).any() or (res.gate >= 0).any()):
+                wire.ids_to_proto(res.cue, resp.cue)
+                wire.ids_to_proto(res.gate, resp.gate)
             return resp
         return self._rpc.handle("Search", context, call, items=request.queries.shape[0] if request.queries.shape else 0)
 
@@ -274,8 +277,10 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
             keys = wire.from_proto(request.keys, "keys", dtypes=_FLOATS, ndim=2).clone()
             bias = wire.from_proto(request.bias, "bias", dtypes=_FLOATS, ndim=1).clone() \
                 if request.HasField("bias") else None
+            groups = {name: wire.from_proto(getattr(request, name), name, dtypes=("int64",), ndim=1).clone()
+                      for name in ("cue", "gate") if request.HasField(name)}
             resp = pb.AddRowsResponse()
-            wire.to_proto(self._shard.add_rows(values, keys, bias), resp.ids)
+            wire.to_proto(self._shard.add_rows(values, keys, bias, **groups), resp.ids)
             return resp
         return self._admin("AddRows", context, call, request.request_id)
 

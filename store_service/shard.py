@@ -108,12 +108,18 @@ class _State:
                  values: torch.Tensor, frozen: torch.Tensor, ablated: torch.Tensor,
                  hits: torch.Tensor, weight_sum: torch.Tensor, opt: RowState,
                  flat_ids: torch.Tensor, keys: torch.Tensor, flat_bias: torch.Tensor, key_opt: RowState,
-                 pieces: list[_ProductPiece]):
+                 pieces: list[_ProductPiece], flat_cue: torch.Tensor | None = None,
+                 flat_gate: torch.Tensor | None = None):
         self.config, self.shard_id, self.version, self.step = config, shard_id, version, step
         self.row_start, self.row_end, self.segments = row_start, row_end, segments
         self.values, self.frozen, self.ablated = values, frozen, ablated            # [R, d_v], [R], [R]
         self.hits, self.weight_sum, self.opt = hits, weight_sum, opt                # [R] int64, [R] f64
         self.flat_ids, self.keys, self.flat_bias = flat_ids, keys, flat_bias        # [F], [F, d_k], [F]
+        # cue / gate group labels per flat row [F] int64, -1 = none (versions written before
+        # they existed have neither)
+        none = torch.full((flat_ids.numel(),), -1, dtype=torch.int64, device=flat_ids.device)
+        self.flat_cue = none if flat_cue is None else flat_cue
+        self.flat_gate = none.clone() if flat_gate is None else flat_gate
         self.key_opt, self.pieces = key_opt, pieces
         self.step_hits = torch.zeros_like(hits)   # load since the last end_step (balancing)
         self.row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local rows, grads) pairs
@@ -248,7 +254,8 @@ class Shard:
     def describe(self) -> ShardDescription:
         with self._use(0) as st, st.lock:
             return ShardDescription(
-                info=ShardInfo(self.shard_id, st.row_start, st.row_end, st.version, st.step),
+                info=ShardInfo(self.shard_id, st.row_start, st.row_end, st.version, st.step,
+                               gated_rows=int((st.flat_gate >= 0).sum())),
                 d_k=st.config.d_k, d_v=st.config.d_v, value_dtype=st.config.value_dtype,
                 segments=st.segments)
 
@@ -384,21 +391,29 @@ class Shard:
 
     # -- control plane -------------------------------------------------------
 
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
         """Append rows (values [M, d_v], keys [M, d_k], optional selection bias [M],
-        default 0) to the table's last flat segment; only the shard holding the
-        table's last rows may. -> ids [M]."""
+        default 0, optional cue and gate group labels [M] int64 >= -1, default -1)
+        to the table's last flat segment; only the shard holding the table's last
+        rows may. -> ids [M]."""
         with self._use(0) as st, st.lock:
             cfg = st.config
             _tensor("values", values, (torch.float32, st.values.dtype), (None, cfg.d_v))
             _tensor("keys", keys, torch.float32, (values.shape[0], cfg.d_k))
             if bias is not None:
                 _tensor("bias", bias, torch.float32, (values.shape[0],))
+            for name, g in (("cue", cue), ("gate", gate)):
+                if g is not None:
+                    _tensor(name, g, torch.int64, (values.shape[0],))
+                    if bool((g < -1).any()):
+                        raise errors.InvalidArgument(name, f"group labels are >= 0 (or -1 for none); got {int(g.min())}")
             if st.row_end != st.segments[-1].row_end:
                 raise errors.FailedPrecondition(
                     f"add_rows: shard {self.shard_id} owns [{st.row_start}, {st.row_end}), not the table's "
                     f"last rows (table ends at {st.segments[-1].row_end})")
-            _append_rows(st, values.to(st.device), keys.to(st.device), None if bias is None else bias.to(st.device))
+            _append_rows(st, values.to(st.device), keys.to(st.device), None if bias is None else bias.to(st.device),
+                         *(None if g is None else g.to(st.device) for g in (cue, gate)))
             m = values.shape[0]
             return torch.arange(st.row_end - m, st.row_end, dtype=torch.int64)
 
@@ -488,7 +503,7 @@ def _check_readout(st: _State, ids: torch.Tensor, weights: torch.Tensor) -> tupl
 
 def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
     cfg = st.config
-    all_s, all_ids, all_keys = [], [], []
+    all_s, all_ids, all_keys, all_groups = [], [], [], []
     if st.flat_ids.numel():
         abl = st.ablated[st.flat_local]
         if cfg.faiss_threshold and st.flat_ids.numel() >= cfg.faiss_threshold:
@@ -502,6 +517,7 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
         all_s.append(s)
         all_ids.append(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)))
         all_keys.append(st.keys[p].float() * valid.unsqueeze(-1))
+        all_groups.append(torch.stack([st.flat_cue[p], st.flat_gate[p]], -1).masked_fill(~valid.unsqueeze(-1), -1))
     h = cfg.d_k // 2
     for pc in st.pieces:
         n = pc.seg.n_sub
@@ -519,21 +535,28 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
         all_s.append(s.masked_fill(~valid, float("-inf")))
         all_ids.append(torch.where(valid, pc.seg.row_start + sub, torch.full_like(sub, PAD_ID)))
         all_keys.append(torch.cat([pc.codebook_a[ia], pc.codebook_b[ib]], -1).float() * valid.unsqueeze(-1))
+        all_groups.append(torch.full((*sub.shape, 2), -1, dtype=torch.int64, device=sub.device))
     if not all_s:  # this shard holds no searchable rows
         B = q.shape[0]
-        return SearchResult(torch.full((B, k), PAD_ID, dtype=torch.int64, device=q.device),
-                            torch.full((B, k), float("-inf"), device=q.device),
-                            torch.zeros(B, k, cfg.d_k, device=q.device))
-    return merge_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k)
+        none = torch.full((B, k), PAD_ID, dtype=torch.int64, device=q.device)
+        return SearchResult(none, torch.full((B, k), float("-inf"), device=q.device),
+                            torch.zeros(B, k, cfg.d_k, device=q.device), none.clone(), none.clone())
+    return merge_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k, torch.cat(all_groups, 1))
 
 
-def merge_topk(scores: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, k: int) -> SearchResult:
-    """Top-k of candidates [B, C] (C >= k), PAD where the score is -inf."""
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, k: int,
+               groups: torch.Tensor | None = None) -> SearchResult:
+    """Top-k of candidates [B, C] (C >= k), PAD where the score is -inf. groups [B, C, 2]
+    int64: the candidates' (cue, gate) labels (None: every candidate has none)."""
     s, pos = scores.topk(k, dim=1)
     out_ids = ids.gather(1, pos).masked_fill(torch.isneginf(s), PAD_ID)
     out_keys = keys.gather(1, pos.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
     out_keys = out_keys * (out_ids >= 0).unsqueeze(-1)
-    return SearchResult(out_ids, s, out_keys)
+    if groups is None:
+        cue = torch.full_like(out_ids, -1)
+        return SearchResult(out_ids, s, out_keys, cue, cue.clone())
+    g = groups.gather(1, pos.unsqueeze(-1).expand(-1, -1, 2)).masked_fill((out_ids < 0).unsqueeze(-1), -1)
+    return SearchResult(out_ids, s, out_keys, g[..., 0].contiguous(), g[..., 1].contiguous())
 
 
 def _apply_step(st: _State) -> None:
@@ -590,7 +613,8 @@ def _balance(st: _State) -> None:
         pc.bias_b -= step * torch.sign(lb - lb.mean()).float()
 
 
-def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> None:
     m, start = values.shape[0], st.row_end
     last = st.segments[-1]
     if last.kind == SEGMENT_FLAT:
@@ -605,6 +629,8 @@ def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor, bias: tor
     st.flat_ids = torch.cat([st.flat_ids, torch.arange(start, start + m, device=st.device)])
     st.keys = torch.cat([st.keys, keys.float()])
     st.flat_bias = torch.cat([st.flat_bias, st.flat_bias.new_zeros(m) if bias is None else bias.float()])
+    st.flat_cue = torch.cat([st.flat_cue, st.flat_cue.new_full((m,), -1) if cue is None else cue])
+    st.flat_gate = torch.cat([st.flat_gate, st.flat_gate.new_full((m,), -1) if gate is None else gate])
     st.key_opt.append(m)
     st.row_end += m
     st._reindex()
@@ -684,7 +710,7 @@ def _state_to_data(st: _State, version: int) -> persistence.ShardData:
         "values": np_(st.values), "frozen": np_(st.frozen), "ablated": np_(st.ablated),
         "hits": np_(st.hits), "weight_sum": np_(st.weight_sum), "opt_steps": np_(st.opt.steps),
         "flat_ids": np_(st.flat_ids), "keys": np_(st.keys), "flat_bias": np_(st.flat_bias),
-        "key_steps": np_(st.key_opt.steps),
+        "key_steps": np_(st.key_opt.steps), "flat_cue": np_(st.flat_cue), "flat_gate": np_(st.flat_gate),
     }
     if st.opt.m is not None:
         arrays.update(opt_m=np_(st.opt.m), opt_v=np_(st.opt.v), key_m=np_(st.key_opt.m), key_v=np_(st.key_opt.v))
@@ -727,4 +753,5 @@ def _load_state(store_root: str, version: int, shard_id: int, device: str | None
         opt=RowState(t("opt_steps"), t("opt_m") if adam else None, t("opt_v") if adam else None),
         flat_ids=t("flat_ids"), keys=t("keys"), flat_bias=t("flat_bias"),
         key_opt=RowState(t("key_steps"), t("key_m") if adam else None, t("key_v") if adam else None),
-        pieces=pieces)
+        pieces=pieces, flat_cue=t("flat_cue") if "flat_cue" in arr else None,
+        flat_gate=t("flat_gate") if "flat_gate" in arr else None)

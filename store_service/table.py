@@ -28,6 +28,13 @@ from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHa
 from .shard import Shard, _check_usage, _int, _tensor, merge_topk
 
 
+def _groups(res: SearchResult) -> torch.Tensor:
+    """A shard's search result's (cue, gate) labels [B, k, 2] (-1 where it sent none)."""
+    if res.cue is None or res.gate is None:
+        return torch.full((*res.ids.shape, 2), -1, dtype=torch.int64)
+    return torch.stack([res.cue, res.gate], -1)
+
+
 @dataclass(frozen=True)
 class _ShardMap:
     infos: tuple[ShardInfo, ...]   # in handle order
@@ -209,9 +216,10 @@ class Table:
         def op(m: _ShardMap) -> SearchResult:
             parts = self._each(lambda i, s: s.search(queries, k, version=m.infos[i].version))
             dev = queries.device
+            groups = torch.cat([_groups(p).to(dev) for p in parts], 1)
             return merge_topk(torch.cat([p.scores.to(dev) for p in parts], 1),
                               torch.cat([p.ids.to(dev) for p in parts], 1),
-                              torch.cat([p.keys.to(dev) for p in parts], 1), k)
+                              torch.cat([p.keys.to(dev) for p in parts], 1), k, groups)
         return self._retrying(op)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
@@ -377,12 +385,14 @@ class Table:
 
     # -- control plane -------------------------------------------------------------
 
-    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """values [M, d_v], keys [M, d_k] (, selection bias [M]; default 0) -> new ids [M],
-        appended to the last flat segment."""
+    def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """values [M, d_v], keys [M, d_k] (, selection bias [M]; default 0; cue and gate
+        group labels [M] int64, default -1) -> new ids [M], appended to the last flat segment."""
         m = self._map
         last = max(range(len(self.shards)), key=lambda i: m.infos[i].row_end)
-        ids = self.shards[last].add_rows(values, keys, bias)
+        groups = {k: v for k, v in (("cue", cue), ("gate", gate)) if v is not None}
+        ids = self.shards[last].add_rows(values, keys, bias, **groups)
         self.refresh()
         return ids
 

@@ -96,9 +96,12 @@ def test_full_finetune_and_lora_change_weights_not_rows_for_lora(tmp_path):
 
 
 def test_facts_from_lines():
-    f = C.facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", ""])
+    f = C.facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", "",
+                            "Xland's currency is the\tFlorp\tXland"])
     assert f[0].prompt == "The capital of Xland is" and f[0].completion == " Zorp" and f[0].answer == "Zorp"
+    assert f[0].subject == "The capital of Xland is"         # no subject column: the prompt is the subject
     assert f[1].prompt == "" and f[1].completion == "Zorp is a city."
+    assert f[2].answer == "Florp" and f[2].subject == "Xland"
 
 
 def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
@@ -174,3 +177,28 @@ def test_learn_new_rows_with_subject_rows_and_bias_changes_nothing_old(tmp_path)
     assert torch.equal(before["flat_bias"], now["flat_bias"][:before["flat_bias"].shape[0]])
     assert res.new_ids.numel() == now["flat_bias"].shape[0] - before["flat_bias"].shape[0]
     assert bool((now["flat_bias"][-res.new_ids.numel():] != 0).any())
+
+
+@pytest.mark.parametrize("gate_on_subject", [True, False])
+def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject):
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    res = C.learn(model, table, FACTS, ByteTokenizer(),
+                  C.LearnConfig(steps=2, batch_size=4, gate_on_subject=gate_on_subject), publish=False)
+    st = shard_state(table)
+    ids, cue, gate = st["flat_ids"], st["flat_cue"], st["flat_gate"]
+    new = ids >= n_old
+    assert int(new.sum()) == res.new_ids.numel()
+    if not gate_on_subject:
+        assert bool((cue == -1).all() and (gate == -1).all()) and table.info().gated_rows == 0
+        return
+    assert res.info["cue_rows"] == int((cue >= 0).sum()) > 0
+    assert res.info["gated_rows"] == int((gate >= 0).sum()) == table.info().gated_rows > 0
+    labels = set(cue[cue >= 0].tolist())
+    # one label per (subject, knowledge layer): the id of that subject's first cue row
+    assert len(labels) == len({f.subject for f in FACTS}) * len(model.knowledge_layers())
+    for label in labels:
+        assert int(cue[ids == label]) == label
+    assert set(gate[gate >= 0].tolist()) == labels          # every subject's answers are gated on it
+    assert not bool(((cue >= 0) & (gate >= 0)).any())        # a cue row is never gated
+    assert bool((st["flat_bias"][gate >= 0] == 0).all())
