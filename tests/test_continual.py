@@ -202,3 +202,34 @@ def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject):
     assert set(gate[gate >= 0].tolist()) == labels          # every subject's answers are gated on it
     assert not bool(((cue >= 0) & (gate >= 0)).any())        # a cue row is never gated
     assert bool((st["flat_bias"][gate >= 0] == 0).all())
+
+
+def test_gated_key_norm_max_gives_every_gated_key_one_norm(tmp_path):
+    model, table = make(tmp_path)
+    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=1, batch_size=4, gated_key_norm="max"),
+            publish=False)
+    st = shard_state(table)
+    norms = st["keys"][st["flat_gate"] >= 0].norm(dim=-1)
+    torch.testing.assert_close(norms, norms.max().expand_as(norms))
+    with pytest.raises(ValueError, match="gated_key_norm"):
+        C.LearnConfig(gated_key_norm="mean")
+
+
+def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_path):
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    orig = table.add_rows
+
+    made = {}
+
+    def add_rows(values, keys, bias=None, **groups):       # what learn made, before training
+        made.update(keys=keys.clone(), **groups)
+        return orig(values, keys, bias, **groups)
+    table.add_rows = add_rows
+    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, key_lr=0.05), publish=False)
+    st = shard_state(table)
+    new = st["flat_ids"] >= n_old
+    keys, cue, gate = st["keys"][new], made["cue"], made["gate"]
+    assert torch.equal(keys[cue >= 0], made["keys"][cue >= 0])            # cues bitwise as made
+    assert not torch.equal(keys[gate >= 0], made["keys"][gate >= 0])      # gated keys trained
+    assert not bool(st["frozen"][n_old:].any())                           # and nothing stays frozen
