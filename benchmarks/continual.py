@@ -101,10 +101,11 @@ def base_checkpoint(out: str = BASE_DIR, layer: int | None = None, seed: int = 0
 #     Full finetuning 23 / 90, LoRA 19 / 67. (One fact is 1.4% new recall; one old fact 0.8% forgetting.)
 #   In block 3 (last block): new rows 5 / 74 of 0 / 80, full finetuning 16 / 41.
 #   A KL guard on 32 old-text batches (weight 1) with reach, block 2: 14 / 72 (reach alone: 18 / 82).
-# Cue-gated answer rows (gate_on_subject, the default since 2026-12-03), same base (Intel retrain,
-# base 5 / 100): the subject rows become the cue of their subject's answer rows, which then need no
-# selection bias: 34 / 103 (new recall 48%, old recall +3%) against 15 / 90 ungated (margin 0) and
-# full finetuning 18 / 63. Why it works where no key or bias could (see query_separation and
+# Cue-gated answer rows (gate_on_subject, the default since 2026-12-03), this base retrained on an
+# Intel host (base 5 / 100): the subject rows become the cue of their subject's answer rows, which
+# then need no selection bias: 34 / 103 (lr 0.3; new recall 48%, old recall +3%) against 15 / 90
+# ungated (margin 0) and full finetuning 18 / 63; with the learning rates below 37 / 104 against
+# 13 / 82 ungated, full finetuning 23 / 60, LoRA 16 / 75. Why it works where no key or bias could (see query_separation and
 # novelty_probe in the results): at the answer no linear function of the query tells a new fact's
 # held-out phrasing from an old fact's (probe AUC ~0.5), but the subject's own tokens do, and the
 # gate carries that decision from the subject to the answer.
