@@ -854,6 +854,23 @@ def new_row_reads(model: Transformer, tok: ByteTokenizer, examples: Sequence, fi
             "first_char_acc_new_rows_ablated": float(ok0[first_char].float().mean())}
 
 
+def _positions(examples: Sequence, tok: ByteTokenizer, kind: str, groups: list[list[int]]
+               ) -> tuple[list[Batch], list[list[int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """`collect_queries` arguments for one position per example, in batches of 64:
+    "subject" (the subject's last token) or "first_char" (the query that predicts the
+    answer's first character; target 0 is the space before it)."""
+    examples = list(examples)
+    if kind == "subject":
+        batches, _, where = subject_positions(examples, tok, 1, 64)
+        return batches, groups, where
+    batches, _ = _group_batches(examples, tok, 64)
+    where = []
+    for b in batches:
+        sc = b.targets != -100
+        where.append((sc & ((sc.cumsum(1) - 1) == 1), torch.zeros_like(b.targets)))
+    return batches, groups, where
+
+
 @torch.no_grad()
 def query_separation(model: Transformer, tok: ByteTokenizer, taught: Sequence, heldout: Sequence,
                      background: dict[int, torch.Tensor]) -> dict:
@@ -870,17 +887,8 @@ def query_separation(model: Transformer, tok: ByteTokenizer, taught: Sequence, h
     heldout = [e for e in heldout if (e.subject, e.relation) in names]
 
     def at(examples, kind):
-        if kind == "subject":
-            batches, _, where = subject_positions(examples, tok, 1, 64)
-        else:
-            batches, _ = _group_batches(examples, tok, 64)
-            where = []
-            for b in batches:
-                sc = b.targets != -100
-                m = sc & ((sc.cumsum(1) - 1) == 1)
-                where.append((m, torch.zeros_like(b.targets)))
         groups = [[names[(e.subject, e.relation)] for e in examples[i:i + 64]] for i in range(0, len(examples), 64)]
-        return collect_queries(model, batches, groups, where)
+        return collect_queries(model, *_positions(examples, tok, kind, groups))
 
     out = {}
     for kind in ("first_char", "subject"):
@@ -941,15 +949,7 @@ def novelty_probe(model: Transformer, tok: ByteTokenizer, taught: Sequence, new_
     what an ungated key or bias can tell at best), and against old text."""
     def at(examples, kind):
         groups = [[0] * len(examples[i:i + 64]) for i in range(0, len(examples), 64)]
-        if kind == "subject":
-            batches, _, where = subject_positions(list(examples), tok, 1, 64)
-        else:
-            batches, _ = _group_batches(list(examples), tok, 64)
-            where = []
-            for b in batches:
-                sc = b.targets != -100
-                where.append((sc & ((sc.cumsum(1) - 1) == 1), torch.zeros_like(b.targets)))
-        return {i: q.flatten(1) for i, (q, _) in collect_queries(model, batches, groups, where).items()}
+        return {i: q.flatten(1) for i, (q, _) in collect_queries(model, *_positions(examples, tok, kind, groups)).items()}
 
     g = torch.Generator().manual_seed(0)
     out = {}

@@ -233,3 +233,20 @@ def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_p
     assert torch.equal(keys[cue >= 0], made["keys"][cue >= 0])            # cues bitwise as made
     assert not torch.equal(keys[gate >= 0], made["keys"][gate >= 0])      # gated keys trained
     assert not bool(st["frozen"][n_old:].any())                           # and nothing stays frozen
+
+
+def test_auc_and_novelty_probe(tmp_path):
+    assert C._auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
+    assert C._auc(torch.tensor([1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert C._auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5          # ties count half
+    from model_worker.data import collate_examples
+    model, table = make(tmp_path)
+    tok = ByteTokenizer()
+    old = [C.TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
+           for s, a in [("Plin", "Gorm"), ("Dask", "Ulo"), ("Frey", "Oma")]]
+    bg = [collate_examples([C.TextFact("", t) for t in ["Rome lies in Italy.", "The capital of Plin is Gorm."]],
+                           tok, answer_only=False)]
+    out = C.novelty_probe(model, tok, FACTS[:3], FACTS[3:], old, C.background_queries(model, bg))
+    assert set(out) == {"layer1_first_char", "layer1_subject"}
+    for v in out.values():
+        assert 0.0 <= v["auc_new_vs_old_heldout"] <= 1.0 and v["new_heldout"] == 1 and v["old_heldout"] == 3
