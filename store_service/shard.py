@@ -120,6 +120,8 @@ class _State:
         none = torch.full((flat_ids.numel(),), -1, dtype=torch.int64, device=flat_ids.device)
         self.flat_cue = none if flat_cue is None else flat_cue
         self.flat_gate = none.clone() if flat_gate is None else flat_gate
+        # whether any flat row has a label (searches of unlabelled shards skip gathering them)
+        self.labelled = bool((self.flat_cue >= 0).any() or (self.flat_gate >= 0).any())
         self.key_opt, self.pieces = key_opt, pieces
         self.step_hits = torch.zeros_like(hits)   # load since the last end_step (balancing)
         self.row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local rows, grads) pairs
@@ -517,7 +519,8 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
         all_s.append(s)
         all_ids.append(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)))
         all_keys.append(st.keys[p].float() * valid.unsqueeze(-1))
-        all_groups.append(torch.stack([st.flat_cue[p], st.flat_gate[p]], -1).masked_fill(~valid.unsqueeze(-1), -1))
+        if st.labelled:
+            all_groups.append(torch.stack([st.flat_cue[p], st.flat_gate[p]], -1).masked_fill(~valid.unsqueeze(-1), -1))
     h = cfg.d_k // 2
     for pc in st.pieces:
         n = pc.seg.n_sub
@@ -535,13 +538,15 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
         all_s.append(s.masked_fill(~valid, float("-inf")))
         all_ids.append(torch.where(valid, pc.seg.row_start + sub, torch.full_like(sub, PAD_ID)))
         all_keys.append(torch.cat([pc.codebook_a[ia], pc.codebook_b[ib]], -1).float() * valid.unsqueeze(-1))
-        all_groups.append(torch.full((*sub.shape, 2), -1, dtype=torch.int64, device=sub.device))
+        if st.labelled:
+            all_groups.append(torch.full((*sub.shape, 2), -1, dtype=torch.int64, device=sub.device))
     if not all_s:  # this shard holds no searchable rows
         B = q.shape[0]
         none = torch.full((B, k), PAD_ID, dtype=torch.int64, device=q.device)
         return SearchResult(none, torch.full((B, k), float("-inf"), device=q.device),
                             torch.zeros(B, k, cfg.d_k, device=q.device), none.clone(), none.clone())
-    return merge_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k, torch.cat(all_groups, 1))
+    return merge_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k,
+                      torch.cat(all_groups, 1) if st.labelled else None)
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, k: int,
@@ -631,6 +636,7 @@ def _append_rows(st: _State, values: torch.Tensor, keys: torch.Tensor, bias: tor
     st.flat_bias = torch.cat([st.flat_bias, st.flat_bias.new_zeros(m) if bias is None else bias.float()])
     st.flat_cue = torch.cat([st.flat_cue, st.flat_cue.new_full((m,), -1) if cue is None else cue])
     st.flat_gate = torch.cat([st.flat_gate, st.flat_gate.new_full((m,), -1) if gate is None else gate])
+    st.labelled = st.labelled or any(g is not None and bool((g >= 0).any()) for g in (cue, gate))
     st.key_opt.append(m)
     st.row_end += m
     st._reindex()

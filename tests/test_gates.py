@@ -11,11 +11,9 @@ from model_worker.knowledge_layer import KnowledgeLayer
 from model_worker.model import Transformer
 from model_worker.train import TrainConfig, create_table, model_config
 from store_service import errors
-from store_service.client import connect
 from store_service.config import TableConfig
-from store_service.server import serve_shard
-from store_service.shard import Shard
 from store_service.table import Table
+from tests.test_grpc_parity import loopback_table
 
 TOKEN = "gates-token"
 
@@ -70,9 +68,7 @@ def test_remote_labels_match_in_process(tmp_path):
     root = str(tmp_path)
     version = Table.create(_store_config(), root).snapshot()
     local = Table.open(root, version)
-    servers = [serve_shard(Shard.load(root, version, i), admin_token=TOKEN) for i in range(3)]
-    remote = connect([s.address for s in servers], admin_token=TOKEN, store_root=root, timeout_s=20)
-    try:
+    with loopback_table(root, version, token=TOKEN, store_root=root, timeout_s=20) as remote:
         values, keys = _rows(6, seed=2)
         cue, gate = torch.tensor([3, -1, -1, 4, -1, -1]), torch.tensor([-1, 3, 4, -1, 3, -1])
         # without labels the wire carries none; the client fills -1
@@ -87,12 +83,6 @@ def test_remote_labels_match_in_process(tmp_path):
         with pytest.raises(errors.InvalidArgument):
             remote.add_rows(values, keys, cue=torch.full((6,), -3))
         assert remote.info().num_rows == local.info().num_rows
-    finally:
-        remote.close()
-        for s in remote.shards:
-            s.close()
-        for s in servers:
-            s.stop(grace=None)
 
 
 # -- the knowledge layer ------------------------------------------------------------

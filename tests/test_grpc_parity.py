@@ -6,6 +6,8 @@ step and the edits, and the state after them.
 """
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -17,6 +19,24 @@ from store_service.table import Table
 
 TOKEN = "parity-token"
 ATOL = 1e-6
+
+
+@contextlib.contextmanager
+def loopback_table(root: str, version: int, num_shards: int = 3, token: str = TOKEN, **connect_kw):
+    """A remote table over `num_shards` real shard servers on loopback serving `version`
+    (stopped, with every connection closed, on exit)."""
+    servers = [serve_shard(Shard.load(root, version, i), admin_token=token) for i in range(num_shards)]
+    remote = None
+    try:
+        remote = connect([s.address for s in servers], admin_token=token, **connect_kw)
+        yield remote
+    finally:
+        if remote is not None:
+            remote.close()
+            for sh in remote.shards:
+                sh.close()
+        for s in servers:
+            s.stop(grace=None)
 
 
 def _config(kind: str = "adam") -> TableConfig:
@@ -171,9 +191,7 @@ def test_bf16_values_travel_as_raw_bytes(tmp_path):
     cfg = TableConfig(d_k=8, d_v=16, segments=[("flat", 90)], value_dtype="bfloat16", num_shards=3)
     version = Table.create(cfg, root).snapshot()
     local = Table.open(root, version)
-    servers = [serve_shard(Shard.load(root, version, i), admin_token=TOKEN) for i in range(3)]
-    try:
-        remote = connect([s.address for s in servers], admin_token=TOKEN)
+    with loopback_table(root, version) as remote:
         ids = torch.tensor([0, 45, 89, -1, 31])
         got = remote.fetch(ids)
         assert got.dtype == torch.bfloat16 and torch.equal(got, local.fetch(ids))
@@ -181,10 +199,6 @@ def test_bf16_values_travel_as_raw_bytes(tmp_path):
         _same_search(local.search(q, 5), remote.search(q, 5))
         w = torch.rand(1, 5)
         _close(local.readout(ids[None], w), remote.readout(ids[None], w))
-        remote.close()
-    finally:
-        for s in servers:
-            s.stop(grace=None)
 
 
 def test_shard_servers_as_processes(tmp_path):
