@@ -38,6 +38,8 @@ class KnowledgeConfig:
     value_init_std: float = 0.0      # 0 -> d_v ** -0.5
     gate_pool: int = 8               # with gated rows in the table: flat candidates per query = gate_pool x k,
                                      # so that closed gated rows do not crowd open ones out of the search
+    detector_pool: int = 32          # with detectors in the table: the best detectors per query whose scores
+                                     # count as evidence (interface.py: detectors)
 
     def __post_init__(self):
         self.layers = tuple(int(i) for i in self.layers)
@@ -49,6 +51,8 @@ class KnowledgeConfig:
             raise ValueError(f"d_k must be even (two product-key halves), got {self.d_k}")
         if self.gate_pool < 1:
             raise ValueError(f"gate_pool must be >= 1, got {self.gate_pool}")
+        if self.detector_pool < 1:
+            raise ValueError(f"detector_pool must be >= 1, got {self.detector_pool}")
         if self.k > self.n_sub ** 2:
             raise ValueError(f"k={self.k} exceeds the product segment's {self.n_sub ** 2} rows")
 

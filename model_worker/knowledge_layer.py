@@ -14,9 +14,12 @@ Where each piece runs:
 - Gated flat rows (interface.py: cues and gates) are masked here before the
   merge: a row with gate g is a candidate at position t of a sequence only if a
   row with cue g is in the top-k of position t or an earlier one, that top-k
-  taken over the ungated candidates (so a gated row never opens a gate). During
-  generation the open gates carry over from one call to the next (reset when a
-  call starts at position 0).
+  taken over the ungated candidates (so a gated row never opens a gate), or if g
+  is a detector label that wins its family there: its gate is open and its best
+  detector score so far is the family's highest (the store returns the best
+  `detector_pool` detectors per query beside the top-k). During generation the
+  gate state carries over from one call to the next (reset when a call starts
+  at position 0).
 - The top-k is merged here, and w is recomputed from q and the selected keys
   so that gradients reach q, the codebooks, and the flat keys (sent to the
   store with `table.accumulate_key_grads`).
@@ -44,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from store_service import kernels
-from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable
+from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, Detections, KnowledgeTable
 
 from .config import KnowledgeConfig
 
@@ -120,6 +123,17 @@ class FetchReadout(torch.autograd.Function):
 
 
 @dataclass
+class _OpenGates:
+    """The gate state at the end of a generation call, carried into the next: per label,
+    whether a cue of it fired (fired [B, G]), its best detector evidence (evidence [B, G])
+    and the gate its detectors compete under (family [G], a label, -1 for none)."""
+    labels: torch.Tensor
+    fired: torch.Tensor
+    evidence: torch.Tensor
+    family: torch.Tensor
+
+
+@dataclass
 class PendingReadout:
     """What `KnowledgeLayer.start` leaves for `finish`: the selection, and in fetch mode the
     fetch of its distinct rows, in flight."""
@@ -159,8 +173,9 @@ class KnowledgeLayer(nn.Module):
         self._ablated: torch.Tensor | None = None  # [n^2] bool, None when nothing is ablated
         self._has_flat = False
         self._gated = False        # the table has gated rows
+        self._detectors = False    # ... and detectors among them
         self._num_rows = 0
-        self._open: tuple[torch.Tensor, torch.Tensor] | None = None  # generation: (labels [G], open [B, G])
+        self._open: _OpenGates | None = None  # generation: the gate state after the last call
         self.record = False  # keep the last ids / weights (interpretability)
         self.last_ids: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
@@ -185,6 +200,7 @@ class KnowledgeLayer(nn.Module):
         info = self.table.info()
         self._has_flat = any(s.kind == SEGMENT_FLAT and s.num_rows > 0 for s in info.segments)
         self._gated = info.gated_rows > 0
+        self._detectors = info.detector_rows > 0
         self._num_rows = info.num_rows
         ablated = self.table.usage().ablated[: self.n * self.n].to(torch.bool)
         self._ablated = ablated if bool(ablated.any()) else None
@@ -278,11 +294,18 @@ class KnowledgeLayer(nn.Module):
         if not self._has_flat:
             return ids, None
         gated = self._gated and shape is not None
-        res = self.table.search(q, min(self.k * self.cfg.gate_pool, self._num_rows) if gated else self.k)
+        if gated:
+            res = self.table.search(q, min(self.k * self.cfg.gate_pool, self._num_rows),
+                                    detectors=self.cfg.detector_pool if self._detectors else 0)
+        else:
+            res = self.table.search(q, self.k)
         flat_scores = res.scores.to(scores.device)
         if gated and res.gate is not None:
+            found = res.detectors
+            if found is not None:
+                found = Detections(*(t.to(ids.device) for t in (found.ids, found.scores, found.cue, found.gate)))
             flat_scores = self._close_gates(scores, flat_scores, res.cue.to(ids.device), res.gate.to(ids.device),
-                                            shape, input_pos)
+                                            found, shape, input_pos)
         scores = torch.cat([scores, flat_scores], dim=1)                   # [T, k + flat candidates]
         ids = torch.cat([ids, res.ids.to(ids.device)], dim=1)
         keys = torch.cat([res.keys.new_zeros(res.keys.shape[0], self.k, self.d_k), res.keys], dim=1).to(q.device)
@@ -291,9 +314,10 @@ class KnowledgeLayer(nn.Module):
         return ids, keys.gather(1, top.unsqueeze(-1).expand(-1, -1, self.d_k))
 
     def _close_gates(self, prod_scores: torch.Tensor, scores: torch.Tensor, cue: torch.Tensor, gate: torch.Tensor,
-                     shape: tuple[int, int], input_pos: torch.Tensor | None) -> torch.Tensor:
+                     found: Detections | None, shape: tuple[int, int], input_pos: torch.Tensor | None
+                     ) -> torch.Tensor:
         """Flat candidates' scores [T, C] with -inf where the row's gate is closed at its
-        position (interface.py, cues and gates)."""
+        position (interface.py: cues and gates, detectors)."""
         B, S = shape
         h, k, dev = self.n_heads, self.k, scores.device
         is_gated = gate >= 0
@@ -303,27 +327,56 @@ class KnowledgeLayer(nn.Module):
         s, top = cand.topk(k, dim=1)
         fired = cues.gather(1, top).masked_fill(torch.isneginf(s), -1)                  # [T, k]
         carry = self._open if input_pos is not None and int(input_pos[0]) > 0 else None
-        if carry is not None and carry[1].shape[0] != B:
+        if carry is not None and carry.fired.shape[0] != B:
             carry = None
-        parts = [fired[fired >= 0], gate[is_gated]] + ([carry[0].to(dev)] if carry is not None else [])
+        det = found is not None and bool((found.cue >= 0).any())
+        parts = [fired[fired >= 0], gate[is_gated]]
+        if det:
+            parts += [found.cue[found.cue >= 0], found.gate[found.gate >= 0]]
+        if carry is not None:
+            parts += [carry.labels.to(dev), carry.family[carry.family >= 0].to(dev)]
         labels = torch.unique(torch.cat(parts))                                          # [G] sorted
         G = labels.numel()
         if G == 0:
             self._open = None
             return scores
         tok = torch.arange(B * S * h, device=dev) // h                                   # row -> token b*S + s
+        col = lambda lab: torch.searchsorted(labels, lab)                               # noqa: E731 - label -> column
         is_open = torch.zeros(B * S, G, dtype=torch.bool, device=dev)
         hit = fired >= 0
-        is_open[tok[:, None].expand_as(fired)[hit], torch.searchsorted(labels, fired[hit])] = True
+        is_open[tok[:, None].expand_as(fired)[hit], col(fired[hit])] = True
         is_open = is_open.view(B, S, G).int().cummax(1).values.bool()                   # open from where it fired on
+        evidence = torch.full((B, S, G), float("-inf"), device=dev)
+        family = torch.full((G,), -1, dtype=torch.int64, device=dev)                    # detector label -> its gate's column
+        if det:
+            hit = found.cue >= 0
+            rows = tok[:, None].expand_as(found.cue)[hit]
+            evidence.view(-1).scatter_reduce_(0, rows * G + col(found.cue[hit]), found.scores[hit].float(), "amax")
+            evidence = evidence.cummax(1).values                                         # the best so far in the sequence
+            family[col(found.cue[hit])] = col(found.gate[hit])
         if carry is not None:
-            was = torch.searchsorted(labels, carry[0].to(dev))                           # every carried label is in labels
+            was = col(carry.labels.to(dev))                                              # every carried label is in labels
             prev = torch.zeros(B, G, dtype=torch.bool, device=dev)
-            prev[:, was] = carry[1].to(dev)
+            prev[:, was] = carry.fired.to(dev)
             is_open |= prev[:, None]
-        self._open = (labels, is_open[:, -1]) if input_pos is not None else None
-        gi = torch.searchsorted(labels, gate.clamp_min(0)).clamp_max(G - 1)
-        ok = is_open.view(B * S, G)[tok[:, None].expand_as(gate), gi] & (labels[gi] == gate)
+            prev_ev = torch.full((B, G), float("-inf"), device=dev)
+            prev_ev[:, was] = carry.evidence.to(dev)
+            evidence = torch.maximum(evidence, prev_ev[:, None])
+            known = carry.family.to(dev) >= 0
+            family[was[known]] = col(carry.family.to(dev)[known])
+        self._open = _OpenGates(labels, is_open[:, -1], evidence[:, -1], torch.where(
+            family >= 0, labels[family.clamp_min(0)], -1)) if input_pos is not None else None
+        opened = is_open
+        has = family >= 0
+        if bool(has.any()):
+            # a detector label opens where its gate is open and its evidence is the best of its family
+            fam = family.clamp_min(0).expand(B, S, G)
+            best = torch.full((B, S, G), float("-inf"), device=dev).scatter_reduce(
+                2, fam, evidence.masked_fill(~has, float("-inf")), "amax")
+            wins = has & ~torch.isneginf(evidence) & (evidence >= best.gather(2, fam)) & is_open.gather(2, fam)
+            opened = is_open | wins
+        gi = col(gate.clamp_min(0)).clamp_max(G - 1)
+        ok = opened.view(B * S, G)[tok[:, None].expand_as(gate), gi] & (labels[gi] == gate)
         return scores.masked_fill(is_gated & ~ok, float("-inf"))
 
     def _store_keys(self, flat_keys: torch.Tensor, ids: torch.Tensor, is_prod: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ class Segment(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., row_start: _Optional[int] = ..., num_rows: _Optional[int] = ..., n_sub: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address", "gated_rows")
+    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address", "gated_rows", "detector_rows")
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_END_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class ShardInfo(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GATED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_ROWS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     row_start: int
     row_end: int
@@ -44,7 +45,8 @@ class ShardInfo(_message.Message):
     step: int
     address: str
     gated_rows: int
-    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., gated_rows: _Optional[int] = ...) -> None: ...
+    detector_rows: int
+    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., gated_rows: _Optional[int] = ..., detector_rows: _Optional[int] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -65,28 +67,44 @@ class DescribeResponse(_message.Message):
     def __init__(self, info: _Optional[_Union[ShardInfo, _Mapping]] = ..., d_k: _Optional[int] = ..., d_v: _Optional[int] = ..., value_dtype: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("version", "queries", "k")
+    __slots__ = ("version", "queries", "k", "detectors")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
     version: int
     queries: Tensor
     k: int
-    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ...) -> None: ...
+    detectors: int
+    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., detectors: _Optional[int] = ...) -> None: ...
+
+class Detections(_message.Message):
+    __slots__ = ("ids", "scores", "cue", "gate")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    CUE_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
+    ids: Tensor
+    scores: Tensor
+    cue: Tensor
+    gate: Tensor
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "scores", "keys", "cue", "gate")
+    __slots__ = ("ids", "scores", "keys", "cue", "gate", "detectors")
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     CUE_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    DETECTORS_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     scores: Tensor
     keys: Tensor
     cue: Tensor
     gate: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    detectors: Detections
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ..., detectors: _Optional[_Union[Detections, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")

@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.interface import (PAD_ID, SegmentInfo, ShardDescription, ShardInfo, SearchResult, UsageStats)
+from store_service.interface import (PAD_ID, Detections, SegmentInfo, ShardDescription, ShardInfo, SearchResult,
+                                     UsageStats)
 from store_service.server import (MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
                                   STORE_SERVICE)
 
@@ -160,15 +161,15 @@ class RemoteShard:
         i = r.info
         info = ShardInfo(shard_id=int(i.shard_id), row_start=int(i.row_start), row_end=int(i.row_end),
                          version=int(i.version), step=int(i.step), address=self.address,
-                         gated_rows=int(i.gated_rows))
+                         gated_rows=int(i.gated_rows), detector_rows=int(i.detector_rows))
         self._shard_id = info.shard_id
         segments = tuple(SegmentInfo(kind=s.kind, row_start=int(s.row_start), num_rows=int(s.num_rows),
                                      n_sub=int(s.n_sub)) for s in r.segments)
         return ShardDescription(info=info, d_k=int(r.d_k), d_v=int(r.d_v), value_dtype=r.value_dtype,
                                 segments=segments)
 
-    def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult:
-        req = pb.SearchRequest(version=version, k=k)
+    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0, version: int = 0) -> SearchResult:
+        req = pb.SearchRequest(version=version, k=k, detectors=detectors)
         wire.to_proto(queries, req.queries)
         r = self._call(self._store.Search, req)
         ids = wire.from_proto(r.ids, "ids", ids=True)
@@ -176,8 +177,15 @@ class RemoteShard:
             cue, gate = wire.from_proto(r.cue, "cue", ids=True), wire.from_proto(r.gate, "gate", ids=True)
         else:       # no selected row has a cue or a gate
             cue, gate = torch.full_like(ids, -1), torch.full_like(ids, -1)
+        found = None
+        if detectors:
+            d = r.detectors
+            found = Detections(wire.from_proto(d.ids, "detectors.ids", ids=True),
+                               wire.from_proto(d.scores, "detectors.scores"),
+                               wire.from_proto(d.cue, "detectors.cue", ids=True),
+                               wire.from_proto(d.gate, "detectors.gate", ids=True))
         return SearchResult(ids=ids, scores=wire.from_proto(r.scores, "scores"),
-                            keys=wire.from_proto(r.keys, "keys"), cue=cue, gate=gate)
+                            keys=wire.from_proto(r.keys, "keys"), cue=cue, gate=gate, detectors=found)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:

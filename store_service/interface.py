@@ -20,10 +20,19 @@ Conventions (DESIGN.md sections 2, 3, 5):
   their shard; product-key rows a per-sub-key bias (b_i + b_j), which keeps the
   O(n) exact search exact.
 - Cues and gates (flat rows only; int64 group labels, -1 = none): a row with a
-  gate g may be selected at a position of a sequence only once a row with cue g
-  was selected at that position or an earlier one (the knowledge layer applies
-  this; the store keeps the labels with the rows and returns them with a search).
+  gate g may be selected at a position of a sequence only once label g is open
+  there (the knowledge layer applies this; the store keeps the labels with the
+  rows and returns them with a search). A label opens at the first position where
+  a row with it as cue is selected, and stays open for the rest of the sequence.
   `continual.learn` keys a new fact's answer rows on its subject this way.
+- Detectors: a flat row with both a cue c and a gate g is never read out and never
+  returned by the top-k of `search`; `search(..., detectors=m)` returns the m best
+  detectors per query beside it, scored by the cosine of the query with the key
+  plus the bias. Its score is evidence for label c against the other labels whose
+  detectors share gate g: label c opens at a position where g is open and c's best
+  evidence so far in the sequence (at that position or an earlier one) is the
+  highest among them. `continual.learn` uses this to tell a subject's facts apart
+  by their phrasing, wherever in the prompt it says which fact is asked for.
 """
 from __future__ import annotations
 
@@ -58,7 +67,8 @@ class ShardInfo:
     version: int
     step: int
     address: str = ""  # host:port for a remote shard, "" in-process
-    gated_rows: int = 0  # flat rows with a gate (selectable only after their cue fired)
+    gated_rows: int = 0  # flat rows with a gate (selectable only after their cue fired), detectors included
+    detector_rows: int = 0  # flat rows with a cue and a gate: evidence only, never read
 
     @property
     def num_rows(self) -> int:
@@ -86,6 +96,19 @@ class TableInfo:
     def gated_rows(self) -> int:
         return sum(s.gated_rows for s in self.shards)
 
+    @property
+    def detector_rows(self) -> int:
+        return sum(s.detector_rows for s in self.shards)
+
+
+@dataclass
+class Detections:
+    """The best detectors for each query (interface docstring: detectors)."""
+    ids: torch.Tensor     # [B, m] int64, PAD_ID where fewer than m detectors exist
+    scores: torch.Tensor  # [B, m] float32, cos(q, k_i) + b_i (-inf at PAD)
+    cue: torch.Tensor     # [B, m] int64, the label each detector is evidence for (-1 at PAD)
+    gate: torch.Tensor    # [B, m] int64, the gate the detector's label competes under (-1 at PAD)
+
 
 @dataclass
 class SearchResult:
@@ -94,6 +117,7 @@ class SearchResult:
     keys: torch.Tensor    # [B, k, d_k] float32, the keys of the selected rows (0 at PAD)
     cue: torch.Tensor | None = None   # [B, k] int64, the rows' cue group (-1: none, and at PAD)
     gate: torch.Tensor | None = None  # [B, k] int64, the rows' gate group (-1: ungated, and at PAD)
+    detectors: Detections | None = None  # with search(..., detectors=m > 0)
 
 
 @dataclass
@@ -111,9 +135,10 @@ class KnowledgeTable(Protocol):
     def info(self) -> TableInfo: ...
 
     # -- data plane -------------------------------------------------------
-    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0) -> SearchResult:
         """queries [B, d_k] -> top-k over every segment whose keys the store
-        holds (flat segments, and product segments whose codebooks it holds)."""
+        holds (flat segments, and product segments whose codebooks it holds),
+        detectors left out; with detectors=m > 0 also the m best detectors."""
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,7 +226,7 @@ class ShardHandle(Protocol):
     """
 
     def describe(self) -> ShardDescription: ...
-    def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult: ...
+    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0, version: int = 0) -> SearchResult: ...
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor: ...
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor: ...

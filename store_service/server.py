@@ -131,7 +131,8 @@ def _describe_response(d: ShardDescription) -> pb.DescribeResponse:
     i = d.info
     return pb.DescribeResponse(
         info=pb.ShardInfo(shard_id=i.shard_id, row_start=i.row_start, row_end=i.row_end,
-                          version=i.version, step=i.step, address=i.address, gated_rows=i.gated_rows),
+                          version=i.version, step=i.step, address=i.address, gated_rows=i.gated_rows,
+                          detector_rows=i.detector_rows),
         d_k=d.d_k, d_v=d.d_v, value_dtype=d.value_dtype,
         segments=[pb.Segment(kind=s.kind, row_start=s.row_start, num_rows=s.num_rows, n_sub=s.n_sub)
                   for s in d.segments])
@@ -185,7 +186,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def Search(self, request, context):
         def call():
             queries = wire.from_proto(request.queries, "queries", dtypes=_FLOATS, ndim=2)
-            res = self._shard.search(queries, int(request.k), version=request.version)
+            res = self._shard.search(queries, int(request.k), detectors=int(request.detectors),
+                                     version=request.version)
             resp = pb.SearchResponse()
             wire.ids_to_proto(res.ids, resp.ids)
             wire.to_proto(res.scores, resp.scores)
@@ -193,6 +195,12 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             if res.cue is not None and res.gate is not None and bool((res.cue >= 0).any() or (res.gate >= 0).any()):
                 wire.ids_to_proto(res.cue, resp.cue)
                 wire.ids_to_proto(res.gate, resp.gate)
+            if res.detectors is not None:
+                d = res.detectors
+                wire.ids_to_proto(d.ids, resp.detectors.ids)
+                wire.to_proto(d.scores, resp.detectors.scores)
+                wire.ids_to_proto(d.cue, resp.detectors.cue)
+                wire.ids_to_proto(d.gate, resp.detectors.gate)
             return resp
         return self._rpc.handle("Search", context, call, items=request.queries.shape[0] if request.queries.shape else 0)
 

@@ -32,12 +32,13 @@ import torch
 from . import errors, kernels, persistence
 from .config import TableConfig, segments_from_json, segments_to_json
 from .flat_index import FaissFlatIndex, exact_topk
-from .interface import (PAD_ID, SEGMENT_FLAT, SEGMENT_PRODUCT, SearchResult, SegmentInfo,
+from .interface import (PAD_ID, SEGMENT_FLAT, SEGMENT_PRODUCT, Detections, SearchResult, SegmentInfo,
                         ShardDescription, ShardInfo, UsageStats)
 from .optimizer import RowState, sparse_step
 
 _INIT_BLOCK = 4096        # initial rows are drawn per block of global ids: independent of sharding
 _MAX_SEEN_REQUESTS = 1 << 16
+_MAX_SEARCH_K = 1 << 16   # the most rows a shard that is not the table's last returns per query
 
 
 class BarrierTimeout(errors.FailedPrecondition):
@@ -147,6 +148,10 @@ class _State:
         self.flat_pos = torch.full((self.num_rows,), -1, dtype=torch.int64, device=self.device)
         self.flat_local = self.flat_ids - self.row_start
         self.flat_pos[self.flat_local] = torch.arange(self.flat_ids.numel(), device=self.device)
+        # detectors (a cue and a gate): evidence only, kept out of the top-k and of balancing
+        detector = (self.flat_cue >= 0) & (self.flat_gate >= 0)
+        self.detector_pos = torch.nonzero(detector).flatten()                  # [D] positions among flat rows
+        self.flat_detector = detector if self.detector_pos.numel() else None   # [F] bool, None when there are none
         if self.faiss is not None:
             self.faiss.invalidate()
 
@@ -257,7 +262,8 @@ class Shard:
         with self._use(0) as st, st.lock:
             return ShardDescription(
                 info=ShardInfo(self.shard_id, st.row_start, st.row_end, st.version, st.step,
-                               gated_rows=int((st.flat_gate >= 0).sum())),
+                               gated_rows=int((st.flat_gate >= 0).sum()),
+                               detector_rows=int(st.detector_pos.numel())),
                 d_k=st.config.d_k, d_v=st.config.d_v, value_dtype=st.config.value_dtype,
                 segments=st.segments)
 
@@ -266,14 +272,20 @@ class Shard:
 
     # -- data plane ----------------------------------------------------------
 
-    def search(self, queries: torch.Tensor, k: int, *, version: int = 0) -> SearchResult:
-        """queries [B, d_k] fp32 -> top-k over the keys this shard holds, padded
-        with PAD_ID / -inf where it holds fewer than k selectable rows. k above
-        the table's row count is an error."""
+    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0, version: int = 0) -> SearchResult:
+        """queries [B, d_k] fp32 -> top-k over the keys this shard holds (detectors left
+        out), padded with PAD_ID / -inf where it holds fewer than k selectable rows. k
+        above the table's row count is an error. detectors=m > 0: also the m best
+        detectors by cos(q, key) + bias (`SearchResult.detectors`, padded likewise)."""
         with self._use(version) as st, st.lock:
             _tensor("queries", queries, torch.float32, (None, st.config.d_k))
-            _check_k(k, st.segments[-1].row_end, st.searchable_rows())
-            return _search(st, queries.to(st.device), k)
+            _check_k(st, k)
+            _check_k(st, detectors, "detectors", lo=0)
+            q = queries.to(st.device)
+            res = _search(st, q, k)
+            if detectors:
+                res.detectors = _detect(st, q, detectors)
+            return res
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
@@ -488,12 +500,18 @@ def _check_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch
         raise errors.InvalidArgument("hits", "counts must be >= 0")
 
 
-def _check_k(k, num_rows: int, searchable: int) -> None:
-    _int("k", k, 1)
-    if k > num_rows:
-        raise errors.InvalidArgument("k", f"k={k} exceeds the table's {num_rows} rows")
-    if searchable == 0:
-        raise errors.InvalidArgument("k", "the table holds no searchable keys (no flat rows, no codebooks)")
+def _check_k(st: _State, k, field: str = "k", lo: int = 1) -> None:
+    _int(field, k, lo)
+    if st.row_end == st.segments[-1].row_end:
+        # the last shard: rows are appended here, so its view of the table is current
+        if k > st.row_end:
+            raise errors.InvalidArgument(field, f"{field}={k} exceeds the table's {st.row_end} rows")
+        if field == "k" and st.searchable_rows() == 0:
+            raise errors.InvalidArgument("k", "the table holds no searchable keys (no flat rows, no codebooks)")
+    elif k > _MAX_SEARCH_K:
+        # another shard's view may predate rows appended since (the table checks k against
+        # its own row count): it answers from its own rows, padded, up to a bound on the answer
+        raise errors.InvalidArgument(field, f"{field}={k} exceeds {_MAX_SEARCH_K}")
 
 
 def _check_readout(st: _State, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -508,6 +526,8 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
     all_s, all_ids, all_keys, all_groups = [], [], [], []
     if st.flat_ids.numel():
         abl = st.ablated[st.flat_local]
+        if st.flat_detector is not None:
+            abl = abl | st.flat_detector
         if cfg.faiss_threshold and st.flat_ids.numel() >= cfg.faiss_threshold:
             if st.faiss is None:
                 st.faiss = FaissFlatIndex(cfg.faiss_factory)
@@ -547,6 +567,34 @@ def _search(st: _State, q: torch.Tensor, k: int) -> SearchResult:
                             torch.zeros(B, k, cfg.d_k, device=q.device), none.clone(), none.clone())
     return merge_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k,
                       torch.cat(all_groups, 1) if st.labelled else None)
+
+
+def _detect(st: _State, q: torch.Tensor, m: int) -> Detections:
+    """The m best detectors of this shard per query, by cos(q, key) + bias."""
+    pos = st.detector_pos
+    if not pos.numel():
+        return empty_detections(q.shape[0], m, q.device)
+    s, sel = exact_topk(torch.nn.functional.normalize(q.float(), dim=-1), st.keys[pos], m, st.flat_bias[pos],
+                        st.ablated[st.flat_local[pos]])
+    valid = sel >= 0
+    p = pos[sel.clamp_min(0)]
+    return Detections(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)), s,
+                      st.flat_cue[p].masked_fill(~valid, -1), st.flat_gate[p].masked_fill(~valid, -1))
+
+
+def empty_detections(B: int, m: int, device) -> Detections:
+    none = torch.full((B, m), PAD_ID, dtype=torch.int64, device=device)
+    return Detections(none, torch.full((B, m), float("-inf"), device=device), none.clone(), none.clone())
+
+
+def merge_detections(parts: list[Detections], m: int) -> Detections:
+    """The m best of several shards' detections (each [B, m_i])."""
+    s, pos = torch.cat([p.scores for p in parts], 1).topk(m, dim=1)
+    pad = torch.isneginf(s)
+
+    def pick(field: str) -> torch.Tensor:
+        return torch.cat([getattr(p, field) for p in parts], 1).gather(1, pos).masked_fill(pad, -1)
+    return Detections(pick("ids"), s, pick("cue"), pick("gate"))
 
 
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, keys: torch.Tensor, k: int,
@@ -603,6 +651,8 @@ def _balance(st: _State) -> None:
     step = st.config.bias_step
     if st.flat_ids.numel():
         live = ~st.ablated[st.flat_local]
+        if st.flat_detector is not None:        # never read: their load says nothing
+            live = live & ~st.flat_detector
         if bool(live.any()):
             load = st.step_hits[st.flat_local].double()
             err = torch.sign(load - load[live].mean()).float() * live

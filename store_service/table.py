@@ -23,9 +23,13 @@ import torch
 
 from . import errors, persistence
 from .config import TableConfig
-from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
+from .interface import (PAD_ID, SEGMENT_FLAT, Detections, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
                         TableInfo, UsageStats)
-from .shard import Shard, _check_usage, _int, _tensor, merge_topk
+from .shard import Shard, _check_usage, _int, _tensor, merge_detections, merge_topk
+
+
+def _on(d: Detections, device) -> Detections:
+    return Detections(d.ids.to(device), d.scores.to(device), d.cue.to(device), d.gate.to(device))
 
 
 def _groups(res: SearchResult) -> torch.Tensor:
@@ -206,20 +210,26 @@ class Table:
 
     # -- data plane --------------------------------------------------------------
 
-    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
-        """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys."""
+    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0) -> SearchResult:
+        """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys (and with
+        detectors=m > 0 the m best detectors of the table, `SearchResult.detectors`)."""
         _tensor("queries", queries, torch.float32, (None, self._map.d_k))
         _int("k", k, 1)
-        if k > self._map.num_rows:
-            raise errors.InvalidArgument("k", f"k={k} exceeds the table's {self._map.num_rows} rows")
+        _int("detectors", detectors, 0)
+        for name, n in (("k", k), ("detectors", detectors)):
+            if n > self._map.num_rows:
+                raise errors.InvalidArgument(name, f"{name}={n} exceeds the table's {self._map.num_rows} rows")
 
         def op(m: _ShardMap) -> SearchResult:
-            parts = self._each(lambda i, s: s.search(queries, k, version=m.infos[i].version))
+            parts = self._each(lambda i, s: s.search(queries, k, detectors=detectors, version=m.infos[i].version))
             dev = queries.device
             groups = torch.cat([_groups(p).to(dev) for p in parts], 1)
-            return merge_topk(torch.cat([p.scores.to(dev) for p in parts], 1),
-                              torch.cat([p.ids.to(dev) for p in parts], 1),
-                              torch.cat([p.keys.to(dev) for p in parts], 1), k, groups)
+            res = merge_topk(torch.cat([p.scores.to(dev) for p in parts], 1),
+                             torch.cat([p.ids.to(dev) for p in parts], 1),
+                             torch.cat([p.keys.to(dev) for p in parts], 1), k, groups)
+            if detectors:
+                res.detectors = merge_detections([_on(p.detectors, dev) for p in parts], detectors)
+            return res
         return self._retrying(op)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,

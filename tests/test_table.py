@@ -477,3 +477,16 @@ def test_value_grads_bad_input_is_refused_at_the_call():
         t.fetch(torch.tensor([1]), hits=torch.tensor([-1]), weight_sum=torch.ones(1, dtype=torch.float64))
     t.end_step(0)
     assert int(t.usage().hits.sum()) == 0
+
+
+def test_search_after_rows_were_appended_to_the_last_shard():
+    """Shard 0 last described the table before the flat rows existed (they go to the last
+    shard): it answers from its own rows, padded, instead of refusing k or its lack of keys."""
+    t = Table.create(_cfg(segments=[("product", 6)], store_codebooks=False, num_shards=2))
+    keys = torch.randn(5, 8) * 4
+    ids = t.add_rows(torch.randn(5, 16), keys)
+    res = t.search(keys, 40)                       # more than the 36 rows shard 0 knows of
+    assert torch.equal(res.ids[:, :5].sort(1).values, ids.expand(5, 5))
+    assert bool((res.ids[:, 5:] == -1).all())
+    with pytest.raises(errors.InvalidArgument, match="k=42 exceeds"):
+        t.search(keys, 42)
