@@ -120,6 +120,9 @@ DEFAULT_CONFIGS = {
     "new_rows": {"method": "new_rows", "lr": 1.0, "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
                  "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,
                  "gate_on_subject": True},
+    "new_rows_no_detectors": {"method": "new_rows", "lr": 1.0, "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
+                              "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,
+                              "gate_on_subject": True, "detectors": False},
     "new_rows_ungated": {"method": "new_rows", "lr": 1.0, "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
                          "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,
                          "gate_on_subject": False},
@@ -302,7 +305,7 @@ def main(argv=None) -> None:
                     help="the base's training seed (another seed: another base, in <base>_s<seed>)")
     ap.add_argument("--checkpoint", default=None, help="a step directory to use as the base instead")
     ap.add_argument("--methods", nargs="+", default=["new_rows", "sparse_memory", "full_finetune", "lora",
-                                                     "new_rows_ungated", "new_rows_capped"])
+                                                     "new_rows_no_detectors", "new_rows_ungated", "new_rows_capped"])
     ap.add_argument("--configs", type=json.loads, default={},
                     help='JSON: name -> LearnConfig fields, e.g. {"lora": {"method": "lora", "model_lr": 3e-3}}')
     ap.add_argument("--steps", type=int, default=100)

@@ -76,7 +76,7 @@ def cmd_learn(args) -> None:
         examples = corpus.new_train
     cfg = C.LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t,
-                        gate_on_subject=not args.no_gate)
+                        gate_on_subject=not args.no_gate, detectors=not args.no_detectors)
     if args.lr is not None and args.method in ("full_finetune", "lora"):
         cfg.model_lr, cfg.lr = args.lr, None
     before = None
@@ -97,6 +97,7 @@ def cmd_learn(args) -> None:
     report = {"method": args.method, "facts": len(examples), "steps": args.steps,
               "new_rows": int(res.new_ids.numel()) if res.new_ids is not None else 0,
               "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0),
+              "detector_rows": res.info.get("detector_rows", 0),
               "published_version": res.version, "checkpoint": str(out),
               "loss_first": res.losses[0], "loss_last": res.losses[-1], "seconds": round(res.seconds, 1),
               "model_weights_changed": args.method in ("full_finetune", "lora")}
@@ -225,6 +226,9 @@ def register(sub) -> None:
     p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
     p.add_argument("--no-gate", action="store_true",
                    help="new_rows: do not gate a fact's answer rows on its subject's rows (selection bias only)")
+    p.add_argument("--no-detectors", action="store_true",
+                   help="new_rows: no detectors (a subject's facts then open together wherever the subject is "
+                        "named, and their answer rows compete by the query at the answer alone)")
     p.add_argument("--background-batches", type=int, default=128,
                    help="pretraining batches (of 16 x 64 tokens) used to calibrate new keys: old text they "
                         "miss may select the new rows, so cover the pretraining text where you can")

@@ -91,7 +91,8 @@ class TextFact:
 def facts_from_lines(lines: Sequence[str]) -> list[TextFact]:
     """'prompt<TAB>answer' -> loss on the answer; 'prompt<TAB>answer<TAB>subject' names the
     fact's subject (what its rows are gated on; default: the whole prompt); a plain
-    sentence -> loss on all of it."""
+    sentence -> loss on all of it. Lines with the same subject and answer are phrasings of
+    one fact (its `relation` is the answer)."""
     out = []
     for line in lines:
         line = line.rstrip("\n")
@@ -100,7 +101,7 @@ def facts_from_lines(lines: Sequence[str]) -> list[TextFact]:
         if "\t" in line:
             prompt, ans, *rest = line.split("\t")
             subject = rest[0].strip() if rest and rest[0].strip() else prompt.rstrip()
-            out.append(TextFact(prompt.rstrip(), " " + ans.strip(), ans.strip(), subject=subject))
+            out.append(TextFact(prompt.rstrip(), " " + ans.strip(), ans.strip(), relation=ans.strip(), subject=subject))
         else:
             out.append(TextFact("", line.strip(), subject=line.strip()))
     return out
@@ -139,6 +140,12 @@ class LearnConfig:
                                       #   where that cue fired (interface.py: cues and gates) and so take no
                                       #   selection bias: old text, which never names the new subject, cannot
                                       #   read them, however close its queries come to their keys
+    detectors: bool = True            # with gate_on_subject, for a subject with several new facts: detector rows
+                                      #   keyed on every prompt position of each fact's phrasings (interface.py:
+                                      #   detectors); the fact whose detectors match best anywhere in the prompt
+                                      #   opens its answer rows, so they no longer compete with their siblings'
+    detector_prune: float = 0.95      # drop detectors whose cosine with some sibling fact's query reaches this:
+                                      #   they tell nothing apart (the subject's own tokens, shared words)
     gated_key_norm: str = "own"       # gated rows' key norms: "own" (margin above the product rows on their own
                                       #   queries), or "median" / "max" of those over the gated rows: in an open
                                       #   context the rows then compete by direction alone
@@ -339,10 +346,10 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
     becomes a threshold on q.u, the softmax weight is unchanged by the bias. The
     biases are returned in info["bias"] [M].
 
-    info["row_groups"] [M] and info["row_layers"] [M]: each key's group (the first
-    column of the queries' group key) and knowledge layer."""
+    info["row_groups"], info["row_layers"], info["row_positions"] [M]: each key's group
+    and position (the two columns of the queries' group key) and knowledge layer."""
     keys, biases, info = [], [], {}
-    row_groups, row_layers = [], []
+    row_groups, row_layers, row_pos = [], [], []
     F = torch.nn.functional
     for layer, (q, gk) in queries.items():
         kl = model.layers[layer].knowledge
@@ -350,6 +357,7 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
         uniq, inv = torch.unique(gk, dim=0, return_inverse=True)             # [U, 2], [P]
         U = uniq.shape[0]
         row_groups.append(uniq[:, 0].repeat_interleave(h))
+        row_pos.append(uniq[:, 1].repeat_interleave(h))
         row_layers.append(torch.full((U * h,), layer, dtype=torch.int64))
         mean = torch.zeros(U, h, d).index_add_(0, inv, F.normalize(q, dim=-1))
         mean = mean / torch.bincount(inv, minlength=U).clamp_min(1)[:, None, None].float()
@@ -413,13 +421,13 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
                                  "above_best_product": float((reach > best_g).float().mean())}
     keys = torch.cat(keys)
     bias = torch.cat(biases) if biases else None
-    groups, layers = torch.cat(row_groups), torch.cat(row_layers)
+    groups, layers, pos = torch.cat(row_groups), torch.cat(row_layers), torch.cat(row_pos)
     if max_rows and keys.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(keys.shape[0], generator=g)[:max_rows]
-        keys, groups, layers = keys[pick], groups[pick], layers[pick]
+        keys, groups, layers, pos = keys[pick], groups[pick], layers[pick], pos[pick]
         bias = bias[pick] if bias is not None else None
-    info["row_groups"], info["row_layers"] = groups, layers
+    info["row_groups"], info["row_layers"], info["row_positions"] = groups, layers, pos
     if bias is not None:
         info["bias"] = bias.float().contiguous()
     return keys.float().contiguous(), info
@@ -528,6 +536,178 @@ def cue_gates(row_groups: torch.Tensor, row_layers: torch.Tensor, first_id: int,
     return cue, gate
 
 
+@dataclass
+class NewRows:
+    """The rows `learn` appends for new_rows, before any training: keys [M, d_k], selection
+    bias [M] (None without select_bias), cue / gate labels [M] (None when not gated), and
+    per row its group (`_group_batches` / `subject_positions` ids; per-fact groups offset by
+    FACT_GROUP), knowledge layer and answer position (index among the scored positions;
+    for subject rows the token offset from the subject's end)."""
+    keys: torch.Tensor
+    bias: torch.Tensor | None
+    cue: torch.Tensor | None
+    gate: torch.Tensor | None
+    groups: torch.Tensor
+    layers: torch.Tensor
+    positions: torch.Tensor
+    info: dict
+
+
+# per-fact groups get their own ids (offset far above any per-phrasing group id) so that
+# init_new_keys makes one row for each, beside the per-phrasing rows; detectors' groups are
+# their fact's id offset by DETECTOR_GROUP
+FACT_GROUP = 1 << 40
+DETECTOR_GROUP = 2 << 40
+
+
+def prompt_positions(examples: Sequence, tok: ByteTokenizer, batch_size: int
+                     ) -> tuple[list[Batch], list[list[int]], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """`collect_queries` arguments: every example once, at every input position of its prompt
+    after BOS (labelled with the position), grouped by fact (`_group_batches`' per-fact ids).
+    Examples without a prompt (plain sentences) contribute no position."""
+    batches, groups = _group_batches(examples, tok, batch_size, False)
+    at = []
+    for b in batches:
+        scored = b.targets != -100
+        last = scored.int().argmax(1)                      # input index of the prompt's last token
+        pos = torch.arange(b.inputs.shape[1])[None].expand_as(scored)
+        mask = (pos >= 1) & (pos <= last[:, None]) & scored.any(1, keepdim=True)
+        at.append((mask, pos))
+    return batches, groups, at
+
+
+@torch.no_grad()
+def fact_detectors(queries: dict[int, tuple[torch.Tensor, torch.Tensor]], fact_subjects: Sequence[str],
+                   prune: float) -> dict[int, tuple[torch.Tensor, ...]]:
+    """Detector rows from `prompt_positions` queries (layer -> (q [P, h, d_k], (fact, position)
+    [P, 2])): per layer (keys [R, d_k], bias [R], fact [R], position [R]). One candidate per
+    query and head, its key the query's direction; its bias minus its best cosine with any
+    query (any head) of a sibling fact (same subject, another fact), so that its evidence
+    cos(q, key) + bias is positive only where a prompt looks more like this fact's phrasing
+    than any sibling's ever did. Facts without siblings get none, nor do candidates whose
+    best sibling cosine reaches `prune` (but for each fact's least ambiguous one)."""
+    F = torch.nn.functional
+    out = {}
+    subject_of = {s: i for i, s in enumerate(dict.fromkeys(fact_subjects))}
+    for layer, (q, gk) in queries.items():
+        P, h, d = q.shape
+        u = F.normalize(q.float(), dim=-1).reshape(P * h, d)
+        fact, pos = gk[:, 0].repeat_interleave(h), gk[:, 1].repeat_interleave(h)
+        subj = torch.tensor([subject_of[fact_subjects[f]] for f in fact.tolist()], dtype=torch.int64)
+        theta = torch.full((P * h,), float("inf"))
+        for sid in torch.unique(subj).tolist():
+            rows = torch.nonzero(subj == sid).flatten()
+            f = fact[rows]
+            if torch.unique(f).numel() < 2:
+                continue
+            cos = (u[rows] @ u[rows].T).masked_fill(f[:, None] == f[None], float("-inf"))
+            theta[rows] = cos.max(1).values
+        keep = theta < prune
+        # ... but every fact with siblings keeps its least ambiguous candidate, so that it takes
+        # part in its subject's contest (its own phrasings still clear the bias)
+        has = torch.isfinite(theta)
+        if bool(has.any()):
+            f, t = fact[has], theta[has]
+            best = torch.full((int(f.max()) + 1,), float("inf")).scatter_reduce(0, f, t, "amin")
+            keep |= has & (theta == best[fact.clamp_max(best.numel() - 1)])
+        out[layer] = (u[keep], -theta[keep], fact[keep], pos[keep])
+    return out
+
+
+def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig,
+                  background: Sequence[Batch] | None, first_id: int) -> NewRows:
+    """The new rows for `examples` (keys, bias, labels), to be appended at ids first_id + [0, M)."""
+    batches, groups = _group_batches(examples, tok, cfg.batch_size, cfg.key_per_phrasing)
+    bgq = background_queries(model, background) if background and cfg.calibrate else None
+    queries = collect_queries(model, batches, groups) if cfg.answer_rows else {}
+    if cfg.answer_rows and cfg.fact_rows and cfg.key_per_phrasing:
+        fq = collect_queries(model, *_group_batches(examples, tok, cfg.batch_size, False))
+        queries = {i: (torch.cat([q, fq[i][0]]), torch.cat([g, fq[i][1] + torch.tensor([FACT_GROUP, 0])]))
+                   for i, (q, g) in queries.items()}
+    if cfg.subject_rows:
+        sq = collect_queries(model, *subject_positions(examples, tok, cfg.subject_rows, cfg.batch_size))
+        queries = {i: (torch.cat([queries[i][0], q]), torch.cat([queries[i][1], g])) if i in queries else (q, g)
+                   for i, (q, g) in sq.items()}
+    keys, info = init_new_keys(model, queries, cfg.key_margin,
+                               cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
+                               bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
+                               select_margin=cfg.select_margin, whiten=cfg.whiten)
+    bias = info.pop("bias", None)
+    row_groups, row_layers, row_pos = info.pop("row_groups"), info.pop("row_layers"), info.pop("row_positions")
+    cue = gate = None
+    if cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows:
+        answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
+        if cfg.fact_rows and cfg.key_per_phrasing:
+            answer.update({FACT_GROUP + g: s for g, s in enumerate(group_subjects(examples, False))})
+        cues = {-1 - i: s for i, s in enumerate(subject_names(examples))}
+        cue, gate = cue_gates(row_groups, row_layers, first_id, answer, cues)
+        if bias is not None:
+            bias = bias.masked_fill(gate >= 0, 0.0)     # the gate keeps old text off them instead
+        if cfg.gated_key_norm != "own" and bool((gate >= 0).any()):
+            norms = keys[gate >= 0].norm(dim=-1)
+            target = norms.median() if cfg.gated_key_norm == "median" else norms.max()
+            keys[gate >= 0] = keys[gate >= 0] * (target / norms.clamp_min(1e-6))[:, None]
+        if cfg.detectors:
+            extra = _add_detectors(model, examples, tok, cfg, row_groups, row_layers, cue, gate, first_id + keys.shape[0])
+            if extra is not None:
+                dk, db, dc, dg, dgroups, dlayers, dpos = extra
+                keys, cue, gate = torch.cat([keys, dk]), torch.cat([cue, dc]), torch.cat([gate, dg])
+                bias = torch.cat([bias if bias is not None else torch.zeros(row_groups.numel()), db])
+                row_groups, row_layers = torch.cat([row_groups, dgroups]), torch.cat([row_layers, dlayers])
+                row_pos = torch.cat([row_pos, dpos])
+        detector = (cue >= 0) & (gate >= 0)
+        # counted as the store counts them: gated rows include the detectors
+        info.update(cue_rows=int(((cue >= 0) & ~detector).sum()), gated_rows=int((gate >= 0).sum()),
+                    detector_rows=int(detector.sum()))
+    return NewRows(keys, bias, cue, gate, row_groups, row_layers, row_pos, info)
+
+
+def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig,
+                   row_groups: torch.Tensor, row_layers: torch.Tensor, cue: torch.Tensor, gate: torch.Tensor,
+                   first_id: int) -> tuple[torch.Tensor, ...] | None:
+    """Detectors for the facts of subjects with several facts (`fact_detectors`), appended at
+    ids first_id + [0, D): their labels (cue: the fact's label, the id of its first detector in
+    that layer; gate: its subject's cue label there), and the fact's answer rows re-gated on the
+    fact's label (in place). Returns (keys, bias, cue, gate, groups, layers, positions) or None."""
+    fact_subjects = group_subjects(examples, False)
+    found = fact_detectors(collect_queries(model, *prompt_positions(examples, tok, cfg.batch_size)),
+                           fact_subjects, cfg.detector_prune)
+    subject_label = {}                                                    # (layer, subject) -> cue label
+    names = subject_names(examples)
+    for r in torch.nonzero(cue >= 0).flatten().tolist():
+        subject_label.setdefault((int(row_layers[r]), names[-1 - int(row_groups[r])]), int(cue[r]))
+    fact_of_group = dict(enumerate(_fact_ids(examples, cfg.key_per_phrasing)))
+    fact_of_group.update({FACT_GROUP + f: f for f in range(len(fact_subjects))})
+    parts, fact_label, next_id = [], {}, first_id
+    for layer, (keys, bias, fact, pos) in found.items():
+        gates = torch.tensor([subject_label.get((layer, fact_subjects[f]), -1) for f in fact.tolist()],
+                             dtype=torch.int64)
+        keep = gates >= 0                                                 # a subject without a cue: no detectors
+        keys, bias, fact, pos, gates = keys[keep], bias[keep], fact[keep], pos[keep], gates[keep]
+        labels = torch.empty_like(fact)
+        for i, f in enumerate(fact.tolist()):
+            labels[i] = fact_label.setdefault((layer, f), next_id + i)
+        parts.append((keys, bias, labels, gates, DETECTOR_GROUP + fact, torch.full_like(fact, layer), pos))
+        next_id += fact.numel()
+    if not fact_label:
+        return None
+    for r in torch.nonzero(gate >= 0).flatten().tolist():                # answer rows: open by their fact's evidence
+        label = fact_label.get((int(row_layers[r]), fact_of_group.get(int(row_groups[r]), -1)))
+        if label is not None:
+            gate[r] = label
+    return tuple(torch.cat(c) for c in zip(*parts))
+
+
+def _fact_ids(examples: Sequence, per_phrasing: bool) -> list[int]:
+    """The fact (per-fact group id) of each of `_group_batches`' groups (list index = group id)."""
+    facts: dict[tuple, int] = {}
+    groups: dict[tuple, int] = {}
+    for e in examples:
+        f = facts.setdefault((e.subject, e.relation), len(facts))
+        groups.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), f)
+    return list(groups.values())
+
+
 # -- the training loop shared by every method ---------------------------------------------
 
 def _grad_carrier(model: Transformer) -> list[nn.Parameter]:
@@ -593,45 +773,17 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
 
     if cfg.method == "new_rows":
         _freeze_model(model)
-        batches, groups = _group_batches(examples, tok, cfg.batch_size, cfg.key_per_phrasing)
-        bgq = background_queries(model, background) if background and cfg.calibrate else None
         guard = _guard(model, background[:cfg.guard_batches], cfg.guard_weight) \
             if background and cfg.guard_weight > 0 else None
-        queries = collect_queries(model, batches, groups) if cfg.answer_rows else {}
-        if cfg.answer_rows and cfg.fact_rows and cfg.key_per_phrasing:
-            fq = collect_queries(model, *_group_batches(examples, tok, cfg.batch_size, False))
-            # per-fact groups get their own ids (offset far above any per-phrasing group id)
-            # so that init_new_keys makes one row for each, beside the per-phrasing rows
-            queries = {i: (torch.cat([q, fq[i][0]]), torch.cat([g, fq[i][1] + torch.tensor([1 << 40, 0])]))
-                       for i, (q, g) in queries.items()}
-        if cfg.subject_rows:
-            sq = collect_queries(model, *subject_positions(examples, tok, cfg.subject_rows, cfg.batch_size))
-            queries = {i: (torch.cat([queries[i][0], q]), torch.cat([queries[i][1], g])) if i in queries else (q, g)
-                       for i, (q, g) in sq.items()}
-        keys, info = init_new_keys(model, queries, cfg.key_margin,
-                                   cfg.max_new_rows, cfg.seed, background=bgq, contrast=cfg.contrast,
-                                   bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
-                                   select_margin=cfg.select_margin, whiten=cfg.whiten)
-        bias = info.pop("bias", None)
-        row_groups, row_layers = info.pop("row_groups"), info.pop("row_layers")
-        groups = {}
-        if cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows:
-            answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
-            if cfg.fact_rows and cfg.key_per_phrasing:
-                answer.update({(1 << 40) + g: s for g, s in enumerate(group_subjects(examples, False))})
-            cues = {-1 - i: s for i, s in enumerate(subject_names(examples))}
-            cue, gate = cue_gates(row_groups, row_layers, n_old, answer, cues)
-            if bias is not None:
-                bias = bias.masked_fill(gate >= 0, 0.0)     # the gate keeps old text off them instead
-            if cfg.gated_key_norm != "own" and bool((gate >= 0).any()):
-                norms = keys[gate >= 0].norm(dim=-1)
-                target = norms.median() if cfg.gated_key_norm == "median" else norms.max()
-                keys[gate >= 0] = keys[gate >= 0] * (target / norms.clamp_min(1e-6))[:, None]
-            groups = {"cue": cue, "gate": gate}
-            info.update(cue_rows=int((cue >= 0).sum()), gated_rows=int((gate >= 0).sum()))
+        plan = plan_new_rows(model, examples, tok, cfg, background, first_id=n_old)
+        keys, bias, info = plan.keys, plan.bias, dict(plan.info)
+        groups = {"cue": plan.cue, "gate": plan.gate} if plan.cue is not None else {}
         d_v = table.info().d_v
         values = torch.randn(keys.shape[0], d_v, generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
+        detector = (plan.cue >= 0) & (plan.gate >= 0) if plan.cue is not None else torch.zeros(keys.shape[0], dtype=torch.bool)
+        values[detector] = 0.0                              # never read
         result.new_ids = table.add_rows(values, keys, bias, **groups)
+        detector_ids = result.new_ids[detector]
         table.set_frozen(old_ids, True)
         # Trained keys would carry the cue rows out of the place their calibration keeps
         # old text off, so with key_lr the cues stay as they were made (keys and values).
@@ -706,6 +858,8 @@ def learn(model: Transformer, table: KnowledgeTable, examples: Sequence, tok: By
     table.set_frozen(old_ids, False)
     if cfg.method == "new_rows" and result.new_ids is not None and result.new_ids.numel():
         table.set_frozen(result.new_ids, False)
+        if detector_ids.numel():                            # never read: nothing should move them
+            table.set_frozen(detector_ids, True)
     if bool(was_frozen.any()):
         table.set_frozen(old_ids[was_frozen[:n_old]], True)
     model.eval()

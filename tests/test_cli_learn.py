@@ -1,5 +1,5 @@
 """`kstore learn --facts`, end to end on a tiny trained checkpoint: it publishes a new
-store version with cue-gated rows, writes a checkpoint whose weights are a bitwise
+store version with cue-gated rows (and detectors for a subject with two facts), writes a checkpoint whose weights are a bitwise
 copy of the input's, and that checkpoint loads and answers."""
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ def test_learn_from_a_facts_file(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["facts"] == 3 and report["new_rows"] > 0 and report["published_version"] is not None
     assert report["cue_rows"] > 0 and report["gated_rows"] > 0 and not report["model_weights_changed"]
+    assert report["detector_rows"] > 0                  # Xland has two facts: detectors tell them apart
     assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
 
     model, tok, meta = load_for_inference(str(out))

@@ -13,8 +13,8 @@ FACTS = [C.TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
          for s, a in [("Xland", "Zorp"), ("Quux", "Blip"), ("Vorn", "Tesk"), ("Mure", "Ald")]]
 
 
-def make(tmp_path):
-    cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path))
+def make(tmp_path, **kw):
+    cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path), **kw)
     mcfg = model_config(cfg, 260)
     table = create_table(mcfg, cfg, str(tmp_path / "store"))
     torch.manual_seed(0)
@@ -102,6 +102,7 @@ def test_facts_from_lines():
     assert f[0].subject == "The capital of Xland is"         # no subject column: the prompt is the subject
     assert f[1].prompt == "" and f[1].completion == "Zorp is a city."
     assert f[2].answer == "Florp" and f[2].subject == "Xland"
+    assert f[2].relation == "Florp"                          # same subject and answer: one fact's phrasings
 
 
 def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
@@ -250,3 +251,88 @@ def test_auc_and_novelty_probe(tmp_path):
     assert set(out) == {"layer1_first_char", "layer1_subject"}
     for v in out.values():
         assert 0.0 <= v["auc_new_vs_old_heldout"] <= 1.0 and v["new_heldout"] == 1 and v["old_heldout"] == 3
+
+
+# Xland has three facts (two phrasings each), Quux one.
+SIBLINGS = [C.TextFact(p.format(s), f" {a}.", a, r, s) for s, r, a, phrasings in [
+    ("Xland", "capital_of", "Zorp", ("The capital of {} is", "{}'s capital city is")),
+    ("Xland", "continent_of", "Mu", ("{} lies on the continent of", "The continent of {} is")),
+    ("Xland", "currency_of", "Florp", ("In {} people pay with", "The currency of {} is")),
+    ("Quux", "capital_of", "Blip", ("The capital of {} is", "{}'s capital city is"))] for p in phrasings]
+
+
+def test_fact_detectors_score_at_most_zero_on_every_sibling_query():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(12, 2, 8, generator=g)                      # 12 positions, 2 heads
+    fact = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])   # facts 0 and 1: subject "a"; fact 2: "b"
+    found = C.fact_detectors({3: (q, torch.stack([fact, torch.arange(12)], 1))}, ["a", "a", "b"], prune=0.95)
+    keys, bias, f, pos = found[3]
+    assert set(f.tolist()) <= {0, 1} and 0 < keys.shape[0] <= 16     # fact 2 has no sibling: no detector
+    torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[0]))
+    u = torch.nn.functional.normalize(q, dim=-1)
+    for key, b, ff, p in zip(keys, bias, f.tolist(), pos.tolist()):
+        sib = u[fact == 1 - ff].reshape(-1, 8)
+        assert float((sib @ key).max() + b) == pytest.approx(0.0, abs=1e-5)   # the tie with the closest sibling
+        assert float((u[p] @ key).max() + b) > 0                             # its own query clears it
+        assert -float(b) < 0.95
+
+
+def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path):
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    before = shard_state(table)
+    made = {}
+    orig = table.add_rows
+
+    def add_rows(values, keys, bias=None, **groups):
+        made.update(values=values.clone(), keys=keys.clone(), **groups)
+        return orig(values, keys, bias, **groups)
+    table.add_rows = add_rows
+    res = C.learn(model, table, SIBLINGS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, lr=1e-2),
+                  publish=False)
+    cue, gate = made["cue"], made["gate"]
+    detector = (cue >= 0) & (gate >= 0)
+    assert res.info["detector_rows"] == int(detector.sum()) == table.info().detector_rows > 0
+    ids = res.new_ids
+    subject_label = {int(c) for c in cue[(cue >= 0) & (gate < 0)]}           # one cue label per subject
+    assert len(subject_label) == 2
+    # Xland's three facts: each has detectors under Xland's cue label, and its answer rows open on them
+    fact_labels = set(cue[detector].tolist())
+    assert len(fact_labels) == 3 and len(set(gate[detector].tolist())) == 1
+    assert set(gate[detector].tolist()) <= subject_label
+    answer_gates = set(gate[(gate >= 0) & (cue < 0)].tolist())
+    assert fact_labels <= answer_gates and len(answer_gates - fact_labels) == 1   # + Quux's, on its subject
+    assert (answer_gates - fact_labels) <= subject_label
+    # detectors: never read, frozen, their values (zero) and keys untouched; old rows bitwise as they were
+    st = shard_state(table)
+    new = st["flat_ids"] >= n_old
+    assert bool(st["frozen"][ids[detector]].all()) and not bool(st["frozen"][ids[~detector]].any())
+    assert bool((st["values"][ids[detector]] == 0).all())
+    assert torch.equal(st["keys"][new][detector], made["keys"][detector])
+    assert int(table.usage().hits[ids[detector]].sum()) == 0
+    for name in ("values", "opt_m", "opt_v", "opt_steps", "frozen", "ablated"):
+        assert torch.equal(before[name], st[name][:n_old]), name
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+
+
+def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
+    """A learned table with detectors, served by 2 loopback shard servers, gives the model the
+    in-process table's logits (generation included: the gate state carries the same way)."""
+    from model_worker.generate import generate_fn
+    from tests.test_grpc_parity import loopback_table
+    model, table = make(tmp_path, num_shards=2)
+    tok = ByteTokenizer()
+    res = C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=6, batch_size=4, lr=3e-2))
+    assert table.info().detector_rows > 0
+    x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
+    prompts = [e.prompt for e in SIBLINGS]
+    with torch.no_grad():
+        local = model(x)[0]
+    local_gen = generate_fn(model, tok)(prompts, 6)
+    root = str(tmp_path / "store")
+    with loopback_table(root, res.version, num_shards=2, token="t", store_root=root, timeout_s=20) as remote:
+        model.attach_table(remote)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x)[0], local, rtol=1e-5, atol=1e-5)
+        assert generate_fn(model, tok)(prompts, 6) == local_gen
