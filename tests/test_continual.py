@@ -336,3 +336,23 @@ def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
         with torch.no_grad():
             torch.testing.assert_close(model(x)[0], local, rtol=1e-5, atol=1e-5)
         assert generate_fn(model, tok)(prompts, 6) == local_gen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_worker_reads_learned_detectors_as_the_cpu_worker(tmp_path):
+    """Rows learned on the CPU, served to the model on the GPU: the gates and the detector
+    evidence computed on the device give the CPU's logits and answers."""
+    from model_worker.generate import generate_fn
+    model, table = make(tmp_path)
+    tok = ByteTokenizer()
+    C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=6, batch_size=4, lr=3e-2), publish=False)
+    assert table.info().detector_rows > 0
+    x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
+    prompts = [e.prompt for e in SIBLINGS]
+    with torch.no_grad():
+        cpu = model(x)[0]
+    cpu_answers = generate_fn(model, tok)(prompts, 6)
+    model.cuda()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu, rtol=1e-4, atol=1e-4)
+    assert generate_fn(model, tok)(prompts, 6) == cpu_answers
