@@ -92,8 +92,11 @@ def cmd_learn(args) -> None:
     res = C.learn(model, table, examples, tok, cfg, background=background, publish=True)
     out = Path(args.out) if args.out else ckpt.parent / f"learned_v{res.version:08d}"
     model_arg = None if args.method in ("new_rows", "sparse_memory") else model
-    _write_checkpoint(ckpt, out, meta, res.version, model=model_arg, learned={"method": args.method,
-                                                                             "facts": len(examples)})
+    # what each cue / detector label stands for, so that `explain` can name the gates it opens
+    labels = {str(k): v for k, v in res.info.get("labels", {}).items()}
+    learned = {**meta.get("learned", {}), "method": args.method, "facts": len(examples),
+               "labels": {**meta.get("learned", {}).get("labels", {}), **labels}}
+    _write_checkpoint(ckpt, out, meta, res.version, model=model_arg, learned=learned)
     report = {"method": args.method, "facts": len(examples), "steps": args.steps,
               "new_rows": int(res.new_ids.numel()) if res.new_ids is not None else 0,
               "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0),
@@ -130,8 +133,10 @@ def cmd_explain(args) -> None:
     from model_worker import interpret as I
     ckpt, model, tok, meta, table = _load(args.checkpoint)
     ctx = _contexts(args, model, tok, meta, table)
+    labels = {int(k): v for k, v in meta.get("learned", {}).get("labels", {}).items()}
     for prompt in args.prompts:
-        e = I.explain(model, tok, prompt, contexts=ctx, max_new_tokens=args.max_new_tokens, top_rows=args.top_rows)
+        e = I.explain(model, tok, prompt, contexts=ctx, max_new_tokens=args.max_new_tokens, top_rows=args.top_rows,
+                      labels=labels)
         if args.json:
             _print(e)
         else:

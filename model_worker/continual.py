@@ -658,7 +658,7 @@ def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cf
         detector = (cue >= 0) & (gate >= 0)
         # counted as the store counts them: gated rows include the detectors
         info.update(cue_rows=int(((cue >= 0) & ~detector).sum()), gated_rows=int((gate >= 0).sum()),
-                    detector_rows=int(detector.sum()))
+                    detector_rows=int(detector.sum()), labels=_label_names(examples, cue, row_groups))
     return NewRows(keys, bias, cue, gate, row_groups, row_layers, row_pos, info)
 
 
@@ -696,6 +696,21 @@ def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, c
         if label is not None:
             gate[r] = label
     return tuple(torch.cat(c) for c in zip(*parts))
+
+
+def _label_names(examples: Sequence, cue: torch.Tensor, row_groups: torch.Tensor) -> dict[int, str]:
+    """What each cue label stands for: "subject X" for a subject's cue, "X -> answer" for a
+    fact's detectors (label -> name, for `interpret.explain`)."""
+    subjects = subject_names(examples)
+    facts: dict[tuple, str] = {}
+    for e in examples:
+        facts.setdefault((e.subject, e.relation), f"{e.subject} -> {getattr(e, 'answer', '') or e.completion.strip()}")
+    fact_names = list(facts.values())
+    out = {}
+    for r in torch.nonzero(cue >= 0).flatten().tolist():
+        g = int(row_groups[r])
+        out.setdefault(int(cue[r]), f"subject {subjects[-1 - g]}" if g < 0 else fact_names[g - DETECTOR_GROUP])
+    return out
 
 
 def _fact_ids(examples: Sequence, per_phrasing: bool) -> list[int]:

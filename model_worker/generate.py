@@ -5,6 +5,7 @@ rows each token read in every knowledge layer.
     gen = generate(model, prompt_ids, max_new_tokens=16, eos_id=tok.eos_id, record=True)
     gen.tokens                      # [B, N] generated ids (eos_id after a row stopped)
     gen.rows[layer]                 # (ids [B, P+N-1, h, k], weights [B, P+N-1, h, k])
+    gen.gates[layer]                # the gates each call opened (tables with gated rows)
     answer(model, tok, ["The capital of France is"])   -> [" Paris."]
     fact_recall(generate_fn(model, tok), corpus.eval_prompts, corpus.eval_answers)
 
@@ -27,6 +28,8 @@ from .model import Transformer
 class Generation:
     tokens: torch.Tensor                                    # [B, N]
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (ids, weights)
+    # layer -> one GateRecord per model call (the prompt, then each new token), for tables with gated rows
+    gates: dict[int, list] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -86,6 +89,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, e
     model.eval()
     kls = {i: b.knowledge for i, b in enumerate(model.layers) if b.knowledge is not None}
     recs: dict[int, list] = {i: [] for i in kls}
+    gates: dict[int, list] = {}
     for kl in kls.values():
         kl.record = record
     out = torch.full((B, max(max_new_tokens, 0)), eos_id if eos_id is not None else 0, dtype=torch.long,
@@ -99,6 +103,8 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, e
                 if record:
                     for i, kl in kls.items():
                         recs[i].append((kl.last_ids, kl.last_weights))
+                        if kl.last_gates is not None:
+                            gates.setdefault(i, []).append(kl.last_gates)
                 nxt = sample_next(logits[:, -1], temperature, top_p, generator)
                 if eos_id is not None:
                     nxt = nxt.masked_fill(done, eos_id)
@@ -113,7 +119,7 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, e
             kl.record = False
         model.train(was_training)
     rows = {i: (torch.cat([r[0] for r in rs], 1), torch.cat([r[1] for r in rs], 1)) for i, rs in recs.items() if rs}
-    return Generation(out, rows)
+    return Generation(out, rows, gates)
 
 
 def answer(model: Transformer, tokenizer, questions: list[str], max_new_tokens: int = 32, **kw) -> list[str]:

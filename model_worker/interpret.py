@@ -154,10 +154,13 @@ def collect_row_contexts(model: Transformer, tok: ByteTokenizer, texts: Sequence
 
 @torch.no_grad()
 def explain(model: Transformer, tok: ByteTokenizer, prompt: str, *, contexts: RowContexts | None = None,
-            max_new_tokens: int = 16, top_rows: int = 4, top_contexts: int = 3) -> dict:
+            max_new_tokens: int = 16, top_rows: int = 4, top_contexts: int = 3,
+            labels: dict[int, str] | None = None) -> dict:
     """For each knowledge layer and token (prompt and generated answer): the rows read,
     their weights (summed over heads, as a share of the token's readout weight) and,
-    with `contexts`, the contexts that use each row most."""
+    with `contexts`, the contexts that use each row most. Tables with gated rows: also
+    the gates open at each token (a detector label with its evidence), named by `labels`
+    (label -> what it stands for, as `learn` reports it)."""
     ids = tok.encode(prompt, bos=True)
     gen = generate(model, torch.tensor([ids]), max_new_tokens, eos_id=tok.eos_id, record=True)
     out_ids = gen.tokens[0].tolist()
@@ -182,8 +185,21 @@ def explain(model: Transformer, tok: ByteTokenizer, prompt: str, *, contexts: Ro
                 rows.append(row)
             tokens.append({"pos": t, "token": tok.decode(seq[t:t + 1]), "generated": t >= len(ids) - 1,
                            "rows": rows})
+        for t, open_gates in enumerate(_open_gates(gen.gates.get(layer, []), labels or {})[:len(tokens)]):
+            tokens[t]["gates"] = open_gates
         result["layers"][layer] = tokens
     return result
+
+
+def _open_gates(records: Sequence, labels: dict[int, str]) -> list[list[dict]]:
+    """Per position of sequence 0 (the calls' positions one after another): the open labels."""
+    out = []
+    for rec in records:
+        for opened, ev in zip(rec.opened[0], rec.evidence[0]):              # [G] per position
+            out.append([{"label": int(lab), **({"name": labels[int(lab)]} if int(lab) in labels else {}),
+                         **({"evidence": round(float(e), 3)} if torch.isfinite(e) else {})}
+                        for lab, e in zip(rec.labels[opened].tolist(), ev[opened])])
+    return out
 
 
 def format_explanation(e: dict, only_answer: bool = False) -> str:
@@ -195,6 +211,10 @@ def format_explanation(e: dict, only_answer: bool = False) -> str:
                 continue
             rows = "  ".join(f"{r['id']}:{r['weight']:.2f}" for r in t["rows"])
             lines.append(f"  {t['pos']:3d} {t['token']!r:>6}{' *' if t['generated'] else '  '} rows {rows}")
+            if t.get("gates"):
+                lines.append("        open: " + "; ".join(
+                    g.get("name", f"label {g['label']}") + (f" (evidence {g['evidence']:+.2f})" if "evidence" in g else "")
+                    for g in t["gates"]))
             for r in t["rows"][:1]:
                 for c in r.get("contexts", [])[:2]:
                     lines.append(f"        row {r['id']} also used in: {c['text']}")

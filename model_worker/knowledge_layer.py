@@ -134,6 +134,16 @@ class _OpenGates:
 
 
 @dataclass
+class GateRecord:
+    """What a recording layer's gates did on its last call: labels [G] (sorted), opened
+    [B, S, G] (label open at that position) and evidence [B, S, G] (a detector label's best
+    score so far; -inf for other labels)."""
+    labels: torch.Tensor
+    opened: torch.Tensor
+    evidence: torch.Tensor
+
+
+@dataclass
 class PendingReadout:
     """What `KnowledgeLayer.start` leaves for `finish`: the selection, and in fetch mode the
     fetch of its distinct rows, in flight."""
@@ -179,6 +189,7 @@ class KnowledgeLayer(nn.Module):
         self.record = False  # keep the last ids / weights (interpretability)
         self.last_ids: torch.Tensor | None = None
         self.last_weights: torch.Tensor | None = None
+        self.last_gates: GateRecord | None = None   # with record, when the table has gated rows
         if table is not None:
             self.attach(table)
 
@@ -231,6 +242,7 @@ class KnowledgeLayer(nn.Module):
         q = self.q_norm(self.wq(x).view(B * S * h, self.d_k)).float()   # [T, d_k], T = B*S*h
         ca, cb = self.codebooks()                                          # [n, d_k/2] each
 
+        self.last_gates = None
         ids, flat_keys = self._select(q.detach(), ca.detach(), cb.detach(), (B, S), input_pos)  # [T, k], [T, k, d_k]
 
         # Recompute the scores of the selected rows differentiably (no bias). A product
@@ -339,6 +351,9 @@ class KnowledgeLayer(nn.Module):
         G = labels.numel()
         if G == 0:
             self._open = None
+            if self.record:
+                none = torch.zeros(B, S, 0, device=dev)
+                self.last_gates = GateRecord(labels, none.bool(), none)
             return scores
         tok = torch.arange(B * S * h, device=dev) // h                                   # row -> token b*S + s
         col = lambda lab: torch.searchsorted(labels, lab)                               # noqa: E731 - label -> column
@@ -375,6 +390,8 @@ class KnowledgeLayer(nn.Module):
                 2, fam, evidence.masked_fill(~has, float("-inf")), "amax")
             wins = has & ~torch.isneginf(evidence) & (evidence >= best.gather(2, fam)) & is_open.gather(2, fam)
             opened = is_open | wins
+        if self.record:
+            self.last_gates = GateRecord(labels, opened, evidence)
         gi = col(gate.clamp_min(0)).clamp_max(G - 1)
         ok = opened.view(B * S, G)[tok[:, None].expand_as(gate), gi] & (labels[gi] == gate)
         return scores.masked_fill(is_gated & ~ok, float("-inf"))

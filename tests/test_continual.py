@@ -338,6 +338,23 @@ def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
         assert generate_fn(model, tok)(prompts, 6) == local_gen
 
 
+def test_explain_names_the_fact_whose_detectors_won(tmp_path):
+    from model_worker import interpret as I
+    model, table = make(tmp_path)
+    tok = ByteTokenizer()
+    res = C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=2, batch_size=4), publish=False)
+    names = res.info["labels"]
+    assert {"subject Xland", "subject Quux", "Xland -> Zorp", "Xland -> Mu", "Xland -> Florp"} <= set(names.values())
+    e = I.explain(model, tok, "The capital of Xland is", max_new_tokens=2, labels=names)
+    last = e["layers"][1][len(tok.encode("The capital of Xland is", bos=True)) - 1]   # predicts the answer
+    opened = {g.get("name") for g in last["gates"]}
+    # a taught phrasing: its own fact's detectors score above the tie, its siblings' at most at it
+    assert "subject Xland" in opened and "Xland -> Zorp" in opened
+    assert not opened & {"Xland -> Mu", "Xland -> Florp"}
+    assert [g for g in last["gates"] if g.get("name") == "Xland -> Zorp"][0]["evidence"] > 0
+    assert "open: " in I.format_explanation(e) and "Xland -> Zorp (evidence +" in I.format_explanation(e)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_worker_reads_learned_detectors_as_the_cpu_worker(tmp_path):
     """Rows learned on the CPU, served to the model on the GPU: the gates and the detector

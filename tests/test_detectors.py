@@ -141,6 +141,11 @@ def test_the_label_with_the_best_evidence_opens(tmp_path, winner):
     kl(x)
     kl.record = False
     assert not bool(torch.isin(kl.last_ids, torch.tensor([d1, d2])).any())    # detectors are never read
+    gates = kl.last_gates                                                    # what the recording layer opened
+    assert gates.labels.tolist() == [500, 601, 602]
+    assert gates.opened[0, 8].tolist() == [True, winner == 0, winner == 1]
+    assert not bool(gates.opened[0, :3].any())
+    assert bool(torch.isfinite(gates.evidence[0, 8, 1:]).all()) and bool(torch.isneginf(gates.evidence[0, :, 0]).all())
     read = [_selected(kl, x, r) for r in (r1, r2)]
     assert bool(read[winner][8]) and not bool(read[1 - winner].any())
     assert not bool(read[winner][:3].any())                                  # nothing opens before the subject
