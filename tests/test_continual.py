@@ -316,26 +316,34 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path):
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
 
 
-def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
-    """A learned table with detectors, served by 2 loopback shard servers, gives the model the
-    in-process table's logits (generation included: the gate state carries the same way)."""
+def _learned_siblings(tmp_path, **kw):
+    """A tiny model that learned SIBLINGS (detectors and all), its logits on their texts and
+    its answers to their prompts: what other ways of serving the same rows must reproduce."""
     from model_worker.generate import generate_fn
-    from tests.test_grpc_parity import loopback_table
-    model, table = make(tmp_path, num_shards=2)
+    model, table = make(tmp_path, **kw)
     tok = ByteTokenizer()
     res = C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=6, batch_size=4, lr=3e-2))
     assert table.info().detector_rows > 0
     x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
-    prompts = [e.prompt for e in SIBLINGS]
     with torch.no_grad():
-        local = model(x)[0]
-    local_gen = generate_fn(model, tok)(prompts, 6)
+        logits = model(x)[0]
+
+    def answers():
+        return generate_fn(model, tok)([e.prompt for e in SIBLINGS], 6)
+    return model, res, x, logits, answers, answers()
+
+
+def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
+    """A learned table with detectors, served by 2 loopback shard servers, gives the model the
+    in-process table's logits (generation included: the gate state carries the same way)."""
+    from tests.test_grpc_parity import loopback_table
+    model, res, x, local, answers, local_gen = _learned_siblings(tmp_path, num_shards=2)
     root = str(tmp_path / "store")
     with loopback_table(root, res.version, num_shards=2, token="t", store_root=root, timeout_s=20) as remote:
         model.attach_table(remote)
         with torch.no_grad():
             torch.testing.assert_close(model(x)[0], local, rtol=1e-5, atol=1e-5)
-        assert generate_fn(model, tok)(prompts, 6) == local_gen
+        assert answers() == local_gen
 
 
 def test_explain_names_the_fact_whose_detectors_won(tmp_path):
@@ -359,17 +367,8 @@ def test_explain_names_the_fact_whose_detectors_won(tmp_path):
 def test_cuda_worker_reads_learned_detectors_as_the_cpu_worker(tmp_path):
     """Rows learned on the CPU, served to the model on the GPU: the gates and the detector
     evidence computed on the device give the CPU's logits and answers."""
-    from model_worker.generate import generate_fn
-    model, table = make(tmp_path)
-    tok = ByteTokenizer()
-    C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=6, batch_size=4, lr=3e-2), publish=False)
-    assert table.info().detector_rows > 0
-    x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
-    prompts = [e.prompt for e in SIBLINGS]
-    with torch.no_grad():
-        cpu = model(x)[0]
-    cpu_answers = generate_fn(model, tok)(prompts, 6)
+    model, _, x, cpu, answers, cpu_answers = _learned_siblings(tmp_path)
     model.cuda()
     with torch.no_grad():
         torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu, rtol=1e-4, atol=1e-4)
-    assert generate_fn(model, tok)(prompts, 6) == cpu_answers
+    assert answers() == cpu_answers
