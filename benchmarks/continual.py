@@ -137,6 +137,19 @@ def base_checkpoint(out: str = BASE_DIR, layer: int | None = None, seed: int = 0
 #   without): 0.7 -> 0.30 / 0.45, 1.0 -> 0.37 / 0.48 but the later answer positions' right share
 #   falls from 0.72 to 0.44-0.53. Detector evidence from raw q.k instead of the cosine (offline, facts
 #   whose best evidence is their own, of the 68 with siblings): 47 against 57 on seed 1 (58 both on seed 0).
+# With detectors (one cue row per subject position, the mean over its phrasings), trained: 32 / 71 new
+# at -2% forgetting on seed 1 (no detectors 23), 39 at -1% on seed 0 (no detectors 27); 3 learn seeds
+# on seed 1: 32 / 33 / 28 against full finetuning's 29 / 29 / 33. Where seed 1 still lost facts
+# (first answer character, after training): the subject's cue had not fired for 15, a sibling's
+# detectors won for 7, the right fact's rows alone were open but the character was wrong for 15 (31
+# right). Tried on seed 1: lr 0.3 / 1 / 3: 19 / 32 / 33 (kept 1: one fact is a tie, forgetting -2% vs
+# -1%, taught phrasing 55 vs 45); key_margin 5 / 8: 30 / 21. Cue rows per (subject, phrasing)
+# instead (cue_per_phrasing, the default since): the cue fires on 96% / 97% of the unseen phrasings,
+# right share at the first character 0.43 / 0.47 (seed 1 / seed 0), old held-out answers reading new
+# rows 5.8% / 5.0% instead of 2.5% / 2.1%; trained: 43 at -3% on seed 1, 49 at 0% on seed 0.
+# 3 learn seeds (continual_learn_seeds.json, continual_learn_seeds_s1.json): new rows 49 / 45 / 43
+# at 0 / 1.6 / 0.8% on seed 0 and 43 / 46 / 45 at -3.3 / -3.3 / -2.5% on seed 1; full finetuning
+# 23 / 29 / 22 at 37-54% and 29 / 29 / 33 at 22-34%; LoRA 15 / 14 / 11 and 22 / 18 / 15.
 DEFAULT_CONFIGS = {
     "new_rows": {"method": "new_rows", "lr": 1.0, "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
                  "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,

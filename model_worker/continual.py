@@ -13,8 +13,8 @@
    row and give the row a negative selection bias, the largest that keeps the
    old-text queries off it (the row then takes most of the weight wherever it is
    read). Optionally also rows per (fact, position, head) over all its phrasings
-   (`fact_rows`) and per (subject, last tokens, head) at the subject in the
-   prompt (`subject_rows`); values start small;
+   (`fact_rows`) and per (subject, phrasing, last tokens, head) at the subject in
+   the prompt (`subject_rows`, `cue_per_phrasing`); values start small;
    with `gate_on_subject` (the default) the subject rows are the *cue* of their
    subject's answer rows, which are *gated* on it (interface.py: cues and
    gates): an answer row can be selected only in a sequence where one of its
@@ -23,10 +23,17 @@
    new fact's unseen phrasing from an old fact's (`novelty_probe`: AUC ~0.53),
    so any bias that keeps old facts off the rows also keeps the new phrasing
    off; the subject's own tokens do tell them apart, and the gate carries that
-   decision from the subject to the answer;
-3. freeze every existing row (`table.set_frozen`) and every model parameter
-   (`requires_grad_(False)`), train only the new rows (values, and their keys
-   at `key_lr`) with the store's sparse optimizer;
+   decision from the subject to the answer. A subject with several new facts
+   also gets `detectors` (never read; interface.py: detectors), keyed on every
+   prompt position of each fact's phrasings with a bias at the tie with its
+   sibling facts' phrasings: each fact's answer rows are gated on the fact, which
+   opens where its subject's gate is open and its evidence so far beats its
+   siblings'. Why: the query at the answer names the relation on an unseen
+   phrasing for about a third of the facts, the prompt's positions for about
+   three quarters;
+3. freeze every existing row (`table.set_frozen`), the detectors and every model
+   parameter (`requires_grad_(False)`), train only the new rows (values, and
+   their keys at `key_lr`) with the store's sparse optimizer;
 4. publish a new store version. The model weights do not change (tested bitwise).
 
 The baselines it is compared with (benchmarks/continual.py), with the same data
