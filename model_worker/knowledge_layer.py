@@ -155,6 +155,20 @@ class PendingReadout:
     local: torch.Tensor | None = None
 
 
+def family_winners(is_open: torch.Tensor, evidence: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
+    """Detector labels that open: is_open [B, S, G] (labels whose cue fired so far), evidence
+    [B, S, G] (a detector label's best score so far, -inf where none), family [G] (the column
+    of the gate a label's detectors compete under, -1 for labels without detectors) ->
+    [B, S, G]: where a label's gate is open and its evidence is the highest of its family."""
+    has = family >= 0
+    if not bool(has.any()):
+        return torch.zeros_like(is_open)
+    fam = family.clamp_min(0).expand_as(evidence)
+    best = torch.full_like(evidence, float("-inf")).scatter_reduce(
+        2, fam, evidence.masked_fill(~has, float("-inf")), "amax")
+    return has & ~torch.isneginf(evidence) & (evidence >= best.gather(2, fam)) & is_open.gather(2, fam)
+
+
 class KnowledgeLayer(nn.Module):
     def __init__(self, d_model: int, cfg: KnowledgeConfig, table: KnowledgeTable | None = None,
                  init_std: float = 0.02):
@@ -381,15 +395,7 @@ class KnowledgeLayer(nn.Module):
             family[was[known]] = col(carry.family.to(dev)[known])
         self._open = _OpenGates(labels, is_open[:, -1], evidence[:, -1], torch.where(
             family >= 0, labels[family.clamp_min(0)], -1)) if input_pos is not None else None
-        opened = is_open
-        has = family >= 0
-        if bool(has.any()):
-            # a detector label opens where its gate is open and its evidence is the best of its family
-            fam = family.clamp_min(0).expand(B, S, G)
-            best = torch.full((B, S, G), float("-inf"), device=dev).scatter_reduce(
-                2, fam, evidence.masked_fill(~has, float("-inf")), "amax")
-            wins = has & ~torch.isneginf(evidence) & (evidence >= best.gather(2, fam)) & is_open.gather(2, fam)
-            opened = is_open | wins
+        opened = is_open | family_winners(is_open, evidence, family)
         if self.record:
             self.last_gates = GateRecord(labels, opened, evidence)
         gi = col(gate.clamp_min(0)).clamp_max(G - 1)

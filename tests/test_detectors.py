@@ -108,6 +108,25 @@ def test_remote_detections_match_in_process(tmp_path):
 
 # -- the knowledge layer ------------------------------------------------------------
 
+def test_family_winners():
+    from model_worker.knowledge_layer import family_winners
+    inf = float("-inf")
+    # labels: 0, 1 (gates); 2, 3 under gate 0; 4 under gate 1; one sequence of 3 positions
+    family = torch.tensor([-1, -1, 0, 0, 1])
+    is_open = torch.tensor([[[False, True, False, False, False],
+                             [True, True, False, False, False],
+                             [True, False, False, False, False]]])
+    evidence = torch.tensor([[[inf, inf, 0.5, 0.2, 0.1],
+                              [inf, inf, 0.5, 0.5, 0.1],          # a tie: both open
+                              [inf, inf, 0.1, 0.7, inf]]])
+    won = family_winners(is_open, evidence, family)
+    assert won[0, :, :2].sum() == 0                               # gates themselves are not detector labels
+    assert won[0, 0].tolist() == [False, False, False, False, True]   # gate 0 shut; 4's gate open
+    assert won[0, 1].tolist() == [False, False, True, True, True]
+    assert won[0, 2].tolist() == [False, False, False, True, False]   # 4 has no evidence (and its gate shut)
+    assert not bool(family_winners(is_open, evidence, torch.full((5,), -1)).any())
+
+
 def _family(kl, table, q, cue_at: int, read_at: int, det_at: tuple[int, int], det_bias: tuple[float, float],
             subject: int = 500):
     """A cue row (label `subject`) that only position cue_at selects; two facts (labels 601,
