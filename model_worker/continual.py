@@ -357,10 +357,10 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
     becomes a threshold on q.u, the softmax weight is unchanged by the bias. The
     biases are returned in info["bias"] [M].
 
-    info["row_groups"], info["row_layers"], info["row_positions"] [M]: each key's group
-    and position (the two columns of the queries' group key) and knowledge layer."""
+    info["row_groups"] [M] and info["row_layers"] [M]: each key's group (the first
+    column of the queries' group key) and knowledge layer."""
     keys, biases, info = [], [], {}
-    row_groups, row_layers, row_pos = [], [], []
+    row_groups, row_layers = [], []
     F = torch.nn.functional
     for layer, (q, gk) in queries.items():
         kl = model.layers[layer].knowledge
@@ -368,7 +368,6 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
         uniq, inv = torch.unique(gk, dim=0, return_inverse=True)             # [U, 2], [P]
         U = uniq.shape[0]
         row_groups.append(uniq[:, 0].repeat_interleave(h))
-        row_pos.append(uniq[:, 1].repeat_interleave(h))
         row_layers.append(torch.full((U * h,), layer, dtype=torch.int64))
         mean = torch.zeros(U, h, d).index_add_(0, inv, F.normalize(q, dim=-1))
         mean = mean / torch.bincount(inv, minlength=U).clamp_min(1)[:, None, None].float()
@@ -432,13 +431,13 @@ def init_new_keys(model: Transformer, queries: dict[int, tuple[torch.Tensor, tor
                                  "above_best_product": float((reach > best_g).float().mean())}
     keys = torch.cat(keys)
     bias = torch.cat(biases) if biases else None
-    groups, layers, pos = torch.cat(row_groups), torch.cat(row_layers), torch.cat(row_pos)
+    groups, layers = torch.cat(row_groups), torch.cat(row_layers)
     if max_rows and keys.shape[0] > max_rows:
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(keys.shape[0], generator=g)[:max_rows]
-        keys, groups, layers, pos = keys[pick], groups[pick], layers[pick], pos[pick]
+        keys, groups, layers = keys[pick], groups[pick], layers[pick]
         bias = bias[pick] if bias is not None else None
-    info["row_groups"], info["row_layers"], info["row_positions"] = groups, layers, pos
+    info["row_groups"], info["row_layers"] = groups, layers
     if bias is not None:
         info["bias"] = bias.float().contiguous()
     return keys.float().contiguous(), info
@@ -500,6 +499,11 @@ def _loader(examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig) -> Example
     return ExampleLoader(examples, tok, min(cfg.batch_size, len(examples)), seed=cfg.seed, answer_only=answer_only)
 
 
+def _group_key(e, per_phrasing: bool) -> tuple:
+    """What makes an example's group: its fact (subject, relation), and its phrasing with per_phrasing."""
+    return (e.subject, e.relation) + ((e.prompt,) if per_phrasing else ())
+
+
 def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int, per_phrasing: bool = False
                    ) -> tuple[list[Batch], list[list[int]]]:
     """All examples once; group = the fact (subject, relation) of each row (and its
@@ -507,8 +511,7 @@ def _group_batches(examples: Sequence, tok: ByteTokenizer, batch_size: int, per_
     from .data import collate_examples
     answer_only = all(getattr(e, "prompt", "") for e in examples)
     names: dict[tuple, int] = {}
-    gid = [names.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), len(names))
-           for e in examples]
+    gid = [names.setdefault(_group_key(e, per_phrasing), len(names)) for e in examples]
     batches, groups = [], []
     for s in range(0, len(examples), batch_size):
         batches.append(collate_examples(examples[s:s + batch_size], tok, answer_only))
@@ -520,7 +523,7 @@ def group_subjects(examples: Sequence, per_phrasing: bool = False) -> list[str]:
     """The subject of each of `_group_batches`' groups (list index = group id)."""
     names: dict[tuple, str] = {}
     for e in examples:
-        names.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), e.subject)
+        names.setdefault(_group_key(e, per_phrasing), e.subject)
     return list(names.values())
 
 
@@ -562,15 +565,13 @@ class NewRows:
     """The rows `learn` appends for new_rows, before any training: keys [M, d_k], selection
     bias [M] (None without select_bias), cue / gate labels [M] (None when not gated), and
     per row its group (`_group_batches` / `subject_positions` ids; per-fact groups offset by
-    FACT_GROUP), knowledge layer and answer position (index among the scored positions;
-    for subject rows the token offset from the subject's end)."""
+    FACT_GROUP, detectors by DETECTOR_GROUP) and knowledge layer."""
     keys: torch.Tensor
     bias: torch.Tensor | None
     cue: torch.Tensor | None
     gate: torch.Tensor | None
     groups: torch.Tensor
     layers: torch.Tensor
-    positions: torch.Tensor
     info: dict
 
 
@@ -655,7 +656,7 @@ def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cf
                                bg_quantile=cfg.bg_quantile, select_bias=cfg.select_bias,
                                select_margin=cfg.select_margin, whiten=cfg.whiten)
     bias = info.pop("bias", None)
-    row_groups, row_layers, row_pos = info.pop("row_groups"), info.pop("row_layers"), info.pop("row_positions")
+    row_groups, row_layers = info.pop("row_groups"), info.pop("row_layers")
     cue = gate = None
     if cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows:
         answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
@@ -672,17 +673,16 @@ def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cf
         if cfg.detectors:
             extra = _add_detectors(model, examples, tok, cfg, row_groups, row_layers, cue, gate, first_id + keys.shape[0])
             if extra is not None:
-                dk, db, dc, dg, dgroups, dlayers, dpos = extra
+                dk, db, dc, dg, dgroups, dlayers = extra
                 keys, cue, gate = torch.cat([keys, dk]), torch.cat([cue, dc]), torch.cat([gate, dg])
                 bias = torch.cat([bias if bias is not None else torch.zeros(row_groups.numel()), db])
                 row_groups, row_layers = torch.cat([row_groups, dgroups]), torch.cat([row_layers, dlayers])
-                row_pos = torch.cat([row_pos, dpos])
         detector = (cue >= 0) & (gate >= 0)
         # counted as the store counts them: gated rows include the detectors
         info.update(cue_rows=int(((cue >= 0) & ~detector).sum()), gated_rows=int((gate >= 0).sum()),
                     detector_rows=int(detector.sum()),
                     labels=_label_names(subject_names(examples, cfg.cue_per_phrasing), examples, cue, row_groups))
-    return NewRows(keys, bias, cue, gate, row_groups, row_layers, row_pos, info)
+    return NewRows(keys, bias, cue, gate, row_groups, row_layers, info)
 
 
 def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig,
@@ -691,7 +691,7 @@ def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, c
     """Detectors for the facts of subjects with several facts (`fact_detectors`), appended at
     ids first_id + [0, D): their labels (cue: the fact's label, the id of its first detector in
     that layer; gate: its subject's cue label there), and the fact's answer rows re-gated on the
-    fact's label (in place). Returns (keys, bias, cue, gate, groups, layers, positions) or None."""
+    fact's label (in place). Returns (keys, bias, cue, gate, groups, layers) or None."""
     fact_subjects = group_subjects(examples, False)
     found = fact_detectors(collect_queries(model, *prompt_positions(examples, tok, cfg.batch_size)),
                            fact_subjects, cfg.detector_prune)
@@ -702,15 +702,15 @@ def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, c
     fact_of_group = dict(enumerate(_fact_ids(examples, cfg.key_per_phrasing)))
     fact_of_group.update({FACT_GROUP + f: f for f in range(len(fact_subjects))})
     parts, fact_label, next_id = [], {}, first_id
-    for layer, (keys, bias, fact, pos) in found.items():
+    for layer, (keys, bias, fact, _) in found.items():
         gates = torch.tensor([subject_label.get((layer, fact_subjects[f]), -1) for f in fact.tolist()],
                              dtype=torch.int64)
         keep = gates >= 0                                                 # a subject without a cue: no detectors
-        keys, bias, fact, pos, gates = keys[keep], bias[keep], fact[keep], pos[keep], gates[keep]
+        keys, bias, fact, gates = keys[keep], bias[keep], fact[keep], gates[keep]
         labels = torch.empty_like(fact)
         for i, f in enumerate(fact.tolist()):
             labels[i] = fact_label.setdefault((layer, f), next_id + i)
-        parts.append((keys, bias, labels, gates, DETECTOR_GROUP + fact, torch.full_like(fact, layer), pos))
+        parts.append((keys, bias, labels, gates, DETECTOR_GROUP + fact, torch.full_like(fact, layer)))
         next_id += fact.numel()
     if not fact_label:
         return None
@@ -727,7 +727,7 @@ def _label_names(subjects: Sequence[str], examples: Sequence, cue: torch.Tensor,
     fact's detectors (label -> name, for `interpret.explain`). subjects: `subject_names`."""
     facts: dict[tuple, str] = {}
     for e in examples:
-        facts.setdefault((e.subject, e.relation), f"{e.subject} -> {getattr(e, 'answer', '') or e.completion.strip()}")
+        facts.setdefault(_group_key(e, False), f"{e.subject} -> {getattr(e, 'answer', '') or e.completion.strip()}")
     fact_names = list(facts.values())
     out = {}
     for r in torch.nonzero(cue >= 0).flatten().tolist():
@@ -741,8 +741,7 @@ def _fact_ids(examples: Sequence, per_phrasing: bool) -> list[int]:
     facts: dict[tuple, int] = {}
     groups: dict[tuple, int] = {}
     for e in examples:
-        f = facts.setdefault((e.subject, e.relation), len(facts))
-        groups.setdefault((e.subject, e.relation) + ((e.prompt,) if per_phrasing else ()), f)
+        groups.setdefault(_group_key(e, per_phrasing), facts.setdefault(_group_key(e, False), len(facts)))
     return list(groups.values())
 
 

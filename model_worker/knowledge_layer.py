@@ -327,9 +327,7 @@ class KnowledgeLayer(nn.Module):
             res = self.table.search(q, self.k)
         flat_scores = res.scores.to(scores.device)
         if gated and res.gate is not None:
-            found = res.detectors
-            if found is not None:
-                found = Detections(*(t.to(ids.device) for t in (found.ids, found.scores, found.cue, found.gate)))
+            found = res.detectors.to(ids.device) if res.detectors is not None else None
             flat_scores = self._close_gates(scores, flat_scores, res.cue.to(ids.device), res.gate.to(ids.device),
                                             found, shape, input_pos)
         scores = torch.cat([scores, flat_scores], dim=1)                   # [T, k + flat candidates]

@@ -109,6 +109,9 @@ class Detections:
     cue: torch.Tensor     # [B, m] int64, the label each detector is evidence for (-1 at PAD)
     gate: torch.Tensor    # [B, m] int64, the gate the detector's label competes under (-1 at PAD)
 
+    def to(self, device) -> "Detections":
+        return Detections(self.ids.to(device), self.scores.to(device), self.cue.to(device), self.gate.to(device))
+
 
 @dataclass
 class SearchResult:

@@ -23,13 +23,9 @@ import torch
 
 from . import errors, persistence
 from .config import TableConfig
-from .interface import (PAD_ID, SEGMENT_FLAT, Detections, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
+from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
                         TableInfo, UsageStats)
 from .shard import Shard, _check_usage, _int, _tensor, merge_detections, merge_topk
-
-
-def _on(d: Detections, device) -> Detections:
-    return Detections(d.ids.to(device), d.scores.to(device), d.cue.to(device), d.gate.to(device))
 
 
 def _groups(res: SearchResult) -> torch.Tensor:
@@ -228,7 +224,7 @@ class Table:
                              torch.cat([p.ids.to(dev) for p in parts], 1),
                              torch.cat([p.keys.to(dev) for p in parts], 1), k, groups)
             if detectors:
-                res.detectors = merge_detections([_on(p.detectors, dev) for p in parts], detectors)
+                res.detectors = merge_detections([p.detectors.to(dev) for p in parts], detectors)
             return res
         return self._retrying(op)
 

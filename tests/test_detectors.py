@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from store_service import errors
 from store_service.config import TableConfig
 from store_service.table import Table
-from tests.test_gates import _layer, _queries, _selected
+from tests.test_gates import _full_and_stepwise, _layer, _queries, _selected
 from tests.test_grpc_parity import loopback_table
 
 TOKEN = "detectors-token"
@@ -188,14 +188,6 @@ def test_gate_state_with_detectors_carries_across_generation_calls(tmp_path):
     # the winner's evidence (602, at 3) comes in the first call; at 6, where the rows are read,
     # only the loser's detector (601) scores: the winner's evidence must have been carried
     _, _, _, r1, r2 = _family(kl, table, _queries(kl, x), cue_at=1, read_at=6, det_at=(6, 3), det_bias=(-0.5, 0.0))
-    kl.record = True
-    kl(x)
-    full = kl.last_ids.clone()
-    kl(x[:, :5], input_pos=torch.arange(5))
-    parts = [kl.last_ids.clone()]
-    for t in range(5, S):
-        kl(x[:, t:t + 1], input_pos=torch.tensor([t]))
-        parts.append(kl.last_ids.clone())
-    kl.record = False
+    full, stepwise = _full_and_stepwise(kl, x, 5)
     assert bool((full[0, 6] == r2).any()) and not bool((full[0, 6] == r1).any())
-    assert torch.equal(torch.cat(parts, 1), full)
+    assert torch.equal(stepwise, full)

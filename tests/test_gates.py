@@ -143,21 +143,27 @@ def test_gated_row_is_selectable_only_from_its_cue_on(tmp_path, order):
             assert not bool(read.any())
 
 
+def _full_and_stepwise(kl, x: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids the layer selects over x [1, S, D] in one call, and in a generation's calls:
+    the first `prompt` positions, then one position at a time."""
+    kl.record = True
+    kl(x)
+    full = kl.last_ids.clone()
+    kl(x[:, :prompt], input_pos=torch.arange(prompt))
+    parts = [kl.last_ids.clone()]
+    for t in range(prompt, x.shape[1]):
+        kl(x[:, t:t + 1], input_pos=torch.tensor([t]))
+        parts.append(kl.last_ids.clone())
+    kl.record = False
+    return full, torch.cat(parts, 1)
+
+
 def test_open_gates_carry_across_generation_calls(tmp_path):
     kl, table = _layer(tmp_path)
     S = 10
     x = torch.randn(1, S, kl.wq.in_features)
     cue_row, gated_row = _add_pair(kl, table, _queries(kl, x), 2, 7, 5, 5)
-    kl.record = True
-    kl(x)
-    full = kl.last_ids.clone()
-    kl(x[:, :4], input_pos=torch.arange(4))
-    parts = [kl.last_ids.clone()]
-    for t in range(4, S):
-        kl(x[:, t:t + 1], input_pos=torch.tensor([t]))
-        parts.append(kl.last_ids.clone())
-    kl.record = False
-    stepwise = torch.cat(parts, 1)
+    full, stepwise = _full_and_stepwise(kl, x, 4)
     assert bool((full == gated_row).any())                          # the gated row is read after the cue
     assert torch.equal(stepwise, full)
     # a fresh generation (position 0) starts with every gate closed again
