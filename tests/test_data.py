@@ -6,20 +6,14 @@ from collections import defaultdict
 import pytest
 import torch
 
-from model_worker.data import (BOS_ID, EOS_ID, IGNORE_INDEX, TEMPLATES, BPETokenizer, ByteTokenizer,
-                               CorpusConfig, ExampleLoader, PackedLoader, build_corpus,
-                               build_tokenizer, collate_examples, load_tokenizer, packed_batches,
-                               split_template, split_texts)
+from model_worker.data import (BOS_ID, EOS_ID, IGNORE_INDEX, TEMPLATES, ByteTokenizer, CorpusConfig,
+                               ExampleLoader, PackedLoader, build_corpus, collate_examples, load_tokenizer,
+                               packed_batches, split_template, split_texts, tokenizer_from_dict)
 
 
 @pytest.fixture(scope="module")
 def corpus():
     return build_corpus("tiny")
-
-
-@pytest.fixture(scope="module")
-def bpe(corpus):
-    return BPETokenizer.train(corpus.train_texts, 600)
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -150,9 +144,8 @@ SAMPLES = ["", "The capital of France is Paris.", "São Paulo is a city in Brazi
            "Zürich, Kraków, Reykjavík, 東京, Москва, القاهرة, e\u0301", "Asia/Ho_Chi_Minh  12345\n\tx"]
 
 
-@pytest.mark.parametrize("kind", ["byte", "bpe"])
-def test_tokenizer_roundtrip(kind, corpus, bpe, tmp_path):
-    tok = ByteTokenizer() if kind == "byte" else bpe
+def test_tokenizer_roundtrip(corpus, tmp_path):
+    tok = ByteTokenizer()
     texts = SAMPLES + corpus.train_texts[:200] + [f.subject for f in corpus.facts]
     for t in texts:
         ids = tok.encode(t, bos=True, eos=True)
@@ -165,15 +158,13 @@ def test_tokenizer_roundtrip(kind, corpus, bpe, tmp_path):
     assert all(loaded.encode(t) == tok.encode(t) for t in texts)
 
 
-def test_bpe_compresses_and_is_deterministic(corpus, bpe):
-    assert bpe.vocab_size == 600
-    text = corpus.train_texts[0]
-    assert len(bpe.encode(text)) < len(text.encode("utf-8")) / 2
-    assert BPETokenizer.train(corpus.train_texts, 600).merges == bpe.merges
-    # prompt and completion tokenize the same apart as together (generation sees the prompt alone)
-    for e in corpus.eval[:100]:
-        assert bpe.encode(e.prompt) + bpe.encode(e.completion) == bpe.encode(e.text)
-    assert build_tokenizer("byte").vocab_size == 260
+def test_byte_ids_are_the_utf8_bytes_and_checkpoints_name_the_byte_tokenizer():
+    tok = ByteTokenizer()
+    assert tok.vocab_size == 260 and (tok.bos_id, tok.eos_id, tok.pad_id, tok.sep_id) == (256, 257, 258, 259)
+    assert tok.encode("Zürich", bos=True, eos=True) == [256, *"Zürich".encode("utf-8"), 257]
+    assert isinstance(tokenizer_from_dict({"type": "byte"}), ByteTokenizer)     # what every checkpoint records
+    with pytest.raises(ValueError, match="only 'byte'"):
+        tokenizer_from_dict({"type": "bpe", "merges": []})
 
 
 # ----------------------------------------------------------------------------- loaders

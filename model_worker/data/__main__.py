@@ -1,15 +1,16 @@
 """Command line: python -m model_worker.data --preset small [--dump DIR]."""
 
+import argparse
 import dataclasses
 import json
+from pathlib import Path
 
-from .corpus import CORPUS_PRESETS, CorpusConfig, build_corpus
+from .corpus import build_corpus
+from .corpus_config import CORPUS_PRESETS, CorpusConfig
 
 
 def main(argv=None) -> None:
     """python -m model_worker.data --preset small [--dump DIR]: stats, samples, JSONL dump."""
-    import argparse
-    from pathlib import Path
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--preset", default="small", choices=sorted(CORPUS_PRESETS))
     ap.add_argument("--seed", type=int, default=0)
@@ -26,7 +27,6 @@ def main(argv=None) -> None:
                 for e in getattr(corpus, part):
                     fh.write(json.dumps(dataclasses.asdict(e), ensure_ascii=False) + "\n")
         print(f"wrote {args.dump}")
-
 
 
 if __name__ == "__main__":
