@@ -15,22 +15,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import tempfile
 import time
+from collections.abc import Sequence
+
+import torch
 
 from benchmarks.common import write_results
+from benchmarks.continual import base_checkpoint, device_string, load_base
+from model_worker import evaluate
+from model_worker import reorder as R
+from model_worker.data import ByteTokenizer, build_corpus, packed_batches
+from model_worker.generate import generate, generate_fn
+from model_worker.model import Transformer
+from store_service.cached_table import CachedTable
+from store_service.client import connect
+from store_service.server import serve_shard
+from store_service.shard import Shard
+from store_service.table import Table
+
+
+def timed_generation(model: Transformer, tok: ByteTokenizer, prompts: Sequence[str], max_new_tokens: int = 16
+                     ) -> tuple[float, int]:
+    """(seconds, generated tokens) for greedy answers to prompts, one prompt at a time
+    (batch 1: the setting where fetch mode and a cache matter)."""
+    n = 0
+    t0 = time.perf_counter()
+    for p in prompts:
+        out = generate(model, torch.tensor([tok.encode(p, bos=True)]), max_new_tokens, eos_id=tok.eos_id)
+        n += out.tokens.numel()
+    return time.perf_counter() - t0, n
 
 
 def run(args) -> dict:
-    import tempfile
-
-    import torch
-
-    from benchmarks.continual import base_checkpoint, device_string, load_base
-    from model_worker import evaluate
-    from model_worker import knobs as K
-    from model_worker.data import build_corpus, packed_batches
-    from model_worker.generate import generate_fn
-
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or base_checkpoint(args.base)
     scratch = tempfile.mkdtemp(prefix="knobs_", dir=args.scratch)
@@ -45,7 +63,7 @@ def run(args) -> dict:
     ks = sorted({k for k in [1, 2, 4, 8, 16, 32] if k <= k_train} | {k_train})
     k_sweep = []
     for k in ks:
-        with K.inference_k(model, k), torch.no_grad():
+        with model.reading(k=k), torch.no_grad():
             t0 = time.perf_counter()
             rec = evaluate.recall_on_examples(generate_fn(model, tok), evals)["recall"]
             gen_s = time.perf_counter() - t0
@@ -59,29 +77,28 @@ def run(args) -> dict:
         print(json.dumps(e), flush=True)
 
     # -- reorder
-    train_trace = K.usage_trace(model, tok, corpus.train_texts[: args.trace_docs], per="token")
-    eval_trace = K.usage_trace(model, tok, corpus.heldout_texts[: args.trace_docs], per="token")
+    train_trace = R.usage_trace(model, tok, corpus.train_texts[: args.trace_docs], per="token")
+    eval_trace = R.usage_trace(model, tok, corpus.heldout_texts[: args.trace_docs], per="token")
     info = table.info()
-    plan = K.cooccurrence_order(train_trace, info.num_rows, kl.n)
+    plan = R.cooccurrence_order(train_trace, info.num_rows, kl.n)
     version = info.version
-    new_version = K.publish_reordered(scratch, version, plan)
+    new_version = R.publish_reordered(scratch, version, plan)
     with torch.no_grad():
         ref = model(batch.inputs)[0]
-    from store_service.table import Table
     new_table = Table.open(scratch, new_version)
-    K.permute_model(model, plan)
+    R.permute_model(model, plan)
     model.attach_table(new_table)
     with torch.no_grad():
         same = float((model(batch.inputs)[0] - ref).abs().max())
-    eval_after = K.usage_trace(model, tok, corpus.heldout_texts[:4], per="token")
+    eval_after = R.usage_trace(model, tok, corpus.heldout_texts[:4], per="token")
     remap_ok = all(torch.equal(torch.sort(plan.remap(a)).values, b) for a, b in zip(eval_trace, eval_after))
     row_bytes = info.d_v * (2 if info.value_dtype == "bfloat16" else 4)
     page_rows = max(1, 4096 // row_bytes)
     reorder = {"from_version": version, "published_version": new_version, "max_abs_logit_diff": same,
                "ids_remapped_consistently": remap_ok, "page_rows": page_rows, "row_bytes": row_bytes}
     for group in (1, 16, 256):
-        before = K.locality(eval_trace, page_rows, group)
-        after = K.locality([plan.remap(t) for t in eval_trace], page_rows, group)
+        before = R.locality(eval_trace, page_rows, group)
+        after = R.locality([plan.remap(t) for t in eval_trace], page_rows, group)
         reorder[f"tokens_per_batch_{group}"] = {"before": before, "after": after,
                                               "pages_ratio": after["pages"] / before["pages"],
                                               "runs_ratio": after["runs"] / before["runs"]}
@@ -89,9 +106,6 @@ def run(args) -> dict:
     model, tok, table, meta = load_base(ckpt, scratch)
 
     # -- hot-row cache over gRPC
-    from store_service.client import connect
-    from store_service.server import serve_shard
-    from store_service.shard import Shard
     prompts = [e.prompt for e in corpus.eval[: args.cache_prompts]]
     server = serve_shard(Shard.load(scratch, version, 0), admin_token="bench")
     cache = {}
@@ -101,16 +115,16 @@ def run(args) -> dict:
         runs = [("none", 0, None, False)] + [(f"{p}_{c}", c, p, False) for c in args.cache_rows for p in ("lru", "lfu")] \
             + [(f"lfu_{c}_warm", c, "lfu", True) for c in args.cache_rows]
         for name, cap, policy, warm in runs:
-            t = remote if policy is None else K.CachedTable(remote, cap, policy)
+            t = remote if policy is None else CachedTable(remote, cap, policy)
             model.attach_table(t)
-            K.timed_generation(model, tok, prompts[:2], args.max_new_tokens)     # warm up gRPC
+            timed_generation(model, tok, prompts[:2], args.max_new_tokens)     # warm up gRPC
             if policy is not None:
                 t.clear()
                 t.reset_stats()
                 if warm:
                     t.warm()
                     t.reset_stats()
-            sec, n = K.timed_generation(model, tok, prompts, args.max_new_tokens)
+            sec, n = timed_generation(model, tok, prompts, args.max_new_tokens)
             e = {"capacity_rows": cap, "share_of_table": cap / info.num_rows, "seconds": sec, "tokens": n,
                  "tokens_per_s": n / sec}
             if policy is not None:
@@ -122,7 +136,6 @@ def run(args) -> dict:
         server.stop()
     for name in cache:
         cache[name]["speedup"] = cache[name]["tokens_per_s"] / cache["none"]["tokens_per_s"]
-    import shutil
     shutil.rmtree(scratch, ignore_errors=True)
     kmax = k_sweep[-1]
     half = next((e for e in k_sweep if e["k"] == k_train // 2), k_sweep[0])
@@ -146,7 +159,7 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a dev extra, needed only to draw
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))

@@ -61,7 +61,7 @@ from benchmarks.common import ByteCounter, CallTimer, cpu_model, server_handling
 from model_worker import evaluate  # noqa: E402
 from model_worker.config import configs  # noqa: E402
 from model_worker.data import ByteTokenizer, build_corpus  # noqa: E402
-from model_worker.generate import generate_fn, readout_mode  # noqa: E402
+from model_worker.generate import generate_fn  # noqa: E402
 from model_worker.remote_table import loopback_table  # noqa: E402
 from model_worker.train import TrainConfig, create_table, model_config, table_config, train  # noqa: E402
 
@@ -261,7 +261,7 @@ def final_detail(model, corpus, batch_size: int = 64) -> dict:
     model.eval()
     fn = generate_fn(model, ByteTokenizer())
     out = {}
-    with readout_mode(model, "fetch"):
+    with model.reading(readout="fetch"):
         for name, examples in (("heldout", corpus.eval), ("seen", corpus.eval_seen)):
             r = evaluate.recall_on_examples(fn, examples, batch_size=batch_size)
             out[name] = {"recall": r["recall"], "n": r["n"],

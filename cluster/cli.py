@@ -23,6 +23,8 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from .cli_args import parse_ids, step_shards
+from .cli_knowledge import register as register_knowledge_verbs
 from .config import ClusterConfig
 
 log = logging.getLogger("kstore")
@@ -51,32 +53,6 @@ def _attach(args):
     except Exception as e:  # noqa: BLE001 - turned into a message for the user
         sys.exit(f"kstore: cannot reach the cluster recorded at {_state_path(args)} ({e}); "
                  "is it up? (`kstore status`, or `kstore up` to start one)")
-
-
-def parse_ids(spec: str):
-    """'3,7,10:20' -> int64 tensor [3, 7, 10, ..., 19]."""
-    import torch
-    out: list[int] = []
-    for part in spec.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if ":" in part:
-            lo, hi = part.split(":")
-            out.extend(range(int(lo), int(hi)))
-        else:
-            out.append(int(part))
-    if not out:
-        raise argparse.ArgumentTypeError(f"no ids in {spec!r}")
-    return torch.tensor(out, dtype=torch.int64)
-
-
-def _step_shards(spec: str) -> tuple[int, int]:
-    try:
-        step, shards = spec.split(":")
-        return int(step), int(shards)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected STEP:SHARDS, e.g. 200:4; got {spec!r}") from None
 
 
 def _print(obj) -> None:
@@ -232,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/cluster", help="checkpoint directory")
     t.add_argument("--ckpt-every", type=int, default=100)
     t.add_argument("--eval-every", type=int, default=100)
-    t.add_argument("--scale-at", type=_step_shards, action="append", metavar="STEP:SHARDS",
+    t.add_argument("--scale-at", type=step_shards, action="append", metavar="STEP:SHARDS",
                    help="re-partition the store onto SHARDS shards after STEP (repeatable)")
     t.set_defaults(fn=cmd_train)
 
@@ -259,8 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("--ids", type=parse_ids, required=True, help="e.g. 3,7,100:200")
     av.add_parser("stats", help="row usage: fraction used, KL from uniform, top-row share")
     a.set_defaults(fn=cmd_admin)
-    from .cli_knowledge import register
-    register(sub)
+    register_knowledge_verbs(sub)
     return p
 
 

@@ -10,15 +10,18 @@ next to the checkpoint's, with a new checkpoint directory that points at it.
     kstore ablate --checkpoint runs/x/step_000800 --rows 12,40:48 "The capital of France is"
     kstore usage --checkpoint runs/x/step_000800
     kstore reorder --checkpoint runs/x/step_000800
-    kstore continual-bench | ablate-bench | knobs-bench     (benchmarks/*.py)
+
+The benchmarks run on their own (`python -m benchmarks.continual`, `.interpret`, `.knobs`).
+The model_worker imports are inside the commands: `kstore --help` and the cluster verbs
+start without loading torch.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
+
+from .cli_args import parse_ids
 
 
 def _print(obj) -> None:
@@ -26,9 +29,8 @@ def _print(obj) -> None:
 
 
 def _load(ckpt: str):
-    from model_worker.checkpoint import load_for_inference
+    from model_worker.checkpoint import latest_checkpoint, load_for_inference
     if not (Path(ckpt) / "meta.json").exists():
-        from model_worker.checkpoint import latest_checkpoint
         found = latest_checkpoint(ckpt)
         if found is None:
             sys.exit(f"kstore: {ckpt} is neither a checkpoint step directory nor a run directory with one")
@@ -39,64 +41,44 @@ def _load(ckpt: str):
     return Path(ckpt), model, tok, meta, model.tables()[0]
 
 
-def _write_checkpoint(src: Path, dst: Path, meta: dict, version: int, model=None, **extra) -> Path:
-    """A checkpoint directory for the new store version: same model weights (copied
-    bitwise, or `model`'s when given), meta pointing at `version`."""
-    from safetensors.torch import save_model
-    if dst.exists():
-        shutil.rmtree(dst)
-    dst.mkdir(parents=True)
-    if model is None:
-        shutil.copy2(src / "model.safetensors", dst / "model.safetensors")
-    else:
-        save_model(model, str(dst / "model.safetensors"))
-    (dst / "meta.json").write_text(json.dumps({**meta, "table_version": version, "derived_from": str(src),
-                                               **extra}, indent=2))
-    return dst
-
-
-def _parse_ids(spec: str):
-    from .cli import parse_ids
-    return parse_ids(spec)
-
-
 # -- learn -----------------------------------------------------------------------------
 
 def cmd_learn(args) -> None:
-    from model_worker import continual as C
-    from model_worker.data import build_corpus
+    from model_worker.checkpoint import derive_checkpoint
+    from model_worker.data import PackedLoader, build_corpus
+    from model_worker.learn import LearnConfig, facts_from_lines, learn
+    from model_worker.learn.measure import forgetting, measure
     ckpt, model, tok, meta, table = _load(args.checkpoint)
     corpus = None
     if args.facts:
-        examples = C.facts_from_lines(Path(args.facts).read_text().splitlines())
+        examples = facts_from_lines(Path(args.facts).read_text().splitlines())
         if not examples:
             sys.exit(f"kstore: no facts in {args.facts}")
     else:
         corpus = build_corpus(args.corpus or meta["train_config"]["corpus"])
         examples = corpus.new_train
-    cfg = C.LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+    cfg = LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                         key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t,
                         gate_on_subject=not args.no_gate, detectors=not args.no_detectors)
     if args.lr is not None and args.method in ("full_finetune", "lora"):
         cfg.model_lr, cfg.lr = args.lr, None
     before = None
     if corpus is not None and args.measure:
-        before = C.measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
+        before = measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
                            heldout_texts=corpus.heldout_texts)
     # old (pretraining) text: calibrates new keys so old contexts do not select them,
     # and gives sparse memory finetuning its document frequencies
-    from model_worker.data import PackedLoader
     pre = corpus if corpus is not None else build_corpus(meta["train_config"]["corpus"])
     bg = PackedLoader(pre.train_texts, tok, 64, 16, seed=1)
     background = [bg.batch(i) for i in range(args.background_batches)]
-    res = C.learn(model, table, examples, tok, cfg, background=background, publish=True)
+    res = learn(model, table, examples, tok, cfg, background=background, publish=True)
     out = Path(args.out) if args.out else ckpt.parent / f"learned_v{res.version:08d}"
     model_arg = None if args.method in ("new_rows", "sparse_memory") else model
     # what each cue / detector label stands for, so that `explain` can name the gates it opens
     labels = {str(k): v for k, v in res.info.get("labels", {}).items()}
     learned = {**meta.get("learned", {}), "method": args.method, "facts": len(examples),
                "labels": {**meta.get("learned", {}).get("labels", {}), **labels}}
-    _write_checkpoint(ckpt, out, meta, res.version, model=model_arg, learned=learned)
+    derive_checkpoint(ckpt, out, meta, res.version, model=model_arg, learned=learned)
     report = {"method": args.method, "facts": len(examples), "steps": args.steps,
               "new_rows": int(res.new_ids.numel()) if res.new_ids is not None else 0,
               "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0),
@@ -105,9 +87,9 @@ def cmd_learn(args) -> None:
               "loss_first": res.losses[0], "loss_last": res.losses[-1], "seconds": round(res.seconds, 1),
               "model_weights_changed": args.method in ("full_finetune", "lora")}
     if before is not None:
-        after = C.measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
+        after = measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
                           heldout_texts=corpus.heldout_texts)
-        report.update(before=before, after=after, forgetting=C.forgetting(before, after))
+        report.update(before=before, after=after, forgetting=forgetting(before, after))
     _print(report)
 
 
@@ -145,15 +127,16 @@ def cmd_explain(args) -> None:
 
 def cmd_ablate(args) -> None:
     from model_worker import interpret as I
+    from model_worker.checkpoint import derive_checkpoint
     from model_worker.generate import answer
     ckpt, model, tok, meta, table = _load(args.checkpoint)
-    ids = _parse_ids(args.rows)
+    ids = parse_ids(args.rows)
     before = answer(model, tok, args.prompts)
     with I.ablated(model, ids) as fresh:
         after = answer(model, tok, args.prompts)
         if args.publish:
             version = table.snapshot()
-            out = _write_checkpoint(ckpt, ckpt.parent / f"ablated_v{version:08d}", meta, version)
+            out = derive_checkpoint(ckpt, ckpt.parent / f"ablated_v{version:08d}", meta, version)
             print(f"published version {version} with rows ablated; checkpoint {out}", file=sys.stderr)
     _print({"rows_ablated": fresh.tolist(),
             "answers": [{"prompt": p, "before": b, "after": a} for p, b, a in zip(args.prompts, before, after)]})
@@ -179,33 +162,26 @@ def cmd_usage(args) -> None:
 # -- reorder ----------------------------------------------------------------------------------
 
 def cmd_reorder(args) -> None:
-    from model_worker import knobs as K
+    from model_worker import reorder as R
+    from model_worker.checkpoint import derive_checkpoint
     from model_worker.data import build_corpus
     ckpt, model, tok, meta, table = _load(args.checkpoint)
     texts = build_corpus(meta["train_config"]["corpus"]).train_texts[: args.docs]
-    trace = K.usage_trace(model, tok, texts, per="token")
+    trace = R.usage_trace(model, tok, texts, per="token")
     info = table.info()
     kl = model.knowledge_layers()[0]
-    plan = K.cooccurrence_order(trace, info.num_rows, kl.n)
-    version = K.publish_reordered(table.store_root, info.version, plan)
-    K.permute_model(model, plan)
+    plan = R.cooccurrence_order(trace, info.num_rows, kl.n)
+    version = R.publish_reordered(table.store_root, info.version, plan)
+    R.permute_model(model, plan)
     out = Path(args.out) if args.out else ckpt.parent / f"reordered_v{version:08d}"
-    _write_checkpoint(ckpt, out, meta, version, model=model, reordered_from=info.version)
+    derive_checkpoint(ckpt, out, meta, version, model=model, reordered_from=info.version)
     page_rows = max(1, 4096 // (info.d_v * 4))
     held = build_corpus(meta["train_config"]["corpus"]).heldout_texts[: args.docs]
-    ev = K.usage_trace(model, tok, held, per="token")  # already in the new order
+    ev = R.usage_trace(model, tok, held, per="token")  # already in the new order
     inv_old = [plan.old_of_new[t] for t in ev]
     _print({"published_version": version, "checkpoint": str(out),
-            "locality_per_token_before": K.locality([x.sort().values for x in inv_old], page_rows),
-            "locality_per_token_after": K.locality(ev, page_rows)})
-
-
-def _bench(module: str):
-    def run(args) -> None:
-        import importlib
-        rest = list(args.bench_args)
-        importlib.import_module(module).main(rest[1:] if rest[:1] == ["--"] else rest)
-    return run
+            "locality_per_token_before": R.locality([x.sort().values for x in inv_old], page_rows),
+            "locality_per_token_after": R.locality(ev, page_rows)})
 
 
 def register(sub) -> None:
@@ -271,10 +247,3 @@ def register(sub) -> None:
     p.add_argument("--docs", type=int, default=2000, help="training texts whose reads define co-use")
     p.add_argument("--out", default=None)
     p.set_defaults(fn=cmd_reorder)
-
-    for name, module, what in (("continual-bench", "benchmarks.continual", "new rows vs sparse memory vs full vs LoRA"),
-                               ("ablate-bench", "benchmarks.interpret", "ablation selectivity and usage stats"),
-                               ("knobs-bench", "benchmarks.knobs", "k sweep, reorder locality, hot-row cache")):
-        p = sub.add_parser(name, help=f"benchmark: {what} (arguments after -- go to {module})")
-        p.add_argument("bench_args", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=_bench(module))

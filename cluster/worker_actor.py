@@ -135,7 +135,7 @@ class WorkerActor:
 
     def load(self, checkpoint: str) -> None:
         """Serve a checkpoint: its model, against the cluster's store (follows swaps and scaling)."""
-        from model_worker.checkpoint import load_model, read_meta
+        from model_worker.checkpoint import load_weights, read_meta
         from model_worker.config import ModelConfig
         from model_worker.data import tokenizer_from_dict
         from model_worker.model import Transformer
@@ -145,7 +145,7 @@ class WorkerActor:
         cfg = ModelConfig.from_dict(meta["model_config"])
         table = self._table("follow") if cfg.knowledge is not None else None
         self.model = Transformer(cfg, table)
-        load_model(self.model, os.path.join(checkpoint, "model.safetensors"), strict=True)
+        load_weights(self.model, os.path.join(checkpoint, "model.safetensors"))
         self.model.eval()
         self.tokenizer = tokenizer_from_dict(meta["tokenizer"])
 

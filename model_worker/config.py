@@ -31,7 +31,7 @@ class KnowledgeConfig:
     readout: str = "pushdown"        # "pushdown": the shards compute the readout (moves [T, d_v] partial sums);
                                      # "fetch": the worker computes it from the U distinct rows it selected
                                      # (moves [U, d_v] rows); "auto": fetch when U <= T, per call
-    gate: bool = True                # y = W_o r * silu(W_g x)
+    output_gate: bool = True         # y = W_o r * silu(W_g x) (a SiLU gate on the layer's output)
     qk_norm: bool = True             # q = RMSNorm(W_q x); codebooks initialised on the unit sphere
     bias_update_rate: float = 1e-3   # product sub-key balancing (loss-free, selection only); 0 = off
     value_lr: float = 1e-2           # the store's sparse optimizer lr for rows (used when building a table)
@@ -39,7 +39,7 @@ class KnowledgeConfig:
     gate_pool: int = 8               # with gated rows in the table: flat candidates per query = gate_pool x k,
                                      # so that closed gated rows do not crowd open ones out of the search
     detector_pool: int = 32          # with detectors in the table: the best detectors per query whose scores
-                                     # count as evidence (interface.py: detectors)
+                                     # count as evidence (gating.py)
 
     def __post_init__(self):
         self.layers = tuple(int(i) for i in self.layers)
@@ -59,6 +59,16 @@ class KnowledgeConfig:
     @property
     def num_product_rows(self) -> int:
         return self.n_sub ** 2
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KnowledgeConfig":
+        """From a dict (a checkpoint's meta.json, overrides), old key names included."""
+        return cls(**{RENAMED_KNOWLEDGE_KEYS.get(k, k): v for k, v in d.items()})
+
+
+# KnowledgeConfig keys renamed since checkpoints were first written (old -> new): "gate"
+# named the output's SiLU gate, the rows' gate labels and the MoE router at once.
+RENAMED_KNOWLEDGE_KEYS = {"gate": "output_gate"}
 
 
 @dataclass
@@ -82,8 +92,8 @@ class ModelConfig:
     n_active: int = 2
     n_shared: int = 1
     d_expert: int = 0                # 0 -> d_ff // (n_active + n_shared): the active FFN width equals the dense one
-    router: str = "sigmoid"          # "sigmoid" (DeepSeek-V3) or "softmax" scores
-    route_norm: bool = True          # normalise the selected gate scores to sum to 1
+    router: str = "sigmoid"          # the router's expert scores: "sigmoid" (DeepSeek-V3) or "softmax"
+    route_norm: bool = True          # normalise the selected experts' routing weights to sum to 1
     moe_bias_rate: float = 1e-3      # loss-free balancing step (0 = off)
     aux_loss_coef: float = 0.0       # optional sequence-level balance loss (DeepSeek-V3 uses ~1e-4)
 
@@ -91,7 +101,7 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.knowledge, dict):
-            self.knowledge = KnowledgeConfig(**self.knowledge)
+            self.knowledge = KnowledgeConfig.from_dict(self.knowledge)
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
         if self.router not in ("sigmoid", "softmax"):
@@ -157,7 +167,7 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     kn = overrides.pop("knowledge", kw.pop("knowledge", None))
     kw.update(overrides)
     if isinstance(kn, dict):
-        kn = KnowledgeConfig(**kn)
+        kn = KnowledgeConfig.from_dict(kn)
     elif isinstance(kn, KnowledgeConfig):
         kn = replace(kn)
     return ModelConfig(**kw, knowledge=kn)

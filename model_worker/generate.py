@@ -1,6 +1,6 @@
-"""Generation with the KV cache: greedy or top-p sampling, rows retrieved per
-generated token (fetch readout by default: small batches), and a record of the
-rows each token read in every knowledge layer.
+"""Generation with the KV cache (and the gate states, gating.py): greedy or top-p
+sampling, rows retrieved per generated token (fetch readout by default: small
+batches), and a record of the rows each token read in every knowledge layer.
 
     gen = generate(model, prompt_ids, max_new_tokens=16, eos_id=tok.eos_id, record=True)
     gen.tokens                      # [B, N] generated ids (eos_id after a row stopped)
@@ -16,11 +16,11 @@ Command line (answers questions from a checkpoint; see train.py for checkpoints)
 from __future__ import annotations
 
 import argparse
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
 
+from .checkpoint import load_for_inference
 from .model import Transformer
 
 
@@ -30,38 +30,6 @@ class Generation:
     rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (ids, weights)
     # layer -> one GateRecord per model call (the prompt, then each new token), for tables with gated rows
     gates: dict[int, list] = field(default_factory=dict)
-
-
-@contextlib.contextmanager
-def readout_mode(model: Transformer, mode: str | None):
-    """Temporarily switch every knowledge layer's readout ("pushdown" / "fetch" / "auto")."""
-    old = [kl.readout_mode for kl in model.knowledge_layers()]
-    if mode is not None:
-        model.set_readout(mode)
-    try:
-        yield
-    finally:
-        for kl, m in zip(model.knowledge_layers(), old):
-            kl.readout_mode = m
-
-
-@contextlib.contextmanager
-def recording_rows(model: Transformer):
-    """Eval mode, fetch readout, and every knowledge layer recording the rows it
-    reads (`kl.last_ids`, `kl.last_weights`); everything restored on exit.
-    Fetch leaves the store's usage counts alone."""
-    was = model.training
-    model.eval()
-    kls = model.knowledge_layers()
-    for kl in kls:
-        kl.record = True
-    try:
-        with readout_mode(model, "fetch"):
-            yield kls
-    finally:
-        for kl in kls:
-            kl.record = False
-        model.train(was)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
@@ -87,24 +55,14 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, e
     max_new_tokens = min(max_new_tokens, model.cfg.block_size - P)
     was_training = model.training
     model.eval()
-    kls = {i: b.knowledge for i, b in enumerate(model.layers) if b.knowledge is not None}
-    recs: dict[int, list] = {i: [] for i in kls}
-    gates: dict[int, list] = {}
-    for kl in kls.values():
-        kl.record = record
     out = torch.full((B, max(max_new_tokens, 0)), eos_id if eos_id is not None else 0, dtype=torch.long,
                      device=prompt.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
     try:
-        with readout_mode(model, readout):
+        with model.reading(readout=readout, record=record) as trace:
             model.setup_caches(B, P + max_new_tokens)
             logits, _ = model(prompt, input_pos=torch.arange(P, device=prompt.device))   # [B, P, V]
             for t in range(max_new_tokens):
-                if record:
-                    for i, kl in kls.items():
-                        recs[i].append((kl.last_ids, kl.last_weights))
-                        if kl.last_gates is not None:
-                            gates.setdefault(i, []).append(kl.last_gates)
                 nxt = sample_next(logits[:, -1], temperature, top_p, generator)
                 if eos_id is not None:
                     nxt = nxt.masked_fill(done, eos_id)
@@ -115,11 +73,12 @@ def generate(model: Transformer, prompt: torch.Tensor, max_new_tokens: int, *, e
                 logits, _ = model(nxt[:, None], input_pos=torch.tensor([P + t], device=prompt.device))
     finally:
         model.clear_caches()
-        for kl in kls.values():
-            kl.record = False
         model.train(was_training)
-    rows = {i: (torch.cat([r[0] for r in rs], 1), torch.cat([r[1] for r in rs], 1)) for i, rs in recs.items() if rs}
-    return Generation(out, rows, gates)
+    if trace is None or max_new_tokens <= 0:
+        return Generation(out)
+    layers = trace.layers()
+    return Generation(out, {i: trace.rows(i) for i in layers},
+                      {i: g for i in layers if (g := trace.gates(i))})
 
 
 def answer(model: Transformer, tokenizer, questions: list[str], max_new_tokens: int = 32, **kw) -> list[str]:
@@ -150,7 +109,6 @@ def generate_fn(model: Transformer, tokenizer, **kw):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .checkpoint import load_for_inference
     ap = argparse.ArgumentParser(description="Answer questions from a trained checkpoint.")
     ap.add_argument("--checkpoint", required=True, help="a step directory written by train.py")
     ap.add_argument("--max-new-tokens", type=int, default=32)

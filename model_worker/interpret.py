@@ -25,8 +25,9 @@ import torch
 from store_service.interface import UsageStats
 
 from .data import ByteTokenizer, collate_examples
-from .generate import generate, recording_rows
+from .generate import generate
 from .model import Transformer
+from .reading import recording
 
 
 # -- per-row top contexts ------------------------------------------------------------------
@@ -129,15 +130,14 @@ def collect_row_contexts(model: Transformer, tok: ByteTokenizer, texts: Sequence
     ctx = RowContexts.empty(n_rows, m, texts)
     hits = torch.zeros(n_rows, dtype=torch.int64)
     wsum = torch.zeros(n_rows, dtype=torch.float64)
-    kls = model.knowledge_layers()
-    with recording_rows(model):
+    with recording(model) as trace:
         for s in range(0, len(texts), batch_size):
             docs = [_Doc("", t) for t in texts[s:s + batch_size]]
             b = collate_examples(docs, tok, answer_only=False)
             model(b.inputs)
             valid = b.targets != -100                                       # [B, S] real tokens
-            for kl in kls:
-                ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
+            for read in trace.take().values():
+                ids, w = read.ids, read.weights                              # [B, S, h, k]
                 B, S, h, k = ids.shape
                 ok = valid[:, :, None, None].expand_as(ids) & (ids >= 0)
                 doc = (torch.arange(B) + s)[:, None, None, None].expand_as(ids)
@@ -230,9 +230,8 @@ def answer_rows(model: Transformer, tok: ByteTokenizer, examples: Sequence, per_
     readout weight over the positions that predict its answer (teacher forced).
     background [N]: per-row readout weight on general text; rows are then ranked by
     TF-IDF, weight * log(total / background), so rows every text reads rank low."""
-    kls = model.knowledge_layers()
     out: list[torch.Tensor] = []
-    with recording_rows(model):
+    with recording(model) as trace:
         n_rows = model.tables()[0].info().num_rows
         for s in range(0, len(examples), batch_size):
             chunk = list(examples[s:s + batch_size])
@@ -240,8 +239,8 @@ def answer_rows(model: Transformer, tok: ByteTokenizer, examples: Sequence, per_
             model(b.inputs)
             scored = b.targets != -100
             tot = torch.zeros(len(chunk), n_rows)
-            for kl in kls:
-                ids, w = kl.last_ids, kl.last_weights                        # [B, S, h, k]
+            for read in trace.take().values():
+                ids, w = read.ids, read.weights                              # [B, S, h, k]
                 ok = scored[:, :, None, None].expand_as(ids) & (ids >= 0)
                 bi = torch.arange(len(chunk))[:, None, None, None].expand_as(ids)
                 tot.index_put_((bi[ok], ids[ok]), w[ok].float(), accumulate=True)

@@ -6,15 +6,21 @@ section 7); it reaches it only through the knowledge layers.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from store_service.interface import KnowledgeTable
 
-from .config import READOUT_MODES, ModelConfig
+from .config import ModelConfig
+from .gating import GateState
 from .knowledge_layer import KnowledgeLayer
 from .moe import MoE, FeedForward
+from .reading import ReadOptions, ReadTrace
 
 
 class KVCache(nn.Module):
@@ -93,13 +99,14 @@ class TransformerBlock(nn.Module):
             self.ffn = MoE(cfg) if cfg.ffn == "moe" else FeedForward(cfg.d_model, cfg.d_ff)
         self.knowledge = KnowledgeLayer(cfg.d_model, kn, init_std=cfg.init_std) if kn is not None else None
 
-    def forward(self, x, rope, mask, input_pos):
+    def forward(self, x, rope, mask, input_pos, read: dict | None = None):
+        # read: the knowledge layer's per-call arguments (options, gates, on_read)
         h = x + self.attention(self.attention_norm(x), rope, mask, input_pos)
         n = self.ffn_norm(h)
         if self.knowledge is None:
             return h + self.ffn(n)
         # Beside: the FFN runs while a fetch-mode readout's rows are in flight.
-        return h + self.knowledge(n, beside=self.ffn, input_pos=input_pos)
+        return h + self.knowledge(n, beside=self.ffn, input_pos=input_pos, **(read or {}))
 
 
 class Transformer(nn.Module):
@@ -112,6 +119,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.register_buffer("rope", precompute_rope(cfg.block_size, cfg.head_dim, cfg.rope_base), persistent=False)
         self.causal_mask: torch.Tensor | None = None
+        self.gate_states: dict[int, GateState] | None = None   # generation: per knowledge block
+        self._options = ReadOptions()                           # set by `reading`
+        self._trace: ReadTrace | None = None
         self._init_weights()
         if self.cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -154,12 +164,40 @@ class Transformer(nn.Module):
         for kl in self.knowledge_layers():
             kl.refresh_table_state()
 
-    def set_readout(self, mode: str) -> None:
-        """"pushdown", "fetch" or "auto" for every knowledge layer (e.g. fetch for generation)."""
-        if mode not in READOUT_MODES:
-            raise ValueError(f"readout mode must be one of {', '.join(READOUT_MODES)}; got {mode!r}")
+    def close(self) -> None:
+        """Stop the knowledge layers' fetch threads."""
         for kl in self.knowledge_layers():
-            kl.readout_mode = mode
+            kl.close()
+
+    # -- per-call options --------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, *, k: int | None = None, readout: str | None = None,
+                record: bool = False) -> Iterator[ReadTrace | None]:
+        """Inside, every forward's knowledge layers read k rows per head (None: their
+        trained k) by `readout` ("pushdown" / "fetch" / "auto"; None: their config's);
+        with record, what they read goes to the yielded ReadTrace (one entry per call).
+        Blocks nest: an inner block keeps what it leaves unset from the outer one."""
+        options = ReadOptions(k, readout)
+        for kl in self.knowledge_layers():
+            if k is not None and k > kl.n * kl.n:
+                raise ValueError(f"k={k} outside [1, {kl.n * kl.n}]")
+        trace = ReadTrace() if record else None
+        saved = self._options, self._trace
+        self._options = options.within(self._options)
+        self._trace = trace if trace is not None else self._trace
+        try:
+            yield trace
+        finally:
+            self._options, self._trace = saved
+
+    def _knowledge_call(self, i: int) -> dict:
+        """Block i's knowledge layer's arguments for this call."""
+        read = {"options": self._options}
+        if self.gate_states is not None:
+            read["gates"] = self.gate_states[i]
+        if self._trace is not None:
+            read["on_read"] = functools.partial(self._trace.add, i)
+        return read
 
     # -- generation caches -------------------------------------------------
     def setup_caches(self, batch: int, max_len: int | None = None) -> None:
@@ -170,11 +208,14 @@ class Transformer(nn.Module):
             b.attention.kv_cache = KVCache(batch, self.cfg.n_heads, max_len, self.cfg.head_dim, dtype).to(
                 self.output.weight.device)
         self.causal_mask = torch.tril(torch.ones(max_len, max_len, dtype=torch.bool, device=self.output.weight.device))
+        # The gates of tables with gated rows carry from call to call like the KV cache (gating.py).
+        self.gate_states = {i: GateState() for i, b in enumerate(self.layers) if b.knowledge is not None}
 
     def clear_caches(self) -> None:
         for b in self.layers:
             b.attention.kv_cache = None
         self.causal_mask = None
+        self.gate_states = None
 
     # -- forward -----------------------------------------------------------
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
@@ -187,8 +228,10 @@ class Transformer(nn.Module):
         else:
             rope, mask = self.rope[:S], None
         x = self.tok_embeddings(idx)
-        for block in self.layers:
-            x = block(x, rope, mask, input_pos)
+        if self._trace is not None:
+            self._trace.begin_call()
+        for i, block in enumerate(self.layers):
+            x = block(x, rope, mask, input_pos, self._knowledge_call(i) if block.knowledge is not None else None)
         logits = self.output(self.norm(x)).float()
         loss = None
         if targets is not None:
@@ -224,6 +267,6 @@ class Transformer(nn.Module):
             flat = sum(s.num_rows for s in info.segments if s.kind != "product")
             table_total += info.num_rows * info.d_v + flat * info.d_k
         for kl in self.knowledge_layers():
-            active += kl.n_heads * kl.k * (kl.d_v + (kl.d_k if kl._has_flat else 0))
+            active += kl.n_heads * kl.k * (kl.d_v + (kl.d_k if kl.has_flat_rows else 0))
         return {"total": model_total + table_total, "active": active,
                 "model": model_total, "table": table_total}

@@ -1,8 +1,8 @@
 """Mixture-of-experts FFN: one shared expert plus fine-grained routed experts.
 
 Routing follows DeepSeek-V3: per-expert scores (sigmoid or softmax), top-k
-selection on score + bias, gates = the selected *scores* (not the biased
-ones), normalised to sum to 1. The bias is a buffer moved after each step by a
+selection on score + bias, routing weights = the selected *scores* (not the
+biased ones), normalised to sum to 1. The bias is a buffer moved after each step by a
 fixed amount against the sign of the expert's load error (loss-free
 balancing); it affects selection only. An optional small sequence-level
 auxiliary loss is available.
@@ -57,19 +57,19 @@ class Router(nn.Module):
         self.n_active = cfg.n_active
         self.score_func = cfg.router
         self.route_norm = cfg.route_norm
-        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)    # x -> per-expert logits
         # Selection-only balancing bias (persistent: part of a checkpoint).
         self.register_buffer("expert_bias", torch.zeros(cfg.n_experts))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # x: [T, D] -> scores [T, E], top_idx [T, K], gates [T, K]
-        logits = self.gate(x).float()
+        # x: [T, D] -> scores [T, E], top_idx [T, K], routing weights [T, K]
+        logits = self.proj(x).float()
         scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
         top_idx = torch.topk(scores + self.expert_bias, self.n_active, dim=-1).indices
-        gates = scores.gather(-1, top_idx)
+        weights = scores.gather(-1, top_idx)
         if self.route_norm:
-            gates = gates / gates.sum(-1, keepdim=True).clamp_min(1e-9)
-        return scores, top_idx, gates
+            weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-9)
+        return scores, top_idx, weights
 
 
 class MoE(nn.Module):
@@ -93,7 +93,7 @@ class MoE(nn.Module):
         B, S, D = x.shape
         self.aux_loss = x.new_zeros(())
         xf = x.reshape(-1, D)                                   # [T, D]
-        scores, top_idx, gates = self.router(xf)                # [T, E], [T, K], [T, K]
+        scores, top_idx, weights = self.router(xf)              # [T, E], [T, K], [T, K]
 
         # Sort the T*K (token, slot) pairs by expert: each expert then sees one contiguous slice.
         flat_expert = top_idx.reshape(-1)                       # [T*K]
@@ -101,7 +101,7 @@ class MoE(nn.Module):
         token_of = order // self.n_active                       # which token each sorted pair came from
         counts = torch.bincount(flat_expert, minlength=self.n_experts)
         y_sorted = self.experts(xf[token_of], counts.tolist())  # [T*K, D]
-        y_sorted = y_sorted * gates.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
+        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
         out = torch.zeros_like(xf).index_add_(0, token_of, y_sorted)
 
         if self.shared is not None:

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
+from store_service.table import Table
 
 from . import evaluate
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .config import ModelConfig, preset
 from .distributed import DataParallel
 from .data import ByteTokenizer, PackedLoader, build_corpus, packed_batches
-from .generate import generate_fn, readout_mode
+from .generate import generate_fn
 from .model import Transformer
 
 
@@ -92,12 +93,10 @@ def table_config(mcfg: ModelConfig, cfg: TrainConfig) -> TableConfig:
 
 
 def create_table(mcfg: ModelConfig, cfg: TrainConfig, store_root: str | None = None) -> KnowledgeTable:
-    from store_service.table import Table
     return Table.create(table_config(mcfg, cfg), store_root or str(Path(cfg.out_dir) / "store"))
 
 
 def open_table(store_root: str, version: int | None = None) -> KnowledgeTable:
-    from store_service.table import Table
     return Table.open(store_root, version)
 
 
@@ -121,7 +120,7 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
     """Held-out loss (held-out phrasings) and fact recall on held-out phrasings.
     Reads rows by fetch, so evaluation leaves the store's usage counts alone."""
     model.eval()
-    with readout_mode(model, "fetch"):
+    with model.reading(readout="fetch"):
         batches = packed_batches(corpus.heldout_texts, tok, cfg.seq_len, cfg.batch_size)
         if cfg.eval_loss_batches:
             batches = batches[: cfg.eval_loss_batches]
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     table = None
     if resume and preset(cfg.model).knowledge is not None:
         ckpt = Path(resume) if (Path(resume) / "meta.json").exists() else latest_checkpoint(resume)
-        meta = json.loads((ckpt / "meta.json").read_text())
+        meta = read_meta(ckpt)
         table = open_table(meta["store_root"], meta["table_version"])
     result = train(cfg, table=table, resume=resume)
     print(json.dumps({k: v for k, v in result.items() if k in ("final_loss", "tokens_per_s", "evals", "params")},

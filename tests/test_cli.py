@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from cluster.cli import _step_shards, build_parser, parse_ids
+from cluster.cli import build_parser
+from cluster.cli_args import parse_ids, step_shards
 from cluster.config import ClusterConfig
 
 
@@ -20,9 +21,9 @@ def test_parse_ids_ranges_and_lists():
 
 
 def test_step_shards():
-    assert _step_shards("200:4") == (200, 4)
+    assert step_shards("200:4") == (200, 4)
     with pytest.raises(argparse.ArgumentTypeError, match="STEP:SHARDS"):
-        _step_shards("200")
+        step_shards("200")
 
 
 @pytest.mark.parametrize("argv", [

@@ -3,34 +3,39 @@ bitwise unchanged, publishes a version, and the baselines run."""
 import pytest
 import torch
 
-from model_worker import continual as C
-from model_worker.data import ByteTokenizer
-from model_worker.model import Transformer
-from model_worker.train import TrainConfig, create_table, model_config
+from benchmarks.continual_probes import auc, novelty_probe
+from model_worker.data import ByteTokenizer, collate_examples
+from model_worker.generate import generate_fn
+from model_worker import interpret as I
+from model_worker.learn import METHODS, LearnConfig, LearnMethod, TextFact, facts_from_lines, learn, register
+from model_worker.learn.baselines import add_lora, merge_lora
+from model_worker.learn.keys import init_new_keys
+from model_worker.learn.plan import fact_detectors
+from model_worker.learn.queries import background_queries, collect_queries, group_batches, subject_positions
+from model_worker.learn.steps import train_steps
 from store_service.table import Table
 
-FACTS = [C.TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
+FACTS = [TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
          for s, a in [("Xland", "Zorp"), ("Quux", "Blip"), ("Vorn", "Tesk"), ("Mure", "Ald")]]
 
 
-def make(tmp_path, **kw):
-    cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path), **kw)
-    mcfg = model_config(cfg, 260)
-    table = create_table(mcfg, cfg, str(tmp_path / "store"))
-    torch.manual_seed(0)
-    return Transformer(mcfg, table), table
+@pytest.fixture
+def make(tiny_knowledge):
+    def build(tmp_path, **kw):
+        return tiny_knowledge(**kw)
+    return build
 
 
 def shard_state(table):
     return {k: v.clone() for k, v in table.shards[0].state_dict().items()}
 
 
-def test_learn_new_rows_changes_nothing_old_bitwise(tmp_path):
+def test_learn_new_rows_changes_nothing_old_bitwise(tmp_path, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
     params = {k: v.clone() for k, v in model.state_dict().items()}
     before = shard_state(table)
-    res = C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, lr=1e-2, key_lr=1e-3))
+    res = learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, lr=1e-2, key_lr=1e-3))
 
     after = model.state_dict()
     assert params.keys() == after.keys()
@@ -52,51 +57,51 @@ def test_learn_new_rows_changes_nothing_old_bitwise(tmp_path):
     assert torch.equal(again["keys"], now["keys"])
 
 
-def test_new_rows_learn_the_facts(tmp_path):
+def test_new_rows_learn_the_facts(tmp_path, make):
     model, table = make(tmp_path)
-    res = C.learn(model, table, FACTS, ByteTokenizer(),
-                  C.LearnConfig(steps=30, batch_size=4, lr=3e-2, key_margin=2.0), publish=False)
+    res = learn(model, table, FACTS, ByteTokenizer(),
+                  LearnConfig(steps=30, batch_size=4, lr=3e-2, key_margin=2.0), publish=False)
     # a random model passes little through its knowledge layer (small W_o, gate): a clear drop is enough
     assert sum(res.losses[-5:]) / 5 < sum(res.losses[:5]) / 5 - 0.05
 
 
-def test_sparse_memory_updates_only_top_t_rows_and_no_weights(tmp_path):
+def test_sparse_memory_updates_only_top_t_rows_and_no_weights(tmp_path, make):
     model, table = make(tmp_path)
     params = {k: v.clone() for k, v in model.state_dict().items()}
     before = shard_state(table)["values"]
-    res = C.learn(model, table, FACTS, ByteTokenizer(),
-                  C.LearnConfig(method="sparse_memory", steps=3, batch_size=4, top_t=5), background=[], publish=False)
+    res = learn(model, table, FACTS, ByteTokenizer(),
+                  LearnConfig(method="sparse_memory", steps=3, batch_size=4, top_t=5), background=[], publish=False)
     changed = (shard_state(table)["values"] != before).any(1)
     assert 0 < int(changed.sum()) <= 3 * 5 and int(changed.sum()) <= res.info["rows_updated"]
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
     assert not bool(table.usage().frozen.any())  # freeze flags restored
 
 
-def test_lora_starts_equal_and_merges(tmp_path):
+def test_lora_starts_equal_and_merges(tmp_path, make):
     model, table = make(tmp_path)
     x = torch.randint(0, 256, (2, 16))
     ref = model(x)[0]
-    params = C.add_lora(model, rank=2)
+    params = add_lora(model, rank=2)
     assert len(params) > 0
     torch.testing.assert_close(model(x)[0], ref)
-    C.merge_lora(model)
+    merge_lora(model)
     assert not any("parametrizations" in k for k in model.state_dict())
 
 
-def test_full_finetune_and_lora_change_weights_not_rows_for_lora(tmp_path):
+def test_full_finetune_and_lora_change_weights_not_rows_for_lora(tmp_path, make):
     model, table = make(tmp_path)
     before = shard_state(table)["values"]
     w0 = model.layers[0].attention.wqkv.weight.clone()
-    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(method="lora", steps=2, batch_size=4), publish=False)
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(method="lora", steps=2, batch_size=4), publish=False)
     assert not torch.equal(model.layers[0].attention.wqkv.weight, w0)
     assert torch.equal(shard_state(table)["values"], before)
-    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(method="full_finetune", steps=2, batch_size=4),
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(method="full_finetune", steps=2, batch_size=4),
             publish=False)
     assert not torch.equal(shard_state(table)["values"], before)
 
 
 def test_facts_from_lines():
-    f = C.facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", "",
+    f = facts_from_lines(["The capital of Xland is\tZorp", "Zorp is a city.", "",
                             "Xland's currency is the\tFlorp\tXland"])
     assert f[0].prompt == "The capital of Xland is" and f[0].completion == " Zorp" and f[0].answer == "Zorp"
     assert f[0].subject == "The capital of Xland is"         # no subject column: the prompt is the subject
@@ -105,41 +110,39 @@ def test_facts_from_lines():
     assert f[2].relation == "Florp"                          # same subject and answer: one fact's phrasings
 
 
-def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path):
-    from model_worker.data import collate_examples
+def test_calibrated_keys_are_not_selected_by_old_queries(tmp_path, make):
     model, table = make(tmp_path)
     tok = ByteTokenizer()
     old = ["The capital of France is Paris.", "Berlin is the capital of Germany.", "Rome lies in Italy."]
-    bg = [collate_examples([C.TextFact("", t) for t in old], tok, answer_only=False)]
-    bgq = C.background_queries(model, bg)
-    batches, groups = C._group_batches(FACTS, tok, 4)
-    keys, info = C.init_new_keys(model, C.collect_queries(model, batches, groups), 1.0, background=bgq)
+    bg = [collate_examples([TextFact("", t) for t in old], tok, answer_only=False)]
+    bgq = background_queries(model, bg)
+    batches, groups = group_batches(FACTS, tok, 4)
+    keys, info = init_new_keys(model, collect_queries(model, batches, groups), 1.0, background=bgq)
     kl = model.knowledge_layers()[0]
     q = bgq[1].reshape(-1, kl.d_k)
-    kth = C.product_top_scores(kl, q, kl.k)[:, -1]
+    kth = kl.product_scores(q, kl.k)[:, -1]
     assert bool(((q @ keys.T).max(1).values < kth).all())   # no old query would pick a new row
     assert keys.shape[0] == info["layer1"]["groups"] * kl.n_heads
 
 
 @pytest.mark.parametrize("whiten", [0.0, 0.5], ids=["mean-difference", "whitened"])
-def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path, whiten):
-    from model_worker.data import collate_examples
+def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path, whiten, make):
     model, table = make(tmp_path)
     tok = ByteTokenizer()
     old = ["The capital of France is Paris.", "Berlin is the capital of Germany.", "Rome lies in Italy."]
-    bg = [collate_examples([C.TextFact("", t) for t in old], tok, answer_only=False)]
-    bgq = C.background_queries(model, bg)
-    queries = C.collect_queries(model, *C._group_batches(FACTS, tok, 4))
-    keys, info = C.init_new_keys(model, queries, 3.0, background=bgq, select_bias=True, whiten=whiten)
+    bg = [collate_examples([TextFact("", t) for t in old], tok, answer_only=False)]
+    bgq = background_queries(model, bg)
+    queries = collect_queries(model, *group_batches(FACTS, tok, 4))
+    keys, info = init_new_keys(model, queries, 3.0, background=bgq, select_bias=True, whiten=whiten)
     bias = info.pop("bias")
     kl = model.knowledge_layers()[0]
     q = bgq[1].reshape(-1, kl.d_k)
-    kth = C.product_top_scores(kl, q, kl.k)[:, -1]
+    kth = kl.product_scores(q, kl.k)[:, -1]
     assert bias.shape == (keys.shape[0],)
     assert bool(((q @ keys.T + bias).max(1).values < kth).all())   # the bias keeps old queries off the rows
     # the keys themselves are large: their own queries score above the best product row
     own = queries[1][0].reshape(-1, kl.d_k)
-    assert float((own @ keys.T).max(1).values.mean()) > float(C.product_top_scores(kl, own, 1).mean())
+    assert float((own @ keys.T).max(1).values.mean()) > float(kl.product_scores(own, 1).mean())
     # the table keeps the bias: a search sees it
     n_old = table.info().num_rows
     ids = table.add_rows(torch.zeros(keys.shape[0], table.info().d_v), keys, bias)
@@ -149,9 +152,9 @@ def test_select_bias_keys_are_not_selected_by_old_queries(tmp_path, whiten):
 
 def test_subject_positions():
     tok = ByteTokenizer()
-    facts = [C.TextFact("The capital of Xland is", " Zorp.", "Zorp", "capital_of", "Xland"),
-             C.TextFact("Xland has the capital", " Zorp.", "Zorp", "capital_of", "Xland")]
-    batches, groups, at = C.subject_positions(facts, tok, 2, 4)
+    facts = [TextFact("The capital of Xland is", " Zorp.", "Zorp", "capital_of", "Xland"),
+             TextFact("Xland has the capital", " Zorp.", "Zorp", "capital_of", "Xland")]
+    batches, groups, at = subject_positions(facts, tok, 2, 4)
     mask, label = at[0]
     inputs = batches[0].inputs
     assert groups[0][0] == groups[0][1] < 0                      # one group per subject, never an answer group
@@ -161,15 +164,14 @@ def test_subject_positions():
         assert label[row, pos].tolist() == [1, 0]
 
 
-def test_learn_new_rows_with_subject_rows_and_bias_changes_nothing_old(tmp_path):
-    from model_worker.data import collate_examples
+def test_learn_new_rows_with_subject_rows_and_bias_changes_nothing_old(tmp_path, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
     params = {k: v.clone() for k, v in model.state_dict().items()}
     before = shard_state(table)
-    bg = [collate_examples([C.TextFact("", "The capital of France is Paris.")], ByteTokenizer(), answer_only=False)]
-    res = C.learn(model, table, FACTS, ByteTokenizer(),
-                  C.LearnConfig(steps=4, batch_size=4, lr=1e-2, select_bias=True, subject_rows=2, fact_rows=True),
+    bg = [collate_examples([TextFact("", "The capital of France is Paris.")], ByteTokenizer(), answer_only=False)]
+    res = learn(model, table, FACTS, ByteTokenizer(),
+                  LearnConfig(steps=4, batch_size=4, lr=1e-2, select_bias=True, subject_rows=2, fact_rows=True),
                   background=bg, publish=False)
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
     now = shard_state(table)
@@ -181,11 +183,11 @@ def test_learn_new_rows_with_subject_rows_and_bias_changes_nothing_old(tmp_path)
 
 
 @pytest.mark.parametrize("gate_on_subject", [True, False])
-def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject):
+def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
-    res = C.learn(model, table, FACTS, ByteTokenizer(),
-                  C.LearnConfig(steps=2, batch_size=4, gate_on_subject=gate_on_subject), publish=False)
+    res = learn(model, table, FACTS, ByteTokenizer(),
+                  LearnConfig(steps=2, batch_size=4, gate_on_subject=gate_on_subject), publish=False)
     st = shard_state(table)
     ids, cue, gate = st["flat_ids"], st["flat_cue"], st["flat_gate"]
     new = ids >= n_old
@@ -205,18 +207,18 @@ def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject):
     assert bool((st["flat_bias"][gate >= 0] == 0).all())
 
 
-def test_gated_key_norm_max_gives_every_gated_key_one_norm(tmp_path):
+def test_gated_key_norm_max_gives_every_gated_key_one_norm(tmp_path, make):
     model, table = make(tmp_path)
-    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=1, batch_size=4, gated_key_norm="max"),
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=1, batch_size=4, gated_key_norm="max"),
             publish=False)
     st = shard_state(table)
     norms = st["keys"][st["flat_gate"] >= 0].norm(dim=-1)
     torch.testing.assert_close(norms, norms.max().expand_as(norms))
     with pytest.raises(ValueError, match="gated_key_norm"):
-        C.LearnConfig(gated_key_norm="mean")
+        LearnConfig(gated_key_norm="mean")
 
 
-def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_path):
+def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_path, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
     orig = table.add_rows
@@ -227,7 +229,7 @@ def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_p
         made.update(keys=keys.clone(), **groups)
         return orig(values, keys, bias, **groups)
     table.add_rows = add_rows
-    C.learn(model, table, FACTS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, key_lr=0.05), publish=False)
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, key_lr=0.05), publish=False)
     st = shard_state(table)
     new = st["flat_ids"] >= n_old
     keys, cue, gate = st["keys"][new], made["cue"], made["gate"]
@@ -236,25 +238,24 @@ def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_p
     assert not bool(st["frozen"][n_old:].any())                           # and nothing stays frozen
 
 
-def test_auc_and_novelty_probe(tmp_path):
-    assert C._auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
-    assert C._auc(torch.tensor([1.0]), torch.tensor([2.0, 3.0])) == 0.0
-    assert C._auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5          # ties count half
-    from model_worker.data import collate_examples
+def test_auc_and_novelty_probe(tmp_path, make):
+    assert auc(torch.tensor([2.0, 3.0]), torch.tensor([1.0])) == 1.0
+    assert auc(torch.tensor([1.0]), torch.tensor([2.0, 3.0])) == 0.0
+    assert auc(torch.tensor([1.0, 1.0]), torch.tensor([1.0])) == 0.5          # ties count half
     model, table = make(tmp_path)
     tok = ByteTokenizer()
-    old = [C.TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
+    old = [TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
            for s, a in [("Plin", "Gorm"), ("Dask", "Ulo"), ("Frey", "Oma")]]
-    bg = [collate_examples([C.TextFact("", t) for t in ["Rome lies in Italy.", "The capital of Plin is Gorm."]],
+    bg = [collate_examples([TextFact("", t) for t in ["Rome lies in Italy.", "The capital of Plin is Gorm."]],
                            tok, answer_only=False)]
-    out = C.novelty_probe(model, tok, FACTS[:3], FACTS[3:], old, C.background_queries(model, bg))
+    out = novelty_probe(model, tok, FACTS[:3], FACTS[3:], old, background_queries(model, bg))
     assert set(out) == {"layer1_first_char", "layer1_subject"}
     for v in out.values():
         assert 0.0 <= v["auc_new_vs_old_heldout"] <= 1.0 and v["new_heldout"] == 1 and v["old_heldout"] == 3
 
 
 # Xland has three facts (two phrasings each), Quux one.
-SIBLINGS = [C.TextFact(p.format(s), f" {a}.", a, r, s) for s, r, a, phrasings in [
+SIBLINGS = [TextFact(p.format(s), f" {a}.", a, r, s) for s, r, a, phrasings in [
     ("Xland", "capital_of", "Zorp", ("The capital of {} is", "{}'s capital city is")),
     ("Xland", "continent_of", "Mu", ("{} lies on the continent of", "The continent of {} is")),
     ("Xland", "currency_of", "Florp", ("In {} people pay with", "The currency of {} is")),
@@ -265,7 +266,7 @@ def test_fact_detectors_score_at_most_zero_on_every_sibling_query():
     g = torch.Generator().manual_seed(0)
     q = torch.randn(12, 2, 8, generator=g)                      # 12 positions, 2 heads
     fact = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])   # facts 0 and 1: subject "a"; fact 2: "b"
-    found = C.fact_detectors({3: (q, torch.stack([fact, torch.arange(12)], 1))}, ["a", "a", "b"], prune=0.95)
+    found = fact_detectors({3: (q, torch.stack([fact, torch.arange(12)], 1))}, ["a", "a", "b"], prune=0.95)
     keys, bias, f, pos = found[3]
     assert set(f.tolist()) <= {0, 1} and 0 < keys.shape[0] <= 16     # fact 2 has no sibling: no detector
     torch.testing.assert_close(keys.norm(dim=-1), torch.ones(keys.shape[0]))
@@ -277,7 +278,7 @@ def test_fact_detectors_score_at_most_zero_on_every_sibling_query():
         assert -float(b) < 0.95
 
 
-def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path):
+def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
     params = {k: v.clone() for k, v in model.state_dict().items()}
@@ -289,7 +290,7 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path):
         made.update(values=values.clone(), keys=keys.clone(), **groups)
         return orig(values, keys, bias, **groups)
     table.add_rows = add_rows
-    res = C.learn(model, table, SIBLINGS, ByteTokenizer(), C.LearnConfig(steps=4, batch_size=4, lr=1e-2),
+    res = learn(model, table, SIBLINGS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, lr=1e-2),
                   publish=False)
     cue, gate = made["cue"], made["gate"]
     detector = (cue >= 0) & (gate >= 0)
@@ -316,13 +317,12 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path):
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
 
 
-def _learned_siblings(tmp_path, **kw):
+def _learned_siblings(make, tmp_path, **kw):
     """A tiny model that learned SIBLINGS (detectors and all), its logits on their texts and
     its answers to their prompts: what other ways of serving the same rows must reproduce."""
-    from model_worker.generate import generate_fn
     model, table = make(tmp_path, **kw)
     tok = ByteTokenizer()
-    res = C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=6, batch_size=4, lr=3e-2))
+    res = learn(model, table, SIBLINGS, tok, LearnConfig(steps=6, batch_size=4, lr=3e-2))
     assert table.info().detector_rows > 0
     x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
     with torch.no_grad():
@@ -333,11 +333,11 @@ def _learned_siblings(tmp_path, **kw):
     return model, res, x, logits, answers, answers()
 
 
-def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
+def test_learned_detectors_answer_the_same_over_grpc(tmp_path, make):
     """A learned table with detectors, served by 2 loopback shard servers, gives the model the
     in-process table's logits (generation included: the gate state carries the same way)."""
     from tests.test_grpc_parity import loopback_table
-    model, res, x, local, answers, local_gen = _learned_siblings(tmp_path, num_shards=2)
+    model, res, x, local, answers, local_gen = _learned_siblings(make, tmp_path, num_shards=2)
     root = str(tmp_path / "store")
     with loopback_table(root, res.version, num_shards=2, token="t", store_root=root, timeout_s=20) as remote:
         model.attach_table(remote)
@@ -346,11 +346,10 @@ def test_learned_detectors_answer_the_same_over_grpc(tmp_path):
         assert answers() == local_gen
 
 
-def test_explain_names_the_fact_whose_detectors_won(tmp_path):
-    from model_worker import interpret as I
+def test_explain_names_the_fact_whose_detectors_won(tmp_path, make):
     model, table = make(tmp_path)
     tok = ByteTokenizer()
-    res = C.learn(model, table, SIBLINGS, tok, C.LearnConfig(steps=2, batch_size=4), publish=False)
+    res = learn(model, table, SIBLINGS, tok, LearnConfig(steps=2, batch_size=4), publish=False)
     names = res.info["labels"]
     assert {"subject Xland", "subject Quux", "Xland -> Zorp", "Xland -> Mu", "Xland -> Florp"} <= set(names.values())
     e = I.explain(model, tok, "The capital of Xland is", max_new_tokens=2, labels=names)
@@ -364,11 +363,35 @@ def test_explain_names_the_fact_whose_detectors_won(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_worker_reads_learned_detectors_as_the_cpu_worker(tmp_path):
+def test_cuda_worker_reads_learned_detectors_as_the_cpu_worker(tmp_path, make):
     """Rows learned on the CPU, served to the model on the GPU: the gates and the detector
     evidence computed on the device give the CPU's logits and answers."""
-    model, _, x, cpu, answers, cpu_answers = _learned_siblings(tmp_path)
+    model, _, x, cpu, answers, cpu_answers = _learned_siblings(make, tmp_path)
     model.cuda()
     with torch.no_grad():
         torch.testing.assert_close(model(x.cuda())[0].cpu(), cpu, rtol=1e-4, atol=1e-4)
     assert answers() == cpu_answers
+
+
+def test_learn_runs_the_method_registered_under_the_configs_name(tmp_path, make):
+    model, table = make(tmp_path)
+    n_old = table.info().num_rows
+    seen = {}
+
+    def just_steps(run):
+        seen.update(lr=run.lr, old_rows=run.old_ids.numel(), steps=run.cfg.steps)
+        run.table.set_frozen(run.old_ids, True)        # learn restores the old rows' flags
+        run.result.losses = train_steps(run.model, run.table, run.loader, run.cfg, [], run.lr)
+
+    assert list(METHODS) == ["new_rows", "sparse_memory", "full_finetune", "lora"]
+    register(LearnMethod("just_steps", default_lr=0.5, run=just_steps))
+    try:
+        res = learn(model, table, FACTS, ByteTokenizer(), LearnConfig(method="just_steps", steps=2, batch_size=4),
+                    publish=False)
+    finally:
+        del METHODS["just_steps"]
+    assert seen == {"lr": 0.5, "old_rows": n_old, "steps": 2}
+    assert res.method == "just_steps" and len(res.losses) == 2
+    assert not bool(table.usage().frozen.any())
+    with pytest.raises(ValueError, match="method must be one of"):
+        learn(model, table, FACTS, ByteTokenizer(), LearnConfig(method="just_steps"))

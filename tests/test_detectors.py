@@ -1,17 +1,17 @@
-"""Detectors (interface.py): flat rows with a cue and a gate are never read and never in
-a search's top-k; `search(..., detectors=m)` returns the m best by cos(q, key) + bias,
-the same in process and over gRPC; the knowledge layer opens, of the labels whose
-detectors share an open gate, the one with the best evidence so far in the sequence."""
+"""Detectors (gating.py): flat rows with a cue and a gate, never read and never in a
+search's top-k; the search's side query returns the m best by cos(q, key) + bias, the
+same in process and over gRPC; the knowledge layer opens, of the labels whose detectors
+share an open gate, the one with the best evidence so far in the sequence."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model_worker.gating import GateState, family_winners
 from store_service import errors
 from store_service.config import TableConfig
 from store_service.table import Table
-from tests.test_gates import _full_and_stepwise, _layer, _queries, _selected
 from tests.test_grpc_parity import loopback_table
 
 TOKEN = "detectors-token"
@@ -109,7 +109,6 @@ def test_remote_detections_match_in_process(tmp_path):
 # -- the knowledge layer ------------------------------------------------------------
 
 def test_family_winners():
-    from model_worker.knowledge_layer import family_winners
     inf = float("-inf")
     # labels: 0, 1 (gates); 2, 3 under gate 0; 4 under gate 1; one sequence of 3 positions
     family = torch.tensor([-1, -1, 0, 0, 1])
@@ -148,46 +147,47 @@ def _family(kl, table, q, cue_at: int, read_at: int, det_at: tuple[int, int], de
 
 
 @pytest.mark.parametrize("winner", [0, 1])
-def test_the_label_with_the_best_evidence_opens(tmp_path, winner):
-    kl, table = _layer(tmp_path)
+def test_the_label_with_the_best_evidence_opens(gate_lab, winner):
+    kl, table = gate_lab.layer()
     x = torch.randn(1, 10, kl.wq.in_features)
-    q = _queries(kl, x)
+    q = gate_lab.queries(kl, x)
     # the detectors sit at positions 1 and 5: one before the cue (at 3), one after
     det_bias = (0.0, -1.5) if winner == 0 else (-1.5, 0.0)
     cue_row, d1, d2, r1, r2 = _family(kl, table, q, cue_at=3, read_at=8, det_at=(1, 5), det_bias=det_bias)
     assert table.info().detector_rows == 2
-    kl.record = True
-    kl(x)
-    kl.record = False
-    assert not bool(torch.isin(kl.last_ids, torch.tensor([d1, d2])).any())    # detectors are never read
-    gates = kl.last_gates                                                    # what the recording layer opened
+    read = gate_lab.read(kl, x)
+    assert not bool(torch.isin(read.ids, torch.tensor([d1, d2])).any())      # detectors are never read
+    gates = read.gates                                                       # what the layer's gates did
     assert gates.labels.tolist() == [500, 601, 602]
     assert gates.opened[0, 8].tolist() == [True, winner == 0, winner == 1]
     assert not bool(gates.opened[0, :3].any())
     assert bool(torch.isfinite(gates.evidence[0, 8, 1:]).all()) and bool(torch.isneginf(gates.evidence[0, :, 0]).all())
-    read = [_selected(kl, x, r) for r in (r1, r2)]
+    read = [gate_lab.selected(kl, x, r) for r in (r1, r2)]
     assert bool(read[winner][8]) and not bool(read[1 - winner].any())
     assert not bool(read[winner][:3].any())                                  # nothing opens before the subject
 
 
-def test_no_label_opens_without_its_gate(tmp_path):
-    kl, table = _layer(tmp_path)
+def test_no_label_opens_without_its_gate(gate_lab):
+    kl, table = gate_lab.layer()
     x = torch.randn(1, 10, kl.wq.in_features)
-    q = _queries(kl, x)
+    q = gate_lab.queries(kl, x)
     _, _, _, r1, r2 = _family(kl, table, q, cue_at=3, read_at=8, det_at=(1, 5), det_bias=(0.0, -1.5))
     y = x.clone()
     y[:, 3] = torch.randn(kl.wq.in_features)                  # the subject's cue no longer fires
     for r in (r1, r2):
-        assert not bool(_selected(kl, y, r).any())
+        assert not bool(gate_lab.selected(kl, y, r).any())
 
 
-def test_gate_state_with_detectors_carries_across_generation_calls(tmp_path):
-    kl, table = _layer(tmp_path)
+def test_gate_state_with_detectors_carries_across_generation_calls(gate_lab):
+    kl, table = gate_lab.layer()
     S = 10
     x = torch.randn(1, S, kl.wq.in_features)
     # the winner's evidence (602, at 3) comes in the first call; at 6, where the rows are read,
     # only the loser's detector (601) scores: the winner's evidence must have been carried
-    _, _, _, r1, r2 = _family(kl, table, _queries(kl, x), cue_at=1, read_at=6, det_at=(6, 3), det_bias=(-0.5, 0.0))
-    full, stepwise = _full_and_stepwise(kl, x, 5)
+    _, _, _, r1, r2 = _family(kl, table, gate_lab.queries(kl, x), cue_at=1, read_at=6, det_at=(6, 3),
+                              det_bias=(-0.5, 0.0))
+    state = GateState()
+    full, stepwise = gate_lab.full_and_stepwise(kl, x, 5, state)
     assert bool((full[0, 6] == r2).any()) and not bool((full[0, 6] == r1).any())
     assert torch.equal(stepwise, full)
+    assert state.labels.tolist() == [500, 601, 602] and state.family.tolist() == [-1, 500, 500]

@@ -1,15 +1,14 @@
-"""Cue-gated rows (interface.py, "Cues and gates"): the store keeps each flat row's
-cue and gate labels (in process, in Zarr, over gRPC), and the knowledge layer lets
-a gated row be selected only at and after a position where its cue fired, also
-across the calls of a generation."""
+"""Cue-gated rows (gating.py): the store keeps each flat row's "cue" and "gate" tags (in
+process, in Zarr, over gRPC), and the knowledge layer lets a gated row be selected only
+at and after a position where its cue fired, also across the calls of a generation
+(GateState, carried like a KV cache)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from model_worker.knowledge_layer import KnowledgeLayer
-from model_worker.model import Transformer
-from model_worker.train import TrainConfig, create_table, model_config
+from model_worker.gating import GateState
+from model_worker.generate import generate
 from store_service import errors
 from store_service.config import TableConfig
 from store_service.table import Table
@@ -87,20 +86,6 @@ def test_remote_labels_match_in_process(tmp_path):
 
 # -- the knowledge layer ------------------------------------------------------------
 
-def _layer(tmp_path):
-    cfg = TrainConfig(model="tiny-knowledge", out_dir=str(tmp_path))
-    mcfg = model_config(cfg, 260)
-    table = create_table(mcfg, cfg, str(tmp_path / "store"))
-    torch.manual_seed(0)
-    model = Transformer(mcfg, table).eval()
-    return model.knowledge_layers()[0], table
-
-
-def _queries(kl: KnowledgeLayer, x: torch.Tensor) -> torch.Tensor:
-    B, S, _ = x.shape
-    return kl.q_norm(kl.wq(x).view(B, S, kl.n_heads, kl.d_k)).float().detach()   # [B, S, h, d_k]
-
-
 def _add_pair(kl, table, q, cue_at: int, gated_at: int, cue_label: int, gate_label: int) -> tuple[int, int]:
     """A cue row that only the query at position cue_at (head 0) selects, and a gated row
     keyed on position gated_at's query (no bias: every position would select it if open)."""
@@ -115,26 +100,18 @@ def _add_pair(kl, table, q, cue_at: int, gated_at: int, cue_label: int, gate_lab
     return int(ids[0]), int(ids[1])
 
 
-def _selected(kl, x, row: int, **kw) -> torch.Tensor:
-    """[S] bool: some head of the position selects `row`."""
-    kl.record = True
-    kl(x, **kw)
-    kl.record = False
-    return (kl.last_ids[0] == row).any(-1).any(-1)
-
-
 @pytest.mark.parametrize("order", ["cue_first", "cue_after", "other_label"])
-def test_gated_row_is_selectable_only_from_its_cue_on(tmp_path, order):
-    kl, table = _layer(tmp_path)
+def test_gated_row_is_selectable_only_from_its_cue_on(gate_lab, order):
+    kl, table = gate_lab.layer()
     S, cue_at, gated_at = 10, 3, 6
     x = torch.randn(1, S, kl.wq.in_features)
-    q = _queries(kl, x)
+    q = gate_lab.queries(kl, x)
     if order == "cue_after":
         cue_at, gated_at = 8, 6
     cue_row, gated_row = _add_pair(kl, table, q, cue_at, gated_at, 100, 101 if order == "other_label" else 100)
-    fired = _selected(kl, x, cue_row)
+    fired = gate_lab.selected(kl, x, cue_row)
     assert fired.nonzero().flatten().tolist() == [cue_at]          # the setup: the cue fires there only
-    read = _selected(kl, x, gated_row)
+    read = gate_lab.selected(kl, x, gated_row)
     if order == "cue_first":
         assert bool(read[gated_at]) and not bool(read[:cue_at].any())
     else:                                                           # cue later, or a different label: closed
@@ -143,31 +120,60 @@ def test_gated_row_is_selectable_only_from_its_cue_on(tmp_path, order):
             assert not bool(read.any())
 
 
-def _full_and_stepwise(kl, x: torch.Tensor, prompt: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ids the layer selects over x [1, S, D] in one call, and in a generation's calls:
-    the first `prompt` positions, then one position at a time."""
-    kl.record = True
-    kl(x)
-    full = kl.last_ids.clone()
-    kl(x[:, :prompt], input_pos=torch.arange(prompt))
-    parts = [kl.last_ids.clone()]
-    for t in range(prompt, x.shape[1]):
-        kl(x[:, t:t + 1], input_pos=torch.tensor([t]))
-        parts.append(kl.last_ids.clone())
-    kl.record = False
-    return full, torch.cat(parts, 1)
-
-
-def test_open_gates_carry_across_generation_calls(tmp_path):
-    kl, table = _layer(tmp_path)
+def test_open_gates_carry_across_generation_calls(gate_lab):
+    kl, table = gate_lab.layer()
     S = 10
     x = torch.randn(1, S, kl.wq.in_features)
-    cue_row, gated_row = _add_pair(kl, table, _queries(kl, x), 2, 7, 5, 5)
-    full, stepwise = _full_and_stepwise(kl, x, 4)
+    cue_row, gated_row = _add_pair(kl, table, gate_lab.queries(kl, x), 2, 7, 5, 5)
+    state = GateState()
+    full, stepwise = gate_lab.full_and_stepwise(kl, x, 4, state)
     assert bool((full == gated_row).any())                          # the gated row is read after the cue
     assert torch.equal(stepwise, full)
+    assert state.labels.tolist() == [5] and bool(state.fired.all())  # what the next call would continue from
     # a fresh generation (position 0) starts with every gate closed again
-    kl.record = True
-    kl(x[:, 7:8], input_pos=torch.tensor([0]))
-    kl.record = False
-    assert not bool((kl.last_ids == gated_row).any())
+    read = gate_lab.read(kl, x[:, 7:8], input_pos=torch.tensor([0]), gates=state)
+    assert not bool((read.ids == gated_row).any())
+    # without a state each call starts afresh
+    read = gate_lab.read(kl, x[:, 7:8], input_pos=torch.tensor([7]))
+    assert not bool((read.ids == gated_row).any())
+
+
+def test_model_generation_carries_gate_states_like_a_full_forward(gate_lab):
+    """Through the model: setup_caches gives each knowledge block a GateState, decoding one
+    token at a time reads what one forward over the sequence reads, generation gives the
+    full forward's tokens, and clear_caches drops the states."""
+    model, table = gate_lab.model()
+    kl = model.knowledge_layers()[0]
+    S, P = 10, 4
+    idx = torch.randint(0, 256, (1, S), generator=torch.Generator().manual_seed(3))
+    seen = {}
+    hook = kl.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    with torch.no_grad():
+        model(idx)
+    hook.remove()
+    cue_row, gated_row = _add_pair(kl, table, gate_lab.queries(kl, seen["x"]), 2, 7, 5, 5)
+    model.refresh_table_state()
+    (layer,) = model.cfg.knowledge.layers
+    with torch.no_grad():
+        with model.reading(record=True) as full:
+            want = model(idx)[0]
+        model.setup_caches(1, S)
+        assert set(model.gate_states) == {layer} and model.gate_states[layer].is_empty
+        with model.reading(record=True) as steps:
+            got = [model(idx[:, :P], input_pos=torch.arange(P))[0]]
+            got += [model(idx[:, t:t + 1], input_pos=torch.tensor([t]))[0] for t in range(P, S)]
+        assert model.gate_states[layer].labels.tolist() == [5]
+        model.clear_caches()
+    assert model.gate_states is None
+    ids = full.last()[layer].ids
+    assert bool((ids[0, 7] == gated_row).any()) and not bool((ids[0, :2] == gated_row).any())
+    assert torch.equal(steps.rows(layer)[0], ids)
+    torch.testing.assert_close(torch.cat(got, 1), want, rtol=1e-4, atol=1e-5)
+    # generation: the tokens of the slow way (a full forward over the growing sequence)
+    gen = generate(model, idx[:, :P], 5, record=True)
+    seq = idx[:, :P]
+    with torch.no_grad():
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1)[:, None]], 1)
+    assert torch.equal(gen.tokens, seq[:, P:])
+    assert len(gen.gates[layer]) == 5 and gen.gates[layer][0].labels.tolist() == [5]

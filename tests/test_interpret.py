@@ -1,21 +1,21 @@
 """Interpretability: per-row top contexts, explain, ablation through the admin API."""
+import pytest
 import torch
 
 from model_worker import interpret as I
 from model_worker.data import ByteTokenizer
-from model_worker.model import Transformer
-from model_worker.train import TrainConfig, create_table, model_config
+from model_worker.learn import TextFact
 
 TEXTS = ["The capital of Xland is Zorp.", "Zorp is the capital of Xland.", "The currency of Quux is the blip.",
          "Vorn lies on the continent of Mure.", "Q: What is the capital of Vorn? A: Tesk"]
 
 
-def make(tmp_path):
-    cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path))
-    mcfg = model_config(cfg, 260)
-    table = create_table(mcfg, cfg, str(tmp_path / "store"))
-    torch.manual_seed(0)
-    return Transformer(mcfg, table).eval(), table
+@pytest.fixture
+def make(tiny_knowledge):
+    def build(tmp_path):
+        model, table = tiny_knowledge()
+        return model.eval(), table
+    return build
 
 
 def test_row_contexts_keep_the_heaviest_document_per_row():
@@ -38,7 +38,7 @@ def test_row_contexts_keep_the_heaviest_document_per_row():
         assert all(abs(a - b[1]) < 1e-6 for (_, a), b in zip(got, want))
 
 
-def test_collect_explain_and_save(tmp_path):
+def test_collect_explain_and_save(tmp_path, make):
     model, table = make(tmp_path)
     tok = ByteTokenizer()
     hits_before = table.usage().hits.clone()
@@ -60,10 +60,9 @@ def test_collect_explain_and_save(tmp_path):
     assert torch.equal(again.doc, ctx.doc) and again.texts == ctx.texts
 
 
-def test_ablated_rows_are_never_read_and_restore(tmp_path):
+def test_ablated_rows_are_never_read_and_restore(tmp_path, make):
     model, table = make(tmp_path)
     tok = ByteTokenizer()
-    from model_worker.continual import TextFact
     ex = [TextFact("The capital of Xland is", " Zorp.", "Zorp", "capital_of", "Xland")]
     rows = I.answer_rows(model, tok, ex, per_fact=6)[0]
     assert rows.numel() == 6

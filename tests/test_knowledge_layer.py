@@ -7,70 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from store_service import kernels
-from store_service.interface import (SEGMENT_FLAT, SEGMENT_PRODUCT, SearchResult, SegmentInfo,
-                                     ShardInfo, TableInfo, UsageStats)
 from model_worker.config import KnowledgeConfig
 from model_worker.knowledge_layer import KnowledgeLayer
+from model_worker.reading import ReadOptions
 
 
-class TensorTable:
-    """A KnowledgeTable held in plain tensors: product rows [0, n^2) then flat
-    rows. Row and key gradients are accumulated in `value_grad` / `key_grad`."""
-
-    def __init__(self, d_k: int, d_v: int, n_sub: int, n_flat: int = 0, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.d_k, self.d_v, self.n_sub, self.n_flat = d_k, d_v, n_sub, n_flat
-        self.P = n_sub * n_sub
-        self.N = self.P + n_flat
-        self.values = torch.randn(self.N, d_v, generator=g)
-        self.flat_keys = torch.randn(n_flat, d_k, generator=g)
-        self.flat_bias = torch.randn(n_flat, generator=g) * 0.01
-        self.ablated = torch.zeros(self.N, dtype=torch.bool)
-        self.value_grad = torch.zeros_like(self.values)
-        self.key_grad = torch.zeros_like(self.flat_keys)
-
-    def info(self) -> TableInfo:
-        segs = [SegmentInfo(SEGMENT_PRODUCT, 0, self.P, self.n_sub)]
-        if self.n_flat:
-            segs.append(SegmentInfo(SEGMENT_FLAT, self.P, self.n_flat))
-        return TableInfo(self.d_k, self.d_v, self.N, "float32", tuple(segs), (ShardInfo(0, 0, self.N, 1, 0),))
-
-    def search(self, queries, k):
-        s = queries @ self.flat_keys.T + self.flat_bias
-        s = s.masked_fill(self.ablated[self.P:], float("-inf"))
-        scores, idx = s.topk(min(k, self.n_flat), dim=-1)
-        return SearchResult(idx + self.P, scores, self.flat_keys[idx])
-
-    def fetch(self, ids, *, hits=None, weight_sum=None):
-        return self.values[ids]
-
-    def readout(self, ids, weights):
-        return kernels.readout_weighted(self.values, ids, weights)
-
-    def readout_backward(self, ids, weights, grad_out, *, request_id=""):
-        gw, uniq, rg = kernels.readout_weighted_backward(self.values, ids, weights, grad_out)
-        self.value_grad.index_add_(0, uniq, rg)
-        return gw
-
-    def accumulate_key_grads(self, ids, grads, *, request_id=""):
-        self.key_grad.index_add_(0, ids - self.P, grads)
-
-    def accumulate_value_grads(self, ids, grads, *, request_id=""):
-        self.value_grad.index_add_(0, ids, grads)
-
-    def usage(self):
-        z = torch.zeros(self.N)
-        return UsageStats(z.long(), z.double(), torch.zeros(self.N, dtype=torch.bool), self.ablated.clone())
-
-    def end_step(self, step, **kw):
-        return step + 1
-
-
-def dense_reference(layer: KnowledgeLayer, table: TensorTable, x: torch.Tensor):
-    """The layer's math with every key and value a leaf tensor -> (y, ids, V, Kf)."""
+def dense_reference(layer: KnowledgeLayer, table, x: torch.Tensor, k: int | None = None):
+    """The layer's math with every key and value a leaf tensor -> (y, ids, V, Kf); k rows
+    per head (default: the layer's)."""
     B, S, D = x.shape
-    h, k, n, P = layer.n_heads, layer.k, layer.n, table.P
+    h, k, n, P = layer.n_heads, k or layer.k, layer.n, table.P
     q = layer.q_norm(layer.wq(x).view(-1, layer.d_k))
     ca, cb = layer.codebooks()
     keys_prod = torch.cat([ca.repeat_interleave(n, 0), cb.repeat(n, 1)], dim=-1)    # [n^2, d_k], row i*n+j
@@ -107,16 +53,16 @@ def _grads(module):
 
 @pytest.mark.parametrize("n_flat", [0, 20])
 @pytest.mark.parametrize("readout", ["pushdown", "fetch"])
-@pytest.mark.parametrize("gate,qk_norm", [(True, True), (False, False)])
-def test_forward_backward_matches_dense_reference(n_flat, readout, gate, qk_norm):
-    table = TensorTable(8, 6, 6, n_flat)
+@pytest.mark.parametrize("output_gate,qk_norm", [(True, True), (False, False)])
+def test_forward_backward_matches_dense_reference(n_flat, readout, output_gate, qk_norm, tensor_table):
+    table = tensor_table(8, 6, 6, n_flat)
     table.ablated[[3, 7, 30]] = True
     if n_flat:
         table.ablated[table.P + 2] = True
-    layer = _layer(table, readout, gate=gate, qk_norm=qk_norm)
+    layer = _layer(table, readout, output_gate=output_gate, qk_norm=qk_norm)
     x = torch.randn(2, 3, 12, requires_grad=True)
-    layer.record = True
-    y = layer(x)
+    reads = []
+    y = layer(x, on_read=reads.append)
     (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     got = _grads(layer)
     got_x = x.grad.clone()
@@ -127,8 +73,9 @@ def test_forward_backward_matches_dense_reference(n_flat, readout, gate, qk_norm
     (y_ref * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
     want = _grads(layer)
 
-    assert torch.equal(layer.last_ids.reshape(-1, layer.k).sort(-1).values, ids_ref.sort(-1).values)
-    assert not torch.isin(layer.last_ids, torch.nonzero(table.ablated).flatten()).any()
+    (read,) = reads
+    assert torch.equal(read.ids.reshape(-1, layer.k).sort(-1).values, ids_ref.sort(-1).values)
+    assert not torch.isin(read.ids, torch.nonzero(table.ablated).flatten()).any()
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_x, x.grad, rtol=1e-5, atol=1e-6)
     assert got.keys() == want.keys() and {"wq.weight", "codebook_a", "codebook_b"} <= got.keys()
@@ -140,10 +87,10 @@ def test_forward_backward_matches_dense_reference(n_flat, readout, gate, qk_norm
         torch.testing.assert_close(table.key_grad, Kf.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_pushdown_equals_fetch():
+def test_pushdown_equals_fetch(tensor_table):
     outs = {}
     for mode in ("pushdown", "fetch"):
-        table = TensorTable(8, 6, 6, 10)
+        table = tensor_table(8, 6, 6, 10)
         layer = _layer(table, mode)
         x = torch.randn(2, 4, 12, generator=torch.Generator().manual_seed(1))
         y = layer(x)
@@ -157,8 +104,8 @@ def test_pushdown_equals_fetch():
     torch.testing.assert_close(k0, k1)
 
 
-def test_subkey_bias_moves_against_load():
-    table = TensorTable(8, 6, 6)
+def test_subkey_bias_moves_against_load(tensor_table):
+    table = tensor_table(8, 6, 6)
     layer = _layer(table, bias_update_rate=0.01)
     layer.bias_a.zero_()
     layer.bias_b.zero_()
@@ -170,3 +117,33 @@ def test_subkey_bias_moves_against_load():
     expected = 0.01 * torch.sign(load_a.mean() - load_a)
     torch.testing.assert_close(layer.bias_a, expected)
     assert layer.load_a.sum() == 0
+
+
+@pytest.mark.parametrize("readout", ["pushdown", "fetch", "auto"])
+def test_per_call_options_override_the_layer_and_leave_it_unchanged(readout, tensor_table):
+    """options=ReadOptions(k, readout) reads k rows by that path for one call: the dense
+    reference with k rows, for every path; the layer's own k and config are untouched."""
+    table = tensor_table(8, 6, 6, 20)
+    layer = _layer(table, "pushdown")
+    x = torch.randn(2, 3, 12)
+    reads = []
+    with torch.no_grad():
+        y = layer(x, options=ReadOptions(k=2, readout=readout), on_read=reads.append)
+        y_ref, ids_ref, _, _ = dense_reference(layer, table, x, k=2)
+    assert reads[0].ids.shape == (2, 3, layer.n_heads, 2)
+    assert torch.equal(reads[0].ids.reshape(-1, 2).sort(-1).values, ids_ref.sort(-1).values)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    assert layer.k == 5 and layer.cfg.readout == "pushdown"
+    with pytest.raises(ValueError, match="readout mode"):
+        ReadOptions(readout="remote")
+
+
+def test_fetch_thread_belongs_to_the_layer(tensor_table):
+    layer = _layer(tensor_table(8, 6, 6, 10), "fetch")
+    layer(torch.randn(1, 2, 12))
+    pool = layer._fetcher
+    assert pool is not None
+    layer.close()
+    assert layer._fetcher is None and pool._shutdown
+    layer(torch.randn(1, 2, 12))                       # a later call starts a new one
+    assert layer._fetcher is not None and layer._fetcher is not pool

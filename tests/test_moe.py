@@ -17,7 +17,7 @@ def naive_moe(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(xf)
     E = moe.experts
     for t in range(xf.shape[0]):
-        logits = moe.router.gate(xf[t])
+        logits = moe.router.proj(xf[t])
         s = torch.sigmoid(logits) if moe.router.score_func == "sigmoid" else torch.softmax(logits, -1)
         top = torch.topk(s + moe.router.expert_bias, moe.n_active).indices
         g = s[top]
@@ -58,8 +58,8 @@ def test_loss_free_bias_moves_against_load():
     cfg = preset("tiny-moe", n_experts=4, n_active=1, moe_bias_rate=0.01)
     moe = MoE(cfg).train()
     with torch.no_grad():  # make expert 0 hot
-        moe.router.gate.weight.zero_()
-        moe.router.gate.weight[0] = 1.0
+        moe.router.proj.weight.zero_()
+        moe.router.proj.weight[0] = 1.0
     x = torch.rand(2, 16, cfg.d_model)  # positive inputs: expert 0 wins every token
     moe(x)
     load = moe.update_bias()
@@ -68,8 +68,8 @@ def test_loss_free_bias_moves_against_load():
     assert moe.load.sum() == 0
     # with varied tokens, repeated steps spread the load of a skewed router
     with torch.no_grad():
-        moe.router.gate.weight.normal_(0, 0.1)
-        moe.router.gate.weight[0] += 0.3
+        moe.router.proj.weight.normal_(0, 0.1)
+        moe.router.proj.weight[0] += 0.3
         moe.router.expert_bias.zero_()
     x = torch.rand(4, 32, cfg.d_model)
     moe(x)
@@ -81,7 +81,7 @@ def test_loss_free_bias_moves_against_load():
     assert before == 128 and max(loads[-20:]) < 0.5 * before
 
 
-def test_bias_affects_selection_not_gates():
+def test_bias_affects_selection_not_routing_weights():
     torch.manual_seed(0)
     cfg = preset("tiny-moe", n_experts=4, n_active=2)
     moe = MoE(cfg)

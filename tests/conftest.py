@@ -1,0 +1,144 @@
+"""Shared test fixtures. Test modules never import each other: what two of them share lives here."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_worker.model import Transformer
+from model_worker.reading import LayerRead
+from model_worker.train import TrainConfig, create_table, model_config
+from store_service import kernels
+from store_service.interface import (SEGMENT_FLAT, SEGMENT_PRODUCT, SearchResult, SegmentInfo, ShardInfo, TableInfo,
+                                     UsageStats)
+
+# ============================================================================================
+# Model side (test_model, test_knowledge_layer, test_gates, test_detectors, test_continual,
+# test_interpret, test_knobs): tables held in tensors, tiny knowledge models, gate helpers
+# ============================================================================================
+
+
+class TensorTable:
+    """A KnowledgeTable held in plain tensors: product rows [0, n^2) then flat
+    rows. Row and key gradients are accumulated in `value_grad` / `key_grad`."""
+
+    def __init__(self, d_k: int, d_v: int, n_sub: int, n_flat: int = 0, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.d_k, self.d_v, self.n_sub, self.n_flat = d_k, d_v, n_sub, n_flat
+        self.P = n_sub * n_sub
+        self.N = self.P + n_flat
+        self.values = torch.randn(self.N, d_v, generator=g)
+        self.flat_keys = torch.randn(n_flat, d_k, generator=g)
+        self.flat_bias = torch.randn(n_flat, generator=g) * 0.01
+        self.ablated = torch.zeros(self.N, dtype=torch.bool)
+        self.value_grad = torch.zeros_like(self.values)
+        self.key_grad = torch.zeros_like(self.flat_keys)
+
+    def info(self) -> TableInfo:
+        segs = [SegmentInfo(SEGMENT_PRODUCT, 0, self.P, self.n_sub)]
+        if self.n_flat:
+            segs.append(SegmentInfo(SEGMENT_FLAT, self.P, self.n_flat))
+        return TableInfo(self.d_k, self.d_v, self.N, "float32", tuple(segs), (ShardInfo(0, 0, self.N, 1, 0),))
+
+    def search(self, queries, k, **kw):
+        s = queries @ self.flat_keys.T + self.flat_bias
+        s = s.masked_fill(self.ablated[self.P:], float("-inf"))
+        scores, idx = s.topk(min(k, self.n_flat), dim=-1)
+        return SearchResult(idx + self.P, scores, self.flat_keys[idx])
+
+    def fetch(self, ids, *, hits=None, weight_sum=None):
+        return self.values[ids]
+
+    def readout(self, ids, weights):
+        return kernels.readout_weighted(self.values, ids, weights)
+
+    def readout_backward(self, ids, weights, grad_out, *, request_id=""):
+        gw, uniq, rg = kernels.readout_weighted_backward(self.values, ids, weights, grad_out)
+        self.value_grad.index_add_(0, uniq, rg)
+        return gw
+
+    def accumulate_key_grads(self, ids, grads, *, request_id=""):
+        self.key_grad.index_add_(0, ids - self.P, grads)
+
+    def accumulate_value_grads(self, ids, grads, *, request_id=""):
+        self.value_grad.index_add_(0, ids, grads)
+
+    def usage(self):
+        z = torch.zeros(self.N)
+        return UsageStats(z.long(), z.double(), torch.zeros(self.N, dtype=torch.bool), self.ablated.clone())
+
+    def end_step(self, step, **kw):
+        return step + 1
+
+
+@pytest.fixture
+def tensor_table():
+    """The TensorTable class: tensor_table(d_k, d_v, n_sub, n_flat=0, seed=0)."""
+    return TensorTable
+
+
+@pytest.fixture
+def tiny_knowledge(tmp_path):
+    """make(**train_config) -> (model, table): the tiny-knowledge preset (block size 128)
+    over an in-process table under tmp_path/store, model initialised with seed 0, in
+    train mode (nn.Module's default)."""
+    def make(**kw):
+        cfg = TrainConfig(model="tiny-knowledge", model_overrides={"block_size": 128}, out_dir=str(tmp_path), **kw)
+        mcfg = model_config(cfg, 260)
+        table = create_table(mcfg, cfg, str(tmp_path / "store"))
+        torch.manual_seed(0)
+        return Transformer(mcfg, table), table
+    return make
+
+
+class GateLab:
+    """A tiny-knowledge model's knowledge layer over a fresh table (no block_size override),
+    and how the gate tests look at what it selects."""
+
+    def __init__(self, tmp_path):
+        self.tmp_path = tmp_path
+
+    def model(self):
+        """-> (model in eval mode, table)."""
+        cfg = TrainConfig(model="tiny-knowledge", out_dir=str(self.tmp_path))
+        mcfg = model_config(cfg, 260)
+        table = create_table(mcfg, cfg, str(self.tmp_path / "store"))
+        torch.manual_seed(0)
+        return Transformer(mcfg, table).eval(), table
+
+    def layer(self):
+        """-> (the model's knowledge layer, table)."""
+        model, table = self.model()
+        return model.knowledge_layers()[0], table
+
+    @staticmethod
+    def queries(kl, x: torch.Tensor) -> torch.Tensor:
+        """The layer's queries over x [B, S, D] -> [B, S, h, d_k]."""
+        B, S, _ = x.shape
+        return kl.q_norm(kl.wq(x).view(B, S, kl.n_heads, kl.d_k)).float().detach()
+
+    @staticmethod
+    def read(kl, x: torch.Tensor, **kw) -> LayerRead:
+        """What the layer read over x (kw: the layer's per-call arguments)."""
+        reads: list[LayerRead] = []
+        kl(x, on_read=reads.append, **kw)
+        return reads[0]
+
+    @classmethod
+    def selected(cls, kl, x: torch.Tensor, row: int, **kw) -> torch.Tensor:
+        """[S] bool: some head of the position selects `row`."""
+        return (cls.read(kl, x, **kw).ids[0] == row).any(-1).any(-1)
+
+    @classmethod
+    def full_and_stepwise(cls, kl, x: torch.Tensor, prompt: int, gates) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ids the layer selects over x [1, S, D] in one call, and in a generation's calls
+        carrying `gates` (a GateState): the first `prompt` positions, then one at a time."""
+        full = cls.read(kl, x).ids
+        parts = [cls.read(kl, x[:, :prompt], input_pos=torch.arange(prompt), gates=gates).ids]
+        for t in range(prompt, x.shape[1]):
+            parts.append(cls.read(kl, x[:, t:t + 1], input_pos=torch.tensor([t]), gates=gates).ids)
+        return full, torch.cat(parts, 1)
+
+
+@pytest.fixture
+def gate_lab(tmp_path):
+    return GateLab(tmp_path)
