@@ -57,15 +57,16 @@ def cmd_learn(args) -> None:
     else:
         corpus = build_corpus(args.corpus or meta["train_config"]["corpus"])
         examples = corpus.new_train
-    cfg = LearnConfig(method=args.method, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        key_lr=args.key_lr, key_margin=args.key_margin, top_t=args.top_t,
-                        gate_on_subject=not args.no_gate, detectors=not args.no_detectors)
+    given = {k: v for k, v in dict(batch_size=args.batch_size, key_lr=args.key_lr, key_margin=args.key_margin,
+                                   top_t=args.top_t).items() if v is not None}   # the rest: LearnConfig's defaults
+    cfg = LearnConfig(method=args.method, steps=args.steps, lr=args.lr, gate_on_subject=not args.no_gate,
+                      detectors=not args.no_detectors, **given)
     if args.lr is not None and args.method in ("full_finetune", "lora"):
         cfg.model_lr, cfg.lr = args.lr, None
     before = None
     if corpus is not None and args.measure:
         before = measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
-                           heldout_texts=corpus.heldout_texts)
+                         heldout_texts=corpus.heldout_texts)
     # old (pretraining) text: calibrates new keys so old contexts do not select them,
     # and gives sparse memory finetuning its document frequencies
     pre = corpus if corpus is not None else build_corpus(meta["train_config"]["corpus"])
@@ -88,7 +89,7 @@ def cmd_learn(args) -> None:
               "model_weights_changed": args.method in ("full_finetune", "lora")}
     if before is not None:
         after = measure(model, tok, new_eval=corpus.new_eval, old_eval=corpus.eval[:args.measure],
-                          heldout_texts=corpus.heldout_texts)
+                        heldout_texts=corpus.heldout_texts)
         report.update(before=before, after=after, forgetting=forgetting(before, after))
     _print(report)
 
@@ -199,12 +200,13 @@ def register(sub) -> None:
     p.add_argument("--corpus", default=None, help="corpus preset (default: the checkpoint's)")
     p.add_argument("--method", default="new_rows", choices=["new_rows", "sparse_memory", "full_finetune", "lora"])
     p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=None, help="default: LearnConfig's (16)")
     p.add_argument("--lr", type=float, default=None,
                    help="lr: rows (new_rows, sparse_memory) or model weights (full_finetune, lora); default per method")
-    p.add_argument("--key-lr", type=float, default=0.0)
-    p.add_argument("--key-margin", type=float, default=3.0)
-    p.add_argument("--top-t", type=int, default=64, help="sparse_memory: rows unfrozen per batch")
+    p.add_argument("--key-lr", type=float, default=None, help="new_rows: flat-key lr (default: LearnConfig's, 0)")
+    p.add_argument("--key-margin", type=float, default=None,
+                   help="new_rows: key score above the best product row (default: LearnConfig's, 3)")
+    p.add_argument("--top-t", type=int, default=None, help="sparse_memory: rows unfrozen per batch (default: 64)")
     p.add_argument("--no-gate", action="store_true",
                    help="new_rows: do not gate a fact's answer rows on its subject's rows (selection bias only)")
     p.add_argument("--no-detectors", action="store_true",
