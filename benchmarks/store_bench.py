@@ -7,7 +7,7 @@ Table: 2^20 product-key rows (n = 1024, the store holding the codebooks) plus a
 flat segment of 65,536 rows; d_k 128, d_v 512 (fp32), 3 shards. Workload: a
 batch of 1024 queries, top-32 search, then a pushdown readout of the found
 rows with softmax weights. The in-process path is `Table.open` over `Shard`s;
-the gRPC path is `connect()` over three `python -m store_service.server`
+the gRPC path is `connect()` over three `python -m store_service.serve`
 processes on 127.0.0.1, serving the same published version. Bytes on the wire
 are the serialized request + response messages of every RPC of one call,
 counted by a client interceptor in a separate, untimed pass, per token, for
@@ -40,7 +40,7 @@ from benchmarks.common import ByteCounter, cpu_model  # noqa: E402
 from store_service import persistence  # noqa: E402
 from store_service.client import connect  # noqa: E402
 from store_service.config import OptimizerConfig, TableConfig  # noqa: E402
-from store_service.server import start_shard_process  # noqa: E402
+from store_service.serve import start_shard_process  # noqa: E402
 from store_service.table import Table  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -189,7 +189,7 @@ def run(size: Size, iters: int, warmup: int, store_root: str, server_threads: in
                  "value_dtype": cfg.value_dtype},
         "setup": {"in_process": "Table.open over Shard objects in one process; per operation the faster of "
                                 "shards called in turn (the Table's default) and its thread pool",
-                  "grpc": f"connect() over {size.shards} `python -m store_service.server` processes on 127.0.0.1, "
+                  "grpc": f"connect() over {size.shards} `python -m store_service.serve` processes on 127.0.0.1, "
                           "calls scattered in parallel by the Table's thread pool",
                   "server_torch_threads": server_threads or "torch default",
                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

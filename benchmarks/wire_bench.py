@@ -28,11 +28,11 @@ import torch  # noqa: E402
 
 from benchmarks.common import ByteCounter, cpu_model, server_handling_seconds  # noqa: E402
 from benchmarks.quality import wire_variant  # noqa: E402
-from model_worker.remote_table import loopback_table  # noqa: E402
 from protos import knowledge_store_pb2 as pb  # noqa: E402
 from store_service import wire  # noqa: E402
 from store_service.config import TableConfig  # noqa: E402
 from store_service.table import Table  # noqa: E402
+from store_service.testing import loopback_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -100,7 +100,6 @@ def server_phases(cfg: TableConfig, root: str, ids, w, grad, reps: int, device: 
     shard = Shard.load(root, version, 0, device=device)
     info = shard.describe().info
     owned = (ids >= info.row_start) & (ids < info.row_end)
-    local_ids = torch.where(owned, ids, torch.full_like(ids, -1))
     req = pb.ReadoutBackwardRequest()
     wire.slots_to_proto(owned, req.slots)
     wire.ids_to_proto(ids[owned], req.ids)
@@ -110,9 +109,7 @@ def server_phases(cfg: TableConfig, root: str, ids, w, grad, reps: int, device: 
 
     def decode():
         r = pb.ReadoutBackwardRequest.FromString(data)
-        mask = wire.slots_from_proto(r.slots, device=device)   # expanded where the rows are, as the server does
-        i = wire.scatter_slots(mask, wire.from_proto(r.ids, "ids", ids=True, ndim=1), -1, "ids")
-        ww = wire.scatter_slots(mask, wire.from_proto(r.weights, "weights", ndim=1), 0.0, "weights")
+        _, i, ww = wire.readout_entries_from_proto(r, device)   # expanded where the rows are, as the server does
         g = wire.from_proto(r.grad_out, "grad_out", ndim=2)
         return i, ww, g
 

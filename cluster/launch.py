@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from store_service import persistence
+from store_service import persistence, versions
 from store_service.client import RemoteShard
 from store_service.config import TableConfig
 
@@ -80,7 +80,7 @@ class StoreCluster:
             version = table.snapshot()
             table.close()
         if len(persistence.read_root_attrs(config.store_root, version)["shards"]) != config.num_shards:
-            version = persistence.repartition(config.store_root, version, config.num_shards)
+            version = versions.repartition(config.store_root, version, config.num_shards)
         cluster = cls(config, get_or_create_registry(), owns_ray=owns)
         cluster._start_generation(version, config.num_shards)
         return cluster
@@ -146,7 +146,7 @@ class StoreCluster:
             version = table.snapshot()
         finally:
             table.close()
-        new_version = persistence.repartition(self.config.store_root, version, num_shards)
+        new_version = versions.repartition(self.config.store_root, version, num_shards)
         old = self.actors
         self._start_generation(new_version, num_shards)
         time.sleep(drain_s)
@@ -163,7 +163,7 @@ class StoreCluster:
         Returns the version now serving."""
         m = self.shard_map()
         if shard is not None:
-            version = persistence.compose_version(self.config.store_root, m.table_version, {shard: version})
+            version = versions.compose_version(self.config.store_root, m.table_version, {shard: version})
         table = self.table()
         try:
             table.load_version(version)

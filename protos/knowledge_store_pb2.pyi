@@ -29,24 +29,38 @@ class Segment(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., row_start: _Optional[int] = ..., num_rows: _Optional[int] = ..., n_sub: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address", "gated_rows", "detector_rows")
+    __slots__ = ("shard_id", "row_start", "row_end", "version", "step", "address", "tag_rows", "partition_rows")
+    class TagRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class PartitionRowsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
     SHARD_ID_FIELD_NUMBER: _ClassVar[int]
     ROW_START_FIELD_NUMBER: _ClassVar[int]
     ROW_END_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
-    GATED_ROWS_FIELD_NUMBER: _ClassVar[int]
-    DETECTOR_ROWS_FIELD_NUMBER: _ClassVar[int]
+    TAG_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_ROWS_FIELD_NUMBER: _ClassVar[int]
     shard_id: int
     row_start: int
     row_end: int
     version: int
     step: int
     address: str
-    gated_rows: int
-    detector_rows: int
-    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., gated_rows: _Optional[int] = ..., detector_rows: _Optional[int] = ...) -> None: ...
+    tag_rows: _containers.ScalarMap[str, int]
+    partition_rows: _containers.ScalarMap[int, int]
+    def __init__(self, shard_id: _Optional[int] = ..., row_start: _Optional[int] = ..., row_end: _Optional[int] = ..., version: _Optional[int] = ..., step: _Optional[int] = ..., address: _Optional[str] = ..., tag_rows: _Optional[_Mapping[str, int]] = ..., partition_rows: _Optional[_Mapping[int, int]] = ...) -> None: ...
 
 class DescribeRequest(_message.Message):
     __slots__ = ()
@@ -66,45 +80,75 @@ class DescribeResponse(_message.Message):
     segments: _containers.RepeatedCompositeFieldContainer[Segment]
     def __init__(self, info: _Optional[_Union[ShardInfo, _Mapping]] = ..., d_k: _Optional[int] = ..., d_v: _Optional[int] = ..., value_dtype: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ...) -> None: ...
 
+class TagFilter(_message.Message):
+    __slots__ = ("name", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    values: Tensor
+    def __init__(self, name: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SideQuery(_message.Message):
+    __slots__ = ("partition", "k")
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    partition: int
+    k: int
+    def __init__(self, partition: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
-    __slots__ = ("version", "queries", "k", "detectors")
+    __slots__ = ("version", "queries", "k", "tags", "where", "side")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
-    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
     version: int
     queries: Tensor
     k: int
-    detectors: int
-    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., detectors: _Optional[int] = ...) -> None: ...
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    where: TagFilter
+    side: SideQuery
+    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., where: _Optional[_Union[TagFilter, _Mapping]] = ..., side: _Optional[_Union[SideQuery, _Mapping]] = ...) -> None: ...
 
-class Detections(_message.Message):
-    __slots__ = ("ids", "scores", "cue", "gate")
+class SideResult(_message.Message):
+    __slots__ = ("ids", "scores", "tags")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
-    CUE_FIELD_NUMBER: _ClassVar[int]
-    GATE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     scores: Tensor
-    cue: Tensor
-    gate: Tensor
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tags: _containers.MessageMap[str, Tensor]
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("ids", "scores", "keys", "cue", "gate", "detectors")
+    __slots__ = ("ids", "scores", "keys", "tags", "side")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
-    CUE_FIELD_NUMBER: _ClassVar[int]
-    GATE_FIELD_NUMBER: _ClassVar[int]
-    DETECTORS_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    SIDE_FIELD_NUMBER: _ClassVar[int]
     ids: Tensor
     scores: Tensor
     keys: Tensor
-    cue: Tensor
-    gate: Tensor
-    detectors: Detections
-    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ..., detectors: _Optional[_Union[Detections, _Mapping]] = ...) -> None: ...
+    tags: _containers.MessageMap[str, Tensor]
+    side: SideResult
+    def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ..., side: _Optional[_Union[SideResult, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
     __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")
@@ -231,20 +275,27 @@ class EndStepResponse(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class AddRowsRequest(_message.Message):
-    __slots__ = ("request_id", "values", "keys", "bias", "cue", "gate")
+    __slots__ = ("request_id", "values", "keys", "bias", "tags", "partition")
+    class TagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     BIAS_FIELD_NUMBER: _ClassVar[int]
-    CUE_FIELD_NUMBER: _ClassVar[int]
-    GATE_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    PARTITION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     values: Tensor
     keys: Tensor
     bias: Tensor
-    cue: Tensor
-    gate: Tensor
-    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., cue: _Optional[_Union[Tensor, _Mapping]] = ..., gate: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    tags: _containers.MessageMap[str, Tensor]
+    partition: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., bias: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ..., partition: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class AddRowsResponse(_message.Message):
     __slots__ = ("ids",)
@@ -265,6 +316,40 @@ class SetFlagRequest(_message.Message):
 class SetFlagResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class OptimizerSettings(_message.Message):
+    __slots__ = ("kind", "lr", "key_lr", "beta1", "beta2", "eps")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
+    KEY_LR_FIELD_NUMBER: _ClassVar[int]
+    BETA1_FIELD_NUMBER: _ClassVar[int]
+    BETA2_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    lr: float
+    key_lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    def __init__(self, kind: _Optional[str] = ..., lr: _Optional[float] = ..., key_lr: _Optional[float] = ..., beta1: _Optional[float] = ..., beta2: _Optional[float] = ..., eps: _Optional[float] = ...) -> None: ...
+
+class SetOptimizerRequest(_message.Message):
+    __slots__ = ("request_id", "optimizer", "bias_step")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BIAS_STEP_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    optimizer: OptimizerSettings
+    bias_step: float
+    def __init__(self, request_id: _Optional[str] = ..., optimizer: _Optional[_Union[OptimizerSettings, _Mapping]] = ..., bias_step: _Optional[float] = ...) -> None: ...
+
+class SetOptimizerResponse(_message.Message):
+    __slots__ = ("optimizer", "bias_step")
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    BIAS_STEP_FIELD_NUMBER: _ClassVar[int]
+    optimizer: OptimizerSettings
+    bias_step: float
+    def __init__(self, optimizer: _Optional[_Union[OptimizerSettings, _Mapping]] = ..., bias_step: _Optional[float] = ...) -> None: ...
 
 class UsageRequest(_message.Message):
     __slots__ = ()

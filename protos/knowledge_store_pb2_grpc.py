@@ -427,6 +427,11 @@ class StoreAdminStub:
                 request_serializer=knowledge__store__pb2.SetFlagRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.SetFlagResponse.FromString,
                 _registered_method=True)
+        self.SetOptimizer = channel.unary_unary(
+                '/knowledge_store.v1.StoreAdmin/SetOptimizer',
+                request_serializer=knowledge__store__pb2.SetOptimizerRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.SetOptimizerResponse.FromString,
+                _registered_method=True)
         self.Usage = channel.unary_unary(
                 '/knowledge_store.v1.StoreAdmin/Usage',
                 request_serializer=knowledge__store__pb2.UsageRequest.SerializeToString,
@@ -477,6 +482,13 @@ class StoreAdminServicer:
 
     def SetAblated(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetOptimizer(self, request, context):
+        """from the next end step on
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -536,6 +548,11 @@ def add_StoreAdminServicer_to_server(servicer, server):
                     servicer.SetAblated,
                     request_deserializer=knowledge__store__pb2.SetFlagRequest.FromString,
                     response_serializer=knowledge__store__pb2.SetFlagResponse.SerializeToString,
+            ),
+            'SetOptimizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOptimizer,
+                    request_deserializer=knowledge__store__pb2.SetOptimizerRequest.FromString,
+                    response_serializer=knowledge__store__pb2.SetOptimizerResponse.SerializeToString,
             ),
             'Usage': grpc.unary_unary_rpc_method_handler(
                     servicer.Usage,
@@ -671,6 +688,33 @@ class StoreAdmin:
             '/knowledge_store.v1.StoreAdmin/SetAblated',
             knowledge__store__pb2.SetFlagRequest.SerializeToString,
             knowledge__store__pb2.SetFlagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOptimizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreAdmin/SetOptimizer',
+            knowledge__store__pb2.SetOptimizerRequest.SerializeToString,
+            knowledge__store__pb2.SetOptimizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import grpc
 import torch
@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.interface import (PAD_ID, Detections, SegmentInfo, ShardDescription, ShardInfo, SearchResult,
-                                     UsageStats)
-from store_service.server import (MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
-                                  STORE_SERVICE)
+from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
+from store_service.optimizer import OptimizerConfig, RowOptimizer
+from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
+                                STORE_SERVICE)
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
@@ -62,7 +62,7 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
 
 
 class RemoteShard:
-    """A shard served by `store_service.server` at `address` ("host:port")."""
+    """A shard served by `store_service.server.serve_shard` at `address` ("host:port")."""
 
     def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
                  shard_id: int = -1, backoff_s: float = 0.05,
@@ -94,7 +94,7 @@ class RemoteShard:
         self.retries = retries
         self.backoff_s = backoff_s
         self._shard_id = shard_id  # learned from describe() when not given
-        self._admin_md = (("authorization", f"Bearer {admin_token}"),) if admin_token else ()
+        self._admin_md = ((MD_AUTHORIZATION, wire.bearer(admin_token)),) if admin_token else ()
         self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
         self._store = pb_grpc.KnowledgeStoreStub(channel)
@@ -157,35 +157,14 @@ class RemoteShard:
 
     # -- data plane ---------------------------------------------------------
     def describe(self) -> ShardDescription:
-        r = self._call(self._store.Describe, pb.DescribeRequest())
-        i = r.info
-        info = ShardInfo(shard_id=int(i.shard_id), row_start=int(i.row_start), row_end=int(i.row_end),
-                         version=int(i.version), step=int(i.step), address=self.address,
-                         gated_rows=int(i.gated_rows), detector_rows=int(i.detector_rows))
-        self._shard_id = info.shard_id
-        segments = tuple(SegmentInfo(kind=s.kind, row_start=int(s.row_start), num_rows=int(s.num_rows),
-                                     n_sub=int(s.n_sub)) for s in r.segments)
-        return ShardDescription(info=info, d_k=int(r.d_k), d_v=int(r.d_v), value_dtype=r.value_dtype,
-                                segments=segments)
+        d = wire.description_from_proto(self._call(self._store.Describe, pb.DescribeRequest()), self.address)
+        self._shard_id = d.info.shard_id
+        return d
 
-    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0, version: int = 0) -> SearchResult:
-        req = pb.SearchRequest(version=version, k=k, detectors=detectors)
-        wire.to_proto(queries, req.queries)
-        r = self._call(self._store.Search, req)
-        ids = wire.from_proto(r.ids, "ids", ids=True)
-        if r.HasField("cue") and r.HasField("gate"):
-            cue, gate = wire.from_proto(r.cue, "cue", ids=True), wire.from_proto(r.gate, "gate", ids=True)
-        else:       # no selected row has a cue or a gate
-            cue, gate = torch.full_like(ids, -1), torch.full_like(ids, -1)
-        found = None
-        if detectors:
-            d = r.detectors
-            found = Detections(wire.from_proto(d.ids, "detectors.ids", ids=True),
-                               wire.from_proto(d.scores, "detectors.scores"),
-                               wire.from_proto(d.cue, "detectors.cue", ids=True),
-                               wire.from_proto(d.gate, "detectors.gate", ids=True))
-        return SearchResult(ids=ids, scores=wire.from_proto(r.scores, "scores"),
-                            keys=wire.from_proto(r.keys, "keys"), cue=cue, gate=gate, detectors=found)
+    def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
+               side: SideQuery | None = None, version: int = 0) -> SearchResult:
+        r = self._call(self._store.Search, wire.search_request_to_proto(queries, k, tags, where, side, version))
+        return wire.search_result_from_proto(r, tags, side is not None)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
@@ -206,23 +185,11 @@ class RemoteShard:
         wire.to_proto(grads.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype]), req.grads)
         self._call(self._store.AccumulateValueGrads, req)
 
-    def _put_entries(self, req, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor | None:
-        """Fill a readout request's ids and weights (compacted: the slot mask, returned)."""
-        if not self.compact_readout:
-            wire.ids_to_proto(ids, req.ids)
-            wire.to_proto(weights, req.weights)
-            return None
-        mask = ids != PAD_ID      # compacted where the tensors live, so only the entries cross to the host
-        wire.slots_to_proto(mask, req.slots)
-        wire.ids_to_proto(ids[mask], req.ids)
-        wire.to_proto(weights[mask], req.weights)
-        return mask
-
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
         requests = []
         for rows in self._row_chunks(ids.shape[0]):
             req = pb.ReadoutRequest(version=version, out_dtype=self.readout_wire_dtype)
-            self._put_entries(req, ids[rows], weights[rows])
+            wire.readout_entries_to_proto(req, ids[rows], weights[rows], self.compact_readout)
             requests.append(req)
         outs = [wire.from_proto(r.out, "out") for r in self._call_all(self._store.Readout, requests)]
         return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
@@ -237,7 +204,7 @@ class RemoteShard:
         requests, masks = [], []
         for i, rows in enumerate(chunks):
             req = pb.ReadoutBackwardRequest(version=version, request_id=rid if len(chunks) == 1 else f"{rid}/{i}")
-            masks.append(self._put_entries(req, ids[rows], weights[rows]))
+            masks.append(wire.readout_entries_to_proto(req, ids[rows], weights[rows], self.compact_readout))
             wire.to_proto(grad_out[rows], req.grad_out)
             requests.append(req)
         parts = []
@@ -262,17 +229,17 @@ class RemoteShard:
 
     # -- control plane (bearer token) ----------------------------------------
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        req = pb.AddRowsRequest(request_id=_new_id())
-        wire.to_proto(values, req.values)
-        wire.to_proto(keys, req.keys)
-        if bias is not None:
-            wire.to_proto(bias, req.bias)
-        if cue is not None:
-            wire.to_proto(cue, req.cue)
-        if gate is not None:
-            wire.to_proto(gate, req.gate)
+                 tags: Mapping[str, torch.Tensor] | None = None, partition: torch.Tensor | int = 0
+                 ) -> torch.Tensor:
+        req = wire.add_rows_to_proto(pb.AddRowsRequest(request_id=_new_id()), values, keys, bias, tags, partition)
         return wire.from_proto(self._call(self._admin.AddRows, req, admin=True).ids, "ids", ids=True)
+
+    def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
+        req = pb.SetOptimizerRequest(request_id=_new_id())
+        wire.optimizer_to_proto(optimizer, req.optimizer)
+        if bias_step is not None:
+            req.bias_step = bias_step
+        return wire.row_optimizer_from_proto(self._call(self._admin.SetOptimizer, req, admin=True))
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None:
         req = pb.SetFlagRequest(request_id=_new_id(), value=frozen)
@@ -285,9 +252,7 @@ class RemoteShard:
         self._call(self._admin.SetAblated, req, admin=True)
 
     def usage(self) -> UsageStats:
-        r = self._call(self._admin.Usage, pb.UsageRequest(), admin=True)
-        return UsageStats(hits=wire.from_proto(r.hits, "hits"), weight_sum=wire.from_proto(r.weight_sum, "weight_sum"),
-                          frozen=wire.from_proto(r.frozen, "frozen"), ablated=wire.from_proto(r.ablated, "ablated"))
+        return wire.usage_from_proto(self._call(self._admin.Usage, pb.UsageRequest(), admin=True))
 
     def write_snapshot(self, version_dir: str, version: int) -> None:
         req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version)

@@ -10,29 +10,12 @@ from dataclasses import dataclass, field
 
 from . import errors
 from .interface import SEGMENT_FLAT, SEGMENT_PRODUCT, SegmentInfo
+from .optimizer import OptimizerConfig, RowOptimizer
+
+__all__ = ["VALUE_DTYPES", "OptimizerConfig", "RowOptimizer", "TableConfig", "segment_infos", "segments_to_json",
+           "segments_from_json", "partition_rows"]
 
 VALUE_DTYPES = ("float32", "bfloat16")
-
-
-@dataclass
-class OptimizerConfig:
-    """Row-wise sparse optimizer applied at the step barrier (DESIGN.md section 4)."""
-    kind: str = "adam"                  # "adam" | "sgd"
-    lr: float = 1e-3                    # for values
-    key_lr: float | None = None         # for flat keys; None -> lr
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        self.betas = (float(self.betas[0]), float(self.betas[1]))
-        if self.kind not in ("adam", "sgd"):
-            raise errors.InvalidArgument("optimizer.kind", f"must be 'adam' or 'sgd', got {self.kind!r}")
-        if not self.lr >= 0:
-            raise errors.InvalidArgument("optimizer.lr", f"must be >= 0, got {self.lr}")
-
-    @property
-    def effective_key_lr(self) -> float:
-        return self.lr if self.key_lr is None else self.key_lr
 
 
 @dataclass
@@ -42,8 +25,11 @@ class TableConfig:
     # ("product", n_sub) -> n_sub**2 rows; ("flat", num_rows). Ids run through them in order.
     segments: list[tuple[str, int]] = field(default_factory=lambda: [("flat", 1024)])
     value_dtype: str = "float32"
-    # The model keeps product codebooks as its own parameters; the store holds
-    # copies only for standalone search (benchmarks, tools).
+    # Store-side product search (interface.py, "Product search on the store"): the shards
+    # hold the product segments' codebooks and sub-key biases and search product rows
+    # themselves, so one `search` covers every row. Off (the default): the model keeps
+    # the codebooks as its own parameters and searches product rows on the worker with
+    # `kernels.product_key_search`; the store searches flat rows only.
     store_codebooks: bool = False
     num_shards: int = 1
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

@@ -1,8 +1,8 @@
-"""The one interface through which the model reaches a knowledge table.
+"""The one interface through which a caller reaches a knowledge table.
 
 Two things implement `KnowledgeTable`: the in-process `store_service.table.Table`
 over `Shard` objects, and the same `Table` over `RemoteShard` gRPC handles
-(`store_service.client`). The model cannot tell them apart.
+(`store_service.client`). A caller cannot tell them apart.
 
 Conventions (DESIGN.md sections 2, 3, 5):
 - Row ids are global int64 in [0, num_rows). Id -1 is padding: it selects
@@ -19,29 +19,38 @@ Conventions (DESIGN.md sections 2, 3, 5):
 - Balancing bias b_i affects selection only. Flat rows carry a per-row bias on
   their shard; product-key rows a per-sub-key bias (b_i + b_j), which keeps the
   O(n) exact search exact.
-- Cues and gates (flat rows only; int64 group labels, -1 = none): a row with a
-  gate g may be selected at a position of a sequence only once label g is open
-  there (the knowledge layer applies this; the store keeps the labels with the
-  rows and returns them with a search). A label opens at the first position where
-  a row with it as cue is selected, and stays open for the rest of the sequence.
-  `continual.learn` keys a new fact's answer rows on its subject this way.
-- Detectors: a flat row with both a cue c and a gate g is never read out and never
-  returned by the top-k of `search`; `search(..., detectors=m)` returns the m best
-  detectors per query beside it, scored by the cosine of the query with the key
-  plus the bias. Its score is evidence for label c against the other labels whose
-  detectors share gate g: label c opens at a position where g is open and c's best
-  evidence so far in the sequence (at that position or an earlier one) is the
-  highest among them. `continual.learn` uses this to tell a subject's facts apart
-  by their phrasing, wherever in the prompt it says which fact is asked for.
+
+Tags and partitions (flat rows only; what they mean is the caller's business):
+- A row carries any number of named int64 tags, -1 = unset. Names match
+  `^[a-z][a-z0-9_]{0,31}$`, at most 16 per table. Product rows have every tag
+  unset. `search(..., tags=names)` returns the selected rows' tags; a `TagFilter`
+  restricts a search to rows whose tag is set (to one of some values).
+- A row has a partition, an int64 >= 0 (product rows: 0). Partition 0 is what a
+  search's top-k reads. Rows of a partition p >= 1 are never in the top-k, are
+  left out of balancing (their bias stays where the caller put it) and are
+  searched only by a `SideQuery` naming p, scored by cos(query, key) + bias
+  (the query normalised by the store, keys as stored), in the same call.
+
+Product search on the store (`TableConfig.store_codebooks`): by default the
+model keeps the product codebooks as its parameters and searches product rows
+itself (`kernels.product_key_search`); the store's `search` then covers flat rows
+only. With store_codebooks the shards hold the codebooks and sub-key biases too
+(balanced like flat biases), and `search` returns one exact top-k over every row:
+each shard searches its slice of the first codebook against the whole second one,
+with the same kernel, so a table of many product rows is searched where its rows
+live and the caller needs no codebooks.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from .optimizer import OptimizerConfig, RowOptimizer
+
 PAD_ID = -1
+TAG_UNSET = -1
 
 SEGMENT_PRODUCT = "product"
 SEGMENT_FLAT = "flat"
@@ -67,8 +76,8 @@ class ShardInfo:
     version: int
     step: int
     address: str = ""  # host:port for a remote shard, "" in-process
-    gated_rows: int = 0  # flat rows with a gate (selectable only after their cue fired), detectors included
-    detector_rows: int = 0  # flat rows with a cue and a gate: evidence only, never read
+    tag_rows: dict[str, int] = field(default_factory=dict)        # per tag name held: flat rows with it set
+    partition_rows: dict[int, int] = field(default_factory=dict)  # per partition >= 1 with rows: its rows
 
     @property
     def num_rows(self) -> int:
@@ -93,34 +102,53 @@ class TableInfo:
         return min(s.step for s in self.shards)
 
     @property
-    def gated_rows(self) -> int:
-        return sum(s.gated_rows for s in self.shards)
+    def tag_rows(self) -> dict[str, int]:
+        """Per tag name held by some shard: flat rows with it set, over all shards."""
+        return _summed(s.tag_rows for s in self.shards)
 
     @property
-    def detector_rows(self) -> int:
-        return sum(s.detector_rows for s in self.shards)
+    def partition_rows(self) -> dict[int, int]:
+        """Per partition >= 1 with rows: its rows, over all shards."""
+        return _summed(s.partition_rows for s in self.shards)
 
 
-@dataclass
-class Detections:
-    """The best detectors for each query (interface docstring: detectors)."""
-    ids: torch.Tensor     # [B, m] int64, PAD_ID where fewer than m detectors exist
-    scores: torch.Tensor  # [B, m] float32, cos(q, k_i) + b_i (-inf at PAD)
-    cue: torch.Tensor     # [B, m] int64, the label each detector is evidence for (-1 at PAD)
-    gate: torch.Tensor    # [B, m] int64, the gate the detector's label competes under (-1 at PAD)
+def _summed(counts) -> dict:
+    out: dict = {}
+    for c in counts:
+        for key, n in c.items():
+            out[key] = out.get(key, 0) + n
+    return dict(sorted(out.items()))
 
-    def to(self, device) -> "Detections":
-        return Detections(self.ids.to(device), self.scores.to(device), self.cue.to(device), self.gate.to(device))
+
+@dataclass(frozen=True)
+class TagFilter:
+    """A search considers only flat rows whose tag `name` is set, and, when `values`
+    is non-empty, one of `values`. It applies to the top-k and to a side query alike."""
+    name: str
+    values: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SideQuery:
+    """A second top-k in the same search call (same round trip): the k best rows of
+    `partition` (>= 1) by cos(query, key) + bias."""
+    partition: int
+    k: int
 
 
 @dataclass
 class SearchResult:
     ids: torch.Tensor     # [B, k] int64, PAD_ID where fewer than k rows exist
-    scores: torch.Tensor  # [B, k] float32, selection score q.k_i + b_i (-inf at PAD)
-    keys: torch.Tensor    # [B, k, d_k] float32, the keys of the selected rows (0 at PAD)
-    cue: torch.Tensor | None = None   # [B, k] int64, the rows' cue group (-1: none, and at PAD)
-    gate: torch.Tensor | None = None  # [B, k] int64, the rows' gate group (-1: ungated, and at PAD)
-    detectors: Detections | None = None  # with search(..., detectors=m > 0)
+    scores: torch.Tensor  # [B, k] float32, the selection score (-inf at PAD)
+    keys: torch.Tensor | None  # [B, k, d_k] float32, the selected rows' keys (0 at PAD); None for side results
+    tags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, k] int64 (-1: unset, and at PAD)
+    side: "SearchResult | None" = None  # with search(..., side=SideQuery(...)): ids, scores, tags [B, m]
+
+    def to(self, device) -> "SearchResult":
+        return SearchResult(self.ids.to(device), self.scores.to(device),
+                            None if self.keys is None else self.keys.to(device),
+                            {name: t.to(device) for name, t in self.tags.items()},
+                            None if self.side is None else self.side.to(device))
 
 
 @dataclass
@@ -133,15 +161,17 @@ class UsageStats:
 
 @runtime_checkable
 class KnowledgeTable(Protocol):
-    """What the model may do with a table. Every call is batched."""
+    """What a caller may do with a table. Every call is batched."""
 
     def info(self) -> TableInfo: ...
 
     # -- data plane -------------------------------------------------------
-    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0) -> SearchResult:
-        """queries [B, d_k] -> top-k over every segment whose keys the store
-        holds (flat segments, and product segments whose codebooks it holds),
-        detectors left out; with detectors=m > 0 also the m best detectors."""
+    def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
+               side: SideQuery | None = None) -> SearchResult:
+        """queries [B, d_k] -> top-k over the partition-0 rows of every segment whose keys
+        the store holds (flat segments, and product segments with store_codebooks), by
+        q.k_i + b_i; with the selected rows' tags `tags`, only rows passing `where`, and
+        with `side` the side query's top-m beside it (`SearchResult.side`)."""
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,11 +214,17 @@ class KnowledgeTable(Protocol):
 
     # -- control plane ----------------------------------------------------
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """Append rows (values [M, d_v], keys [M, d_k], optional selection bias
-        [M], default 0, optional cue and gate groups [M] int64, default -1) to the
-        table's last flat segment (creating one if the last segment is a product
-        segment). Returns their new ids [M]."""
+                 tags: Mapping[str, torch.Tensor] | None = None, partition: torch.Tensor | int = 0
+                 ) -> torch.Tensor:
+        """Append rows (values [M, d_v], keys [M, d_k], optional selection bias [M],
+        default 0, tags name -> [M] int64 >= -1, default unset, partition [M] int64 >= 0
+        or one int for all) to the table's last flat segment (creating one if the last
+        segment is a product segment). Returns their new ids [M]."""
+
+    def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
+        """Replace the row optimizer (and, when given, the balancing step) of the whole
+        table from the next end_step on; switching to Adam where no Adam state is kept
+        allocates it (zeros). Returns the settings it replaced."""
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None: ...
 
@@ -229,7 +265,8 @@ class ShardHandle(Protocol):
     """
 
     def describe(self) -> ShardDescription: ...
-    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0, version: int = 0) -> SearchResult: ...
+    def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
+               side: SideQuery | None = None, version: int = 0) -> SearchResult: ...
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor: ...
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor: ...
@@ -242,7 +279,9 @@ class ShardHandle(Protocol):
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
                  request_id: str = "", timeout_s: float = 60.0) -> int: ...
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor: ...
+                 tags: Mapping[str, torch.Tensor] | None = None, partition: torch.Tensor | int = 0
+                 ) -> torch.Tensor: ...
+    def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer: ...
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None: ...
     def set_ablated(self, ids: torch.Tensor, ablated: bool) -> None: ...
     def usage(self) -> UsageStats: ...

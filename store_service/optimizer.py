@@ -7,12 +7,54 @@ row alone with the steps it received a gradient (the semantics of TorchRec's
 row-wise sparse Adam, without its row-wise v). Frozen rows, and their state,
 are never touched. Math in fp32; bf16 parameters are rounded to nearest after
 the update.
+
+`OptimizerConfig` says which optimizer and its settings; `RowOptimizer` is what
+`set_optimizer` replaces on a live table (the optimizer and the balancing step).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from . import errors
+
+OPTIMIZER_KINDS = ("adam", "sgd")
+
+
+@dataclass
+class OptimizerConfig:
+    """Row-wise sparse optimizer applied at the step barrier (DESIGN.md section 4)."""
+    kind: str = "adam"                  # "adam" | "sgd"
+    lr: float = 1e-3                    # for values
+    key_lr: float | None = None         # for flat keys; None -> lr
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        if self.kind not in OPTIMIZER_KINDS:
+            raise errors.InvalidArgument("optimizer.kind", f"must be 'adam' or 'sgd', got {self.kind!r}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise errors.InvalidArgument("optimizer.lr", f"must be finite and >= 0, got {self.lr}")
+        if self.key_lr is not None and not (self.key_lr >= 0 and math.isfinite(self.key_lr)):
+            raise errors.InvalidArgument("optimizer.key_lr", f"must be finite and >= 0 (or None: lr), got {self.key_lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise errors.InvalidArgument("optimizer.betas", f"must be in [0, 1), got {self.betas}")
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise errors.InvalidArgument("optimizer.eps", f"must be > 0, got {self.eps}")
+
+    @property
+    def effective_key_lr(self) -> float:
+        return self.lr if self.key_lr is None else self.key_lr
+
+
+@dataclass(frozen=True)
+class RowOptimizer:
+    """A table's row optimizer and balancing step, as `set_optimizer` sets and returns them."""
+    optimizer: OptimizerConfig
+    bias_step: float
 
 
 @dataclass

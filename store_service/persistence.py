@@ -1,21 +1,28 @@
 """Zarr 3 versions of a table: the one place shard state meets the disk.
 
-Layout:
+Layout (format 2):
 
     <store_root>/versions/v00000007/        one Zarr group per published version
-        zarr.json                           root attrs: version, step, d_k, d_v, value_dtype,
+        zarr.json                           root attrs: format (2), version, step, d_k, d_v, value_dtype,
                                             segments, shards (the shard map), config, optimizer
         shard_0000/                         one subgroup per shard
-            values, frozen, ablated, hits, weight_sum, opt_steps[, opt_m, opt_v],
-            flat_ids, keys, flat_bias, key_steps[, key_m, key_v][, flat_cue, flat_gate],
-            pk<seg>_codebook_a, pk<seg>_codebook_b, pk<seg>_bias_a, pk<seg>_bias_b
-            attrs: shard_id, row_start, row_end, step, version, d_k, d_v, value_dtype,
+            per owned row:      values, frozen, ablated, hits, weight_sum, opt_steps[, opt_m, opt_v]
+            per owned flat row: flat_ids, keys, flat_bias, key_steps[, key_m, key_v], flat_partition,
+                                tag_<name> (one int64 array per tag name, -1 = unset)
+            product segments whose codebooks the store holds:
+                                pk<seg>_codebook_a, pk<seg>_codebook_b, pk<seg>_bias_a, pk<seg>_bias_b
+            attrs: format, shard_id, row_start, row_end, step, version, d_k, d_v, value_dtype,
                    segments, config, value_storage ("bfloat16" values are stored as
                    uint16 bit patterns)
     <store_root>/staging/v00000007-<uuid>/  a version being written
 
 A version is written in full under staging/ and published by one os.rename
 into versions/, so a half-written version is never visible.
+
+Format 1 (written before tags and partitions existed; its shard groups carry no
+`format` attribute) kept per-row labels as int64 arrays `flat_<name>`: `read_shard`
+reads those as tag <name>, every row in partition 0, and hands back format 2.
+Nothing writes format 1.
 """
 from __future__ import annotations
 
@@ -31,13 +38,16 @@ import torch
 import zarr
 
 from . import errors
-from .config import TableConfig, partition_rows, segments_from_json
+from .config import TableConfig
 
+FORMAT = 2
 _VERSION_RE = re.compile(r"^v(\d{8})$")
 
-# Arrays with one entry per owned row, and with one entry per owned flat row.
+# Arrays with one entry per owned row, and with one entry per owned flat row (besides the tags).
 ROW_ARRAYS = ("values", "frozen", "ablated", "hits", "weight_sum", "opt_steps", "opt_m", "opt_v")
-FLAT_ARRAYS = ("flat_ids", "keys", "flat_bias", "key_steps", "key_m", "key_v", "flat_cue", "flat_gate")
+FLAT_ARRAYS = ("flat_ids", "keys", "flat_bias", "key_steps", "key_m", "key_v", "flat_partition")
+_TAG_PREFIX = "tag_"
+_FORMAT1_NOT_TAGS = ("flat_ids", "flat_bias", "flat_partition")
 
 
 def version_name(version: int) -> str:
@@ -87,6 +97,36 @@ class ShardData:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
+def tag_array_name(tag: str) -> str:
+    return _TAG_PREFIX + tag
+
+
+def tag_arrays(arrays: dict) -> dict[str, str]:
+    """Tag name -> array name, for the tag arrays among `arrays` (format 2)."""
+    return {name[len(_TAG_PREFIX):]: name for name in sorted(arrays) if name.startswith(_TAG_PREFIX)}
+
+
+def flat_array_names(arrays: dict) -> list[str]:
+    """The arrays among `arrays` with one entry per flat row, tags included."""
+    return [n for n in FLAT_ARRAYS if n in arrays] + list(tag_arrays(arrays).values())
+
+
+def _from_format1(data: ShardData) -> ShardData:
+    """A format-1 shard as format 2: int64 arrays `flat_<name>` (other than flat_ids,
+    flat_bias, flat_partition) become tag <name>; every row is in partition 0."""
+    arrays = {}
+    for name, arr in data.arrays.items():
+        if name.startswith("flat_") and name not in _FORMAT1_NOT_TAGS and arr.dtype == np.int64:
+            tag = name[len("flat_"):]
+            if not re.match(r"^[a-z][a-z0-9_]{0,31}$", tag):
+                raise errors.FailedPrecondition(f"format-1 array {name!r} does not name a valid tag")
+            arrays[tag_array_name(tag)] = arr
+        elif name != "flat_partition":
+            arrays[name] = arr
+    arrays["flat_partition"] = np.zeros(arrays["flat_ids"].shape[0], dtype=np.int64)
+    return ShardData(dict(data.attrs, format=FORMAT), arrays)
+
+
 # -- writing and reading -------------------------------------------------------
 
 _CHUNK_BYTES = 16 << 20
@@ -105,6 +145,11 @@ def _array_options(arr: np.ndarray) -> dict:
 
 
 def write_shard(version_dir: str, data: ShardData) -> None:
+    """Write one shard's subgroup (format 2 only)."""
+    stale = [n for n in data.arrays if n.startswith("flat_") and n not in FLAT_ARRAYS]
+    if data.attrs.get("format") != FORMAT or stale:
+        raise errors.FailedPrecondition(f"write_shard writes format {FORMAT} only (got format "
+                                        f"{data.attrs.get('format')}, arrays {stale})")
     group = zarr.open_group(version_dir, mode="a").create_group(shard_group_name(data.attrs["shard_id"]))
     for name, arr in data.arrays.items():
         arr = np.ascontiguousarray(arr)
@@ -112,12 +157,24 @@ def write_shard(version_dir: str, data: ShardData) -> None:
     group.attrs.update(data.attrs)
 
 
-def read_shard(version_dir: str, shard_id: int) -> ShardData:
+def shard_format(version_dir: str, shard_id: int) -> int:
+    """The format a shard's subgroup was written in (1 when it says none)."""
     try:
         group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
     except (FileNotFoundError, KeyError) as e:
         raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
-    return ShardData(dict(group.attrs), {name: arr[...] for name, arr in group.arrays()})
+    return int(group.attrs.get("format", 1))
+
+
+def read_shard(version_dir: str, shard_id: int) -> ShardData:
+    """One shard's subgroup, in format 2 whatever format it was written in."""
+    fmt = shard_format(version_dir, shard_id)
+    if fmt not in (1, FORMAT):
+        raise errors.FailedPrecondition(f"shard {shard_id} of {version_dir} is in format {fmt}; this store "
+                                        f"reads formats 1 and {FORMAT}")
+    group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
+    data = ShardData(dict(group.attrs), {name: arr[...] for name, arr in group.arrays()})
+    return _from_format1(data) if fmt == 1 else data
 
 
 def write_root_attrs(version_dir: str, attrs: dict) -> None:
@@ -131,6 +188,15 @@ def read_root_attrs(store_root: str, version: int) -> dict:
     return dict(zarr.open_group(path, mode="r").attrs)
 
 
+def new_stage(store_root: str, version: int) -> str:
+    """A fresh, empty Zarr group under staging/ for (a rewrite of) `version`."""
+    os.makedirs(os.path.join(store_root, "versions"), exist_ok=True)
+    stage = os.path.join(store_root, "staging", f"{version_name(version)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(stage)
+    zarr.open_group(stage, mode="w")
+    return stage
+
+
 @contextlib.contextmanager
 def staged_version(store_root: str, version: int):
     """Yield a fresh staging dir for `version`; publish it with one rename if the
@@ -138,20 +204,17 @@ def staged_version(store_root: str, version: int):
     exists is never overwritten (errors.FailedPrecondition)."""
     if os.path.exists(version_path(store_root, version)):
         raise errors.FailedPrecondition(f"version {version} already exists under {store_root}")
-    os.makedirs(os.path.join(store_root, "versions"), exist_ok=True)
-    stage = os.path.join(store_root, "staging", f"{version_name(version)}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(stage)
-    zarr.open_group(stage, mode="w")
+    stage = new_stage(store_root, version)
     try:
         yield stage
-        _fsync_tree(stage)
+        fsync_tree(stage)
         os.rename(stage, version_path(store_root, version))  # fails if the target exists
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
-def _fsync_tree(path: str) -> None:
+def fsync_tree(path: str) -> None:
     for dirpath, _, files in os.walk(path):
         for f in files:
             fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
@@ -171,7 +234,7 @@ def table_root_attrs(version: int, step: int, shard_datas_attrs: list[dict]) -> 
     last = max(shard_datas_attrs, key=lambda a: a["row_end"])
     config = last["config"]
     return {
-        "format": 1,
+        "format": FORMAT,
         "version": version,
         "step": step,
         "d_k": last["d_k"],
@@ -197,100 +260,13 @@ def finish_version(version_dir: str, version: int) -> dict:
     return out
 
 
-# -- repartition ---------------------------------------------------------------
-
-def repartition(store_root: str, version: int, num_shards: int) -> int:
-    """Re-split the rows of published `version` over `num_shards` shards and
-    publish the result as a new version (returned). Every row's value, key,
-    bias, optimizer state, masks and usage move bitwise. Per-shard sub-key
-    biases of the second codebook (which each shard balances for its own rows)
-    go to a new shard from the old shard that owned the new shard's first row.
-    Loads the whole table into memory."""
-    root = read_root_attrs(store_root, version)
-    shard_ids = [s["shard_id"] for s in root["shards"]]
-    olds = sorted((read_shard(version_path(store_root, version), s) for s in shard_ids),
-                  key=lambda d: d.attrs["row_start"])
-    segments = segments_from_json(root["segments"])
-    whole = {name: np.concatenate([d.arrays[name] for d in olds])
-             for name in ROW_ARRAYS + FLAT_ARRAYS if name in olds[0].arrays}
-    # Product codebooks: identical copies; bias_a merged from each owner's rows.
-    pk: dict[int, dict[str, np.ndarray]] = {}
-    for si, seg in enumerate(segments):
-        holders = [d for d in olds if f"pk{si}_codebook_a" in d.arrays]
-        if not holders:
-            continue
-        merged = {n: holders[0].arrays[f"pk{si}_{n}"].copy() for n in ("codebook_a", "codebook_b", "bias_a")}
-        for d in holders:
-            lo, hi = _owned_subrows(seg, d.attrs["row_start"], d.attrs["row_end"])
-            merged["bias_a"][lo:hi] = d.arrays[f"pk{si}_bias_a"][lo:hi]
-        pk[si] = merged
-
-    new_version = max(list_versions(store_root) + [version]) + 1
-    ranges = partition_rows(segments, num_shards)
-    with staged_version(store_root, new_version) as stage:
-        for sid, (lo, hi) in enumerate(ranges):
-            arrays = {n: whole[n][lo:hi] for n in ROW_ARRAYS if n in whole}
-            fsel = (whole["flat_ids"] >= lo) & (whole["flat_ids"] < hi)
-            arrays.update({n: whole[n][fsel] for n in FLAT_ARRAYS if n in whole})
-            for si, merged in pk.items():
-                seg = segments[si]
-                if seg.row_end <= lo or seg.row_start >= hi:
-                    continue
-                first = max(lo, seg.row_start)
-                donor = next(d for d in olds if d.attrs["row_start"] <= first < d.attrs["row_end"])
-                arrays.update({f"pk{si}_{n}": merged[n] for n in ("codebook_a", "codebook_b", "bias_a")})
-                arrays[f"pk{si}_bias_b"] = donor.arrays[f"pk{si}_bias_b"]
-            attrs = dict(olds[0].attrs, shard_id=sid, row_start=lo, row_end=hi,
-                         step=root["step"], version=new_version)
-            attrs["config"] = dict(attrs["config"], num_shards=num_shards)
-            write_shard(stage, ShardData(attrs, arrays))
-        finish_version(stage, new_version)
-    return new_version
-
-
-def compose_version(store_root: str, base_version: int, overrides: dict[int, int]) -> int:
-    """Publish a new version whose shards come from `base_version`, except shard
-    s, which comes from version overrides[s] (e.g. to roll one shard back).
-    The layouts must agree: same shard ids, row ranges, dims and segments.
-    Returns the new version."""
-    base = read_root_attrs(store_root, base_version)
-    ids = [s["shard_id"] for s in base["shards"]]
-    for sid, v in overrides.items():
-        if sid not in ids:
-            raise errors.InvalidArgument("overrides", f"shard {sid} is not in version {base_version}")
-        other = read_root_attrs(store_root, v)
-        mine = next(s for s in base["shards"] if s["shard_id"] == sid)
-        theirs = next((s for s in other["shards"] if s["shard_id"] == sid), None)
-        same = theirs == mine and all(other[k] == base[k] for k in ("d_k", "d_v", "value_dtype", "segments"))
-        if not same:
-            raise errors.InvalidArgument("overrides", f"shard {sid} of version {v} does not have the layout "
-                                                      f"of version {base_version}")
-    new_version = max(list_versions(store_root)) + 1
-    with staged_version(store_root, new_version) as stage:
-        for sid in ids:
-            src = version_path(store_root, overrides.get(sid, base_version))
-            shutil.copytree(os.path.join(src, shard_group_name(sid)), os.path.join(stage, shard_group_name(sid)))
-            zarr.open_group(os.path.join(stage, shard_group_name(sid)), mode="a").attrs.update(
-                {"version": new_version})
-        finish_version(stage, new_version)
-    return new_version
-
-
-def _owned_subrows(seg, row_start: int, row_end: int) -> tuple[int, int]:
-    """First-codebook rows [i0, i1) of product segment `seg` inside [row_start, row_end)."""
-    lo = max(row_start, seg.row_start) - seg.row_start
-    hi = min(row_end, seg.row_end) - seg.row_start
-    if hi <= lo:
-        return 0, 0
-    return lo // seg.n_sub, -(-hi // seg.n_sub)
-
-
 def load_config(store_root: str, version: int) -> TableConfig:
     return TableConfig.from_dict(read_root_attrs(store_root, version)["config"])
 
 
 __all__ = [
-    "ShardData", "list_versions", "latest_version", "version_path", "staged_version",
-    "write_shard", "read_shard", "write_root_attrs", "read_root_attrs", "finish_version",
-    "repartition", "compose_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
+    "FORMAT", "ShardData", "list_versions", "latest_version", "version_path", "shard_group_name",
+    "staged_version", "new_stage", "fsync_tree", "write_shard", "read_shard", "shard_format", "write_root_attrs",
+    "read_root_attrs", "finish_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
+    "tag_array_name", "tag_arrays", "flat_array_names", "ROW_ARRAYS", "FLAT_ARRAYS",
 ]

@@ -1,36 +1,26 @@
 """gRPC server of one shard: thin servicers over a `ShardHandle` (DESIGN.md section 5).
 
 Every RPC goes the same way: check the bearer token (StoreAdmin only), convert
-wire -> tensors (`store_service.wire`), call the shard, convert back. Domain
-errors become status codes in exactly one place, `status_of`; the client maps
-them back in `store_service.client.error_from_rpc`.
+the request (`store_service.wire`), call the shard, convert the answer back.
+Domain errors become status codes in exactly one place, `status_of`; the client
+maps them back in `store_service.client.error_from_rpc`.
 
     handle = serve_shard(shard, port=0, admin_token="secret", metrics_port=0)
     handle.address        # "127.0.0.1:<port>"
     handle.stop()
 
-As a process (one shard of a published version):
-
-    python -m store_service.server --store-root ROOT --version 3 --shard 0 --port 50051 \
-        --metrics-port 9100          # admin token from $KSTORE_ADMIN_TOKEN
+A shard server as its own process: `store_service.serve`.
 """
 from __future__ import annotations
 
-import argparse
 import hmac
 import logging
-import os
-import queue
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import grpc
 import torch
@@ -40,19 +30,12 @@ from grpc_reflection.v1alpha import reflection
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.interface import PAD_ID, ShardDescription, ShardHandle
+from store_service.interface import ShardHandle
 from store_service.metrics import ServerMetrics
+from store_service.wire import (ADMIN_SERVICE, MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION,
+                                MD_SERVING_VERSION, STORE_SERVICE)
 
 log = logging.getLogger(__name__)
-
-STORE_SERVICE = pb.DESCRIPTOR.services_by_name["KnowledgeStore"].full_name
-ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["StoreAdmin"].full_name
-
-# Trailing metadata that carries what a status code alone cannot.
-MD_ERROR = "ks-error"                        # domain error class, e.g. "stale-version"
-MD_FIELD = "ks-field"                        # the offending field of an INVALID_ARGUMENT
-MD_REQUESTED_VERSION = "ks-requested-version"
-MD_SERVING_VERSION = "ks-serving-version"
 
 DEFAULT_MAX_MESSAGE_MB = 256
 
@@ -83,7 +66,7 @@ class _Rpc:
     def __init__(self, shard: ShardHandle, admin_token: str, metrics: ServerMetrics,
                  on_admin_change: Callable[[], None]):
         self.shard = shard
-        self._token = f"Bearer {admin_token}".encode()
+        self._token = wire.bearer(admin_token).encode()
         self.metrics = metrics
         self._on_admin_change = on_admin_change
         self._replayed: OrderedDict[tuple[str, str], Any] = OrderedDict()
@@ -91,7 +74,7 @@ class _Rpc:
 
     def _check_token(self, context: grpc.ServicerContext) -> None:
         for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
+            if key == MD_AUTHORIZATION:
                 got = value.encode() if isinstance(value, str) else value
                 if hmac.compare_digest(got, self._token):
                     return
@@ -127,47 +110,12 @@ class _Rpc:
                 self._on_admin_change()
 
 
-def _describe_response(d: ShardDescription) -> pb.DescribeResponse:
-    i = d.info
-    return pb.DescribeResponse(
-        info=pb.ShardInfo(shard_id=i.shard_id, row_start=i.row_start, row_end=i.row_end,
-                          version=i.version, step=i.step, address=i.address, gated_rows=i.gated_rows,
-                          detector_rows=i.detector_rows),
-        d_k=d.d_k, d_v=d.d_v, value_dtype=d.value_dtype,
-        segments=[pb.Segment(kind=s.kind, row_start=s.row_start, num_rows=s.num_rows, n_sub=s.n_sub)
-                  for s in d.segments])
-
-
 _FLOATS = ("float32",)
-_VALUES = ("float32", "bfloat16")
 _WIRE_FLOATS = tuple(wire.READOUT_WIRE_DTYPES)   # d_v-wide readout tensors may travel in bfloat16
 
 
-def _wire_dtype(name: str, field: str) -> torch.dtype:
-    try:
-        return wire.READOUT_WIRE_DTYPES[name or "float32"]
-    except KeyError:
-        raise errors.InvalidArgument(field, f"{name!r} is not a readout wire dtype; use one of "
-                                            f"{' or '.join(wire.READOUT_WIRE_DTYPES)}") from None
-
-
-def _readout_entries(request, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """(slot mask or None, ids [T, k], weights [T, k]) of a (possibly compacted) readout
-    request; a compacted one is expanded on `device`, where the shard's rows are."""
-    if not request.HasField("slots"):
-        return (None, wire.from_proto(request.ids, "ids", ids=True, ndim=2),
-                wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=2))
-    mask = wire.slots_from_proto(request.slots, "slots", device=device)
-    ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
-    weights = wire.from_proto(request.weights, "weights", dtypes=_FLOATS, ndim=1)
-    return (mask, wire.scatter_slots(mask, ids, PAD_ID, "ids"),
-            wire.scatter_slots(mask, weights, 0.0, "weights"))
-
-
-def _readout_tokens(request) -> int:
-    if request.HasField("slots"):
-        return int(request.slots.rows)
-    return request.ids.shape[0] if request.ids.shape else 0
+def _rows(t: pb.Tensor) -> int:
+    return t.shape[0] if t.shape else 0
 
 
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
@@ -181,33 +129,19 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         return getattr(self._shard, "device", torch.device("cpu"))
 
     def Describe(self, request, context):
-        return self._rpc.handle("Describe", context, lambda: _describe_response(self._shard.describe()))
+        return self._rpc.handle("Describe", context, lambda: wire.description_to_proto(self._shard.describe()))
 
     def Search(self, request, context):
         def call():
-            queries = wire.from_proto(request.queries, "queries", dtypes=_FLOATS, ndim=2)
-            res = self._shard.search(queries, int(request.k), detectors=int(request.detectors),
-                                     version=request.version)
-            resp = pb.SearchResponse()
-            wire.ids_to_proto(res.ids, resp.ids)
-            wire.to_proto(res.scores, resp.scores)
-            wire.to_proto(res.keys, resp.keys)
-            if res.cue is not None and res.gate is not None and bool((res.cue >= 0).any() or (res.gate >= 0).any()):
-                wire.ids_to_proto(res.cue, resp.cue)
-                wire.ids_to_proto(res.gate, resp.gate)
-            if res.detectors is not None:
-                d = res.detectors
-                wire.ids_to_proto(d.ids, resp.detectors.ids)
-                wire.to_proto(d.scores, resp.detectors.scores)
-                wire.ids_to_proto(d.cue, resp.detectors.cue)
-                wire.ids_to_proto(d.gate, resp.detectors.gate)
-            return resp
-        return self._rpc.handle("Search", context, call, items=request.queries.shape[0] if request.queries.shape else 0)
+            queries, options = wire.search_request_from_proto(request)
+            res = self._shard.search(queries, int(request.k), **options, version=request.version)
+            return wire.search_result_to_proto(res)
+        return self._rpc.handle("Search", context, call, items=_rows(request.queries))
 
     def Fetch(self, request, context):
         def call():
             ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
-            out_dtype = _wire_dtype(request.out_dtype, "out_dtype") if request.out_dtype else None
+            out_dtype = wire.readout_wire_dtype(request.out_dtype, "out_dtype") if request.out_dtype else None
             usage = {}
             if request.HasField("hits") or request.HasField("weight_sum"):
                 usage = dict(hits=wire.from_proto(request.hits, "hits", ids=True, ndim=1),
@@ -217,7 +151,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             resp = pb.FetchResponse()
             wire.to_proto(values if out_dtype is None else values.to(out_dtype), resp.values)
             return resp
-        return self._rpc.handle("Fetch", context, call, items=request.ids.shape[0] if request.ids.shape else 0)
+        return self._rpc.handle("Fetch", context, call, items=_rows(request.ids))
 
     def AccumulateValueGrads(self, request, context):
         def call():
@@ -225,29 +159,28 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             grads = wire.from_proto(request.grads, "grads", dtypes=_WIRE_FLOATS, ndim=2).float()
             self._shard.accumulate_value_grads(ids, grads, request_id=request.request_id, version=request.version)
             return pb.AccumulateValueGradsResponse()
-        return self._rpc.handle("AccumulateValueGrads", context, call,
-                                items=request.ids.shape[0] if request.ids.shape else 0)
+        return self._rpc.handle("AccumulateValueGrads", context, call, items=_rows(request.ids))
 
     def Readout(self, request, context):
         def call():
-            mask, ids, weights = _readout_entries(request, self._device)
-            out_dtype = _wire_dtype(request.out_dtype, "out_dtype")
+            mask, ids, weights = wire.readout_entries_from_proto(request, self._device)
+            out_dtype = wire.readout_wire_dtype(request.out_dtype, "out_dtype")
             resp = pb.ReadoutResponse()
             wire.to_proto(self._shard.readout(ids, weights, version=request.version).to(out_dtype), resp.out)
             return resp
-        return self._rpc.handle("Readout", context, call, items=_readout_tokens(request))
+        return self._rpc.handle("Readout", context, call, items=wire.readout_tokens(request))
 
     def ReadoutBackward(self, request, context):
         # request_id is passed to the shard, which owns the dedup of row-gradient accumulation.
         def call():
-            mask, ids, weights = _readout_entries(request, self._device)
+            mask, ids, weights = wire.readout_entries_from_proto(request, self._device)
             grad_out = wire.from_proto(request.grad_out, "grad_out", dtypes=_WIRE_FLOATS, ndim=2).float()
             grad_w = self._shard.readout_backward(ids, weights, grad_out, request_id=request.request_id,
                                                   version=request.version)
             resp = pb.ReadoutBackwardResponse()
             wire.to_proto(grad_w if mask is None else grad_w[mask.to(grad_w.device)], resp.grad_weights)
             return resp
-        return self._rpc.handle("ReadoutBackward", context, call, items=_readout_tokens(request))
+        return self._rpc.handle("ReadoutBackward", context, call, items=wire.readout_tokens(request))
 
     def AccumulateKeyGrads(self, request, context):
         def call():
@@ -276,21 +209,22 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
         return self._rpc.handle(method, context, call, admin=True, request_id=request_id)
 
     def Describe(self, request, context):
-        return self._admin("Admin.Describe", context, lambda: _describe_response(self._shard.describe()))
+        return self._admin("Admin.Describe", context, lambda: wire.description_to_proto(self._shard.describe()))
 
     def AddRows(self, request, context):
         def call():
-            # Copies: the shard keeps these rows, and must not alias the request's buffer.
-            values = wire.from_proto(request.values, "values", dtypes=_VALUES, ndim=2).clone()
-            keys = wire.from_proto(request.keys, "keys", dtypes=_FLOATS, ndim=2).clone()
-            bias = wire.from_proto(request.bias, "bias", dtypes=_FLOATS, ndim=1).clone() \
-                if request.HasField("bias") else None
-            groups = {name: wire.from_proto(getattr(request, name), name, dtypes=("int64",), ndim=1).clone()
-                      for name in ("cue", "gate") if request.HasField(name)}
+            values, keys, bias, options = wire.add_rows_from_proto(request)
             resp = pb.AddRowsResponse()
-            wire.to_proto(self._shard.add_rows(values, keys, bias, **groups), resp.ids)
+            wire.to_proto(self._shard.add_rows(values, keys, bias, **options), resp.ids)
             return resp
         return self._admin("AddRows", context, call, request.request_id)
+
+    def SetOptimizer(self, request, context):
+        def call():
+            bias_step = request.bias_step if request.HasField("bias_step") else None
+            old = self._shard.set_optimizer(wire.optimizer_from_proto(request.optimizer), bias_step=bias_step)
+            return wire.row_optimizer_to_proto(old)
+        return self._admin("SetOptimizer", context, call, request.request_id)
 
     def _set_flag(self, method, setter, request, context):
         def call():
@@ -305,15 +239,7 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
         return self._set_flag("SetAblated", self._shard.set_ablated, request, context)
 
     def Usage(self, request, context):
-        def call():
-            u = self._shard.usage()
-            resp = pb.UsageResponse()
-            wire.to_proto(u.hits, resp.hits)
-            wire.to_proto(u.weight_sum, resp.weight_sum)
-            wire.to_proto(u.frozen, resp.frozen)
-            wire.to_proto(u.ablated, resp.ablated)
-            return resp
-        return self._admin("Usage", context, call)
+        return self._admin("Usage", context, lambda: wire.usage_to_proto(self._shard.usage()))
 
     def WriteSnapshot(self, request, context):
         def call():
@@ -420,103 +346,3 @@ def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: st
     if metrics_port is not None:
         handle.metrics_port = metrics.serve_http(metrics_port, addr=host if ":" not in host else "::")
     return handle
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve one shard of a published table version over gRPC.")
-    parser.add_argument("--store-root", required=True)
-    parser.add_argument("--version", type=int, required=True, help="published version to load")
-    parser.add_argument("--shard", type=int, required=True, help="shard id within that version")
-    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: a free one)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind ('::' or '0.0.0.0' for all)")
-    parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: a free one)")
-    parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB)
-    parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    parser.add_argument("--device", default=None,
-                        help="where this shard's rows live, e.g. cpu or cuda:1 (default: the published table's "
-                             "device); a swapped-in version stays there")
-    parser.add_argument("--admin-token-env", default="KSTORE_ADMIN_TOKEN",
-                        help="environment variable holding the StoreAdmin bearer token")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
-    token = os.environ.get(args.admin_token_env, "")
-    if not token:
-        parser.error(f"set ${args.admin_token_env} to the StoreAdmin bearer token")
-    try:
-        shard = load_shard(args.store_root, args.version, args.shard, device=args.device)
-    except errors.StoreError as e:   # a clear line, not a traceback, for a bad version or device
-        parser.exit(2, f"kstore-shard {args.shard}: cannot serve version {args.version} of {args.store_root}: {e}\n")
-    handle = serve_shard(shard, args.port, admin_token=token, host=args.host, metrics_port=args.metrics_port,
-                         max_message_mb=args.max_message_mb, max_workers=args.workers)
-    # One parseable line: launchers (tests, benchmarks, cluster) read the bound ports from it.
-    print(f"kstore-shard {args.shard} serving {handle.address} metrics {handle.metrics_port}", flush=True)
-
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    handle.stop(grace=2.0)
-
-
-@dataclass
-class ShardProcess:
-    """A shard server running as its own process (`python -m store_service.server`)."""
-    proc: "subprocess.Popen[str]"
-    shard_id: int
-    address: str
-    metrics_port: int | None
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-
-
-def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_token: str, port: int = 0,
-                        host: str = "127.0.0.1", metrics_port: int | None = None, extra_args: Sequence[str] = (),
-                        env: dict[str, str] | None = None, startup_timeout_s: float = 60.0) -> ShardProcess:
-    """Launch one shard server process and wait until it reports its bound address."""
-    cmd = [sys.executable, "-m", "store_service.server", "--store-root", str(store_root), "--version", str(version),
-           "--shard", str(shard_id), "--port", str(port), "--host", host, *extra_args]
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port)]
-    # Idle OpenMP threads sleep instead of spinning: several servers (and their
-    # clients) often share a machine's cores, and spinning threads starve them.
-    full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": admin_token}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=full_env)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
-    deadline = time.monotonic() + startup_timeout_s
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=0.1)
-        except queue.Empty:
-            if proc.poll() is not None:
-                raise RuntimeError(f"shard server {shard_id} exited with {proc.returncode} before serving")
-            continue
-        m = re.match(r"kstore-shard (\d+) serving (\S+) metrics (\S+)", line)
-        if m:
-            mport = None if m.group(3) == "None" else int(m.group(3))
-            return ShardProcess(proc, shard_id, m.group(2), mport)
-    proc.kill()
-    proc.wait()
-    raise RuntimeError(f"shard server {shard_id} did not start within {startup_timeout_s}s")
-
-
-def load_shard(store_root: str, version: int, shard_id: int, device: str | None = None) -> ShardHandle:
-    from store_service.shard import Shard
-    return Shard.load(store_root, version, shard_id, device=device)
-
-
-if __name__ == "__main__":
-    main()

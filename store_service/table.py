@@ -3,7 +3,7 @@
 `Table` implements `interface.KnowledgeTable` over any list of
 `interface.ShardHandle`s: in-process `Shard`s or gRPC `RemoteShard`s. It keeps
 the shard map (row range and expected version per shard), routes each id to
-its owner, merges per-shard top-k and sums partial readouts. When a shard
+its owner, merges per-shard top-k (`merge`) and sums partial readouts. When a shard
 answers `StaleVersion` the map is refreshed and the *whole* operation is
 retried, so an answer never mixes two versions; mutating calls carry a
 request_id so a retried call is never applied twice.
@@ -17,22 +17,18 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from . import errors, persistence
+from . import validation as check
 from .config import TableConfig
-from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo,
-                        TableInfo, UsageStats)
-from .shard import Shard, _check_usage, _int, _tensor, merge_detections, merge_topk
-
-
-def _groups(res: SearchResult) -> torch.Tensor:
-    """A shard's search result's (cue, gate) labels [B, k, 2] (-1 where it sent none)."""
-    if res.cue is None or res.gate is None:
-        return torch.full((*res.ids.shape, 2), -1, dtype=torch.int64)
-    return torch.stack([res.cue, res.gate], -1)
+from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo, SideQuery,
+                        TableInfo, TagFilter, UsageStats)
+from .merge import merge_results
+from .optimizer import OptimizerConfig, RowOptimizer
+from .shard import Shard
 
 
 @dataclass(frozen=True)
@@ -206,25 +202,25 @@ class Table:
 
     # -- data plane --------------------------------------------------------------
 
-    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0) -> SearchResult:
-        """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys (and with
-        detectors=m > 0 the m best detectors of the table, `SearchResult.detectors`)."""
-        _tensor("queries", queries, torch.float32, (None, self._map.d_k))
-        _int("k", k, 1)
-        _int("detectors", detectors, 0)
-        for name, n in (("k", k), ("detectors", detectors)):
+    def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
+               side: SideQuery | None = None) -> SearchResult:
+        """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys, with the
+        selected rows' `tags`, only rows passing `where`, and with `side` the table's best
+        rows of that partition (`SearchResult.side`, [B, side.k])."""
+        check.tensor("queries", queries, torch.float32, (None, self._map.d_k))
+        check.integer("k", k, 1)
+        tags = check.tag_names(tags)
+        where, side = check.tag_filter(where), check.side_query(side)
+        for name, n in (("k", k), ("side.k", 0 if side is None else side.k)):
             if n > self._map.num_rows:
                 raise errors.InvalidArgument(name, f"{name}={n} exceeds the table's {self._map.num_rows} rows")
 
         def op(m: _ShardMap) -> SearchResult:
-            parts = self._each(lambda i, s: s.search(queries, k, detectors=detectors, version=m.infos[i].version))
-            dev = queries.device
-            groups = torch.cat([_groups(p).to(dev) for p in parts], 1)
-            res = merge_topk(torch.cat([p.scores.to(dev) for p in parts], 1),
-                             torch.cat([p.ids.to(dev) for p in parts], 1),
-                             torch.cat([p.keys.to(dev) for p in parts], 1), k, groups)
-            if detectors:
-                res.detectors = merge_detections([p.detectors.to(dev) for p in parts], detectors)
+            parts = self._each(lambda i, s: s.search(queries, k, tags=tags, where=where, side=side,
+                                                     version=m.infos[i].version))
+            res = merge_results(parts, k, tags, queries.device)
+            if side is not None:
+                res.side = merge_results([p.side for p in parts], side.k, tags, queries.device)
             return res
         return self._retrying(op)
 
@@ -233,8 +229,8 @@ class Table:
         """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD. hits [M]
         int64 and weight_sum [M] float64 (both or neither): record the fetch-mode readout's
         use of the rows, as a pushdown readout records its own."""
-        _tensor("ids", ids, torch.int64, (None,))
-        _check_usage(ids, hits, weight_sum)
+        check.tensor("ids", ids, torch.int64, (None,))
+        check.fetch_usage(ids, hits, weight_sum)
 
         def op(m: _ShardMap) -> torch.Tensor:
             self._check_ids("ids", ids, m.num_rows, allow_pad=True)
@@ -263,13 +259,9 @@ class Table:
         local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
         return self._each(lambda i, s: call(s, local[i], m.infos[i].version), which)
 
-    def _check_readout(self, ids: torch.Tensor, weights: torch.Tensor) -> None:
-        _tensor("ids", ids, torch.int64, (None, None))
-        _tensor("weights", weights, torch.float32, tuple(ids.shape))
-
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids [T, k], weights [T, k] fp32 -> [T, d_v] fp32 = sum_j w_j V[ids_j]."""
-        self._check_readout(ids, weights)
+        check.readout_entries(ids, weights)
 
         def op(m: _ShardMap) -> torch.Tensor:
             self._check_ids("ids", ids, m.num_rows, allow_pad=True)
@@ -283,8 +275,8 @@ class Table:
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "") -> torch.Tensor:
         """grad_out [T, d_v] fp32 -> grad of weights [T, k] fp32; row gradients stay on the shards."""
-        self._check_readout(ids, weights)
-        _tensor("grad_out", grad_out, torch.float32, (ids.shape[0], self._map.d_v))
+        check.readout_entries(ids, weights)
+        check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], self._map.d_v))
         rid = request_id or uuid.uuid4().hex  # so our own retries are never applied twice
 
         def op(m: _ShardMap) -> torch.Tensor:
@@ -299,8 +291,8 @@ class Table:
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
         """ids [M] (flat rows or PAD), grads [M, d_k] fp32."""
-        _tensor("ids", ids, torch.int64, (None,))
-        _tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_k))
+        check.tensor("ids", ids, torch.int64, (None,))
+        check.tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_k))
         rid = request_id or uuid.uuid4().hex
 
         def op(m: _ShardMap) -> None:
@@ -356,8 +348,8 @@ class Table:
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
         """ids [M] (repeats summed), grads [M, d_v] fp32: row gradients computed by the caller
         (fetch mode), applied at end_step like readout_backward's (sent in the background)."""
-        _tensor("ids", ids, torch.int64, (None,))
-        _tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_v))
+        check.tensor("ids", ids, torch.int64, (None,))
+        check.tensor("grads", grads, torch.float32, (ids.shape[0], self._map.d_v))
         rid = request_id or uuid.uuid4().hex
         for i, (sub, g) in self._split(self._map, ids, grads):
             self._send_later(i, lambda s, v, sub=sub, g=g: s.accumulate_value_grads(
@@ -367,9 +359,9 @@ class Table:
                  timeout_s: float = 60.0) -> int:
         """Step barrier on every shard (after this worker's background sends have landed);
         returns the table's new step."""
-        _int("step", step, 0)
-        _int("num_workers", num_workers, 1)
-        _int("worker", worker, 0, num_workers)
+        check.integer("step", step, 0)
+        check.integer("num_workers", num_workers, 1)
+        check.integer("worker", worker, 0, num_workers)
         self.flush()
         rid = request_id or uuid.uuid4().hex
 
@@ -392,20 +384,31 @@ class Table:
     # -- control plane -------------------------------------------------------------
 
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """values [M, d_v], keys [M, d_k] (, selection bias [M]; default 0; cue and gate
-        group labels [M] int64, default -1) -> new ids [M], appended to the last flat segment."""
+                 tags: Mapping[str, torch.Tensor] | None = None, partition: torch.Tensor | int = 0
+                 ) -> torch.Tensor:
+        """values [M, d_v], keys [M, d_k] (, selection bias [M], default 0; tags name -> [M]
+        int64 >= -1, default unset; partition [M] int64 >= 0 or one int, default 0) -> new
+        ids [M], appended to the last flat segment (by the shard holding the table's last rows)."""
         m = self._map
+        if tags:
+            check.tag_count(list(self.info().tag_rows), [check.tag_name("tags", n) for n in tags])
         last = max(range(len(self.shards)), key=lambda i: m.infos[i].row_end)
-        groups = {k: v for k, v in (("cue", cue), ("gate", gate)) if v is not None}
-        ids = self.shards[last].add_rows(values, keys, bias, **groups)
+        ids = self.shards[last].add_rows(values, keys, bias, tags=tags, partition=partition)
         self.refresh()
         return ids
 
+    def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
+        """Every shard uses `optimizer` (and `bias_step`, when given) from the next end_step
+        on; returns the settings replaced (those of the shard holding row 0)."""
+        check.row_optimizer(optimizer, bias_step)
+        self.flush()
+        m = self._map
+        old = self._each(lambda i, s: s.set_optimizer(optimizer, bias_step=bias_step))
+        return old[min(range(len(old)), key=lambda i: m.infos[i].row_start)]
+
     def _route(self, ids: torch.Tensor, flag, call: Callable) -> None:
-        if not isinstance(flag, bool):
-            raise errors.InvalidArgument("flag", f"expected a bool, got {type(flag).__name__}")
-        _tensor("ids", ids, torch.int64, (None,))
+        check.flag("flag", flag)
+        check.tensor("ids", ids, torch.int64, (None,))
         m = self._map
         self._check_ids("ids", ids, m.num_rows, allow_pad=False)
         owner = self._owner(m, ids).to(ids.device)
@@ -444,7 +447,7 @@ class Table:
     def load_version(self, version: int) -> None:
         """Hot swap: every shard loads `version` beside the serving one, then all
         flip, then the old versions are released once their in-flight requests end."""
-        _int("version", version, 1)
+        check.integer("version", version, 1)
         if self.store_root is not None and not os.path.isdir(persistence.version_path(self.store_root, version)):
             raise errors.NotFound(f"version {version} is not published under {self.store_root}")
         self.flush()

@@ -1,4 +1,6 @@
-"""Tensor <-> `knowledge_store.v1.Tensor` conversion: the only place tensors meet bytes.
+"""What travels over gRPC: the only place tensors meet bytes, and where messages become
+domain objects and back (server and client both convert here), with the service names
+and the metadata the two sides agree on.
 
 A Tensor message is raw little-endian bytes, row-major, with dtype and shape
 beside them (DESIGN.md section 5). Encoding makes one copy (tensor -> bytes);
@@ -10,11 +12,15 @@ from __future__ import annotations
 import math
 import sys
 import warnings
+from typing import Mapping, Sequence
 
 import torch
 
 from protos import knowledge_store_pb2 as pb
 from store_service.errors import InvalidArgument
+from store_service.interface import (SearchResult, SegmentInfo, ShardDescription, ShardInfo, SideQuery, TagFilter,
+                                     UsageStats)
+from store_service.optimizer import OptimizerConfig, RowOptimizer
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we run on
     raise ImportError("store_service.wire assumes a little-endian host")
@@ -160,3 +166,223 @@ def scatter_slots(mask: torch.Tensor, entries: torch.Tensor, fill: float | int, 
     out = torch.full(mask.shape, fill, dtype=entries.dtype, device=mask.device)
     out[mask] = entries.to(mask.device)
     return out
+
+
+# -- gRPC names and metadata ----------------------------------------------------------
+
+STORE_SERVICE = pb.DESCRIPTOR.services_by_name["KnowledgeStore"].full_name
+ADMIN_SERVICE = pb.DESCRIPTOR.services_by_name["StoreAdmin"].full_name
+
+# The StoreAdmin bearer token travels as `authorization: Bearer <token>`.
+MD_AUTHORIZATION = "authorization"
+
+# Trailing metadata that carries what a status code alone cannot.
+MD_ERROR = "ks-error"                        # domain error class, e.g. "stale-version"
+MD_FIELD = "ks-field"                        # the offending field of an INVALID_ARGUMENT
+MD_REQUESTED_VERSION = "ks-requested-version"
+MD_SERVING_VERSION = "ks-serving-version"
+
+
+def bearer(token: str) -> str:
+    """The `authorization` metadata value for an admin token."""
+    return f"Bearer {token}"
+
+
+# -- messages <-> domain objects ------------------------------------------------------
+# `x_to_proto` fills a message (client requests, server responses); `x_from_proto`
+# reads one back, validated (InvalidArgument naming the field).
+
+_FLOATS = ("float32",)
+VALUE_DTYPES = ("float32", "bfloat16")
+
+
+def description_to_proto(d: ShardDescription) -> pb.DescribeResponse:
+    i = d.info
+    return pb.DescribeResponse(
+        info=pb.ShardInfo(shard_id=i.shard_id, row_start=i.row_start, row_end=i.row_end, version=i.version,
+                          step=i.step, address=i.address, tag_rows=i.tag_rows, partition_rows=i.partition_rows),
+        d_k=d.d_k, d_v=d.d_v, value_dtype=d.value_dtype,
+        segments=[pb.Segment(kind=s.kind, row_start=s.row_start, num_rows=s.num_rows, n_sub=s.n_sub)
+                  for s in d.segments])
+
+
+def description_from_proto(r: pb.DescribeResponse, address: str) -> ShardDescription:
+    i = r.info
+    info = ShardInfo(shard_id=int(i.shard_id), row_start=int(i.row_start), row_end=int(i.row_end),
+                     version=int(i.version), step=int(i.step), address=address,
+                     tag_rows=dict(sorted((str(k), int(v)) for k, v in i.tag_rows.items())),
+                     partition_rows=dict(sorted((int(k), int(v)) for k, v in i.partition_rows.items())))
+    segments = tuple(SegmentInfo(kind=s.kind, row_start=int(s.row_start), num_rows=int(s.num_rows),
+                                 n_sub=int(s.n_sub)) for s in r.segments)
+    return ShardDescription(info=info, d_k=int(r.d_k), d_v=int(r.d_v), value_dtype=r.value_dtype, segments=segments)
+
+
+def search_request_to_proto(queries: torch.Tensor, k: int, tags: Sequence[str], where: TagFilter | None,
+                            side: SideQuery | None, version: int) -> pb.SearchRequest:
+    req = pb.SearchRequest(version=version, k=k, tags=list(tags))
+    to_proto(queries, req.queries)
+    if where is not None:
+        req.where.name = where.name
+        if where.values:
+            to_proto(torch.tensor(where.values, dtype=torch.int64), req.where.values)
+    if side is not None:
+        req.side.partition, req.side.k = side.partition, side.k
+    return req
+
+
+def search_request_from_proto(req: pb.SearchRequest) -> tuple[torch.Tensor, dict]:
+    """-> (queries, keyword arguments of ShardHandle.search besides k and version)."""
+    queries = from_proto(req.queries, "queries", dtypes=_FLOATS, ndim=2)
+    where = side = None
+    if req.HasField("where"):
+        values = ()
+        if req.where.HasField("values"):
+            values = tuple(from_proto(req.where.values, "where.values", dtypes=("int64",), ndim=1).tolist())
+        where = TagFilter(req.where.name, values)
+    if req.HasField("side"):
+        side = SideQuery(int(req.side.partition), int(req.side.k))
+    return queries, dict(tags=tuple(req.tags), where=where, side=side)
+
+
+def _tags_to_proto(tags: dict[str, torch.Tensor], out) -> None:
+    # A tag unset on every row found is left out (the reader fills it in): most searches
+    # of a table whose rows carry few tags find none.
+    for name, t in tags.items():
+        if bool((t != -1).any()):
+            ids_to_proto(t, out[name])
+
+
+def _tags_from_proto(msg, names: Sequence[str], like: torch.Tensor, field: str) -> dict[str, torch.Tensor]:
+    return {name: from_proto(msg[name], f"{field}[{name}]", ids=True) if name in msg else torch.full_like(like, -1)
+            for name in names}
+
+
+def search_result_to_proto(res: SearchResult) -> pb.SearchResponse:
+    resp = pb.SearchResponse()
+    ids_to_proto(res.ids, resp.ids)
+    to_proto(res.scores, resp.scores)
+    to_proto(res.keys, resp.keys)
+    _tags_to_proto(res.tags, resp.tags)
+    if res.side is not None:
+        ids_to_proto(res.side.ids, resp.side.ids)
+        to_proto(res.side.scores, resp.side.scores)
+        _tags_to_proto(res.side.tags, resp.side.tags)
+    return resp
+
+
+def search_result_from_proto(r: pb.SearchResponse, tags: Sequence[str], side: bool) -> SearchResult:
+    ids = from_proto(r.ids, "ids", ids=True)
+    res = SearchResult(ids=ids, scores=from_proto(r.scores, "scores"), keys=from_proto(r.keys, "keys"),
+                       tags=_tags_from_proto(r.tags, tags, ids, "tags"))
+    if side:
+        side_ids = from_proto(r.side.ids, "side.ids", ids=True)
+        res.side = SearchResult(ids=side_ids, scores=from_proto(r.side.scores, "side.scores"), keys=None,
+                                tags=_tags_from_proto(r.side.tags, tags, side_ids, "side.tags"))
+    return res
+
+
+def add_rows_to_proto(req: pb.AddRowsRequest, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None,
+                      tags: Mapping[str, torch.Tensor] | None, partition: torch.Tensor | int) -> pb.AddRowsRequest:
+    to_proto(values, req.values)
+    to_proto(keys, req.keys)
+    if bias is not None:
+        to_proto(bias, req.bias)
+    for name, t in (tags or {}).items():
+        to_proto(t, req.tags[name])
+    if isinstance(partition, torch.Tensor):
+        to_proto(partition, req.partition)
+    elif partition != 0:
+        to_proto(torch.full((values.shape[0],), partition, dtype=torch.int64), req.partition)
+    return req
+
+
+def add_rows_from_proto(req: pb.AddRowsRequest) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict]:
+    """-> (values, keys, bias, keyword arguments tags and partition); copies, since the shard
+    keeps these rows and must not alias the request's buffer."""
+    values = from_proto(req.values, "values", dtypes=VALUE_DTYPES, ndim=2).clone()
+    keys = from_proto(req.keys, "keys", dtypes=_FLOATS, ndim=2).clone()
+    bias = from_proto(req.bias, "bias", dtypes=_FLOATS, ndim=1).clone() if req.HasField("bias") else None
+    tags = {name: from_proto(t, f"tags[{name}]", dtypes=("int64",), ndim=1).clone() for name, t in req.tags.items()}
+    partition = from_proto(req.partition, "partition", dtypes=("int64",), ndim=1).clone() \
+        if req.HasField("partition") else 0
+    return values, keys, bias, dict(tags=tags, partition=partition)
+
+
+def optimizer_to_proto(opt: OptimizerConfig, out: pb.OptimizerSettings) -> pb.OptimizerSettings:
+    out.kind, out.lr, out.eps = opt.kind, opt.lr, opt.eps
+    out.beta1, out.beta2 = opt.betas
+    if opt.key_lr is not None:
+        out.key_lr = opt.key_lr
+    return out
+
+
+def optimizer_from_proto(msg: pb.OptimizerSettings) -> OptimizerConfig:
+    """Validated by OptimizerConfig itself (InvalidArgument naming optimizer.<field>)."""
+    return OptimizerConfig(kind=msg.kind, lr=msg.lr, key_lr=msg.key_lr if msg.HasField("key_lr") else None,
+                           betas=(msg.beta1, msg.beta2), eps=msg.eps)
+
+
+def row_optimizer_to_proto(old: RowOptimizer) -> pb.SetOptimizerResponse:
+    resp = pb.SetOptimizerResponse(bias_step=old.bias_step)
+    optimizer_to_proto(old.optimizer, resp.optimizer)
+    return resp
+
+
+def row_optimizer_from_proto(r: pb.SetOptimizerResponse) -> RowOptimizer:
+    return RowOptimizer(optimizer_from_proto(r.optimizer), float(r.bias_step))
+
+
+def usage_to_proto(u: UsageStats) -> pb.UsageResponse:
+    resp = pb.UsageResponse()
+    to_proto(u.hits, resp.hits)
+    to_proto(u.weight_sum, resp.weight_sum)
+    to_proto(u.frozen, resp.frozen)
+    to_proto(u.ablated, resp.ablated)
+    return resp
+
+
+def usage_from_proto(r: pb.UsageResponse) -> UsageStats:
+    return UsageStats(hits=from_proto(r.hits, "hits"), weight_sum=from_proto(r.weight_sum, "weight_sum"),
+                      frozen=from_proto(r.frozen, "frozen"), ablated=from_proto(r.ablated, "ablated"))
+
+
+def readout_wire_dtype(name: str, field: str) -> torch.dtype:
+    """A readout wire dtype name ("" = float32) -> torch dtype."""
+    try:
+        return READOUT_WIRE_DTYPES[name or "float32"]
+    except KeyError:
+        raise InvalidArgument(field, f"{name!r} is not a readout wire dtype; use one of "
+                                     f"{' or '.join(READOUT_WIRE_DTYPES)}") from None
+
+
+def readout_entries_to_proto(req, ids: torch.Tensor, weights: torch.Tensor, compact: bool) -> torch.Tensor | None:
+    """Fill a readout request's ids [T, k] and weights [T, k]; compact: only the entries
+    that are not padding, with the slot mask of where they go (returned; else None)."""
+    if not compact:
+        ids_to_proto(ids, req.ids)
+        to_proto(weights, req.weights)
+        return None
+    mask = ids != -1      # compacted where the tensors live, so only the entries cross to the host
+    slots_to_proto(mask, req.slots)
+    ids_to_proto(ids[mask], req.ids)
+    to_proto(weights[mask], req.weights)
+    return mask
+
+
+def readout_entries_from_proto(req, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(slot mask or None, ids [T, k], weights [T, k]) of a (possibly compacted) readout
+    request; a compacted one is expanded on `device`, where the shard's rows are."""
+    if not req.HasField("slots"):
+        return (None, from_proto(req.ids, "ids", ids=True, ndim=2),
+                from_proto(req.weights, "weights", dtypes=_FLOATS, ndim=2))
+    mask = slots_from_proto(req.slots, "slots", device=device)
+    ids = from_proto(req.ids, "ids", ids=True, ndim=1)
+    weights = from_proto(req.weights, "weights", dtypes=_FLOATS, ndim=1)
+    return mask, scatter_slots(mask, ids, -1, "ids"), scatter_slots(mask, weights, 0.0, "weights")
+
+
+def readout_tokens(req) -> int:
+    """Tokens in a readout request (for metrics)."""
+    if req.HasField("slots"):
+        return int(req.slots.rows)
+    return req.ids.shape[0] if req.ids.shape else 0

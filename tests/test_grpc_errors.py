@@ -22,7 +22,7 @@ from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
 from store_service.client import RemoteShard
 from store_service.config import OptimizerConfig, TableConfig
-from store_service.server import ADMIN_SERVICE, STORE_SERVICE, serve_shard
+from store_service.server import serve_shard
 from store_service.shard import Shard
 from store_service.table import Table
 
@@ -92,6 +92,7 @@ def _admin_calls(env):
         (a.AddRows, pb.AddRowsRequest(values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)))),
         (a.SetFrozen, pb.SetFlagRequest(ids=ids, value=True)),
         (a.SetAblated, pb.SetFlagRequest(ids=ids, value=True)),
+        (a.SetOptimizer, pb.SetOptimizerRequest(optimizer=pb.OptimizerSettings(kind="sgd", lr=0.5))),
         (a.Usage, pb.UsageRequest()),
         (a.WriteSnapshot, pb.WriteSnapshotRequest(version_dir=env["root"] + "/x", version=9)),
         (a.PrepareVersion, pb.PrepareVersionRequest(store_root=env["root"], version=env["version"])),
@@ -232,6 +233,49 @@ def _bad_requests(env):
         "flip-unprepared-version": (a.FlipVersion, pb.FlipVersionRequest(version=99),
                                     grpc.StatusCode.NOT_FOUND, None),
         "search-negative-version": (s.Search, pb.SearchRequest(version=-1, queries=_t(q), k=4), IA, "version"),
+        "search-bad-tag-name": (s.Search, pb.SearchRequest(queries=_t(q), k=4, tags=["Topic"]), IA, "tags"),
+        "search-repeated-tag": (s.Search, pb.SearchRequest(queries=_t(q), k=4, tags=["a", "a"]), IA, "tags"),
+        "search-filter-name": (s.Search, pb.SearchRequest(queries=_t(q), k=4, where=pb.TagFilter(name="")),
+                               IA, "where.name"),
+        "search-filter-negative-value": (s.Search, pb.SearchRequest(
+            queries=_t(q), k=4, where=pb.TagFilter(name="a", values=_t(torch.tensor([3, -1])))), IA, "where.values"),
+        "search-filter-float-values": (s.Search, pb.SearchRequest(
+            queries=_t(q), k=4, where=pb.TagFilter(name="a", values=_t(torch.tensor([3.0])))), IA, "where.values"),
+        "search-side-partition-0": (s.Search, pb.SearchRequest(queries=_t(q), k=4, side=pb.SideQuery(partition=0, k=2)),
+                                    IA, "side.partition"),
+        "search-side-k-0": (s.Search, pb.SearchRequest(queries=_t(q), k=4, side=pb.SideQuery(partition=1, k=0)),
+                            IA, "side.k"),
+        "search-side-k-above-rows": (s.Search, pb.SearchRequest(queries=_t(q), k=4,
+                                                                side=pb.SideQuery(partition=1, k=77)), IA, "side.k"),
+        "add-rows-tag-name": (a.AddRows, pb.AddRowsRequest(values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)),
+                                                           tags={"9lives": _t(torch.zeros(2, dtype=torch.int64))}),
+                              IA, "tags"),
+        "add-rows-tag-dtype": (a.AddRows, pb.AddRowsRequest(values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)),
+                                                            tags={"topic": _t(torch.zeros(2, dtype=torch.int32))}),
+                               IA, "tags[topic]"),
+        "add-rows-tag-shape": (a.AddRows, pb.AddRowsRequest(values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)),
+                                                            tags={"topic": _t(torch.zeros(3, dtype=torch.int64))}),
+                               IA, "tags[topic]"),
+        "add-rows-tag-below-unset": (a.AddRows, pb.AddRowsRequest(
+            values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)),
+            tags={"topic": _t(torch.tensor([0, -2]))}), IA, "tags[topic]"),
+        "add-rows-negative-partition": (a.AddRows, pb.AddRowsRequest(
+            values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)), partition=_t(torch.tensor([0, -1]))),
+            IA, "partition"),
+        "add-rows-partition-shape": (a.AddRows, pb.AddRowsRequest(
+            values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)), partition=_t(torch.tensor([1]))),
+            IA, "partition"),
+        "set-optimizer-kind": (a.SetOptimizer, pb.SetOptimizerRequest(
+            optimizer=pb.OptimizerSettings(kind="rmsprop", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8)),
+            IA, "optimizer.kind"),
+        "set-optimizer-lr": (a.SetOptimizer, pb.SetOptimizerRequest(
+            optimizer=pb.OptimizerSettings(kind="sgd", lr=float("nan"), beta1=0.9, beta2=0.99, eps=1e-8)),
+            IA, "optimizer.lr"),
+        "set-optimizer-eps": (a.SetOptimizer, pb.SetOptimizerRequest(
+            optimizer=pb.OptimizerSettings(kind="adam", lr=0.1, beta1=0.9, beta2=0.99, eps=0.0)), IA, "optimizer.eps"),
+        "set-optimizer-bias-step": (a.SetOptimizer, pb.SetOptimizerRequest(
+            optimizer=pb.OptimizerSettings(kind="sgd", lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8), bias_step=-1.0),
+            IA, "bias_step"),
     }
 
 
@@ -346,7 +390,7 @@ def test_unreachable_shard_raises_shard_unavailable_naming_it():
 
 def test_health_service_reports_serving(env):
     stub = health_pb2_grpc.HealthStub(env["channel"])
-    for service in ("", STORE_SERVICE, ADMIN_SERVICE):
+    for service in ("", wire.STORE_SERVICE, wire.ADMIN_SERVICE):
         assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == \
             health_pb2.HealthCheckResponse.SERVING
     assert RemoteShard(env["server"].address).health()
@@ -355,10 +399,10 @@ def test_health_service_reports_serving(env):
 def test_reflection_lists_and_describes_the_services(env):
     stub = reflection_pb2_grpc.ServerReflectionStub(env["channel"])
     requests = [reflection_pb2.ServerReflectionRequest(list_services=""),
-                reflection_pb2.ServerReflectionRequest(file_containing_symbol=STORE_SERVICE)]
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=wire.STORE_SERVICE)]
     listed, described = list(stub.ServerReflectionInfo(iter(requests), timeout=5))
     names = {s.name for s in listed.list_services_response.service}
-    assert {STORE_SERVICE, ADMIN_SERVICE, "grpc.health.v1.Health"} <= names
+    assert {wire.STORE_SERVICE, wire.ADMIN_SERVICE, "grpc.health.v1.Health"} <= names
     assert described.file_descriptor_response.file_descriptor_proto  # grpcurl can build requests from it
 
 
@@ -380,7 +424,7 @@ def test_metrics_endpoint_serves_counters(env):
 
 def _server_cmd(root: str, version: int, *extra: str) -> list[str]:
     import sys
-    return [sys.executable, "-m", "store_service.server", "--store-root", root, "--version", str(version),
+    return [sys.executable, "-m", "store_service.serve", "--store-root", root, "--version", str(version),
             "--shard", "0", "--port", "0", *extra]
 
 
@@ -400,7 +444,7 @@ def test_cuda_server_device_overrides_the_published_device(tmp_path):
     """A table published from GPU memory, served from host memory (`--device cpu`):
     the same answers as the GPU table."""
     from store_service.client import connect
-    from store_service.server import start_shard_process
+    from store_service.serve import start_shard_process
     cfg = TableConfig(d_k=D_K, d_v=D_V, segments=[("flat", 40)], num_shards=1, device="cuda")
     gpu = Table.create(cfg, str(tmp_path))
     version = gpu.snapshot()

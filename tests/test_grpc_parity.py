@@ -6,37 +6,19 @@ step and the edits, and the state after them.
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from store_service.client import RemoteShard, connect
-from store_service.config import OptimizerConfig, TableConfig
-from store_service.server import serve_shard, start_shard_process
+from store_service.config import OptimizerConfig, RowOptimizer, TableConfig
+from store_service.serve import start_shard_process
+from store_service.server import serve_shard
 from store_service.shard import Shard
 from store_service.table import Table
+from store_service.testing import served_table
 
 TOKEN = "parity-token"
 ATOL = 1e-6
-
-
-@contextlib.contextmanager
-def loopback_table(root: str, version: int, num_shards: int = 3, token: str = TOKEN, **connect_kw):
-    """A remote table over `num_shards` real shard servers on loopback serving `version`
-    (stopped, with every connection closed, on exit)."""
-    servers = [serve_shard(Shard.load(root, version, i), admin_token=token) for i in range(num_shards)]
-    remote = None
-    try:
-        remote = connect([s.address for s in servers], admin_token=token, **connect_kw)
-        yield remote
-    finally:
-        if remote is not None:
-            remote.close()
-            for sh in remote.shards:
-                sh.close()
-        for s in servers:
-            s.stop(grace=None)
 
 
 def _config(kind: str = "adam") -> TableConfig:
@@ -191,7 +173,7 @@ def test_bf16_values_travel_as_raw_bytes(tmp_path):
     cfg = TableConfig(d_k=8, d_v=16, segments=[("flat", 90)], value_dtype="bfloat16", num_shards=3)
     version = Table.create(cfg, root).snapshot()
     local = Table.open(root, version)
-    with loopback_table(root, version) as remote:
+    with served_table(root, version, admin_token=TOKEN) as remote:
         ids = torch.tensor([0, 45, 89, -1, 31])
         got = remote.fetch(ids)
         assert got.dtype == torch.bfloat16 and torch.equal(got, local.fetch(ids))
@@ -202,7 +184,7 @@ def test_bf16_values_travel_as_raw_bytes(tmp_path):
 
 
 def test_shard_servers_as_processes(tmp_path):
-    """`python -m store_service.server` processes serve the same numbers."""
+    """`python -m store_service.serve` processes serve the same numbers."""
     root = str(tmp_path)
     cfg = _config("sgd")
     version = Table.create(cfg, root).snapshot()
@@ -228,3 +210,35 @@ def test_shard_servers_as_processes(tmp_path):
     finally:
         for p in procs:
             p.stop()
+
+
+def test_set_optimizer_over_grpc_steps_as_in_process(tmp_path):
+    """SetOptimizer: the remote table returns the settings it replaced, allocates Adam state
+    on an SGD table, and then steps exactly as the in-process table switched the same way;
+    switching back restores the settings."""
+    root = str(tmp_path)
+    version = Table.create(_config("sgd"), root).snapshot()
+    local = Table.open(root, version)
+    adam = OptimizerConfig("adam", lr=0.2, key_lr=0.1, betas=(0.8, 0.99))
+    with served_table(root, version) as remote:
+        for t in (local, remote):
+            assert t.set_optimizer(adam, bias_step=0.05) == RowOptimizer(OptimizerConfig("sgd", lr=0.05), 1e-2)
+        gen = torch.Generator().manual_seed(5)
+        for step in range(2):
+            q = torch.randn(10, 16, generator=gen)
+            s = local.search(q, 6)
+            w = torch.softmax(s.scores, -1)
+            g = torch.randn(10, 24, generator=gen)
+            for t in (local, remote):
+                t.readout(s.ids, w)
+                t.readout_backward(s.ids, w, g, request_id=f"b{step}")
+                t.accumulate_key_grads(torch.tensor([256, 300]), torch.ones(2, 16), request_id=f"k{step}")
+            assert local.end_step(step) == remote.end_step(step) == step + 1
+        every = torch.arange(local.info().num_rows)
+        assert torch.equal(local.fetch(every), remote.fetch(every))
+        q = torch.randn(20, 16, generator=gen)
+        _same_search(local.search(q, 8), remote.search(q, 8))
+        for t in (local, remote):
+            assert t.set_optimizer(OptimizerConfig("sgd", lr=0.05), bias_step=1e-2) == RowOptimizer(adam, 0.05)
+        v = remote.snapshot()       # the remote shards kept (and wrote) the Adam state they allocated
+        assert Table.open(root, v).shards[0].state_dict().keys() == local.shards[0].state_dict().keys()

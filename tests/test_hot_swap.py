@@ -1,6 +1,6 @@
 """Whole-table hot swap through StoreAdmin while clients hammer search and readout.
 
-Three shard servers run as processes (`python -m store_service.server`) on v1.
+Three shard servers run as processes (`python -m store_service.serve`) on v1.
 v2 is v1 with every value + 1000 and every key (flat keys and both product
 codebooks) negated, so an answer reveals its version: a search returns other
 rows, a readout is shifted by 1000 * sum(w). Any mix of shards from two
@@ -18,7 +18,7 @@ import torch
 from store_service import persistence
 from store_service.client import connect
 from store_service.config import TableConfig
-from store_service.server import start_shard_process
+from store_service.serve import start_shard_process
 from store_service.table import Table
 
 TOKEN = "swap-token"

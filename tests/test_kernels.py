@@ -18,6 +18,7 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are (re)built below
 
 import store_service.kernels as K  # noqa: E402
+from store_service.kernels import dispatch  # noqa: E402
 from store_service.kernels import reference as R  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -156,7 +157,7 @@ def test_reference_backward_matches_autograd():
 @pytest.mark.parametrize("use_triton", [False, True])
 def test_softmax_readout_autograd(monkeypatch, use_triton):
     if use_triton:  # route the dispatcher to the Triton kernels (interpreted) on CPU tensors
-        monkeypatch.setattr(K, "_use_triton", lambda t: True)
+        monkeypatch.setattr(dispatch, "_use_triton", lambda t: True)
     torch.manual_seed(2)
     ids = torch.tensor([[0, 3, 3], [2, -1, 0], [4, 1, 0]])
     V = torch.randn(5, 6, requires_grad=True)

@@ -1,11 +1,16 @@
-"""Zarr versions: bitwise round trip, atomic publish, repartition."""
+"""Zarr versions: bitwise round trip, atomic publish, repartition, the format-1 reader."""
 import os
+import pathlib
+import shutil
 
+import numpy as np
 import pytest
 import torch
+import zarr
 
-from store_service import errors, persistence
+from store_service import errors, persistence, versions
 from store_service.config import OptimizerConfig, TableConfig
+from store_service.interface import SideQuery
 from store_service.shard import Shard
 from store_service.table import Table
 
@@ -109,7 +114,7 @@ def test_repartition_preserves_every_row_bitwise(tmp_path, num_shards):
     t.set_frozen(torch.tensor([7]))
     t.set_ablated(torch.tensor([8, 60]))
     v = t.snapshot()
-    v2 = persistence.repartition(str(tmp_path), v, num_shards)
+    v2 = versions.repartition(str(tmp_path), v, num_shards)
     assert v2 == v + 1
     u = Table.open(str(tmp_path), v2)
     assert len(u.shards) == num_shards and u.info().step == t.info().step
@@ -134,7 +139,7 @@ def test_compose_version_takes_one_shard_from_another_version(tmp_path):
     _train(t)
     v2 = t.snapshot()
     after = _state(t)
-    v3 = persistence.compose_version(str(tmp_path), v2, {1: v1})
+    v3 = versions.compose_version(str(tmp_path), v2, {1: v1})
     u = Table.open(str(tmp_path), v3)
     got = _state(u)
     for sid, want in ((0, after[0]), (1, before[1]), (2, after[2])):
@@ -145,5 +150,68 @@ def test_compose_version_takes_one_shard_from_another_version(tmp_path):
     t.add_rows(torch.ones(1, 16), torch.ones(1, 8))
     v4 = t.snapshot()
     with pytest.raises(errors.InvalidArgument):
-        persistence.compose_version(str(tmp_path), v1, {2: v4})  # shard 2 grew: another layout
+        versions.compose_version(str(tmp_path), v1, {2: v4})  # shard 2 grew: another layout
 
+
+
+# -- format 1: versions written before tags and partitions ------------------------------------
+
+DATA = pathlib.Path(__file__).parent / "data"
+FORMAT1 = torch.load(DATA / "format1_answers.pt")   # what the pre-restructure store answered
+
+
+def _format1_store(tmp_path) -> str:
+    """A copy of tests/data/format1_store (written by the store at commit 03059be: labels as
+    flat_cue / flat_gate, no partitions; make_format1_store.py)."""
+    root = str(tmp_path / "store")
+    shutil.copytree(DATA / "format1_store", root)
+    return root
+
+
+def test_format1_version_reads_as_tags_in_partition_0_and_is_written_as_format_2(tmp_path):
+    root, v = _format1_store(tmp_path), FORMAT1["version"]
+    vdir = persistence.version_path(root, v)
+    assert [persistence.shard_format(vdir, s) for s in (0, 1)] == [1, 1]
+    raw = zarr.open_group(vdir, mode="r")["shard_0001"]
+    data = persistence.read_shard(vdir, 1)
+    assert data.attrs["format"] == 2 and "flat_cue" not in data.arrays
+    assert np.array_equal(data.arrays["tag_cue"], raw["flat_cue"][...])
+    assert np.array_equal(data.arrays["tag_gate"], raw["flat_gate"][...])
+    assert not data.arrays["flat_partition"].any() and data.arrays["flat_partition"].dtype == np.int64
+    t = Table.open(root, v)
+    assert t.info().tag_rows == {"cue": 7, "gate": 8} and t.info().partition_rows == {}
+    assert torch.equal(t.fetch(torch.arange(40)), FORMAT1["fetch"])
+    # written again, it is format 2, and reads back the same
+    v2 = t.snapshot()
+    assert persistence.read_root_attrs(root, v2)["format"] == 2
+    assert persistence.shard_format(persistence.version_path(root, v2), 1) == 2
+    _assert_states_equal(_state(t), _state(Table.open(root, v2)))
+    # composing from a format-1 shard writes it in format 2 too
+    v3 = versions.compose_version(root, v2, {1: v})
+    assert persistence.shard_format(persistence.version_path(root, v3), 1) == 2
+    _assert_states_equal(_state(Table.open(root, v3)), _state(t))
+    with pytest.raises(errors.FailedPrecondition, match="format 2 only"):
+        persistence.write_shard(str(tmp_path / "x"), persistence.ShardData(raw.attrs.asdict(), {}))
+
+
+def test_format1_rows_with_both_labels_are_a_side_query_over_partition_1(tmp_path):
+    """The old semantics map exactly: once the rows whose cue and gate are both set are
+    moved to partition 1 (as the model side's migration does, here through
+    versions.rewrite_version), search(q, k, tags=("cue", "gate"), side=SideQuery(1, m))
+    answers what the pre-restructure store answered to search(q, k, detectors=m), bitwise."""
+    root, v = _format1_store(tmp_path), FORMAT1["version"]
+
+    def both_labels_to_partition_1(d: persistence.ShardData) -> persistence.ShardData:
+        a = dict(d.arrays)
+        a["flat_partition"] = ((a["tag_cue"] >= 0) & (a["tag_gate"] >= 0)).astype(np.int64)
+        return persistence.ShardData(d.attrs, a)
+    versions.rewrite_version(root, v, both_labels_to_partition_1)
+    assert persistence.list_versions(root) == [v] and os.listdir(os.path.join(root, "staging")) == []
+    assert persistence.read_root_attrs(root, v)["format"] == 2
+    t = Table.open(root, v)
+    assert t.info().partition_rows == {1: 5}
+    res = t.search(FORMAT1["queries"], FORMAT1["k"], tags=("cue", "gate"), side=SideQuery(1, FORMAT1["m"]))
+    for got, want in ((res.ids, "ids"), (res.scores, "scores"), (res.keys, "keys"), (res.tags["cue"], "cue"),
+                      (res.tags["gate"], "gate"), (res.side.ids, "side_ids"), (res.side.scores, "side_scores"),
+                      (res.side.tags["cue"], "side_cue"), (res.side.tags["gate"], "side_gate")):
+        assert torch.equal(got, FORMAT1[want]), want

@@ -12,20 +12,20 @@ from __future__ import annotations
 
 import torch
 
+from .dispatch import softmax_readout_backward, softmax_readout_forward
+
 
 class SoftmaxReadout(torch.autograd.Function):
     """forward(values [N, d_v], ids [T, k] int64 (-1 = padding), scores [T, k]) -> [T, d_v] fp32."""
 
     @staticmethod
     def forward(ctx, values, ids, scores, sparse_grad: bool = False):
-        from . import softmax_readout_forward
         ctx.save_for_backward(values, ids, scores)
         ctx.sparse_grad = sparse_grad
         return softmax_readout_forward(values, ids, scores)
 
     @staticmethod
     def backward(ctx, grad_out):
-        from . import softmax_readout_backward
         values, ids, scores = ctx.saved_tensors
         grad_s, uniq, row_grads = softmax_readout_backward(values, ids, scores,
                                                            grad_out.float().contiguous())

@@ -1,0 +1,173 @@
+"""Checks of what a caller sends, shared by `Shard` and `Table`.
+
+Each raises `errors.InvalidArgument` naming the offending field, before anything
+changes. Checks that need a shard's rows (ids in its range, k against its view of
+the table) take the bounds as arguments.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Mapping, Sequence
+
+import torch
+
+from . import errors
+from .interface import PAD_ID, TAG_UNSET, SideQuery, TagFilter
+from .optimizer import OptimizerConfig
+
+TAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+MAX_TAG_NAMES = 16            # per table
+MAX_FILTER_VALUES = 1 << 16   # values of one TagFilter
+
+
+def tensor(field: str, t, dtype: torch.dtype | tuple[torch.dtype, ...], shape: tuple) -> torch.Tensor:
+    """t must be a non-empty tensor of `dtype` and `shape` (ints must match, None matches
+    anything), and finite when floating."""
+    if not isinstance(t, torch.Tensor):
+        raise errors.InvalidArgument(field, f"expected a tensor, got {type(t).__name__}")
+    dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+    if t.dtype not in dtypes:
+        raise errors.InvalidArgument(field, f"dtype must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+        want = "[" + ", ".join("?" if s is None else str(s) for s in shape) + "]"
+        raise errors.InvalidArgument(field, f"shape must be {want}, got {list(t.shape)}")
+    if t.numel() == 0:
+        raise errors.InvalidArgument(field, f"empty batch (shape {list(t.shape)})")
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        raise errors.InvalidArgument(field, "contains NaN or Inf")
+    return t
+
+
+def ids_in_range(field: str, ids: torch.Tensor, lo: int, hi: int, *, allow_pad: bool) -> None:
+    bad = (ids < lo) | (ids >= hi)
+    if allow_pad:
+        bad &= ids != PAD_ID
+    if bool(bad.any()):
+        first = int(ids[bad].reshape(-1)[0])
+        raise errors.InvalidArgument(field, f"id {first} is not in this shard's rows [{lo}, {hi})"
+                                     + (" (and is not padding -1)" if allow_pad else ""))
+
+
+def integer(field: str, x, lo: int, hi: int | None = None) -> int:
+    """An int (not a bool) in [lo, hi)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise errors.InvalidArgument(field, f"expected an int, got {type(x).__name__}")
+    if x < lo or (hi is not None and x >= hi):
+        raise errors.InvalidArgument(field, f"{x} is out of range [{lo}, {'inf' if hi is None else hi})")
+    return x
+
+
+def flag(field: str, x) -> bool:
+    if not isinstance(x, bool):
+        raise errors.InvalidArgument(field, f"expected a bool, got {type(x).__name__}")
+    return x
+
+
+def fetch_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.Tensor | None) -> None:
+    """A fetch's usage: hits [M] int64 >= 0 and weight_sum [M] float64, both or neither."""
+    if (hits is None) != (weight_sum is None):
+        raise errors.InvalidArgument("hits" if hits is None else "weight_sum",
+                                     "hits and weight_sum come together (a fetch's usage) or not at all")
+    if hits is None:
+        return
+    tensor("hits", hits, torch.int64, (ids.shape[0],))
+    tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
+    if bool((hits < 0).any()):
+        raise errors.InvalidArgument("hits", "counts must be >= 0")
+
+
+def readout_entries(ids: torch.Tensor, weights: torch.Tensor) -> None:
+    """ids [T, k] int64, weights [T, k] float32."""
+    tensor("ids", ids, torch.int64, (None, None))
+    tensor("weights", weights, torch.float32, tuple(ids.shape))
+
+
+# -- tags, partitions, search options ------------------------------------------------
+
+def tag_name(field: str, name) -> str:
+    if not isinstance(name, str) or not TAG_NAME.match(name):
+        raise errors.InvalidArgument(field, f"tag names match {TAG_NAME.pattern}, got {name!r}")
+    return name
+
+
+def tag_names(names) -> tuple[str, ...]:
+    """The `tags` a search asks for: distinct valid names, at most MAX_TAG_NAMES."""
+    if isinstance(names, (str, bytes)) or not isinstance(names, Sequence):
+        raise errors.InvalidArgument("tags", f"expected a sequence of tag names, got {type(names).__name__}")
+    out = tuple(tag_name("tags", n) for n in names)
+    if len(set(out)) != len(out):
+        raise errors.InvalidArgument("tags", f"names repeat: {list(out)}")
+    if len(out) > MAX_TAG_NAMES:
+        raise errors.InvalidArgument("tags", f"at most {MAX_TAG_NAMES} names, got {len(out)}")
+    return out
+
+
+def row_tags(tags: Mapping[str, torch.Tensor] | None, num_rows: int) -> dict[str, torch.Tensor]:
+    """add_rows' tags: name -> [M] int64 >= -1 (-1: unset)."""
+    if tags is None:
+        return {}
+    if not isinstance(tags, Mapping):
+        raise errors.InvalidArgument("tags", f"expected a mapping name -> tensor, got {type(tags).__name__}")
+    out = {}
+    for name, t in tags.items():
+        tag_name("tags", name)
+        field = f"tags[{name}]"
+        tensor(field, t, torch.int64, (num_rows,))
+        if bool((t < TAG_UNSET).any()):
+            raise errors.InvalidArgument(field, f"tags are >= 0 (or -1 for unset); got {int(t.min())}")
+        out[name] = t
+    return out
+
+
+def tag_count(held: Sequence[str], new: Sequence[str]) -> None:
+    """A table holds at most MAX_TAG_NAMES tag names."""
+    names = set(held) | set(new)
+    if len(names) > MAX_TAG_NAMES:
+        raise errors.InvalidArgument("tags", f"a table holds at most {MAX_TAG_NAMES} tag names; these rows "
+                                             f"would make {len(names)}: {sorted(names)}")
+
+
+def row_partition(partition, num_rows: int) -> torch.Tensor | int:
+    """add_rows' partition: one int >= 0 for every row, or [M] int64 >= 0."""
+    if isinstance(partition, torch.Tensor):
+        tensor("partition", partition, torch.int64, (num_rows,))
+        if bool((partition < 0).any()):
+            raise errors.InvalidArgument("partition", f"partitions are >= 0, got {int(partition.min())}")
+        return partition
+    return integer("partition", partition, 0)
+
+
+def tag_filter(where) -> TagFilter | None:
+    if where is None:
+        return None
+    if not isinstance(where, TagFilter):
+        raise errors.InvalidArgument("where", f"expected a TagFilter, got {type(where).__name__}")
+    tag_name("where.name", where.name)
+    if not isinstance(where.values, tuple):
+        raise errors.InvalidArgument("where.values", f"expected a tuple of ints, got {type(where.values).__name__}")
+    if len(where.values) > MAX_FILTER_VALUES:
+        raise errors.InvalidArgument("where.values", f"at most {MAX_FILTER_VALUES} values, got {len(where.values)}")
+    for v in where.values:
+        integer("where.values", v, 0)
+    return where
+
+
+def side_query(side) -> SideQuery | None:
+    if side is None:
+        return None
+    if not isinstance(side, SideQuery):
+        raise errors.InvalidArgument("side", f"expected a SideQuery, got {type(side).__name__}")
+    integer("side.partition", side.partition, 1)
+    integer("side.k", side.k, 1)
+    return side
+
+
+def row_optimizer(optimizer, bias_step) -> None:
+    """set_optimizer's arguments (OptimizerConfig validates its own fields)."""
+    if not isinstance(optimizer, OptimizerConfig):
+        raise errors.InvalidArgument("optimizer", f"expected an OptimizerConfig, got {type(optimizer).__name__}")
+    if bias_step is not None:
+        if isinstance(bias_step, bool) or not isinstance(bias_step, (int, float)) \
+                or not (bias_step >= 0 and math.isfinite(bias_step)):
+            raise errors.InvalidArgument("bias_step", f"must be a finite number >= 0, got {bias_step!r}")
