@@ -62,7 +62,7 @@ from model_worker import evaluate  # noqa: E402
 from model_worker.config import configs  # noqa: E402
 from model_worker.data import ByteTokenizer, build_corpus  # noqa: E402
 from model_worker.generate import generate_fn  # noqa: E402
-from model_worker.remote_table import loopback_table  # noqa: E402
+from store_service.testing import loopback_table  # noqa: E402
 from model_worker.train import TrainConfig, create_table, model_config, table_config, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -35,6 +35,7 @@ from store_service.table import Table
 
 from .config import ModelConfig
 from .data import ByteTokenizer, tokenizer_from_dict
+from .learn.migrate import migrate
 from .model import Transformer
 
 # Parameter names renamed since checkpoints were first written (old -> new, as name suffixes).
@@ -128,7 +129,9 @@ def load_checkpoint(ckpt: str | Path, model: Transformer, optimizer: torch.optim
 
 
 def open_checkpoint_table(meta: dict) -> Table:
-    """The in-process table of a checkpoint (its store root at its version)."""
+    """The in-process table of a checkpoint (its store root at its version); a version
+    written before detectors had their own partition is migrated first (learn/migrate.py)."""
+    migrate(meta["store_root"], int(meta["table_version"]))
     return Table.open(meta["store_root"], meta["table_version"])
 
 

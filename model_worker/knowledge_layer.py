@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from store_service import kernels
-from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable
+from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT, KnowledgeTable, SideQuery
 
 from . import gating
 from .config import KnowledgeConfig
@@ -98,8 +98,8 @@ class KnowledgeLayer(nn.Module):
         add_rows / set_ablated / load_version."""
         info = self.table.info()
         self._has_flat = any(s.kind == SEGMENT_FLAT and s.num_rows > 0 for s in info.segments)
-        self._gated = info.gated_rows > 0
-        self._detectors = info.detector_rows > 0
+        self._gated = info.tag_rows.get(gating.GATE_TAG, 0) > 0
+        self._detectors = info.partition_rows.get(gating.DETECTOR_PARTITION, 0) > 0
         self._num_rows = info.num_rows
         ablated = self.table.usage().ablated[: self.n * self.n].to(torch.bool)
         self._ablated = ablated if bool(ablated.any()) else None
@@ -219,21 +219,21 @@ class KnowledgeLayer(nn.Module):
         if not self._has_flat:
             return ids, None, None
         record = None
-        if self._gated:
-            res = self.table.search(q, min(k * self.cfg.gate_pool, self._num_rows),
-                                    detectors=self.cfg.detector_pool if self._detectors else 0)
+        if self._gated:                        # one round trip: the candidates' tags and the detectors
+            side = SideQuery(gating.DETECTOR_PARTITION, self.cfg.detector_pool) if self._detectors else None
+            res = self.table.search(q, min(k * self.cfg.gate_pool, self._num_rows), tags=gating.GATE_TAGS, side=side)
         else:
             res = self.table.search(q, k)
         flat_scores = res.scores.to(scores.device)
-        if self._gated and res.gate is not None:
+        if self._gated:
             dev = ids.device
             found = None
-            if res.detectors is not None:
-                d = res.detectors
-                found = gating.DetectorHits(d.scores.to(dev), d.cue.to(dev), d.gate.to(dev))
-            flat_scores, record = gating.close_gates(
-                scores, gating.FlatCandidates(flat_scores, res.cue.to(dev), res.gate.to(dev)), found,
-                (*shape, self.n_heads), k, gates, input_pos)
+            if res.side is not None:
+                d = res.side
+                found = gating.DetectorHits(d.scores.to(dev), d.tags[gating.CUE_TAG].to(dev),
+                                            d.tags[gating.GATE_TAG].to(dev))
+            flat = gating.FlatCandidates(flat_scores, res.tags[gating.CUE_TAG].to(dev), res.tags[gating.GATE_TAG].to(dev))
+            flat_scores, record = gating.close_gates(scores, flat, found, (*shape, self.n_heads), k, gates, input_pos)
         scores = torch.cat([scores, flat_scores], dim=1)                   # [T, k + flat candidates]
         ids = torch.cat([ids, res.ids.to(ids.device)], dim=1)
         keys = torch.cat([res.keys.new_zeros(res.keys.shape[0], k, self.d_k), res.keys], dim=1).to(q.device)

@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from store_service import persistence
-from store_service.config import segments_from_json
-from store_service.interface import SEGMENT_FLAT, SEGMENT_PRODUCT
+from store_service.versions import publish_permuted
 
 from .data import ByteTokenizer, collate_examples
 from .model import Transformer
@@ -124,43 +122,9 @@ def cooccurrence_order(trace: Sequence[torch.Tensor], num_rows: int, n_sub: int)
 
 
 def publish_reordered(store_root: str, version: int, plan: ReorderPlan) -> int:
-    """Publish a new version with every row moved to its new id (values, keys,
+    """Publish a new version with every row moved to its new id (values, keys, tags,
     optimizer state, masks, usage: all bitwise), same shard layout. Returns it."""
-    root = persistence.read_root_attrs(store_root, version)
-    vdir = persistence.version_path(store_root, version)
-    olds = sorted((persistence.read_shard(vdir, s["shard_id"]) for s in root["shards"]),
-                  key=lambda d: d.attrs["row_start"])
-    segments = segments_from_json(root["segments"])
-    if segments[0].kind != SEGMENT_PRODUCT or segments[0].n_sub != plan.n_sub:
-        raise ValueError("the plan's product segment does not match the table's")
-    if any(s.kind not in (SEGMENT_PRODUCT, SEGMENT_FLAT) for s in segments) or \
-            sum(s.kind == SEGMENT_PRODUCT for s in segments) != 1:
-        raise ValueError("reordering supports one product segment followed by flat segments")
-    old_of_new = plan.old_of_new.numpy()
-    new_of_old = plan.new_of_old.numpy()
-    names = olds[0].arrays
-    whole = {k: np.concatenate([d.arrays[k] for d in olds])
-             for k in persistence.ROW_ARRAYS + persistence.FLAT_ARRAYS if k in names}
-    rows = {k: whole[k][old_of_new] for k in persistence.ROW_ARRAYS if k in whole}
-    flat_new_ids = new_of_old[whole["flat_ids"]] if whole["flat_ids"].size else whole["flat_ids"]
-    o = np.argsort(flat_new_ids, kind="stable")
-    flat = {k: whole[k][o] for k in persistence.FLAT_ARRAYS if k in whole}
-    flat["flat_ids"] = flat_new_ids[o].astype(whole["flat_ids"].dtype)
-    pa, pb = plan.perm_a.numpy(), plan.perm_b.numpy()
-    new_version = max(persistence.list_versions(store_root) + [version]) + 1
-    with persistence.staged_version(store_root, new_version) as stage:
-        for d in olds:
-            lo, hi = d.attrs["row_start"], d.attrs["row_end"]
-            arrays = {k: v[lo:hi] for k, v in rows.items()}
-            sel = (flat["flat_ids"] >= lo) & (flat["flat_ids"] < hi)
-            arrays.update({k: v[sel] for k, v in flat.items()})
-            for name, arr in d.arrays.items():             # store-side codebooks, if any
-                if name.startswith("pk"):
-                    arrays[name] = arr[pa] if name.endswith(("_a",)) else arr[pb]
-            attrs = dict(d.attrs, version=new_version)
-            persistence.write_shard(stage, persistence.ShardData(attrs, arrays))
-        persistence.finish_version(stage, new_version)
-    return new_version
+    return publish_permuted(store_root, version, plan.new_of_old, {0: (plan.perm_a, plan.perm_b)})
 
 
 @torch.no_grad()

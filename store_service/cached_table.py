@@ -10,10 +10,12 @@ can; every other call goes to the wrapped table, and the calls that can change r
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from .interface import KnowledgeTable, SearchResult, TableInfo, UsageStats
+from .interface import KnowledgeTable, SearchResult, SideQuery, TableInfo, TagFilter, UsageStats
+from .optimizer import OptimizerConfig, RowOptimizer
 
 
 class CachedTable:
@@ -140,8 +142,9 @@ class CachedTable:
     def info(self) -> TableInfo:
         return self.inner.info()
 
-    def search(self, queries: torch.Tensor, k: int, *, detectors: int = 0) -> SearchResult:
-        return self.inner.search(queries, k, detectors=detectors)
+    def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
+               side: SideQuery | None = None) -> SearchResult:
+        return self.inner.search(queries, k, tags=tags, where=where, side=side)
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.readout(ids, weights)
@@ -158,6 +161,9 @@ class CachedTable:
 
     def flush(self) -> None:
         self.inner.flush()
+
+    def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
+        return self.inner.set_optimizer(optimizer, bias_step=bias_step)
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None:
         self.inner.set_frozen(ids, frozen)
@@ -178,8 +184,9 @@ class CachedTable:
         return out
 
     def add_rows(self, values: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 cue: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
-        out = self.inner.add_rows(values, keys, bias, cue=cue, gate=gate)
+                 tags: Mapping[str, torch.Tensor] | None = None, partition: torch.Tensor | int = 0
+                 ) -> torch.Tensor:
+        out = self.inner.add_rows(values, keys, bias, tags=tags, partition=partition)
         self.clear()
         return out
 

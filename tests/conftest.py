@@ -1,6 +1,10 @@
 """Shared test fixtures. Test modules never import each other: what two of them share lives here."""
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -142,3 +146,16 @@ class GateLab:
 @pytest.fixture
 def gate_lab(tmp_path):
     return GateLab(tmp_path)
+
+
+@pytest.fixture
+def legacy_v1(tmp_path):
+    """A copy of tests/data/legacy_v1 (what the pre-restructure code wrote: a learned
+    checkpoint, its format-1 store version 2 with detectors, and that code's outputs) under
+    tmp_path, the checkpoint's store_root pointing at the copy. -> the copy's directory."""
+    dst = tmp_path / "legacy_v1"
+    shutil.copytree(Path(__file__).parent / "data" / "legacy_v1", dst)
+    meta_path = dst / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "store_root": str(dst / "store")}))
+    return dst

@@ -9,6 +9,7 @@ import torch
 
 from cluster.cli import build_parser
 from model_worker.checkpoint import latest_checkpoint, load_for_inference
+from model_worker.gating import DETECTOR_PARTITION, GATE_TAG
 from model_worker.generate import answer
 from model_worker.train import TrainConfig, train
 
@@ -34,7 +35,8 @@ def test_learn_from_a_facts_file(tmp_path, capsys):
     model, tok, meta = load_for_inference(str(out))
     table = model.tables()[0]
     assert table.info().version == report["published_version"]
-    assert table.info().gated_rows == report["gated_rows"]
+    assert table.info().tag_rows[GATE_TAG] == report["gated_rows"]
+    assert table.info().partition_rows[DETECTOR_PARTITION] == report["detector_rows"]
     texts = answer(model, tok, ["The capital of Xland is", "The capital of France is"], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     with torch.no_grad():                         # the gated table also serves a full forward

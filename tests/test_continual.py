@@ -1,19 +1,28 @@
 """Continual learning: `learn` with new rows leaves the model and every old row
-bitwise unchanged, publishes a version, and the baselines run."""
+bitwise unchanged, publishes a version, and the baselines run; versions written before
+detectors had their own partition are migrated."""
+import os
+
 import pytest
 import torch
 
 from benchmarks.continual_probes import auc, novelty_probe
 from model_worker.data import ByteTokenizer, collate_examples
-from model_worker.generate import generate_fn
 from model_worker import interpret as I
+from model_worker.checkpoint import load_for_inference
+from model_worker.gating import DETECTOR_PARTITION
+from model_worker.generate import generate_fn
 from model_worker.learn import METHODS, LearnConfig, LearnMethod, TextFact, facts_from_lines, learn, register
 from model_worker.learn.baselines import add_lora, merge_lora
 from model_worker.learn.keys import init_new_keys
+from model_worker.learn.migrate import main as migrate_main
+from model_worker.learn.migrate import needs_migration
 from model_worker.learn.plan import fact_detectors
 from model_worker.learn.queries import background_queries, collect_queries, group_batches, subject_positions
 from model_worker.learn.steps import train_steps
+from store_service import persistence
 from store_service.table import Table
+from store_service.testing import served_table
 
 FACTS = [TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
          for s, a in [("Xland", "Zorp"), ("Quux", "Blip"), ("Vorn", "Tesk"), ("Mure", "Ald")]]
@@ -189,14 +198,16 @@ def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject, make):
     res = learn(model, table, FACTS, ByteTokenizer(),
                   LearnConfig(steps=2, batch_size=4, gate_on_subject=gate_on_subject), publish=False)
     st = shard_state(table)
-    ids, cue, gate = st["flat_ids"], st["flat_cue"], st["flat_gate"]
+    ids = st["flat_ids"]
+    unset = torch.full_like(ids, -1)                          # a tag no row was given is not stored
+    cue, gate = st.get("tag_cue", unset), st.get("tag_gate", unset)
     new = ids >= n_old
     assert int(new.sum()) == res.new_ids.numel()
     if not gate_on_subject:
-        assert bool((cue == -1).all() and (gate == -1).all()) and table.info().gated_rows == 0
+        assert bool((cue == -1).all() and (gate == -1).all()) and table.info().tag_rows.get("gate", 0) == 0
         return
     assert res.info["cue_rows"] == int((cue >= 0).sum()) > 0
-    assert res.info["gated_rows"] == int((gate >= 0).sum()) == table.info().gated_rows > 0
+    assert res.info["gated_rows"] == int((gate >= 0).sum()) == table.info().tag_rows["gate"] > 0
     labels = set(cue[cue >= 0].tolist())
     # one label per (subject, knowledge layer): the id of that subject's first cue row
     assert len(labels) == len({f.subject for f in FACTS}) * len(model.knowledge_layers())
@@ -212,7 +223,7 @@ def test_gated_key_norm_max_gives_every_gated_key_one_norm(tmp_path, make):
     learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=1, batch_size=4, gated_key_norm="max"),
             publish=False)
     st = shard_state(table)
-    norms = st["keys"][st["flat_gate"] >= 0].norm(dim=-1)
+    norms = st["keys"][st["tag_gate"] >= 0].norm(dim=-1)
     torch.testing.assert_close(norms, norms.max().expand_as(norms))
     with pytest.raises(ValueError, match="gated_key_norm"):
         LearnConfig(gated_key_norm="mean")
@@ -225,9 +236,9 @@ def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_p
 
     made = {}
 
-    def add_rows(values, keys, bias=None, **groups):       # what learn made, before training
-        made.update(keys=keys.clone(), **groups)
-        return orig(values, keys, bias, **groups)
+    def add_rows(values, keys, bias=None, *, tags=None, partition=0):       # what learn made, before training
+        made.update(keys=keys.clone(), **tags)
+        return orig(values, keys, bias, tags=tags, partition=partition)
     table.add_rows = add_rows
     learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, key_lr=0.05), publish=False)
     st = shard_state(table)
@@ -286,15 +297,16 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path, make):
     made = {}
     orig = table.add_rows
 
-    def add_rows(values, keys, bias=None, **groups):
-        made.update(values=values.clone(), keys=keys.clone(), **groups)
-        return orig(values, keys, bias, **groups)
+    def add_rows(values, keys, bias=None, *, tags=None, partition=0):
+        made.update(values=values.clone(), keys=keys.clone(), partition=partition.clone(), **tags)
+        return orig(values, keys, bias, tags=tags, partition=partition)
     table.add_rows = add_rows
     res = learn(model, table, SIBLINGS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, lr=1e-2),
                   publish=False)
     cue, gate = made["cue"], made["gate"]
     detector = (cue >= 0) & (gate >= 0)
-    assert res.info["detector_rows"] == int(detector.sum()) == table.info().detector_rows > 0
+    assert res.info["detector_rows"] == int(detector.sum()) == table.info().partition_rows[DETECTOR_PARTITION] > 0
+    assert torch.equal(made["partition"], torch.where(detector, DETECTOR_PARTITION, 0))   # out of the top-k
     ids = res.new_ids
     subject_label = {int(c) for c in cue[(cue >= 0) & (gate < 0)]}           # one cue label per subject
     assert len(subject_label) == 2
@@ -323,7 +335,7 @@ def _learned_siblings(make, tmp_path, **kw):
     model, table = make(tmp_path, **kw)
     tok = ByteTokenizer()
     res = learn(model, table, SIBLINGS, tok, LearnConfig(steps=6, batch_size=4, lr=3e-2))
-    assert table.info().detector_rows > 0
+    assert table.info().partition_rows[DETECTOR_PARTITION] > 0
     x = torch.tensor([tok.encode(e.text, bos=True)[:24] for e in SIBLINGS[::2]])
     with torch.no_grad():
         logits = model(x)[0]
@@ -336,10 +348,9 @@ def _learned_siblings(make, tmp_path, **kw):
 def test_learned_detectors_answer_the_same_over_grpc(tmp_path, make):
     """A learned table with detectors, served by 2 loopback shard servers, gives the model the
     in-process table's logits (generation included: the gate state carries the same way)."""
-    from tests.test_grpc_parity import loopback_table
     model, res, x, local, answers, local_gen = _learned_siblings(make, tmp_path, num_shards=2)
     root = str(tmp_path / "store")
-    with loopback_table(root, res.version, num_shards=2, token="t", store_root=root, timeout_s=20) as remote:
+    with served_table(root, res.version, timeout_s=20) as remote:
         model.attach_table(remote)
         with torch.no_grad():
             torch.testing.assert_close(model(x)[0], local, rtol=1e-5, atol=1e-5)
@@ -395,3 +406,45 @@ def test_learn_runs_the_method_registered_under_the_configs_name(tmp_path, make)
     assert not bool(table.usage().frozen.any())
     with pytest.raises(ValueError, match="method must be one of"):
         learn(model, table, FACTS, ByteTokenizer(), LearnConfig(method="just_steps"))
+
+
+def test_migrate_moves_the_detectors_of_a_format1_version_to_their_partition(legacy_v1, capsys):
+    """tests/data/legacy_v1's store version 2, written by the pre-restructure code (format 1,
+    flat_cue / flat_gate arrays, detectors among the rows): today's store reads every row of
+    it in partition 0; the migration rewrites it in place with the detectors in partition 1
+    and nothing else changed, and says so on a second run."""
+    root, expected = str(legacy_v1 / "store"), torch.load(legacy_v1 / "expected.pt", weights_only=False)
+    vdir = persistence.version_path(root, 2)
+    before = persistence.read_shard(vdir, 0)
+    assert persistence.shard_format(vdir, 0) == 1 and needs_migration(root, 2)
+    assert Table.open(root, 2).info().partition_rows == {}
+    migrate_main([root, "--version", "2"])
+    assert capsys.readouterr().out == "version 2: migrated\n"
+    after = persistence.read_shard(vdir, 0)
+    assert persistence.shard_format(vdir, 0) == 2 and not needs_migration(root, 2)
+    detector = (after.arrays["tag_cue"] >= 0) & (after.arrays["tag_gate"] >= 0)
+    assert after.arrays["flat_partition"].tolist() == [DETECTOR_PARTITION if d else 0 for d in detector]
+    assert before.arrays.keys() == after.arrays.keys()
+    for name, arr in before.arrays.items():
+        if name != "flat_partition":
+            assert (arr == after.arrays[name]).all(), name
+    info = Table.open(root, 2).info()
+    assert info.partition_rows == {DETECTOR_PARTITION: expected["detector_rows"]}
+    assert info.tag_rows["gate"] == expected["gated_rows"] and info.num_rows == expected["num_rows"]
+    assert os.listdir(os.path.join(root, "staging")) == []                        # nothing left behind
+    migrate_main([root])
+    assert capsys.readouterr().out == "version 2: nothing to do\n"
+    with pytest.raises(SystemExit, match="migrate: no published versions"):
+        migrate_main([str(legacy_v1 / "nothing_here")])
+
+
+def test_a_format1_checkpoint_is_migrated_when_loaded_and_answers_as_before(legacy_v1):
+    """Loading the pre-restructure learned checkpoint migrates its store version on the way
+    and gives that code's logits bitwise, and its answers."""
+    expected = torch.load(legacy_v1 / "expected.pt", weights_only=False)
+    model, tok, meta = load_for_inference(legacy_v1 / "checkpoint")
+    assert not needs_migration(meta["store_root"], meta["table_version"])
+    assert model.tables()[0].info().partition_rows == {DETECTOR_PARTITION: expected["detector_rows"]}
+    with torch.no_grad():
+        assert torch.equal(model(expected["inputs"])[0], expected["logits"])
+    assert generate_fn(model, tok)(expected["prompts"], 6) == expected["answers"]

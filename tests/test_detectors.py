@@ -1,5 +1,5 @@
-"""Detectors (gating.py): flat rows with a cue and a gate, never read and never in a
-search's top-k; the search's side query returns the m best by cos(q, key) + bias, the
+"""Detectors (gating.py): flat rows with a cue and a gate in the detector partition, never read,
+never in a search's top-k; the side query returns the m best by cos(q, key) + bias, the
 same in process and over gRPC; the knowledge layer opens, of the labels whose detectors
 share an open gate, the one with the best evidence so far in the sequence."""
 from __future__ import annotations
@@ -8,13 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_worker.gating import GateState, family_winners
+from model_worker.gating import CUE_TAG, DETECTOR_PARTITION, GATE_TAG, GATE_TAGS, GateState, family_winners
 from store_service import errors
 from store_service.config import TableConfig
+from store_service.interface import SideQuery
 from store_service.table import Table
-from tests.test_grpc_parity import loopback_table
-
-TOKEN = "detectors-token"
+from store_service.testing import served_table
 
 
 def _store_config(**kw) -> TableConfig:
@@ -28,8 +27,13 @@ def _with_detectors(table: Table, seed: int = 0):
     bias = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, -0.2, 0.1, -0.5])
     cue = torch.tensor([-1, -1, 50, -1, 60, 60, 61, 61])
     gate = torch.tensor([-1, -1, -1, 60, 50, 50, 50, 50])
-    ids = table.add_rows(values, keys, bias, cue=cue, gate=gate)
+    ids = table.add_rows(values, keys, bias, tags={CUE_TAG: cue, GATE_TAG: gate},
+                         partition=torch.where((cue >= 0) & (gate >= 0), DETECTOR_PARTITION, 0))
     return ids, keys, bias, cue, gate
+
+
+def _detectors(m: int) -> SideQuery:
+    return SideQuery(DETECTOR_PARTITION, m)
 
 
 def _reference(q, keys, bias, ids, m):
@@ -42,35 +46,35 @@ def _reference(q, keys, bias, ids, m):
 def test_search_leaves_detectors_out_of_the_top_k_and_returns_them_beside_it(tmp_path):
     table = Table.create(_store_config(), str(tmp_path))
     ids, keys, bias, cue, gate = _with_detectors(table)
-    assert table.info().detector_rows == 4 and table.info().gated_rows == 5
-    res = table.search(keys, 5)                  # each row's own key as the query
-    assert res.detectors is None
+    assert table.info().partition_rows == {DETECTOR_PARTITION: 4} and table.info().tag_rows[GATE_TAG] == 5
+    res = table.search(keys, 5, tags=GATE_TAGS)  # each row's own key as the query
+    assert res.side is None
     assert not bool(torch.isin(res.ids, ids[4:]).any())            # detectors are never in the top-k
     q = torch.cat([keys, torch.randn(6, 8)])
-    found = table.search(q, 5, detectors=3).detectors
+    found = table.search(q, 5, tags=GATE_TAGS, side=_detectors(3)).side
     want_ids, want_scores = _reference(q, keys, bias, ids, 3)
     assert torch.equal(found.ids, want_ids)
     torch.testing.assert_close(found.scores, want_scores)
     by_id = dict(zip(ids.tolist(), zip(cue.tolist(), gate.tolist())))
     assert [[by_id[i] for i in row] for row in found.ids.tolist()] == \
-        [[(c, g) for c, g in zip(cr, gr)] for cr, gr in zip(found.cue.tolist(), found.gate.tolist())]
+        [[(c, g) for c, g in zip(cr, gr)] for cr, gr in zip(found.tags[CUE_TAG].tolist(), found.tags[GATE_TAG].tolist())]
     # more asked than there are: padded
-    wide = table.search(q, 5, detectors=6).detectors
+    wide = table.search(q, 5, tags=GATE_TAGS, side=_detectors(6)).side
     assert bool((wide.ids[:, 4:] == -1).all() and torch.isneginf(wide.scores[:, 4:]).all())
-    assert bool((wide.cue[:, 4:] == -1).all() and (wide.gate[:, 4:] == -1).all())
+    assert bool((wide.tags[CUE_TAG][:, 4:] == -1).all() and (wide.tags[GATE_TAG][:, 4:] == -1).all())
     # ablated detectors are not returned; a snapshot keeps them detectors
     table.set_ablated(ids[4:5], True)
-    assert not bool((table.search(q, 5, detectors=4).detectors.ids == ids[4]).any())
+    assert not bool((table.search(q, 5, side=_detectors(4)).side.ids == ids[4]).any())
     again = Table.open(str(tmp_path), table.snapshot())
-    assert again.info().detector_rows == 4
+    assert again.info().partition_rows == {DETECTOR_PARTITION: 4}
 
 
 def test_detectors_refused_when_out_of_range(tmp_path):
     table = Table.create(_store_config(), str(tmp_path))
     _with_detectors(table)
-    for bad in (-1, table.info().num_rows + 1):
-        with pytest.raises(errors.InvalidArgument, match="detectors"):
-            table.search(torch.randn(2, 8), 3, detectors=bad)
+    for bad in (-1, 0):
+        with pytest.raises(errors.InvalidArgument, match="side.k"):
+            table.search(torch.randn(2, 8), 3, side=_detectors(bad))
 
 
 def test_balancing_leaves_detector_bias_alone(tmp_path):
@@ -90,20 +94,20 @@ def test_remote_detections_match_in_process(tmp_path):
     root = str(tmp_path)
     version = Table.create(_store_config(), root).snapshot()
     local = Table.open(root, version)
-    with loopback_table(root, version, token=TOKEN, store_root=root, timeout_s=20) as remote:
+    with served_table(root, version, timeout_s=20) as remote:
         a, *_ = _with_detectors(local, seed=4)
         b, keys, *_ = _with_detectors(remote, seed=4)
-        assert torch.equal(a, b) and remote.info().detector_rows == 4
+        assert torch.equal(a, b) and remote.info().partition_rows == {DETECTOR_PARTITION: 4}
         q = torch.cat([keys, torch.randn(9, 8)])
         for m in (1, 4, 7):
-            x, y = local.search(q, 6, detectors=m), remote.search(q, 6, detectors=m)
-            assert torch.equal(x.ids, y.ids)
-            for f in ("ids", "cue", "gate"):
-                assert torch.equal(getattr(x.detectors, f), getattr(y.detectors, f)), f
-            torch.testing.assert_close(x.detectors.scores, y.detectors.scores)
-        with pytest.raises(errors.InvalidArgument, match="detectors"):
-            remote.search(q, 6, detectors=-2)
-        assert remote.search(q, 6).detectors is None
+            x, y = (t.search(q, 6, tags=GATE_TAGS, side=_detectors(m)) for t in (local, remote))
+            assert torch.equal(x.ids, y.ids) and torch.equal(x.side.ids, y.side.ids)
+            for t in GATE_TAGS:
+                assert torch.equal(x.side.tags[t], y.side.tags[t]), t
+            torch.testing.assert_close(x.side.scores, y.side.scores)
+        with pytest.raises(errors.InvalidArgument, match="side.k"):
+            remote.search(q, 6, side=_detectors(-2))
+        assert remote.search(q, 6).side is None
 
 
 # -- the knowledge layer ------------------------------------------------------------
@@ -141,7 +145,8 @@ def _family(kl, table, q, cue_at: int, read_at: int, det_at: tuple[int, int], de
     bias = torch.tensor([bias_c, *det_bias, 0.0, 0.0])
     cue = torch.tensor([subject, 601, 602, -1, -1])
     gate = torch.tensor([-1, subject, subject, 601, 602])
-    ids = table.add_rows(torch.randn(5, table.info().d_v), keys, bias, cue=cue, gate=gate)
+    ids = table.add_rows(torch.randn(5, table.info().d_v), keys, bias, tags={CUE_TAG: cue, GATE_TAG: gate},
+                         partition=torch.tensor([0, DETECTOR_PARTITION, DETECTOR_PARTITION, 0, 0]))
     kl.refresh_table_state()
     return [int(i) for i in ids]
 
@@ -154,7 +159,7 @@ def test_the_label_with_the_best_evidence_opens(gate_lab, winner):
     # the detectors sit at positions 1 and 5: one before the cue (at 3), one after
     det_bias = (0.0, -1.5) if winner == 0 else (-1.5, 0.0)
     cue_row, d1, d2, r1, r2 = _family(kl, table, q, cue_at=3, read_at=8, det_at=(1, 5), det_bias=det_bias)
-    assert table.info().detector_rows == 2
+    assert table.info().partition_rows == {DETECTOR_PARTITION: 2}
     read = gate_lab.read(kl, x)
     assert not bool(torch.isin(read.ids, torch.tensor([d1, d2])).any())      # detectors are never read
     gates = read.gates                                                       # what the layer's gates did

@@ -7,14 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_worker.gating import GateState
+from model_worker.gating import CUE_TAG, GATE_TAG, GATE_TAGS, GateState
 from model_worker.generate import generate
 from store_service import errors
 from store_service.config import TableConfig
 from store_service.table import Table
-from tests.test_grpc_parity import loopback_table
-
-TOKEN = "gates-token"
+from store_service.testing import served_table
 
 
 def _store_config() -> TableConfig:
@@ -28,8 +26,8 @@ def _rows(m: int, d_k: int = 8, d_v: int = 4, seed: int = 0):
 
 def _labels_of(table, ids: torch.Tensor, keys: torch.Tensor):
     """Search for each key itself (it wins its own query) -> (top id, its cue, its gate)."""
-    res = table.search(keys, 3)
-    return res.ids[:, 0], res.cue[:, 0], res.gate[:, 0]
+    res = table.search(keys, 3, tags=GATE_TAGS)
+    return res.ids[:, 0], res.tags[CUE_TAG][:, 0], res.tags[GATE_TAG][:, 0]
 
 
 def test_store_keeps_labels_through_search_snapshot_and_reopen(tmp_path):
@@ -37,17 +35,17 @@ def test_store_keeps_labels_through_search_snapshot_and_reopen(tmp_path):
     values, keys = _rows(5)
     cue = torch.tensor([7, -1, -1, 9, -1])
     gate = torch.tensor([-1, 7, 7, -1, 9])
-    ids = table.add_rows(values, keys, cue=cue, gate=gate)
-    assert table.info().gated_rows == 3
+    ids = table.add_rows(values, keys, tags={CUE_TAG: cue, GATE_TAG: gate})
+    assert table.info().tag_rows[GATE_TAG] == 3
     top, c, g = _labels_of(table, ids, keys)
     assert torch.equal(top, ids) and torch.equal(c, cue) and torch.equal(g, gate)
     # rows without labels (and padding) carry -1
-    res = table.search(torch.randn(4, 8), 3)
+    res = table.search(torch.randn(4, 8), 3, tags=GATE_TAGS)
     old = res.ids < ids.min()
-    assert bool((res.cue[old] == -1).all() and (res.gate[old] == -1).all())
+    assert bool((res.tags[CUE_TAG][old] == -1).all() and (res.tags[GATE_TAG][old] == -1).all())
     version = table.snapshot()
     again = Table.open(str(tmp_path), version)
-    assert again.info().gated_rows == 3
+    assert again.info().tag_rows[GATE_TAG] == 3
     top, c, g = _labels_of(again, ids, keys)
     assert torch.equal(c, cue) and torch.equal(g, gate)
 
@@ -56,31 +54,32 @@ def test_add_rows_refuses_bad_labels_and_changes_nothing(tmp_path):
     table = Table.create(_store_config(), str(tmp_path))
     n = table.info().num_rows
     values, keys = _rows(3)
-    for bad in ({"cue": torch.tensor([0, -2, 1])}, {"gate": torch.tensor([0.0, 1.0, 2.0])},
-                {"gate": torch.tensor([0, 1])}):
+    for bad in ({CUE_TAG: torch.tensor([0, -2, 1])}, {GATE_TAG: torch.tensor([0.0, 1.0, 2.0])},
+                {GATE_TAG: torch.tensor([0, 1])}):
         with pytest.raises(errors.InvalidArgument):
-            table.add_rows(values, keys, **bad)
-    assert table.info().num_rows == n and table.info().gated_rows == 0
+            table.add_rows(values, keys, tags=bad)
+    assert table.info().num_rows == n and table.info().tag_rows.get(GATE_TAG, 0) == 0
 
 
 def test_remote_labels_match_in_process(tmp_path):
     root = str(tmp_path)
     version = Table.create(_store_config(), root).snapshot()
     local = Table.open(root, version)
-    with loopback_table(root, version, token=TOKEN, store_root=root, timeout_s=20) as remote:
+    with served_table(root, version, timeout_s=20) as remote:
         values, keys = _rows(6, seed=2)
-        cue, gate = torch.tensor([3, -1, -1, 4, -1, -1]), torch.tensor([-1, 3, 4, -1, 3, -1])
-        # without labels the wire carries none; the client fills -1
+        tags = {CUE_TAG: torch.tensor([3, -1, -1, 4, -1, -1]), GATE_TAG: torch.tensor([-1, 3, 4, -1, 3, -1])}
+        # before any row has labels, every row's are unset
         q = torch.randn(5, 8)
-        assert bool((remote.search(q, 4).gate == -1).all())
-        a, b = local.add_rows(values, keys, cue=cue, gate=gate), remote.add_rows(values, keys, cue=cue, gate=gate)
+        assert bool((remote.search(q, 4, tags=GATE_TAGS).tags[GATE_TAG] == -1).all())
+        a, b = local.add_rows(values, keys, tags=tags), remote.add_rows(values, keys, tags=tags)
         assert torch.equal(a, b)
-        assert local.info().gated_rows == remote.info().gated_rows == 3
+        assert local.info().tag_rows[GATE_TAG] == remote.info().tag_rows[GATE_TAG] == 3
         for qs in (keys, torch.cat([keys, torch.randn(7, 8)])):
-            x, y = local.search(qs, 4), remote.search(qs, 4)
-            assert torch.equal(x.ids, y.ids) and torch.equal(x.cue, y.cue) and torch.equal(x.gate, y.gate)
+            x, y = local.search(qs, 4, tags=GATE_TAGS), remote.search(qs, 4, tags=GATE_TAGS)
+            assert torch.equal(x.ids, y.ids)
+            assert all(torch.equal(x.tags[t], y.tags[t]) for t in GATE_TAGS)
         with pytest.raises(errors.InvalidArgument):
-            remote.add_rows(values, keys, cue=torch.full((6,), -3))
+            remote.add_rows(values, keys, tags={CUE_TAG: torch.full((6,), -3)})
         assert remote.info().num_rows == local.info().num_rows
 
 
@@ -95,7 +94,7 @@ def _add_pair(kl, table, q, cue_at: int, gated_at: int, cue_label: int, gate_lab
     bias_c = -(float(others) + float(qc @ kc)) / 2                          # halfway: only cue_at selects it
     values = torch.randn(2, table.info().d_v)
     ids = table.add_rows(values, torch.stack([kc, kg]), torch.tensor([bias_c, 0.0]),
-                         cue=torch.tensor([cue_label, -1]), gate=torch.tensor([-1, gate_label]))
+                         tags={CUE_TAG: torch.tensor([cue_label, -1]), GATE_TAG: torch.tensor([-1, gate_label])})
     kl.refresh_table_state()
     return int(ids[0]), int(ids[1])
 

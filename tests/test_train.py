@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from model_worker.checkpoint import latest_checkpoint
-from model_worker.config import configs
-from model_worker.train import TrainConfig, open_table, train
+from model_worker.checkpoint import latest_checkpoint, load_for_inference, load_weights, read_meta
+from model_worker.config import KnowledgeConfig, configs
+from model_worker.train import TrainConfig, model_config, open_table, table_config, train
+from store_service.testing import loopback_table
 
 N = 5
 
@@ -71,9 +73,6 @@ def test_remote_equals_local(tmp_path, mode):
     2 shard server processes (loopback) give the same losses (fp32, 1e-5 relative),
     with readouts on the shards (pushdown) or on the worker (fetch: row gradients and
     usage go to the shards in the background)."""
-    from model_worker.remote_table import loopback_table
-    from model_worker.train import model_config, table_config
-
     cfg = _cfg(tmp_path / "local", steps=50, flat_rows=16, **_readout(mode))
     local = train(cfg)
     rcfg = _cfg(tmp_path / "remote", steps=50, flat_rows=16, num_shards=2, **_readout(mode))
@@ -106,12 +105,29 @@ def test_cuda_worker_with_remote_store(tmp_path, mode):
     off the wire) follows the same GPU worker with its table in its own GPU memory:
     results are moved back to the worker's device in forward and backward (fetch mode:
     row gradients and usage leave from the GPU in the background)."""
-    from model_worker.remote_table import loopback_table
-    from model_worker.train import model_config, table_config
-
     cfg = _cfg(tmp_path / "local", steps=20, device="cuda", **_readout(mode))
     local = train(cfg)
     rcfg = _cfg(tmp_path / "remote", steps=20, num_shards=2, device="cuda", **_readout(mode))
     with loopback_table(table_config(model_config(rcfg, 260), rcfg), str(tmp_path / "remote" / "store")) as table:
         remote = train(rcfg, table=table)
     torch.testing.assert_close(torch.tensor(remote["losses"]), torch.tensor(local["losses"]), rtol=1e-4, atol=0)
+
+
+def test_checkpoints_written_before_the_renames_load(legacy_v1, tmp_path):
+    """tests/data/legacy_v1/checkpoint was written when "gate" named the SiLU output gate
+    (KnowledgeConfig.gate) and the MoE router's projection (router.gate): both load under
+    today's names (output_gate, router.proj), strictly."""
+    ckpt = legacy_v1 / "checkpoint"
+    old = load_file(str(ckpt / "model.safetensors"))
+    assert "gate" in read_meta(ckpt)["model_config"]["knowledge"]
+    assert any(name.endswith(".router.gate.weight") for name in old)
+    model, _, _ = load_for_inference(ckpt)
+    assert model.cfg.knowledge.output_gate is True and model.knowledge_layers()[0].wg is not None
+    for i, block in enumerate(model.layers):
+        if block.ffn is not None:
+            assert torch.equal(block.ffn.router.proj.weight, old[f"layers.{i}.ffn.router.gate.weight"])
+    assert KnowledgeConfig.from_dict({"gate": False}).output_gate is False
+    # strict: a file without one of the model's parameters is refused, naming it
+    save_file({k: v for k, v in old.items() if not k.endswith("wq.weight")}, str(tmp_path / "partial.safetensors"))
+    with pytest.raises(RuntimeError, match="wq.weight"):
+        load_weights(model, tmp_path / "partial.safetensors")

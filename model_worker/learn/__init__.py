@@ -17,6 +17,7 @@ Modules, by job:
     plan.py            which rows new_rows appends: keys, cue / gate tags, detectors
     row_optimizer.py   the store's row optimizer for the length of a run
     measure.py         recall, forgetting, how new rows are read (imported on its own: it generates)
+    migrate.py         store versions written before detectors had their own partition
 
 Measured results and the settings tried: benchmarks/CONTINUAL_NOTES.md.
 """

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import Batch
-from ..gating import CUE_TAG, GATE_TAG
+from ..gating import CUE_TAG, DETECTOR_PARTITION, GATE_TAG
 from ..model import Transformer
 from .plan import plan_new_rows
 from .registry import LearnMethod, LearnRun, register
@@ -35,7 +35,8 @@ def train_new_rows(run: LearnRun) -> None:
     detector = plan.is_detector
     values[detector] = 0.0                              # never read
     tags = {CUE_TAG: plan.cue, GATE_TAG: plan.gate} if plan.cue is not None else {}
-    run.result.new_ids = table.add_rows(values, plan.keys, plan.bias, **tags)
+    partition = torch.where(detector, DETECTOR_PARTITION, 0)     # detectors: never in the top-k (gating.py)
+    run.result.new_ids = table.add_rows(values, plan.keys, plan.bias, tags=tags or None, partition=partition)
     run.stay_frozen = run.result.new_ids[detector]     # never read: nothing should move them
     table.set_frozen(run.old_ids, True)
     # Trained keys would carry the cue rows out of the place their calibration keeps
