@@ -109,11 +109,6 @@ class KnowledgeLayer(nn.Module):
         """Whether the table has flat rows (their keys live on the store, not in this layer)."""
         return self._has_flat
 
-    @property
-    def ablated_product_rows(self) -> torch.Tensor | None:
-        """[n^2] bool of the product rows never selected, None when there are none."""
-        return self._ablated
-
     def close(self) -> None:
         """Stop the fetch thread (a later fetch-mode call starts a new one)."""
         if self._fetcher is not None:
@@ -149,7 +144,7 @@ class KnowledgeLayer(nn.Module):
         if on_read is not None:
             on_read(LayerRead(ids.view(B, S, self.n_heads, k), w.detach().view(B, S, self.n_heads, k), gate_record))
         pending = start_readout(self.table, ids, w, options.readout or self.cfg.readout, self.training,
-                                self._fetch_thread())
+                                self._fetch_thread)
         side = beside(x) if beside is not None else None
         r = finish_readout(self.table, pending)                              # [T, d_v] fp32
         y = self._output(x, r)

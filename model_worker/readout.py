@@ -18,6 +18,7 @@ Only `store_service.kernels` functions and the `KnowledgeTable` protocol are use
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
@@ -105,9 +106,10 @@ class PendingReadout:
 
 
 def start_readout(table: KnowledgeTable, ids: torch.Tensor, w: torch.Tensor, mode: str, training: bool,
-                  fetcher: Executor) -> PendingReadout:
+                  fetcher: Callable[[], Executor]) -> PendingReadout:
     """Decide the path for this call; in fetch mode submit the fetch of the distinct rows to
-    `fetcher`, so that the caller can compute something else while it is in flight."""
+    the executor `fetcher()` gives, so that the caller can compute something else while it
+    is in flight."""
     p = PendingReadout(ids, w)
     if mode == "pushdown":
         return p
@@ -121,7 +123,7 @@ def start_readout(table: KnowledgeTable, ids: torch.Tensor, w: torch.Tensor, mod
     # thread then never waits on the device, whose queue the caller is about to fill.
     host = {k: t.cpu() for k, t in usage.items()}
     p.uniq, p.local = uniq, local
-    p.fetch = fetcher.submit(table.fetch, uniq.cpu(), **host)
+    p.fetch = fetcher().submit(table.fetch, uniq.cpu(), **host)
     return p
 
 

@@ -40,8 +40,10 @@ def test_every_verb_parses(argv):
 def test_help_teaches_every_command():
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for verb in ("demo", "up", "status", "train", "generate", "admin", "scale", "down"):
+    for verb in ("demo", "up", "status", "train", "generate", "admin", "scale", "down",
+                 "learn", "explain", "ablate", "usage", "reorder"):
         assert verb in out.stdout
+    assert "bench" not in out.stdout          # benchmarks run on their own: python -m benchmarks.X
 
 
 def test_cluster_config_file(tmp_path):
