@@ -55,7 +55,7 @@ def to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     t = t.detach()
     if t.device.type == "cuda":
         # Through page-locked memory (torch caches those buffers): a copy into a fresh
-        # pageable buffer measured 8x slower per byte for an 8 MB readout on an H200 host.
+        # pageable buffer is slower per byte (benchmarks/STORE_NOTES.md).
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t)
         t = host
