@@ -171,11 +171,7 @@ class RemoteShard:
         # With a bfloat16 readout wire the values travel rounded to bfloat16 too (`Table.fetch`
         # hands them back in the table's value dtype).
         out_dtype = "bfloat16" if self.readout_wire_dtype == "bfloat16" else ""
-        req = pb.FetchRequest(version=version, out_dtype=out_dtype)
-        wire.ids_to_proto(ids, req.ids)
-        if hits is not None:
-            wire.ids_to_proto(hits, req.hits)   # counts: int32 when they fit, like ids
-            wire.to_proto(weight_sum, req.weight_sum)
+        req = wire.fetch_request_to_proto(ids, hits, weight_sum, out_dtype, version)
         return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,

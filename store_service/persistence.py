@@ -134,8 +134,8 @@ _CHUNK_BYTES = 16 << 20
 
 def _array_options(arr: np.ndarray) -> dict:
     """Chunks of whole rows, about 16 MiB each. Float data (values, keys, optimizer
-    state) is near incompressible and stored raw, which writes 2-4x faster; masks
-    and counters keep Zarr's default compression."""
+    state) is near incompressible and stored raw, which writes faster
+    (benchmarks/STORE_NOTES.md); masks and counters keep Zarr's default compression."""
     row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
     rows = max(1, min(max(arr.shape[0], 1), _CHUNK_BYTES // row_bytes))
     opts = {"chunks": (rows, *arr.shape[1:])}

@@ -18,17 +18,22 @@ from .merge import empty_result, select_topk
 from .state import ShardState
 
 
-def _tag(st: ShardState, name: str) -> torch.Tensor:
-    """Tag `name` of every flat row [F] (unset where the shard holds no such tag)."""
+def _tag_at(st: ShardState, name: str, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Tag `name` of the flat rows at positions `pos` where `valid`, else unset (also where
+    the shard holds no such tag)."""
     t = st.tags.get(name)
-    return torch.full_like(st.flat_ids, TAG_UNSET) if t is None else t
+    if t is None:
+        return torch.full_like(pos, TAG_UNSET)
+    return t[pos].masked_fill(~valid, TAG_UNSET)
 
 
 def filter_mask(st: ShardState, where: TagFilter | None) -> torch.Tensor | None:
     """[F] bool: the flat rows `where` lets through (None: no filter)."""
     if where is None:
         return None
-    t = _tag(st, where.name)
+    t = st.tags.get(where.name)
+    if t is None:
+        return torch.zeros_like(st.flat_ids, dtype=torch.bool)
     keep = t != TAG_UNSET
     if where.values:
         keep &= torch.isin(t, torch.tensor(where.values, dtype=torch.int64, device=t.device))
@@ -63,7 +68,7 @@ def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
         all_ids.append(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)))
         all_keys.append(st.keys[p].float() * valid.unsqueeze(-1))
         for name in tags:
-            all_tags[name].append(_tag(st, name)[p].masked_fill(~valid, TAG_UNSET))
+            all_tags[name].append(_tag_at(st, name, p, valid))
     h = cfg.d_k // 2
     for pc in st.pieces if where is None else ():   # product rows have no tags: a filter leaves them out
         n = pc.seg.n_sub
@@ -104,4 +109,4 @@ def side_k(st: ShardState, q: torch.Tensor, side: SideQuery, tags: Sequence[str]
     valid = sel >= 0
     p = pos[sel.clamp_min(0)]
     return SearchResult(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)), s, None,
-                        {name: _tag(st, name)[p].masked_fill(~valid, TAG_UNSET) for name in tags})
+                        {name: _tag_at(st, name, p, valid) for name in tags})

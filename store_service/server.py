@@ -140,13 +140,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Fetch(self, request, context):
         def call():
-            ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
-            out_dtype = wire.readout_wire_dtype(request.out_dtype, "out_dtype") if request.out_dtype else None
-            usage = {}
-            if request.HasField("hits") or request.HasField("weight_sum"):
-                usage = dict(hits=wire.from_proto(request.hits, "hits", ids=True, ndim=1),
-                             weight_sum=wire.from_proto(request.weight_sum, "weight_sum",
-                                                        dtypes=("float64", "float32"), ndim=1).double())
+            ids, out_dtype, usage = wire.fetch_request_from_proto(request)
             values = self._shard.fetch(ids, version=request.version, **usage)
             resp = pb.FetchResponse()
             wire.to_proto(values if out_dtype is None else values.to(out_dtype), resp.values)

@@ -90,8 +90,11 @@ class ShardState:
         # rows of partitions >= 1: out of the top-k and of balancing, searched by side queries
         outside = self.partition != 0
         self.outside_top_k = outside if bool(outside.any()) else None   # [F] bool, None when there are none
-        self.partition_pos = {int(p): torch.nonzero(self.partition == p).flatten()   # p -> [P] flat positions
-                              for p in torch.unique(self.partition[outside]).tolist()}
+        # partition p >= 1 -> its rows' flat positions [P_p], ascending (one sort, however many partitions)
+        pos = torch.nonzero(outside).flatten()
+        order = torch.argsort(self.partition[pos], stable=True)
+        parts, counts = torch.unique_consecutive(self.partition[pos][order], return_counts=True)
+        self.partition_pos = dict(zip(parts.tolist(), torch.split(pos[order], counts.tolist())))
         if self.faiss is not None:
             self.faiss.invalidate()
 

@@ -24,7 +24,7 @@ import torch
 from . import errors, persistence
 from . import validation as check
 from .config import TableConfig
-from .interface import (PAD_ID, SEGMENT_FLAT, SearchResult, SegmentInfo, ShardHandle, ShardInfo, SideQuery,
+from .interface import (PAD_ID, SearchResult, SegmentInfo, ShardHandle, ShardInfo, SideQuery,
                         TableInfo, TagFilter, UsageStats)
 from .merge import merge_results
 from .optimizer import OptimizerConfig, RowOptimizer
@@ -193,13 +193,6 @@ class Table:
         pos = torch.searchsorted(m.ends.to(ids.device)[order], ids, right=True).clamp_max(len(order) - 1)
         return torch.where(ids >= 0, order[pos], torch.full_like(ids, -1))
 
-    @staticmethod
-    def _check_ids(field: str, ids: torch.Tensor, num_rows: int, allow_pad: bool) -> None:
-        bad = (ids >= num_rows) | (ids < (-1 if allow_pad else 0))
-        if bool(bad.any()):
-            raise errors.InvalidArgument(field, f"id {int(ids[bad].reshape(-1)[0])} is out of range "
-                                                f"[{'-1 (padding), ' if allow_pad else ''}0, {num_rows})")
-
     # -- data plane --------------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
@@ -233,7 +226,7 @@ class Table:
         check.fetch_usage(ids, hits, weight_sum)
 
         def op(m: _ShardMap) -> torch.Tensor:
-            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
             owner = self._owner(m, ids)
             which = [int(i) for i in torch.unique(owner) if i >= 0]
             dtype = torch.bfloat16 if m.value_dtype == "bfloat16" else torch.float32
@@ -264,7 +257,7 @@ class Table:
         check.readout_entries(ids, weights)
 
         def op(m: _ShardMap) -> torch.Tensor:
-            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
             parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout(loc, weights, version=v))
             out = torch.zeros(ids.shape[0], m.d_v, device=ids.device)
             for p in parts:
@@ -280,7 +273,7 @@ class Table:
         rid = request_id or uuid.uuid4().hex  # so our own retries are never applied twice
 
         def op(m: _ShardMap) -> torch.Tensor:
-            self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+            check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
             parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout_backward(
                 loc, weights, grad_out, request_id=rid, version=v))
             out = torch.zeros(ids.shape, device=ids.device)
@@ -297,7 +290,7 @@ class Table:
 
         def op(m: _ShardMap) -> None:
             parts = dict(self._split(m, ids, grads))
-            _check_flat(m, ids)
+            check.flat_rows("ids", ids, m.segments)
             self._each(lambda i, s: s.accumulate_key_grads(*parts[i], request_id=rid, version=m.infos[i].version),
                        list(parts))
         self._retrying(op)
@@ -306,7 +299,7 @@ class Table:
                ) -> list[tuple[int, tuple[torch.Tensor, ...]]]:
         """(shard index, (ids, *tensors) restricted to its rows) for every shard owning some
         of ids [M] (checked against the map; PAD goes nowhere)."""
-        self._check_ids("ids", ids, m.num_rows, allow_pad=True)
+        check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
         owner = self._owner(m, ids)
         out = []
         for i in (int(i) for i in torch.unique(owner) if i >= 0):
@@ -410,7 +403,7 @@ class Table:
         check.flag("flag", flag)
         check.tensor("ids", ids, torch.int64, (None,))
         m = self._map
-        self._check_ids("ids", ids, m.num_rows, allow_pad=False)
+        check.ids_in_table("ids", ids, m.num_rows, allow_pad=False)
         owner = self._owner(m, ids).to(ids.device)
         which = [int(i) for i in torch.unique(owner)]
         self._each(lambda i, s: call(s, ids[owner == i]), which)
@@ -466,13 +459,3 @@ class Table:
         self.refresh()
         self._each(lambda i, s: s.release_version(old[i]))
 
-
-def _check_flat(m: _ShardMap, ids: torch.Tensor) -> None:
-    flat = torch.zeros(ids.shape, dtype=torch.bool)
-    for seg in m.segments:
-        if seg.kind == SEGMENT_FLAT:
-            flat |= (ids.cpu() >= seg.row_start) & (ids.cpu() < seg.row_end)
-    bad = (ids.cpu() >= 0) & ~flat
-    if bool(bad.any()):
-        raise errors.InvalidArgument("ids", f"id {int(ids.cpu()[bad][0])} is a product-key row; "
-                                            "key gradients are for flat rows")

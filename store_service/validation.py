@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 import torch
 
 from . import errors
-from .interface import PAD_ID, TAG_UNSET, SideQuery, TagFilter
+from .interface import PAD_ID, SEGMENT_FLAT, TAG_UNSET, SegmentInfo, SideQuery, TagFilter
 from .optimizer import OptimizerConfig
 
 TAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -47,6 +47,26 @@ def ids_in_range(field: str, ids: torch.Tensor, lo: int, hi: int, *, allow_pad: 
         first = int(ids[bad].reshape(-1)[0])
         raise errors.InvalidArgument(field, f"id {first} is not in this shard's rows [{lo}, {hi})"
                                      + (" (and is not padding -1)" if allow_pad else ""))
+
+
+def ids_in_table(field: str, ids: torch.Tensor, num_rows: int, *, allow_pad: bool) -> None:
+    bad = (ids >= num_rows) | (ids < (PAD_ID if allow_pad else 0))
+    if bool(bad.any()):
+        raise errors.InvalidArgument(field, f"id {int(ids[bad].reshape(-1)[0])} is out of range "
+                                            f"[{'-1 (padding), ' if allow_pad else ''}0, {num_rows})")
+
+
+def flat_rows(field: str, ids: torch.Tensor, segments: Sequence[SegmentInfo]) -> None:
+    """ids (or PAD) must be rows of flat segments (key gradients are for flat keys)."""
+    ids = ids.cpu()
+    flat = torch.zeros(ids.shape, dtype=torch.bool)
+    for seg in segments:
+        if seg.kind == SEGMENT_FLAT:
+            flat |= (ids >= seg.row_start) & (ids < seg.row_end)
+    bad = (ids >= 0) & ~flat
+    if bool(bad.any()):
+        raise errors.InvalidArgument(field, f"id {int(ids[bad][0])} is a product-key row; "
+                                            "key gradients are for flat rows")
 
 
 def integer(field: str, x, lo: int, hi: int | None = None) -> int:

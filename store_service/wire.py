@@ -55,7 +55,7 @@ def to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     t = t.detach()
     if t.device.type == "cuda":
         # Through page-locked memory (torch caches those buffers): a copy into a fresh
-        # pageable buffer measured 8x slower per byte for an 8 MB readout on an H200 host.
+        # pageable buffer is slower per byte (benchmarks/STORE_NOTES.md).
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t)
         t = host
@@ -330,6 +330,28 @@ def row_optimizer_to_proto(old: RowOptimizer) -> pb.SetOptimizerResponse:
 
 def row_optimizer_from_proto(r: pb.SetOptimizerResponse) -> RowOptimizer:
     return RowOptimizer(optimizer_from_proto(r.optimizer), float(r.bias_step))
+
+
+def fetch_request_to_proto(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.Tensor | None,
+                           out_dtype: str, version: int) -> pb.FetchRequest:
+    req = pb.FetchRequest(version=version, out_dtype=out_dtype)
+    ids_to_proto(ids, req.ids)
+    if hits is not None:
+        ids_to_proto(hits, req.hits)   # counts: int32 when they fit, like ids
+        to_proto(weight_sum, req.weight_sum)
+    return req
+
+
+def fetch_request_from_proto(req: pb.FetchRequest) -> tuple[torch.Tensor, torch.dtype | None, dict]:
+    """-> (ids, the dtype values travel back in (None: the table's), usage keyword arguments)."""
+    ids = from_proto(req.ids, "ids", ids=True, ndim=1)
+    out_dtype = readout_wire_dtype(req.out_dtype, "out_dtype") if req.out_dtype else None
+    usage = {}
+    if req.HasField("hits") or req.HasField("weight_sum"):
+        usage = dict(hits=from_proto(req.hits, "hits", ids=True, ndim=1),
+                     weight_sum=from_proto(req.weight_sum, "weight_sum", dtypes=("float64", "float32"),
+                                           ndim=1).double())
+    return ids, out_dtype, usage
 
 
 def usage_to_proto(u: UsageStats) -> pb.UsageResponse:

@@ -215,3 +215,80 @@ def test_format1_rows_with_both_labels_are_a_side_query_over_partition_1(tmp_pat
                       (res.tags["gate"], "gate"), (res.side.ids, "side_ids"), (res.side.scores, "side_scores"),
                       (res.side.tags["cue"], "side_cue"), (res.side.tags["gate"], "side_gate")):
         assert torch.equal(got, FORMAT1[want]), want
+
+
+# -- publish_permuted: rows moved to new ids ---------------------------------------------------
+
+def _permutation_plan(gen: torch.Generator, n_sub: int, num_rows: int):
+    """Codebook permutations (new sub-key -> old) and new_of_old for product rows [0, n^2)
+    moved with them and flat rows shuffled within their segment."""
+    perm_a, perm_b = torch.randperm(n_sub, generator=gen), torch.randperm(n_sub, generator=gen)
+    old_of_new = (perm_a[:, None] * n_sub + perm_b[None, :]).reshape(-1)
+    flat = n_sub * n_sub + torch.randperm(num_rows - n_sub * n_sub, generator=gen)
+    old_of_new = torch.cat([old_of_new, flat])
+    new_of_old = torch.empty_like(old_of_new)
+    new_of_old[old_of_new] = torch.arange(num_rows)
+    return new_of_old, perm_a, perm_b
+
+
+def test_publish_permuted_moves_every_row_bitwise(tmp_path):
+    root = str(tmp_path)
+    t = Table.create(_cfg(num_shards=2, bias_step=0.0), root)
+    g = torch.Generator().manual_seed(0)
+    t.add_rows(torch.randn(6, 16, generator=g), torch.randn(6, 8, generator=g), torch.randn(6, generator=g),
+               tags={"topic": torch.tensor([0, -1, 2, 2, -1, 5])}, partition=torch.tensor([0, 0, 0, 1, 1, 0]))
+    _train(t)
+    t.set_frozen(torch.tensor([3, 41]))
+    t.set_ablated(torch.tensor([7, 77]))
+    v = t.snapshot()
+    n = t.info().num_rows
+    new_of_old, perm_a, perm_b = _permutation_plan(g, 6, n)
+    v2 = versions.publish_permuted(root, v, new_of_old, {0: (perm_a, perm_b)})
+    u = Table.open(root, v2)
+    assert [s.describe().info.row_end for s in u.shards] == [s.describe().info.row_end for s in t.shards]
+    assert u.info().tag_rows == t.info().tag_rows and u.info().partition_rows == t.info().partition_rows
+
+    def whole(table, name, flat):
+        parts = [sh.state_dict() for sh in table.shards]
+        if not flat:
+            return torch.cat([p[name] for p in parts])
+        ids = torch.cat([p["flat_ids"] for p in parts])   # a tag a shard never held: unset on its rows
+        return ids, torch.cat([p.get(name, torch.full_like(p["flat_ids"], -1)) for p in parts])
+    for name in ("values", "frozen", "ablated", "hits", "weight_sum", "opt_steps", "opt_m", "opt_v"):
+        old, new = whole(t, name, False), whole(u, name, False)
+        assert torch.equal(new[new_of_old], old), name           # row r now lives at new_of_old[r]
+    for name in ("keys", "flat_bias", "key_steps", "key_m", "key_v", "flat_partition", "tag_topic"):
+        (old_ids, old), (new_ids, new) = whole(t, name, True), whole(u, name, True)
+        assert torch.equal(new_ids, new_of_old[old_ids].sort().values)   # flat rows in id order
+        at = {int(i): r for r, i in enumerate(new_ids)}
+        assert torch.equal(new[torch.tensor([at[int(new_of_old[i])] for i in old_ids])], old), name
+    # store-held codebooks were permuted alike: the same rows answer, under their new ids
+    q = torch.randn(9, 8, generator=g)
+    a, b = t.search(q, 6, tags=("topic",)), u.search(q, 6, tags=("topic",))
+    assert torch.equal(b.ids, torch.where(a.ids >= 0, new_of_old[a.ids.clamp_min(0)], a.ids))
+    torch.testing.assert_close(b.scores, a.scores, rtol=0, atol=1e-6)
+    assert torch.equal(b.tags["topic"], a.tags["topic"])
+    assert torch.equal(u.fetch(new_of_old), t.fetch(torch.arange(n)))
+
+
+def test_publish_permuted_refuses_moves_the_codebooks_do_not_make(tmp_path):
+    root = str(tmp_path)
+    t = Table.create(_cfg(num_shards=2), root)
+    v = t.snapshot()
+    n = t.info().num_rows
+    new_of_old, perm_a, perm_b = _permutation_plan(torch.Generator().manual_seed(1), 6, n)
+    swapped = torch.arange(n)
+    swapped[[0, 1]] = swapped[[1, 0]]                        # two product rows, no codebook permutation
+    into_product = torch.arange(n)
+    into_product[[0, 40]] = into_product[[40, 0]]           # a flat row into the product segment
+    for args, field in (((new_of_old[:-1], {0: (perm_a, perm_b)}), "new_of_old"),
+                        ((new_of_old * 0, {0: (perm_a, perm_b)}), "new_of_old"),
+                        ((new_of_old, None), "new_of_old"),
+                        ((swapped, None), "new_of_old"),
+                        ((into_product, None), "new_of_old"),
+                        ((new_of_old, {0: (perm_a, perm_b[:-1])}), "codebook_perms[0][1]"),
+                        ((new_of_old, {1: (perm_a, perm_b)}), "codebook_perms")):
+        with pytest.raises(errors.InvalidArgument) as e:
+            versions.publish_permuted(root, v, *args)
+        assert e.value.field == field
+    assert persistence.list_versions(root) == [v]

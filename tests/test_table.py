@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from store_service import errors, kernels
+from store_service import errors, kernels, persistence, versions
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
 from store_service.shard import Shard
@@ -490,3 +490,60 @@ def test_search_after_rows_were_appended_to_the_last_shard():
     assert bool((res.ids[:, 5:] == -1).all())
     with pytest.raises(errors.InvalidArgument, match="k=42 exceeds"):
         t.search(keys, 42)
+
+
+# -- store-side product search (TableConfig.store_codebooks) --------------------------------
+
+def _product_table(tmp_path, num_shards: int, **kw) -> Table:
+    return Table.create(_cfg(num_shards, segments=[("product", 12)], store_codebooks=True, **kw), str(tmp_path))
+
+
+def _model_side(table: Table, q: torch.Tensor, k: int, ca, cb, ba, bb, ablated=None):
+    """What the model searches on the worker: kernels.product_key_search over whole codebooks."""
+    return kernels.product_key_search(q[:, :4].contiguous(), q[:, 4:].contiguous(), ca, cb, k, ba, bb, ablated)
+
+
+def test_store_side_product_search_equals_the_model_side_kernel_on_one_shard(tmp_path):
+    """One shard holds whole codebooks and sub-key biases (balanced here for some steps):
+    its search is the model-side kernel's, bitwise, with and without ablated rows."""
+    t = _product_table(tmp_path, 1, bias_step=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        t.readout(torch.randint(0, 144, (20, 4), generator=gen), torch.rand(20, 4, generator=gen))
+        t.end_step(step)
+    sd = t.shards[0].state_dict()
+    ca, cb, ba, bb = (sd[f"pk0_{n}"] for n in ("codebook_a", "codebook_b", "bias_a", "bias_b"))
+    assert bool(ba.any()) and bool(bb.any())
+    q = torch.randn(33, 8, generator=gen)
+    res = t.search(q, 10)
+    s, ids = _model_side(t, q, 10, ca, cb, ba, bb)
+    assert torch.equal(res.ids, ids) and torch.equal(res.scores, s)
+    assert torch.equal(res.keys, torch.cat([ca[ids // 12], cb[ids % 12]], -1))
+    t.set_ablated(ids[:, :3].unique())
+    mask = t.usage().ablated
+    s, ids = _model_side(t, q, 10, ca, cb, ba, bb, mask)
+    res = t.search(q, 10)
+    assert torch.equal(res.ids, ids) and torch.equal(res.scores, s)
+
+
+def test_store_side_product_search_over_shards_equals_the_model_side_kernel(tmp_path):
+    """Three shards, each searching its slice of the first codebook against the whole second
+    one, merged by the table: the model-side kernel's rows over the same codebooks and biases
+    (set here through a rewritten version; each shard balances its own second-codebook biases,
+    so only equal ones make the comparison one search)."""
+    t = _product_table(tmp_path, 3, bias_step=0.0)
+    v = t.snapshot()
+    gen = torch.Generator().manual_seed(1)
+    ba, bb = torch.randn(12, generator=gen) * 0.3, torch.randn(12, generator=gen) * 0.3
+
+    def set_biases(d):
+        return persistence.ShardData(d.attrs, dict(d.arrays, pk0_bias_a=ba.numpy(), pk0_bias_b=bb.numpy()))
+    versions.rewrite_version(str(tmp_path), v, set_biases)
+    t = Table.open(str(tmp_path), v)
+    sd = t.shards[0].state_dict()
+    ca, cb = sd["pk0_codebook_a"], sd["pk0_codebook_b"]
+    q = torch.randn(40, 8, generator=gen)
+    res = t.search(q, 9)
+    s, ids = _model_side(t, q, 9, ca, cb, ba, bb)
+    assert torch.equal(res.ids, ids)
+    torch.testing.assert_close(res.scores, s, rtol=0, atol=1e-6)

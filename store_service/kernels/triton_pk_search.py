@@ -9,7 +9,7 @@ The work splits into two parts of very different kinds:
     query, one warp: the n scores sit in the warp's registers, so every
     reduction is in-thread adds plus warp shuffles (an earlier fused kernel
     with 16 queries per program spent its time in cross-warp reductions and
-    int64 bitonic sorts: 1.81 ms vs the reference's 1.90, KERNEL_NOTES.md).
+    int64 bitonic sorts; benchmarks/KERNEL_NOTES.md).
 
 Selection without sorting: the scores are mapped to order-preserving int32
 keys and a threshold is found by bisection over the 32-bit range (counts of

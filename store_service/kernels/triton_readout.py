@@ -18,8 +18,8 @@ rows in L2. No atomics, no dense N x d_v buffer: the output is (unique ids
 [U] sorted, row grads [U, d_v] fp32). For the fused softmax, grad_scores =
 w * (gw - sum_j w_j gw_j) is a small [T, k] epilogue kernel.
 
-Measured on an H100 (benchmarks/KERNEL_NOTES.md), T=16384, k=32, d_v=1024,
-bf16: forward 0.40 ms (95% of the copy bandwidth), forward + backward 2.06 ms.
+Their timings against the copy bandwidth, and the variants tried:
+benchmarks/KERNEL_NOTES.md.
 
 Everything accumulates in fp32; values may be fp32 or bf16 (or fp16).
 """
@@ -78,8 +78,8 @@ def _readout_fwd_kernel(values_ptr, ids_ptr, w_ptr, out_ptr,
 
 def _fwd_config(K: int, D: int, dtype: torch.dtype):
     """(BLOCK_K, BLOCK_D, D_PER_PROG, num_warps)."""
-    # measured on an H100 (benchmarks/KERNEL_NOTES.md): one whole row per step
-    # (0.40 ms) beats 4 rows (0.42) and wide [16, 256] tiles (1.26) at d_v = 1024
+    # one whole row per step: the fastest of the tiles timed at d_v = 1024
+    # (benchmarks/KERNEL_NOTES.md)
     return 1, 1024, 1024, 4
 
 
@@ -163,7 +163,7 @@ def _row_grad_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_ptr, f
     ORDERED: program i handles the row whose first occurrence is pair i (and
     exits if pair i is no first occurrence), so programs running together read
     the same few g rows: g is gathered ~k times per token and does not fit in
-    L2 otherwise (measured: the g gathers then cost as much as HBM traffic)."""
+    L2 otherwise (benchmarks/KERNEL_NOTES.md)."""
     i = tl.program_id(0)
     pd = tl.program_id(1)
     if ORDERED:
@@ -240,12 +240,11 @@ def _row_grad_rows_kernel(values_ptr, g_ptr, w_ptr, perm_ptr, skey_ptr, bounds_p
     tl.store(rg_ptr + u.to(tl.int64)[:, None] * D + offs_d[None, :], acc, mask=m2, cache_modifier=".cs")
 
 
-# Row-gradient configs measured on an H100 at T=16384, k=32, d_v=1024 (benchmarks/KERNEL_NOTES.md):
-# (1024, 2, ordered, hints, 1) 1.29 ms; 4 warps 1.37; 1 warp 1.34; unordered 1.51; 2 rows/program
-# 1.73; 4 rows 1.99. A first-call tuner that timed these on the first (small) problem picked
-# 2 rows/program and cost 0.35 ms at the large size, so the default is fixed.
+# The row-gradient config is fixed, not tuned on the first call: a tuner times the first
+# (often small) problem and can pick a config that is slower at the sizes that matter
+# (the configs timed: benchmarks/KERNEL_NOTES.md).
 def _bwd_config(D: int):
-    """Default (BLOCK_D, num_warps, ORDERED, HINTS, ROWS): best measured on an H100 at d_v = 1024
+    """Default (BLOCK_D, num_warps, ORDERED, HINTS, ROWS): the fastest timed at d_v = 1024
     (benchmarks/KERNEL_NOTES.md)."""
     return min(_next_pow2(D), 1024), 2, True, True, 1
 
@@ -361,8 +360,8 @@ def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr
     """One program per (t, j) pair i. If i is its row's first occurrence, the
     program owns the row:  row_grad[u] = sum over the row's pairs of w * g_t,
     grad_w[p] = g_t . v_row for each of them. Pair i's own token, weight and row
-    id are known without the sort, so the common case (a row used once: 77% of
-    rows at the benchmark shape) is two dependent loads deep (ids -> v), as the
+    id are known without the sort, so the common case (a row used once: most rows
+    at the benchmark shape, KERNEL_NOTES.md) is two dependent loads deep (ids -> v), as the
     forward; only rows used more than once walk their sorted segment."""
     i = tl.program_id(0).to(tl.int64)
     pd = tl.program_id(1)
@@ -407,8 +406,8 @@ def _row_grad_first_kernel(values_ptr, ids_ptr, g_ptr, w_ptr, perm_ptr, fo_u_ptr
 
 
 def _fo_config(D: int):
-    """(BLOCK_D, num_warps, G_EARLY, HINTS) of the row-gradient kernel: measured on an H100
-    at d_v = 1024 (benchmarks/KERNEL_NOTES.md), 2 warps: backward 1.57 ms, 1 or 4 warps ~2.0."""
+    """(BLOCK_D, num_warps, G_EARLY, HINTS) of the row-gradient kernel: the fastest timed at
+    d_v = 1024 (benchmarks/KERNEL_NOTES.md)."""
     return min(_next_pow2(D), 1024), 2, True, True
 
 
@@ -423,8 +422,8 @@ def _readout_backward(values, ids, w, grad_out, config=None, softmax=False):
     enqueued before the one host sync (U, to size the outputs) at the end: the
     row grads are written into a [min(T*k, N), D] buffer of which the first U rows
     are returned (a view), so no kernel waits on the host. Few launches and
-    allocations on purpose: at the benchmark shape the host's launch time, not the
-    GPU, was the gap between the kernels' sum and the measured time.
+    allocations on purpose: at the benchmark shape the host's launch time counts
+    (benchmarks/KERNEL_NOTES.md).
     config: optional (BLOCK_D, num_warps[, G_EARLY, HINTS]) of the row-gradient kernel."""
     T, K = ids.shape
     D = values.shape[1]
