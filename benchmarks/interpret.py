@@ -16,24 +16,24 @@ import argparse
 import json
 import os
 import random
+import shutil
+import tempfile
 import time
 
+import torch
+
 from benchmarks.common import write_results
+from benchmarks.continual import base_checkpoint, device_string, load_base
+from model_worker import evaluate
+from model_worker import interpret as I
+from model_worker.data import build_corpus
+from model_worker.generate import generate_fn
+from store_service.usage import usage_histogram, usage_summary
 
 
 def run(args) -> dict:
-    import torch
-
-    from benchmarks.continual import base_checkpoint, device_string, load_base
-    from model_worker import evaluate
-    from model_worker import interpret as I
-    from model_worker.data import build_corpus
-    from model_worker.generate import generate_fn
-    from store_service.usage import usage_histogram, usage_summary
-
     torch.set_num_threads(args.threads)
     ckpt = args.checkpoint or base_checkpoint(args.base)
-    import tempfile
     scratch = tempfile.mkdtemp(prefix="interpret_", dir=args.scratch)
     model, tok, table, meta = load_base(ckpt, scratch)
     corpus = build_corpus(meta["train_config"]["corpus"])
@@ -93,7 +93,6 @@ def run(args) -> dict:
     best = max(summary.items(), key=lambda kv: kv[1]["selectivity"]) if summary else (None, {})
     example = I.explain(model, tok, corpus.eval[0].prompt if not right else right[0].prompt, contexts=ctx,
                         max_new_tokens=12, top_rows=3, top_contexts=2)
-    import shutil
     shutil.rmtree(scratch, ignore_errors=True)
     headline = {
         "ablation_rows_per_fact": best[0] and int(best[0]),
@@ -116,7 +115,7 @@ def run(args) -> dict:
 
 
 def plot(result: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib is a dev extra, needed only to draw
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))

@@ -12,6 +12,7 @@ replica moves its biases identically and the replicas never drift apart.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,6 @@ class DataParallel:
     def init(rank: int, world_size: int, master_addr: str, master_port: int,
              backend: str = "gloo", timeout_s: float = 300.0) -> "DataParallel":
         """Join the process group (idempotent for the same rank and world)."""
-        import datetime
-
         if not dist.is_initialized():
             dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                     world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
