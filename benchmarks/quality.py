@@ -16,7 +16,7 @@ the small-knowledge-2l preset (knowledge layers beside the FFNs of blocks 1 and 
 both over one 16k-row table, n_sub 128; chosen over the one-layer small-knowledge
 on seeds 100-102, which the reported seeds do not include) at matched active
 parameters (the codebooks count as active, the rows it does not read do not).
-The H200 figures below are the one-layer small-knowledge model's. Recall is exact match over *all* held-out-phrasing prompts of the trained
+Recall is exact match over *all* held-out-phrasing prompts of the trained
 facts; the headline is the mean over `--seeds`, each seed is reported beside it,
 with recall on a seen phrasing and per relation in each run's `final_recall`.
 
@@ -24,21 +24,11 @@ On a GPU, `--device cuda --jobs 12 --time-budget 150` puts every run's model and
 table on the GPU and sets --steps so that the slowest run fits the budget;
 `--reuse FILE` keeps the finished runs of an earlier call trained with the same
 settings (a lease ends mid-benchmark) and trains only the missing ones.
-On an H200 (benchmarks/results/quality_h200_medium_para.json; medium-para corpus,
-2300 steps of 256 x 64 tokens = 37.7M tokens per model, 12x the CPU regime, 7 seeds
-gathered over 5 calls with --reuse): every model recalls 0.965 of the facts on a
-trained phrasing; on the held-out phrasing dense 0.262, dense-2x 0.280, MoE 0.275,
-knowledge 0.305, with seed standard errors of 0.02-0.04 and paired knowledge-minus-
-baseline gaps of +0.025 to +0.042 (s.e. 0.033-0.055): the highest mean, within noise.
-Remote vs in-process tokens/s there, steady state, 16k tokens per step, exact fp32: with
-fetch-mode readouts (the worker fetches the ~2k rows per shard and layer a step selects and
-sends back their gradients) median 0.80 of 3 pairs (0.69-0.94 over calls), pushdown (the
-shards return [65,536, d_v] partial sums) 0.24 in the same call as the 0.94
-(`--throughput-only --tput-readouts fetch,pushdown --tput-repeats 3`;
-benchmarks/results/h200_throughput/). `--throughput-only` measures that alone;
+`--throughput-only` measures remote vs in-process training throughput alone;
 `--summarize FILE` rebuilds a saved JSON's headline and PNG without training.
 
 Writes benchmarks/results/quality.json and quality.png (recall vs training steps).
+What it measured on an H200: benchmarks/QUALITY_NOTES.md.
 """
 from __future__ import annotations
 
