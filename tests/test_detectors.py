@@ -196,3 +196,20 @@ def test_gate_state_with_detectors_carries_across_generation_calls(gate_lab):
     assert bool((full[0, 6] == r2).any()) and not bool((full[0, 6] == r1).any())
     assert torch.equal(stepwise, full)
     assert state.labels.tolist() == [500, 601, 602] and state.family.tolist() == [-1, 500, 500]
+
+
+def test_one_search_per_layer_and_call_brings_tags_and_detectors(gate_lab):
+    """The gated table costs no second round trip: one search per call, asking for the cue /
+    gate tags and the detector partition's side query."""
+    kl, table = gate_lab.layer()
+    x = torch.randn(1, 10, kl.wq.in_features)
+    _family(kl, table, gate_lab.queries(kl, x), cue_at=3, read_at=8, det_at=(1, 5), det_bias=(0.0, -1.5))
+    calls = []
+    search = table.search
+
+    def counted(q, k, **kw):
+        calls.append(kw)
+        return search(q, k, **kw)
+    table.search = counted
+    gate_lab.read(kl, x)
+    assert calls == [{"tags": GATE_TAGS, "side": SideQuery(DETECTOR_PARTITION, kl.cfg.detector_pool)}]
