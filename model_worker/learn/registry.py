@@ -34,8 +34,8 @@ class LearnRun:
     lr: float                                # cfg.lr, or the method's default
     old_ids: torch.Tensor                    # the rows the table had before [N_old]
     result: LearnResult
+    # new rows that stay frozen after the run (learn unfreezes the other new rows), e.g. detectors
     stay_frozen: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    # ^ new rows that must stay frozen after the run (learn unfreezes the other new rows)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
-"""Wrote tests/data/legacy_v1/ (run once, at commit 03059be; it needs that code: `continual`, `flat_cue`): a checkpoint and store as the pre-restructure code
-(commit 03059be) writes them: a tiny-knowledge model trained 30 steps, then `learn`
-(new rows with cues, gated rows and detectors) published as format-1 version 2 with
-flat_cue / flat_gate arrays; plus the logits and answers that code computed."""
+"""Wrote tests/data/legacy_v1/ once, at commit 03059be (it needs that code: `model_worker.continual`,
+cue= / gate= add_rows): a tiny-knowledge model trained 30 steps, then `learn` (new rows with cues,
+gated rows and detectors) published as format-1 version 2 with flat_cue / flat_gate arrays, and
+the logits and answers that code computed. The checkpoint and that version were copied from its
+output by hand (README.md)."""
 import json, shutil, sys
 from pathlib import Path
 import torch
