@@ -1,7 +1,7 @@
 """Generate the Python modules of protos/knowledge_store.proto; the only way they are made.
 
     python -m protos.generate            # writes into protos/
-    python -m protos.generate --out DIR  # writes elsewhere (tests/test_protos.py checks staleness)
+    python -m protos.generate --out DIR  # writes elsewhere (tests/store/test_protos.py checks staleness)
 
 grpc_tools.protoc writes `import knowledge_store_pb2` into the _pb2_grpc module,
 which only works with protos/ on sys.path; we rewrite it to a package-relative

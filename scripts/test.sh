@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Installs the project and runs the test suite. Slow end-to-end tests run on a
-# small configuration (KSTORE_SMALL=1).
+# Installs the project and runs the test suite (tests/store, tests/model, tests/cluster,
+# tests/benchmarks). Slow end-to-end tests run on small configurations of their own.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-export KSTORE_SMALL=1
 python -m pytest -q -x --timeout=900 tests "$@"

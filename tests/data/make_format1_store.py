@@ -1,6 +1,6 @@
 """Write tests/data/format1_store: a small table version as the pre-restructure store wrote it
 (commit 03059be: format 1, row labels as flat_cue / flat_gate, no partitions), and the answers
-that code gave to a few searches on it (format1_answers.pt), for tests/test_persistence.py.
+that code gave to a few searches on it (format1_answers.pt), for tests/store/test_persistence.py.
 
 It must run against that code, not this tree's:
 

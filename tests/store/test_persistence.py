@@ -156,7 +156,7 @@ def test_compose_version_takes_one_shard_from_another_version(tmp_path):
 
 # -- format 1: versions written before tags and partitions ------------------------------------
 
-DATA = pathlib.Path(__file__).parent / "data"
+DATA = pathlib.Path(__file__).parents[1] / "data"
 FORMAT1 = torch.load(DATA / "format1_answers.pt")   # what the pre-restructure store answered
 
 

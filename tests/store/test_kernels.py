@@ -13,7 +13,7 @@ import torch
 if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     # The interpreter would replace the compiled kernels for every test of this session
     # (the CUDA tests too): on a GPU machine run this file on its own, TRITON_INTERPRET=1.
-    pytest.skip("Triton interpreter tests: run `TRITON_INTERPRET=1 pytest tests/test_kernels.py` alone "
+    pytest.skip("Triton interpreter tests: run `TRITON_INTERPRET=1 pytest tests/store/test_kernels.py` alone "
                 "on a CUDA machine", allow_module_level=True)
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules are (re)built below
 

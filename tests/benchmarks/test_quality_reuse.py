@@ -157,7 +157,7 @@ def test_wire_bench_times_each_format_against_the_in_process_table(tmp_path):
     import sys
     from pathlib import Path
     out = tmp_path / "wire.json"
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "wire_bench.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "wire_bench.py"
     subprocess.run([sys.executable, str(script), "--rows", "256", "--n-sub", "16", "--reps", "2",
                     "--variants", "grid-fp32,compact-bf16-c64", "--out", str(out)], check=True, timeout=300)
     r = json.loads(out.read_text())
