@@ -142,6 +142,11 @@ _SMALL = dict(vocab_size=260, block_size=128, n_layers=4, d_model=64, n_heads=4)
 _TINY_KN = dict(layers=(1,), n_heads=2, d_k=16, k=4, n_sub=8)
 _SMALL_KN = dict(layers=(2,), placement="beside", n_heads=2, d_k=32, k=16, n_sub=64, value_lr=0.05)
 
+_CAP = dict(vocab_size=2048, block_size=256, n_layers=4, d_model=128, n_heads=4)
+_CAP_KN = dict(layers=(2,), placement="beside", n_heads=4, d_k=32, k=16, n_sub=256, value_lr=0.05)
+_CAP_TINY = dict(vocab_size=1024, block_size=128, n_layers=2, d_model=64, n_heads=4)
+_CAP_TINY_KN = dict(layers=(1,), placement="beside", n_heads=2, d_k=32, k=16, n_sub=64, value_lr=0.05)
+
 configs: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),
     "tiny-moe": dict(_TINY, ffn="moe", n_experts=4, n_active=2),
@@ -156,6 +161,21 @@ configs: dict[str, dict[str, Any]] = {
     # active with the benchmark's 16k-row table).
     "small-knowledge-2l": dict(_SMALL, ffn="moe", d_ff=144, n_experts=16, n_active=2,
                                knowledge=dict(_SMALL_KN, layers=(1, 2))),
+    # Knowledge capacity (benchmarks/capacity.py, issue 22): bioS biographies through a
+    # 2,048-token BPE (vocab_size and the table's n_sub are set per run: n_sub grows with
+    # the population). Matched at ~1.05M active parameters; the dense model's capacity (~1
+    # bit per parameter at 100 exposures, ~1M bits) is what ~23k people carry, well below
+    # the largest populations (300k people: 14M bits). The knowledge layer sits beside
+    # the FFN of block 2; d_ff 272 pays for its projections.
+    "cap-dense": dict(_CAP, ffn="dense", d_ff=352),                                     # ~1.07M active
+    "cap-moe": dict(_CAP, ffn="moe", d_ff=352, n_experts=16, n_active=2),               # ~1.07M / 3.6M
+    "cap-knowledge": dict(_CAP, ffn="moe", d_ff=272, n_experts=16, n_active=2, knowledge=_CAP_KN),  # ~1.06M
+    "cap-knowledge-dense": dict(_CAP, ffn="dense", d_ff=272, knowledge=_CAP_KN),        # ~1.05M: the store without MoE
+    # Their CPU check at small N: ~160k active (1,024-token BPE).
+    "cap-tiny-dense": dict(_CAP_TINY, ffn="dense", d_ff=192),
+    "cap-tiny-moe": dict(_CAP_TINY, ffn="moe", d_ff=192, n_experts=8, n_active=2),
+    "cap-tiny-knowledge": dict(_CAP_TINY, ffn="moe", d_ff=144, n_experts=8, n_active=2, knowledge=_CAP_TINY_KN),
+    "cap-tiny-knowledge-dense": dict(_CAP_TINY, ffn="dense", d_ff=144, knowledge=_CAP_TINY_KN),
 }
 
 

@@ -1,0 +1,163 @@
+"""Capacity results: provenance, merging results across calls, the headline, the plot and
+the GPU plan (benchmarks/capacity.py runs the training; this module only reads results)."""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.common import cpu_model
+from model_worker.data.bios.lists import information_bits_per_person
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET_BITS_RATIO, TARGET_TOKENS_RATIO = 4.0, 0.7
+
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def device_string(device: str) -> str:
+    import torch
+    host = f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, torch {torch.__version__}"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"GPU: {torch.cuda.get_device_name(0)} (model and table on the GPU, TF32 matmuls); {host}"
+    return host
+
+
+def provenance(device: str) -> dict:
+    """Where and from what a result came: the commit (and whether the tree had changes),
+    the command line, the machine, the date."""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status), "command": " ".join([sys.executable] + sys.argv),
+            "machine": f"{socket.gethostname()} ({platform.platform()})", "device": device_string(device),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _mean_se(xs: list[float]) -> dict:
+    m = sum(xs) / len(xs)
+    return {"mean": m, "se": statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None, "n": len(xs),
+            "values": xs}
+
+
+def per_point(runs: dict[str, dict]) -> dict:
+    """{people: {model: {bits, bits_per_active_param, ...: mean/se over seeds}}} of finished runs."""
+    points: dict[int, dict[str, list[dict]]] = {}
+    for r in runs.values():
+        if r["spec"].get("remote"):
+            continue
+        points.setdefault(r["spec"]["people"], {}).setdefault(r["spec"]["model"], []).append(r)
+    out: dict = {}
+    for n in sorted(points):
+        out[n] = {}
+        for model, rs in sorted(points[n].items()):
+            params = rs[0]["progress"]["params"]
+            out[n][model] = {
+                "seeds": sorted(r["spec"]["seed"] for r in rs),
+                "bits": _mean_se([r["bits"] for r in rs]),
+                "bits_per_active_param": _mean_se([r["bits"] / r["progress"]["params"]["active"] for r in rs]),
+                "bits_per_total_param": _mean_se([r["bits"] / r["progress"]["params"]["total"] for r in rs]),
+                "fraction_stored": _mean_se([r["fraction_stored"] for r in rs]),
+                "name_bits": _mean_se([r["name_bits"] for r in rs]),
+                "recall": {k: _mean_se([r["recall"][k]["recall"] for r in rs]) for k in rs[0]["recall"]},
+                "active_params": params["active"], "total_params": params["total"],
+                "tokens_per_s_in_run": _mean_se([r["progress"]["timed_tokens"] / r["progress"]["timed_s"]
+                                                 for r in rs if r["progress"]["timed_s"] > 0] or [0.0]),
+            }
+    return out
+
+
+def headline(points: dict, models: list[str], seeds: list[int], exposures: int, tput: dict | None) -> dict:
+    """At the largest population every model finished with every seed (else with any seed)."""
+    full = [n for n in points if all(m in points[n] and len(points[n][m]["seeds"]) >= len(seeds) for m in models)]
+    some = [n for n in points if all(m in points[n] for m in models)]
+    if not (full or some):
+        return {"people": None, "note": "no population has a finished run of every model yet"}
+    n = max(full or some)
+    p = points[n]
+
+    def by(field: str, sub: str = "mean") -> dict:
+        return {m: p[m][field][sub] for m in models}
+
+    tokens = {m: (tput or {}).get(m, {}).get("tokens_per_s") for m in models}
+    out = {"people": n, "exposures": exposures,
+           "bits_per_active_param": by("bits_per_active_param"), "bits_per_total_param": by("bits_per_total_param"),
+           "tokens_per_s": tokens, "recall_heldout_template": {m: p[m]["recall"]["held_out"]["mean"] for m in models},
+           "recall_trained_template": {m: p[m]["recall"]["trained"]["mean"] for m in models},
+           "seeds": sorted(set.intersection(*(set(p[m]["seeds"]) for m in models))),
+           "bits": by("bits"), "bits_se_over_seeds": by("bits", "se"),
+           "information_bits": n * sum(information_bits_per_person().values()),
+           "active_params": {m: p[m]["active_params"] for m in models},
+           "total_params": {m: p[m]["total_params"] for m in models}}
+    if "knowledge" in models and "dense" in models:
+        bpa = out["bits_per_active_param"]
+        out["knowledge_over_dense_bits_per_active_param"] = bpa["knowledge"] / bpa["dense"] if bpa["dense"] > 0 else None
+        if "moe" in models:
+            out["knowledge_over_moe_bits_per_active_param"] = bpa["knowledge"] / bpa["moe"] if bpa["moe"] > 0 else None
+        if tokens.get("knowledge") and tokens.get("dense"):
+            out["knowledge_over_dense_tokens_per_s"] = tokens["knowledge"] / tokens["dense"]
+        r_kd, r_t = out.get("knowledge_over_dense_bits_per_active_param"), out.get("knowledge_over_dense_tokens_per_s")
+        out["target"] = {"knowledge_over_dense_bits_per_active_param_at_least": TARGET_BITS_RATIO,
+                         "knowledge_over_dense_tokens_per_s_at_least": TARGET_TOKENS_RATIO,
+                         "met": bool(r_kd is not None and r_kd >= TARGET_BITS_RATIO and r_t is not None
+                                     and r_t >= TARGET_TOKENS_RATIO and bpa["knowledge"] > bpa.get("moe", 0))}
+    if not full:
+        out["note"] = "not every seed finished at this population"
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    points = {int(n): v for n, v in results["points"].items()}
+    models = sorted({m for v in points.values() for m in v})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    ns = sorted(points)
+    bits_per_person = sum(information_bits_per_person().values())
+    axes[0].plot(ns, [n * bits_per_person for n in ns], "k--", lw=1, label="information in the population")
+    for i, m in enumerate(models):
+        xs = [n for n in ns if m in points[n]]
+        label = f"{m} ({points[xs[0]][m]['active_params'] / 1e6:.2f}M active)"
+        for ax, field, sub in ((axes[0], "bits", None), (axes[1], "bits_per_active_param", None),
+                               (axes[2], "recall", "held_out")):
+            stat = [points[n][m][field][sub] if sub else points[n][m][field] for n in xs]
+            ax.plot(xs, [s["mean"] for s in stat], marker="o", color=f"C{i}", label=label)
+            for n, s in zip(xs, stat):
+                ax.scatter([n] * len(s["values"]), s["values"], color=f"C{i}", s=8, alpha=0.4)
+    axes[0].set(xscale="log", yscale="log", xlabel="people N", ylabel="bits stored (lower bound)",
+                title="Knowledge stored vs population")
+    axes[1].set(xscale="log", xlabel="people N", ylabel="bits per active parameter", title="Bits per active parameter")
+    axes[2].set(xscale="log", xlabel="people N", ylabel="exact-match recall", title="Recall, held-out templates")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{results['device'][:90]} | {results['config']['exposures']} exposures, seeds {results['config']['seeds']}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gpu_plan(tput: dict, people: list[int], tokens_per_person: float, exposures: int, seeds: int,
+             concurrency_gain: float, lending_s: float = 1800.0) -> dict:
+    """Minutes each (N, model) run takes alone at the measured tokens/s, the minutes a
+    population's runs take when run together (tokens/s scaled by `concurrency_gain`, the
+    measured or assumed aggregate over one run's), and whether they fit one lending."""
+    plan: dict = {}
+    for n in people:
+        tokens = n * tokens_per_person * exposures
+        alone = {m: tokens / t["tokens_per_s"] / 60 for m, t in tput.items() if t.get("tokens_per_s")}
+        together = sum(alone.values()) * seeds / concurrency_gain
+        plan[n] = {"tokens_per_run": tokens, "minutes_alone": alone, "minutes_all_runs_together": together,
+                   "fits_one_lending": together * 60 <= lending_s * 0.8 and max(alone.values()) * 60 <= lending_s * 0.8}
+    return plan
