@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> None:
             if m in tput["local"]:
                 r["remote_over_local"] = r["tokens_per_s"] / tput["local"][m]["tokens_per_s"]
     results["throughput"] = tput
+    devices = sorted({r["provenance"]["device"] for r in taken.values() if r.get("provenance")})
+    if devices and all("reused_from" in r for r in taken.values()):
+        results["device"] = " | ".join(devices)        # a merge: the runs' own devices
     results["runs"] = dict(sorted(taken.items()))
     results["points"] = report.per_point(taken)
     results["tokens_per_person"] = _tokens_per_person(taken)

@@ -38,7 +38,8 @@ import torch
 from model_worker.checkpoint import latest_checkpoint, load_weights, read_meta, save_checkpoint
 from model_worker.config import ModelConfig, preset
 from model_worker.data.bios.batches import BioStream
-from model_worker.data.bios.pieces import BioTokenizer, Pieces, tokenize_pieces, tokenizer_meta, train_tokenizer
+from model_worker.data.bios.pieces import BioTokenizer, Pieces, tokenize_pieces, tokenizer_meta
+from model_worker.data.bios.tokenizer import train_tokenizer
 from model_worker.data.bios.population import Population, make_population
 from model_worker.model import Transformer
 from model_worker.train import TrainConfig, make_optimizer, table_config
@@ -94,7 +95,8 @@ def resolve_table_optimizer(kind: str) -> str:
 
 
 def model_config(spec: RunSpec, vocab_size: int) -> ModelConfig:
-    kw: dict = {"vocab_size": vocab_size, "block_size": spec.seq_len}
+    # block_size bounds the rotary table only: long enough for any scored biography too
+    kw: dict = {"vocab_size": vocab_size, "block_size": max(spec.seq_len, 512)}
     base = preset(spec.preset)
     if base.knowledge is not None:
         kw["knowledge"] = {**dataclasses.asdict(base.knowledge), "n_sub": n_sub_for(spec)}

@@ -16,7 +16,6 @@ assembled from piece ids with numpy alone (stream.py), never through the tokeniz
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +25,6 @@ from .lists import DAYS, FIRST_YEAR, MONTHS, YEARS, value_lists
 from .templates import PRONOUNS, QUESTIONS, TEMPLATES, split_template
 
 SPECIALS = ("<bos>", "<eos>", "<pad>")
-DEFAULT_VOCAB = 2048
 
 
 class BioTokenizer:
@@ -55,7 +53,7 @@ class BioTokenizer:
         return self._tok.to_str()
 
     def to_dict(self) -> dict:
-        return {"type": "bios-bpe", "sha256": self.sha256()}
+        return tokenizer_meta(self)
 
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
@@ -67,25 +65,6 @@ class BioTokenizer:
     def load(cls, path: str | Path) -> "BioTokenizer":
         from tokenizers import Tokenizer
         return cls(Tokenizer.from_str(Path(path).read_text()))
-
-
-def train_tokenizer(vocab_size: int = DEFAULT_VOCAB, sample_people: int = 20_000) -> BioTokenizer:
-    """A byte-level BPE trained on one rendering of `sample_people` people (a fixed
-    population, seed 0) plus every list value once: the same merges on every call."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from .population import make_population
-    from .stream import render_texts
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = render_texts(make_population(sample_people, seed=0), exposure=0)
-    texts += [" ".join(piece_texts().values_text)]
-    tok.train_from_iterator(texts, trainer)
-    return BioTokenizer(tok)
 
 
 @dataclass
@@ -168,7 +147,3 @@ def tokenize_pieces(tokenizer: BioTokenizer) -> Pieces:
 def tokenizer_meta(tokenizer: BioTokenizer) -> dict:
     return {"type": "bios-bpe", "vocab_size": tokenizer.vocab_size, "sha256": tokenizer.sha256(),
             "library": "tokenizers " + __import__("tokenizers").__version__}
-
-
-def dumps_meta(tokenizer: BioTokenizer) -> str:
-    return json.dumps(tokenizer_meta(tokenizer))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from .lists import ATTRIBUTES
-from .pieces import Pieces, PieceTexts, piece_texts
+from .pieces import Pieces, piece_texts
 from .population import Population
 from .templates import TEMPLATES, TRAIN_TEMPLATES, split_template
 
@@ -121,7 +121,3 @@ def rows_to_tokens(pieces: Pieces, piece_ids: np.ndarray, roles: np.ndarray | No
         return tokens
     keep = flat >= 0
     return tokens, np.repeat(roles.reshape(-1)[keep], pieces.length[flat[keep]])
-
-
-def _texts(pieces_or_texts) -> PieceTexts:
-    return pieces_or_texts.texts if isinstance(pieces_or_texts, Pieces) else pieces_or_texts

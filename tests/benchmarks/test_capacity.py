@@ -1,0 +1,171 @@
+"""benchmarks/capacity.py and its parts: the bit-complexity measure against hand-computed
+values, per-token scoring and exact match against plain references, checkpoint and resume
+of a run (weights and table equal to an uninterrupted run), the served table against the
+in-process one, --reuse, and one whole call on a tiny configuration."""
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks import capacity
+from benchmarks.capacity_measure import N_ROLES, bits_from_losses, recall_from_wrong, score
+from benchmarks.capacity_train import RunSpec, advance, model_config, n_sub_for, run_data
+from model_worker.data.bios.evalsets import bio_rows, prompt_rows
+from model_worker.data.bios.lists import ATTRIBUTES, attribute_sizes, information_bits_per_person
+from model_worker.data.bios.stream import ROLE_NAME
+from model_worker.model import Transformer
+
+
+def _spec(model="dense", preset="cap-tiny-dense", **kw):
+    base = dict(people=40, seed=0, exposures=2, seq_len=32, batch_size=4, vocab=600, warmup_steps=2,
+                lr=3e-3, table_optimizer="adam")
+    return RunSpec(model=model, preset=preset, **{**base, **kw})
+
+
+def test_bits_are_zero_for_a_uniform_guess_and_the_information_for_a_perfect_model():
+    sizes = attribute_sizes()
+    uniform = np.zeros((10, N_ROLES))
+    for i, a in enumerate(ATTRIBUTES):
+        uniform[:, i] = math.log(sizes[a])
+    out = bits_from_losses(uniform, people=1000)
+    assert out["bits"] == pytest.approx(0, abs=1e-9)
+    perfect = bits_from_losses(np.zeros((10, N_ROLES)), people=1000)
+    assert perfect["bits"] == pytest.approx(1000 * sum(information_bits_per_person().values()))
+    assert perfect["fraction_stored"] == pytest.approx(1.0)
+    # worse than uniform on one attribute costs nothing beyond that attribute (clipped per group) ...
+    worse = uniform.copy()
+    worse[:, ATTRIBUTES.index("major")] = 50.0
+    worse[:, ATTRIBUTES.index("birth_city")] = 0.0
+    assert bits_from_losses(worse, 1000)["bits"] == pytest.approx(1000 * math.log2(200))
+    # ... but the employer's city is scored with the employer: a miss on it costs the pair
+    pair = np.zeros((10, N_ROLES))
+    pair[:, ATTRIBUTES.index("employer_city")] = math.log(2)
+    by_group = bits_from_losses(pair, 1000)["bits_by_group"]
+    assert by_group["employer"] == pytest.approx(1000 * (math.log2(263) - 1))
+
+
+def test_bits_of_a_sample_scale_to_the_population_with_a_standard_error():
+    rng = np.random.default_rng(0)
+    loss = rng.uniform(0, 2, size=(50, N_ROLES))
+    out = bits_from_losses(loss, people=5000)
+    assert out["people_scored"] == 50 and out["bits_se"] > 0
+    assert out["bits_by_attribute"]["major"] == pytest.approx(5000 * (math.log2(100) - loss[:, 3].mean() / math.log(2)))
+    assert out["name_bits"] == pytest.approx(5000 * (math.log2(160_000_000 - 5000) - loss[:, ROLE_NAME].mean() / math.log(2)))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    spec = _spec()
+    data = run_data(spec, tmp_path_factory.mktemp("runs"))
+    torch.manual_seed(0)
+    model = Transformer(model_config(spec, data.tokenizer.vocab_size)).eval()
+    return spec, data, model
+
+
+def test_score_sums_each_roles_token_losses_like_a_plain_loop(tiny):
+    spec, data, model = tiny
+    rows = bio_rows(data.population, data.pieces, 0, np.arange(6))
+    loss, wrong = score(model, rows, batch_size=4, device="cpu")
+    for i in range(6):
+        t, r = rows.tokens[i, :rows.lengths[i]], rows.roles[i, :rows.lengths[i]]
+        with torch.no_grad():
+            logits = model(t[None, :-1])[0][0]
+        nll = F.cross_entropy(logits, t[1:], reduction="none")
+        miss = logits.argmax(-1) != t[1:]
+        for role in range(N_ROLES):
+            m = r[1:] == role
+            assert loss[i, role] == pytest.approx(float(nll[m].sum()), rel=1e-4, abs=1e-5)
+            assert wrong[i, role] == int(miss[m].sum())
+
+
+def test_exact_match_is_greedy_generation_of_the_value(tiny):
+    spec, data, model = tiny
+    rows = prompt_rows(data.population, data.pieces, 0, np.arange(4), "trained")
+    _, wrong = score(model, rows, batch_size=8, device="cpu")
+    right = recall_from_wrong(rows, wrong)
+    with torch.no_grad():
+        for r in range(len(rows)):
+            t, roles = rows.tokens[r, :rows.lengths[r]], rows.roles[r, :rows.lengths[r]]
+            first = int((roles >= 0).nonzero()[0])
+            seq = t[:first].clone()
+            for _ in range(len(t) - first):             # greedy, one token at a time
+                seq = torch.cat([seq, model(seq[None])[0][0, -1].argmax()[None]])
+            generated_exactly = torch.equal(seq[first:], t[first:])
+            assert generated_exactly == (wrong[r, rows.attribute[r]] == 0)
+    assert 0 <= right["recall"] <= 1 and set(right["by_attribute"]) == set(ATTRIBUTES)
+
+
+@pytest.mark.parametrize("model,preset", [("dense", "cap-tiny-dense"), ("knowledge", "cap-tiny-knowledge")])
+def test_a_run_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does(tmp_path, model, preset):
+    spec = _spec(model, preset, people=12, exposures=2)
+    far = time.time() + 3600
+    one = advance(spec, tmp_path / "a" / spec.name, far, log=lambda s: None)
+    first = advance(spec, tmp_path / "b" / spec.name, far, log=lambda s: None, stop_at=7)
+    assert not first["done"] and first["step"] == 7
+    two = advance(spec, tmp_path / "b" / spec.name, far, log=lambda s: None)
+    assert two["done"] and two["step"] == one["step"] and two["tokens"] == one["tokens"]
+    assert [l[2] for l in two["losses"]] == pytest.approx([l[2] for l in one["losses"]], rel=1e-5)
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "a" / spec.name / f"step_{one['step']:06d}" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / spec.name / f"step_{two['step']:06d}" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+    # only the last checkpoint stays
+    assert len(list((tmp_path / "b" / spec.name).glob("step_*"))) == 1
+
+
+def test_the_table_grows_with_the_population():
+    assert n_sub_for(_spec(people=1000)) == 64 and n_sub_for(_spec(people=100_000)) == 640
+    assert n_sub_for(_spec(people=300_000)) ** 2 >= 4 * 300_000
+
+
+def test_a_run_over_served_shards_trains_like_the_in_process_one(tmp_path):
+    spec = _spec("knowledge", "cap-tiny-knowledge", people=12, exposures=1)
+    local = advance(spec, tmp_path / "local", time.time() + 600, log=lambda s: None, stop_at=6)
+    remote = RunSpec(**{**spec.__dict__, "remote": True})
+    served = advance(remote, tmp_path / "remote", time.time() + 600, log=lambda s: None, stop_at=6)
+    assert [l[2] for l in served["losses"]] == pytest.approx([l[2] for l in local["losses"]], rel=1e-4)
+    assert served["params"] == local["params"]
+
+
+def test_reuse_takes_runs_trained_the_same_way_only(tmp_path):
+    args = capacity.main.__globals__["argparse"].Namespace()
+    wanted = [_spec(seed=0), _spec(seed=1)]
+    same = {"spec": wanted[0].__dict__, "bits": 1.0}
+    other = {"spec": {**wanted[1].__dict__, "lr": 1.0}, "bits": 2.0}
+    f = tmp_path / "old.json"
+    f.write_text(json.dumps({"runs": {wanted[0].name: same, wanted[1].name: other},
+                             "provenance": {"commit": "abc"}}))
+    taken, info = capacity.reuse(args, [str(f)], wanted)
+    assert list(taken) == [wanted[0].name] and taken[wanted[0].name]["reused_from"] == str(f)
+    assert info[0]["commit"] == "abc"
+
+
+def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):
+    out = tmp_path / "cap.json"
+    argv = ["--size", "tiny", "--people", "16", "--seeds", "0", "--exposures", "1", "--models", "dense,knowledge",
+            "--vocab", "600", "--batch-size", "4", "--seq-len", "32", "--budget-s", "600", "--jobs", "1",
+            "--recall-people", "8", "--runs-dir", str(tmp_path / "runs"), "--out", str(out),
+            "--throughput", "--tput-steps", "2"]
+    capacity.main(argv)
+    res = json.loads(out.read_text())
+    h = res["headline"]
+    assert h["people"] == 16 and h["exposures"] == 1 and h["seeds"] == [0]
+    for key in ("bits_per_active_param", "bits_per_total_param", "tokens_per_s", "recall_heldout_template"):
+        assert set(h[key]) == {"dense", "knowledge"}
+    assert res["throughput"]["remote"]["knowledge"]["remote_over_local"] > 0
+    assert res["provenance"]["command"] and "commit" in res["provenance"] and "bits_formula" in res
+    assert out.with_suffix(".png").exists()
+    run = res["runs"]["N16_knowledge_s0"]
+    assert run["provenance"]["date"] and run["n_sub"] == 16
+    out2 = tmp_path / "cap2.json"
+    capacity.main([*argv[:-3], "--runs-dir", str(tmp_path / "empty"), "--out", str(out2), "--reuse", str(out)])
+    res2 = json.loads(out2.read_text())
+    assert set(res2["runs"]) == set(res["runs"]) and res2["reused"][0]["runs"]
+    assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").glob("N16*"))
