@@ -94,12 +94,12 @@ def _measure(model, data, spec, *, bits_people: int, recall_people: int, batch_s
 
 
 def _advance_job(job) -> str:
-    spec_dict, run_dir, deadline, eval_kw = job
+    spec_dict, run_dir, deadline, reserve_s, eval_kw = job
     spec = RunSpec(**spec_dict)
-    if deadline - time.time() < MIN_START_S:
+    if deadline - time.time() < MIN_START_S + reserve_s:
         return f"{spec.name}: not started ({deadline - time.time():.0f} s left)"
     advance(spec, Path(run_dir), deadline, measure_fn=functools.partial(_measure, **eval_kw),
-            log=lambda s: print(s, flush=True))
+            log=lambda s: print(s, flush=True), reserve_s=reserve_s)
     return spec.name
 
 
@@ -144,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run process")
     ap.add_argument("--jobs", type=int, default=0, help="runs trained at once (0: all on cuda, 2 on cpu)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="this command's wall seconds")
+    ap.add_argument("--reserve-s", type=float, default=45.0,
+                    help="seconds before the deadline at which runs stop to checkpoint (and measure, when done)")
     ap.add_argument("--runs-dir", default=None, help="checkpoints (default runs/capacity/<size>)")
     ap.add_argument("--bits-people", type=int, default=20_000, help="people scored for bits (a sample above)")
     ap.add_argument("--recall-people", type=int, default=1_000)
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         pending = [s for s in wanted if s.name not in taken]
         pending.sort(key=lambda s: (s.people, s.seed, s.remote, s.model))   # the small populations first
         eval_kw = dict(bits_people=args.bits_people, recall_people=args.recall_people, batch_size=args.eval_batch_size)
-        jobs = [(dataclasses.asdict(s), str(runs_dir / s.name), deadline, eval_kw) for s in pending
+        jobs = [(dataclasses.asdict(s), str(runs_dir / s.name), deadline, args.reserve_s, eval_kw) for s in pending
                 if not (runs_dir / s.name / "result.json").exists()]
         n_jobs = args.jobs or (len(jobs) if args.device.startswith("cuda") else 2)
         if jobs:

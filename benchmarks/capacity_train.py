@@ -254,9 +254,9 @@ LOG_EVERY = 25
 
 
 def advance(spec: RunSpec, run_dir: Path, deadline: float, *, measure_fn=None, log=print,
-            stop_at: int | None = None) -> dict:
+            stop_at: int | None = None, reserve_s: float = CHECKPOINT_RESERVE_S) -> dict:
     """Train `spec` from its last checkpoint in run_dir until done or `deadline`
-    (time.time()) minus CHECKPOINT_RESERVE_S (or step `stop_at`); checkpoint; when done,
+    (time.time()) minus `reserve_s` (or step `stop_at`); checkpoint; when done,
     call measure_fn(model, data, spec) and write result.json. Returns progress.json's content."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "result.json").exists():
@@ -296,7 +296,7 @@ def advance(spec: RunSpec, run_dir: Path, deadline: float, *, measure_fn=None, l
         model.train()
         warm = 5      # steps of each command not timed for tokens/s (allocator, kernels, prefetch)
         timed_from = None
-        while not stream.done and time.time() < deadline - CHECKPOINT_RESERVE_S and step != stop_at:
+        while not stream.done and time.time() < deadline - reserve_s and step != stop_at:
             t0 = time.perf_counter()
             p = stream.progress
             loss_value = train_step(model, optimizer, table, stream.batch().to(spec.device), lr_at(spec, step, p), step)
