@@ -137,6 +137,13 @@ class Shard:
     def health(self) -> bool:
         return True
 
+    def memory(self) -> dict:
+        """Where the serving version's rows live and the bytes it holds (`ShardState.memory`):
+        device, pinned, rows, value_bytes, key_bytes, optimizer, optimizer_bytes,
+        optimizer_over_values."""
+        with self._use(0) as st, st.lock:
+            return st.memory()
+
     # -- data plane ----------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,

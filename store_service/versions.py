@@ -20,9 +20,18 @@ import zarr
 from . import errors
 from .config import partition_rows, segments_from_json
 from .interface import SEGMENT_PRODUCT
+from .optimizer import FLAT_STATE_ARRAYS, ROW_STATE_ARRAYS
 from .persistence import (FLAT_ARRAYS, FORMAT, ROW_ARRAYS, ShardData, finish_version, flat_array_names,
                           fsync_tree, list_versions, new_stage, read_root_attrs, read_shard, shard_format,
                           shard_group_name, staged_version, tag_arrays, version_path, write_shard)
+
+
+# the row optimizers' state (optimizer.py) moves with its rows like the persistence lists
+_ROWS = tuple(dict.fromkeys(ROW_ARRAYS + ROW_STATE_ARRAYS))
+
+
+def _flat_names(arrays: dict) -> list[str]:
+    return list(dict.fromkeys(flat_array_names(arrays) + [n for n in FLAT_STATE_ARRAYS if n in arrays]))
 
 
 def _read_all(store_root: str, version: int) -> tuple[dict, list[ShardData]]:
@@ -36,7 +45,7 @@ def _read_all(store_root: str, version: int) -> tuple[dict, list[ShardData]]:
 def _whole_table(shards: list[ShardData]) -> dict[str, np.ndarray]:
     """Every per-row and per-flat-row array of the table, in id order; a tag some shard
     does not hold is unset (-1) on its rows."""
-    whole = {n: np.concatenate([d.arrays[n] for d in shards]) for n in ROW_ARRAYS + FLAT_ARRAYS
+    whole = {n: np.concatenate([d.arrays[n] for d in shards]) for n in _ROWS + FLAT_ARRAYS + FLAT_STATE_ARRAYS
              if n in shards[0].arrays}
     for name in sorted({n for d in shards for n in tag_arrays(d.arrays).values()}):
         whole[name] = np.concatenate([d.arrays.get(name, np.full(d.arrays["flat_ids"].shape[0], -1, np.int64))
@@ -46,9 +55,9 @@ def _whole_table(shards: list[ShardData]) -> dict[str, np.ndarray]:
 
 def _rows_of(whole: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
     """The arrays of the rows [lo, hi) (flat arrays: of the flat rows among them)."""
-    out = {n: whole[n][lo:hi] for n in ROW_ARRAYS if n in whole}
+    out = {n: whole[n][lo:hi] for n in _ROWS if n in whole}
     fsel = (whole["flat_ids"] >= lo) & (whole["flat_ids"] < hi)
-    out.update({n: whole[n][fsel] for n in flat_array_names(whole)})
+    out.update({n: whole[n][fsel] for n in _flat_names(whole)})
     return out
 
 
@@ -159,10 +168,10 @@ def publish_permuted(store_root: str, version: int, new_of_old: torch.Tensor,
     _check_moves(segments, new_of_old, perms)
     whole = _whole_table(olds)
     old_of_new = np.argsort(new_of_old)
-    moved = {n: whole[n][old_of_new] for n in ROW_ARRAYS if n in whole}
+    moved = {n: whole[n][old_of_new] for n in _ROWS if n in whole}
     flat_new_ids = new_of_old[whole["flat_ids"]]
     order = np.argsort(flat_new_ids, kind="stable")
-    moved.update({n: whole[n][order] for n in flat_array_names(whole)})
+    moved.update({n: whole[n][order] for n in _flat_names(whole)})
     moved["flat_ids"] = flat_new_ids[order].astype(whole["flat_ids"].dtype)
     pk = _merged_codebooks(olds, segments)
     for si, (pa, pb) in perms.items():
