@@ -58,7 +58,7 @@ def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
             s, pos = exact_topk(q, st.keys, k, st.flat_bias, excluded | ~keep)
         elif cfg.faiss_threshold and st.flat_ids.numel() >= cfg.faiss_threshold:
             if st.faiss is None:
-                st.faiss = FaissFlatIndex(cfg.faiss_factory)
+                st.faiss = FaissFlatIndex(cfg.faiss_factory, gpu=st.device.type == "cuda")
             s, pos = st.faiss.search(q, st.keys, k, st.flat_bias, excluded)
         else:
             s, pos = exact_topk(q, st.keys, k, st.flat_bias, excluded)

@@ -32,6 +32,7 @@ import torch
 from . import errors, kernels, persistence, search
 from . import validation as check
 from .appends import append_rows
+from .host_rows import gather_rows
 from .config import TableConfig
 from .interface import SearchResult, ShardDescription, ShardInfo, SideQuery, TagFilter, UsageStats
 from .optimizer import OptimizerConfig, RowOptimizer
@@ -53,10 +54,12 @@ class Shard:
         self._start(shard_id, init_state(config, shard_id, lo, hi))
 
     @classmethod
-    def load(cls, store_root: str, version: int, shard_id: int, device: str | None = None) -> "Shard":
-        """A shard serving its subgroup of a published version."""
+    def load(cls, store_root: str, version: int, shard_id: int, device: str | None = None,
+             pin_memory: bool | None = None) -> "Shard":
+        """A shard serving its subgroup of a published version (on `device`, default the
+        one it was published from; pin_memory: host rows page-locked, default as published)."""
         self = cls.__new__(cls)
-        self._start(shard_id, load_state(store_root, version, shard_id, device))
+        self._start(shard_id, load_state(store_root, version, shard_id, device, pin_memory))
         return self
 
     def _start(self, shard_id: int, serving: ShardState) -> None:
@@ -64,6 +67,11 @@ class Shard:
         self._vlock = threading.Lock()
         self._vcond = threading.Condition(self._vlock)
         self._serving = serving
+        # where this shard serves from; a swap of a GPU shard stages the new version on the
+        # host (None: when home is a GPU), so the GPU never holds two full copies
+        self._home = serving.device
+        self.stage_swaps_on_host: bool | None = None
+        self._staged: dict[int, torch.device] = {}   # id(state) -> device it settles on
         self._pending: dict[int, ShardState] = {}
         self._retiring: list[ShardState] = []
 
@@ -99,9 +107,17 @@ class Shard:
 
     def prepare_version(self, store_root: str, version: int) -> None:
         check.integer("version", version, 1)
-        st = load_state(store_root, version, self.shard_id, str(self._serving.device))
+        stage = self.stage_swaps_on_host
+        if stage is None:
+            stage = self._home.type == "cuda"
+        if stage:
+            st = load_state(store_root, version, self.shard_id, "cpu", pin_memory=False)
+        else:
+            st = load_state(store_root, version, self.shard_id, str(self._home))
         with self._vlock:
             self._pending[version] = st
+            if stage:
+                self._staged[id(st)] = self._home
 
     def flip_version(self, version: int) -> None:
         with self._vlock:
@@ -115,14 +131,42 @@ class Shard:
         request is in flight on them. Never touches the serving state; a version
         the shard does not hold is a no-op."""
         with self._vcond:
-            self._pending.pop(version, None)
+            unflipped = self._pending.pop(version, None)
+            if unflipped is not None:
+                self._staged.pop(id(unflipped), None)
+            del unflipped
             # Unreachable from now on (new requests for it get StaleVersion), so
             # steady traffic from stale clients cannot hold the drain open.
             going = [s for s in self._retiring if s.version == version]
             self._retiring = [s for s in self._retiring if s.version != version]
-            if not self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s):
+            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
+            gone = {id(s) for s in going}
+            self._staged = {k: d for k, d in self._staged.items() if k not in gone}
+            del going   # the old version's tensors are freed here (nothing else refers to them)
+            if not drained:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
                                                 f"{timeout_s}s; dropped anyway")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Move a serving version staged on the host to its device, once no older version is
+        held (so the device never holds both). Requests wait on the state's lock meanwhile:
+        none fails, and every answer still comes from this one version."""
+        with self._vlock:
+            st = self._serving
+            target = self._staged.get(id(st))
+            if target is None or self._retiring:
+                return
+        with st.lock:
+            if self._staged.get(id(st)) is not target:
+                return
+            self._move(st, target)
+            with self._vlock:
+                self._staged.pop(id(st), None)
+
+    @staticmethod
+    def _move(st: ShardState, device: torch.device) -> None:
+        st.move_to(device)
 
     # -- describe ------------------------------------------------------------
 
@@ -176,8 +220,9 @@ class Shard:
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
             check.fetch_usage(ids, hits, weight_sum)
             local = st.local(ids)
-            out = st.values[local.clamp_min(0)]
-            out[local < 0] = 0
+            # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
+            out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
+                              pad=local < 0)
             if hits is not None:
                 keep = local >= 0
                 rows, h = local[keep], hits.to(st.device)[keep]

@@ -7,6 +7,7 @@ takes it), so a reader never sees half an optimizer step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -102,6 +103,28 @@ class ShardState:
         """Rows of the whole table that search covers (as this version knows the table)."""
         return sum(s.num_rows for s in self.segments
                    if s.kind == SEGMENT_FLAT or (s.kind == SEGMENT_PRODUCT and self.config.store_codebooks))
+
+    def move_to(self, device: torch.device | str) -> None:
+        """Every tensor of this version onto `device` (the caller holds the lock): a hot swap
+        staged on the host settles on the GPU once the old version is gone."""
+        dev = torch.device(device)
+
+        def mv(t):
+            return t.to(dev)
+        for name in ("values", "frozen", "ablated", "hits", "weight_sum", "flat_ids", "keys", "flat_bias",
+                     "partition", "step_hits"):
+            setattr(self, name, mv(getattr(self, name)))
+        for opt in (self.opt, self.key_opt):
+            for name, t in opt.tensors().items():
+                setattr(opt, name, mv(t))
+        self.tags = {name: mv(t) for name, t in self.tags.items()}
+        for pc in self.pieces:
+            for name in ("codebook_a", "codebook_b", "bias_a", "bias_b"):
+                setattr(pc, name, mv(getattr(pc, name)))
+        self.row_grads = [(mv(r), mv(g)) for r, g in self.row_grads]
+        self.key_grads = [(mv(r), mv(g)) for r, g in self.key_grads]
+        self.config = dataclasses.replace(self.config, device=str(dev))
+        self.reindex()
 
     def memory(self) -> dict:
         """Bytes this version holds, by kind, and where its rows live. optimizer_bytes counts

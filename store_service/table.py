@@ -80,14 +80,15 @@ class Table:
 
     @classmethod
     def open(cls, store_root: str, version: int | None = None, *, device: str | None = None,
-             **kwargs) -> "Table":
-        """An in-process table serving a published version (default: the latest)."""
+             pin_memory: bool | None = None, **kwargs) -> "Table":
+        """An in-process table serving a published version (default: the latest), its rows on
+        `device` (pin_memory: host rows page-locked for a GPU caller; default as published)."""
         if version is None:
             version = persistence.latest_version(store_root)
             if version is None:
                 raise errors.NotFound(f"no published version under {store_root}")
         root = persistence.read_root_attrs(store_root, version)
-        shards = [Shard.load(store_root, version, s["shard_id"], device) for s in root["shards"]]
+        shards = [Shard.load(store_root, version, s["shard_id"], device, pin_memory) for s in root["shards"]]
         return cls(shards, store_root=store_root, **kwargs)
 
     def close(self) -> None:
