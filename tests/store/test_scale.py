@@ -142,3 +142,16 @@ def test_exact_topk_score_block_is_bounded(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "topk", spy)
     exact_topk(q, keys, 3)
     assert max(seen) <= 16 * 4096 and len(seen) > 20
+
+
+def test_search_over_a_million_flat_rows_on_one_shard():
+    """A shard of 2^20 flat rows: created streamed, searched exactly (chunked), as brute force."""
+    n = 1 << 20
+    t = Table.create(TableConfig(d_k=8, d_v=2, segments=[("flat", n)], value_dtype="bfloat16", bias_step=0.0))
+    st = t.shards[0]._serving
+    q = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    res = t.search(q, 5)
+    want = (q @ st.keys.T).topk(5, dim=1)
+    assert torch.equal(res.ids, want.indices)
+    s, i = flat_topk(q, st.keys, 5, backend="torch", chunk_rows=1 << 16)
+    assert torch.equal(i, want.indices)
