@@ -149,3 +149,20 @@ def test_switching_kinds_keeps_other_state_and_old_stores_load(tmp_path):
     assert {"opt_m", "opt_v", "opt_acc", "key_acc", "opt_steps"} <= names
     back = Table.open(str(tmp_path), v)
     assert torch.equal(back.shards[0].state_dict()["opt_acc"], t.shards[0].state_dict()["opt_acc"])
+
+
+@pytest.mark.parametrize("kind", ["rowwise_adagrad", "rowwise_adam"])
+def test_remote_set_optimizer_trains_as_in_process(tmp_path, kind):
+    """set_optimizer over gRPC to a row-wise kind, then training: rows equal the in-process table's."""
+    from store_service.testing import served_table
+    cfg = TableConfig(d_k=8, d_v=16, segments=[("product", 8), ("flat", 40)], num_shards=2, bias_step=0.0,
+                      optimizer=OptimizerConfig(kind="adam", lr=0.1))
+    v = Table.create(cfg, str(tmp_path)).snapshot()
+    local = Table.open(str(tmp_path), v)
+    with served_table(str(tmp_path), v) as remote:
+        for t in (local, remote):
+            assert t.set_optimizer(OptimizerConfig(kind=kind, lr=0.2)).optimizer.kind == "adam"
+            _train(t, steps=3, seed=4)
+        ids = torch.arange(cfg.num_rows)
+        assert torch.equal(remote.fetch(ids), local.fetch(ids))
+        assert remote.set_optimizer(OptimizerConfig(kind="auto", lr=0.2)).optimizer.kind == kind
