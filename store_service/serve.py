@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default=None,
                         help="where this shard's rows live, e.g. cpu or cuda:1 (default: the published table's "
                              "device); a swapped-in version stays there")
+    parser.add_argument("--pin-memory", action="store_true",
+                        help="with --device cpu: keep the rows page-locked (a GPU host serving from its RAM)")
     parser.add_argument("--admin-token-env", default="KSTORE_ADMIN_TOKEN",
                         help="environment variable holding the StoreAdmin bearer token")
     args = parser.parse_args(argv)
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error(f"set ${args.admin_token_env} to the StoreAdmin bearer token")
     try:
-        shard = Shard.load(args.store_root, args.version, args.shard, device=args.device)
+        shard = Shard.load(args.store_root, args.version, args.shard, device=args.device,
+                           pin_memory=True if args.pin_memory else None)
     except errors.StoreError as e:   # a clear line, not a traceback, for a bad version or device
         parser.exit(2, f"kstore-shard {args.shard}: cannot serve version {args.version} of {args.store_root}: {e}\n")
     handle = serve_shard(shard, args.port, admin_token=token, host=args.host, metrics_port=args.metrics_port,
