@@ -223,8 +223,9 @@ class KnowledgeTable(Protocol):
 
     def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
         """Replace the row optimizer (and, when given, the balancing step) of the whole
-        table from the next end_step on; switching to Adam where no Adam state is kept
-        allocates it (zeros). Returns the settings it replaced."""
+        table from the next end_step on (kinds: store_service/optimizer.py; "auto" resolves
+        for the table's size); state the new kind needs and the table lacks is allocated
+        (zeros), state of other kinds is kept. Returns the settings it replaced."""
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None: ...
 
