@@ -285,14 +285,12 @@ def staged_version(store_root: str, version: int):
 
 
 def fsync_tree(path: str) -> None:
-    """fsync every file and directory under `path`, files in parallel."""
+    """fsync every file and directory under `path`, in parallel."""
     files, dirs = [], []
     for dirpath, _, names in os.walk(path):
         dirs.append(dirpath)
         files += [os.path.join(dirpath, f) for f in names]
-    chunk_io.fsync_files(files)
-    for d in reversed(dirs):
-        _fsync_dir(d)
+    chunk_io.fsync_files(files + dirs)   # all before the publishing rename, so in any order
 
 
 def _fsync_dir(path: str) -> None:

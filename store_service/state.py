@@ -78,11 +78,13 @@ class ShardState:
 
     def mark_rows(self, local_rows: torch.Tensor) -> None:
         """Local rows [M] (no PAD) whose persisted data changed."""
+        if self.dirty.device != local_rows.device:   # the state moved (a swap staged on the host)
+            self.dirty = self.dirty.to(local_rows.device)
         self.dirty[local_rows] = True
 
     def mark_flat(self, flat_pos: torch.Tensor) -> None:
         """Flat positions [M] whose persisted data changed."""
-        self.dirty[self.flat_local[flat_pos]] = True
+        self.mark_rows(self.flat_local[flat_pos])
 
     def mark_dense(self, name: str) -> None:
         """Array `name` changed in (nearly) every row."""
