@@ -26,9 +26,11 @@ import sys
 import torch
 
 from benchmarks import scale_phases as ph
+from store_service import chunk_io
 
 PHASES = ("disk", "create", "optimizer", "persist", "swap", "search", "fetch", "host", "maxrows")
 OUT = "benchmarks/results/scale_bench.json"
+OUT_CPU = "benchmarks/results/scale_bench_cpu.json"   # the smoke run's; never mixed with the GPU's
 
 
 def _provenance(argv: list[str], device: str) -> dict:
@@ -205,20 +207,22 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-v", type=int, default=1024)
     p.add_argument("--d-k", type=int, default=128)
-    p.add_argument("--optimizer", default="auto", help="the tables' optimizer (the default for large tables)")
+    p.add_argument("--optimizer", default=None,
+                   help="the tables' optimizer (default: auto, the large-table default, on a GPU; sgd on the CPU)")
+    p.add_argument("--io-threads", type=int, default=None, help="chunk files in flight (store_service.chunk_io)")
     p.add_argument("--optimizers", default="sgd,rowwise_adagrad,rowwise_adam",
                    help="kinds the optimizer phase switches to and measures")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--search-batch", type=int, default=ph.SEARCH_BATCH)
+    p.add_argument("--repeats", type=int, default=None, help="default 3 on a GPU, 1 on the CPU")
+    p.add_argument("--search-batch", type=int, default=None, help=f"default {ph.SEARCH_BATCH} on a GPU, 256 on the CPU")
     p.add_argument("--swap-clients", type=int, default=2, help="fetch + search client thread pairs")
     p.add_argument("--store-root", default=os.environ.get("SCALE_BENCH_STORE", "/tmp/scale_bench_store"))
-    p.add_argument("--dd-gb", type=float, default=8.0, help="size of dd's test file")
+    p.add_argument("--dd-gb", type=float, default=None, help="size of dd's test file (default 8 on a GPU, 0.25)")
     p.add_argument("--incremental-max", default="4M", help="largest size with incremental / compaction runs")
     p.add_argument("--keep-one-above", default="4M", help="above this, one full version at a time, one copy")
     p.add_argument("--gpu-cap-gb", type=float, default=16.0, help="host phase: GPU memory cap")
     p.add_argument("--host-persist", action="store_true", help="host phase: also snapshot and load")
     p.add_argument("--max-rows-try", default="16M,24M,32M")
-    p.add_argument("--out", default=OUT)
+    p.add_argument("--out", default=None, help=f"default {OUT} on a GPU, {OUT_CPU} on the CPU")
     p.add_argument("--fresh", action="store_true", help="start a new result instead of merging into --out")
     args = p.parse_args(argv)
     args.phases = [x for x in args.phases.split(",") if x]
@@ -230,6 +234,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.incremental_max = ph.parse_rows(args.incremental_max)[1] ** 2
     args.keep_one_above = ph.parse_rows(args.keep_one_above)[1] ** 2
     device = args.device
+    gpu = device.startswith("cuda")
+    args.repeats = args.repeats or (3 if gpu else 1)
+    args.search_batch = args.search_batch or (ph.SEARCH_BATCH if gpu else 256)
+    args.dd_gb = args.dd_gb or (8.0 if gpu else 0.25)
+    args.out = args.out or (OUT if gpu else OUT_CPU)
+    args.optimizer = args.optimizer or ("auto" if gpu else "sgd")
+    if args.io_threads:
+        chunk_io.IO.threads = args.io_threads
     result = _load(args.out, args.fresh)
     why = ph.optimizer_kind_ok(args.optimizer)
     args.optimizer_used = None if why else args.optimizer
@@ -239,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     if result.get("device") not in (None, prov["device"]):
         raise SystemExit(f"{args.out} holds runs on {result['device']}, this run is on {prov['device']}: "
                          "use another --out or --fresh")
-    result.update(device=prov["device"], d_v=args.d_v, d_k=args.d_k, provenance=prov)
+    result.update(device=prov["device"], d_v=args.d_v, d_k=args.d_k, provenance=prov, io_threads=chunk_io.IO.threads)
     result["runs"].append({"phases": args.phases, "rows": args.rows, **prov})
     if "disk" in args.phases:
         result["phases"].setdefault("disk", {})["all"] = ph.disk(args)
