@@ -142,9 +142,10 @@ def optimizer_bytes(table: Table) -> dict:
 def touch_rows(table: Table, frac: float, seed: int, device: str) -> torch.Tensor:
     """One step whose gradients reach `frac` of the rows, drawn at random -> their ids."""
     n = table.info().num_rows
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randperm(n, generator=gen)[:max(1, int(n * frac))].sort().values.to(device)
-    grads = torch.randn(ids.numel(), table.info().d_v, generator=gen).to(device) * 1e-2
+    ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max(1, int(n * frac))].sort().values
+    ids = ids.to(device)
+    gen = torch.Generator(device).manual_seed(seed)   # drawn where they are used: no host trip
+    grads = torch.randn(ids.numel(), table.info().d_v, generator=gen, device=device) * 1e-2
     table.accumulate_value_grads(ids, grads, request_id=f"touch-{seed}")
     table.end_step(table.info().step)
     return ids
@@ -206,9 +207,12 @@ def optimizer(args, table: Table, device: str) -> dict:
             continue
         old = table.set_optimizer(OptimizerConfig(kind, lr=0.01))
         reset_memory(device)
-        times = [timed(lambda i=i: touch_rows(table, FETCH_ROWS / table.info().num_rows, 100 + i, device), device)[0]
+        n = table.info().num_rows
+        touched = min(FETCH_ROWS, n // 4)   # 115k rows as in the issue's table; a quarter of a small one
+        times = [timed(lambda i=i: touch_rows(table, touched / n, 100 + i, device), device)[0]
                  for i in range(args.repeats)]
-        out["kinds"][kind] = {**optimizer_bytes(table), "step_115k_rows_s": stats(times), **memory(device)}
+        out["kinds"][kind] = {**optimizer_bytes(table), "step_rows": touched, "step_s": stats(times),
+                              **memory(device)}
         table.set_optimizer(old.optimizer)
     return out
 

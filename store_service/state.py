@@ -7,6 +7,7 @@ takes it), so a reader never sees half an optimizer step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -220,17 +221,27 @@ def state_tensors(st: ShardState) -> dict[str, torch.Tensor]:
     """Every persisted array of the state, by its name in a version (no copies)."""
     out = {
         "values": st.values, "frozen": st.frozen, "ablated": st.ablated,
-        "hits": st.hits, "weight_sum": st.weight_sum, "opt_steps": st.opt.steps,
-        "flat_ids": st.flat_ids, "keys": st.keys, "flat_bias": st.flat_bias,
-        "key_steps": st.key_opt.steps, "flat_partition": st.partition,
+        "hits": st.hits, "weight_sum": st.weight_sum,
+        "flat_ids": st.flat_ids, "keys": st.keys, "flat_bias": st.flat_bias, "flat_partition": st.partition,
     }
+    out.update(_row_state_arrays("opt", st.opt))
+    out.update(_row_state_arrays("key", st.key_opt))
     out.update({persistence.tag_array_name(name): t for name, t in st.tags.items()})
-    if st.opt.m is not None:
-        out.update(opt_m=st.opt.m, opt_v=st.opt.v, key_m=st.key_opt.m, key_v=st.key_opt.v)
     for pc in st.pieces:
         for name in ("codebook_a", "codebook_b", "bias_a", "bias_b"):
             out[f"pk{pc.seg_index}_{name}"] = getattr(pc, name)
     return out
+
+
+def _row_state_arrays(prefix: str, rs: RowState) -> dict[str, torch.Tensor]:
+    """Optimizer state as persisted: field f of the rows' state is array opt_f, of the flat
+    keys' key_f (opt_steps, opt_m, opt_v, ...), for whichever fields the kinds used hold."""
+    return {f"{prefix}_{f.name}": getattr(rs, f.name) for f in dataclasses.fields(rs)
+            if getattr(rs, f.name) is not None}
+
+
+def _row_state(prefix: str, arrays: dict[str, torch.Tensor]) -> RowState:
+    return RowState(**{f.name: arrays.get(f"{prefix}_{f.name}") for f in dataclasses.fields(RowState)})
 
 
 def state_attrs(st: ShardState, version: int) -> dict:
@@ -274,7 +285,6 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None)
 
     segments = segments_from_json(a["segments"])
     lo, hi = a["row_start"], a["row_end"]
-    adam = "opt_m" in arr
     pieces = []
     for si, seg, i0, i1 in _owned_pieces(segments, lo, hi):
         if f"pk{si}_codebook_a" in arr:
@@ -284,9 +294,9 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None)
         config=cfg, shard_id=shard_id, version=version, step=a["step"], row_start=lo, row_end=hi,
         segments=segments, values=t("values", a["value_dtype"]), frozen=t("frozen"), ablated=t("ablated"),
         hits=t("hits"), weight_sum=t("weight_sum"),
-        opt=RowState(t("opt_steps"), t("opt_m") if adam else None, t("opt_v") if adam else None),
+        opt=_row_state("opt", arr),
         flat_ids=t("flat_ids"), keys=t("keys"), flat_bias=t("flat_bias"),
-        key_opt=RowState(t("key_steps"), t("key_m") if adam else None, t("key_v") if adam else None),
+        key_opt=_row_state("key", arr),
         pieces=pieces, tags={name: t(array) for name, array in persistence.tag_arrays(arr).items()},
         partition=t("flat_partition"))
     st.base = snapshots.base_of(store_root, version, stored)
