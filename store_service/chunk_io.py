@@ -117,8 +117,9 @@ def read_into(z: zarr.Array, out: torch.Tensor) -> None:
     device), chunk files in parallel; through zarr where `z` is not raw."""
     if out.numel() == 0:
         return
-    if not _is_raw(z):
-        data = torch.from_numpy(np.ascontiguousarray(z[...]))
+    if not _is_raw(z):   # zarr's own pipeline, as many chunks in flight as our threads
+        with zarr.config.set({"async.concurrency": max(10, IO.threads)}):
+            data = torch.from_numpy(np.ascontiguousarray(z[...]))
         out.view(torch.uint8).copy_(data.view(torch.uint8).reshape(out.view(torch.uint8).shape))
         return
     rows = z.chunks[0]
