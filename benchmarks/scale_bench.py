@@ -42,12 +42,14 @@ def _provenance(argv: list[str], device: str) -> dict:
         import platform
         import subprocess
 
+        from benchmarks.common import cpu_model
+
         def git(*a):
             return subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
         dev = f"cuda: {torch.cuda.get_device_name()}" if device.startswith("cuda") else device
         return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
                 "command": "python -m benchmarks.scale_bench " + " ".join(argv),
-                "machine": {"cpu_model": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(),
                             "platform": platform.platform(), "hostname": platform.node()},
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "device": dev,
                 "python": sys.version.split()[0], "torch": torch.__version__}

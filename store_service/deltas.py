@@ -70,7 +70,7 @@ def make(tensors: dict[str, torch.Tensor], dirty: torch.Tensor, dense: set[str],
     where `dirty` [R] is set and wholesale in the arrays named in `dense`; flat_pos [R] maps
     a local row to its flat position (-1 for product rows). -> (role attrs, arrays)."""
     num_rows, num_flat = int(dirty.numel()), int(tensors["flat_ids"].shape[0])
-    rows = torch.nonzero(dirty).flatten()
+    rows = torch.nonzero(dirty.to(flat_pos.device)).flatten()
     pos = flat_pos[rows]
     pos = pos[pos >= 0]
     out = {"delta_rows": rows, "delta_flat_pos": pos}
