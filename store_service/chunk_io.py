@@ -71,19 +71,49 @@ def _is_raw(z: zarr.Array) -> bool:
     return endian in (None, "little") and tuple(grid[1:]) == tuple(z.shape[1:]) and md.fill_value == 0
 
 
-def write_array(group: zarr.Group, name: str, arr: np.ndarray) -> list:
-    """Create array `name` in `group` holding `arr` (C-contiguous); returns the futures of
-    its chunk writes (wait for them, e.g. with `wait`)."""
-    arr = np.ascontiguousarray(arr)
-    rows = chunk_rows(arr.shape, arr.itemsize)
-    z = group.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(rows, *arr.shape[1:]),
+def write_array(group: zarr.Group, name: str, arr) -> list:
+    """Create array `name` in `group` holding `arr` (numpy, or a tensor on any device: bf16
+    stored as uint16 bits); returns the futures of its chunk writes (wait for them, e.g.
+    with `wait`). A tensor is copied to the host chunk by chunk in the calling thread, each
+    chunk's write starting as soon as it is copied: when this returns the tensor has been
+    read (the caller may let its owner change it) and the disk is already busy."""
+    if isinstance(arr, torch.Tensor):
+        src = arr.detach()
+        if src.dtype == torch.bfloat16:
+            src = src.view(torch.int16)
+            host = np.empty(tuple(src.shape), dtype=np.uint16)
+        else:
+            host = np.empty(tuple(src.shape), dtype=torch.empty(0, dtype=src.dtype).numpy().dtype)
+        src = src.contiguous()
+    else:
+        src, host = None, np.ascontiguousarray(arr)
+    rows = chunk_rows(host.shape, host.itemsize)
+    z = group.create_array(name, shape=host.shape, dtype=host.dtype, chunks=(rows, *host.shape[1:]),
                            compressors=None, fill_value=0, config={"write_empty_chunks": True})
-    if arr.size == 0:
+    if host.size == 0:
         return []
-    flat = arr.reshape(arr.shape[0], -1).view(np.uint8)   # one row of bytes per array row
+    flat = host.reshape(host.shape[0], -1).view(np.uint8)   # one row of bytes per array row
     chunk_bytes = rows * flat.shape[1]
-    return [pool().submit(_write_chunk, _chunk_path(z, i), flat[lo:lo + rows], chunk_bytes)
-            for i, lo in enumerate(range(0, arr.shape[0], rows))]
+    futures = []
+    try:
+        for i, lo in enumerate(range(0, host.shape[0], rows)):
+            if src is not None:
+                hi = min(lo + rows, host.shape[0])
+                torch.from_numpy(host[lo:hi].view(np.int16) if host.dtype == np.uint16 else host[lo:hi]).copy_(
+                    src[lo:hi])
+            futures.append(pool().submit(_write_chunk, _chunk_path(z, i), flat[lo:lo + rows], chunk_bytes))
+    except BaseException:
+        _settle(futures)
+        raise
+    return futures
+
+
+def _settle(futures: list) -> None:
+    for f in futures:
+        try:
+            f.result()
+        except BaseException:  # noqa: BLE001 -- the caller raises its own error
+            pass
 
 
 def _write_chunk(path: str, part: np.ndarray, chunk_bytes: int) -> None:

@@ -140,11 +140,25 @@ def _from_format1(data: ShardData) -> ShardData:
 
 # -- writing and reading -------------------------------------------------------
 
-def write_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = False) -> None:
-    """Write one shard's subgroup: a full one (format 2) or a delta (format 3, `deltas`).
-    Chunk files are written in parallel; `staged_version` syncs them before publishing.
-    The subgroup gets a new content id unless `keep_content_id` (its content is bitwise
-    that of the one whose id it carries: a snapshot naming its own, a compaction)."""
+class ShardWrite:
+    """A shard subgroup being written (`start_shard`): `finish` waits for its chunk files
+    and then writes its attrs."""
+
+    def __init__(self, group, attrs: dict, futures: list):
+        self._group, self._attrs, self._futures = group, attrs, futures
+
+    def finish(self) -> None:
+        chunk_io.wait(self._futures)
+        self._group.attrs.update(self._attrs)
+
+
+def start_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = False) -> ShardWrite:
+    """Start writing one shard's subgroup: a full one (format 2) or a delta (format 3,
+    `deltas`). Arrays may be numpy or tensors (on any device); a tensor has been copied
+    to the host when this returns (call it under the lock of the state it comes from; the
+    chunk writes run on in the background). `staged_version` syncs the files before
+    publishing. The subgroup gets a new content id unless `keep_content_id` (its content
+    is bitwise that of the one whose id it carries: a snapshot naming its own, a compaction)."""
     stale = [n for n in data.arrays if n.startswith("flat_") and n not in FLAT_ARRAYS]
     if data.attrs.get("format") not in (FORMAT, DELTA_FORMAT) or stale:
         raise errors.FailedPrecondition(f"write_shard writes format {FORMAT} only (and format-{DELTA_FORMAT} "
@@ -154,15 +168,21 @@ def write_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = Fa
     try:
         for name, arr in data.arrays.items():
             futures += chunk_io.write_array(group, name, arr)
-    finally:
-        chunk_io.wait(futures)
+    except BaseException:
+        chunk_io._settle(futures)
+        raise
     attrs = dict(data.attrs)
     if not (keep_content_id and attrs.get("content_id")):
         attrs["content_id"] = uuid.uuid4().hex
     if attrs["format"] == FORMAT:
         attrs = {k: v for k, v in attrs.items() if k not in _DELTA_ATTRS}
         attrs["layout"] = deltas.layout(data.arrays)
-    group.attrs.update(attrs)
+    return ShardWrite(group, attrs, futures)
+
+
+def write_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = False) -> None:
+    """Write one shard's subgroup (`start_shard`, then wait for it)."""
+    start_shard(version_dir, data, keep_content_id=keep_content_id).finish()
 
 
 def store_root_of(version_dir: str) -> str:
@@ -345,7 +365,7 @@ def load_config(store_root: str, version: int) -> TableConfig:
 
 __all__ = [
     "FORMAT", "DELTA_FORMAT", "ShardData", "read_shard_tensors", "shard_attrs", "store_root_of", "list_versions", "latest_version", "version_path", "shard_group_name",
-    "staged_version", "new_stage", "fsync_tree", "write_shard", "read_shard", "shard_format", "write_root_attrs",
+    "staged_version", "new_stage", "fsync_tree", "write_shard", "start_shard", "ShardWrite", "read_shard", "shard_format", "write_root_attrs",
     "read_root_attrs", "finish_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
     "tag_array_name", "tag_arrays", "flat_array_names", "ROW_ARRAYS", "FLAT_ARRAYS",
 ]

@@ -318,9 +318,10 @@ class Shard:
         check.integer("version", version, 1)
         check.flag("full", full)
         with self._use(0) as st:
-            with st.lock:   # copies, so the write runs unlocked
+            with st.lock:   # the rows are copied to the host under it, their writes already running
                 data = snapshots.take(st, state_tensors(st), state_attrs(st, version), version_dir, full)
-            persistence.write_shard(version_dir, data, keep_content_id=True)
+                write = persistence.start_shard(version_dir, data, keep_content_id=True)
+            write.finish()
 
     # -- for tests and tools -------------------------------------------------
 

@@ -9,7 +9,9 @@ with the content id it was written with, it is the new base and only rows change
 count; else (the publish failed) the old base stays and the rows of both count. So a
 failed publish never loses a change, and no extra call is needed to commit one.
 
-The caller holds the state's lock; the data returned are copies, written unlocked.
+The caller holds the state's lock; the data returned are the state's own tensors (or
+gathers of their changed rows): `persistence.start_shard` copies them to the host chunk
+by chunk, under that lock, its writes already running.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import os
 import uuid
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from . import deltas, persistence
@@ -90,19 +91,12 @@ def take(st, tensors: dict[str, torch.Tensor], attrs: dict, version_dir: str, fu
         layout = deltas.layout(tensors)
         out = dict(attrs, format=deltas.DELTA_FORMAT, delta_parent=base.version, chain=base.chain + 1,
                    content_id=cid, layout=layout, **role_attrs)
-        data = persistence.ShardData(out, {n: _host(t) for n, t in arrays.items()})
+        data = persistence.ShardData(out, arrays)
         chain = base.chain + 1
     else:
-        data = persistence.ShardData(dict(attrs, content_id=cid, chain=0),
-                                     {n: _host(t) for n, t in tensors.items()})
+        data = persistence.ShardData(dict(attrs, content_id=cid, chain=0), dict(tensors))
         chain = 0
     st.pending = Pending(Base(store_root, int(attrs["version"]), cid, chain), base, dirty, dense)
     st.dirty = torch.zeros_like(st.dirty)
     st.dense = set()
     return data
-
-
-def _host(t: torch.Tensor) -> np.ndarray:
-    """A host copy the state moving on leaves alone (a device tensor's trip to the host is one)."""
-    a = persistence.to_numpy(t)
-    return a.copy() if t.device.type == "cpu" else a
