@@ -38,11 +38,24 @@ IO = IOConfig()
 _pool: ThreadPoolExecutor | None = None
 
 
+_copy_pool: ThreadPoolExecutor | None = None
+
+
 def pool() -> ThreadPoolExecutor:
+    """Threads doing file I/O (writes, reads, fsyncs)."""
     global _pool
     if _pool is None or getattr(_pool, "_max_workers", 0) != IO.threads:
         _pool = ThreadPoolExecutor(max_workers=max(1, IO.threads), thread_name_prefix="chunk-io")
     return _pool
+
+
+def copy_pool() -> ThreadPoolExecutor:
+    """Threads copying tensors to the host for writing (apart from the I/O threads, so all
+    copies end without waiting for the disk)."""
+    global _copy_pool
+    if _copy_pool is None or getattr(_copy_pool, "_max_workers", 0) != IO.threads:
+        _copy_pool = ThreadPoolExecutor(max_workers=max(1, IO.threads), thread_name_prefix="chunk-copy")
+    return _copy_pool
 
 
 def chunk_rows(shape: tuple, itemsize: int) -> int:
@@ -74,9 +87,9 @@ def _is_raw(z: zarr.Array) -> bool:
 def write_array(group: zarr.Group, name: str, arr) -> list:
     """Create array `name` in `group` holding `arr` (numpy, or a tensor on any device: bf16
     stored as uint16 bits); returns the futures of its chunk writes (wait for them, e.g.
-    with `wait`). A tensor is copied to the host chunk by chunk in the calling thread, each
-    chunk's write starting as soon as it is copied: when this returns the tensor has been
-    read (the caller may let its owner change it) and the disk is already busy."""
+    with `wait`). A tensor is copied to the host chunk by chunk (in parallel), each chunk's
+    write starting as soon as it is copied: when this returns the tensor has been read
+    (the caller may let its owner change it) and the disk is already busy."""
     if isinstance(arr, torch.Tensor):
         src = arr.detach()
         if src.dtype == torch.bfloat16:
@@ -94,18 +107,32 @@ def write_array(group: zarr.Group, name: str, arr) -> list:
         return []
     flat = host.reshape(host.shape[0], -1).view(np.uint8)   # one row of bytes per array row
     chunk_bytes = rows * flat.shape[1]
-    futures = []
-    try:
-        for i, lo in enumerate(range(0, host.shape[0], rows)):
-            if src is not None:
-                hi = min(lo + rows, host.shape[0])
-                torch.from_numpy(host[lo:hi].view(np.int16) if host.dtype == np.uint16 else host[lo:hi]).copy_(
-                    src[lo:hi])
-            futures.append(pool().submit(_write_chunk, _chunk_path(z, i), flat[lo:lo + rows], chunk_bytes))
-    except BaseException:
-        _settle(futures)
-        raise
-    return futures
+    starts = range(0, host.shape[0], rows)
+    if src is None:
+        return [pool().submit(_write_chunk, _chunk_path(z, i), flat[lo:lo + rows], chunk_bytes)
+                for i, lo in enumerate(starts)]
+    # a tensor: chunks copied to the host in parallel (a fresh buffer's page faults and the
+    # copies spread over cores), each chunk's write queued as soon as it is copied
+    dst = torch.from_numpy(host.view(np.int16) if host.dtype == np.uint16 else host)
+    copies = [copy_pool().submit(_copy_then_write, dst, src, lo, min(lo + rows, host.shape[0]),
+                                 _chunk_path(z, i), flat[lo:lo + rows], chunk_bytes)
+              for i, lo in enumerate(starts)]
+    writes, first = [], None
+    for c in copies:
+        try:
+            writes.append(c.result())
+        except BaseException as e:  # noqa: BLE001 -- raised below, after every copy ended
+            first = first or e
+    if first is not None:
+        _settle(writes)
+        raise first
+    return writes
+
+
+def _copy_then_write(dst: torch.Tensor, src: torch.Tensor, lo: int, hi: int, path: str, part: np.ndarray,
+                     chunk_bytes: int):
+    dst[lo:hi].copy_(src[lo:hi])
+    return pool().submit(_write_chunk, path, part, chunk_bytes)
 
 
 def _settle(futures: list) -> None:
