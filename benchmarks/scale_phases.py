@@ -201,7 +201,7 @@ def create(args, n: int, device: str, host: bool = False) -> tuple[Table, dict]:
 
 def optimizer(args, table: Table, device: str) -> dict:
     """The table's own optimizer state over its values (the headline), and per kind: the
-    same ratio on a fresh 65,536-row table of that kind (a live switch keeps the state of
+    same ratio on a fresh 4,096-row table of that kind (the state is per row) (a live switch keeps the state of
     the kinds used before, so the big table would count theirs too), and the time of a
     step of 115k rows (a quarter of a small table) on the big table switched to it."""
     out = {"default": optimizer_bytes(table), "kinds": {}}
@@ -212,9 +212,9 @@ def optimizer(args, table: Table, device: str) -> dict:
         if why:
             out["kinds"][kind] = {"skipped": why}
             continue
-        small = Table.create(dataclasses.replace(make_config(args, 256, device),
+        small = Table.create(dataclasses.replace(make_config(args, 64, device),
                                                  optimizer=OptimizerConfig(kind, lr=0.01)))
-        rec = {"fresh_table_rows": 256 * 256, **optimizer_bytes(small)}
+        rec = {"fresh_table_rows": 64 * 64, **optimizer_bytes(small)}
         small.close()
         del small
         old = table.set_optimizer(OptimizerConfig(kind, lr=0.01))
