@@ -169,9 +169,10 @@ def wait(futures: list) -> None:
         raise first
 
 
-def read_into(z: zarr.Array, out: torch.Tensor) -> None:
+def read_into(z: zarr.Array, out: torch.Tensor, *, staged: bool | None = None) -> None:
     """Read array `z` into `out` (a contiguous tensor of z's shape and item size, on any
-    device), chunk files in parallel; through zarr where `z` is not raw."""
+    device), chunk files in parallel; through zarr where `z` is not raw. `staged`: through
+    per-thread host buffers (default: where `out` is not in host memory; tests force it)."""
     if out.numel() == 0:
         return
     if not _is_raw(z):   # zarr's own pipeline, as many chunks in flight as our threads
@@ -183,7 +184,8 @@ def read_into(z: zarr.Array, out: torch.Tensor) -> None:
     row_bytes = out.view(torch.uint8).reshape(out.shape[0], -1).shape[1]
     dst = out.view(torch.uint8).reshape(out.shape[0], row_bytes)
     gpu = out.device.type != "cpu"
-    futures = [pool().submit(_read_chunk, _chunk_path(z, i), dst, lo, min(lo + rows, out.shape[0]), gpu)
+    staged = gpu if staged is None else staged
+    futures = [pool().submit(_read_chunk, _chunk_path(z, i), dst, lo, min(lo + rows, out.shape[0]), staged)
                for i, lo in enumerate(range(0, out.shape[0], rows))]
     wait(futures)
     if gpu:
@@ -193,10 +195,10 @@ def read_into(z: zarr.Array, out: torch.Tensor) -> None:
 _staging = None   # per-thread pinned staging buffers (GPU path)
 
 
-def _read_chunk(path: str, dst: torch.Tensor, lo: int, hi: int, gpu: bool) -> None:
+def _read_chunk(path: str, dst: torch.Tensor, lo: int, hi: int, staged: bool) -> None:
     n = (hi - lo) * dst.shape[1]
     with open(path, "rb", buffering=0) as f:
-        if not gpu:
+        if not staged:
             _readinto(f, memoryview(dst[lo:hi].numpy()).cast("B"), path)
             return
         buf = _pinned(n)
@@ -219,8 +221,8 @@ def _pinned(n: int) -> torch.Tensor:
     if _staging is None:
         _staging = threading.local()
     buf = getattr(_staging, "buf", None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(max(n, CHUNK_BYTES), dtype=torch.uint8, pin_memory=True)
+    if buf is None or buf.numel() < n:   # page-locked where CUDA is there to copy from it
+        buf = torch.empty(max(n, CHUNK_BYTES), dtype=torch.uint8, pin_memory=torch.cuda.is_available())
         _staging.buf = buf
     return buf
 

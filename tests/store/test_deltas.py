@@ -260,6 +260,9 @@ def test_raw_chunk_files_are_zarrs_own(tmp_path, monkeypatch, shape, dtype):
     assert chunk_io._is_raw(z)
     got = chunk_io.read_tensor(z)
     assert np.array_equal(got.numpy().view(arr.dtype), arr)                # and we read zarr's layout
+    staged = torch.full(got.shape, 7, dtype=got.dtype) if got.dtype != torch.bool else torch.ones(got.shape, dtype=torch.bool)
+    chunk_io.read_into(z, staged, staged=True)                             # the GPU path's staging buffers
+    assert torch.equal(staged, got)
     # an array zarr wrote compressed is read through zarr
     zc = g.create_array("c", data=arr) if arr.size else None
     if zc is not None:
