@@ -368,14 +368,16 @@ class UsageResponse(_message.Message):
     def __init__(self, hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., frozen: _Optional[_Union[Tensor, _Mapping]] = ..., ablated: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class WriteSnapshotRequest(_message.Message):
-    __slots__ = ("request_id", "version_dir", "version")
+    __slots__ = ("request_id", "version_dir", "version", "full")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_DIR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     version_dir: str
     version: int
-    def __init__(self, request_id: _Optional[str] = ..., version_dir: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    full: bool
+    def __init__(self, request_id: _Optional[str] = ..., version_dir: _Optional[str] = ..., version: _Optional[int] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class PrepareVersionRequest(_message.Message):
     __slots__ = ("request_id", "store_root", "version")

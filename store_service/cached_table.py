@@ -174,8 +174,8 @@ class CachedTable:
     def usage(self) -> UsageStats:
         return self.inner.usage()
 
-    def snapshot(self) -> int:
-        return self.inner.snapshot()
+    def snapshot(self, *, full: bool = False) -> int:
+        return self.inner.snapshot(full=full)
 
     # calls that can change rows: pass through, then forget
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1, request_id: str = "") -> int:

@@ -250,8 +250,9 @@ class RemoteShard:
     def usage(self) -> UsageStats:
         return wire.usage_from_proto(self._call(self._admin.Usage, pb.UsageRequest(), admin=True))
 
-    def write_snapshot(self, version_dir: str, version: int) -> None:
-        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version)
+    def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None:
+        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version,
+                                      full=bool(full))
         self._call(self._admin.WriteSnapshot, req, admin=True)
 
     def prepare_version(self, store_root: str, version: int) -> None:

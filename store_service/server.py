@@ -237,7 +237,7 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
 
     def WriteSnapshot(self, request, context):
         def call():
-            self._shard.write_snapshot(request.version_dir, int(request.version))
+            self._shard.write_snapshot(request.version_dir, int(request.version), full=bool(request.full))
             return pb.VersionResponse()
         return self._admin("WriteSnapshot", context, call, request.request_id)
 

@@ -29,14 +29,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import errors, kernels, persistence, search
+from . import errors, kernels, persistence, search, snapshots
 from . import validation as check
 from .appends import append_rows
 from .host_rows import gather_rows
 from .config import TableConfig
 from .interface import SearchResult, ShardDescription, ShardInfo, SideQuery, TagFilter, UsageStats
 from .optimizer import OptimizerConfig, RowOptimizer
-from .state import ShardState, init_state, load_state, state_to_data
+from .state import ShardState, init_state, load_state, state_attrs, state_tensors, state_to_data
 from .step import BarrierTimeout, barrier, replace_optimizer
 
 __all__ = ["Shard", "BarrierTimeout"]
@@ -229,6 +229,7 @@ class Shard:
                 st.hits.index_add_(0, rows, h)
                 st.step_hits.index_add_(0, rows, h)
                 st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
+                st.mark_rows(rows)
             return out
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
@@ -242,6 +243,7 @@ class Shard:
             st.hits.index_add_(0, hit, torch.ones_like(hit))
             st.step_hits.index_add_(0, hit, torch.ones_like(hit))
             st.weight_sum.index_add_(0, rows, rw.double())
+            st.mark_rows(rows)
             return out
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
@@ -350,6 +352,7 @@ class Shard:
             check.tensor("ids", ids, torch.int64, (None,))
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=False)
             getattr(st, name)[st.local(ids)] = flag
+            st.mark_rows(st.local(ids))
             if name == "ablated" and st.faiss is not None:
                 st.faiss.invalidate()
 
@@ -359,14 +362,18 @@ class Shard:
             return UsageStats(st.hits.cpu().clone(), st.weight_sum.cpu().clone(),
                               st.frozen.cpu().clone(), st.ablated.cpu().clone())
 
-    def write_snapshot(self, version_dir: str, version: int) -> None:
-        """Write this shard's subgroup of a (staged) version. Gradients not yet
-        applied by end_step are not part of a snapshot: take it between steps."""
+    def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None:
+        """Write this shard's subgroup of a (staged) version: the rows changed since the
+        version this state was loaded from or last published as (a delta, `snapshots`), or
+        the whole state where `full` or no delta can serve. Gradients not yet applied by
+        end_step are not part of a snapshot: take it between steps."""
         check.integer("version", version, 1)
+        check.flag("full", full)
         with self._use(0) as st:
-            with st.lock:
-                data = state_to_data(st, version)  # copies, so the write runs unlocked
-            persistence.write_shard(version_dir, data)
+            with st.lock:   # the rows are copied to the host under it, their writes already running
+                data = snapshots.take(st, state_tensors(st), state_attrs(st, version), version_dir, full)
+                write = persistence.start_shard(version_dir, data, keep_content_id=True)
+            write.finish()
 
     # -- for tests and tools -------------------------------------------------
 

@@ -11,9 +11,10 @@ import dataclasses
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from . import errors, persistence
+from . import errors, persistence, snapshots
 from .config import TableConfig, segments_from_json, segments_to_json
 from .flat_index import FaissFlatIndex
 from .interface import PAD_ID, SEGMENT_FLAT, SEGMENT_PRODUCT, TAG_UNSET, SegmentInfo
@@ -67,7 +68,28 @@ class ShardState:
         self.cond = threading.Condition(self.lock)
         self.inflight = 0
         self.faiss: FaissFlatIndex | None = None
+        # Rows changed since `base` (the published version this state's data equals but for
+        # them), for incremental snapshots (`snapshots`). Every writer of a persisted row marks
+        # it; `dense` names arrays changed wholesale.
+        self.dirty = torch.zeros(row_end - row_start, dtype=torch.bool, device=values.device)
+        self.dense: set[str] = set()
+        self.base = None      # snapshots.Base | None
+        self.pending = None   # snapshots.Pending | None: the last snapshot written, maybe not published
         self.reindex()
+
+    def mark_rows(self, local_rows: torch.Tensor) -> None:
+        """Local rows [M] (no PAD) whose persisted data changed."""
+        if self.dirty.device != local_rows.device:   # the state moved (a swap staged on the host)
+            self.dirty = self.dirty.to(local_rows.device)
+        self.dirty[local_rows] = True
+
+    def mark_flat(self, flat_pos: torch.Tensor) -> None:
+        """Flat positions [M] whose persisted data changed."""
+        self.mark_rows(self.flat_local[flat_pos])
+
+    def mark_dense(self, name: str) -> None:
+        """Array `name` changed in (nearly) every row."""
+        self.dense.add(name)
 
     @property
     def device(self) -> torch.device:
@@ -218,32 +240,44 @@ def init_state(cfg: TableConfig, shard_id: int, lo: int, hi: int) -> ShardState:
 
 # -- to and from persistence -------------------------------------------------------------
 
-def state_to_data(st: ShardState, version: int) -> persistence.ShardData:
-    """Copies of the state (the caller may write them while the state moves on)."""
-    def np_(t):
-        return persistence.to_numpy(t).copy()
-    arrays = {
-        "values": np_(st.values), "frozen": np_(st.frozen), "ablated": np_(st.ablated),
-        "hits": np_(st.hits), "weight_sum": np_(st.weight_sum),
-        "flat_ids": np_(st.flat_ids), "keys": np_(st.keys), "flat_bias": np_(st.flat_bias),
-        "flat_partition": np_(st.partition),
+def state_tensors(st: ShardState) -> dict[str, torch.Tensor]:
+    """Every persisted array of the state, by its name in a version (no copies)."""
+    out = {
+        "values": st.values, "frozen": st.frozen, "ablated": st.ablated,
+        "hits": st.hits, "weight_sum": st.weight_sum,
+        "flat_ids": st.flat_ids, "keys": st.keys, "flat_bias": st.flat_bias, "flat_partition": st.partition,
     }
-    # opt_steps / key_steps and whatever state the kinds used so far keep (optimizer.py)
-    arrays.update({name: np_(t) for name, t in st.opt.to_arrays("opt").items()})
-    arrays.update({name: np_(t) for name, t in st.key_opt.to_arrays("key").items()})
-    arrays.update({persistence.tag_array_name(name): np_(t) for name, t in st.tags.items()})
+    out.update(st.opt.to_arrays("opt"))
+    out.update(st.key_opt.to_arrays("key"))
+    out.update({persistence.tag_array_name(name): t for name, t in st.tags.items()})
     for pc in st.pieces:
         for name in ("codebook_a", "codebook_b", "bias_a", "bias_b"):
-            arrays[f"pk{pc.seg_index}_{name}"] = np_(getattr(pc, name))
+            out[f"pk{pc.seg_index}_{name}"] = getattr(pc, name)
+    return out
+
+
+def state_attrs(st: ShardState, version: int) -> dict:
     cfg = st.config
-    attrs = {
+    return {
         "format": persistence.FORMAT,
         "shard_id": st.shard_id, "row_start": st.row_start, "row_end": st.row_end, "step": st.step,
         "version": version, "d_k": cfg.d_k, "d_v": cfg.d_v, "value_dtype": cfg.value_dtype,
         "value_storage": "uint16 bits of bfloat16" if cfg.value_dtype == "bfloat16" else "float32",
         "segments": segments_to_json(st.segments), "config": cfg.to_dict(),
     }
-    return persistence.ShardData(attrs, arrays)
+
+
+def host_copy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of `t` (bf16 as uint16 bits) that the state moving on does not change:
+    a device tensor's trip to the host is that copy; a CPU tensor is copied."""
+    a = persistence.to_numpy(t)
+    return a.copy() if t.device.type == "cpu" else a
+
+
+def state_to_data(st: ShardState, version: int) -> persistence.ShardData:
+    """Copies of the state (the caller may write them while the state moves on)."""
+    return persistence.ShardData(state_attrs(st, version),
+                                 {n: host_copy(t) for n, t in state_tensors(st).items()})
 
 
 def _placed(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
@@ -255,17 +289,21 @@ def _placed(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
 
 def load_state(store_root: str, version: int, shard_id: int, device: str | None,
                pin_memory: bool | None = None) -> ShardState:
-    data = persistence.read_shard(persistence.version_path(store_root, version), shard_id)
-    a, arr = data.attrs, data.arrays
-    cfg = TableConfig.from_dict(a["config"])
+    """The state of a published version, read in parallel straight onto its device."""
+    vdir = persistence.version_path(store_root, version)
+    stored = persistence.shard_attrs(vdir, shard_id)
+    if stored is None:
+        raise errors.NotFound(f"shard {shard_id} not in {vdir}")
+    cfg = TableConfig.from_dict(stored["config"])
     if device is not None:
         cfg.device = device
     if pin_memory is not None:
         cfg.pin_memory = pin_memory
     dev = _device(cfg.device)
+    a, arr, _ = persistence.read_shard_tensors(vdir, shard_id, dev)
 
     def t(name, dtype=None):
-        return persistence.from_numpy(arr[name], dtype).to(dev)
+        return arr[name].view(torch.bfloat16) if dtype == "bfloat16" else arr[name]
 
     def maybe(name):
         return t(name) if name in arr else None
@@ -277,7 +315,7 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None,
         if f"pk{si}_codebook_a" in arr:
             pieces.append(ProductPiece(si, seg, i0, i1, t(f"pk{si}_codebook_a"), t(f"pk{si}_codebook_b"),
                                        t(f"pk{si}_bias_a"), t(f"pk{si}_bias_b")))
-    return ShardState(
+    st = ShardState(
         config=cfg, shard_id=shard_id, version=version, step=a["step"], row_start=lo, row_end=hi,
         segments=segments, values=_placed(t("values", a["value_dtype"]), cfg.pin_memory), frozen=t("frozen"), ablated=t("ablated"),
         hits=t("hits"), weight_sum=t("weight_sum"),
@@ -286,3 +324,5 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None,
         key_opt=RowState.from_arrays("key", maybe),
         pieces=pieces, tags={name: t(array) for name, array in persistence.tag_arrays(arr).items()},
         partition=t("flat_partition"))
+    st.base = snapshots.base_of(store_root, version, stored)
+    return st

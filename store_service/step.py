@@ -57,10 +57,12 @@ def apply_step(st: ShardState) -> None:
         rows, grads = merge_grads(st.row_grads, cfg.d_v)
         sparse_step(opt.kind, st.values, st.opt, rows, grads, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                     frozen=st.frozen)
+        st.mark_rows(rows)
     if st.key_grads:
         pos, grads = merge_grads(st.key_grads, cfg.d_k)
         sparse_step(opt.kind, st.keys, st.key_opt, pos, grads, lr=opt.effective_key_lr, betas=opt.betas,
                     eps=opt.eps, frozen=st.frozen[st.flat_local])
+        st.mark_flat(pos)
         if st.faiss is not None:
             st.faiss.invalidate()
     if cfg.bias_step > 0 and bool(st.step_hits.any()):

@@ -426,15 +426,17 @@ class Table:
 
     # -- versions ------------------------------------------------------------------
 
-    def snapshot(self) -> int:
-        """Publish the current state (take it between steps) as a new version."""
+    def snapshot(self, *, full: bool = False) -> int:
+        """Publish the current state (take it between steps) as a new version: each shard
+        writes the rows changed since its base version where it can (a delta, read as a
+        whole; `snapshots`), or its whole state (`full`, or where no delta can serve)."""
         if self.store_root is None:
             raise errors.FailedPrecondition("snapshot: this table has no store_root")
         self.flush()
         held = max(i.version for i in self._map.infos)
         version = max(persistence.latest_version(self.store_root) or 0, held) + 1
         with persistence.staged_version(self.store_root, version) as stage:
-            self._each(lambda i, s: s.write_snapshot(stage, version))
+            self._each(lambda i, s: s.write_snapshot(stage, version, full=full))
             persistence.finish_version(stage, version)
         return version
 

@@ -1,5 +1,6 @@
 """Operations on whole published versions: re-split over more or fewer shards, compose
-one from the shards of others, move rows to new ids, rewrite one in place.
+one from the shards of others, move rows to new ids, rewrite one in place, compact a chain of
+delta versions (`deltas`) into a full one.
 
 Each reads a version through `persistence` (any format it reads) and writes a new
 one (format 2) the way a snapshot is written: staged, synced, then published by a
@@ -228,18 +229,28 @@ def _check_moves(segments, new_of_old: np.ndarray, perms: dict[int, tuple[np.nda
                                                        f"[{seg.row_start}, {seg.row_end})")
 
 
-def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], ShardData]) -> None:
+def compact(store_root: str, version: int) -> None:
+    """Rewrite published `version` in place as a full version: each shard's delta chain
+    (`deltas`) merged into one full subgroup, bitwise the same rows, the same content ids
+    (so deltas over this version, and states based on it, stay valid), published by the
+    atomic exchange of `rewrite_version`. Its parents may be deleted afterwards."""
+    rewrite_version(store_root, version, lambda d: d, same_content=True)
+
+
+def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], ShardData], *,
+                    same_content: bool = False) -> None:
     """Rewrite published `version` in place: every shard's data (in format 2, whatever format
     it was written in) through `edit`, the whole version written under staging/, synced to
     disk, then put in the old one's place by one atomic exchange of the two directories where
     the OS has one (Linux renameat2), else by two renames. For versions no shard is loading
-    meanwhile (a migration)."""
+    meanwhile (a migration). `same_content`: `edit` keeps every row bitwise (compaction), so
+    the shards keep their content ids; otherwise they get new ones."""
     _, shards = _read_all(store_root, version)
     path = version_path(store_root, version)
     stage = new_stage(store_root, version)
     try:
         for d in shards:
-            write_shard(stage, edit(d))
+            write_shard(stage, edit(d), keep_content_id=same_content)
         finish_version(stage, version)
         fsync_tree(stage)
         if not _exchange(stage, path):
@@ -247,8 +258,17 @@ def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], S
             os.rename(path, aside)
             os.rename(stage, path)
             stage = aside
+        _fsync_dir(os.path.dirname(path))   # the exchange itself, durable
     finally:
         shutil.rmtree(stage, ignore_errors=True)   # the old version, or a failed new one
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: str, b: str) -> bool:

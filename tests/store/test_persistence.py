@@ -78,10 +78,10 @@ def test_crash_mid_write_leaves_no_visible_version(tmp_path, monkeypatch):
     v1 = t.snapshot()
     real = Shard.write_snapshot
 
-    def crash(self, version_dir, version):
+    def crash(self, version_dir, version, **kw):
         if self.shard_id == 2:
             raise OSError("disk full")
-        return real(self, version_dir, version)
+        return real(self, version_dir, version, **kw)
     monkeypatch.setattr(Shard, "write_snapshot", crash)
     with pytest.raises(OSError):
         t.snapshot()
