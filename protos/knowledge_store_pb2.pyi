@@ -420,7 +420,7 @@ class OpenTransportRequest(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., host_id: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class OpenTransportResponse(_message.Message):
-    __slots__ = ("session", "ticket", "socket", "buffer_bytes", "rendezvous_host", "rendezvous_port", "max_bytes", "host_id")
+    __slots__ = ("session", "ticket", "socket", "buffer_bytes", "rendezvous_host", "rendezvous_port", "max_bytes", "host_id", "backend")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     TICKET_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -429,6 +429,7 @@ class OpenTransportResponse(_message.Message):
     RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
     MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
     HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
     session: str
     ticket: str
     socket: str
@@ -437,7 +438,8 @@ class OpenTransportResponse(_message.Message):
     rendezvous_port: int
     max_bytes: int
     host_id: str
-    def __init__(self, session: _Optional[str] = ..., ticket: _Optional[str] = ..., socket: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., max_bytes: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
+    backend: str
+    def __init__(self, session: _Optional[str] = ..., ticket: _Optional[str] = ..., socket: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., max_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
 
 class CloseTransportRequest(_message.Message):
     __slots__ = ("session",)

@@ -12,3 +12,6 @@ over a unix socket against a ticket), shm / cuda_ipc / dist (the three media), s
 service (the shard's side), slots (a buffer cut in pieces kept in flight), ends and client
 (the client's side), shard (a remote shard that takes the fast path when it can).
 """
+from store_service.transport.paths import register as _register
+
+_register()

@@ -33,45 +33,53 @@ class _StepMoved(Exception):
 
 
 class BulkPath:
-    def __init__(self, address: str, channel, md, end, resp, description, config: ClientConfig):
+    def __init__(self, address: str, channel, end, session: str, max_bytes: int, description,
+                 config: ClientConfig):
         self.address, self.kind, self.config = address, end.kind, config
-        self._channel, self._md, self._end = channel, md, end
-        self._session = resp.session
+        self._channel, self._md, self._end = channel, (), end
+        self._session = session
         self._stub = pb_grpc.StoreTransportStub(channel)
         self.shard_id = description.info.shard_id
         self.d_v, self.d_k = description.d_v, description.d_k
         self.value_dtype = wire.DTYPES[description.value_dtype]
-        nbytes = resp.max_bytes if end.kind == "dist" else end.nbytes
-        self._slots = slots.Slots(nbytes, config.slots, tagged=end.kind == "dist")
+        nbytes = max_bytes if end.kind == "torch_dist" else end.nbytes
+        self._slots = slots.Slots(nbytes, config.slots, tagged=end.kind == "torch_dist")
 
     @classmethod
     def open(cls, address: str, token: str, kind: str, config: ClientConfig = ClientConfig()) -> "BulkPath":
-        """A session of `kind` with the shard at `address`, authenticated by `token`.
+        """A session of `kind` with the shard at `address`, opened with the credentials `token`.
         Unauthenticated without valid credentials; FailedPrecondition where the kind is not
         offered (another host, no GPU, no backend); OSError where the handoff socket cannot
         be reached."""
-        channel = grpc.insecure_channel(address, options=_OPTIONS)
         md = ((wire.MD_AUTHORIZATION, wire.bearer(token)),) if token else ()
+        with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+            req = pb.OpenTransportRequest(kind=kind, host_id=config.host_id or hostid.host_id(),
+                                          buffer_bytes=config.buffer_bytes, backend=config.dist_backend)
+            resp = _unary(pb_grpc.StoreTransportStub(channel).Open, req, md, config, -1, address)
+        params = {f.name: str(v) for f, v in resp.ListFields()}
+        return cls.connect(address, kind, params, config)
+
+    @classmethod
+    def connect(cls, address: str, kind: str, params, config: ClientConfig = ClientConfig()) -> "BulkPath":
+        """Join a session opened for us (`params`: what `SessionTable.open` returned, as strings)."""
+        channel = grpc.insecure_channel(address, options=_OPTIONS)
         try:
             description = wire.description_from_proto(
                 _unary(pb_grpc.KnowledgeStoreStub(channel).Describe, pb.DescribeRequest(), (), config, -1, address),
                 address)
-            sid = description.info.shard_id
-            req = pb.OpenTransportRequest(kind=kind, host_id=config.host_id or hostid.host_id(),
-                                          buffer_bytes=config.buffer_bytes, backend=config.dist_backend)
-            resp = _unary(pb_grpc.StoreTransportStub(channel).Open, req, md, config, sid, address)
-            if kind == "dist":
-                host = resp.rendezvous_host
+            if kind == "torch_dist":
+                host = params.get("rendezvous_host", "")
                 if host in ("", "0.0.0.0", "::"):
                     host = address.rsplit(":", 1)[0].strip("[]")
-                end = DistEnd(host, resp.rendezvous_port, resp.ticket, config.dist_backend, config.timeout_s)
+                end = DistEnd(host, int(params["rendezvous_port"]), params["ticket"], config.dist_backend,
+                              config.timeout_s)
             else:
-                header, fds = handoff.receive(resp.socket, resp.ticket)
+                header, fds = handoff.receive(params["socket"], params["ticket"])
                 end = ShmEnd(fds[0]) if kind == "shm" else CudaEnd(header)
         except BaseException:
             channel.close()
             raise
-        return cls(address, channel, md, end, resp, description, config)
+        return cls(address, channel, end, params["session"], int(params.get("max_bytes", 0)), description, config)
 
     def close(self) -> None:
         try:

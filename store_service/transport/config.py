@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-KINDS = ("cuda_ipc", "shm", "dist")   # the client's order of preference; gRPC is the fallback after them
+KINDS = ("cuda_ipc", "shm", "torch_dist")   # the client's order of preference; gRPC is the fallback after them
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class CudaEnd:
 
 
 class DistEnd:
-    kind = "dist"
+    kind = "torch_dist"
 
     def __init__(self, host: str, port: int, prefix: str, backend: str, timeout_s: float):
         local = dist.local_address_towards(host, port)

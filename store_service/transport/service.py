@@ -3,32 +3,28 @@ move a tensor through one (protos/knowledge_store.proto says the contract).
 
 Every call goes through the server's `_Rpc.handle` like any other: credentials checked,
 errors mapped to status codes in the one place, metrics kept. ROLES is where each call's
-role is registered (today every role means the bearer token).
+role is registered.
 
     add_transport_service(grpc_server, rpc, host="127.0.0.1")   # in serve_shard
 """
 from __future__ import annotations
-
-import secrets
-import threading
-import time
 
 import torch
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
-from store_service.transport import cuda_ipc, dist, hostid
 from store_service.transport.config import ServerLimits
-from store_service.transport.handoff import HandoffServer
-from store_service.transport.sessions import CudaSession, DistSession, ShmSession
-from store_service.transport.tickets import TicketBook
+from store_service.transport.registry import SessionTable
 
 SERVICE = "knowledge_store.v1.StoreTransport"
 
-# The role each call needs. Until per-role credentials exist every role is the bearer token;
-# a handle to a buffer is never handed out without it.
-ROLES = {"Open": "read", "Close": "read", "Fetch": "read", "Readout": "read", "PushGrads": "train"}
+# The role each call needs. Open hands out the handles, so it needs the caller's credentials
+# (until per-role credentials exist, the bearer token). The other calls name a session, a
+# 128-bit capability that only an authenticated Open (or the store's OpenDataPath) hands out:
+# an unknown session is NOT_FOUND and touches nothing.
+ROLES = {"Open": "read"}
+SESSION = {"Close", "Fetch", "Readout", "PushGrads"}
 
 _GRAD_DTYPES = {"value": ("float32", "bfloat16"), "key": ("float32",)}
 
@@ -37,12 +33,7 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
     def __init__(self, rpc, host: str, limits: ServerLimits = ServerLimits()):
         self._rpc = rpc
         self._shard = rpc.shard
-        self._host = host
-        self._limits = limits
-        self._tickets = TicketBook(limits.ticket_ttl_s)
-        self._sessions: dict = {}
-        self._lock = threading.Lock()
-        self._handoff: HandoffServer | None = None
+        self._table = SessionTable.of(rpc.shard, host, limits)
         self._dims: dict | None = None
 
     @property
@@ -55,98 +46,29 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
 
     @property
     def _device(self) -> torch.device:
-        return getattr(self._shard, "device", torch.device("cpu"))
+        return self._table.device
 
     def _call(self, method: str, context, call, items: int = 0):
-        # Roles: once they land, `role=ROLES[method]` replaces `admin=True` here, nothing else.
-        return self._rpc.handle(f"Transport.{method}", context, call, admin=True, items=items)
-
-    # -- sessions ------------------------------------------------------------------
+        # Roles: once they land, `role=ROLES.get(method)` replaces `admin=...` here, nothing else.
+        return self._rpc.handle(f"Transport.{method}", context, call, admin=method in ROLES, items=items)
 
     def Open(self, request, context):
-        return self._call("Open", context, lambda: self._open(request))
-
-    def _open(self, request) -> pb.OpenTransportResponse:
-        kind = request.kind
-        if kind in ("shm", "cuda_ipc") and request.host_id != hostid.host_id():
-            raise errors.FailedPrecondition(f"transport {kind!r} is for callers on this shard's host")
-        if kind == "cuda_ipc" and (not cuda_ipc.available() or self._device.type != "cuda"):
-            raise errors.FailedPrecondition("transport 'cuda_ipc': this shard's rows are not on a GPU")
-        if kind in ("shm", "cuda_ipc") and not 0 < request.buffer_bytes <= self._limits.max_buffer_bytes:
-            raise errors.InvalidArgument("buffer_bytes", f"must be in (0, {self._limits.max_buffer_bytes}], "
-                                                         f"got {request.buffer_bytes}")
-        backend = request.backend or "gloo"
-        if kind == "dist" and not dist.available(backend):
-            raise errors.FailedPrecondition(f"transport 'dist': backend {backend!r} is not available here")
-        if kind not in ("shm", "cuda_ipc", "dist"):
-            raise errors.InvalidArgument("kind", f"{kind!r}; use 'shm', 'cuda_ipc' or 'dist'")
-        sid = secrets.token_hex(16)
-        resp = pb.OpenTransportResponse(session=sid, host_id=hostid.host_id(), max_bytes=self._limits.max_call_bytes)
-        self._make_room()
-        if kind == "dist":
-            ticket = secrets.token_urlsafe(32)   # the group's key prefix: known to the caller only
-            session = DistSession(sid, backend, self._host, ticket, self._limits.max_call_bytes,
-                                  self._limits.group_timeout_s)
-            resp.ticket, resp.rendezvous_host, resp.rendezvous_port = ticket, self._host, session.port
-        else:
-            session = (ShmSession(sid, request.buffer_bytes) if kind == "shm"
-                       else CudaSession(sid, request.buffer_bytes, self._device))
-            resp.ticket, resp.socket, resp.buffer_bytes = self._tickets.issue(sid), self._handoff_name(), \
-                request.buffer_bytes
-        with self._lock:
-            self._sessions[sid] = session
-        return resp
-
-    def _make_room(self) -> None:
-        """Drop sessions idle past the limit; refuse when still full."""
-        now = time.monotonic()
-        with self._lock:
-            idle = [s for s in self._sessions.values() if now - s.last_used > self._limits.idle_s]
-            for s in idle:
-                self._sessions.pop(s.id).close()
-            if len(self._sessions) >= self._limits.max_sessions:
-                raise errors.FailedPrecondition(f"{len(self._sessions)} transport sessions open "
-                                                f"(limit {self._limits.max_sessions}); close one")
-
-    def _handoff_name(self) -> str:
-        with self._lock:
-            if self._handoff is None:
-                self._handoff = HandoffServer(self._tickets, self._grant)
-            return self._handoff.name
-
-    def _grant(self, sid: str):
-        with self._lock:
-            session = self._sessions.get(sid)
-        if session is None:
-            raise errors.NotFound("the ticket's session is closed")
-        return session.grant()
-
-    def _session(self, sid: str):
-        with self._lock:
-            session = self._sessions.get(sid)
-        if session is None:
-            raise errors.NotFound(f"no transport session {sid[:16]!r} on this shard (closed, expired or "
-                                  f"the shard restarted)")
-        session.touch()
-        return session
+        def call():
+            p = self._table.open(request.kind, request.host_id, request.buffer_bytes, request.backend)
+            return pb.OpenTransportResponse(**p)
+        return self._call("Open", context, call)
 
     def Close(self, request, context):
         def call():
-            with self._lock:
-                session = self._sessions.pop(request.session, None)
-            if session is not None:
-                session.close()
+            self._table.close(request.session)
             return pb.CloseTransportResponse()
         return self._call("Close", context, call)
 
     def close(self) -> None:
-        with self._lock:
-            sessions, self._sessions = list(self._sessions.values()), {}
-            handoff, self._handoff = self._handoff, None
-        for s in sessions:
-            s.close()
-        if handoff is not None:
-            handoff.close()
+        self._table.close_all()
+
+    def _session(self, sid: str):
+        return self._table.get(sid)
 
     # -- moving tensors ----------------------------------------------------------------
 

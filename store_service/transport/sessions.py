@@ -95,7 +95,7 @@ class CudaSession(_BufferSession):
 
 class DistSession(Session):
     """The shard's end of a 2-rank group; built in the background while the client joins."""
-    kind = "dist"
+    kind = "torch_dist"
 
     def __init__(self, session_id: str, backend: str, host: str, prefix: str, max_bytes: int, timeout_s: float):
         super().__init__(session_id)
