@@ -107,6 +107,7 @@ class DistSession(Session):
         self._sender = None
         self._failure = ""
         self._lock = threading.Lock()   # one receive at a time: tags keep order, this keeps gloo's pair simple
+        self._host, self._prefix = host, prefix
         threading.Thread(target=self._build, args=(host, prefix), name="kstore-dist-group", daemon=True).start()
 
     def _build(self, host: str, prefix: str) -> None:
@@ -150,6 +151,16 @@ class DistSession(Session):
         return buf.to(device)
 
     def close(self) -> None:
+        if not self._ready.is_set() and self.backend == "gloo":
+            # Nobody joined: stand in for the client so the builder returns now, not at its
+            # timeout (a thread blocked in gloo's constructor at interpreter exit aborts it).
+            def stand_in():
+                try:
+                    dist.make_group(self.store, self._prefix, 1, "gloo", 10.0, self._host)
+                except Exception:
+                    pass
+            threading.Thread(target=stand_in, daemon=True).start()
+            self._ready.wait(15.0)
         if self._sender is not None:
             self._sender.close()
 
