@@ -68,6 +68,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--readout-tokens", type=int, default=4096, help="tokens of the pushdown readout (k 32)")
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
+    prov = provenance(args.device)   # taken before anything runs: the code measured is this commit's
     sizes = [int(s) for s in args.sizes.split(",")]
     kinds = args.kinds.split(",")
     cfg = TableConfig(d_k=16, d_v=D_V, segments=[("flat", args.rows)], value_dtype="bfloat16", seed=0)
@@ -117,7 +118,7 @@ def main(argv=None) -> dict:
     result["headline"] = {f"fetch_gbps_{name}_{top}": round(result["fetch"][name][top]["gbps"], 3)
                           for name in calls}
     result["headline"].update({f"readout_gbps_{name}": round(result["readout"][name]["gbps"], 3) for name in calls})
-    result["provenance"] = provenance(args.device)
+    result["provenance"] = prov
     # This machine may be shared: its load says how far the absolute figures can be trusted.
     result["provenance"]["loadavg_1_5_15"] = list(os.getloadavg())
     out = args.out or str(RESULTS / f"transport_bench_{args.device.split(':')[0]}.json")

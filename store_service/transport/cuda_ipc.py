@@ -23,6 +23,23 @@ def available() -> bool:
     return torch.cuda.is_available()
 
 
+def pin(host: torch.Tensor) -> bool:
+    """Page-lock a host buffer in place (cudaHostRegister); False where that fails."""
+    if not host.numel():
+        return False
+    try:
+        return int(torch.cuda.cudart().cudaHostRegister(host.data_ptr(), host.numel(), 0)) == 0
+    except Exception:   # no CUDA runtime, or a mapping it will not lock: stay pageable
+        return False
+
+
+def unpin(host: torch.Tensor) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(host.data_ptr())
+    except Exception:
+        pass
+
+
 class CudaStaging:
     """Shard side: `nbytes` on `device`, shareable, with an interprocess event."""
 

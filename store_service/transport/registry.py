@@ -76,7 +76,7 @@ class SessionTable:
                                   self.limits.group_timeout_s)
             out.update(ticket=prefix, rendezvous_host=self.host, rendezvous_port=session.port, backend=backend or "gloo")
         else:
-            session = (ShmSession(sid, buffer_bytes) if kind == "shm"
+            session = (ShmSession(sid, buffer_bytes, self.device) if kind == "shm"
                        else CudaSession(sid, buffer_bytes, self.device))
             out.update(ticket=self._tickets.issue(sid), socket=self._handoff_name(), buffer_bytes=buffer_bytes)
         with self._lock:

@@ -65,14 +65,19 @@ class _BufferSession(Session):
 class ShmSession(_BufferSession):
     kind = "shm"
 
-    def __init__(self, session_id: str, nbytes: int):
+    def __init__(self, session_id: str, nbytes: int, device: torch.device = torch.device("cpu")):
         super().__init__(session_id)
         self.buffer = SharedBuffer.create(nbytes)
+        # Rows on a GPU reach the buffer by a device-to-host copy: page-locked, it runs at the
+        # link's speed instead of through a pageable bounce buffer.
+        self._pinned = device.type == "cuda" and cuda_ipc.pin(self.buffer.tensor)
 
     def grant(self) -> tuple[dict, list[int]]:
         return {"kind": self.kind, "session": self.id, "nbytes": self.buffer.nbytes}, [self.buffer.fd]
 
     def close(self) -> None:
+        if self._pinned:
+            cuda_ipc.unpin(self.buffer.tensor)
         self.buffer.close()
 
 
