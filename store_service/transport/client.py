@@ -176,7 +176,9 @@ class BulkPath:
 
     def _push(self, kind: str, ids: torch.Tensor, grads: torch.Tensor, request_id: str, version: int) -> None:
         """Row gradients in pieces, each under its own request id derived from request_id
-        (a retried call is accumulated once, as over gRPC)."""
+        (a retried call is accumulated once, as over gRPC). One piece at a time, in order: the
+        shard sums repeated rows in arrival order, so this keeps the sums bitwise those of one
+        call with every row."""
         if grads.dim() != 2 or grads.shape[0] != ids.shape[0]:
             raise errors.InvalidArgument("grads", f"expected [{ids.shape[0]}, d], got {list(grads.shape)}")
         parts = slots.pieces(ids.shape[0], grads.shape[1] * grads.element_size(), self._slots.capacity)
@@ -197,7 +199,7 @@ class BulkPath:
             self._result(fut)
             if work is not None:
                 work.wait()
-        slots.run(self._slots, list(enumerate(parts)), start, finish)
+        slots.run(self._slots, list(enumerate(parts)), start, finish, depth=1)
 
 
 def _domain(err: grpc.RpcError, shard_id: int, address: str) -> errors.StoreError:

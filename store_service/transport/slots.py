@@ -54,9 +54,11 @@ def pieces(rows: int, row_bytes: int, capacity: int) -> list[slice]:
     return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), step)] if rows else [slice(0, 0)]
 
 
-def run(slots: Slots, parts: list, start: Callable[[Any, Slot], Any], finish: Callable[[Any, Slot, Any], None]):
+def run(slots: Slots, parts: list, start: Callable[[Any, Slot], Any], finish: Callable[[Any, Slot, Any], None],
+        depth: int = 0):
     """For each part: start(part, slot) -> a future (the call in flight), then once it is done
-    finish(part, slot, future): up to the slots' count in flight, in order. When one fails, the
+    finish(part, slot, future): up to the slots' count (or `depth`, when > 0) in flight, in
+    order. When one fails, the
     calls still in flight are waited for (the shard may still be writing into their slots)
     before every slot is given back; the first error is raised."""
     inflight: collections.deque = collections.deque()
@@ -70,6 +72,8 @@ def run(slots: Slots, parts: list, start: Callable[[Any, Slot], Any], finish: Ca
 
     try:
         for part in parts:
+            while depth and len(inflight) >= depth:
+                complete()
             slot = slots.take(block=not inflight)
             while slot is None:
                 complete()
