@@ -123,3 +123,31 @@ def test_a_table_over_fast_shards_matches_the_in_process_table(tmp_path):
             s.close()
         for s in servers:
             s.stop(grace=None)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_path_serves_several_threads_at_once(served, kind):
+    """Table calls a shard from an executor and may push gradients while it fetches: threads
+    sharing one path each get their own answer."""
+    import threading
+    server, shard, _ = served
+    path = BulkPath.open(server.address, TOKEN, kind, SMALL)
+    failures = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            for _ in range(5):
+                ids = torch.randint(-1, 600, (200,), generator=g)
+                assert torch.equal(_bits(path.fetch(ids)), _bits(shard.fetch(ids)))
+                path.accumulate_value_grads(ids, torch.randn(200, 16, generator=g), request_id=f"{seed}-{_}")
+        except Exception as exc:   # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    path.close()
+    assert not failures, failures
