@@ -51,13 +51,17 @@ class HandoffServer:
                 conn, _ = self._sock.accept()
             except OSError:
                 return   # closed
-            # One connection at a time: each is a few bytes each way, bounded by a timeout.
-            with conn:
-                try:
-                    conn.settimeout(self._timeout_s)
-                    self._answer(conn)
-                except Exception:   # a bad peer must never stop the server
-                    log.warning("handoff connection failed", exc_info=True)
+            # A thread per connection: a peer that connects and says nothing holds only its own,
+            # for at most the timeout.
+            threading.Thread(target=self._handle, args=(conn,), name="kstore-handoff-conn", daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.settimeout(self._timeout_s)
+                self._answer(conn)
+            except Exception:   # a bad peer must never stop the server
+                log.warning("handoff connection failed", exc_info=True)
 
     def _answer(self, conn: socket.socket) -> None:
         ticket = _read_line(conn, _MAX_TICKET)

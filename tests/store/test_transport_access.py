@@ -139,3 +139,17 @@ def test_a_dead_shard_is_the_grpc_paths_error(tmp_path, kind):
         fast.close()
         remote.close()
         proc.stop()
+
+
+def test_a_silent_peer_on_the_handoff_socket_blocks_nobody(served):
+    import socket
+    import time
+    _, _, stub = served
+    resp = _open(stub)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
+        idle.connect("\0" + resp.socket)   # connects, never sends its ticket
+        t0 = time.monotonic()
+        header, fds = handoff.receive(resp.socket, resp.ticket, timeout_s=3)
+        assert time.monotonic() - t0 < 2 and header["session"] == resp.session
+        for fd in fds:
+            __import__("os").close(fd)
