@@ -64,6 +64,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--kinds", default="grpc,shm,torch_dist")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--buffer-mb", type=int, default=256)
+    ap.add_argument("--client-device", default="cpu", help="where shm results land (cuda: pinned, straight to the GPU)")
     ap.add_argument("--torch-threads", type=int, default=0, help="the server's torch threads (0: torch's default)")
     ap.add_argument("--readout-tokens", type=int, default=4096, help="tokens of the pushdown readout (k 32)")
     ap.add_argument("--out", default="")
@@ -72,10 +73,10 @@ def main(argv=None) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     kinds = args.kinds.split(",")
     cfg = TableConfig(d_k=16, d_v=D_V, segments=[("flat", args.rows)], value_dtype="bfloat16", seed=0)
-    client_cfg = ClientConfig(buffer_bytes=args.buffer_mb << 20, slots=4, timeout_s=300)
+    client_cfg = ClientConfig(buffer_bytes=args.buffer_mb << 20, slots=4, timeout_s=300, device=args.client_device)
     result = {"config": {"rows": args.rows, "d_v": D_V, "value_dtype": "bfloat16", "sizes": sizes, "kinds": kinds,
                          "reps": args.reps, "readout_tokens": args.readout_tokens, "buffer_mb": args.buffer_mb, "slots": client_cfg.slots,
-                         "server_device": args.device, "torch_threads_client": torch.get_num_threads()},
+                         "server_device": args.device, "client_device_shm": args.client_device, "torch_threads_client": torch.get_num_threads()},
               "fetch": {}, "readout": {}}
     with tempfile.TemporaryDirectory() as root:
         version = Table.create(cfg, root).snapshot()

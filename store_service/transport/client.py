@@ -75,7 +75,7 @@ class BulkPath:
                               config.timeout_s)
             else:
                 header, fds = handoff.receive(params["socket"], params["ticket"])
-                end = ShmEnd(fds[0]) if kind == "shm" else CudaEnd(header)
+                end = ShmEnd(fds[0], config.device) if kind == "shm" else CudaEnd(header)
         except BaseException:
             channel.close()
             raise

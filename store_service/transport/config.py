@@ -16,7 +16,10 @@ class ClientConfig:
     call moves at most one slot's bytes, a larger tensor goes as several pieces in flight.
     host_id: this host's id (default: `hostid.host_id()`); same-host kinds need the
     shard's to match. dist_backend: "gloo" (rows in host memory) or "nccl" (on a GPU).
-    timeout_s: deadline of one call; retries: how many times a stale-step read is redone."""
+    timeout_s: deadline of one call; retries: how many times a stale-step read is redone.
+    device: where shm results land: "cpu", or a GPU ("cuda:0"), for which the mapping is
+    page-locked and rows go straight from shared memory to the GPU (cuda_ipc results are on
+    the shard's GPU, torch_dist gloo results on the CPU)."""
     kinds: tuple[str, ...] = KINDS
     buffer_bytes: int = 256 << 20
     slots: int = 4
@@ -24,6 +27,7 @@ class ClientConfig:
     dist_backend: str = "gloo"
     timeout_s: float = 30.0
     retries: int = 3
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)

@@ -40,13 +40,16 @@ class PathClient:
     def __init__(self, kind: str, config: ClientConfig = ClientConfig()):
         self.kind = kind
         self.config = config
+        self._device = "cpu"   # where shm results land: the client endpoint's device, once params() saw it
 
     def params(self, client) -> dict[str, str]:
         backend = "nccl" if self.kind == "torch_dist" and str(client.device).startswith("cuda") else "gloo"
+        self._device = str(client.device) if self.kind == "shm" else "cpu"
         return {"buffer_bytes": str(self.config.buffer_bytes), "backend": backend}
 
     def connect(self, params, *, shard_id: int, address: str, timeout_s: float) -> "Path":
-        cfg = dataclasses.replace(self.config, timeout_s=timeout_s, dist_backend=params.get("backend", "gloo"))
+        cfg = dataclasses.replace(self.config, timeout_s=timeout_s, dist_backend=params.get("backend", "gloo"),
+                                  device=self._device)
         return Path(BulkPath.connect(address, self.kind, params, cfg))
 
 

@@ -65,6 +65,25 @@ def test_cuda_ipc_fetch_and_readout_are_bitwise_the_grpc_path(published, rows):
         proc.stop()
 
 
+def test_shm_from_a_gpu_shard_to_a_gpu_client_is_bitwise_the_grpc_path(published):
+    """Rows on the shard's GPU, gathered into page-locked shared memory, copied to the client's GPU."""
+    root, version = published
+    proc = _serve(root, version)
+    remote = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
+    path = BulkPath.open(proc.address, TOKEN, "shm", ClientConfig(buffer_bytes=1 << 16, slots=4, device="cuda:0"))
+    try:
+        ids = torch.randint(-1, 20000, (5000,), generator=torch.Generator().manual_seed(7))
+        got = path.fetch(ids)
+        assert got.device.type == "cuda"
+        assert torch.equal(_bits(got), _bits(remote.fetch(ids)))
+        grads = torch.randn(5000, 256, device="cuda")
+        path.accumulate_value_grads(ids, grads, request_id="s")   # from the GPU through shared memory
+    finally:
+        path.close()
+        remote.close()
+        proc.stop()
+
+
 def test_cuda_ipc_gradients_are_applied_as_over_grpc(published):
     root, version = published
     a, b = _serve(root, version), _serve(root, version)
