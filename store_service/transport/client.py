@@ -13,6 +13,9 @@ or a step may land between two of its pieces.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import grpc
 import torch
 
@@ -44,6 +47,9 @@ class BulkPath:
         self.value_dtype = wire.DTYPES[description.value_dtype]
         nbytes = max_bytes if end.kind == "torch_dist" else end.nbytes
         self._slots = slots.Slots(nbytes, config.slots, tagged=end.kind == "torch_dist")
+        # NCCL pairs sends and receives in order, not by tag: one call, one piece at a time.
+        self._ordered = end.kind == "torch_dist" and config.dist_backend == "nccl"
+        self._one_at_a_time = threading.Lock()
 
     @classmethod
     def open(cls, address: str, token: str, kind: str, config: ClientConfig = ClientConfig()) -> "BulkPath":
@@ -121,13 +127,15 @@ class BulkPath:
                 stamps.append((resp.version, getattr(resp, "step", -1)))
                 self._end.take(slot, out[part])
 
+            depth = 1 if self._ordered else 0
             try:
                 pinned = version
                 rest = parts
-                if not pinned and len(parts) > 1:
-                    slots.run(self._slots, parts[:1], lambda p, s: start(p, s, 0), finish)
-                    pinned, rest = stamps[0][0], parts[1:]
-                slots.run(self._slots, rest, lambda p, s: start(p, s, pinned), finish)
+                with self._serial():
+                    if not pinned and len(parts) > 1:
+                        slots.run(self._slots, parts[:1], lambda p, s: start(p, s, 0), finish)
+                        pinned, rest = stamps[0][0], parts[1:]
+                    slots.run(self._slots, rest, lambda p, s: start(p, s, pinned), finish, depth=depth)
             except errors.StaleVersion:
                 if version or attempt == self.config.retries:
                     raise
@@ -199,7 +207,12 @@ class BulkPath:
             self._result(fut)
             if work is not None:
                 work.wait()
-        slots.run(self._slots, list(enumerate(parts)), start, finish, depth=1)
+        with self._serial():
+            slots.run(self._slots, list(enumerate(parts)), start, finish, depth=1)
+
+    def _serial(self):
+        """Held for a whole call where the medium pairs messages in order (NCCL), else nothing."""
+        return self._one_at_a_time if self._ordered else contextlib.nullcontext()
 
 
 def _domain(err: grpc.RpcError, shard_id: int, address: str) -> errors.StoreError:

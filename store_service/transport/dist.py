@@ -8,10 +8,12 @@ shard hands port and ticket out only through an authenticated gRPC call; a peer 
 the port but not the prefix meets nobody). Tensors then move with the group's send/recv, the
 transports made for them (NCCL over NVLink/InfiniBand, gloo over TCP).
 
-Shard -> client (fetch, readout): the shard answers the gRPC call first and sends after, from
-one sender thread per session, so a call refused by validation sends nothing and the client
-posts its receive only for a call that succeeded. Client -> shard (gradients): the client
-posts its send first, then calls; the shard receives inside the call."""
+Shard -> client (fetch, readout): the shard posts its send, then answers the gRPC call; a call
+refused by validation sends nothing, and the client posts its receive only for a call that
+succeeded. Client -> shard (gradients): the client posts its send first, then calls; the shard
+receives inside the call. Gloo matches messages by tag, so calls may be in flight together;
+NCCL ignores tags and pairs messages in order, so a client on NCCL keeps one call in flight
+(`BulkPath`)."""
 from __future__ import annotations
 
 import datetime
@@ -64,25 +66,30 @@ def local_address_towards(host: str, port: int) -> str:
 
 
 class Sender:
-    """Shard side: sends queued tensors to rank 1 in order, each under its tag."""
+    """Shard side: posts each send at once (from the calling thread) and waits for them in a
+    thread of its own, so a send the client has not yet asked for never holds up another: the
+    client receives by tag, in whatever order its calls finish."""
 
     def __init__(self, group):
         self._group = group
+        self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="kstore-dist-send", daemon=True)
         self._thread.start()
 
     def send(self, tensor: torch.Tensor, tag: int) -> None:
-        self._queue.put((tensor, tag))
+        with self._lock:
+            work = self._group.send([as_bytes(tensor)], 1, tag)
+        self._queue.put((work, tensor, tag))   # the tensor lives until its send is done
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            tensor, tag = item
+            work, _, tag = item
             try:
-                self._group.send([as_bytes(tensor)], 1, tag).wait()
+                work.wait()
             except Exception:   # the peer is gone or timed out: nothing more can reach it
                 log.warning("dist send of tag %d failed; the session's group is unusable", tag, exc_info=True)
 
