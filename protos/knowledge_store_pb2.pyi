@@ -505,6 +505,14 @@ class PlacedReadoutResponse(_message.Message):
     version: int
     def __init__(self, out: _Optional[_Union[PlacedTensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
+class PlacedReadoutBackwardRequest(_message.Message):
+    __slots__ = ("at", "backward")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    backward: ReadoutBackwardRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., backward: _Optional[_Union[ReadoutBackwardRequest, _Mapping]] = ...) -> None: ...
+
 class PlacedGradsRequest(_message.Message):
     __slots__ = ("at", "kind", "version", "request_id", "ids", "grads")
     AT_FIELD_NUMBER: _ClassVar[int]

@@ -890,6 +890,11 @@ class StoreTransportStub:
                 request_serializer=knowledge__store__pb2.PlacedReadoutRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.PlacedReadoutResponse.FromString,
                 _registered_method=True)
+        self.ReadoutBackward = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/ReadoutBackward',
+                request_serializer=knowledge__store__pb2.PlacedReadoutBackwardRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.ReadoutBackwardResponse.FromString,
+                _registered_method=True)
         self.PushGrads = channel.unary_unary(
                 '/knowledge_store.v1.StoreTransport/PushGrads',
                 request_serializer=knowledge__store__pb2.PlacedGradsRequest.SerializeToString,
@@ -924,6 +929,12 @@ class StoreTransportServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReadoutBackward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PushGrads(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -952,6 +963,11 @@ def add_StoreTransportServicer_to_server(servicer, server):
                     servicer.Readout,
                     request_deserializer=knowledge__store__pb2.PlacedReadoutRequest.FromString,
                     response_serializer=knowledge__store__pb2.PlacedReadoutResponse.SerializeToString,
+            ),
+            'ReadoutBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadoutBackward,
+                    request_deserializer=knowledge__store__pb2.PlacedReadoutBackwardRequest.FromString,
+                    response_serializer=knowledge__store__pb2.ReadoutBackwardResponse.SerializeToString,
             ),
             'PushGrads': grpc.unary_unary_rpc_method_handler(
                     servicer.PushGrads,
@@ -1067,6 +1083,33 @@ class StoreTransport:
             '/knowledge_store.v1.StoreTransport/Readout',
             knowledge__store__pb2.PlacedReadoutRequest.SerializeToString,
             knowledge__store__pb2.PlacedReadoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadoutBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/ReadoutBackward',
+            knowledge__store__pb2.PlacedReadoutBackwardRequest.SerializeToString,
+            knowledge__store__pb2.ReadoutBackwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -174,6 +174,41 @@ class BulkPath:
         self._read(ids.shape[0], self.d_v * out.element_size(), version, make, out)
         return out.float()
 
+    def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
+                         request_id: str, out_dtype: str = "float32", compact: bool = True,
+                         version: int = 0) -> torch.Tensor:
+        """grad_out [T, d_v] (travelling as out_dtype through the buffer) -> grad of weights
+        [T, k], as Shard.readout_backward; row gradients accumulated on the shard, once per
+        request id. Pieces one at a time, in order, as gradients go; the shard sums each piece's
+        rows first (as it does per call), so a backward larger than one slot applies rows
+        repeated across pieces equal to float rounding, not bitwise (gRPC's chunking alike)."""
+        grad_out = grad_out.detach().to(wire.READOUT_WIRE_DTYPES[out_dtype]).contiguous()
+        parts = slots.pieces(ids.shape[0], grad_out.shape[1] * grad_out.element_size(), self._slots.capacity)
+        outs: list = [None] * len(parts)
+        sends = {}
+
+        def start(i_part, slot):
+            i, part = i_part
+            sends[slot.tag] = self._end.put(slot, grad_out[part])
+            rb = pb.ReadoutBackwardRequest(version=version,
+                                           request_id=request_id if len(parts) == 1 else f"{request_id}/{i}")
+            mask = wire.readout_entries_to_proto(rb, ids[part], weights[part], compact)
+            rb.grad_out.dtype, rb.grad_out.shape[:] = out_dtype, grad_out[part].shape
+            fut = self._stub.ReadoutBackward.future(pb.PlacedReadoutBackwardRequest(at=self._at(slot), backward=rb),
+                                                    timeout=self.config.timeout_s, metadata=self._md)
+            return fut, mask
+
+        def finish(i_part, slot, fut_mask):
+            fut, mask = fut_mask
+            work = sends.pop(slot.tag, None)
+            grad_w = wire.from_proto(self._result(fut).grad_weights, "grad_weights")
+            if work is not None:
+                work.wait()
+            outs[i_part[0]] = grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights")
+        with self._serial():
+            slots.run(self._slots, list(enumerate(parts)), start, finish, depth=1)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str,
                                version: int = 0) -> None:
         self._push("value", ids, grads, request_id, version)

@@ -24,7 +24,7 @@ SERVICE = "knowledge_store.v1.StoreTransport"
 # 128-bit capability that only an authenticated Open (or the store's OpenDataPath) hands out:
 # an unknown session is NOT_FOUND and touches nothing.
 ROLES = {"Open": "read"}
-SESSION = {"Close", "Fetch", "Readout", "PushGrads"}
+SESSION = {"Close", "Fetch", "Readout", "ReadoutBackward", "PushGrads"}
 
 _GRAD_DTYPES = {"value": ("float32", "bfloat16"), "key": ("float32",)}
 
@@ -98,6 +98,24 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
             resp.out.dtype, resp.out.shape[:] = wire.dtype_name(dtype), out.shape
             return resp
         return self._call("Readout", context, call, items=wire.readout_tokens(request.readout))
+
+    def ReadoutBackward(self, request, context):
+        # request_id goes to the shard, which owns the dedup of row-gradient accumulation.
+        def call():
+            session = self._session(request.at.session)
+            rb = request.backward
+            mask, ids, weights = wire.readout_entries_from_proto(rb, self._device)
+            g = rb.grad_out
+            if g.dtype not in _GRAD_DTYPES["value"] or list(g.shape) != [ids.shape[0], self._d["value"]]:
+                raise errors.InvalidArgument("grad_out", f"expected float32 or bfloat16 [{ids.shape[0]}, "
+                                                         f"{self._d['value']}], got {g.dtype} {list(g.shape)}")
+            grad_out = session.in_tensor(request.at, wire.DTYPES[g.dtype], tuple(g.shape), self._device).float()
+            grad_w = self._shard.readout_backward(ids, weights, grad_out, request_id=rb.request_id,
+                                                  version=rb.version)
+            resp = pb.ReadoutBackwardResponse()
+            wire.to_proto(grad_w if mask is None else grad_w[mask.to(grad_w.device)], resp.grad_weights)
+            return resp
+        return self._call("ReadoutBackward", context, call, items=wire.readout_tokens(request.backward))
 
     def PushGrads(self, request, context):
         def call():

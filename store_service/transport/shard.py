@@ -60,6 +60,14 @@ class FastRemoteShard:
                                              compact=self.remote.compact_readout, version=version),
                          lambda: self.remote.readout(ids, weights, version=version))
 
+    def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
+                         request_id: str = "", version: int = 0) -> torch.Tensor:
+        rid = request_id or uuid.uuid4().hex
+        return self._via(lambda p: p.readout_backward(ids, weights, grad_out, request_id=rid,
+                                                      out_dtype=self.remote.readout_wire_dtype,
+                                                      compact=self.remote.compact_readout, version=version),
+                         lambda: self.remote.readout_backward(ids, weights, grad_out, request_id=rid, version=version))
+
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "",
                                version: int = 0) -> None:
         rid = request_id or uuid.uuid4().hex

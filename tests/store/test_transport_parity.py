@@ -107,6 +107,35 @@ def test_gradients_are_applied_as_in_process(served, kind):
         assert torch.equal(_bits(a[name]), _bits(b[name])), name
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("pieces", [1, 10])
+def test_readout_backward_is_the_in_process_backward(served, kind, compact, pieces):
+    """grad_weights bitwise; the applied row gradients bitwise in one piece. In several pieces
+    the shard sums each piece's rows first (as it does per call), so rows repeated across
+    pieces are summed in another order: equal to float rounding, as gRPC's readout_chunk_rows."""
+    server, shard, twin = served
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(-1, 600, (300, 4), generator=g)
+    weights = torch.rand(300, 4, generator=g)
+    grad_out = torch.randn(300, 16, generator=g)
+    path = BulkPath.open(server.address, TOKEN, kind, SMALL if pieces > 1 else ClientConfig(timeout_s=20))
+    try:
+        got = path.readout_backward(ids, weights, grad_out, request_id="b", compact=compact)
+        path.readout_backward(ids, weights, grad_out, request_id="b", compact=compact)   # a retry: once
+    finally:
+        path.close()
+    want = twin.readout_backward(ids, weights, grad_out, request_id="b")
+    assert torch.equal(_bits(got), _bits(want))
+    assert shard.end_step(0) == twin.end_step(0) == 1
+    a, b = shard.state_dict(), twin.state_dict()
+    for name in a:
+        if pieces == 1:
+            assert torch.equal(_bits(a[name]), _bits(b[name])), name
+        else:
+            torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=name)
+
+
 def test_a_table_over_fast_shards_matches_the_in_process_table(tmp_path):
     cfg = TableConfig(d_k=8, d_v=16, segments=[("flat", 300)], num_shards=2, value_dtype="bfloat16", seed=1)
     version = Table.create(cfg, str(tmp_path)).snapshot()
@@ -116,8 +145,13 @@ def test_a_table_over_fast_shards_matches_the_in_process_table(tmp_path):
     try:
         assert [s.kind for s in shards] == ["shm", "shm"]
         remote = Table(shards)
-        ids = torch.randint(-1, 300, (500,), generator=torch.Generator().manual_seed(3))
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(-1, 300, (500,), generator=g)
         assert torch.equal(_bits(remote.fetch(ids)), _bits(local.fetch(ids)))
+        rids, w = torch.randint(-1, 300, (64, 4), generator=g), torch.rand(64, 4, generator=g)
+        assert torch.equal(remote.readout(rids, w), local.readout(rids, w))
+        grad_out = torch.randn(64, 16, generator=g)
+        assert torch.equal(remote.readout_backward(rids, w, grad_out), local.readout_backward(rids, w, grad_out))
     finally:
         for s in shards:
             s.close()
