@@ -147,7 +147,9 @@ def test_cuda_ipc_reads_during_swaps_see_one_version(published):
     threads = [threading.Thread(target=swap), threading.Thread(target=read)]
     for t in threads:
         t.start()
-    time.sleep(5.0)
+    deadline = time.monotonic() + 60   # until reads saw two versions, at most a minute
+    while time.monotonic() < deadline and not failures and not (len(seen) >= 10 and len(set(seen)) >= 2):
+        time.sleep(0.1)
     stop.set()
     for t in threads:
         t.join(60)

@@ -68,7 +68,11 @@ def test_reads_during_swaps_see_one_version(tmp_path, kind):
     threads = [threading.Thread(target=swap)] + [threading.Thread(target=read, args=(p,)) for p in paths]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    # Until enough reads overlapped enough swaps (a loaded machine needs longer), at most 30 s.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not failures and not (
+            flips[0] >= 10 and len(seen) >= 10 and len(set(seen)) >= 2):
+        time.sleep(0.1)
     stop.set()
     for t in threads:
         t.join(30)
