@@ -31,8 +31,22 @@ _OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_len
             ("grpc.enable_retries", 0)]
 
 
-class _StepMoved(Exception):
-    """The pieces of one read came from different steps (or a pinned version went away)."""
+class _Done:
+    """A call made at once, blocking, with a future's `result()`: the blocking call skips the
+    completion-queue thread handoff a future pays (it dominates small calls), and a call kept
+    alone in flight gains nothing from a future."""
+
+    def __init__(self, rpc, req, timeout: float, metadata):
+        self._value, self._error = None, None
+        try:
+            self._value = rpc(req, timeout=timeout, metadata=metadata)
+        except grpc.RpcError as err:
+            self._error = err
+
+    def result(self):
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class BulkPath:
@@ -117,9 +131,11 @@ class BulkPath:
         for attempt in range(self.config.retries + 1):
             stamps: list[tuple[int, int]] = []
 
-            def start(part, slot, v):
+            def start(part, slot, v, alone):
                 rpc, req = make(part, v, attempt == 0)
                 req.at.CopyFrom(self._at(slot))
+                if alone:
+                    return _Done(rpc, req, self.config.timeout_s, self._md)
                 return rpc.future(req, timeout=self.config.timeout_s, metadata=self._md)
 
             def finish(part, slot, fut):
@@ -128,14 +144,15 @@ class BulkPath:
                 self._end.take(slot, out[part])
 
             depth = 1 if self._ordered else 0
+            alone = len(parts) == 1 or self._ordered
             try:
                 pinned = version
                 rest = parts
                 with self._serial():
                     if not pinned and len(parts) > 1:
-                        slots.run(self._slots, parts[:1], lambda p, s: start(p, s, 0), finish)
+                        slots.run(self._slots, parts[:1], lambda p, s: start(p, s, 0, True), finish)
                         pinned, rest = stamps[0][0], parts[1:]
-                    slots.run(self._slots, rest, lambda p, s: start(p, s, pinned), finish, depth=depth)
+                    slots.run(self._slots, rest, lambda p, s: start(p, s, pinned, alone), finish, depth=depth)
             except errors.StaleVersion:
                 if version or attempt == self.config.retries:
                     raise
@@ -194,8 +211,8 @@ class BulkPath:
                                            request_id=request_id if len(parts) == 1 else f"{request_id}/{i}")
             mask = wire.readout_entries_to_proto(rb, ids[part], weights[part], compact)
             rb.grad_out.dtype, rb.grad_out.shape[:] = out_dtype, grad_out[part].shape
-            fut = self._stub.ReadoutBackward.future(pb.PlacedReadoutBackwardRequest(at=self._at(slot), backward=rb),
-                                                    timeout=self.config.timeout_s, metadata=self._md)
+            fut = _Done(self._stub.ReadoutBackward, pb.PlacedReadoutBackwardRequest(at=self._at(slot), backward=rb),
+                        self.config.timeout_s, self._md)
             return fut, mask
 
         def finish(i_part, slot, fut_mask):
@@ -235,7 +252,7 @@ class BulkPath:
                                         request_id=request_id if len(parts) == 1 else f"{request_id}/{i}")
             wire.ids_to_proto(ids[part], req.ids)
             req.grads.dtype, req.grads.shape[:] = wire.dtype_name(grads.dtype), grads[part].shape
-            return self._stub.PushGrads.future(req, timeout=self.config.timeout_s, metadata=self._md)
+            return _Done(self._stub.PushGrads, req, self.config.timeout_s, self._md)
 
         def finish(i_part, slot, fut):
             work = sends.pop(slot.tag, None)
