@@ -164,11 +164,13 @@ class BulkPath:
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None, weight_sum: torch.Tensor | None = None,
               out_dtype: torch.dtype | None = None, version: int = 0) -> torch.Tensor:
-        """ids [M] -> rows [M, d_v] (the table's dtype, or out_dtype bfloat16), as Shard.fetch.
+        """ids [M] -> rows [M, d_v] in out_dtype (None: the table's), as Shard.fetch. They travel
+        in the table's dtype, or in bfloat16 when that is asked for (rounded by the shard).
         Usage (hits, weight_sum) is sent with the first reading only, so a re-read counts once."""
-        dtype = out_dtype or self.value_dtype
-        out = torch.empty((ids.shape[0], self.d_v), dtype=dtype, device=self._end.device)
-        wire_dtype = "bfloat16" if out_dtype == torch.bfloat16 and self.value_dtype != torch.bfloat16 else ""
+        half = out_dtype == torch.bfloat16 and self.value_dtype != torch.bfloat16
+        wire_dtype = "bfloat16" if half else ""
+        out = torch.empty((ids.shape[0], self.d_v), dtype=torch.bfloat16 if half else self.value_dtype,
+                          device=self._end.device)
 
         def make(part, v, first):
             use = first and hits is not None
@@ -176,7 +178,7 @@ class BulkPath:
                                               weight_sum[part] if use else None, wire_dtype, v)
             return self._stub.Fetch, pb.PlacedFetchRequest(fetch=req)
         self._read(ids.shape[0], self.d_v * out.element_size(), version, make, out)
-        return out
+        return out if out_dtype is None else out.to(out_dtype)
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, out_dtype: str = "float32", compact: bool = True,
                 version: int = 0) -> torch.Tensor:

@@ -56,6 +56,8 @@ def test_fetch_is_bitwise_the_in_process_rows(served, kind, rows):
         assert torch.equal(_bits(path.fetch(pads)), _bits(shard.fetch(pads)))
         half = path.fetch(ids, out_dtype=torch.bfloat16)   # the bfloat16 wire of a float32 table
         assert torch.equal(_bits(half), _bits(want.to(torch.bfloat16)))
+        wide = path.fetch(ids, out_dtype=torch.float32)    # travels in the table's dtype, then widened
+        assert torch.equal(_bits(wide), _bits(want.float()))
         with pytest.raises(errors.InvalidArgument) as remote_err:
             path.fetch(ids[:0])
         with pytest.raises(errors.InvalidArgument) as local_err:
