@@ -6,6 +6,7 @@ is many pieces with swaps landing between them. Every answer must equal one vers
 exactly; a mix of versions matches none."""
 from __future__ import annotations
 
+import random
 import threading
 import time
 
@@ -82,3 +83,58 @@ def test_reads_during_swaps_see_one_version(tmp_path, kind):
     assert not failures, failures
     assert None not in seen, "a read mixed versions"
     assert flips[0] >= 10 and len(seen) >= 10 and len(set(seen)) >= 2, (flips[0], len(seen), set(seen))
+
+
+@pytest.mark.parametrize("kind", ["shm", "torch_dist"])
+def test_reads_during_steps_see_one_step(kind):
+    """The same for optimizer steps landing between the pieces of a read: every answer equals
+    the rows after one step (a twin shard given the same gradients gives each step's rows)."""
+    from store_service.config import OptimizerConfig
+    cfg = TableConfig(d_k=8, d_v=32, segments=[("flat", 2000)], seed=3, optimizer=OptimizerConfig("sgd", lr=0.5))
+    shard, twin = Shard(cfg), Shard(cfg)
+    ids = torch.arange(2000)
+    grads = torch.randn(2000, 32, generator=torch.Generator().manual_seed(0))
+    steps = 15
+    want = [twin.fetch(ids)]
+    for s in range(steps):
+        twin.accumulate_value_grads(ids, grads, request_id=f"s{s}")
+        twin.end_step(s)
+        want.append(twin.fetch(ids))
+    server = serve_shard(shard, admin_token=TOKEN, max_workers=16)
+    path = BulkPath.open(server.address, TOKEN, kind,
+                         ClientConfig(buffer_bytes=4 * 8192, slots=4, timeout_s=30, retries=50))
+    stop, seen, failures, first = threading.Event(), [], [], []
+
+    def step():
+        # Steps about one read apart (a read is 32 pieces), so many land between two pieces
+        # and most reads still finish within their retries.
+        while not first and not stop.is_set():
+            time.sleep(0.01)
+        pace = random.Random(0)
+        for s in range(steps):
+            time.sleep(pace.uniform(0.5, 1.5) * first[0])
+            shard.accumulate_value_grads(ids, grads, request_id=f"s{s}")
+            shard.end_step(s)
+        stop.set()
+
+    def read():
+        try:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                got = path.fetch(ids)
+                first.append(time.monotonic() - t0)
+                match = [s for s, rows in enumerate(want) if torch.equal(got, rows)]
+                seen.append(match[0] if len(match) == 1 else None)
+        except Exception as exc:   # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=read), threading.Thread(target=step)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    path.close()
+    server.stop(grace=None)
+    assert not failures, failures
+    assert seen and None not in seen, "a read mixed steps"
+    assert len(set(seen)) >= 2, seen
