@@ -94,8 +94,8 @@ class BulkPath:
                 end = DistEnd(host, int(params["rendezvous_port"]), params["ticket"], config.dist_backend,
                               config.timeout_s)
             else:
-                header, fds = handoff.receive(params["socket"], params["ticket"])
-                end = ShmEnd(fds[0], config.device) if kind == "shm" else CudaEnd(header)
+                header, fds, lease = handoff.receive(params["socket"], params["ticket"])
+                end = ShmEnd(fds[0], lease, config.device) if kind == "shm" else CudaEnd(header, lease)
         except BaseException:
             channel.close()
             raise

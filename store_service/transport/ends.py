@@ -18,8 +18,9 @@ from store_service.transport.shm import SharedBuffer
 class ShmEnd:
     kind = "shm"
 
-    def __init__(self, fd: int, device: str = "cpu"):
+    def __init__(self, fd: int, lease, device: str = "cpu"):
         self.buffer = SharedBuffer.attach(fd)
+        self._lease = lease   # open while we hold the buffer (handoff.receive)
         self.nbytes = self.buffer.nbytes
         self.device = torch.device(device)
         # Results for a GPU: page-lock the mapping so rows cross PCIe once, at its speed.
@@ -39,13 +40,15 @@ class ShmEnd:
         if self._pinned:
             cuda_ipc.unpin(self.buffer.tensor)
         self.buffer.close()
+        self._lease.close()
 
 
 class CudaEnd:
     kind = "cuda_ipc"
 
-    def __init__(self, header: dict):
+    def __init__(self, header: dict, lease):
         self.buffer = cuda_ipc.CudaMapped(header)
+        self._lease = lease
         self.nbytes = self.buffer.nbytes
         self.device = self.buffer.device
 
@@ -64,6 +67,7 @@ class CudaEnd:
 
     def close(self) -> None:
         self.buffer.close()
+        self._lease.close()
 
 
 class DistEnd:

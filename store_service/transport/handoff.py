@@ -7,8 +7,12 @@ the process). A client connects, sends one ticket line; the server redeems it th
 or with an error header and none. Reaching the socket proves only that the caller is on this
 host: the ticket, handed out by an authenticated gRPC call, is what authorises it.
 
-    server = HandoffServer(tickets, grant=lambda what: (header, [fd]))
-    header, fds = receive(server.name, ticket)
+    server = HandoffServer(tickets, grant=lambda what: (header, [fd]), on_gone=lambda what: ...)
+    header, fds, lease = receive(server.name, ticket)
+
+The connection stays open as a lease for as long as the client holds what it got: when it
+closes (the client closed its path, or its process died), the server calls `on_gone`, so a
+client that dies without saying so does not leave its buffer behind.
 """
 from __future__ import annotations
 
@@ -33,10 +37,12 @@ class HandoffServer:
     """Accepts on an abstract unix socket until `close()`; `grant(what)` -> (header dict, fds)
     for the thing a redeemed ticket was issued for."""
 
-    def __init__(self, tickets, grant: Callable[[Any], tuple[dict, list[int]]], timeout_s: float = 5.0):
+    def __init__(self, tickets, grant: Callable[[Any], tuple[dict, list[int]]],
+                 on_gone: Callable[[Any], None] | None = None, timeout_s: float = 5.0):
         self.name = f"kstore-handoff-{secrets.token_hex(12)}"
         self._tickets = tickets
         self._grant = grant
+        self._on_gone = on_gone
         self._timeout_s = timeout_s
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind("\0" + self.name)
@@ -59,18 +65,32 @@ class HandoffServer:
         with conn:
             try:
                 conn.settimeout(self._timeout_s)
-                self._answer(conn)
+                what = self._answer(conn)
             except Exception:   # a bad peer must never stop the server
                 log.warning("handoff connection failed", exc_info=True)
+                return
+            if what is None:
+                return
+            conn.settimeout(None)
+            try:   # the lease: held until the client closes it or dies
+                while conn.recv(64):
+                    pass
+            except OSError:
+                pass
+            if self._on_gone is not None and not self._closed.is_set():
+                self._on_gone(what)
 
-    def _answer(self, conn: socket.socket) -> None:
+    def _answer(self, conn: socket.socket):
+        """-> what the redeemed ticket was for, or None when it was refused."""
         ticket = _read_line(conn, _MAX_TICKET)
         try:
-            header, fds = self._grant(self._tickets.redeem(ticket))
+            what = self._tickets.redeem(ticket)
+            header, fds = self._grant(what)
         except errors.StoreError as exc:
             _send(conn, {"error": type(exc).__name__, "message": str(exc)}, [])
-            return
+            return None
         _send(conn, header, fds)
+        return what
 
     def close(self) -> None:
         self._closed.set()
@@ -82,11 +102,13 @@ class HandoffServer:
         self._thread.join(timeout=5.0)
 
 
-def receive(name: str, ticket: str, timeout_s: float = 5.0) -> tuple[dict, list[int]]:
-    """Redeem `ticket` at the handoff socket `name` -> (header, fds). The caller owns the fds.
-    Unauthenticated when the ticket is refused; ShardUnavailable-like OSError when the socket
-    cannot be reached (another host or network namespace)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+def receive(name: str, ticket: str, timeout_s: float = 5.0) -> tuple[dict, list[int], socket.socket]:
+    """Redeem `ticket` at the handoff socket `name` -> (header, fds, lease). The caller owns
+    the fds, and holds the lease (an open socket) for as long as it uses them: closing it tells
+    the server they are given up. Unauthenticated when the ticket is refused; OSError when the
+    socket cannot be reached (another host or network namespace)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         s.settimeout(timeout_s)
         s.connect("\0" + name)
         s.sendall(ticket.encode() + b"\n")
@@ -99,14 +121,17 @@ def receive(name: str, ticket: str, timeout_s: float = 5.0) -> tuple[dict, list[
             if not more:
                 raise OSError("handoff socket closed mid-header")
             data += more
-    header = json.loads(data)
-    if "error" in header:
-        for fd in fds:
-            _close_fd(fd)
-        if header["error"] == "Unauthenticated":
-            raise errors.Unauthenticated(header["message"])
-        raise errors.FailedPrecondition(header["message"])
-    return header, list(fds)
+        header = json.loads(data)
+        if "error" in header:
+            for fd in fds:
+                _close_fd(fd)
+            if header["error"] == "Unauthenticated":
+                raise errors.Unauthenticated(header["message"])
+            raise errors.FailedPrecondition(header["message"])
+    except BaseException:
+        s.close()
+        raise
+    return header, list(fds), s
 
 
 def _send(conn: socket.socket, header: dict, fds: list[int]) -> None:

@@ -96,7 +96,7 @@ class SessionTable:
     def _handoff_name(self) -> str:
         with self._lock:
             if self._handoff is None:
-                self._handoff = HandoffServer(self._tickets, self._grant)
+                self._handoff = HandoffServer(self._tickets, self._grant, on_gone=self.close)
             return self._handoff.name
 
     def _grant(self, sid: str):
@@ -115,7 +115,12 @@ class SessionTable:
         session.touch()
         return session
 
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
     def close(self, sid: str) -> None:
+        """Drop a session (its client closed it, or the handoff lease of a same-host one ended)."""
         with self._lock:
             session = self._sessions.pop(sid, None)
         if session is not None:

@@ -56,10 +56,11 @@ def test_no_handle_without_credentials(served, kind, token):
 def test_a_ticket_is_redeemed_once_and_a_bad_one_never(served):
     _, _, stub = served
     resp = _open(stub)
-    header, fds = handoff.receive(resp.socket, resp.ticket)
+    header, fds, lease = handoff.receive(resp.socket, resp.ticket)
     assert header["session"] == resp.session and len(fds) == 1
     for fd in fds:
         __import__("os").close(fd)
+    lease.close()
     with pytest.raises(errors.Unauthenticated):
         handoff.receive(resp.socket, resp.ticket)           # replayed
     with pytest.raises(errors.Unauthenticated):
@@ -149,7 +150,35 @@ def test_a_silent_peer_on_the_handoff_socket_blocks_nobody(served):
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as idle:
         idle.connect("\0" + resp.socket)   # connects, never sends its ticket
         t0 = time.monotonic()
-        header, fds = handoff.receive(resp.socket, resp.ticket, timeout_s=3)
+        header, fds, lease = handoff.receive(resp.socket, resp.ticket, timeout_s=3)
         assert time.monotonic() - t0 < 2 and header["session"] == resp.session
         for fd in fds:
             __import__("os").close(fd)
+        lease.close()
+
+
+def test_a_client_that_dies_leaves_no_buffer_behind(served):
+    """The handoff connection is a lease: when the client process dies, its session goes."""
+    import subprocess
+    import sys
+    import time
+    from store_service.transport.registry import SessionTable
+    server, shard, _ = served
+    table = SessionTable.of(shard)
+    before = len(table)
+    script = ("import sys, time; from store_service.transport.client import BulkPath; "
+              "from store_service.transport.config import ClientConfig; "
+              f"p = BulkPath.open({server.address!r}, {TOKEN!r}, 'shm', ClientConfig(buffer_bytes=1 << 16)); "
+              "print('open', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "open"
+        assert len(table) == before + 1
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    deadline = time.monotonic() + 10
+    while len(table) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(table) == before
