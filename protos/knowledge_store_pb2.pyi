@@ -408,3 +408,129 @@ class ReleaseVersionRequest(_message.Message):
 class VersionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class OpenTransportRequest(_message.Message):
+    __slots__ = ("kind", "host_id", "buffer_bytes", "backend")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    host_id: str
+    buffer_bytes: int
+    backend: str
+    def __init__(self, kind: _Optional[str] = ..., host_id: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class OpenTransportResponse(_message.Message):
+    __slots__ = ("session", "ticket", "socket", "buffer_bytes", "rendezvous_host", "rendezvous_port", "max_bytes", "host_id", "backend")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_HOST_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    ticket: str
+    socket: str
+    buffer_bytes: int
+    rendezvous_host: str
+    rendezvous_port: int
+    max_bytes: int
+    host_id: str
+    backend: str
+    def __init__(self, session: _Optional[str] = ..., ticket: _Optional[str] = ..., socket: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., max_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class CloseTransportRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CloseTransportResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("session", "offset", "capacity", "tag")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    offset: int
+    capacity: int
+    tag: int
+    def __init__(self, session: _Optional[str] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ..., tag: _Optional[int] = ...) -> None: ...
+
+class PlacedTensor(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlacedFetchRequest(_message.Message):
+    __slots__ = ("at", "fetch")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    fetch: FetchRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., fetch: _Optional[_Union[FetchRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedFetchResponse(_message.Message):
+    __slots__ = ("values", "version", "step")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    values: PlacedTensor
+    version: int
+    step: int
+    def __init__(self, values: _Optional[_Union[PlacedTensor, _Mapping]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PlacedReadoutRequest(_message.Message):
+    __slots__ = ("at", "readout")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    READOUT_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    readout: ReadoutRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., readout: _Optional[_Union[ReadoutRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedReadoutResponse(_message.Message):
+    __slots__ = ("out", "version")
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    out: PlacedTensor
+    version: int
+    def __init__(self, out: _Optional[_Union[PlacedTensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PlacedReadoutBackwardRequest(_message.Message):
+    __slots__ = ("at", "backward")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    backward: ReadoutBackwardRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., backward: _Optional[_Union[ReadoutBackwardRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedGradsRequest(_message.Message):
+    __slots__ = ("at", "kind", "version", "request_id", "ids", "grads")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    kind: str
+    version: int
+    request_id: str
+    ids: Tensor
+    grads: PlacedTensor
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., kind: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[PlacedTensor, _Mapping]] = ...) -> None: ...
+
+class PlacedGradsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

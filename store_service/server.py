@@ -32,6 +32,8 @@ from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
 from store_service.interface import ShardHandle
 from store_service.metrics import ServerMetrics
+from store_service.transport.service import SERVICE as TRANSPORT_SERVICE
+from store_service.transport.service import add_transport_service
 from store_service.wire import (ADMIN_SERVICE, MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION,
                                 MD_SERVING_VERSION, STORE_SERVICE)
 
@@ -269,6 +271,7 @@ class ShardServer:
     health: health.HealthServicer
     metrics: ServerMetrics
     metrics_port: int | None = None
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -283,6 +286,8 @@ class ShardServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.metrics.stop()
+        for close in self.on_stop:
+            close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -327,16 +332,18 @@ def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: st
                  ("grpc.so_reuseport", 0)])
     pb_grpc.add_KnowledgeStoreServicer_to_server(KnowledgeStoreServicer(rpc), server)
     pb_grpc.add_StoreAdminServicer_to_server(StoreAdminServicer(rpc), server)
+    transport = add_transport_service(server, rpc, host)   # the bulk data path (store_service.transport)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (STORE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (STORE_SERVICE, ADMIN_SERVICE, TRANSPORT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(bind)
     if bound == 0:
         raise RuntimeError(f"could not bind {bind}")
     refresh_health()
     server.start()
-    handle = ShardServer(server=server, host=host, port=bound, health=health_servicer, metrics=metrics)
+    handle = ShardServer(server=server, host=host, port=bound, health=health_servicer, metrics=metrics,
+                         on_stop=[transport.close])
     if metrics_port is not None:
         handle.metrics_port = metrics.serve_http(metrics_port, addr=host if ":" not in host else "::")
     return handle

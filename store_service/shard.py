@@ -216,21 +216,28 @@ class Shard:
         training readout's use of the rows (entries with weight > 0, summed weights),
         recorded as a pushdown readout records its own (usage, this step's balancing load)."""
         with self._use(version) as st, st.lock:
-            check.tensor("ids", ids, torch.int64, (None,))
-            check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-            check.fetch_usage(ids, hits, weight_sum)
-            local = st.local(ids)
+            local = _fetched_rows(st, ids, hits, weight_sum)
             # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
             out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
                               pad=local < 0)
-            if hits is not None:
-                keep = local >= 0
-                rows, h = local[keep], hits.to(st.device)[keep]
-                st.hits.index_add_(0, rows, h)
-                st.step_hits.index_add_(0, rows, h)
-                st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
-                st.mark_rows(rows)
             return out
+
+    def fetch_into(self, ids: torch.Tensor, out: torch.Tensor, *, hits: torch.Tensor | None = None,
+                   weight_sum: torch.Tensor | None = None, version: int = 0) -> tuple[int, int]:
+        """`fetch` with the rows written straight into `out` [M, d_v] (a staging buffer another
+        process reads: the value dtype or one they convert to, any device), all under the
+        version's lock, so `out` holds one version at one step -> (version, step) read."""
+        with self._use(version) as st, st.lock:
+            if out.shape != (ids.shape[0], st.config.d_v) or not out.is_contiguous():
+                raise errors.InvalidArgument("out", f"expected a contiguous [{ids.shape[0]}, {st.config.d_v}] "
+                                                    f"buffer, got {list(out.shape)}")
+            local = _fetched_rows(st, ids, hits, weight_sum)
+            if out.dtype == st.values.dtype and out.device == st.device:
+                torch.index_select(st.values, 0, local.clamp_min(0), out=out)   # the one copy
+            else:
+                out.copy_(st.values[local.clamp_min(0)])
+            out.masked_fill_((local < 0).unsqueeze(1).to(out.device), 0)
+            return st.version, st.step
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
@@ -406,6 +413,22 @@ def _check_k(st: ShardState, k, field: str = "k") -> None:
         # another shard's view may predate rows appended since (the table checks k against
         # its own row count): it answers from its own rows, padded, up to a bound on the answer
         raise errors.InvalidArgument(field, f"{field}={k} exceeds {_MAX_SEARCH_K}")
+
+
+def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum) -> torch.Tensor:
+    """A fetch's ids, validated, with its usage recorded -> local rows (-1 at PAD)."""
+    check.tensor("ids", ids, torch.int64, (None,))
+    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
+    check.fetch_usage(ids, hits, weight_sum)
+    local = st.local(ids)
+    if hits is not None:
+        keep = local >= 0
+        rows, h = local[keep], hits.to(st.device)[keep]
+        st.hits.index_add_(0, rows, h)
+        st.step_hits.index_add_(0, rows, h)
+        st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
+        st.mark_rows(rows)
+    return local
 
 
 def _readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
