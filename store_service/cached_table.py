@@ -143,8 +143,8 @@ class CachedTable:
         return self.inner.info()
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None) -> SearchResult:
-        return self.inner.search(queries, k, tags=tags, where=where, side=side)
+               side: SideQuery | None = None, want_keys: bool = False) -> SearchResult:
+        return self.inner.search(queries, k, tags=tags, where=where, side=side, want_keys=want_keys)
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.readout(ids, weights)

@@ -162,8 +162,9 @@ class RemoteShard:
         return d
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None, version: int = 0) -> SearchResult:
-        r = self._call(self._store.Search, wire.search_request_to_proto(queries, k, tags, where, side, version))
+               side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult:
+        req = wire.search_request_to_proto(queries, k, tags, where, side, version, want_keys)
+        r = self._call(self._store.Search, req)
         return wire.search_result_from_proto(r, tags, side is not None)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,

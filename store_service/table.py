@@ -196,10 +196,11 @@ class Table:
     # -- data plane --------------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None) -> SearchResult:
+               side: SideQuery | None = None, want_keys: bool = False) -> SearchResult:
         """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys, with the
-        selected rows' `tags`, only rows passing `where`, and with `side` the table's best
-        rows of that partition (`SearchResult.side`, [B, side.k])."""
+        selected rows' `tags`, only rows passing `where`, with `side` the table's best
+        rows of that partition (`SearchResult.side`, [B, side.k]), and with want_keys the
+        selected rows' keys [B, k, d_k] (else keys None)."""
         check.tensor("queries", queries, torch.float32, (None, self._map.d_k))
         check.integer("k", k, 1)
         tags = check.tag_names(tags)
@@ -210,7 +211,7 @@ class Table:
 
         def op(m: _ShardMap) -> SearchResult:
             parts = self._each(lambda i, s: s.search(queries, k, tags=tags, where=where, side=side,
-                                                     version=m.infos[i].version))
+                                                     want_keys=want_keys, version=m.infos[i].version))
             res = merge_results(parts, k, tags, queries.device)
             if side is not None:
                 res.side = merge_results([p.side for p in parts], side.k, tags, queries.device)
