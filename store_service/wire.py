@@ -410,3 +410,17 @@ def readout_tokens(req) -> int:
     if req.HasField("slots"):
         return int(req.slots.rows)
     return req.ids.shape[0] if req.ids.shape else 0
+
+
+def endpoint_to_proto(e) -> pb.Endpoint:
+    """datapath.Endpoint -> Endpoint message."""
+    return pb.Endpoint(host_id=e.host_id, pid=e.pid, device=e.device)
+
+
+def endpoint_from_proto(msg: pb.Endpoint, field: str):
+    """Endpoint message -> datapath.Endpoint, bounded (InvalidArgument naming `field`)."""
+    from store_service.datapath import Endpoint
+    for name in ("host_id", "device"):
+        if len(getattr(msg, name)) > 256:
+            raise InvalidArgument(f"{field}.{name}", "longer than 256 characters")
+    return Endpoint(host_id=msg.host_id, pid=int(msg.pid), device=msg.device)
