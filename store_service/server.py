@@ -162,7 +162,10 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                 raise errors.InvalidArgument("chunk_rows", f"must be >= 0, got {request.chunk_rows}")
             values = self._shard.fetch(ids, version=request.version, **usage)
             values = values if out_dtype is None else values.to(out_dtype)
-            return values.cpu() if values.device.type != "cpu" else values
+            if values.device.type != "cpu":   # through page-locked memory, as wire.to_proto does
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                values = host.copy_(values)
+            return values
         values = self._rpc.handle("FetchStream", context, call, items=_rows(request.ids))
         row_bytes = max(1, values[0].numel() * values.element_size()) if values.shape[0] else 1
         chunk = max(1, self._fetch_chunk_bytes // row_bytes)
