@@ -176,8 +176,10 @@ class KnowledgeTable(Protocol):
         need, and keys are d_k times their bytes on the wire)."""
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [M] int64 -> values [M, d_v] in the table's value dtype. With hits [M] int64
+              weight_sum: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """ids [M] int64 -> values [M, d_v] in the table's value dtype, on `device` (default
+        the ids': host ids with device="cuda" let the rows reach the GPU without the ids
+        waiting on it, and a GPU-resident store's rows never pass through the host). With hits [M] int64
         (entries with weight > 0) and weight_sum [M] float64, the fetch is a fetch-mode
         training readout's and its use of the rows is recorded as a pushdown readout's."""
 

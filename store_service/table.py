@@ -219,10 +219,10 @@ class Table:
         return self._retrying(op)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD. hits [M]
-        int64 and weight_sum [M] float64 (both or neither): record the fetch-mode readout's
-        use of the rows, as a pushdown readout records its own."""
+              weight_sum: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD, on `device`
+        (default the ids'). hits [M] int64 and weight_sum [M] float64 (both or neither):
+        record the fetch-mode readout's use of the rows, as a pushdown readout records its own."""
         check.tensor("ids", ids, torch.int64, (None,))
         check.fetch_usage(ids, hits, weight_sum)
 
@@ -231,17 +231,25 @@ class Table:
             owner = self._owner(m, ids)
             which = [int(i) for i in torch.unique(owner) if i >= 0]
             dtype = torch.bfloat16 if m.value_dtype == "bfloat16" else torch.float32
-            out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=ids.device)
-            sels = {i: (owner == i).to(ids.device) for i in which}
+            # Host ids, rows wanted on a GPU: each shard's part goes straight to the GPU (a
+            # GPU shard's never through the host), and no device work waits on the ids.
+            out_device = ids.device if device is None else torch.device(device)
+            if len(which) == 1 and bool((owner == which[0]).all()):
+                sels = None
+            else:
+                sels = {i: (owner == i).to(out_device) for i in which}
 
             def call(i, s):
-                sel = sels[i]
+                sel = slice(None) if sels is None else sels[i].to(ids.device)
                 if hits is None:
                     return s.fetch(ids[sel], version=m.infos[i].version)
                 return s.fetch(ids[sel], hits=hits[sel], weight_sum=weight_sum[sel], version=m.infos[i].version)
             parts = self._each(call, which)
+            if sels is None:     # one shard owns every id: its answer is the result
+                return parts[0].to(out_device, dtype)
+            out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=out_device)
             for i, part in zip(which, parts):
-                out[sels[i]] = part.to(ids.device, dtype)
+                out[sels[i]] = part.to(out_device, dtype)
             return out
         return self._retrying(op)
 
