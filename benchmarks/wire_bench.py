@@ -107,21 +107,30 @@ def table_config(args) -> TableConfig:
 
 @contextlib.contextmanager
 def served(root: str, version: int, args, data_paths: tuple[str, ...] = ()):
-    """One shard server process (rows on --device) and a client Table over it."""
+    """One shard server process (rows on --device) and a function that connects a client
+    Table to it (wire_config: the gRPC path's settings; default --channels channels)."""
     token = secrets.token_hex(8)
     proc = start_shard_process(root, version, 0, admin_token=token, startup_timeout_s=300,
                                extra_args=["--device", args.device, "--torch-threads", str(args.server_threads),
                                            *(["--data-paths", ",".join(data_paths)] if data_paths else [])])
-    table = None
+    tables = []
+
+    def open_table(wire_config: WireConfig | None = None):
+        tables.append(connect([proc.address], admin_token=token, store_root=root, timeout_s=120,
+                              data_paths=data_paths, device=args.device,
+                              wire_config=wire_config or WireConfig(channels=args.channels)))
+        return tables[-1]
     try:
-        table = connect([proc.address], admin_token=token, store_root=root, timeout_s=120, data_paths=data_paths,
-                        device=args.device, wire_config=WireConfig(channels=args.channels))
-        yield table
+        yield open_table
     finally:
-        if table is not None:
-            for s in table.shards:
+        for t in tables:
+            for s in t.shards:
                 s.close()
         proc.stop()
+
+
+# The gRPC path as it was before issue 21: one channel, one unary Fetch per shard.
+UNARY_ONE_CHANNEL = WireConfig(channels=1, stream_min_rows=1 << 62)
 
 
 def _transports(args) -> list[str]:
@@ -156,7 +165,7 @@ def data_phases(args, phases: set[str], root: str, version: int) -> dict:
             nbytes = args.readout_tokens * args.d_v * 4
             out["readout"][name] = {"ms": ms, "gbps": _gbps(nbytes, ms), "out_mb": nbytes / 1e6}
             print(f"readout {name}: {ms['median']:.2f} ms", flush=True)
-        if "search" in phases and name in ("in_process", "grpc"):
+        if "search" in phases and name in ("in_process", "grpc", "grpc_unary_1_channel"):
             ms = timed_ms(lambda: table.search(queries, 32), args.reps, args.device)
             out["search"][name] = {"ms": ms, "queries": args.search_queries, "k": 32}
             print(f"search {name}: {ms['median']:.2f} ms", flush=True)
@@ -168,7 +177,10 @@ def data_phases(args, phases: set[str], root: str, version: int) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     for kind in _transports(args):
-        with served(root, version, args, () if kind == "grpc" else (kind,)) as table:
+        with served(root, version, args, () if kind == "grpc" else (kind,)) as open_table:
+            if kind == "grpc" and args.grpc_unary:
+                measure("grpc_unary_1_channel", open_table(UNARY_ONE_CHANNEL))
+            table = open_table()
             table.fetch(fetch_ids[sizes[0]])
             used = sorted({s.data_path_kind for s in table.shards})
             out["transport_used"][kind] = used
@@ -217,6 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per shard")
     ap.add_argument("--server-threads", type=int, default=4, help="torch threads of each shard server process")
     ap.add_argument("--transports", default="", help="same-host transports to measure (default: all available)")
+    ap.add_argument("--grpc-unary", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the gRPC path as it was (one channel, unary Fetch), against the same server")
     ap.add_argument("--readout-tokens", type=int, default=4096)
     ap.add_argument("--search-queries", type=int, default=4096)
     from benchmarks import wire_train

@@ -25,6 +25,8 @@ from store_service import errors, wire, wire_chunks
 from store_service.wire import STORE_SERVICE
 
 FETCH_STREAM = f"/{STORE_SERVICE}/FetchStream"
+VALUE_GRADS = f"/{STORE_SERVICE}/AccumulateValueGrads"
+_GRADS_FIELD = pb.AccumulateValueGradsRequest.DESCRIPTOR.fields_by_name["grads"].number
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,10 @@ class GrpcDataPath:
         self._streams = [ch.unary_stream(FETCH_STREAM, request_serializer=pb.FetchRequest.SerializeToString,
                                          response_deserializer=None)  # raw bytes: wire_chunks decodes
                          for ch in shard.channels]
+        # Row gradients as bytes encoded here (wire_chunks.encode_with_tensor): one copy.
+        self._grads = [ch.unary_unary(VALUE_GRADS, request_serializer=None,
+                                      response_deserializer=pb.AccumulateValueGradsResponse.FromString)
+                       for ch in shard.channels]
         self._pool = ThreadPoolExecutor(max_workers=max(config.channels, 1), thread_name_prefix="kstore-wire")
         self._next = 0
         self._lock = threading.Lock()
@@ -165,7 +171,10 @@ class GrpcDataPath:
     def readout(self, ids, weights, *, out_dtype=torch.float32, version=0) -> torch.Tensor:
         shard = self._shard
         requests = []
-        for rows in shard.row_chunks(ids.shape[0]):
+        chunks = shard.row_chunks(ids.shape[0])
+        if len(chunks) == 1:   # no chunking asked: a large readout still goes over the channel pool
+            chunks = split(ids.shape[0], min(self.config.channels, max(1, ids.shape[0] // self.config.split_min_rows)))
+        for rows in chunks:
             req = pb.ReadoutRequest(version=version, out_dtype=wire.dtype_name(out_dtype))
             wire.readout_entries_to_proto(req, ids[rows], weights[rows], shard.compact_readout)
             requests.append(req)
@@ -177,14 +186,15 @@ class GrpcDataPath:
     def accumulate_value_grads(self, ids, grads, *, request_id: str, version=0) -> None:
         shard = self._shard
         parts = split(ids.shape[0], -(-ids.shape[0] // self.config.grad_chunk_rows))
-        stubs = self._stubs(len(parts))
+        with self._lock:
+            first, self._next = self._next, self._next + len(parts)
 
-        def job(i: int, part: slice, stub):
+        def job(i: int, part: slice):
             # Each piece has its own request id, derived from the call's, so a retried piece
             # is applied once and the pieces are not taken for retries of each other.
             rid = request_id if len(parts) == 1 else f"{request_id}/{i}"
-            req = pb.AccumulateValueGradsRequest(version=version, request_id=rid)
-            wire.ids_to_proto(ids[part], req.ids)
-            wire.to_proto(grads[part], req.grads)
-            return lambda: shard.call(stub.AccumulateValueGrads, req)
-        self._in_flight([job(i, p, s) for i, (p, s) in enumerate(zip(parts, stubs))])
+            header = pb.AccumulateValueGradsRequest(version=version, request_id=rid)
+            wire.ids_to_proto(ids[part], header.ids)
+            raw = wire_chunks.encode_with_tensor(header, _GRADS_FIELD, grads[part])
+            return lambda: shard.call(self._grads[(first + i) % len(self._grads)], raw)
+        self._in_flight([job(i, p) for i, p in enumerate(parts)])

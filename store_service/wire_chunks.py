@@ -51,14 +51,28 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
     raise InvalidArgument("chunk", "malformed varint")
 
 
-def encode_chunk(row_start: int, t: torch.Tensor) -> bytes:
-    """A CPU tensor (rows row_start.. of a fetch) -> the bytes of a FetchChunk."""
-    t = t.contiguous()
-    header = pb.FetchChunk(row_start=row_start, values=pb.Tensor(dtype=wire.dtype_name(t.dtype), shape=t.shape))
+def _host(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.device.type == "cuda":   # through page-locked memory, as wire.to_proto does
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.contiguous() if t.device.type == "cpu" else t.cpu().contiguous()
+
+
+def encode_with_tensor(header, field: int, t: torch.Tensor) -> bytes:
+    """The bytes of message `header` with its Tensor field number `field` set to `t` (the
+    field left unset in `header`): protobuf encodes the small parts, the payload is copied
+    once, straight into the message."""
+    t = _host(t)
+    meta = pb.Tensor(dtype=wire.dtype_name(t.dtype), shape=t.shape).SerializeToString()
     data = t.reshape(-1).view(torch.uint8).numpy()
-    inner = _varint(_F_DATA << 3 | _LEN) + _varint(data.nbytes)
-    outer = _varint(_F_VALUES << 3 | _LEN) + _varint(len(inner) + data.nbytes)
+    inner = meta + _varint(_F_DATA << 3 | _LEN) + _varint(data.nbytes)
+    outer = _varint(field << 3 | _LEN) + _varint(len(inner) + data.nbytes)
     return b"".join((header.SerializeToString(), outer, inner, data))  # the payload's one copy
+
+
+def encode_chunk(row_start: int, t: torch.Tensor) -> bytes:
+    """A tensor (rows row_start.. of a fetch) -> the bytes of a FetchChunk."""
+    return encode_with_tensor(pb.FetchChunk(row_start=row_start), _F_VALUES, t)
 
 
 def _parse_tensor(buf: memoryview, pos: int, end: int, into: dict) -> None:
