@@ -210,6 +210,20 @@ def headline(result: dict) -> dict:
             "tls": result.get("tls")}
 
 
+def merge_earlier(result: dict, path: str, force: bool) -> None:
+    """Take the phases this call did not run from an earlier result of the same commit."""
+    import json
+    earlier = json.loads(Path(path).read_text())
+    prov, now = earlier.get("provenance", {}), result["provenance"]
+    if not force and (prov.get("commit") != now.get("commit") or prov.get("dirty") or now.get("dirty")):
+        raise SystemExit(f"--merge {path}: made at commit {prov.get('commit')} (dirty {prov.get('dirty')}), this is "
+                         f"{now.get('commit')} (dirty {now.get('dirty')}); rerun it, or pass --force-merge")
+    taken = [k for k in ("table", "data", "train", "pushdown") if k in earlier and k not in result]
+    for k in taken:
+        result[k] = earlier[k]
+    result["merged"] = {"from": path, "phases": taken, "provenance": prov}
+
+
 def tls_note() -> str:
     import inspect
 
@@ -241,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--pd-n-sub", type=int, default=128)
     ap.add_argument("--pd-variants", default="grid-fp32,compact-fp32,compact-bf16,compact-bf16-c8192")
     ap.add_argument("--out", default=str(RESULTS / "wire_bench.json"))
+    ap.add_argument("--merge", default=None,
+                    help="an earlier wire_bench JSON of the same commit: its phases not run now are kept (so the "
+                         "phases can run as separate commands, each within a time limit), marked in `merged`")
+    ap.add_argument("--force-merge", action="store_true", help="merge even from another commit or a dirty tree")
     args = ap.parse_args(argv)
     phases = {p for p in args.phases.split(",") if p}
     unknown = phases - {"fetch", "search", "readout", "train", "pushdown"}
@@ -265,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "pushdown" in phases:
         from benchmarks import wire_pushdown
         result["pushdown"] = wire_pushdown.pushdown_phase(args)
+    if args.merge:
+        merge_earlier(result, args.merge, args.force_merge)
     result["headline"] = headline(result)
     import json
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -122,7 +122,8 @@ def train_phase(args) -> dict:
         mcfg = model_config(cfg, ByteTokenizer().vocab_size)
         tcfg = replace(table_config(mcfg, cfg), value_dtype="bfloat16")
         t0 = time.perf_counter()
-        table = Table.create(tcfg, f"{work}/store")
+        # Made in host memory and published: every run loads that version where it runs.
+        table = Table.create(replace(tcfg, device="cpu"), f"{work}/store")
         version = table.snapshot()
         table.close()
         del table

@@ -29,3 +29,15 @@ def test_wire_bench_smoke_writes_the_headline(tmp_path):
     assert train["loss_max_rel_diff_remote_vs_local"] < 1e-5
     prov = saved["provenance"]
     assert prov["commit"] and prov["device"] == "cpu" and "wire_bench" in prov["command"]
+
+
+def test_merge_takes_the_phases_not_run_only_from_the_same_clean_commit(tmp_path):
+    import pytest
+    earlier = {"provenance": {"commit": "abc", "dirty": False}, "data": {"fetch": {"grpc": {}}}, "train": {"x": 1}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    now = {"provenance": {"commit": "abc", "dirty": False}, "train": {"x": 2}}
+    wire_bench.merge_earlier(now, str(path), force=False)
+    assert now["data"] == earlier["data"] and now["train"] == {"x": 2} and now["merged"]["phases"] == ["data"]
+    with pytest.raises(SystemExit, match="rerun"):
+        wire_bench.merge_earlier({"provenance": {"commit": "def", "dirty": False}}, str(path), force=False)
