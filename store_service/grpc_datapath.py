@@ -65,15 +65,16 @@ def split(rows: int, parts: int) -> list[slice]:
 class _Assembler:
     """The result of a fetch, filled piece by piece from several streams at once."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, pin: bool = False):
         self.rows = rows
+        self.pin = pin    # page-locked when the caller wants the rows on a GPU: a faster copy there
         self.out: torch.Tensor | None = None
         self._lock = threading.Lock()
 
     def put(self, start: int, values: torch.Tensor) -> None:
         with self._lock:
             if self.out is None:
-                self.out = torch.empty((self.rows, *values.shape[1:]), dtype=values.dtype)
+                self.out = torch.empty((self.rows, *values.shape[1:]), dtype=values.dtype, pin_memory=self.pin)
         out = self.out
         if values.dim() != 2 or values.dtype != out.dtype or values.shape[1:] != out.shape[1:] \
                 or start < 0 or start + values.shape[0] > self.rows:
@@ -99,6 +100,7 @@ class GrpcDataPath:
         self._pool = ThreadPoolExecutor(max_workers=max(config.channels, 1), thread_name_prefix="kstore-wire")
         self._next = 0
         self._lock = threading.Lock()
+        self._pin = str(getattr(shard, "device", "cpu")).startswith("cuda") and torch.cuda.is_available()
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -128,7 +130,7 @@ class GrpcDataPath:
         parts = split(rows, min(self.config.channels, max(1, rows // self.config.split_min_rows)))
         with self._lock:
             first, self._next = self._next, self._next + len(parts)
-        done = _Assembler(rows)
+        done = _Assembler(rows, pin=self._pin)
 
         def job(i: int, part: slice):
             req = wire.fetch_request_to_proto(ids[part], None if hits is None else hits[part],
