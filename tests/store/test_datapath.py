@@ -4,6 +4,7 @@ against the in-process table; every registered transport too."""
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -240,3 +241,42 @@ def test_every_registered_transport_returns_the_in_process_rows_bitwise(tmp_path
     finally:
         for s in servers:
             s.stop(grace=None)
+
+
+def test_a_streamed_fetch_during_hot_swaps_sees_one_version(tmp_path):
+    import threading
+    root = str(tmp_path)
+    t = Table.create(_config(), root)
+    v1 = t.snapshot()
+    t.accumulate_value_grads(torch.arange(90), torch.randn(90, 12, generator=torch.Generator().manual_seed(3)))
+    t.end_step(0)
+    v2 = t.snapshot()
+    every = torch.arange(90)
+    want = [Table.open(root, v).fetch(every) for v in (v1, v2)]
+    assert not torch.equal(want[0], want[1])
+    servers = [serve_shard(Shard.load(root, v1, i), admin_token=TOKEN) for i in range(2)]
+    reader = connect([s.address for s in servers], admin_token=TOKEN, store_root=root, timeout_s=20,
+                     wire_config=SMALL)
+    admin = connect([s.address for s in servers], admin_token=TOKEN, store_root=root, timeout_s=20)
+    seen, bad, stop = set(), [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            got = reader.fetch(every)        # 90 rows over 2 shards, each in parts of pieces on 3 channels
+            match = [i for i, w in enumerate(want) if torch.equal(got, w)]
+            seen.update(match) if match else bad.append(got)
+    thread = threading.Thread(target=read)
+    thread.start()
+    try:
+        for v in (v2, v1, v2, v1):
+            admin.load_version(v)
+            time.sleep(0.2)   # reads under each version, and across each flip
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+        for table in (reader, admin):
+            for s in table.shards:
+                s.close()
+        for s in servers:
+            s.stop(grace=None)
+    assert not bad and seen == {0, 1}
