@@ -101,7 +101,7 @@ def device_name(device: str) -> str:
 
 def table_config(args) -> TableConfig:
     n_sub = math.isqrt(args.rows)
-    return TableConfig(d_k=32, d_v=args.d_v, segments=[("product", n_sub)], num_shards=1, value_dtype="bfloat16",
+    return TableConfig(d_k=args.d_k, d_v=args.d_v, segments=[("product", n_sub)], num_shards=1, value_dtype="bfloat16",
                        store_codebooks=True, seed=0, device=args.device)
 
 
@@ -148,7 +148,7 @@ def data_phases(args, phases: set[str], root: str, version: int) -> dict:
     fetch_ids = {n: torch.randperm(rows, generator=g)[:n].to(args.device) for n in sizes}
     ro_ids = torch.randint(0, rows, (args.readout_tokens, 32), generator=g).to(args.device)
     ro_w = torch.softmax(torch.randn(args.readout_tokens, 32, generator=g), -1).to(args.device)
-    queries = torch.randn(args.search_queries, 32, generator=g).to(args.device)
+    queries = torch.randn(args.search_queries, args.d_k, generator=g).to(args.device)
     row_bytes = args.d_v * 2
     out: dict = {"fetch": {}, "readout": {}, "search": {}, "transport_used": {}}
 
@@ -239,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--phases", default="fetch,search,readout,train")
     ap.add_argument("--rows", type=int, default=1 << 20, help="rows of the fetch/readout/search table (one shard)")
     ap.add_argument("--d-v", type=int, default=1024)
+    ap.add_argument("--d-k", type=int, default=128, help="key width (the d1024 preset's)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per shard")
     ap.add_argument("--server-threads", type=int, default=4, help="torch threads of each shard server process")
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
             version = table.snapshot()
             table.close()
             del table
-            result["table"] = {"rows": math.isqrt(args.rows) ** 2, "d_v": args.d_v, "value_dtype": "bfloat16",
+            result["table"] = {"rows": math.isqrt(args.rows) ** 2, "d_k": args.d_k, "d_v": args.d_v,
+                               "value_dtype": "bfloat16", "store_codebooks": True,
                                "shards": 1, "create_and_publish_s": time.perf_counter() - t0}
             result["data"] = data_phases(args, phases, d, version)
     if "train" in phases:

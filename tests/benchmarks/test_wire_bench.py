@@ -9,7 +9,7 @@ from benchmarks import wire_bench
 def test_wire_bench_smoke_writes_the_headline(tmp_path):
     out = tmp_path / "wire_bench.json"
     result = wire_bench.main([
-        "--device", "cpu", "--rows", "65536", "--d-v", "64", "--reps", "1", "--readout-tokens", "256",
+        "--device", "cpu", "--rows", "65536", "--d-v", "64", "--d-k", "32", "--reps", "1", "--readout-tokens", "256",
         "--search-queries", "256", "--server-threads", "1", "--phases", "fetch,search,readout,train",
         "--train-preset", "d1024-tiny", "--train-corpus", "tiny", "--train-batch-size", "4", "--train-seq-len", "32",
         "--train-steps", "2", "--train-warm-steps", "1", "--train-pairs", "2", "--out", str(out)])
