@@ -134,10 +134,13 @@ UNARY_ONE_CHANNEL = WireConfig(channels=1, stream_min_rows=1 << 62)
 
 
 def _transports(args) -> list[str]:
-    """"grpc" and the same-host transports this process can use, preferred first."""
+    """"grpc" and the transports asked (--transports; default: the same-host ones) that this
+    process can use, preferred first. The cross-host one (torch_dist) only when asked: on one
+    GPU its NCCL group would put both ranks on the same device, which NCCL does not support."""
     known = {k: t for k, t in datapath.transports().items() if t.available()}
+    asked = args.transports.split(",") if args.transports else list(SAME_HOST_ORDER)
     ordered = [k for k in SAME_HOST_ORDER if k in known] + sorted(k for k in known if k not in SAME_HOST_ORDER)
-    return ["grpc"] + [k for k in ordered if not args.transports or k in args.transports.split(",")]
+    return ["grpc"] + [k for k in ordered if k in asked]
 
 
 def data_phases(args, phases: set[str], root: str, version: int) -> dict:
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--channels", type=int, default=4, help="gRPC channels per shard")
     ap.add_argument("--server-threads", type=int, default=4, help="torch threads of each shard server process")
-    ap.add_argument("--transports", default="", help="same-host transports to measure (default: all available)")
+    ap.add_argument("--transports", default="", help="transports to measure besides gRPC, comma-separated "
+                                                       "(default: the same-host ones available, cuda_ipc and shm)")
     ap.add_argument("--grpc-unary", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the gRPC path as it was (one channel, unary Fetch), against the same server")
     ap.add_argument("--readout-tokens", type=int, default=4096)

@@ -61,8 +61,8 @@ def add_arguments(ap) -> None:
     ap.add_argument("--train-optimizer", default=None, help="the table's row optimizer (default: the large-table "
                                                             "one where it exists: rowwise_adam, else sgd)")
     ap.add_argument("--train-data-paths", default=None,
-                    help="same-host transports the remote runs ask for, preferred first (default: all available; "
-                         "'' for gRPC only)")
+                    help="transports the remote runs ask for, preferred first (default: cuda_ipc,shm where "
+                         "available; '' for gRPC only)")
 
 
 def _config(args, out_dir: str) -> TrainConfig:
@@ -114,9 +114,9 @@ def train_phase(args) -> dict:
     if args.train_warm_steps < 1 or args.train_steps < 1 or args.train_pairs < 1:
         raise SystemExit("--train-warm-steps, --train-steps and --train-pairs must be >= 1")
     kinds = [k for k, t in datapath.transports().items() if t.available()]
-    wanted = kinds if args.train_data_paths is None else [k for k in args.train_data_paths.split(",") if k]
-    data_paths = tuple(k for k in ("cuda_ipc", "shm", *sorted(kinds)) if k in wanted and k in kinds)
-    data_paths = tuple(dict.fromkeys(data_paths))
+    wanted = ["cuda_ipc", "shm"] if args.train_data_paths is None else \
+        [k for k in args.train_data_paths.split(",") if k]
+    data_paths = tuple(k for k in wanted if k in kinds)
     with tempfile.TemporaryDirectory() as work:
         cfg = _config(args, work)
         mcfg = model_config(cfg, ByteTokenizer().vocab_size)
