@@ -37,7 +37,7 @@ class WireConfig:
     chunk_rows: rows per streamed piece (0: the server's choice, about 4 MiB).
     grad_chunk_rows: row gradients of more rows than this are sent as several calls in flight."""
     channels: int = 4
-    stream_min_rows: int = 2048
+    stream_min_rows: int = 256
     split_min_rows: int = 8192
     chunk_rows: int = 0
     grad_chunk_rows: int = 32768
