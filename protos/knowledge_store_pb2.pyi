@@ -97,20 +97,22 @@ class SideQuery(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("version", "queries", "k", "tags", "where", "side")
+    __slots__ = ("version", "queries", "k", "tags", "where", "side", "want_keys")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     SIDE_FIELD_NUMBER: _ClassVar[int]
+    WANT_KEYS_FIELD_NUMBER: _ClassVar[int]
     version: int
     queries: Tensor
     k: int
     tags: _containers.RepeatedScalarFieldContainer[str]
     where: TagFilter
     side: SideQuery
-    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., where: _Optional[_Union[TagFilter, _Mapping]] = ..., side: _Optional[_Union[SideQuery, _Mapping]] = ...) -> None: ...
+    want_keys: bool
+    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., where: _Optional[_Union[TagFilter, _Mapping]] = ..., side: _Optional[_Union[SideQuery, _Mapping]] = ..., want_keys: _Optional[bool] = ...) -> None: ...
 
 class SideResult(_message.Message):
     __slots__ = ("ids", "scores", "tags")
@@ -151,24 +153,84 @@ class SearchResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ..., side: _Optional[_Union[SideResult, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")
+    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum", "chunk_rows")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     out_dtype: str
     hits: Tensor
     weight_sum: Tensor
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    chunk_rows: int
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: Tensor
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FetchChunk(_message.Message):
+    __slots__ = ("row_start", "values")
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    row_start: int
+    values: Tensor
+    def __init__(self, row_start: _Optional[int] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("host_id", "pid", "device")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    pid: int
+    device: str
+    def __init__(self, host_id: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class TransportParams(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, values: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class OpenDataPathRequest(_message.Message):
+    __slots__ = ("kinds", "client", "offers")
+    class OffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TransportParams
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TransportParams, _Mapping]] = ...) -> None: ...
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    client: Endpoint
+    offers: _containers.MessageMap[str, TransportParams]
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ..., client: _Optional[_Union[Endpoint, _Mapping]] = ..., offers: _Optional[_Mapping[str, TransportParams]] = ...) -> None: ...
+
+class OpenDataPathResponse(_message.Message):
+    __slots__ = ("kind", "params", "server")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    params: TransportParams
+    server: Endpoint
+    def __init__(self, kind: _Optional[str] = ..., params: _Optional[_Union[TransportParams, _Mapping]] = ..., server: _Optional[_Union[Endpoint, _Mapping]] = ...) -> None: ...
 
 class AccumulateValueGradsRequest(_message.Message):
     __slots__ = ("version", "request_id", "ids", "grads")

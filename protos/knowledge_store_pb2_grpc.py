@@ -49,6 +49,16 @@ class KnowledgeStoreStub:
                 request_serializer=knowledge__store__pb2.FetchRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.FetchStream = channel.unary_stream(
+                '/knowledge_store.v1.KnowledgeStore/FetchStream',
+                request_serializer=knowledge__store__pb2.FetchRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.FetchChunk.FromString,
+                _registered_method=True)
+        self.OpenDataPath = channel.unary_unary(
+                '/knowledge_store.v1.KnowledgeStore/OpenDataPath',
+                request_serializer=knowledge__store__pb2.OpenDataPathRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.OpenDataPathResponse.FromString,
+                _registered_method=True)
         self.Readout = channel.unary_unary(
                 '/knowledge_store.v1.KnowledgeStore/Readout',
                 request_serializer=knowledge__store__pb2.ReadoutRequest.SerializeToString,
@@ -93,6 +103,19 @@ class KnowledgeStoreServicer:
 
     def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenDataPath(self, request, context):
+        """Hands out a faster data path's handles; needs the same credentials as the data it opens.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -144,6 +167,16 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=knowledge__store__pb2.FetchRequest.FromString,
                     response_serializer=knowledge__store__pb2.FetchResponse.SerializeToString,
+            ),
+            'FetchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStream,
+                    request_deserializer=knowledge__store__pb2.FetchRequest.FromString,
+                    response_serializer=knowledge__store__pb2.FetchChunk.SerializeToString,
+            ),
+            'OpenDataPath': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPath,
+                    request_deserializer=knowledge__store__pb2.OpenDataPathRequest.FromString,
+                    response_serializer=knowledge__store__pb2.OpenDataPathResponse.SerializeToString,
             ),
             'Readout': grpc.unary_unary_rpc_method_handler(
                     servicer.Readout,
@@ -252,6 +285,60 @@ class KnowledgeStore:
             '/knowledge_store.v1.KnowledgeStore/Fetch',
             knowledge__store__pb2.FetchRequest.SerializeToString,
             knowledge__store__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/FetchStream',
+            knowledge__store__pb2.FetchRequest.SerializeToString,
+            knowledge__store__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/OpenDataPath',
+            knowledge__store__pb2.OpenDataPathRequest.SerializeToString,
+            knowledge__store__pb2.OpenDataPathResponse.FromString,
             options,
             channel_credentials,
             insecure,

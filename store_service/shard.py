@@ -191,11 +191,12 @@ class Shard:
     # -- data plane ----------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None, version: int = 0) -> SearchResult:
+               side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult:
         """queries [B, d_k] fp32 -> top-k over the partition-0 rows whose keys this shard
         holds, padded with PAD_ID / -inf where it holds fewer than k selectable rows, with
         the rows' `tags`, only rows passing `where`; with `side`, the side query's best rows
-        (`SearchResult.side`, padded likewise). k above the table's row count is an error."""
+        (`SearchResult.side`, padded likewise); with want_keys the rows' keys (else None).
+        k above the table's row count is an error."""
         tags = check.tag_names(tags)
         where, side = check.tag_filter(where), check.side_query(side)
         with self._use(version) as st, st.lock:
@@ -204,7 +205,7 @@ class Shard:
             if side is not None:
                 _check_k(st, side.k, "side.k")
             q = queries.to(st.device)
-            res = search.top_k(st, q, k, tags, where)
+            res = search.top_k(st, q, k, tags, where, want_keys)
             if side is not None:
                 res.side = search.side_k(st, q, side, tags, where)
             return res

@@ -211,7 +211,8 @@ def test_format1_rows_with_both_labels_are_a_side_query_over_partition_1(tmp_pat
     assert persistence.read_root_attrs(root, v)["format"] == 2
     t = Table.open(root, v)
     assert t.info().partition_rows == {1: 5}
-    res = t.search(FORMAT1["queries"], FORMAT1["k"], tags=("cue", "gate"), side=SideQuery(1, FORMAT1["m"]))
+    res = t.search(FORMAT1["queries"], FORMAT1["k"], tags=("cue", "gate"), side=SideQuery(1, FORMAT1["m"]),
+                 want_keys=True)
     for got, want in ((res.ids, "ids"), (res.scores, "scores"), (res.keys, "keys"), (res.tags["cue"], "cue"),
                       (res.tags["gate"], "gate"), (res.side.ids, "side_ids"), (res.side.scores, "side_scores"),
                       (res.side.tags["cue"], "side_cue"), (res.side.tags["gate"], "side_gate")):
