@@ -166,3 +166,18 @@ def test_remote_set_optimizer_trains_as_in_process(tmp_path, kind):
         ids = torch.arange(cfg.num_rows)
         assert torch.equal(remote.fetch(ids), local.fetch(ids))
         assert remote.set_optimizer(OptimizerConfig(kind="auto", lr=0.2)).optimizer.kind == kind
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam", "rowwise_adagrad", "rowwise_adam"])
+def test_untouched_rows_and_their_state_bitwise_unchanged(kind):
+    init = torch.randn(10, 5).to(torch.bfloat16)
+    param, state = init.clone(), RowState.zeros(kind, 10, 5)
+    sparse_step(kind, param, state, torch.tensor([1, 4]), torch.randn(2, 5), lr=0.1)
+    before = {n: t.clone() for n, t in state.tensors().items()}
+    snapshot = param.clone()
+    sparse_step(kind, param, state, torch.tensor([4, 7]), torch.randn(2, 5), lr=0.1)
+    untouched = torch.tensor([0, 1, 2, 3, 5, 6, 8, 9])
+    assert torch.equal(param[untouched], snapshot[untouched])
+    for name, t in state.tensors().items():
+        assert torch.equal(t[untouched], before[name][untouched]), name
+    assert not torch.equal(param[7], init[7])
