@@ -122,10 +122,18 @@ def test_flat_topk_torch_chunked_equals_one_block():
     s1, i1 = exact_topk(q, keys, 9, bias, chunk_rows=20_000)
     assert torch.equal(i, i1)
     torch.testing.assert_close(s, s1)
-    fs, fi = flat_topk(q, keys, 9, bias, backend="faiss")
-    assert torch.equal(fi, i1)
     with pytest.raises(ValueError):
         flat_topk(q, keys, 9, backend="nope")
+
+
+def test_flat_topk_faiss_equals_the_exact_search():
+    pytest.importorskip("faiss")   # faiss-cpu is a dependency; the GPU machine's image lacks it
+    g = torch.Generator().manual_seed(0)
+    keys, q = torch.randn(20_000, 16, generator=g), torch.randn(6, 16, generator=g)
+    bias = torch.randn(20_000, generator=g) * 0.1
+    _, i1 = exact_topk(q, keys, 9, bias, chunk_rows=20_000)
+    _, fi = flat_topk(q, keys, 9, bias, backend="faiss")
+    assert torch.equal(fi, i1)
 
 
 def test_exact_topk_score_block_is_bounded(monkeypatch):
