@@ -204,7 +204,7 @@ def _wait_for_restarted_shards(table, timeout_s: float = 120.0) -> None:
 def follow_training(worker, pending, poll_s: float = 0.5):
     """Draw a worker's training progress here, in the driver, until `pending`
     (its `train` call) finishes; returns its result."""
-    from tqdm import tqdm
+    from model_worker.progress import progress_bar
 
     bar, finished = None, False
     while True:
@@ -212,7 +212,7 @@ def follow_training(worker, pending, poll_s: float = 0.5):
         p = ray.get(worker.progress.remote())
         if p["active"] and p["total"] and not finished:
             if bar is None:
-                bar = tqdm(total=p["total"], initial=p["step"], desc=p["desc"])
+                bar = progress_bar(total=p["total"], initial=p["step"], desc=p["desc"])
             bar.n = p["step"]
             bar.set_postfix(p["postfix"], refresh=False)
             bar.refresh()

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
@@ -37,6 +36,7 @@ from .distributed import DataParallel
 from .data import ByteTokenizer, PackedLoader, build_corpus, packed_batches
 from .generate import generate_fn
 from .model import Transformer
+from .progress import progress_bar as default_progress_bar
 
 
 @dataclass
@@ -135,7 +135,7 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str | Path | None = None,
           stop_at: int | None = None, data_parallel: DataParallel | None = None,
-          step_hook: Callable[[int], None] | None = None, progress_bar: Callable = tqdm) -> dict:
+          step_hook: Callable[[int], None] | None = None, progress_bar: Callable = default_progress_bar) -> dict:
     """Run (or resume) training. `table`: use this table instead of creating an
     in-process one (e.g. a gRPC client); `resume`: a checkpoint directory, or an
     out_dir whose `latest` is used; `stop_at`: stop after this step (checkpointing
@@ -143,7 +143,8 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     `data_parallel`: this worker's rank among W workers sharing one store (each
     trains on batches step*W + rank; rank 0 evaluates and checkpoints);
     `step_hook(done_steps)`: called between steps, after any checkpoint (the
-    cluster scales the store there); `progress_bar`: a tqdm-like factory.
+    cluster scales the store there); `progress_bar`: a tqdm-like factory (default: a live bar
+    in a terminal, a line per 10% otherwise).
     Returns {"losses": [...], "evals": [...], "tokens_per_s", "params", "final_loss", ...}."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
