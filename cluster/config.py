@@ -36,8 +36,8 @@ class ClusterConfig:
     ray_address: str = ""           # "" embeds a local cluster; "auto" joins a running one
     shard: ShardResources = field(default_factory=ShardResources)
     worker: ShardResources = field(default_factory=lambda: ShardResources(num_cpus=1.0))
-    model_preset: str = "tiny_knowledge"
-    corpus_preset: str = "tiny"
+    model_preset: str = "tiny-knowledge"   # model_worker.config.configs (the table is made for it)
+    corpus_preset: str = "tiny"            # model_worker.data.CORPUS_PRESETS
     train_steps: int = 300
     seed: int = 0
 
