@@ -144,3 +144,28 @@ def test_swap_one_shard_composes_a_version(cluster):
         assert v not in (base, edited) and v in persistence.list_versions(cluster.config.store_root)
     finally:
         table.close()
+
+
+def test_swap_to_a_version_with_another_shard_count(cluster):
+    from store_service import errors
+    table = cluster.table()
+    try:
+        table.set_ablated(torch.arange(0, 4), True)
+        two = table.snapshot()                           # a 2-shard version, recognisable by its ablated rows
+        table.set_ablated(torch.arange(0, 4), False)
+        expected = None
+        cluster.swap(two)
+        expected = probe(table)
+        cluster.scale(3, drain_s=0.5)
+        assert not torch.equal(probe(table)[0], expected[0])   # the scaled serving state has them back
+        with pytest.raises(errors.FailedPrecondition, match="kstore scale 2"):
+            cluster.swap(two, shard=0)                   # one shard of another layout: refused, saying how
+        serving = cluster.swap(two)                      # the whole table: re-partitioned onto the 3 shards
+        assert serving != two and cluster.shard_map().num_shards == 3
+        assert len(persistence.read_root_attrs(cluster.config.store_root, serving)["shards"]) == 3
+        assert_same(expected, probe(table))
+        with pytest.raises(errors.NotFound, match="no published version 999"):
+            cluster.swap(999)
+    finally:
+        table.close()
+    cluster.scale(2, drain_s=0.5)
