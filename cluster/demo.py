@@ -127,7 +127,7 @@ def run_demo(steps: int | None = None, store_root: str = "runs/demo", num_shards
 
     cfg = config or DemoConfig()
     cfg = dataclasses.replace(cfg, steps=steps or cfg.steps, num_shards=num_shards)
-    t_start = time.time()
+    t_start, load_start = time.time(), os.getloadavg()[0]
     root = os.path.abspath(store_root)
     shutil.rmtree(root, ignore_errors=True)
     train_cfg = TrainConfig(model=cfg.model, model_overrides=cfg.model_overrides, corpus=cfg.corpus,
@@ -209,6 +209,9 @@ def run_demo(steps: int | None = None, store_root: str = "runs/demo", num_shards
         _say("stopping the cluster")
         cluster.stop()
     s["seconds"] = round(time.time() - t_start, 1)
+    # what else ran: on a shared machine the wall time says as much about the load as the demo
+    s["machine"] = {"cpus": os.cpu_count(), "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start))}
     _summary_table(s)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "summary.json"), "w") as f:

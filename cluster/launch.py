@@ -42,6 +42,7 @@ def init_ray(config: ClusterConfig, log_to_driver: bool = False) -> bool:
     if ray.is_initialized():
         return _owns_ray
     if config.ray_address:
+        _token_auth_for_explicit_address()
         ray.init(address=config.ray_address, namespace=NAMESPACE, logging_level="ERROR",
                  log_to_driver=log_to_driver)
     else:
@@ -50,6 +51,19 @@ def init_ray(config: ClusterConfig, log_to_driver: bool = False) -> bool:
                  log_to_driver=log_to_driver, num_cpus=max(os.cpu_count() or 2, 4))
         _owns_ray = True
     return _owns_ray
+
+
+def _token_auth_for_explicit_address() -> None:
+    """Ray turns token authentication on by itself where a token exists (~/.ray/auth_token):
+    for a head it starts and for `ray.init("auto")`, but not for an explicit address.
+    Do as it does there, so that `kstore` reaches the head `kstore up` started."""
+    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:   # Ray reads its settings once; this is how its own code re-reads them after setting the mode
+            from ray._raylet import Config
+            Config.initialize("")
+        except (ImportError, AttributeError):  # a Ray without token authentication
+            pass
 
 
 @dataclass

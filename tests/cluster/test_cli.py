@@ -129,3 +129,19 @@ def test_a_failed_up_leaves_nothing_running(tmp_path):
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)                                           # ... and the head is gone
     assert not (tmp_path / ".kstore" / "cluster.json").exists()
+
+
+@pytest.mark.slow
+def test_a_second_up_says_so_and_down_stops_the_head(tmp_path):
+    first = _kstore("up", cwd=tmp_path)
+    try:
+        assert first.returncode == 0, first.stderr
+        pid = int(re.search(r"\(pid (\d+)\)", first.stdout).group(1))
+        second = _kstore("up", cwd=tmp_path)
+        assert second.returncode == 2 and "already up" in second.stderr and "kstore down" in second.stderr
+        assert "Traceback" not in second.stderr and "started a Ray head" not in second.stdout
+    finally:
+        down = _kstore("down", cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)
