@@ -59,6 +59,7 @@ def _run(lang: str, code: str, cwd: Path, i: int) -> subprocess.CompletedProcess
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)   # ~2 min on 2 idle cores; a loaded machine takes many times that
 def test_readme_commands_run_as_written(tmp_path):
     blocks = marked_blocks((ROOT / "README.md").read_text())
     head_pid = None
