@@ -66,8 +66,10 @@ def test_commands_without_a_cluster_exit_with_a_message(tmp_path):
 
 
 def _kstore(*argv, cwd=None, timeout=300):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout
     return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+                          cwd=cwd, timeout=timeout, env=env)
 
 
 def test_the_default_cluster_config_names_presets_that_exist():
