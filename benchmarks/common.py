@@ -30,6 +30,11 @@ def write_results(result: dict, out: str, plot: Callable[[dict, str], object]) -
     print(json.dumps(result["headline"], indent=2))
 
 
+def _size(message) -> int:
+    """A message's serialized bytes (some requests travel already encoded, as bytes)."""
+    return len(message) if isinstance(message, (bytes, bytearray)) else message.ByteSize()
+
+
 class ByteCounter(grpc.UnaryUnaryClientInterceptor):
     """Serialized request + response bytes, calls and client-side wall seconds per method
     (the seconds cover protobuf serialization, transport and the server's handling, not
@@ -52,7 +57,7 @@ class ByteCounter(grpc.UnaryUnaryClientInterceptor):
                 if done.exception() is not None:
                     return
                 elapsed = time.perf_counter() - start
-                size = request.ByteSize() + done.result().ByteSize()
+                size = _size(request) + _size(done.result())
                 with self._lock:
                     self.bytes[method] = self.bytes.get(method, 0) + size
                     self.calls[method] = self.calls.get(method, 0) + 1

@@ -1,21 +1,30 @@
-"""Where a remote pushdown readout's time goes, outside training: one readout forward and
-backward of the quality benchmark's GPU shape (16,384 tokens x 2 heads = 32,768 rows, k 16,
-d_v 64, a 16k-row table over 2 shards), with the in-process table and over 2 loopback shard
-server processes, for each wire format; and the shard server's own phases (decode, the
-shard's work, encode), timed by calling its servicer in this process without gRPC.
+"""The data plane, measured (issue 21; benchmarks/WIRE_NOTES.md): rows, readouts and searches
+between a caller and shard server processes on the same host, per transport, against the
+in-process table; and training throughput of the d1024 preset with the store in separate
+processes vs in process.
 
-    python benchmarks/wire_bench.py                      # CPU
-    python benchmarks/wire_bench.py --device cuda        # rows and requests on the GPU
+    python benchmarks/wire_bench.py --device cuda                    # GPU host: every phase
+    python benchmarks/wire_bench.py --device cpu --rows 65536 --phases fetch,search,readout   # smoke
 
-Per call, median of --reps: `table_ms` (the worker's wall time of Table.readout /
-readout_backward, device sync included), `client_rpc_ms` (the gRPC calls, summed over the
-shards' parallel calls) and `server_ms` (the servers' handling, summed likewise).
-Writes benchmarks/results/wire_bench.json.
+Phases (--phases, comma-separated):
+- fetch: Table.fetch of 1,024 / 10,240 / 102,400 distinct rows of d_v bf16 (capped at the
+  table's rows) from one shard of --rows rows; in process, over gRPC (TCP loopback, the
+  channel pool and streamed replies), and over each same-host transport registered
+  (store_service/datapath.py) that the server offers.
+- readout: a pushdown readout of 4,096 x 32 entries ([4096, d_v] fp32 out), per transport.
+- search: 4,096 queries, k 32 (ids and scores; keys not asked), in process and over gRPC.
+- train: benchmarks/wire_train.py (the d1024 preset, alternating in-process / remote pairs).
+- pushdown: benchmarks/wire_pushdown.py (the readout wire variants at the quality shape).
+
+Each figure: median of --reps timed calls (after 2 warm-up calls) with min and max, device
+synchronised around each. Writes benchmarks/results/wire_bench.json (--out).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
+import math
+import secrets
 import statistics
 import sys
 import tempfile
@@ -26,15 +35,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, cpu_model, server_handling_seconds  # noqa: E402
-from benchmarks.quality import wire_variant  # noqa: E402
-from protos import knowledge_store_pb2 as pb  # noqa: E402
-from store_service import wire  # noqa: E402
+from store_service import datapath  # noqa: E402
+from store_service.client import connect  # noqa: E402
 from store_service.config import TableConfig  # noqa: E402
+from store_service.grpc_datapath import WireConfig  # noqa: E402
+from store_service.serve import start_shard_process  # noqa: E402
 from store_service.table import Table  # noqa: E402
-from store_service.testing import loopback_table  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FETCH_SIZES = (1024, 10240, 102400)
+# Which same-host transport the headline names, in order of preference.
+SAME_HOST_ORDER = ("cuda_ipc", "shm")
 
 
 def _sync(device: str) -> None:
@@ -42,7 +53,10 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_ms(fn, reps: int, device: str) -> float:
+def timed_ms(fn, reps: int, device: str, warmup: int = 2) -> dict:
+    """{median, min, max} ms of `reps` calls of fn after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         _sync(device)
@@ -50,116 +64,239 @@ def _median_ms(fn, reps: int, device: str) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return {"median": statistics.median(times), "min": min(times), "max": max(times), "reps": reps}
 
 
-def _inputs(rows: int, k: int, d_v: int, num_rows: int, device: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, num_rows, (rows, k), generator=g).to(device)
-    w = torch.softmax(torch.randn(rows, k, generator=g), -1).to(device)
-    grad = torch.randn(rows, d_v, generator=g).to(device)
-    return ids, w, grad
+def _gbps(nbytes: int, ms: dict) -> dict:
+    return {k: nbytes / (ms[k] / 1e3) / 1e9 for k in ("median", "min", "max")}
 
 
-def remote_costs(cfg: TableConfig, root: str, variant: str, ids, w, grad, reps: int, device: str,
-                 server_threads: int) -> dict:
-    counter = ByteCounter()
-    servers: list = []
-    with loopback_table(cfg, root, interceptors=[counter], servers=servers, torch_threads=server_threads,
-                        **wire_variant(variant)) as table:
-        for _ in range(3):   # kernel compilation and allocator warm-up, in each server process
-            table.readout(ids, w)
-            table.readout_backward(ids, w, grad)
-        table.end_step(0)
-        out = {}
-        for name, fn in (("readout", lambda: table.readout(ids, w)),
-                         ("readout_backward", lambda: table.readout_backward(ids, w, grad))):
-            rpc = {"readout": "Readout", "readout_backward": "ReadoutBackward"}[name]
-            before = [server_handling_seconds(p.metrics_port) for p in servers]
-            counter.reset()
-            counter.enabled = True
-            ms = _median_ms(fn, reps, device)
-            counter.enabled = False
-            after = [server_handling_seconds(p.metrics_port) for p in servers]
-            served = sum(a[rpc][1] - b.get(rpc, (0, 0.0))[1] for a, b in zip(after, before))
-            out[name] = {"table_ms": ms, "client_rpc_ms": counter.seconds[rpc] / reps * 1e3,
-                         "server_ms": served / reps * 1e3, "calls": counter.calls[rpc] / reps,
-                         "wire_mb": counter.bytes[rpc] / reps / 1e6}
-        table.end_step(1)
+def provenance_of(args, device: str) -> dict:
+    """benchmarks.common.provenance when it exists (issue 24), else the same fields here."""
+    try:
+        from benchmarks.common import provenance
+        return provenance(sys.argv[1:], device=device)
+    except ImportError:
+        import os
+        import platform
+        import subprocess
+        from datetime import datetime, timezone
+
+        from benchmarks.common import cpu_model
+        root = Path(__file__).resolve().parents[1]
+
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
+                "command": "python -m benchmarks.wire_bench " + " ".join(sys.argv[1:]),
+                "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+                            "hostname": platform.node()},
+                "date": datetime.now(timezone.utc).isoformat(), "device": device,
+                "python": platform.python_version(), "torch": torch.__version__}
+
+
+def device_name(device: str) -> str:
+    return f"cuda: {torch.cuda.get_device_name(0)}" if device.startswith("cuda") else "cpu"
+
+
+def table_config(args) -> TableConfig:
+    n_sub = math.isqrt(args.rows)
+    return TableConfig(d_k=args.d_k, d_v=args.d_v, segments=[("product", n_sub)], num_shards=1, value_dtype="bfloat16",
+                       store_codebooks=True, seed=0, device=args.device)
+
+
+@contextlib.contextmanager
+def served(root: str, version: int, args, data_paths: tuple[str, ...] = ()):
+    """One shard server process (rows on --device) and a function that connects a client
+    Table to it (wire_config: the gRPC path's settings; default --channels channels)."""
+    token = secrets.token_hex(8)
+    proc = start_shard_process(root, version, 0, admin_token=token, startup_timeout_s=300,
+                               extra_args=["--device", args.device, "--torch-threads", str(args.server_threads),
+                                           *(["--data-paths", ",".join(data_paths)] if data_paths else [])])
+    tables = []
+
+    def open_table(wire_config: WireConfig | None = None):
+        tables.append(connect([proc.address], admin_token=token, store_root=root, timeout_s=120,
+                              data_paths=data_paths, device=args.device,
+                              wire_config=wire_config or WireConfig(channels=args.channels)))
+        return tables[-1]
+    try:
+        yield open_table
+    finally:
+        for t in tables:
+            for s in t.shards:
+                s.close()
+        proc.stop()
+
+
+# The gRPC path as it was before issue 21: one channel, one unary Fetch per shard.
+UNARY_ONE_CHANNEL = WireConfig(channels=1, stream_min_rows=1 << 62)
+
+
+def _transports(args) -> list[str]:
+    """"grpc" and the transports asked (--transports; default: the same-host ones) that this
+    process can use, preferred first. The cross-host one (torch_dist) only when asked: on one
+    GPU its NCCL group would put both ranks on the same device, which NCCL does not support."""
+    known = {k: t for k, t in datapath.transports().items() if t.available()}
+    asked = args.transports.split(",") if args.transports else list(SAME_HOST_ORDER)
+    ordered = [k for k in SAME_HOST_ORDER if k in known] + sorted(k for k in known if k not in SAME_HOST_ORDER)
+    return ["grpc"] + [k for k in ordered if k in asked]
+
+
+def data_phases(args, phases: set[str], root: str, version: int) -> dict:
+    """fetch / readout / search per transport, in-process first."""
+    g = torch.Generator().manual_seed(0)
+    rows = math.isqrt(args.rows) ** 2
+    sizes = [min(n, rows) for n in FETCH_SIZES]
+    fetch_ids = {n: torch.randperm(rows, generator=g)[:n].to(args.device) for n in sizes}
+    ro_ids = torch.randint(0, rows, (args.readout_tokens, 32), generator=g).to(args.device)
+    ro_w = torch.softmax(torch.randn(args.readout_tokens, 32, generator=g), -1).to(args.device)
+    queries = torch.randn(args.search_queries, args.d_k, generator=g).to(args.device)
+    row_bytes = args.d_v * 2
+    out: dict = {"fetch": {}, "readout": {}, "search": {}, "transport_used": {}}
+
+    def measure(name: str, table) -> None:
+        if "fetch" in phases:
+            out["fetch"][name] = {}
+            for n, ids in fetch_ids.items():
+                ms = timed_ms(lambda: table.fetch(ids), args.reps, args.device)
+                out["fetch"][name][str(n)] = {"ms": ms, "gbps": _gbps(n * row_bytes, ms), "mb": n * row_bytes / 1e6}
+                print(f"fetch {name} {n}: {ms['median']:.2f} ms, {_gbps(n * row_bytes, ms)['median']:.2f} GB/s",
+                      flush=True)
+        if "readout" in phases:
+            ms = timed_ms(lambda: table.readout(ro_ids, ro_w), args.reps, args.device)
+            nbytes = args.readout_tokens * args.d_v * 4
+            out["readout"][name] = {"ms": ms, "gbps": _gbps(nbytes, ms), "out_mb": nbytes / 1e6}
+            print(f"readout {name}: {ms['median']:.2f} ms", flush=True)
+        if "search" in phases and name in ("in_process", "grpc", "grpc_unary_1_channel"):
+            ms = timed_ms(lambda: table.search(queries, 32), args.reps, args.device)
+            out["search"][name] = {"ms": ms, "queries": args.search_queries, "k": 32}
+            print(f"search {name}: {ms['median']:.2f} ms", flush=True)
+
+    local = Table.open(root, version, device=args.device)
+    measure("in_process", local)
+    local.close()
+    del local
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    for kind in _transports(args):
+        with served(root, version, args, () if kind == "grpc" else (kind,)) as open_table:
+            if kind == "grpc" and args.grpc_unary:
+                measure("grpc_unary_1_channel", open_table(UNARY_ONE_CHANNEL))
+            table = open_table()
+            table.fetch(fetch_ids[sizes[0]])
+            used = sorted({s.data_path_kind for s in table.shards})
+            out["transport_used"][kind] = used
+            if used != [kind]:
+                print(f"{kind}: not offered for this pair (used {used}); skipped", flush=True)
+                continue
+            measure(kind, table)
     return out
 
 
-def server_phases(cfg: TableConfig, root: str, ids, w, grad, reps: int, device: str) -> dict:
-    """The servicer's Readout / ReadoutBackward on shard 0's share, called in-process (no
-    gRPC): decode + expand, the shard's own work, encode. Rows on `device`."""
-    from store_service.shard import Shard
+def headline(result: dict) -> dict:
+    data = result.get("data", {})
+    fetch, readout, search = data.get("fetch", {}), data.get("readout", {}), data.get("search", {})
+    same = next((k for k in SAME_HOST_ORDER if k in fetch or k in readout), None)
 
-    table = Table.create(cfg, root)
-    version = table.snapshot()
-    table.close()
-    shard = Shard.load(root, version, 0, device=device)
-    info = shard.describe().info
-    owned = (ids >= info.row_start) & (ids < info.row_end)
-    req = pb.ReadoutBackwardRequest()
-    wire.slots_to_proto(owned, req.slots)
-    wire.ids_to_proto(ids[owned], req.ids)
-    wire.to_proto(w[owned], req.weights)
-    wire.to_proto(grad, req.grad_out)
-    data = req.SerializeToString()
-
-    def decode():
-        r = pb.ReadoutBackwardRequest.FromString(data)
-        _, i, ww = wire.readout_entries_from_proto(r, device)   # expanded where the rows are, as the server does
-        g = wire.from_proto(r.grad_out, "grad_out", ndim=2)
-        return i, ww, g
-
-    i, ww, g = decode()
-    out = shard.readout(i, ww)
-    phases = {"decode_expand_ms": _median_ms(decode, reps, device),
-              "shard_readout_ms": _median_ms(lambda: shard.readout(i, ww), reps, device),
-              "shard_backward_ms": _median_ms(lambda: shard.readout_backward(i, ww, g), reps, device),
-              "encode_out_fp32_ms": _median_ms(lambda: pb.ReadoutResponse(out=wire.to_proto(out)).SerializeToString(),
-                                               reps, device),
-              "encode_out_bf16_ms": _median_ms(
-                  lambda: pb.ReadoutResponse(out=wire.to_proto(out.to(torch.bfloat16))).SerializeToString(), reps, device),
-              "rows": int(ids.shape[0]), "owned_entries": int(owned.sum())}
-    return phases
+    def big(name):
+        runs = fetch.get(name)
+        return runs[max(runs, key=int)]["gbps"]["median"] if runs else None
+    train = result.get("train", {})
+    return {"fetch_gbps_same_host": big(same) if same else None,
+            "fetch_gbps_tcp": big("grpc"), "fetch_gbps_in_process": big("in_process"),
+            "readout_gbps_same_host": readout[same]["gbps"]["median"] if same in readout else None,
+            "search_ms_4096_remote": search["grpc"]["ms"]["median"] if "grpc" in search else None,
+            "remote_over_local_tokens_per_s_d1024": train.get("remote_over_local") if
+            train.get("preset") == "d1024" else None,
+            "same_host_transport": same, "fetch_rows": max((int(n) for n in fetch.get("grpc", {})), default=None),
+            "tls": result.get("tls")}
 
 
-def main() -> None:
+def merge_earlier(result: dict, path: str, force: bool) -> None:
+    """Take the phases this call did not run from an earlier result of the same commit."""
+    import json
+    earlier = json.loads(Path(path).read_text())
+    prov, now = earlier.get("provenance", {}), result["provenance"]
+    if not force and (prov.get("commit") != now.get("commit") or prov.get("dirty") or now.get("dirty")):
+        raise SystemExit(f"--merge {path}: made at commit {prov.get('commit')} (dirty {prov.get('dirty')}), this is "
+                         f"{now.get('commit')} (dirty {now.get('dirty')}); rerun it, or pass --force-merge")
+    taken = [k for k in ("table", "data", "train", "pushdown") if k in earlier and k not in result]
+    for k in taken:
+        result[k] = earlier[k]
+    result["merged"] = {"from": path, "phases": taken, "provenance": prov}
+
+
+def tls_note() -> str:
+    import inspect
+
+    from store_service.server import serve_shard
+    if any("tls" in p or "credential" in p for p in inspect.signature(serve_shard).parameters):
+        return "TLS exists on this commit; this script does not yet measure it (figures without TLS)"
+    return "no TLS on this commit (issue 18 adds it): figures without TLS only"
+
+
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--rows", type=int, default=32768, help="readout rows per call (tokens x heads)")
-    ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--d-v", type=int, default=64)
-    ap.add_argument("--n-sub", type=int, default=128, help="product-key table of n_sub^2 rows")
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--server-threads", type=int, default=1)
-    ap.add_argument("--variants", default="grid-fp32,compact-fp32,compact-bf16,compact-bf16-c8192")
+    ap.add_argument("--phases", default="fetch,search,readout,train")
+    ap.add_argument("--rows", type=int, default=1 << 20, help="rows of the fetch/readout/search table (one shard)")
+    ap.add_argument("--d-v", type=int, default=1024)
+    ap.add_argument("--d-k", type=int, default=128, help="key width (the d1024 preset's)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--channels", type=int, default=4, help="gRPC channels per shard")
+    ap.add_argument("--server-threads", type=int, default=4, help="torch threads of each shard server process")
+    ap.add_argument("--transports", default="", help="transports to measure besides gRPC, comma-separated "
+                                                       "(default: the same-host ones available, cuda_ipc and shm)")
+    ap.add_argument("--grpc-unary", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the gRPC path as it was (one channel, unary Fetch), against the same server")
+    ap.add_argument("--readout-tokens", type=int, default=4096)
+    ap.add_argument("--search-queries", type=int, default=4096)
+    from benchmarks import wire_train
+    wire_train.add_arguments(ap)
+    ap.add_argument("--pd-rows", type=int, default=32768)
+    ap.add_argument("--pd-k", type=int, default=16)
+    ap.add_argument("--pd-d-v", type=int, default=64)
+    ap.add_argument("--pd-n-sub", type=int, default=128)
+    ap.add_argument("--pd-variants", default="grid-fp32,compact-fp32,compact-bf16,compact-bf16-c8192")
     ap.add_argument("--out", default=str(RESULTS / "wire_bench.json"))
-    args = ap.parse_args()
+    ap.add_argument("--merge", default=None,
+                    help="an earlier wire_bench JSON of the same commit: its phases not run now are kept (so the "
+                         "phases can run as separate commands, each within a time limit), marked in `merged`")
+    ap.add_argument("--force-merge", action="store_true", help="merge even from another commit or a dirty tree")
+    args = ap.parse_args(argv)
+    phases = {p for p in args.phases.split(",") if p}
+    unknown = phases - {"fetch", "search", "readout", "train", "pushdown"}
+    if unknown:
+        ap.error(f"unknown phases {sorted(unknown)}")
 
-    cfg = TableConfig(d_k=32, d_v=args.d_v, segments=[("product", args.n_sub)], num_shards=2, device=args.device)
-    ids, w, grad = _inputs(args.rows, args.k, args.d_v, args.n_sub ** 2, args.device)
-    host = f"CPU: {cpu_model()}, torch {torch.__version__}"
-    device = f"GPU: {torch.cuda.get_device_name(0)}; {host}" if args.device.startswith("cuda") else host
-    result = {"benchmark": "wire_bench", "device": device, "config": vars(args)}
-    with tempfile.TemporaryDirectory() as d:
-        local = Table.create(cfg, f"{d}/local")
-        result["in_process"] = {
-            "readout": {"table_ms": _median_ms(lambda: local.readout(ids, w), args.reps, args.device)},
-            "readout_backward": {"table_ms": _median_ms(lambda: local.readout_backward(ids, w, grad), args.reps,
-                                                        args.device)}}
-        local.close()
-        result["remote"] = {}
-        for v in args.variants.split(","):
-            result["remote"][v] = remote_costs(cfg, f"{d}/{v}", v, ids, w, grad, args.reps, args.device,
-                                               args.server_threads)
-            print(v, json.dumps(result["remote"][v]), flush=True)
-        result["server_phases"] = server_phases(cfg, f"{d}/phases", ids, w, grad, args.reps, args.device)
+    dev = device_name(args.device)
+    result: dict = {"benchmark": "wire_bench", "device": dev, "provenance": provenance_of(args, dev),
+                    "config": vars(args), "tls": tls_note()}
+    if phases & {"fetch", "search", "readout"}:
+        with tempfile.TemporaryDirectory() as d:
+            t0 = time.perf_counter()
+            table = Table.create(table_config(args), d)
+            version = table.snapshot()
+            table.close()
+            del table
+            result["table"] = {"rows": math.isqrt(args.rows) ** 2, "d_k": args.d_k, "d_v": args.d_v,
+                               "value_dtype": "bfloat16", "store_codebooks": True,
+                               "shards": 1, "create_and_publish_s": time.perf_counter() - t0}
+            result["data"] = data_phases(args, phases, d, version)
+    if "train" in phases:
+        result["train"] = wire_train.train_phase(args)
+    if "pushdown" in phases:
+        from benchmarks import wire_pushdown
+        result["pushdown"] = wire_pushdown.pushdown_phase(args)
+    if args.merge:
+        merge_earlier(result, args.merge, args.force_merge)
+    result["headline"] = headline(result)
+    import json
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({"in_process": result["in_process"], "server_phases": result["server_phases"]}, indent=2))
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(json.dumps(result["headline"], indent=2))
+    return result
 
 
 if __name__ == "__main__":

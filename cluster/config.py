@@ -11,12 +11,26 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 
+ROWS_PLACES = ("auto", "gpu", "host")
+
+
 @dataclass
 class ShardResources:
     num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0           # fractions share a GPU between shard actors
     memory_mb: int = 0              # 0: let Ray decide
     custom: dict[str, float] = field(default_factory=dict)  # e.g. {"store": 1}
+    # Where a shard actor keeps its rows (cluster/shard_actor.py, rows_device): "gpu" the
+    # GPU Ray gave it (needs num_gpus > 0), "host" host memory (page-locked where CUDA
+    # exists, serving GPU workers by asynchronous copies), "auto" the GPU when Ray gave it
+    # one that CUDA can use, else host memory. Workers ignore it.
+    rows: str = "auto"
+
+    def __post_init__(self):
+        if self.rows not in ROWS_PLACES:
+            raise ValueError(f"rows must be one of {ROWS_PLACES}, got {self.rows!r}")
+        if self.rows == "gpu" and not self.num_gpus > 0:
+            raise ValueError("rows = \"gpu\" needs num_gpus > 0 (Ray gives the actor its GPU)")
 
     def ray_options(self) -> dict:
         opts: dict = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
@@ -35,6 +49,9 @@ class ClusterConfig:
     admin_token: str = "kstore-dev-token"
     ray_address: str = ""           # "" embeds a local cluster; "auto" joins a running one
     shard: ShardResources = field(default_factory=ShardResources)
+    # per shard id ("0", "1", ...): fields of `shard` to change for that shard, e.g.
+    # {"0": {"num_gpus": 0.5, "rows": "gpu"}, "1": {"rows": "host"}}
+    shard_overrides: dict[str, dict] = field(default_factory=dict)
     worker: ShardResources = field(default_factory=lambda: ShardResources(num_cpus=1.0))
     model_preset: str = "tiny-knowledge"   # model_worker.config.configs (the table is made for it)
     corpus_preset: str = "tiny"            # model_worker.data.CORPUS_PRESETS
@@ -60,6 +77,17 @@ class ClusterConfig:
             if key in raw:
                 raw[key] = ShardResources(**raw[key])
         return ClusterConfig(**raw)
+
+    def __post_init__(self):
+        for key, fields_ in self.shard_overrides.items():
+            if not str(key).isdigit():
+                raise ValueError(f"shard_overrides keys are shard ids, got {key!r}")
+            self.shard_resources(int(key))   # validates the merged fields
+
+    def shard_resources(self, shard_id: int) -> ShardResources:
+        """The resources and rows placement of shard `shard_id` (`shard`, with its override)."""
+        over = self.shard_overrides.get(str(shard_id))
+        return ShardResources(**{**asdict(self.shard), **over}) if over else self.shard
 
     def to_dict(self) -> dict:
         return asdict(self)

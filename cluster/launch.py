@@ -107,10 +107,13 @@ class StoreCluster:
         gen = ray.get(self.registry.expect.remote(num_shards, version))
         # Detached: a shard belongs to the cluster, not to the process that started it
         # (a command line, or a worker that scales the store mid-run); stop() ends it.
-        opts = dict(self.config.shard.ray_options(), lifetime="detached")
-        actors = [ShardActor.options(name=f"kstore_shard_g{gen}_{i}", **opts).remote(
-            os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token)
-            for i in range(num_shards)]
+        actors = []
+        for i in range(num_shards):
+            res = self.config.shard_resources(i)
+            actors.append(ShardActor.options(name=f"kstore_shard_g{gen}_{i}", lifetime="detached",
+                                             **res.ray_options()).remote(
+                os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token,
+                rows=res.rows))
         self.actors = self.actors + actors   # stop() reaches them even if they never register
         m = ShardMap.from_dict(ray.get(self.registry.wait_for.remote(min_map_version=gen, complete=True,
                                                                     timeout_s=120.0)))
@@ -143,11 +146,21 @@ class StoreCluster:
                                "rows": [d.info.row_start, d.info.row_end], "version": d.info.version,
                                "step": d.info.step, "healthy": rs.health(),
                                "rows_used": int((u.hits > 0).sum()), "frozen": int(u.frozen.sum()),
-                               "ablated": int(u.ablated.sum())})
+                               "ablated": int(u.ablated.sum()), "memory": self._shard_memory(i)})
             finally:
                 rs.close()
         return {"map_version": m.map_version, "revision": m.revision, "table_version": m.table_version,
                 "published_versions": persistence.list_versions(self.config.store_root), "shards": shards}
+
+    def _shard_memory(self, i: int) -> dict | None:
+        """Where shard i's rows live and the bytes it holds (ShardActor.memory); None when
+        this handle does not know the actor (a layout newer than it)."""
+        if i >= len(self.actors):
+            return None
+        try:
+            return ray.get(self.actors[i].memory.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - status reports, it does not fail
+            return {"error": str(e)[:200]}
 
     # -- operations ----------------------------------------------------------------
 

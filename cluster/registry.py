@@ -25,6 +25,7 @@ class ShardEntry:
     version: int
     node_id: str = ""
     pid: int = 0
+    device: str = ""          # where the shard's rows live ("cuda:0" inside its actor, "cpu")
 
 
 @dataclass

@@ -147,6 +147,20 @@ _CAP_KN = dict(layers=(2,), placement="beside", n_heads=4, d_k=32, k=16, n_sub=2
 _CAP_TINY = dict(vocab_size=1024, block_size=128, n_layers=2, d_model=64, n_heads=4)
 _CAP_TINY_KN = dict(layers=(1,), placement="beside", n_heads=2, d_k=32, k=16, n_sub=64, value_lr=0.05)
 
+# The data-plane model (issue 21, benchmarks/wire_bench.py --phases train): d_model and d_v
+# 1024, two knowledge layers (beside the FFNs of blocks 1 and 2 of 4) sharing one table of
+# 2048^2 = 4,194,304 rows, 1 head, k 8, read in fetch mode: at ~16k tokens a step (64 x 256)
+# each layer selects up to 131k rows, about 100k+ distinct ones (~250 MB of bf16 rows).
+_D1024 = dict(vocab_size=260, block_size=256, n_layers=4, d_model=1024, n_heads=8, ffn="moe", n_experts=8,
+              n_active=2)
+_D1024_KN = dict(layers=(1, 2), placement="beside", n_heads=1, d_k=128, k=8, n_sub=2048, readout="fetch",
+                 value_lr=0.05)
+# Its CPU smoke shape (tests/benchmarks/test_wire_bench.py): the same structure, tiny.
+_D1024_TINY = dict(vocab_size=260, block_size=64, n_layers=3, d_model=32, n_heads=2, ffn="moe", n_experts=4,
+                   n_active=2)
+_D1024_TINY_KN = dict(layers=(1, 2), placement="beside", n_heads=1, d_k=16, k=8, n_sub=32, readout="fetch",
+                      value_lr=0.05)
+
 configs: dict[str, dict[str, Any]] = {
     "tiny-dense": dict(_TINY, ffn="dense"),
     "tiny-moe": dict(_TINY, ffn="moe", n_experts=4, n_active=2),
@@ -176,6 +190,8 @@ configs: dict[str, dict[str, Any]] = {
     "cap-tiny-moe": dict(_CAP_TINY, ffn="moe", d_ff=192, n_experts=8, n_active=2),
     "cap-tiny-knowledge": dict(_CAP_TINY, ffn="moe", d_ff=144, n_experts=8, n_active=2, knowledge=_CAP_TINY_KN),
     "cap-tiny-knowledge-dense": dict(_CAP_TINY, ffn="dense", d_ff=144, knowledge=_CAP_TINY_KN),
+    "d1024": dict(_D1024, knowledge=_D1024_KN),
+    "d1024-tiny": dict(_D1024_TINY, knowledge=_D1024_TINY_KN),
 }
 
 

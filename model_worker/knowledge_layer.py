@@ -216,9 +216,10 @@ class KnowledgeLayer(nn.Module):
         record = None
         if self._gated:                        # one round trip: the candidates' tags and the detectors
             side = SideQuery(gating.DETECTOR_PARTITION, self.cfg.detector_pool) if self._detectors else None
-            res = self.table.search(q, min(k * self.cfg.gate_pool, self._num_rows), tags=gating.GATE_TAGS, side=side)
+            res = self.table.search(q, min(k * self.cfg.gate_pool, self._num_rows), tags=gating.GATE_TAGS, side=side,
+                                    want_keys=True)
         else:
-            res = self.table.search(q, k)
+            res = self.table.search(q, k, want_keys=True)
         flat_scores = res.scores.to(scores.device)
         if self._gated:
             dev = ids.device

@@ -123,7 +123,7 @@ def start_readout(table: KnowledgeTable, ids: torch.Tensor, w: torch.Tensor, mod
     # thread then never waits on the device, whose queue the caller is about to fill.
     host = {k: t.cpu() for k, t in usage.items()}
     p.uniq, p.local = uniq, local
-    p.fetch = fetcher().submit(table.fetch, uniq.cpu(), **host)
+    p.fetch = fetcher().submit(table.fetch, uniq.cpu(), device=p.w.device, **host)
     return p
 
 

@@ -20,7 +20,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     # the table (knowledge models only): row-wise sparse optimizer applied at end_step
-    table_optimizer: str = "adam"          # "adam" | "sgd"
+    table_optimizer: str = "adam"          # a store optimizer kind (store_service/optimizer.py): "adam", "sgd", ...
     value_lr: float | None = None          # None -> knowledge.value_lr
     flat_rows: int = 0                     # a flat segment after the product segment
     num_shards: int = 1

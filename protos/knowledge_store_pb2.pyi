@@ -97,20 +97,22 @@ class SideQuery(_message.Message):
     def __init__(self, partition: _Optional[int] = ..., k: _Optional[int] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("version", "queries", "k", "tags", "where", "side")
+    __slots__ = ("version", "queries", "k", "tags", "where", "side", "want_keys")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
     SIDE_FIELD_NUMBER: _ClassVar[int]
+    WANT_KEYS_FIELD_NUMBER: _ClassVar[int]
     version: int
     queries: Tensor
     k: int
     tags: _containers.RepeatedScalarFieldContainer[str]
     where: TagFilter
     side: SideQuery
-    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., where: _Optional[_Union[TagFilter, _Mapping]] = ..., side: _Optional[_Union[SideQuery, _Mapping]] = ...) -> None: ...
+    want_keys: bool
+    def __init__(self, version: _Optional[int] = ..., queries: _Optional[_Union[Tensor, _Mapping]] = ..., k: _Optional[int] = ..., tags: _Optional[_Iterable[str]] = ..., where: _Optional[_Union[TagFilter, _Mapping]] = ..., side: _Optional[_Union[SideQuery, _Mapping]] = ..., want_keys: _Optional[bool] = ...) -> None: ...
 
 class SideResult(_message.Message):
     __slots__ = ("ids", "scores", "tags")
@@ -151,24 +153,84 @@ class SearchResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ..., side: _Optional[_Union[SideResult, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum")
+    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum", "chunk_rows")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     out_dtype: str
     hits: Tensor
     weight_sum: Tensor
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    chunk_rows: int
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("values",)
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: Tensor
     def __init__(self, values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FetchChunk(_message.Message):
+    __slots__ = ("row_start", "values")
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    row_start: int
+    values: Tensor
+    def __init__(self, row_start: _Optional[int] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("host_id", "pid", "device")
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    host_id: str
+    pid: int
+    device: str
+    def __init__(self, host_id: _Optional[str] = ..., pid: _Optional[int] = ..., device: _Optional[str] = ...) -> None: ...
+
+class TransportParams(_message.Message):
+    __slots__ = ("values",)
+    class ValuesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.ScalarMap[str, str]
+    def __init__(self, values: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class OpenDataPathRequest(_message.Message):
+    __slots__ = ("kinds", "client", "offers")
+    class OffersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: TransportParams
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[TransportParams, _Mapping]] = ...) -> None: ...
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_FIELD_NUMBER: _ClassVar[int]
+    OFFERS_FIELD_NUMBER: _ClassVar[int]
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    client: Endpoint
+    offers: _containers.MessageMap[str, TransportParams]
+    def __init__(self, kinds: _Optional[_Iterable[str]] = ..., client: _Optional[_Union[Endpoint, _Mapping]] = ..., offers: _Optional[_Mapping[str, TransportParams]] = ...) -> None: ...
+
+class OpenDataPathResponse(_message.Message):
+    __slots__ = ("kind", "params", "server")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    params: TransportParams
+    server: Endpoint
+    def __init__(self, kind: _Optional[str] = ..., params: _Optional[_Union[TransportParams, _Mapping]] = ..., server: _Optional[_Union[Endpoint, _Mapping]] = ...) -> None: ...
 
 class AccumulateValueGradsRequest(_message.Message):
     __slots__ = ("version", "request_id", "ids", "grads")
@@ -368,14 +430,16 @@ class UsageResponse(_message.Message):
     def __init__(self, hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., frozen: _Optional[_Union[Tensor, _Mapping]] = ..., ablated: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class WriteSnapshotRequest(_message.Message):
-    __slots__ = ("request_id", "version_dir", "version")
+    __slots__ = ("request_id", "version_dir", "version", "full")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_DIR_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FULL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     version_dir: str
     version: int
-    def __init__(self, request_id: _Optional[str] = ..., version_dir: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    full: bool
+    def __init__(self, request_id: _Optional[str] = ..., version_dir: _Optional[str] = ..., version: _Optional[int] = ..., full: _Optional[bool] = ...) -> None: ...
 
 class PrepareVersionRequest(_message.Message):
     __slots__ = ("request_id", "store_root", "version")
@@ -404,5 +468,131 @@ class ReleaseVersionRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class VersionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenTransportRequest(_message.Message):
+    __slots__ = ("kind", "host_id", "buffer_bytes", "backend")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    host_id: str
+    buffer_bytes: int
+    backend: str
+    def __init__(self, kind: _Optional[str] = ..., host_id: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class OpenTransportResponse(_message.Message):
+    __slots__ = ("session", "ticket", "socket", "buffer_bytes", "rendezvous_host", "rendezvous_port", "max_bytes", "host_id", "backend")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_HOST_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_PORT_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    ticket: str
+    socket: str
+    buffer_bytes: int
+    rendezvous_host: str
+    rendezvous_port: int
+    max_bytes: int
+    host_id: str
+    backend: str
+    def __init__(self, session: _Optional[str] = ..., ticket: _Optional[str] = ..., socket: _Optional[str] = ..., buffer_bytes: _Optional[int] = ..., rendezvous_host: _Optional[str] = ..., rendezvous_port: _Optional[int] = ..., max_bytes: _Optional[int] = ..., host_id: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+
+class CloseTransportRequest(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    def __init__(self, session: _Optional[str] = ...) -> None: ...
+
+class CloseTransportResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Placement(_message.Message):
+    __slots__ = ("session", "offset", "capacity", "tag")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    TAG_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    offset: int
+    capacity: int
+    tag: int
+    def __init__(self, session: _Optional[str] = ..., offset: _Optional[int] = ..., capacity: _Optional[int] = ..., tag: _Optional[int] = ...) -> None: ...
+
+class PlacedTensor(_message.Message):
+    __slots__ = ("dtype", "shape")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PlacedFetchRequest(_message.Message):
+    __slots__ = ("at", "fetch")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    fetch: FetchRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., fetch: _Optional[_Union[FetchRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedFetchResponse(_message.Message):
+    __slots__ = ("values", "version", "step")
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    values: PlacedTensor
+    version: int
+    step: int
+    def __init__(self, values: _Optional[_Union[PlacedTensor, _Mapping]] = ..., version: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class PlacedReadoutRequest(_message.Message):
+    __slots__ = ("at", "readout")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    READOUT_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    readout: ReadoutRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., readout: _Optional[_Union[ReadoutRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedReadoutResponse(_message.Message):
+    __slots__ = ("out", "version")
+    OUT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    out: PlacedTensor
+    version: int
+    def __init__(self, out: _Optional[_Union[PlacedTensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class PlacedReadoutBackwardRequest(_message.Message):
+    __slots__ = ("at", "backward")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    backward: ReadoutBackwardRequest
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., backward: _Optional[_Union[ReadoutBackwardRequest, _Mapping]] = ...) -> None: ...
+
+class PlacedGradsRequest(_message.Message):
+    __slots__ = ("at", "kind", "version", "request_id", "ids", "grads")
+    AT_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    at: Placement
+    kind: str
+    version: int
+    request_id: str
+    ids: Tensor
+    grads: PlacedTensor
+    def __init__(self, at: _Optional[_Union[Placement, _Mapping]] = ..., kind: _Optional[str] = ..., version: _Optional[int] = ..., request_id: _Optional[str] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., grads: _Optional[_Union[PlacedTensor, _Mapping]] = ...) -> None: ...
+
+class PlacedGradsResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

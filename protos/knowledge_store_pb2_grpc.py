@@ -49,6 +49,16 @@ class KnowledgeStoreStub:
                 request_serializer=knowledge__store__pb2.FetchRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.FetchResponse.FromString,
                 _registered_method=True)
+        self.FetchStream = channel.unary_stream(
+                '/knowledge_store.v1.KnowledgeStore/FetchStream',
+                request_serializer=knowledge__store__pb2.FetchRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.FetchChunk.FromString,
+                _registered_method=True)
+        self.OpenDataPath = channel.unary_unary(
+                '/knowledge_store.v1.KnowledgeStore/OpenDataPath',
+                request_serializer=knowledge__store__pb2.OpenDataPathRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.OpenDataPathResponse.FromString,
+                _registered_method=True)
         self.Readout = channel.unary_unary(
                 '/knowledge_store.v1.KnowledgeStore/Readout',
                 request_serializer=knowledge__store__pb2.ReadoutRequest.SerializeToString,
@@ -93,6 +103,19 @@ class KnowledgeStoreServicer:
 
     def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FetchStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenDataPath(self, request, context):
+        """Hands out a faster data path's handles; needs the same credentials as the data it opens.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -144,6 +167,16 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.Fetch,
                     request_deserializer=knowledge__store__pb2.FetchRequest.FromString,
                     response_serializer=knowledge__store__pb2.FetchResponse.SerializeToString,
+            ),
+            'FetchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchStream,
+                    request_deserializer=knowledge__store__pb2.FetchRequest.FromString,
+                    response_serializer=knowledge__store__pb2.FetchChunk.SerializeToString,
+            ),
+            'OpenDataPath': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPath,
+                    request_deserializer=knowledge__store__pb2.OpenDataPathRequest.FromString,
+                    response_serializer=knowledge__store__pb2.OpenDataPathResponse.SerializeToString,
             ),
             'Readout': grpc.unary_unary_rpc_method_handler(
                     servicer.Readout,
@@ -252,6 +285,60 @@ class KnowledgeStore:
             '/knowledge_store.v1.KnowledgeStore/Fetch',
             knowledge__store__pb2.FetchRequest.SerializeToString,
             knowledge__store__pb2.FetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/FetchStream',
+            knowledge__store__pb2.FetchRequest.SerializeToString,
+            knowledge__store__pb2.FetchChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPath(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/OpenDataPath',
+            knowledge__store__pb2.OpenDataPathRequest.SerializeToString,
+            knowledge__store__pb2.OpenDataPathResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -850,6 +937,293 @@ class StoreAdmin:
             '/knowledge_store.v1.StoreAdmin/ReleaseVersion',
             knowledge__store__pb2.ReleaseVersionRequest.SerializeToString,
             knowledge__store__pb2.VersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class StoreTransportStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Open = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/Open',
+                request_serializer=knowledge__store__pb2.OpenTransportRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.OpenTransportResponse.FromString,
+                _registered_method=True)
+        self.Close = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/Close',
+                request_serializer=knowledge__store__pb2.CloseTransportRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.CloseTransportResponse.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/Fetch',
+                request_serializer=knowledge__store__pb2.PlacedFetchRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.PlacedFetchResponse.FromString,
+                _registered_method=True)
+        self.Readout = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/Readout',
+                request_serializer=knowledge__store__pb2.PlacedReadoutRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.PlacedReadoutResponse.FromString,
+                _registered_method=True)
+        self.ReadoutBackward = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/ReadoutBackward',
+                request_serializer=knowledge__store__pb2.PlacedReadoutBackwardRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.ReadoutBackwardResponse.FromString,
+                _registered_method=True)
+        self.PushGrads = channel.unary_unary(
+                '/knowledge_store.v1.StoreTransport/PushGrads',
+                request_serializer=knowledge__store__pb2.PlacedGradsRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.PlacedGradsResponse.FromString,
+                _registered_method=True)
+
+
+class StoreTransportServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Open(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Close(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Readout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadoutBackward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushGrads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_StoreTransportServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Open': grpc.unary_unary_rpc_method_handler(
+                    servicer.Open,
+                    request_deserializer=knowledge__store__pb2.OpenTransportRequest.FromString,
+                    response_serializer=knowledge__store__pb2.OpenTransportResponse.SerializeToString,
+            ),
+            'Close': grpc.unary_unary_rpc_method_handler(
+                    servicer.Close,
+                    request_deserializer=knowledge__store__pb2.CloseTransportRequest.FromString,
+                    response_serializer=knowledge__store__pb2.CloseTransportResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=knowledge__store__pb2.PlacedFetchRequest.FromString,
+                    response_serializer=knowledge__store__pb2.PlacedFetchResponse.SerializeToString,
+            ),
+            'Readout': grpc.unary_unary_rpc_method_handler(
+                    servicer.Readout,
+                    request_deserializer=knowledge__store__pb2.PlacedReadoutRequest.FromString,
+                    response_serializer=knowledge__store__pb2.PlacedReadoutResponse.SerializeToString,
+            ),
+            'ReadoutBackward': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadoutBackward,
+                    request_deserializer=knowledge__store__pb2.PlacedReadoutBackwardRequest.FromString,
+                    response_serializer=knowledge__store__pb2.ReadoutBackwardResponse.SerializeToString,
+            ),
+            'PushGrads': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushGrads,
+                    request_deserializer=knowledge__store__pb2.PlacedGradsRequest.FromString,
+                    response_serializer=knowledge__store__pb2.PlacedGradsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'knowledge_store.v1.StoreTransport', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('knowledge_store.v1.StoreTransport', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class StoreTransport:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Open(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/Open',
+            knowledge__store__pb2.OpenTransportRequest.SerializeToString,
+            knowledge__store__pb2.OpenTransportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Close(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/Close',
+            knowledge__store__pb2.CloseTransportRequest.SerializeToString,
+            knowledge__store__pb2.CloseTransportResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/Fetch',
+            knowledge__store__pb2.PlacedFetchRequest.SerializeToString,
+            knowledge__store__pb2.PlacedFetchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Readout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/Readout',
+            knowledge__store__pb2.PlacedReadoutRequest.SerializeToString,
+            knowledge__store__pb2.PlacedReadoutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadoutBackward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/ReadoutBackward',
+            knowledge__store__pb2.PlacedReadoutBackwardRequest.SerializeToString,
+            knowledge__store__pb2.ReadoutBackwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushGrads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreTransport/PushGrads',
+            knowledge__store__pb2.PlacedGradsRequest.SerializeToString,
+            knowledge__store__pb2.PlacedGradsResponse.FromString,
             options,
             channel_credentials,
             insecure,

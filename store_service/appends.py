@@ -34,6 +34,7 @@ def append_rows(st: ShardState, values: torch.Tensor, keys: torch.Tensor, bias: 
     new_partition = partition if isinstance(partition, torch.Tensor) else st.partition.new_full((m,), partition)
     st.partition = torch.cat([st.partition, new_partition])
     st.key_opt.append(m)
+    st.dirty = torch.cat([st.dirty, st.dirty.new_ones(m)])   # new rows are changed rows
     st.row_end += m
     st.reindex()
     return torch.arange(start, start + m, dtype=torch.int64)

@@ -24,6 +24,7 @@ def balance(st: ShardState) -> None:
             load = st.step_hits[st.flat_local].double()
             err = torch.sign(load - load[live].mean()).float() * live
             st.flat_bias -= step * err
+            st.mark_dense("flat_bias")   # every live flat row's bias moves: written whole
             if st.faiss is not None:
                 st.faiss.invalidate()
     for pc in st.pieces:

@@ -77,11 +77,16 @@ class CachedTable:
         return int(ids.numel())
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [M] int64 (PAD -1 allowed) -> [M, d_v], 0 at PAD. A fetch that records usage
-        (a training readout's: hits / weight_sum) must reach the store: it bypasses the cache."""
+              weight_sum: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """ids [M] int64 (PAD -1 allowed) -> [M, d_v], 0 at PAD, on `device` (default the
+        ids'). A fetch that records usage (a training readout's: hits / weight_sum) must
+        reach the store: it bypasses the cache."""
         if hits is not None or weight_sum is not None:
-            return self.inner.fetch(ids, hits=hits, weight_sum=weight_sum)
+            return self.inner.fetch(ids, hits=hits, weight_sum=weight_sum, device=device)
+        out = self._cached_fetch(ids)
+        return out if device is None else out.to(device)
+
+    def _cached_fetch(self, ids: torch.Tensor) -> torch.Tensor:
         info = self.inner.info()
         if info.version != self._version or info.num_rows > self._slot_of.numel():
             self.clear()
@@ -143,8 +148,8 @@ class CachedTable:
         return self.inner.info()
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None) -> SearchResult:
-        return self.inner.search(queries, k, tags=tags, where=where, side=side)
+               side: SideQuery | None = None, want_keys: bool = False) -> SearchResult:
+        return self.inner.search(queries, k, tags=tags, where=where, side=side, want_keys=want_keys)
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.inner.readout(ids, weights)
@@ -174,8 +179,8 @@ class CachedTable:
     def usage(self) -> UsageStats:
         return self.inner.usage()
 
-    def snapshot(self) -> int:
-        return self.inner.snapshot()
+    def snapshot(self, *, full: bool = False) -> int:
+        return self.inner.snapshot(full=full)
 
     # calls that can change rows: pass through, then forget
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1, request_id: str = "") -> int:

@@ -14,7 +14,9 @@ same across retries, so a retried mutation is applied once.
 """
 from __future__ import annotations
 
+import logging
 import random
+import threading
 import time
 import uuid
 from typing import Mapping, Sequence
@@ -25,7 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
-from store_service import errors, wire
+from store_service import datapath, errors, wire
+from store_service.grpc_datapath import GrpcDataPath, WireConfig
 from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
 from store_service.optimizer import OptimizerConfig, RowOptimizer
 from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
@@ -35,7 +38,10 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
     ("grpc.max_receive_message_length", -1),
     ("grpc.enable_retries", 0),               # retries are ours, below, within one deadline
+    ("grpc.use_local_subchannel_pool", 1),    # each channel of a shard's pool its own TCP connection
 ]
+
+log = logging.getLogger(__name__)
 
 
 def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.StoreError:
@@ -68,7 +74,8 @@ class RemoteShard:
                  shard_id: int = -1, backoff_s: float = 0.05,
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
                  compact_readout: bool = True, readout_wire_dtype: str = "float32",
-                 readout_chunk_rows: int = 0):
+                 readout_chunk_rows: int = 0, wire_config: WireConfig | None = None,
+                 data_paths: Sequence[str] = (), device: str | torch.device = "cpu"):
         """timeout_s: deadline of one call, retries included. retries: how many
         times an UNAVAILABLE call is retried. interceptors: client interceptors
         (tracing, byte counting) wrapped around the channel.
@@ -80,7 +87,12 @@ class RemoteShard:
         the shard still sums and accumulates in float32.
         readout_chunk_rows: split a readout of more rows than this into calls of at most this
         many, all in flight at once (0: one call), so that encoding, transport and the
-        shard's work on different pieces overlap; the numbers are the same."""
+        shard's work on different pieces overlap; the numbers are the same.
+        wire_config: the gRPC data path's channel pool and how it splits large calls.
+        data_paths: faster transports to try for fetch, readout and row gradients, preferred
+        first (store_service/datapath.py: e.g. "cuda_ipc", "shm"); the first the server
+        offers for this pair of endpoints is used, else gRPC. device: where this caller
+        wants rows (a same-host GPU transport may deliver them there)."""
         if readout_chunk_rows < 0:
             raise errors.InvalidArgument("readout_chunk_rows", f"must be >= 0, got {readout_chunk_rows}")
         if readout_wire_dtype not in wire.READOUT_WIRE_DTYPES:
@@ -95,11 +107,22 @@ class RemoteShard:
         self.backoff_s = backoff_s
         self._shard_id = shard_id  # learned from describe() when not given
         self._admin_md = ((MD_AUTHORIZATION, wire.bearer(admin_token)),) if admin_token else ()
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
-        self._store = pb_grpc.KnowledgeStoreStub(channel)
-        self._admin = pb_grpc.StoreAdminStub(channel)
-        self._health = health_pb2_grpc.HealthStub(channel)
+        self.wire_config = wire_config or WireConfig()
+        self._raw_channels = [self._make_channel() for _ in range(self.wire_config.channels)]
+        self.channels = [grpc.intercept_channel(c, *interceptors) if interceptors else c for c in self._raw_channels]
+        self.store_stubs = [pb_grpc.KnowledgeStoreStub(c) for c in self.channels]
+        self._store = self.store_stubs[0]
+        self._admin = pb_grpc.StoreAdminStub(self.channels[0])
+        self._health = health_pb2_grpc.HealthStub(self.channels[0])
+        self.data_metadata: tuple = ()   # credentials of data-plane calls (none yet)
+        self.device = str(device)
+        self._data_path_kinds = tuple(data_paths)
+        self._grpc_path = GrpcDataPath(self, self.wire_config)
+        self._path: datapath.DataPath | None = None if self._data_path_kinds else self._grpc_path
+        self._path_lock = threading.Lock()
+
+    def _make_channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
 
     @property
     def shard_id(self) -> int:
@@ -109,12 +132,69 @@ class RemoteShard:
         return f"RemoteShard({self.address!r}, shard_id={self._shard_id})"
 
     def close(self) -> None:
-        self._channel.close()
+        if self._path is not None and self._path is not self._grpc_path:
+            self._path.close()
+        self._grpc_path.close()
+        for c in self._raw_channels:
+            c.close()
+
+    @property
+    def data_path_kind(self) -> str:
+        """The transport fetch, readout and row gradients use ("grpc" until chosen)."""
+        return (self._path or self._grpc_path).kind
+
+    def data_path(self) -> datapath.DataPath:
+        """The data path of this pair, chosen on first use (OpenDataPath), gRPC as fallback."""
+        if self._path is None:
+            with self._path_lock:
+                if self._path is None:
+                    self._path = self._open_data_path()
+        return self._path
+
+    def _open_data_path(self) -> datapath.DataPath:
+        known = datapath.transports()
+        kinds = [k for k in self._data_path_kinds if k in known and known[k].available()]
+        if not kinds:
+            return self._grpc_path
+        clients = {k: known[k].client() for k in kinds}
+        me = datapath.local_endpoint(self.device)
+        req = pb.OpenDataPathRequest(kinds=kinds, client=wire.endpoint_to_proto(me))
+        for kind, client in clients.items():
+            req.offers[kind].values.update(client.params(me))
+        try:
+            resp = self._call(self._store.OpenDataPath, req, admin=True)
+        except errors.ShardUnavailable as exc:
+            if "UNIMPLEMENTED" not in str(exc):
+                raise       # a dead peer is a dead peer, whichever path
+            resp = pb.OpenDataPathResponse()
+        if not resp.kind:
+            log.info("shard %s at %s offers none of %s; using gRPC", self._shard_id, self.address, kinds)
+            return self._grpc_path
+        if resp.kind not in clients:
+            raise errors.FailedPrecondition(f"shard {self._shard_id} chose transport {resp.kind!r}, not offered")
+        try:
+            return clients[resp.kind].connect(dict(resp.params.values), shard_id=self._shard_id,
+                                              address=self.address, timeout_s=self.timeout_s)
+        except Exception as exc:  # the fast path is an optimisation: fall back, say why
+            log.warning("shard %s at %s: %s transport failed to connect (%s); using gRPC",
+                        self._shard_id, self.address, resp.kind, exc)
+            return self._grpc_path
 
     # -- the one place RPCs are made ------------------------------------------
+    def call(self, rpc, request):
+        """A data-plane call (retried, errors mapped): what GrpcDataPath uses."""
+        return self._call(rpc, request)
+
+    def domain_error(self, err: grpc.RpcError, attempt: int) -> errors.StoreError:
+        domain = error_from_rpc(err, self._shard_id, self.address)
+        if isinstance(domain, errors.ShardUnavailable):
+            domain = errors.ShardUnavailable(self._shard_id, self.address,
+                                             f"{err.code().name} after {attempt + 1} attempt(s): {err.details()}")
+        return domain
+
     def _call(self, rpc, request, *, admin: bool = False, timeout_s: float | None = None):
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        metadata = self._admin_md if admin else ()
+        metadata = self._admin_md if admin else self.data_metadata
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
@@ -129,11 +209,7 @@ class RemoteShard:
                         attempt += 1
                         time.sleep(pause)
                         continue
-                domain = error_from_rpc(err, self._shard_id, self.address)
-                if isinstance(domain, errors.ShardUnavailable):
-                    domain = errors.ShardUnavailable(self._shard_id, self.address,
-                                                     f"{err.code().name} after {attempt + 1} attempt(s): {err.details()}")
-                raise domain from None
+                raise self.domain_error(err, attempt) from None
 
     def _call_all(self, rpc, requests: list) -> list:
         """Several calls of one method in flight together; each failed one is then retried
@@ -151,7 +227,7 @@ class RemoteShard:
                 out.append(self._call(rpc, request))
         return out
 
-    def _row_chunks(self, rows: int) -> list[slice]:
+    def row_chunks(self, rows: int) -> list[slice]:
         step = self.readout_chunk_rows or rows
         return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), max(step, 1))]
 
@@ -162,40 +238,33 @@ class RemoteShard:
         return d
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None, version: int = 0) -> SearchResult:
-        r = self._call(self._store.Search, wire.search_request_to_proto(queries, k, tags, where, side, version))
+               side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult:
+        req = wire.search_request_to_proto(queries, k, tags, where, side, version, want_keys)
+        r = self._call(self._store.Search, req)
         return wire.search_result_from_proto(r, tags, side is not None)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
         # With a bfloat16 readout wire the values travel rounded to bfloat16 too (`Table.fetch`
         # hands them back in the table's value dtype).
-        out_dtype = "bfloat16" if self.readout_wire_dtype == "bfloat16" else ""
-        req = wire.fetch_request_to_proto(ids, hits, weight_sum, out_dtype, version)
-        return wire.from_proto(self._call(self._store.Fetch, req).values, "values")
+        out_dtype = torch.bfloat16 if self.readout_wire_dtype == "bfloat16" else None
+        return self.data_path().fetch(ids, hits=hits, weight_sum=weight_sum, out_dtype=out_dtype, version=version)
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                                request_id: str = "", version: int = 0) -> None:
-        req = pb.AccumulateValueGradsRequest(version=version, request_id=request_id or _new_id())
-        wire.ids_to_proto(ids, req.ids)
-        wire.to_proto(grads.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype]), req.grads)
-        self._call(self._store.AccumulateValueGrads, req)
+        grads = grads.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype])
+        self.data_path().accumulate_value_grads(ids, grads, request_id=request_id or _new_id(), version=version)
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
-        requests = []
-        for rows in self._row_chunks(ids.shape[0]):
-            req = pb.ReadoutRequest(version=version, out_dtype=self.readout_wire_dtype)
-            wire.readout_entries_to_proto(req, ids[rows], weights[rows], self.compact_readout)
-            requests.append(req)
-        outs = [wire.from_proto(r.out, "out") for r in self._call_all(self._store.Readout, requests)]
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).float()
+        out_dtype = wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype]
+        return self.data_path().readout(ids, weights, out_dtype=out_dtype, version=version).float()
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "", version: int = 0) -> torch.Tensor:
         # An id of our own when the caller gives none, so a retry is not accumulated twice;
         # each piece of a chunked call has its own, derived from it.
         rid = request_id or _new_id()
-        chunks = self._row_chunks(ids.shape[0])
+        chunks = self.row_chunks(ids.shape[0])
         grad_out = grad_out.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype])
         requests, masks = [], []
         for i, rows in enumerate(chunks):
@@ -250,8 +319,9 @@ class RemoteShard:
     def usage(self) -> UsageStats:
         return wire.usage_from_proto(self._call(self._admin.Usage, pb.UsageRequest(), admin=True))
 
-    def write_snapshot(self, version_dir: str, version: int) -> None:
-        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version)
+    def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None:
+        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version,
+                                      full=bool(full))
         self._call(self._admin.WriteSnapshot, req, admin=True)
 
     def prepare_version(self, store_root: str, version: int) -> None:
@@ -281,14 +351,17 @@ def _new_id() -> str:
 
 def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
             interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), compact_readout: bool = True,
-            readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0, **table_kwargs):
+            readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0, wire_config: WireConfig | None = None,
+            data_paths: Sequence[str] = (), device: str | torch.device = "cpu", **table_kwargs):
     """A `Table` over the shard servers at `addresses` (one per shard, any order).
-    compact_readout, readout_wire_dtype, readout_chunk_rows: see RemoteShard.
+    compact_readout, readout_wire_dtype, readout_chunk_rows, wire_config, data_paths, device:
+    see RemoteShard.
     table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
     shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
                           interceptors=interceptors, compact_readout=compact_readout,
-                          readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows)
+                          readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows,
+                          wire_config=wire_config, data_paths=data_paths, device=device)
               for a in addresses]
     return Table(shards, **table_kwargs)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from . import errors
 from .interface import SEGMENT_FLAT, SEGMENT_PRODUCT, SegmentInfo
-from .optimizer import OptimizerConfig, RowOptimizer
+from .optimizer import OptimizerConfig, RowOptimizer, resolve_kind
 
 __all__ = ["VALUE_DTYPES", "OptimizerConfig", "RowOptimizer", "TableConfig", "segment_infos", "segments_to_json",
            "segments_from_json", "partition_rows"]
@@ -39,6 +39,10 @@ class TableConfig:
     key_init_scale: float | None = None  # std of initial keys / sub-keys; None -> d_k**-0.5
     seed: int = 0
     device: str = "cpu"                 # "cpu" | "cuda" | "cuda:N"
+    # Rows in host memory (device "cpu") serving a GPU worker: page-locked, so fetched rows
+    # reach the GPU by an asynchronous copy (store_service/host_rows.py). Ignored where CUDA
+    # is not available (nothing to pin for) and on a CUDA device.
+    pin_memory: bool = False
     # Flat search: a shard whose flat rows number at least this uses faiss
     # (IndexFlatIP unless faiss_factory says otherwise); 0 = always exact.
     faiss_threshold: int = 0
@@ -65,6 +69,8 @@ class TableConfig:
                 raise errors.InvalidArgument("d_k", "product keys split d_k in two halves: d_k must be even")
         if self.num_shards < 1:
             raise errors.InvalidArgument("num_shards", f"must be >= 1, got {self.num_shards}")
+        # "auto" -> the kind for this table's size (optimizer.py: row-wise for large tables)
+        self.optimizer = resolve_kind(self.optimizer, self.num_rows, self.d_v, self.value_dtype)
 
     def segment_infos(self) -> tuple[SegmentInfo, ...]:
         return segment_infos(self.segments)

@@ -59,9 +59,11 @@ class FaissFlatIndex:
     reused until the owner calls `invalidate` (keys, bias or masks changed).
     """
 
-    def __init__(self, factory: str = "Flat", nprobe: int = 16):
+    def __init__(self, factory: str = "Flat", nprobe: int = 16, gpu: bool = False):
+        """gpu: build the index on the GPU the keys live on, where faiss has GPU support."""
         self.factory = factory
         self.nprobe = nprobe
+        self.gpu = gpu
         self._index = None
         self._rows: torch.Tensor | None = None  # faiss position -> local row
 
@@ -83,6 +85,9 @@ class FaissFlatIndex:
         index.add(data)
         if hasattr(index, "nprobe"):
             index.nprobe = self.nprobe
+        if self.gpu and keys.is_cuda and faiss_gpus() > 0:
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, keys.device.index or 0, index)
         self._index, self._rows = index, rows
 
     def search(self, queries: torch.Tensor, keys: torch.Tensor, k: int, bias: torch.Tensor | None = None,
@@ -109,3 +114,35 @@ def faiss_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, bias: torch.Te
                ablated: torch.Tensor | None = None, factory: str = "Flat") -> tuple[torch.Tensor, torch.Tensor]:
     """One-shot faiss search (builds the index each call); see FaissFlatIndex."""
     return FaissFlatIndex(factory).search(queries, keys, k, bias, ablated)
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss can use here (0 without faiss, or with its CPU build)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flat_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, bias: torch.Tensor | None = None, *,
+              backend: str = "auto", chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k over many flat rows (a shard's millions), as the scale benchmark times it:
+    backend "faiss" (an exact IndexFlatIP, on the keys' GPU where faiss has GPU support),
+    "torch" (`exact_topk`: chunked, memory O(B x chunk_rows)), or "auto": faiss on the GPU
+    where both are there, else torch. Same contract as `exact_topk`."""
+    if backend == "auto":
+        backend = "faiss" if keys.is_cuda and faiss_gpus() > 0 else "torch"
+    if backend == "torch":
+        return exact_topk(queries, keys, k, bias, chunk_rows=chunk_rows)
+    if backend == "faiss":
+        return FaissFlatIndex("Flat", gpu=True).search(queries, keys, k, bias)
+    raise ValueError(f"backend must be 'auto', 'torch' or 'faiss', got {backend!r}")

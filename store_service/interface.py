@@ -140,7 +140,7 @@ class SideQuery:
 class SearchResult:
     ids: torch.Tensor     # [B, k] int64, PAD_ID where fewer than k rows exist
     scores: torch.Tensor  # [B, k] float32, the selection score (-inf at PAD)
-    keys: torch.Tensor | None  # [B, k, d_k] float32, the selected rows' keys (0 at PAD); None for side results
+    keys: torch.Tensor | None  # [B, k, d_k] float32, the selected rows' keys (0 at PAD); None unless asked
     tags: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, k] int64 (-1: unset, and at PAD)
     side: "SearchResult | None" = None  # with search(..., side=SideQuery(...)): ids, scores, tags [B, m]
 
@@ -167,15 +167,19 @@ class KnowledgeTable(Protocol):
 
     # -- data plane -------------------------------------------------------
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None) -> SearchResult:
+               side: SideQuery | None = None, want_keys: bool = False) -> SearchResult:
         """queries [B, d_k] -> top-k over the partition-0 rows of every segment whose keys
         the store holds (flat segments, and product segments with store_codebooks), by
-        q.k_i + b_i; with the selected rows' tags `tags`, only rows passing `where`, and
-        with `side` the side query's top-m beside it (`SearchResult.side`)."""
+        q.k_i + b_i; with the selected rows' tags `tags`, only rows passing `where`, with
+        `side` the side query's top-m beside it (`SearchResult.side`), and with want_keys
+        the selected rows' keys (else `keys` is None: ids and scores are what most callers
+        need, and keys are d_k times their bytes on the wire)."""
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [M] int64 -> values [M, d_v] in the table's value dtype. With hits [M] int64
+              weight_sum: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """ids [M] int64 -> values [M, d_v] in the table's value dtype, on `device` (default
+        the ids': host ids with device="cuda" let the rows reach the GPU without the ids
+        waiting on it, and a GPU-resident store's rows never pass through the host). With hits [M] int64
         (entries with weight > 0) and weight_sum [M] float64, the fetch is a fetch-mode
         training readout's and its use of the rows is recorded as a pushdown readout's."""
 
@@ -223,8 +227,9 @@ class KnowledgeTable(Protocol):
 
     def set_optimizer(self, optimizer: OptimizerConfig, *, bias_step: float | None = None) -> RowOptimizer:
         """Replace the row optimizer (and, when given, the balancing step) of the whole
-        table from the next end_step on; switching to Adam where no Adam state is kept
-        allocates it (zeros). Returns the settings it replaced."""
+        table from the next end_step on (kinds: store_service/optimizer.py; "auto" resolves
+        for the table's size); state the new kind needs and the table lacks is allocated
+        (zeros), state of other kinds is kept. Returns the settings it replaced."""
 
     def set_frozen(self, ids: torch.Tensor, frozen: bool = True) -> None: ...
 
@@ -232,8 +237,9 @@ class KnowledgeTable(Protocol):
 
     def usage(self) -> UsageStats: ...
 
-    def snapshot(self) -> int:
-        """Publish the current state as a new version; returns its number."""
+    def snapshot(self, *, full: bool = False) -> int:
+        """Publish the current state as a new version; returns its number. Each shard writes
+        the rows changed since its base version (a delta) where it can, or all (`full`)."""
 
     def load_version(self, version: int) -> None:
         """Hot-swap every shard to a published version."""
@@ -266,7 +272,7 @@ class ShardHandle(Protocol):
 
     def describe(self) -> ShardDescription: ...
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None, version: int = 0) -> SearchResult: ...
+               side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult: ...
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor: ...
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor: ...
@@ -285,7 +291,7 @@ class ShardHandle(Protocol):
     def set_frozen(self, ids: torch.Tensor, frozen: bool) -> None: ...
     def set_ablated(self, ids: torch.Tensor, ablated: bool) -> None: ...
     def usage(self) -> UsageStats: ...
-    def write_snapshot(self, version_dir: str, version: int) -> None: ...
+    def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None: ...
     def prepare_version(self, store_root: str, version: int) -> None: ...
     def flip_version(self, version: int) -> None: ...
     def release_version(self, version: int) -> None: ...

@@ -16,8 +16,17 @@ Layout (format 2):
                    uint16 bit patterns)
     <store_root>/staging/v00000007-<uuid>/  a version being written
 
-A version is written in full under staging/ and published by one os.rename
-into versions/, so a half-written version is never visible.
+A version is written under staging/, its files synced to disk, and published by one
+os.rename into versions/, so a half-written version is never visible.
+
+Format 3 (`deltas`): a shard subgroup holding only the rows changed since its parent
+version (attr `delta_parent`), read as a whole by resolving the chain down to a full
+(format 1 or 2) subgroup. Every subgroup written now also carries `content_id` (a
+random id of its content, kept by compaction, which does not change it) and `layout`
+(each array's stored dtype and trailing shape), which a later delta checks its parent by.
+
+Arrays are raw (uncompressed), chunked by whole rows, and written and read chunk file by
+chunk file in parallel (`chunk_io`); arrays of older stores are read through zarr.
 
 Format 1 (written before tags and partitions existed; its shard groups carry no
 `format` attribute) kept per-row labels as int64 arrays `flat_<name>`: `read_shard`
@@ -37,16 +46,18 @@ import numpy as np
 import torch
 import zarr
 
-from . import errors
+from . import chunk_io, deltas, errors
 from .config import TableConfig
+from .deltas import DELTA_FORMAT, FLAT_ARRAYS, ROW_ARRAYS
 
 FORMAT = 2
 _VERSION_RE = re.compile(r"^v(\d{8})$")
 
-# Arrays with one entry per owned row, and with one entry per owned flat row (besides the tags).
-ROW_ARRAYS = ("values", "frozen", "ablated", "hits", "weight_sum", "opt_steps", "opt_m", "opt_v")
-FLAT_ARRAYS = ("flat_ids", "keys", "flat_bias", "key_steps", "key_m", "key_v", "flat_partition")
-_TAG_PREFIX = "tag_"
+# ROW_ARRAYS, FLAT_ARRAYS (from deltas): arrays with one entry per owned row, and with one
+# entry per owned flat row (besides the tags).
+_TAG_PREFIX = deltas.TAG_PREFIX
+_DELTA_ATTRS = ("delta_parent", "chain", "delta_row_arrays", "delta_flat_arrays", "delta_full_arrays",
+                "num_rows", "num_flat")
 _FORMAT1_NOT_TAGS = ("flat_ids", "flat_bias", "flat_partition")
 
 
@@ -129,52 +140,130 @@ def _from_format1(data: ShardData) -> ShardData:
 
 # -- writing and reading -------------------------------------------------------
 
-_CHUNK_BYTES = 16 << 20
+class ShardWrite:
+    """A shard subgroup being written (`start_shard`): `finish` waits for its chunk files
+    and then writes its attrs."""
+
+    def __init__(self, group, attrs: dict, futures: list):
+        self._group, self._attrs, self._futures = group, attrs, futures
+
+    def finish(self) -> None:
+        chunk_io.wait(self._futures)
+        self._group.attrs.update(self._attrs)
 
 
-def _array_options(arr: np.ndarray) -> dict:
-    """Chunks of whole rows, about 16 MiB each. Float data (values, keys, optimizer
-    state) is near incompressible and stored raw, which writes faster
-    (benchmarks/STORE_NOTES.md); masks and counters keep Zarr's default compression."""
-    row_bytes = max(1, arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64)))
-    rows = max(1, min(max(arr.shape[0], 1), _CHUNK_BYTES // row_bytes))
-    opts = {"chunks": (rows, *arr.shape[1:])}
-    if arr.dtype.kind == "f" or arr.dtype == np.uint16:
-        opts["compressors"] = None
-    return opts
-
-
-def write_shard(version_dir: str, data: ShardData) -> None:
-    """Write one shard's subgroup (format 2 only)."""
+def start_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = False) -> ShardWrite:
+    """Start writing one shard's subgroup: a full one (format 2) or a delta (format 3,
+    `deltas`). Arrays may be numpy or tensors (on any device); a tensor has been copied
+    to the host when this returns (call it under the lock of the state it comes from; the
+    chunk writes run on in the background). `staged_version` syncs the files before
+    publishing. The subgroup gets a new content id unless `keep_content_id` (its content
+    is bitwise that of the one whose id it carries: a snapshot naming its own, a compaction)."""
     stale = [n for n in data.arrays if n.startswith("flat_") and n not in FLAT_ARRAYS]
-    if data.attrs.get("format") != FORMAT or stale:
-        raise errors.FailedPrecondition(f"write_shard writes format {FORMAT} only (got format "
-                                        f"{data.attrs.get('format')}, arrays {stale})")
+    if data.attrs.get("format") not in (FORMAT, DELTA_FORMAT) or stale:
+        raise errors.FailedPrecondition(f"write_shard writes format {FORMAT} only (and format-{DELTA_FORMAT} "
+                                        f"deltas; got format {data.attrs.get('format')}, arrays {stale})")
     group = zarr.open_group(version_dir, mode="a").create_group(shard_group_name(data.attrs["shard_id"]))
-    for name, arr in data.arrays.items():
-        arr = np.ascontiguousarray(arr)
-        group.create_array(name, data=arr, **_array_options(arr))
-    group.attrs.update(data.attrs)
+    futures = []
+    try:
+        for name, arr in data.arrays.items():
+            futures += chunk_io.write_array(group, name, arr)
+    except BaseException:
+        chunk_io._settle(futures)
+        raise
+    attrs = dict(data.attrs)
+    if not (keep_content_id and attrs.get("content_id")):
+        attrs["content_id"] = uuid.uuid4().hex
+    if attrs["format"] == FORMAT:
+        attrs = {k: v for k, v in attrs.items() if k not in _DELTA_ATTRS}
+        attrs["layout"] = deltas.layout(data.arrays)
+    return ShardWrite(group, attrs, futures)
+
+
+def write_shard(version_dir: str, data: ShardData, *, keep_content_id: bool = False) -> None:
+    """Write one shard's subgroup (`start_shard`, then wait for it)."""
+    start_shard(version_dir, data, keep_content_id=keep_content_id).finish()
+
+
+def store_root_of(version_dir: str) -> str:
+    """The store a version dir (published, versions/vN, or staged, staging/vN-x) belongs to."""
+    return os.path.dirname(os.path.dirname(os.path.normpath(version_dir)))
+
+
+def _group(version_dir: str, shard_id: int):
+    try:
+        return zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
+    except (FileNotFoundError, KeyError) as e:
+        raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
 
 
 def shard_format(version_dir: str, shard_id: int) -> int:
     """The format a shard's subgroup was written in (1 when it says none)."""
+    return int(_group(version_dir, shard_id).attrs.get("format", 1))
+
+
+def shard_attrs(version_dir: str, shard_id: int) -> dict | None:
+    """A shard subgroup's attrs (None where the version or the shard is not there)."""
     try:
-        group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
-    except (FileNotFoundError, KeyError) as e:
-        raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
-    return int(group.attrs.get("format", 1))
+        return dict(_group(version_dir, shard_id).attrs)
+    except errors.NotFound:
+        return None
+
+
+def _chain(version_dir: str, shard_id: int) -> list:
+    """The subgroups a shard's version is read from: itself, then its parents down to a full one."""
+    chain, d = [], version_dir
+    while True:
+        group = _group(d, shard_id)
+        fmt = int(group.attrs.get("format", 1))
+        if fmt not in (1, FORMAT, DELTA_FORMAT):
+            raise errors.FailedPrecondition(f"shard {shard_id} of {d} is in format {fmt}; this store reads "
+                                            f"formats 1, {FORMAT} and {DELTA_FORMAT}")
+        chain.append((fmt, group))
+        if fmt != DELTA_FORMAT:
+            return chain
+        if len(chain) > 1000:
+            raise errors.FailedPrecondition(f"shard {shard_id} of {version_dir}: parent chain does not end")
+        d = version_path(store_root_of(d), int(group.attrs["delta_parent"]))
+        if not os.path.isdir(d):
+            raise errors.FailedPrecondition(f"shard {shard_id} of {version_dir} is a delta over {d}, "
+                                            "which is not published (compact a version before deleting its parent)")
+
+
+def _stored_dtypes(group) -> dict[str, np.dtype]:
+    return {name: np.dtype(arr.dtype) for name, arr in group.arrays()}
+
+
+def read_shard_tensors(version_dir: str, shard_id: int, device: str | torch.device = "cpu"
+                       ) -> tuple[dict, dict[str, torch.Tensor], dict[str, np.dtype]]:
+    """One shard's version as tensors on `device`, read in parallel straight into them
+    (uint16 arrays as int16 bits), whatever format it was written in, a delta chain
+    resolved. -> (attrs in format 2, tensors, each array's stored numpy dtype)."""
+    chain = _chain(version_dir, shard_id)
+    fmt, base = chain[-1]
+    if fmt == 1:
+        data = _from_format1(ShardData(dict(base.attrs), {name: arr[...] for name, arr in base.arrays()}))
+        dtypes = {n: a.dtype for n, a in data.arrays.items()}
+        tensors = {n: torch.from_numpy(np.ascontiguousarray(a).view(np.int16) if a.dtype == np.uint16 else
+                                       np.ascontiguousarray(a)).to(device) for n, a in data.arrays.items()}
+    else:
+        dtypes = _stored_dtypes(base)
+        tensors = {name: chunk_io.read_tensor(arr, device) for name, arr in base.arrays()}
+    for _, group in reversed(chain[:-1]):
+        attrs = dict(group.attrs)
+        part = {name: chunk_io.read_tensor(arr, device) for name, arr in group.arrays()}
+        tensors = deltas.apply(tensors, attrs, part)
+        dtypes.update(_stored_dtypes(group))
+    top = dict(chain[0][1].attrs)
+    attrs = {k: v for k, v in top.items() if k not in _DELTA_ATTRS and k != "layout"}
+    attrs["format"] = FORMAT
+    return attrs, tensors, {n: dtypes[n] for n in tensors}
 
 
 def read_shard(version_dir: str, shard_id: int) -> ShardData:
-    """One shard's subgroup, in format 2 whatever format it was written in."""
-    fmt = shard_format(version_dir, shard_id)
-    if fmt not in (1, FORMAT):
-        raise errors.FailedPrecondition(f"shard {shard_id} of {version_dir} is in format {fmt}; this store "
-                                        f"reads formats 1 and {FORMAT}")
-    group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
-    data = ShardData(dict(group.attrs), {name: arr[...] for name, arr in group.arrays()})
-    return _from_format1(data) if fmt == 1 else data
+    """One shard's subgroup as numpy arrays, in format 2 whatever format it was written in."""
+    attrs, tensors, dtypes = read_shard_tensors(version_dir, shard_id, "cpu")
+    return ShardData(attrs, {n: t.numpy().view(dtypes[n]) for n, t in tensors.items()})
 
 
 def write_root_attrs(version_dir: str, attrs: dict) -> None:
@@ -209,19 +298,27 @@ def staged_version(store_root: str, version: int):
         yield stage
         fsync_tree(stage)
         os.rename(stage, version_path(store_root, version))  # fails if the target exists
+        _fsync_dir(os.path.join(store_root, "versions"))     # the rename itself, durable
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
 
 
 def fsync_tree(path: str) -> None:
-    for dirpath, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+    """fsync every file and directory under `path`, in parallel."""
+    files, dirs = [], []
+    for dirpath, _, names in os.walk(path):
+        dirs.append(dirpath)
+        files += [os.path.join(dirpath, f) for f in names]
+    chunk_io.fsync_files(files + dirs)   # all before the publishing rename, so in any order
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def clean_staging(store_root: str) -> None:
@@ -256,6 +353,8 @@ def finish_version(version_dir: str, version: int) -> dict:
         raise errors.FailedPrecondition(f"no shard wrote into {version_dir}")
     step = min(a["step"] for a in attrs)
     out = table_root_attrs(version, step, attrs)
+    parents = sorted({int(a["delta_parent"]) for a in attrs if a.get("format") == DELTA_FORMAT})
+    out.update(format=DELTA_FORMAT if parents else FORMAT, delta_parents=parents)
     root.attrs.update(out)
     return out
 
@@ -265,8 +364,8 @@ def load_config(store_root: str, version: int) -> TableConfig:
 
 
 __all__ = [
-    "FORMAT", "ShardData", "list_versions", "latest_version", "version_path", "shard_group_name",
-    "staged_version", "new_stage", "fsync_tree", "write_shard", "read_shard", "shard_format", "write_root_attrs",
+    "FORMAT", "DELTA_FORMAT", "ShardData", "read_shard_tensors", "shard_attrs", "store_root_of", "list_versions", "latest_version", "version_path", "shard_group_name",
+    "staged_version", "new_stage", "fsync_tree", "write_shard", "start_shard", "ShardWrite", "read_shard", "shard_format", "write_root_attrs",
     "read_root_attrs", "finish_version", "clean_staging", "load_config", "to_numpy", "from_numpy",
     "tag_array_name", "tag_arrays", "flat_array_names", "ROW_ARRAYS", "FLAT_ARRAYS",
 ]

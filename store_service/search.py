@@ -41,9 +41,10 @@ def filter_mask(st: ShardState, where: TagFilter | None) -> torch.Tensor | None:
 
 
 def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
-          where: TagFilter | None = None) -> SearchResult:
+          where: TagFilter | None = None, want_keys: bool = False) -> SearchResult:
     """q [B, d_k] fp32 on the state's device -> the k best partition-0 rows this shard
-    holds keys for, padded with PAD_ID / -inf, with the tags named in `tags`."""
+    holds keys for, padded with PAD_ID / -inf, with the tags named in `tags`, and with
+    want_keys their keys [B, k, d_k] (else keys None: d_k times the ids' bytes saved)."""
     cfg = st.config
     all_s, all_ids, all_keys = [], [], []
     all_tags: dict[str, list[torch.Tensor]] = {name: [] for name in tags}
@@ -58,7 +59,7 @@ def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
             s, pos = exact_topk(q, st.keys, k, st.flat_bias, excluded | ~keep)
         elif cfg.faiss_threshold and st.flat_ids.numel() >= cfg.faiss_threshold:
             if st.faiss is None:
-                st.faiss = FaissFlatIndex(cfg.faiss_factory)
+                st.faiss = FaissFlatIndex(cfg.faiss_factory, gpu=st.device.type == "cuda")
             s, pos = st.faiss.search(q, st.keys, k, st.flat_bias, excluded)
         else:
             s, pos = exact_topk(q, st.keys, k, st.flat_bias, excluded)
@@ -66,7 +67,8 @@ def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
         p = pos.clamp_min(0)
         all_s.append(s)
         all_ids.append(torch.where(valid, st.flat_ids[p], torch.full_like(p, PAD_ID)))
-        all_keys.append(st.keys[p].float() * valid.unsqueeze(-1))
+        if want_keys:
+            all_keys.append(st.keys[p].float() * valid.unsqueeze(-1))
         for name in tags:
             all_tags[name].append(_tag_at(st, name, p, valid))
     h = cfg.d_k // 2
@@ -85,12 +87,13 @@ def top_k(st: ShardState, q: torch.Tensor, k: int, tags: Sequence[str] = (),
         ia, ib = sub // n, sub % n
         all_s.append(s.masked_fill(~valid, float("-inf")))
         all_ids.append(torch.where(valid, pc.seg.row_start + sub, torch.full_like(sub, PAD_ID)))
-        all_keys.append(torch.cat([pc.codebook_a[ia], pc.codebook_b[ib]], -1).float() * valid.unsqueeze(-1))
+        if want_keys:
+            all_keys.append(torch.cat([pc.codebook_a[ia], pc.codebook_b[ib]], -1).float() * valid.unsqueeze(-1))
         for name in tags:
             all_tags[name].append(torch.full_like(sub, TAG_UNSET))
     if not all_s:  # this shard holds no searchable rows
-        return empty_result(q.shape[0], k, tags, q.device, cfg.d_k)
-    return select_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1), k,
+        return empty_result(q.shape[0], k, tags, q.device, cfg.d_k if want_keys else None)
+    return select_topk(torch.cat(all_s, 1), torch.cat(all_ids, 1), torch.cat(all_keys, 1) if want_keys else None, k,
                        {name: torch.cat(parts, 1) for name, parts in all_tags.items()})
 
 

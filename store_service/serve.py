@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from store_service import errors
-from store_service.server import DEFAULT_MAX_MESSAGE_MB, serve_shard
+from store_service.server import DEFAULT_FETCH_CHUNK_MB, DEFAULT_MAX_MESSAGE_MB, serve_shard
 from store_service.shard import Shard
 
 # One parseable line on stdout once the server is up: launchers read the bound ports from it.
@@ -40,11 +40,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind ('::' or '0.0.0.0' for all)")
     parser.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (0: a free one)")
     parser.add_argument("--max-message-mb", type=int, default=DEFAULT_MAX_MESSAGE_MB)
+    parser.add_argument("--fetch-chunk-mb", type=float, default=DEFAULT_FETCH_CHUNK_MB,
+                        help="size of one piece of a streamed fetch reply")
+    parser.add_argument("--data-paths", default="",
+                        help="faster transports offered beside gRPC, comma-separated (store_service/datapath.py)")
     parser.add_argument("--workers", type=int, default=8, help="gRPC handler threads")
     parser.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--device", default=None,
                         help="where this shard's rows live, e.g. cpu or cuda:1 (default: the published table's "
                              "device); a swapped-in version stays there")
+    parser.add_argument("--pin-memory", action="store_true",
+                        help="with --device cpu: keep the rows page-locked (a GPU host serving from its RAM)")
     parser.add_argument("--admin-token-env", default="KSTORE_ADMIN_TOKEN",
                         help="environment variable holding the StoreAdmin bearer token")
     args = parser.parse_args(argv)
@@ -56,11 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     if not token:
         parser.error(f"set ${args.admin_token_env} to the StoreAdmin bearer token")
     try:
-        shard = Shard.load(args.store_root, args.version, args.shard, device=args.device)
+        shard = Shard.load(args.store_root, args.version, args.shard, device=args.device,
+                           pin_memory=True if args.pin_memory else None)
     except errors.StoreError as e:   # a clear line, not a traceback, for a bad version or device
         parser.exit(2, f"kstore-shard {args.shard}: cannot serve version {args.version} of {args.store_root}: {e}\n")
     handle = serve_shard(shard, args.port, admin_token=token, host=args.host, metrics_port=args.metrics_port,
-                         max_message_mb=args.max_message_mb, max_workers=args.workers)
+                         max_message_mb=args.max_message_mb, max_workers=args.workers,
+                         data_paths=[k for k in args.data_paths.split(",") if k], fetch_chunk_mb=args.fetch_chunk_mb)
     print(f"kstore-shard {args.shard} serving {handle.address} metrics {handle.metrics_port}", flush=True)
 
     done = threading.Event()

@@ -20,7 +20,7 @@ import time
 from collections import OrderedDict
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grpc
 import torch
@@ -29,15 +29,19 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
-from store_service import errors, wire
+from store_service import datapath, errors, wire, wire_chunks
 from store_service.interface import ShardHandle
 from store_service.metrics import ServerMetrics
+from store_service.transport.service import SERVICE as TRANSPORT_SERVICE
+from store_service.transport.service import add_transport_service
 from store_service.wire import (ADMIN_SERVICE, MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION,
                                 MD_SERVING_VERSION, STORE_SERVICE)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_MB = 256
+DEFAULT_FETCH_CHUNK_MB = 4       # a FetchStream piece: large enough to amortise a message, small enough to overlap
+_MAX_TRANSPORT_KINDS, _MAX_PARAMS, _MAX_PARAM_CHARS = 16, 64, 4096
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
@@ -119,9 +123,12 @@ def _rows(t: pb.Tensor) -> int:
 
 
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
-    def __init__(self, rpc: _Rpc):
+    def __init__(self, rpc: _Rpc, data_paths: dict[str, datapath.DataPathServer] | None = None,
+                 fetch_chunk_bytes: int = DEFAULT_FETCH_CHUNK_MB << 20):
         self._rpc = rpc
         self._shard = rpc.shard
+        self._data_paths = data_paths or {}
+        self._fetch_chunk_bytes = fetch_chunk_bytes
 
     @property
     def _device(self) -> torch.device:
@@ -146,6 +153,53 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             wire.to_proto(values if out_dtype is None else values.to(out_dtype), resp.values)
             return resp
         return self._rpc.handle("Fetch", context, call, items=_rows(request.ids))
+
+    def FetchStream(self, request, context):
+        # The rows are gathered in one piece (one version, one lock), then sent as pieces of
+        # about fetch_chunk_bytes, each encoded as raw bytes (wire_chunks: registered with a
+        # pass-through serializer, see _RawFetchStream).
+        def call():
+            ids, out_dtype, usage = wire.fetch_request_from_proto(request)
+            if request.chunk_rows < 0:
+                raise errors.InvalidArgument("chunk_rows", f"must be >= 0, got {request.chunk_rows}")
+            values = self._shard.fetch(ids, version=request.version, **usage)
+            values = values if out_dtype is None else values.to(out_dtype)
+            if values.device.type != "cpu":   # through page-locked memory, as wire.to_proto does
+                host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                values = host.copy_(values)
+            return values
+        values = self._rpc.handle("FetchStream", context, call, items=_rows(request.ids))
+        row_bytes = max(1, values[0].numel() * values.element_size()) if values.shape[0] else 1
+        chunk = max(1, self._fetch_chunk_bytes // row_bytes)
+        if request.chunk_rows:
+            chunk = min(int(request.chunk_rows), chunk)   # the client may ask for smaller pieces, never larger
+        for start in range(0, max(values.shape[0], 1), chunk):
+            yield wire_chunks.encode_chunk(start, values[start:start + chunk])
+
+    def OpenDataPath(self, request, context):
+        # Handles of a faster transport go only to callers with credentials (the admin token
+        # until the data plane has its own); `open` decides whether it can serve this pair.
+        def call():
+            if len(request.kinds) > _MAX_TRANSPORT_KINDS:
+                raise errors.InvalidArgument("kinds", f"more than {_MAX_TRANSPORT_KINDS}")
+            for kind, offer in request.offers.items():
+                if len(offer.values) > _MAX_PARAMS or any(len(k) + len(v) > _MAX_PARAM_CHARS
+                                                          for k, v in offer.values.items()):
+                    raise errors.InvalidArgument(f"offers[{kind[:32]}]", f"at most {_MAX_PARAMS} parameters "
+                                                                         f"of {_MAX_PARAM_CHARS} characters")
+            client = wire.endpoint_from_proto(request.client, "client")
+            me = datapath.local_endpoint(self._device)
+            resp = pb.OpenDataPathResponse(server=wire.endpoint_to_proto(me))
+            for kind in request.kinds:
+                server = self._data_paths.get(kind)
+                params = None if server is None else server.open(
+                    client, me, dict(request.offers[kind].values) if kind in request.offers else {})
+                if params is not None:
+                    resp.kind = kind
+                    resp.params.values.update(params)
+                    break
+            return resp
+        return self._rpc.handle("OpenDataPath", context, call, admin=True)
 
     def AccumulateValueGrads(self, request, context):
         def call():
@@ -237,7 +291,7 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
 
     def WriteSnapshot(self, request, context):
         def call():
-            self._shard.write_snapshot(request.version_dir, int(request.version))
+            self._shard.write_snapshot(request.version_dir, int(request.version), full=bool(request.full))
             return pb.VersionResponse()
         return self._admin("WriteSnapshot", context, call, request.request_id)
 
@@ -269,6 +323,8 @@ class ShardServer:
     health: health.HealthServicer
     metrics: ServerMetrics
     metrics_port: int | None = None
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+    data_paths: dict = field(default_factory=dict)   # kind -> DataPathServer
     _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -283,6 +339,10 @@ class ShardServer:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
         self.metrics.stop()
+        for close in self.on_stop:
+            close()
+        for server in self.data_paths.values():
+            server.close()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -294,17 +354,42 @@ class ShardServer:
         self.stop()
 
 
+class _RawFetchStream:
+    """Registers the generated KnowledgeStore handlers on `server`, FetchStream's with a
+    pass-through serializer: its servicer yields FetchChunk messages already encoded as
+    bytes (wire_chunks.encode_chunk), which protobuf would otherwise copy twice more."""
+
+    def __init__(self, server: grpc.Server):
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the same handlers arrive next, by name, in add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        handlers = dict(handlers)
+        h = handlers["FetchStream"]
+        handlers["FetchStream"] = grpc.unary_stream_rpc_method_handler(
+            h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=None)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        self._server.add_registered_method_handlers(service, handlers)
+
+
 def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: str = "127.0.0.1",
                 metrics_port: int | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-                max_workers: int = 8) -> ShardServer:
+                max_workers: int = 8, data_paths: Sequence[str] = (),
+                fetch_chunk_mb: float = DEFAULT_FETCH_CHUNK_MB) -> ShardServer:
     """Serve `shard` over gRPC on host:port (0: a free port); returns the running server.
 
     metrics_port: None for no metrics endpoint, 0 for a free port. Requests larger
     than max_message_mb are refused by gRPC with RESOURCE_EXHAUSTED before they
-    reach the shard.
+    reach the shard. data_paths: faster transports this server offers beside gRPC
+    (store_service/datapath.py). fetch_chunk_mb: the size of a FetchStream piece.
     """
     if not admin_token:
         raise ValueError("serve_shard needs a non-empty admin_token")
+    if not fetch_chunk_mb > 0:
+        raise ValueError(f"fetch_chunk_mb must be > 0, got {fetch_chunk_mb}")
+    transports = {kind: datapath.transport(kind).server(shard) for kind in data_paths}
     metrics = ServerMetrics(shard)
     health_servicer = health.HealthServicer()
 
@@ -325,18 +410,21 @@ def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: st
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)])
-    pb_grpc.add_KnowledgeStoreServicer_to_server(KnowledgeStoreServicer(rpc), server)
+    servicer = KnowledgeStoreServicer(rpc, transports, int(fetch_chunk_mb * (1 << 20)))
+    pb_grpc.add_KnowledgeStoreServicer_to_server(servicer, _RawFetchStream(server))
     pb_grpc.add_StoreAdminServicer_to_server(StoreAdminServicer(rpc), server)
+    transport = add_transport_service(server, rpc, host)   # the bulk data path (store_service.transport)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (STORE_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        (STORE_SERVICE, ADMIN_SERVICE, TRANSPORT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(bind)
     if bound == 0:
         raise RuntimeError(f"could not bind {bind}")
     refresh_health()
     server.start()
-    handle = ShardServer(server=server, host=host, port=bound, health=health_servicer, metrics=metrics)
+    handle = ShardServer(server=server, host=host, port=bound, health=health_servicer, metrics=metrics,
+                         on_stop=[transport.close], data_paths=transports)
     if metrics_port is not None:
         handle.metrics_port = metrics.serve_http(metrics_port, addr=host if ":" not in host else "::")
     return handle

@@ -29,13 +29,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from . import errors, kernels, persistence, search
+from . import errors, kernels, persistence, search, snapshots
 from . import validation as check
 from .appends import append_rows
+from .host_rows import gather_rows
 from .config import TableConfig
 from .interface import SearchResult, ShardDescription, ShardInfo, SideQuery, TagFilter, UsageStats
 from .optimizer import OptimizerConfig, RowOptimizer
-from .state import ShardState, init_state, load_state, state_to_data
+from .state import ShardState, init_state, load_state, state_attrs, state_tensors, state_to_data
 from .step import BarrierTimeout, barrier, replace_optimizer
 
 __all__ = ["Shard", "BarrierTimeout"]
@@ -53,10 +54,12 @@ class Shard:
         self._start(shard_id, init_state(config, shard_id, lo, hi))
 
     @classmethod
-    def load(cls, store_root: str, version: int, shard_id: int, device: str | None = None) -> "Shard":
-        """A shard serving its subgroup of a published version."""
+    def load(cls, store_root: str, version: int, shard_id: int, device: str | None = None,
+             pin_memory: bool | None = None) -> "Shard":
+        """A shard serving its subgroup of a published version (on `device`, default the
+        one it was published from; pin_memory: host rows page-locked, default as published)."""
         self = cls.__new__(cls)
-        self._start(shard_id, load_state(store_root, version, shard_id, device))
+        self._start(shard_id, load_state(store_root, version, shard_id, device, pin_memory))
         return self
 
     def _start(self, shard_id: int, serving: ShardState) -> None:
@@ -64,6 +67,11 @@ class Shard:
         self._vlock = threading.Lock()
         self._vcond = threading.Condition(self._vlock)
         self._serving = serving
+        # where this shard serves from; a swap of a GPU shard stages the new version on the
+        # host (None: when home is a GPU), so the GPU never holds two full copies
+        self._home = serving.device
+        self.stage_swaps_on_host: bool | None = None
+        self._staged: dict[int, torch.device] = {}   # id(state) -> device it settles on
         self._pending: dict[int, ShardState] = {}
         self._retiring: list[ShardState] = []
 
@@ -99,9 +107,17 @@ class Shard:
 
     def prepare_version(self, store_root: str, version: int) -> None:
         check.integer("version", version, 1)
-        st = load_state(store_root, version, self.shard_id, str(self._serving.device))
+        stage = self.stage_swaps_on_host
+        if stage is None:
+            stage = self._home.type == "cuda"
+        if stage:
+            st = load_state(store_root, version, self.shard_id, "cpu", pin_memory=False)
+        else:
+            st = load_state(store_root, version, self.shard_id, str(self._home))
         with self._vlock:
             self._pending[version] = st
+            if stage:
+                self._staged[id(st)] = self._home
 
     def flip_version(self, version: int) -> None:
         with self._vlock:
@@ -115,14 +131,42 @@ class Shard:
         request is in flight on them. Never touches the serving state; a version
         the shard does not hold is a no-op."""
         with self._vcond:
-            self._pending.pop(version, None)
+            unflipped = self._pending.pop(version, None)
+            if unflipped is not None:
+                self._staged.pop(id(unflipped), None)
+            del unflipped
             # Unreachable from now on (new requests for it get StaleVersion), so
             # steady traffic from stale clients cannot hold the drain open.
             going = [s for s in self._retiring if s.version == version]
             self._retiring = [s for s in self._retiring if s.version != version]
-            if not self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s):
+            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
+            gone = {id(s) for s in going}
+            self._staged = {k: d for k, d in self._staged.items() if k not in gone}
+            del going   # the old version's tensors are freed here (nothing else refers to them)
+            if not drained:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
                                                 f"{timeout_s}s; dropped anyway")
+        self._settle()
+
+    def _settle(self) -> None:
+        """Move a serving version staged on the host to its device, once no older version is
+        held (so the device never holds both). Requests wait on the state's lock meanwhile:
+        none fails, and every answer still comes from this one version."""
+        with self._vlock:
+            st = self._serving
+            target = self._staged.get(id(st))
+            if target is None or self._retiring:
+                return
+        with st.lock:
+            if self._staged.get(id(st)) is not target:
+                return
+            self._move(st, target)
+            with self._vlock:
+                self._staged.pop(id(st), None)
+
+    @staticmethod
+    def _move(st: ShardState, device: torch.device) -> None:
+        st.move_to(device)
 
     # -- describe ------------------------------------------------------------
 
@@ -137,14 +181,22 @@ class Shard:
     def health(self) -> bool:
         return True
 
+    def memory(self) -> dict:
+        """Where the serving version's rows live and the bytes it holds (`ShardState.memory`):
+        device, pinned, rows, value_bytes, key_bytes, optimizer, optimizer_bytes,
+        optimizer_over_values."""
+        with self._use(0) as st, st.lock:
+            return st.memory()
+
     # -- data plane ----------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None, version: int = 0) -> SearchResult:
+               side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult:
         """queries [B, d_k] fp32 -> top-k over the partition-0 rows whose keys this shard
         holds, padded with PAD_ID / -inf where it holds fewer than k selectable rows, with
         the rows' `tags`, only rows passing `where`; with `side`, the side query's best rows
-        (`SearchResult.side`, padded likewise). k above the table's row count is an error."""
+        (`SearchResult.side`, padded likewise); with want_keys the rows' keys (else None).
+        k above the table's row count is an error."""
         tags = check.tag_names(tags)
         where, side = check.tag_filter(where), check.side_query(side)
         with self._use(version) as st, st.lock:
@@ -153,7 +205,7 @@ class Shard:
             if side is not None:
                 _check_k(st, side.k, "side.k")
             q = queries.to(st.device)
-            res = search.top_k(st, q, k, tags, where)
+            res = search.top_k(st, q, k, tags, where, want_keys)
             if side is not None:
                 res.side = search.side_k(st, q, side, tags, where)
             return res
@@ -165,19 +217,28 @@ class Shard:
         training readout's use of the rows (entries with weight > 0, summed weights),
         recorded as a pushdown readout records its own (usage, this step's balancing load)."""
         with self._use(version) as st, st.lock:
-            check.tensor("ids", ids, torch.int64, (None,))
-            check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-            check.fetch_usage(ids, hits, weight_sum)
-            local = st.local(ids)
-            out = st.values[local.clamp_min(0)]
-            out[local < 0] = 0
-            if hits is not None:
-                keep = local >= 0
-                rows, h = local[keep], hits.to(st.device)[keep]
-                st.hits.index_add_(0, rows, h)
-                st.step_hits.index_add_(0, rows, h)
-                st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
+            local = _fetched_rows(st, ids, hits, weight_sum)
+            # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
+            out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
+                              pad=local < 0)
             return out
+
+    def fetch_into(self, ids: torch.Tensor, out: torch.Tensor, *, hits: torch.Tensor | None = None,
+                   weight_sum: torch.Tensor | None = None, version: int = 0) -> tuple[int, int]:
+        """`fetch` with the rows written straight into `out` [M, d_v] (a staging buffer another
+        process reads: the value dtype or one they convert to, any device), all under the
+        version's lock, so `out` holds one version at one step -> (version, step) read."""
+        with self._use(version) as st, st.lock:
+            if out.shape != (ids.shape[0], st.config.d_v) or not out.is_contiguous():
+                raise errors.InvalidArgument("out", f"expected a contiguous [{ids.shape[0]}, {st.config.d_v}] "
+                                                    f"buffer, got {list(out.shape)}")
+            local = _fetched_rows(st, ids, hits, weight_sum)
+            if out.dtype == st.values.dtype and out.device == st.device:
+                torch.index_select(st.values, 0, local.clamp_min(0), out=out)   # the one copy
+            else:
+                out.copy_(st.values[local.clamp_min(0)])
+            out.masked_fill_((local < 0).unsqueeze(1).to(out.device), 0)
+            return st.version, st.step
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
@@ -190,6 +251,7 @@ class Shard:
             st.hits.index_add_(0, hit, torch.ones_like(hit))
             st.step_hits.index_add_(0, hit, torch.ones_like(hit))
             st.weight_sum.index_add_(0, rows, rw.double())
+            st.mark_rows(rows)
             return out
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
@@ -298,6 +360,7 @@ class Shard:
             check.tensor("ids", ids, torch.int64, (None,))
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=False)
             getattr(st, name)[st.local(ids)] = flag
+            st.mark_rows(st.local(ids))
             if name == "ablated" and st.faiss is not None:
                 st.faiss.invalidate()
 
@@ -307,14 +370,18 @@ class Shard:
             return UsageStats(st.hits.cpu().clone(), st.weight_sum.cpu().clone(),
                               st.frozen.cpu().clone(), st.ablated.cpu().clone())
 
-    def write_snapshot(self, version_dir: str, version: int) -> None:
-        """Write this shard's subgroup of a (staged) version. Gradients not yet
-        applied by end_step are not part of a snapshot: take it between steps."""
+    def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None:
+        """Write this shard's subgroup of a (staged) version: the rows changed since the
+        version this state was loaded from or last published as (a delta, `snapshots`), or
+        the whole state where `full` or no delta can serve. Gradients not yet applied by
+        end_step are not part of a snapshot: take it between steps."""
         check.integer("version", version, 1)
+        check.flag("full", full)
         with self._use(0) as st:
-            with st.lock:
-                data = state_to_data(st, version)  # copies, so the write runs unlocked
-            persistence.write_shard(version_dir, data)
+            with st.lock:   # the rows are copied to the host under it, their writes already running
+                data = snapshots.take(st, state_tensors(st), state_attrs(st, version), version_dir, full)
+                write = persistence.start_shard(version_dir, data, keep_content_id=True)
+            write.finish()
 
     # -- for tests and tools -------------------------------------------------
 
@@ -347,6 +414,22 @@ def _check_k(st: ShardState, k, field: str = "k") -> None:
         # another shard's view may predate rows appended since (the table checks k against
         # its own row count): it answers from its own rows, padded, up to a bound on the answer
         raise errors.InvalidArgument(field, f"{field}={k} exceeds {_MAX_SEARCH_K}")
+
+
+def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum) -> torch.Tensor:
+    """A fetch's ids, validated, with its usage recorded -> local rows (-1 at PAD)."""
+    check.tensor("ids", ids, torch.int64, (None,))
+    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
+    check.fetch_usage(ids, hits, weight_sum)
+    local = st.local(ids)
+    if hits is not None:
+        keep = local >= 0
+        rows, h = local[keep], hits.to(st.device)[keep]
+        st.hits.index_add_(0, rows, h)
+        st.step_hits.index_add_(0, rows, h)
+        st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
+        st.mark_rows(rows)
+    return local
 
 
 def _readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,18 +7,20 @@ takes it), so a reader never sees half an optimizer step.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from . import errors, persistence
+from . import errors, persistence, snapshots
 from .config import TableConfig, segments_from_json, segments_to_json
 from .flat_index import FaissFlatIndex
 from .interface import PAD_ID, SEGMENT_FLAT, SEGMENT_PRODUCT, TAG_UNSET, SegmentInfo
+from .init_rows import block_gen, draw_rows
 from .optimizer import RowState
 
-_INIT_BLOCK = 4096        # initial rows are drawn per block of global ids: independent of sharding
 _MAX_SEEN_REQUESTS = 1 << 16
 
 
@@ -66,7 +68,28 @@ class ShardState:
         self.cond = threading.Condition(self.lock)
         self.inflight = 0
         self.faiss: FaissFlatIndex | None = None
+        # Rows changed since `base` (the published version this state's data equals but for
+        # them), for incremental snapshots (`snapshots`). Every writer of a persisted row marks
+        # it; `dense` names arrays changed wholesale.
+        self.dirty = torch.zeros(row_end - row_start, dtype=torch.bool, device=values.device)
+        self.dense: set[str] = set()
+        self.base = None      # snapshots.Base | None
+        self.pending = None   # snapshots.Pending | None: the last snapshot written, maybe not published
         self.reindex()
+
+    def mark_rows(self, local_rows: torch.Tensor) -> None:
+        """Local rows [M] (no PAD) whose persisted data changed."""
+        if self.dirty.device != local_rows.device:   # the state moved (a swap staged on the host)
+            self.dirty = self.dirty.to(local_rows.device)
+        self.dirty[local_rows] = True
+
+    def mark_flat(self, flat_pos: torch.Tensor) -> None:
+        """Flat positions [M] whose persisted data changed."""
+        self.mark_rows(self.flat_local[flat_pos])
+
+    def mark_dense(self, name: str) -> None:
+        """Array `name` changed in (nearly) every row."""
+        self.dense.add(name)
 
     @property
     def device(self) -> torch.device:
@@ -103,6 +126,41 @@ class ShardState:
         return sum(s.num_rows for s in self.segments
                    if s.kind == SEGMENT_FLAT or (s.kind == SEGMENT_PRODUCT and self.config.store_codebooks))
 
+    def move_to(self, device: torch.device | str) -> None:
+        """Every tensor of this version onto `device` (the caller holds the lock): a hot swap
+        staged on the host settles on the GPU once the old version is gone."""
+        dev = torch.device(device)
+
+        def mv(t):
+            return t.to(dev)
+        for name in ("values", "frozen", "ablated", "hits", "weight_sum", "flat_ids", "keys", "flat_bias",
+                     "partition", "step_hits"):
+            setattr(self, name, mv(getattr(self, name)))
+        for opt in (self.opt, self.key_opt):
+            for name, t in opt.tensors().items():
+                setattr(opt, name, mv(t))
+        self.tags = {name: mv(t) for name, t in self.tags.items()}
+        for pc in self.pieces:
+            for name in ("codebook_a", "codebook_b", "bias_a", "bias_b"):
+                setattr(pc, name, mv(getattr(pc, name)))
+        self.row_grads = [(mv(r), mv(g)) for r, g in self.row_grads]
+        self.key_grads = [(mv(r), mv(g)) for r, g in self.key_grads]
+        self.config = dataclasses.replace(self.config, device=str(dev))
+        self.reindex()
+
+    def memory(self) -> dict:
+        """Bytes this version holds, by kind, and where its rows live. optimizer_bytes counts
+        every optimizer tensor (rows' and flat keys', step counts included)."""
+        def nb(t):
+            return t.numel() * t.element_size()
+        value_bytes = nb(self.values)
+        opt_bytes = self.opt.nbytes() + self.key_opt.nbytes()
+        return {"device": str(self.device), "pinned": bool(self.values.device.type == "cpu"
+                                                           and torch.cuda.is_available() and self.values.is_pinned()),
+                "rows": self.num_rows, "value_bytes": value_bytes, "key_bytes": nb(self.keys),
+                "optimizer": self.config.optimizer.kind, "optimizer_bytes": opt_bytes,
+                "optimizer_over_values": opt_bytes / max(value_bytes, 1)}
+
     def tag_rows(self) -> dict[str, int]:
         return {name: int((t != TAG_UNSET).sum()) for name, t in sorted(self.tags.items())}
 
@@ -127,21 +185,6 @@ class ShardState:
 
 
 # -- a fresh state ---------------------------------------------------------------------
-
-def _block_gen(seed: int, stream: int, block: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream) * 1_000_003 + block)
-
-
-def _init_rows(cfg: TableConfig, lo: int, hi: int, stream: int, dim: int, scale: float) -> torch.Tensor:
-    """Normal(0, scale) rows for global ids [lo, hi), drawn per block of ids so a
-    row's initial value does not depend on how the table is sharded."""
-    parts = []
-    for b in range(lo // _INIT_BLOCK, -(-hi // _INIT_BLOCK)):
-        block = torch.randn(_INIT_BLOCK, dim, generator=_block_gen(cfg.seed, stream, b)) * scale
-        b0 = b * _INIT_BLOCK
-        parts.append(block[max(lo, b0) - b0:min(hi, b0 + _INIT_BLOCK) - b0])
-    return torch.cat(parts) if parts else torch.zeros(0, dim)
-
 
 def _owned_pieces(segments, lo: int, hi: int):
     for si, seg in enumerate(segments):
@@ -168,15 +211,18 @@ def init_state(cfg: TableConfig, shard_id: int, lo: int, hi: int) -> ShardState:
         raise errors.InvalidArgument("row_range", f"[{lo}, {hi}) is not a non-empty range inside [0, {n_rows})")
     dev = _device(cfg.device)
     vdtype = torch.bfloat16 if cfg.value_dtype == "bfloat16" else torch.float32
-    values = _init_rows(cfg, lo, hi, 0, cfg.d_v, cfg.init_scale).to(vdtype)
-    flat_ids = torch.cat([torch.arange(max(lo, s.row_start), max(lo, s.row_start, min(hi, s.row_end)))
-                          for s in segments if s.kind == SEGMENT_FLAT] + [torch.zeros(0, dtype=torch.int64)])
-    keys = _init_rows(cfg, lo, hi, 1, cfg.d_k, cfg.key_init_scale)[flat_ids - lo]
+    # streamed: block by block into the destination (init_rows.py)
+    values = draw_rows(cfg.seed, 0, cfg.d_v, cfg.init_scale, [(lo, hi)], dtype=vdtype, device=dev,
+                       pin_memory=cfg.pin_memory)
+    flat = [(max(lo, s.row_start), min(hi, s.row_end)) for s in segments
+            if s.kind == SEGMENT_FLAT and max(lo, s.row_start) < min(hi, s.row_end)]
+    flat_ids = torch.cat([torch.arange(a, b) for a, b in flat] + [torch.zeros(0, dtype=torch.int64)])
+    keys = draw_rows(cfg.seed, 1, cfg.d_k, cfg.key_init_scale, flat, device=dev)
     pieces = []
     for si, seg, i0, i1 in _owned_pieces(segments, lo, hi):
         if not cfg.store_codebooks:
             continue
-        g = _block_gen(cfg.seed, 2, si)
+        g = block_gen(cfg.seed, 2, si)
         ca = torch.randn(seg.n_sub, cfg.d_k // 2, generator=g) * cfg.key_init_scale
         cb = torch.randn(seg.n_sub, cfg.d_k // 2, generator=g) * cfg.key_init_scale
         pieces.append(ProductPiece(si, seg, i0, i1, ca.to(dev), cb.to(dev),
@@ -184,68 +230,99 @@ def init_state(cfg: TableConfig, shard_id: int, lo: int, hi: int) -> ShardState:
     R, F = hi - lo, flat_ids.numel()
     return ShardState(
         config=cfg, shard_id=shard_id, version=0, step=0, row_start=lo, row_end=hi, segments=segments,
-        values=values.to(dev), frozen=torch.zeros(R, dtype=torch.bool, device=dev),
+        values=values, frozen=torch.zeros(R, dtype=torch.bool, device=dev),
         ablated=torch.zeros(R, dtype=torch.bool, device=dev),
         hits=torch.zeros(R, dtype=torch.int64, device=dev), weight_sum=torch.zeros(R, dtype=torch.float64, device=dev),
         opt=RowState.zeros(cfg.optimizer.kind, R, cfg.d_v, dev),
-        flat_ids=flat_ids.to(dev), keys=keys.to(dev), flat_bias=torch.zeros(F, device=dev),
+        flat_ids=flat_ids.to(dev), keys=keys, flat_bias=torch.zeros(F, device=dev),
         key_opt=RowState.zeros(cfg.optimizer.kind, F, cfg.d_k, dev), pieces=pieces)
 
 
 # -- to and from persistence -------------------------------------------------------------
 
-def state_to_data(st: ShardState, version: int) -> persistence.ShardData:
-    """Copies of the state (the caller may write them while the state moves on)."""
-    def np_(t):
-        return persistence.to_numpy(t).copy()
-    arrays = {
-        "values": np_(st.values), "frozen": np_(st.frozen), "ablated": np_(st.ablated),
-        "hits": np_(st.hits), "weight_sum": np_(st.weight_sum), "opt_steps": np_(st.opt.steps),
-        "flat_ids": np_(st.flat_ids), "keys": np_(st.keys), "flat_bias": np_(st.flat_bias),
-        "key_steps": np_(st.key_opt.steps), "flat_partition": np_(st.partition),
+def state_tensors(st: ShardState) -> dict[str, torch.Tensor]:
+    """Every persisted array of the state, by its name in a version (no copies)."""
+    out = {
+        "values": st.values, "frozen": st.frozen, "ablated": st.ablated,
+        "hits": st.hits, "weight_sum": st.weight_sum,
+        "flat_ids": st.flat_ids, "keys": st.keys, "flat_bias": st.flat_bias, "flat_partition": st.partition,
     }
-    arrays.update({persistence.tag_array_name(name): np_(t) for name, t in st.tags.items()})
-    if st.opt.m is not None:
-        arrays.update(opt_m=np_(st.opt.m), opt_v=np_(st.opt.v), key_m=np_(st.key_opt.m), key_v=np_(st.key_opt.v))
+    out.update(st.opt.to_arrays("opt"))
+    out.update(st.key_opt.to_arrays("key"))
+    out.update({persistence.tag_array_name(name): t for name, t in st.tags.items()})
     for pc in st.pieces:
         for name in ("codebook_a", "codebook_b", "bias_a", "bias_b"):
-            arrays[f"pk{pc.seg_index}_{name}"] = np_(getattr(pc, name))
+            out[f"pk{pc.seg_index}_{name}"] = getattr(pc, name)
+    return out
+
+
+def state_attrs(st: ShardState, version: int) -> dict:
     cfg = st.config
-    attrs = {
+    return {
         "format": persistence.FORMAT,
         "shard_id": st.shard_id, "row_start": st.row_start, "row_end": st.row_end, "step": st.step,
         "version": version, "d_k": cfg.d_k, "d_v": cfg.d_v, "value_dtype": cfg.value_dtype,
         "value_storage": "uint16 bits of bfloat16" if cfg.value_dtype == "bfloat16" else "float32",
         "segments": segments_to_json(st.segments), "config": cfg.to_dict(),
     }
-    return persistence.ShardData(attrs, arrays)
 
 
-def load_state(store_root: str, version: int, shard_id: int, device: str | None) -> ShardState:
-    data = persistence.read_shard(persistence.version_path(store_root, version), shard_id)
-    a, arr = data.attrs, data.arrays
-    cfg = TableConfig.from_dict(a["config"])
+def host_copy(t: torch.Tensor) -> np.ndarray:
+    """A numpy copy of `t` (bf16 as uint16 bits) that the state moving on does not change:
+    a device tensor's trip to the host is that copy; a CPU tensor is copied."""
+    a = persistence.to_numpy(t)
+    return a.copy() if t.device.type == "cpu" else a
+
+
+def state_to_data(st: ShardState, version: int) -> persistence.ShardData:
+    """Copies of the state (the caller may write them while the state moves on)."""
+    return persistence.ShardData(state_attrs(st, version),
+                                 {n: host_copy(t) for n, t in state_tensors(st).items()})
+
+
+def _placed(t: torch.Tensor, pin_memory: bool) -> torch.Tensor:
+    """Host rows page-locked when asked and CUDA is there to use them."""
+    if pin_memory and t.device.type == "cpu" and torch.cuda.is_available() and not t.is_pinned():
+        return t.pin_memory()
+    return t
+
+
+def load_state(store_root: str, version: int, shard_id: int, device: str | None,
+               pin_memory: bool | None = None) -> ShardState:
+    """The state of a published version, read in parallel straight onto its device."""
+    vdir = persistence.version_path(store_root, version)
+    stored = persistence.shard_attrs(vdir, shard_id)
+    if stored is None:
+        raise errors.NotFound(f"shard {shard_id} not in {vdir}")
+    cfg = TableConfig.from_dict(stored["config"])
     if device is not None:
         cfg.device = device
+    if pin_memory is not None:
+        cfg.pin_memory = pin_memory
     dev = _device(cfg.device)
+    a, arr, _ = persistence.read_shard_tensors(vdir, shard_id, dev)
 
     def t(name, dtype=None):
-        return persistence.from_numpy(arr[name], dtype).to(dev)
+        return arr[name].view(torch.bfloat16) if dtype == "bfloat16" else arr[name]
+
+    def maybe(name):
+        return t(name) if name in arr else None
 
     segments = segments_from_json(a["segments"])
     lo, hi = a["row_start"], a["row_end"]
-    adam = "opt_m" in arr
     pieces = []
     for si, seg, i0, i1 in _owned_pieces(segments, lo, hi):
         if f"pk{si}_codebook_a" in arr:
             pieces.append(ProductPiece(si, seg, i0, i1, t(f"pk{si}_codebook_a"), t(f"pk{si}_codebook_b"),
                                        t(f"pk{si}_bias_a"), t(f"pk{si}_bias_b")))
-    return ShardState(
+    st = ShardState(
         config=cfg, shard_id=shard_id, version=version, step=a["step"], row_start=lo, row_end=hi,
-        segments=segments, values=t("values", a["value_dtype"]), frozen=t("frozen"), ablated=t("ablated"),
+        segments=segments, values=_placed(t("values", a["value_dtype"]), cfg.pin_memory), frozen=t("frozen"), ablated=t("ablated"),
         hits=t("hits"), weight_sum=t("weight_sum"),
-        opt=RowState(t("opt_steps"), t("opt_m") if adam else None, t("opt_v") if adam else None),
+        opt=RowState.from_arrays("opt", maybe),
         flat_ids=t("flat_ids"), keys=t("keys"), flat_bias=t("flat_bias"),
-        key_opt=RowState(t("key_steps"), t("key_m") if adam else None, t("key_v") if adam else None),
+        key_opt=RowState.from_arrays("key", maybe),
         pieces=pieces, tags={name: t(array) for name, array in persistence.tag_arrays(arr).items()},
         partition=t("flat_partition"))
+    st.base = snapshots.base_of(store_root, version, stored)
+    return st

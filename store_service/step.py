@@ -12,7 +12,7 @@ import torch
 
 from . import errors
 from .balancing import balance
-from .optimizer import OptimizerConfig, RowOptimizer, RowState, sparse_step
+from .optimizer import OptimizerConfig, RowOptimizer, resolve_kind, sparse_step
 from .state import ShardState
 
 
@@ -57,10 +57,12 @@ def apply_step(st: ShardState) -> None:
         rows, grads = merge_grads(st.row_grads, cfg.d_v)
         sparse_step(opt.kind, st.values, st.opt, rows, grads, lr=opt.lr, betas=opt.betas, eps=opt.eps,
                     frozen=st.frozen)
+        st.mark_rows(rows)
     if st.key_grads:
         pos, grads = merge_grads(st.key_grads, cfg.d_k)
         sparse_step(opt.kind, st.keys, st.key_opt, pos, grads, lr=opt.effective_key_lr, betas=opt.betas,
                     eps=opt.eps, frozen=st.frozen[st.flat_local])
+        st.mark_flat(pos)
         if st.faiss is not None:
             st.faiss.invalidate()
     if cfg.bias_step > 0 and bool(st.step_hits.any()):
@@ -85,12 +87,14 @@ def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tup
 
 def replace_optimizer(st: ShardState, optimizer: OptimizerConfig, bias_step: float | None) -> RowOptimizer:
     """Use `optimizer` (and `bias_step`, when given) from the next step on; returns the
-    settings replaced. Switching to Adam where no Adam state is kept allocates it (zeros);
-    switching away keeps it, for a switch back."""
+    settings replaced. "auto" resolves for the table's size as this shard knows it. State
+    the new kind needs and the shard lacks is allocated (zeros); state of other kinds is
+    kept, for a switch back."""
     old = RowOptimizer(st.config.optimizer, st.config.bias_step)
-    if optimizer.kind == "adam" and st.opt.m is None:
-        st.opt = RowState.zeros("adam", st.values.shape[0], st.values.shape[1], st.device)
-        st.key_opt = RowState.zeros("adam", st.keys.shape[0], st.keys.shape[1], st.device)
-    st.config = dataclasses.replace(st.config, optimizer=dataclasses.replace(optimizer),
+    table_rows = st.segments[-1].row_end
+    optimizer = resolve_kind(dataclasses.replace(optimizer), table_rows, st.config.d_v, st.config.value_dtype)
+    st.opt.ensure(optimizer.kind, st.values.shape[1])
+    st.key_opt.ensure(optimizer.kind, st.keys.shape[1])
+    st.config = dataclasses.replace(st.config, optimizer=optimizer,
                                     bias_step=old.bias_step if bias_step is None else float(bias_step))
     return old

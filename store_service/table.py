@@ -80,14 +80,15 @@ class Table:
 
     @classmethod
     def open(cls, store_root: str, version: int | None = None, *, device: str | None = None,
-             **kwargs) -> "Table":
-        """An in-process table serving a published version (default: the latest)."""
+             pin_memory: bool | None = None, **kwargs) -> "Table":
+        """An in-process table serving a published version (default: the latest), its rows on
+        `device` (pin_memory: host rows page-locked for a GPU caller; default as published)."""
         if version is None:
             version = persistence.latest_version(store_root)
             if version is None:
                 raise errors.NotFound(f"no published version under {store_root}")
         root = persistence.read_root_attrs(store_root, version)
-        shards = [Shard.load(store_root, version, s["shard_id"], device) for s in root["shards"]]
+        shards = [Shard.load(store_root, version, s["shard_id"], device, pin_memory) for s in root["shards"]]
         return cls(shards, store_root=store_root, **kwargs)
 
     def close(self) -> None:
@@ -196,10 +197,11 @@ class Table:
     # -- data plane --------------------------------------------------------------
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
-               side: SideQuery | None = None) -> SearchResult:
+               side: SideQuery | None = None, want_keys: bool = False) -> SearchResult:
         """queries [B, d_k] fp32 -> SearchResult [B, k] over every shard's keys, with the
-        selected rows' `tags`, only rows passing `where`, and with `side` the table's best
-        rows of that partition (`SearchResult.side`, [B, side.k])."""
+        selected rows' `tags`, only rows passing `where`, with `side` the table's best
+        rows of that partition (`SearchResult.side`, [B, side.k]), and with want_keys the
+        selected rows' keys [B, k, d_k] (else keys None)."""
         check.tensor("queries", queries, torch.float32, (None, self._map.d_k))
         check.integer("k", k, 1)
         tags = check.tag_names(tags)
@@ -210,7 +212,7 @@ class Table:
 
         def op(m: _ShardMap) -> SearchResult:
             parts = self._each(lambda i, s: s.search(queries, k, tags=tags, where=where, side=side,
-                                                     version=m.infos[i].version))
+                                                     want_keys=want_keys, version=m.infos[i].version))
             res = merge_results(parts, k, tags, queries.device)
             if side is not None:
                 res.side = merge_results([p.side for p in parts], side.k, tags, queries.device)
@@ -218,10 +220,10 @@ class Table:
         return self._retrying(op)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None) -> torch.Tensor:
-        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD. hits [M]
-        int64 and weight_sum [M] float64 (both or neither): record the fetch-mode readout's
-        use of the rows, as a pushdown readout records its own."""
+              weight_sum: torch.Tensor | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """ids [M] int64 (PAD allowed) -> [M, d_v] in the value dtype, 0 at PAD, on `device`
+        (default the ids'). hits [M] int64 and weight_sum [M] float64 (both or neither):
+        record the fetch-mode readout's use of the rows, as a pushdown readout records its own."""
         check.tensor("ids", ids, torch.int64, (None,))
         check.fetch_usage(ids, hits, weight_sum)
 
@@ -230,17 +232,25 @@ class Table:
             owner = self._owner(m, ids)
             which = [int(i) for i in torch.unique(owner) if i >= 0]
             dtype = torch.bfloat16 if m.value_dtype == "bfloat16" else torch.float32
-            out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=ids.device)
-            sels = {i: (owner == i).to(ids.device) for i in which}
+            # Host ids, rows wanted on a GPU: each shard's part goes straight to the GPU (a
+            # GPU shard's never through the host), and no device work waits on the ids.
+            out_device = ids.device if device is None else torch.device(device)
+            if len(which) == 1 and bool((owner == which[0]).all()):
+                sels = None
+            else:
+                sels = {i: (owner == i).to(out_device) for i in which}
 
             def call(i, s):
-                sel = sels[i]
+                sel = slice(None) if sels is None else sels[i].to(ids.device)
                 if hits is None:
                     return s.fetch(ids[sel], version=m.infos[i].version)
                 return s.fetch(ids[sel], hits=hits[sel], weight_sum=weight_sum[sel], version=m.infos[i].version)
             parts = self._each(call, which)
+            if sels is None:     # one shard owns every id: its answer is the result
+                return parts[0].to(out_device, dtype)
+            out = torch.zeros(ids.shape[0], m.d_v, dtype=dtype, device=out_device)
             for i, part in zip(which, parts):
-                out[sels[i]] = part.to(ids.device, dtype)
+                out[sels[i]] = part.to(out_device, dtype)
             return out
         return self._retrying(op)
 
@@ -425,15 +435,17 @@ class Table:
 
     # -- versions ------------------------------------------------------------------
 
-    def snapshot(self) -> int:
-        """Publish the current state (take it between steps) as a new version."""
+    def snapshot(self, *, full: bool = False) -> int:
+        """Publish the current state (take it between steps) as a new version: each shard
+        writes the rows changed since its base version where it can (a delta, read as a
+        whole; `snapshots`), or its whole state (`full`, or where no delta can serve)."""
         if self.store_root is None:
             raise errors.FailedPrecondition("snapshot: this table has no store_root")
         self.flush()
         held = max(i.version for i in self._map.infos)
         version = max(persistence.latest_version(self.store_root) or 0, held) + 1
         with persistence.staged_version(self.store_root, version) as stage:
-            self._each(lambda i, s: s.write_snapshot(stage, version))
+            self._each(lambda i, s: s.write_snapshot(stage, version, full=full))
             persistence.finish_version(stage, version)
         return version
 

@@ -29,7 +29,8 @@ from store_service.table import Table
 def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int = 1,
                    interceptors: Sequence = (), server_device: str | None = None,
                    servers: list | None = None, compact_readout: bool = True,
-                   readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0) -> Iterator[Table]:
+                   readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0,
+                   data_paths: Sequence[str] = (), connect_kw: dict | None = None) -> Iterator[Table]:
     """Publish a fresh table of `config` (version 1 under store_root), serve each
     of its config.num_shards shards from its own process, and yield a client Table.
 
@@ -38,7 +39,8 @@ def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int =
     servers: a list to fill with each server's `serve.ShardProcess`, whose /metrics port
     is then open, for callers that read the servers' own request timings.
     compact_readout, readout_wire_dtype, readout_chunk_rows: how readouts travel, see
-    `store_service.client.RemoteShard`."""
+    `store_service.client.RemoteShard`. data_paths: transports the servers offer and the
+    client asks for. connect_kw: more arguments of `connect` (wire_config, device...)."""
     local = Table.create(config, store_root)
     version = local.snapshot()
     local.close()
@@ -49,13 +51,16 @@ def loopback_table(config: TableConfig, store_root: str, *, torch_threads: int =
         for shard_id in range(config.num_shards):
             procs.append(start_shard_process(store_root, version, shard_id, admin_token=token,
                                              extra_args=["--torch-threads", str(torch_threads),
-                                                         *(["--device", server_device] if server_device else [])],
+                                                         *(["--device", server_device] if server_device else []),
+                                                         *(["--data-paths", ",".join(data_paths)] if data_paths
+                                                           else [])],
                                              metrics_port=0 if servers is not None else None))
         if servers is not None:
             servers.extend(procs)
         table = connect([p.address for p in procs], admin_token=token, store_root=store_root,
                         interceptors=interceptors, compact_readout=compact_readout,
-                        readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows)
+                        readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows,
+                        data_paths=data_paths, **(connect_kw or {}))
         yield table
     finally:
         if table is not None:

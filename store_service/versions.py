@@ -1,5 +1,6 @@
 """Operations on whole published versions: re-split over more or fewer shards, compose
-one from the shards of others, move rows to new ids, rewrite one in place.
+one from the shards of others, move rows to new ids, rewrite one in place, compact a chain of
+delta versions (`deltas`) into a full one.
 
 Each reads a version through `persistence` (any format it reads) and writes a new
 one (format 2) the way a snapshot is written: staged, synced, then published by a
@@ -20,9 +21,18 @@ import zarr
 from . import errors
 from .config import partition_rows, segments_from_json
 from .interface import SEGMENT_PRODUCT
+from .optimizer import FLAT_STATE_ARRAYS, ROW_STATE_ARRAYS
 from .persistence import (FLAT_ARRAYS, FORMAT, ROW_ARRAYS, ShardData, finish_version, flat_array_names,
                           fsync_tree, list_versions, new_stage, read_root_attrs, read_shard, shard_format,
                           shard_group_name, staged_version, tag_arrays, version_path, write_shard)
+
+
+# the row optimizers' state (optimizer.py) moves with its rows like the persistence lists
+_ROWS = tuple(dict.fromkeys(ROW_ARRAYS + ROW_STATE_ARRAYS))
+
+
+def _flat_names(arrays: dict) -> list[str]:
+    return list(dict.fromkeys(flat_array_names(arrays) + [n for n in FLAT_STATE_ARRAYS if n in arrays]))
 
 
 def _read_all(store_root: str, version: int) -> tuple[dict, list[ShardData]]:
@@ -36,7 +46,7 @@ def _read_all(store_root: str, version: int) -> tuple[dict, list[ShardData]]:
 def _whole_table(shards: list[ShardData]) -> dict[str, np.ndarray]:
     """Every per-row and per-flat-row array of the table, in id order; a tag some shard
     does not hold is unset (-1) on its rows."""
-    whole = {n: np.concatenate([d.arrays[n] for d in shards]) for n in ROW_ARRAYS + FLAT_ARRAYS
+    whole = {n: np.concatenate([d.arrays[n] for d in shards]) for n in _ROWS + FLAT_ARRAYS + FLAT_STATE_ARRAYS
              if n in shards[0].arrays}
     for name in sorted({n for d in shards for n in tag_arrays(d.arrays).values()}):
         whole[name] = np.concatenate([d.arrays.get(name, np.full(d.arrays["flat_ids"].shape[0], -1, np.int64))
@@ -46,9 +56,9 @@ def _whole_table(shards: list[ShardData]) -> dict[str, np.ndarray]:
 
 def _rows_of(whole: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
     """The arrays of the rows [lo, hi) (flat arrays: of the flat rows among them)."""
-    out = {n: whole[n][lo:hi] for n in ROW_ARRAYS if n in whole}
+    out = {n: whole[n][lo:hi] for n in _ROWS if n in whole}
     fsel = (whole["flat_ids"] >= lo) & (whole["flat_ids"] < hi)
-    out.update({n: whole[n][fsel] for n in flat_array_names(whole)})
+    out.update({n: whole[n][fsel] for n in _flat_names(whole)})
     return out
 
 
@@ -159,10 +169,10 @@ def publish_permuted(store_root: str, version: int, new_of_old: torch.Tensor,
     _check_moves(segments, new_of_old, perms)
     whole = _whole_table(olds)
     old_of_new = np.argsort(new_of_old)
-    moved = {n: whole[n][old_of_new] for n in ROW_ARRAYS if n in whole}
+    moved = {n: whole[n][old_of_new] for n in _ROWS if n in whole}
     flat_new_ids = new_of_old[whole["flat_ids"]]
     order = np.argsort(flat_new_ids, kind="stable")
-    moved.update({n: whole[n][order] for n in flat_array_names(whole)})
+    moved.update({n: whole[n][order] for n in _flat_names(whole)})
     moved["flat_ids"] = flat_new_ids[order].astype(whole["flat_ids"].dtype)
     pk = _merged_codebooks(olds, segments)
     for si, (pa, pb) in perms.items():
@@ -219,18 +229,28 @@ def _check_moves(segments, new_of_old: np.ndarray, perms: dict[int, tuple[np.nda
                                                        f"[{seg.row_start}, {seg.row_end})")
 
 
-def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], ShardData]) -> None:
+def compact(store_root: str, version: int) -> None:
+    """Rewrite published `version` in place as a full version: each shard's delta chain
+    (`deltas`) merged into one full subgroup, bitwise the same rows, the same content ids
+    (so deltas over this version, and states based on it, stay valid), published by the
+    atomic exchange of `rewrite_version`. Its parents may be deleted afterwards."""
+    rewrite_version(store_root, version, lambda d: d, same_content=True)
+
+
+def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], ShardData], *,
+                    same_content: bool = False) -> None:
     """Rewrite published `version` in place: every shard's data (in format 2, whatever format
     it was written in) through `edit`, the whole version written under staging/, synced to
     disk, then put in the old one's place by one atomic exchange of the two directories where
     the OS has one (Linux renameat2), else by two renames. For versions no shard is loading
-    meanwhile (a migration)."""
+    meanwhile (a migration). `same_content`: `edit` keeps every row bitwise (compaction), so
+    the shards keep their content ids; otherwise they get new ones."""
     _, shards = _read_all(store_root, version)
     path = version_path(store_root, version)
     stage = new_stage(store_root, version)
     try:
         for d in shards:
-            write_shard(stage, edit(d))
+            write_shard(stage, edit(d), keep_content_id=same_content)
         finish_version(stage, version)
         fsync_tree(stage)
         if not _exchange(stage, path):
@@ -238,8 +258,17 @@ def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], S
             os.rename(path, aside)
             os.rename(stage, path)
             stage = aside
+        _fsync_dir(os.path.dirname(path))   # the exchange itself, durable
     finally:
         shutil.rmtree(stage, ignore_errors=True)   # the old version, or a failed new one
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _exchange(a: str, b: str) -> bool:

@@ -218,8 +218,8 @@ def description_from_proto(r: pb.DescribeResponse, address: str) -> ShardDescrip
 
 
 def search_request_to_proto(queries: torch.Tensor, k: int, tags: Sequence[str], where: TagFilter | None,
-                            side: SideQuery | None, version: int) -> pb.SearchRequest:
-    req = pb.SearchRequest(version=version, k=k, tags=list(tags))
+                            side: SideQuery | None, version: int, want_keys: bool = False) -> pb.SearchRequest:
+    req = pb.SearchRequest(version=version, k=k, tags=list(tags), want_keys=want_keys)
     to_proto(queries, req.queries)
     if where is not None:
         req.where.name = where.name
@@ -241,7 +241,7 @@ def search_request_from_proto(req: pb.SearchRequest) -> tuple[torch.Tensor, dict
         where = TagFilter(req.where.name, values)
     if req.HasField("side"):
         side = SideQuery(int(req.side.partition), int(req.side.k))
-    return queries, dict(tags=tuple(req.tags), where=where, side=side)
+    return queries, dict(tags=tuple(req.tags), where=where, side=side, want_keys=bool(req.want_keys))
 
 
 def _tags_to_proto(tags: dict[str, torch.Tensor], out) -> None:
@@ -261,7 +261,8 @@ def search_result_to_proto(res: SearchResult) -> pb.SearchResponse:
     resp = pb.SearchResponse()
     ids_to_proto(res.ids, resp.ids)
     to_proto(res.scores, resp.scores)
-    to_proto(res.keys, resp.keys)
+    if res.keys is not None:
+        to_proto(res.keys, resp.keys)
     _tags_to_proto(res.tags, resp.tags)
     if res.side is not None:
         ids_to_proto(res.side.ids, resp.side.ids)
@@ -272,7 +273,8 @@ def search_result_to_proto(res: SearchResult) -> pb.SearchResponse:
 
 def search_result_from_proto(r: pb.SearchResponse, tags: Sequence[str], side: bool) -> SearchResult:
     ids = from_proto(r.ids, "ids", ids=True)
-    res = SearchResult(ids=ids, scores=from_proto(r.scores, "scores"), keys=from_proto(r.keys, "keys"),
+    keys = from_proto(r.keys, "keys", dtypes=_FLOATS, ndim=3) if r.HasField("keys") else None
+    res = SearchResult(ids=ids, scores=from_proto(r.scores, "scores"), keys=keys,
                        tags=_tags_from_proto(r.tags, tags, ids, "tags"))
     if side:
         side_ids = from_proto(r.side.ids, "side.ids", ids=True)
@@ -408,3 +410,17 @@ def readout_tokens(req) -> int:
     if req.HasField("slots"):
         return int(req.slots.rows)
     return req.ids.shape[0] if req.ids.shape else 0
+
+
+def endpoint_to_proto(e) -> pb.Endpoint:
+    """datapath.Endpoint -> Endpoint message."""
+    return pb.Endpoint(host_id=e.host_id, pid=e.pid, device=e.device)
+
+
+def endpoint_from_proto(msg: pb.Endpoint, field: str):
+    """Endpoint message -> datapath.Endpoint, bounded (InvalidArgument naming `field`)."""
+    from store_service.datapath import Endpoint
+    for name in ("host_id", "device"):
+        if len(getattr(msg, name)) > 256:
+            raise InvalidArgument(f"{field}.{name}", "longer than 256 characters")
+    return Endpoint(host_id=msg.host_id, pid=int(msg.pid), device=msg.device)

@@ -49,8 +49,8 @@ class TensorTable:
         scores, idx = s.topk(min(k, self.n_flat), dim=-1)
         return SearchResult(idx + self.P, scores, self.flat_keys[idx])
 
-    def fetch(self, ids, *, hits=None, weight_sum=None):
-        return self.values[ids]
+    def fetch(self, ids, *, hits=None, weight_sum=None, device=None):
+        return self.values[ids].to(device or ids.device)
 
     def readout(self, ids, weights):
         return kernels.readout_weighted(self.values, ids, weights)

@@ -212,4 +212,5 @@ def test_one_search_per_layer_and_call_brings_tags_and_detectors(gate_lab):
         return search(q, k, **kw)
     table.search = counted
     gate_lab.read(kl, x)
-    assert calls == [{"tags": GATE_TAGS, "side": SideQuery(DETECTOR_PARTITION, kl.cfg.detector_pool)}]
+    assert calls == [{"tags": GATE_TAGS, "side": SideQuery(DETECTOR_PARTITION, kl.cfg.detector_pool),
+                      "want_keys": True}]

@@ -78,7 +78,7 @@ def test_shard_faiss_path_matches_exact_path():
     q = torch.randn(6, 8)
     for sh in (exact, fast):
         sh.set_ablated(torch.tensor([1, 2, 3]))
-    a, b = exact.search(q, 7), fast.search(q, 7)
+    a, b = exact.search(q, 7, want_keys=True), fast.search(q, 7, want_keys=True)
     assert torch.equal(a.ids, b.ids)
     torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.keys, b.keys)

@@ -57,7 +57,8 @@ def test_hot_swap_under_load_never_fails_and_never_mixes_versions(tmp_path):
     expected = {}
     for v in (v1, v2):
         t = Table.open(root, v)
-        expected[v] = ([t.search(q, 7) for q in queries], [t.readout(i, w) for i, w in zip(ids, weights)])
+        expected[v] = ([t.search(q, 7, want_keys=True) for q in queries],
+                       [t.readout(i, w) for i, w in zip(ids, weights)])
     assert not torch.equal(expected[v1][0][0].ids, expected[v2][0][0].ids)
 
     procs = [start_shard_process(root, v1, i, admin_token=TOKEN, extra_args=["--torch-threads", "1"])
@@ -88,7 +89,7 @@ def test_hot_swap_under_load_never_fails_and_never_mixes_versions(tmp_path):
             b = (b + 1) % len(queries)
             try:
                 if b % 2:
-                    v = version_of_search(b, table.search(queries[b], 7))
+                    v = version_of_search(b, table.search(queries[b], 7, want_keys=True))
                 else:
                     v = version_of_readout(b, table.readout(ids[b], weights[b]))
             except Exception as exc:  # any failed call fails the test

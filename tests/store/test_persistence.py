@@ -78,10 +78,10 @@ def test_crash_mid_write_leaves_no_visible_version(tmp_path, monkeypatch):
     v1 = t.snapshot()
     real = Shard.write_snapshot
 
-    def crash(self, version_dir, version):
+    def crash(self, version_dir, version, **kw):
         if self.shard_id == 2:
             raise OSError("disk full")
-        return real(self, version_dir, version)
+        return real(self, version_dir, version, **kw)
     monkeypatch.setattr(Shard, "write_snapshot", crash)
     with pytest.raises(OSError):
         t.snapshot()
@@ -198,7 +198,8 @@ def test_format1_rows_with_both_labels_are_a_side_query_over_partition_1(tmp_pat
     """The old semantics map exactly: once the rows whose cue and gate are both set are
     moved to partition 1 (as the model side's migration does, here through
     versions.rewrite_version), search(q, k, tags=("cue", "gate"), side=SideQuery(1, m))
-    answers what the pre-restructure store answered to search(q, k, detectors=m), bitwise."""
+    answers what the pre-restructure store answered to search(q, k, detectors=m): ids, keys and
+    tags bitwise, scores to float rounding."""
     root, v = _format1_store(tmp_path), FORMAT1["version"]
 
     def both_labels_to_partition_1(d: persistence.ShardData) -> persistence.ShardData:
@@ -210,11 +211,17 @@ def test_format1_rows_with_both_labels_are_a_side_query_over_partition_1(tmp_pat
     assert persistence.read_root_attrs(root, v)["format"] == 2
     t = Table.open(root, v)
     assert t.info().partition_rows == {1: 5}
-    res = t.search(FORMAT1["queries"], FORMAT1["k"], tags=("cue", "gate"), side=SideQuery(1, FORMAT1["m"]))
+    res = t.search(FORMAT1["queries"], FORMAT1["k"], tags=("cue", "gate"), side=SideQuery(1, FORMAT1["m"]),
+                 want_keys=True)
     for got, want in ((res.ids, "ids"), (res.scores, "scores"), (res.keys, "keys"), (res.tags["cue"], "cue"),
                       (res.tags["gate"], "gate"), (res.side.ids, "side_ids"), (res.side.scores, "side_scores"),
                       (res.side.tags["cue"], "side_cue"), (res.side.tags["gate"], "side_gate")):
-        assert torch.equal(got, FORMAT1[want]), want
+        if got.is_floating_point():
+            # scores come from a matmul whose rounding depends on the CPU's BLAS kernels (the
+            # fixture was written on an Intel host; an AMD one differs in the last bits)
+            torch.testing.assert_close(got, FORMAT1[want], rtol=1e-5, atol=1e-5, msg=want)
+        else:
+            assert torch.equal(got, FORMAT1[want]), want
 
 
 # -- publish_permuted: rows moved to new ids ---------------------------------------------------

@@ -59,7 +59,7 @@ def test_search_matches_brute_force_with_bias_and_ablation(shard_id):
     k = 5
     res = sh.search(q, k)
     sh.set_ablated(res.ids[:, :2].flatten().unique())
-    res2 = sh.search(q, k)
+    res2 = sh.search(q, k, want_keys=True)
     top, ids = _brute_search(sh, cfg, q, k)
     assert torch.equal(res2.ids, ids)
     torch.testing.assert_close(res2.scores, top)
@@ -76,7 +76,7 @@ def test_search_pads_when_fewer_selectable_rows_and_rejects_k_above_rows():
     cfg = _cfg(segments=[("flat", 6)], num_shards=1)
     sh = Shard(cfg)
     sh.set_ablated(torch.tensor([0, 1, 2]))
-    res = sh.search(torch.randn(2, 8), 5)
+    res = sh.search(torch.randn(2, 8), 5, want_keys=True)
     assert bool((res.ids[:, 3:] == -1).all()) and bool(torch.isneginf(res.scores[:, 3:]).all())
     assert bool((res.keys[:, 3:] == 0).all())
     with pytest.raises(errors.InvalidArgument) as e:

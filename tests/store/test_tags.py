@@ -99,7 +99,7 @@ def test_search_returns_tags_and_leaves_other_partitions_out_of_the_top_k():
     assert info.tag_rows == {"owner": 5, "topic": 9} and info.partition_rows == {1: 3, 2: 1}
     assert sum(s.partition_rows.get(1, 0) for s in info.shards) == 3
     q = _queries(keys)
-    res = table.search(q, 7, tags=TAGS)
+    res = table.search(q, 7, tags=TAGS, want_keys=True)
     _same(res, _reference(table, q, 7))
     assert res.side is None and res.keys.shape == (q.shape[0], 7, 8)
     assert not bool(torch.isin(res.ids, ids[8:]).any())        # not even for their own keys

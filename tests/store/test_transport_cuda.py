@@ -1,0 +1,160 @@
+"""The CUDA IPC path against the gRPC path, on a GPU (skipped without one).
+
+A shard server process keeps its rows on the GPU (`--device cuda`); the client maps the
+shard's staging buffer with CUDA IPC. Rows, readouts and applied gradients must be bitwise
+what the gRPC path gives, also through a buffer smaller than the answer, and a read during
+back-to-back swaps must see one version.
+
+    python -m pytest -q tests/store/test_transport_cuda.py | tee benchmarks/results/transport_cuda_pytest.txt
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from store_service import persistence
+from store_service.client import RemoteShard
+from store_service.config import OptimizerConfig, TableConfig
+from store_service.serve import start_shard_process
+from store_service.table import Table
+from store_service.transport.client import BulkPath
+from store_service.transport.config import ClientConfig
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+TOKEN = "transport-cuda"
+SMALL = ClientConfig(buffer_bytes=1 << 16, slots=4, timeout_s=60)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(torch.uint8)
+
+
+@pytest.fixture(params=["float32", "bfloat16"])
+def published(tmp_path, request):
+    cfg = TableConfig(d_k=16, d_v=256, segments=[("flat", 20000)], value_dtype=request.param, seed=4,
+                      optimizer=OptimizerConfig("sgd", lr=0.5))
+    return str(tmp_path), Table.create(cfg, str(tmp_path)).snapshot()
+
+
+def _serve(root, version):
+    return start_shard_process(root, version, 0, admin_token=TOKEN, extra_args=["--device", "cuda"])
+
+
+@pytest.mark.parametrize("rows", [1, 1000, 20000])
+def test_cuda_ipc_fetch_and_readout_are_bitwise_the_grpc_path(published, rows):
+    root, version = published
+    proc = _serve(root, version)
+    remote = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
+    path = BulkPath.open(proc.address, TOKEN, "cuda_ipc", SMALL)
+    try:
+        assert path.kind == "cuda_ipc"
+        ids = torch.randint(-1, 20000, (rows,), generator=torch.Generator().manual_seed(rows))
+        got = path.fetch(ids)
+        assert got.device.type == "cuda"
+        assert torch.equal(_bits(got), _bits(remote.fetch(ids)))
+        rid = ids[: rows - rows % 4].reshape(-1, 4) if rows >= 4 else ids.reshape(1, -1)
+        w = torch.rand(rid.shape, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(_bits(path.readout(rid, w)), _bits(remote.readout(rid, w)))
+    finally:
+        path.close()
+        remote.close()
+        proc.stop()
+
+
+def test_shm_from_a_gpu_shard_to_a_gpu_client_is_bitwise_the_grpc_path(published):
+    """Rows on the shard's GPU, gathered into page-locked shared memory, copied to the client's GPU."""
+    root, version = published
+    proc = _serve(root, version)
+    remote = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
+    path = BulkPath.open(proc.address, TOKEN, "shm", ClientConfig(buffer_bytes=1 << 16, slots=4, device="cuda:0"))
+    try:
+        ids = torch.randint(-1, 20000, (5000,), generator=torch.Generator().manual_seed(7))
+        got = path.fetch(ids)
+        assert got.device.type == "cuda"
+        assert torch.equal(_bits(got), _bits(remote.fetch(ids)))
+        grads = torch.randn(5000, 256, device="cuda")
+        path.accumulate_value_grads(ids, grads, request_id="s")   # from the GPU through shared memory
+    finally:
+        path.close()
+        remote.close()
+        proc.stop()
+
+
+def test_cuda_ipc_gradients_are_applied_as_over_grpc(published):
+    root, version = published
+    a, b = _serve(root, version), _serve(root, version)
+    ra, rb = RemoteShard(a.address, admin_token=TOKEN), RemoteShard(b.address, admin_token=TOKEN)
+    path = BulkPath.open(a.address, TOKEN, "cuda_ipc", SMALL)
+    try:
+        g = torch.Generator().manual_seed(3)
+        ids = torch.randint(-1, 20000, (3000,), generator=g)
+        grads = torch.randn(3000, 256, generator=g)
+        path.accumulate_value_grads(ids, grads.cuda(), request_id="g")
+        rb.accumulate_value_grads(ids, grads, request_id="g")
+        assert ra.end_step(0) == rb.end_step(0) == 1
+        every = torch.arange(20000)
+        assert torch.equal(_bits(ra.fetch(every)), _bits(rb.fetch(every)))
+    finally:
+        path.close()
+        for r in (ra, rb):
+            r.close()
+        a.stop()
+        b.stop()
+
+
+def test_cuda_ipc_reads_during_swaps_see_one_version(published):
+    root, v1 = published
+    for shift, v in ((1000.0, v1 + 1), (2000.0, v1 + 2)):
+        with persistence.staged_version(root, v) as stage:
+            data = persistence.read_shard(persistence.version_path(root, v1), 0)
+            arrays = dict(data.arrays, values=data.arrays["values"] + shift)
+            persistence.write_shard(stage, persistence.ShardData(dict(data.attrs, version=v), arrays))
+            persistence.finish_version(stage, v)
+    proc = _serve(root, v1)
+    admin = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
+    ids = torch.arange(20000)
+    path = BulkPath.open(proc.address, TOKEN, "cuda_ipc", ClientConfig(buffer_bytes=1 << 20, slots=4, retries=50))
+    want = {v1: _bits(admin.fetch(ids))}
+    for v in (v1 + 1, v1 + 2):   # each version's rows as the gRPC path reads them
+        admin.prepare_version(root, v)
+        admin.flip_version(v)
+        admin.release_version(v - 1)
+        want[v] = _bits(admin.fetch(ids))
+    stop, seen, failures = threading.Event(), [], []
+
+    def swap():
+        serving = v1 + 2
+        while not stop.is_set():
+            nxt = v1 + (serving - v1 + 1) % 3
+            admin.prepare_version(root, nxt)
+            admin.flip_version(nxt)
+            admin.release_version(serving)
+            serving = nxt
+
+    def read():
+        try:
+            while not stop.is_set():
+                got = _bits(path.fetch(ids))
+                match = [v for v, rows in want.items() if torch.equal(got, rows)]
+                seen.append(match[0] if len(match) == 1 else None)
+        except Exception as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=swap), threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60   # until reads saw two versions, at most a minute
+    while time.monotonic() < deadline and not failures and not (len(seen) >= 10 and len(set(seen)) >= 2):
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(60)
+    path.close()
+    admin.close()
+    proc.stop()
+    assert not failures, failures
+    assert seen and None not in seen and len(set(seen)) >= 2, seen
