@@ -21,7 +21,7 @@ import threading
 import time
 
 import torch
-from tqdm import tqdm
+from model_worker.progress import progress_bar
 
 from benchmarks.common import write_results
 from benchmarks.store_bench import device_string
@@ -91,7 +91,7 @@ def main() -> None:
               "client_threads": 2, "throughput": {}, "scale": [], "swap": []}
     cluster = StoreCluster.start(ClusterConfig(store_root=root, num_shards=1), tcfg)
     try:
-        for shards in tqdm((1, 2, 4), desc="throughput vs shards"):
+        for shards in progress_bar((1, 2, 4), desc="throughput vs shards"):
             if cluster.shard_map().num_shards != shards:
                 t0 = time.perf_counter()
                 with Load(cluster, queries, k) as load:
@@ -112,7 +112,7 @@ def main() -> None:
         table.set_ablated(torch.arange(0, 1000), True)
         edited = table.snapshot()
         table.close()
-        for i in tqdm(range(2), desc="hot swap under load"):
+        for i in progress_bar(range(2), desc="hot swap under load"):
             with Load(cluster, queries, k) as load:
                 time.sleep(0.5)
                 t0 = time.perf_counter()

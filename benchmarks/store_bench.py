@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
+from model_worker.progress import progress_bar  # noqa: E402
 
 from benchmarks.common import ByteCounter, cpu_model  # noqa: E402
 from store_service import persistence  # noqa: E402
@@ -71,7 +71,7 @@ def _time(fn, iters: int, warmup: int, label: str) -> dict:
     for _ in range(warmup):
         fn()
     times = []
-    for _ in tqdm(range(iters), desc=label, leave=False):
+    for _ in progress_bar(range(iters), desc=label, leave=False):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
@@ -102,7 +102,7 @@ def measure(table: Table, size: Size, iters: int, warmup: int, label: str) -> di
 
 def run(size: Size, iters: int, warmup: int, store_root: str, server_threads: int) -> dict:
     load_start = os.getloadavg()[0]
-    stages = tqdm(total=5, desc="store_bench", unit="stage")
+    stages = progress_bar(total=5, desc="store_bench", unit="stage")
     cfg = TableConfig(d_k=size.d_k, d_v=size.d_v, segments=[("product", size.n_sub), ("flat", size.flat_rows)],
                       store_codebooks=True, num_shards=size.shards, bias_step=0.0,
                       optimizer=OptimizerConfig("sgd", lr=0.0))

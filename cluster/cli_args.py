@@ -4,6 +4,11 @@ from __future__ import annotations
 import argparse
 
 
+class CliError(Exception):
+    """What went wrong and what to do, in one line. `kstore` prints it and exits with
+    code 2 (a traceback only with -v)."""
+
+
 def parse_ids(spec: str):
     """'3,7,10:20' -> int64 tensor [3, 7, 10, ..., 19]."""
     import torch  # deferred, as everywhere in the CLI: `kstore --help` starts without loading torch

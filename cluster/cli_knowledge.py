@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_args import parse_ids
+from .cli_args import CliError, parse_ids
 
 
 def _print(obj) -> None:
@@ -33,11 +33,11 @@ def _load(ckpt: str):
     if not (Path(ckpt) / "meta.json").exists():
         found = latest_checkpoint(ckpt)
         if found is None:
-            sys.exit(f"kstore: {ckpt} is neither a checkpoint step directory nor a run directory with one")
+            raise CliError(f"{ckpt} is neither a checkpoint step directory nor a run directory with one")
         ckpt = str(found)
     model, tok, meta = load_for_inference(ckpt)
     if not model.knowledge_layers():
-        sys.exit(f"kstore: {ckpt} is a model without knowledge layers")
+        raise CliError(f"{ckpt} is a model without knowledge layers")
     return Path(ckpt), model, tok, meta, model.tables()[0]
 
 
@@ -53,7 +53,7 @@ def cmd_learn(args) -> None:
     if args.facts:
         examples = facts_from_lines(Path(args.facts).read_text().splitlines())
         if not examples:
-            sys.exit(f"kstore: no facts in {args.facts}")
+            raise CliError(f"no facts in {args.facts} (lines 'prompt<TAB>answer[<TAB>subject]')")
     else:
         corpus = build_corpus(args.corpus or meta["train_config"]["corpus"])
         examples = corpus.new_train

@@ -53,8 +53,8 @@ class ClusterConfig:
     # {"0": {"num_gpus": 0.5, "rows": "gpu"}, "1": {"rows": "host"}}
     shard_overrides: dict[str, dict] = field(default_factory=dict)
     worker: ShardResources = field(default_factory=lambda: ShardResources(num_cpus=1.0))
-    model_preset: str = "tiny_knowledge"
-    corpus_preset: str = "tiny"
+    model_preset: str = "tiny-knowledge"   # model_worker.config.configs (the table is made for it)
+    corpus_preset: str = "tiny"            # model_worker.data.CORPUS_PRESETS
     train_steps: int = 300
     seed: int = 0
 

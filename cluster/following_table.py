@@ -119,6 +119,10 @@ class FollowingTable(Table):
 
     def close(self) -> None:
         self._closed.set()
+        # Wait for the watcher's registry call (it returns within ~2 s): a thread still in
+        # a Ray call when the process exits makes Ray end the process with code 1.
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=30.0)
         super().close()
         for s in self.shards:
             s.close()

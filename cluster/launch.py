@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from store_service import persistence, versions
+from store_service import errors, persistence, versions
 from store_service.client import RemoteShard
 from store_service.config import TableConfig
 
@@ -42,6 +42,7 @@ def init_ray(config: ClusterConfig, log_to_driver: bool = False) -> bool:
     if ray.is_initialized():
         return _owns_ray
     if config.ray_address:
+        _token_auth_for_explicit_address()
         ray.init(address=config.ray_address, namespace=NAMESPACE, logging_level="ERROR",
                  log_to_driver=log_to_driver)
     else:
@@ -50,6 +51,19 @@ def init_ray(config: ClusterConfig, log_to_driver: bool = False) -> bool:
                  log_to_driver=log_to_driver, num_cpus=max(os.cpu_count() or 2, 4))
         _owns_ray = True
     return _owns_ray
+
+
+def _token_auth_for_explicit_address() -> None:
+    """Ray turns token authentication on by itself where a token exists (~/.ray/auth_token):
+    for a head it starts and for `ray.init("auto")`, but not for an explicit address.
+    Do as it does there, so that `kstore` reaches the head `kstore up` started."""
+    if "RAY_AUTH_MODE" not in os.environ and os.path.exists(os.path.expanduser("~/.ray/auth_token")):
+        os.environ["RAY_AUTH_MODE"] = "token"
+        try:   # Ray reads its settings once; this is how its own code re-reads them after setting the mode
+            from ray._raylet import Config
+            Config.initialize("")
+        except (ImportError, AttributeError):  # a Ray without token authentication
+            pass
 
 
 @dataclass
@@ -82,7 +96,11 @@ class StoreCluster:
         if len(persistence.read_root_attrs(config.store_root, version)["shards"]) != config.num_shards:
             version = versions.repartition(config.store_root, version, config.num_shards)
         cluster = cls(config, get_or_create_registry(), owns_ray=owns)
-        cluster._start_generation(version, config.num_shards)
+        try:
+            cluster._start_generation(version, config.num_shards)
+        except BaseException:
+            cluster.stop()   # a failed start leaves no actor, registry or embedded Ray behind
+            raise
         return cluster
 
     def _start_generation(self, version: int, num_shards: int) -> list:
@@ -96,10 +114,12 @@ class StoreCluster:
                                              **res.ray_options()).remote(
                 os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token,
                 rows=res.rows))
+        self.actors = self.actors + actors   # stop() reaches them even if they never register
         m = ShardMap.from_dict(ray.get(self.registry.wait_for.remote(min_map_version=gen, complete=True,
                                                                     timeout_s=120.0)))
         if m.map_version != gen or not m.complete():
-            raise RuntimeError(f"shard actors of generation {gen} did not all register: {m.to_dict()}")
+            raise RuntimeError(f"shard actors of generation {gen} did not all register within 120 s "
+                               f"(do the cluster's resources fit [shard] in the config?): {m.to_dict()}")
         self.actors, self.map_version = actors, gen
         return actors
 
@@ -173,10 +193,25 @@ class StoreCluster:
         rows come from `version`: a new version is composed (that shard from
         `version`, the others from the serving one) and the whole table swaps
         to it, so every answer still comes wholly from one version.
+        A version with another shard count is re-partitioned onto the serving
+        shards first (a new version, the same rows); one shard of it cannot be.
         Returns the version now serving."""
         m = self.shard_map()
+        published = persistence.list_versions(self.config.store_root)
+        if version not in published:
+            raise errors.NotFound(f"no published version {version} under {self.config.store_root}; "
+                                  f"published: {published}")
+        held = len(persistence.read_root_attrs(self.config.store_root, version)["shards"])
         if shard is not None:
+            if held != m.num_shards:
+                raise errors.FailedPrecondition(
+                    f"version {version} has {held} shards and the cluster serves {m.num_shards}, so shard "
+                    f"{shard} holds other rows in each; swap the whole table (--version {version} without "
+                    f"--shard) or `kstore scale {held}` first")
             version = versions.compose_version(self.config.store_root, m.table_version, {shard: version})
+        elif held != m.num_shards:
+            # the serving actors keep their number: the version's rows are re-partitioned onto them
+            version = versions.repartition(self.config.store_root, version, m.num_shards)
         table = self.table()
         try:
             table.load_version(version)

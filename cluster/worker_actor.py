@@ -150,8 +150,37 @@ class WorkerActor:
         self.tokenizer = tokenizer_from_dict(meta["tokenizer"])
 
     def answer(self, questions: list[str], max_new_tokens: int = 24) -> list[str]:
+        """Greedy answers, reading the rows the store serves now: what other clients
+        changed (ablations, swaps, new rows) is re-read first."""
         from model_worker.generate import answer
+        self.model.refresh_table_state()
         return answer(self.model, self.tokenizer, list(questions), max_new_tokens)
+
+    def rows_behind(self, facts: list[tuple[str, str]], per_fact: int = 64) -> list[list[int]]:
+        """For each (prompt, answer): the `per_fact` rows with the most readout weight
+        over the positions that predict the answer (interpret.answer_rows), best first."""
+        from model_worker.interpret import answer_rows
+        from model_worker.learn import TextFact
+        self.model.refresh_table_state()
+        examples = [TextFact(p, " " + a, a) for p, a in facts]
+        return [ids.tolist() for ids in answer_rows(self.model, self.tokenizer, examples, per_fact=per_fact)]
+
+    def learn(self, lines: list[str], corpus: str, learn_config: dict, background_batches: int = 32) -> dict:
+        """Teach the served model new facts ('prompt<TAB>answer<TAB>subject' lines) as new
+        rows of the cluster's table, while it serves (model_worker.learn, method new_rows:
+        the model and the old rows stay as they are). Publishes a new store version."""
+        from model_worker.data import PackedLoader, build_corpus
+        from model_worker.learn import LearnConfig, facts_from_lines, learn
+        self.model.refresh_table_state()
+        table = self.model.tables()[0]
+        # old text calibrates the new keys, so that it does not select the new rows
+        bg = PackedLoader(build_corpus(corpus).train_texts, self.tokenizer, 64, 16, seed=1)
+        res = learn(self.model, table, facts_from_lines(lines), self.tokenizer, LearnConfig(**learn_config),
+                    background=[bg.batch(i) for i in range(background_batches)], publish=True)
+        self.model.eval()
+        return {"new_rows": int(res.new_ids.numel()), "version": res.version, "seconds": res.seconds,
+                "loss_first": res.losses[0], "loss_last": res.losses[-1],
+                "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0)}
 
     def rows_used(self, question: str, top: int = 5) -> dict:
         """For the first answer token: the rows each knowledge layer read, with weights."""
@@ -204,7 +233,7 @@ def _wait_for_restarted_shards(table, timeout_s: float = 120.0) -> None:
 def follow_training(worker, pending, poll_s: float = 0.5):
     """Draw a worker's training progress here, in the driver, until `pending`
     (its `train` call) finishes; returns its result."""
-    from tqdm import tqdm
+    from model_worker.progress import progress_bar
 
     bar, finished = None, False
     while True:
@@ -212,7 +241,7 @@ def follow_training(worker, pending, poll_s: float = 0.5):
         p = ray.get(worker.progress.remote())
         if p["active"] and p["total"] and not finished:
             if bar is None:
-                bar = tqdm(total=p["total"], initial=p["step"], desc=p["desc"])
+                bar = progress_bar(total=p["total"], initial=p["step"], desc=p["desc"])
             bar.n = p["step"]
             bar.set_postfix(p["postfix"], refresh=False)
             bar.refresh()

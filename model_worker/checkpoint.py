@@ -135,12 +135,16 @@ def open_checkpoint_table(meta: dict) -> Table:
     return Table.open(meta["store_root"], meta["table_version"])
 
 
-def load_for_inference(ckpt: str | Path) -> tuple[Transformer, ByteTokenizer, dict]:
+def load_for_inference(ckpt: str | Path, table=None) -> tuple[Transformer, ByteTokenizer, dict]:
     """-> (model in eval mode with its table attached, tokenizer, meta) from a step directory,
-    with the table opened in-process from the store root at the checkpoint's version."""
+    with the table opened in-process from the store root at the checkpoint's version, or
+    `table` (e.g. a cluster's serving table) when given."""
     meta = read_meta(ckpt)
     cfg = ModelConfig.from_dict(meta["model_config"])
-    table = open_checkpoint_table(meta) if cfg.knowledge is not None else None
+    if cfg.knowledge is None:
+        table = None
+    elif table is None:
+        table = open_checkpoint_table(meta)
     model = Transformer(cfg, table)
     load_weights(model, Path(ckpt) / "model.safetensors")
     return model.eval(), tokenizer_from_dict(meta["tokenizer"]), meta

@@ -108,16 +108,20 @@ def generate_fn(model: Transformer, tokenizer, **kw):
     return fn
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Answer questions from a trained checkpoint.")
-    ap.add_argument("--checkpoint", required=True, help="a step directory written by train.py")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-p", type=float, default=0.9)
-    ap.add_argument("--show-rows", action="store_true", help="print the rows the first answer token read")
-    ap.add_argument("questions", nargs="+")
-    args = ap.parse_args(argv)
-    model, tokenizer, _ = load_for_inference(args.checkpoint)
+def run(args: argparse.Namespace, table=None) -> None:
+    """Answer args.questions from args.checkpoint; `table`: read rows from it instead of
+    the checkpoint's own store version (a standing cluster's serving table)."""
+    from pathlib import Path
+
+    from .checkpoint import latest_checkpoint
+    ckpt = Path(args.checkpoint)
+    if not (ckpt / "meta.json").exists():
+        found = latest_checkpoint(ckpt) if ckpt.is_dir() else None
+        if found is None:
+            raise FileNotFoundError(f"{ckpt} is neither a checkpoint (a step directory with meta.json) nor a "
+                                    "run directory holding one; train first (python -m model_worker.train)")
+        ckpt = found
+    model, tokenizer, _ = load_for_inference(ckpt, table=table)
     kw = dict(temperature=args.temperature, top_p=args.top_p)
     for q, a in zip(args.questions, answer(model, tokenizer, args.questions, args.max_new_tokens, **kw)):
         print(f"{q}{a}")
@@ -125,9 +129,16 @@ def main(argv: list[str] | None = None) -> None:
             prompt = torch.tensor([tokenizer.encode(q, bos=True)])
             gen = generate(model, prompt, 1, record=True)
             for layer, (ids, w) in gen.rows.items():
-                top = w[0, -1].flatten().topk(5)
+                top = w[0, -1].flatten().topk(min(5, w[0, -1].numel()))
                 print(f"  layer {layer}: rows {ids[0, -1].flatten()[top.indices].tolist()} "
                       f"weights {[round(x, 3) for x in top.values.tolist()]}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .cli_flags import add_generate_arguments
+    ap = argparse.ArgumentParser(description="Answer questions from a trained checkpoint.")
+    add_generate_arguments(ap)
+    run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

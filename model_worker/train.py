@@ -19,60 +19,25 @@ import dataclasses
 import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from tqdm import tqdm
 
 from store_service.config import OptimizerConfig, TableConfig
 from store_service.interface import KnowledgeTable
 from store_service.table import Table
 
 from . import evaluate
+from .cli_flags import add_train_arguments, train_config_from_args
 from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .config import ModelConfig, preset
 from .distributed import DataParallel
 from .data import ByteTokenizer, PackedLoader, build_corpus, packed_batches
 from .generate import generate_fn
 from .model import Transformer
-
-
-@dataclass
-class TrainConfig:
-    model: str = "tiny-knowledge"          # a preset name (model_worker.config.configs)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    corpus: str = "tiny"                   # a corpus preset (model_worker.data.CORPUS_PRESETS)
-    seq_len: int = 64
-    batch_size: int = 16
-    steps: int = 200
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1              # cosine decay to lr * min_lr_ratio
-    warmup: int = 20
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    # the table (knowledge models only): row-wise sparse optimizer applied at end_step
-    table_optimizer: str = "adam"          # a store optimizer kind (store_service/optimizer.py): "adam", "sgd", ...
-    value_lr: float | None = None          # None -> knowledge.value_lr
-    flat_rows: int = 0                     # a flat segment after the product segment
-    num_shards: int = 1
-    table_bias_step: float = 1e-3
-    # evaluation and checkpoints (0 = never)
-    eval_every: int = 100
-    eval_recall_n: int = 256               # recall on the first n held-out-phrasing prompts (0 = all)
-    eval_loss_batches: int = 8
-    eval_batch_size: int = 64              # prompts per generation call (grouped by length inside it); on a
-                                           #   GPU, where each decoded token is a launch-bound step, use ~1024
-    ckpt_every: int = 0
-    out_dir: str = "runs/default"
-    seed: int = 0
-    progress: bool = True
-    threads: int = 0                       # torch intra-op threads (0 = torch's default); 1 is best on a busy small CPU
-    device: str = "cpu"                    # "cuda": model, batches and the in-process table's shards on the GPU
-
-    def __post_init__(self):
-        self.model_overrides = dict(self.model_overrides)
+from .progress import progress_bar as default_progress_bar
+from .train_config import TrainConfig
 
 
 def model_config(cfg: TrainConfig, vocab_size: int) -> ModelConfig:
@@ -135,7 +100,7 @@ def evaluate_model(model: Transformer, tok, corpus, cfg: TrainConfig) -> dict:
 
 def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str | Path | None = None,
           stop_at: int | None = None, data_parallel: DataParallel | None = None,
-          step_hook: Callable[[int], None] | None = None, progress_bar: Callable = tqdm) -> dict:
+          step_hook: Callable[[int], None] | None = None, progress_bar: Callable = default_progress_bar) -> dict:
     """Run (or resume) training. `table`: use this table instead of creating an
     in-process one (e.g. a gRPC client); `resume`: a checkpoint directory, or an
     out_dir whose `latest` is used; `stop_at`: stop after this step (checkpointing
@@ -143,7 +108,8 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     `data_parallel`: this worker's rank among W workers sharing one store (each
     trains on batches step*W + rank; rank 0 evaluates and checkpoints);
     `step_hook(done_steps)`: called between steps, after any checkpoint (the
-    cluster scales the store there); `progress_bar`: a tqdm-like factory.
+    cluster scales the store there); `progress_bar`: a tqdm-like factory (default: a live bar
+    in a terminal, a line per 10% otherwise).
     Returns {"losses": [...], "evals": [...], "tokens_per_s", "params", "final_loss", ...}."""
     torch.manual_seed(cfg.seed)
     if cfg.threads:
@@ -228,33 +194,27 @@ def train(cfg: TrainConfig, *, table: KnowledgeTable | None = None, resume: str 
     return history
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="Train a model (dense / MoE / MoE + knowledge).")
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in ("model_overrides",):
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kind = type(default) if default is not None else float
-        if kind is bool:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=lambda s: s.lower() in ("1", "true", "yes"),
-                            default=default)
-        else:
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=default)
-    ap.add_argument("--model-overrides", type=json.loads, default={}, help="JSON of ModelConfig fields")
-    ap.add_argument("--resume", default=None, help="a checkpoint directory or an out_dir")
-    args = vars(ap.parse_args(argv))
-    resume = args.pop("resume")
-    cfg = TrainConfig(**args)
-    if resume and cfg.out_dir == "runs/default":
-        cfg.out_dir = str(resume)
+def run(args: argparse.Namespace) -> dict:
+    """Train as the command line asks, in this process; prints and returns the summary."""
+    cfg, resume = train_config_from_args(args)
     table = None
     if resume and preset(cfg.model).knowledge is not None:
         ckpt = Path(resume) if (Path(resume) / "meta.json").exists() else latest_checkpoint(resume)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint under {resume} to resume from")
         meta = read_meta(ckpt)
         table = open_table(meta["store_root"], meta["table_version"])
     result = train(cfg, table=table, resume=resume)
-    print(json.dumps({k: v for k, v in result.items() if k in ("final_loss", "tokens_per_s", "evals", "params")},
-                     indent=2))
+    summary = {k: v for k, v in result.items() if k in ("final_loss", "tokens_per_s", "evals", "params")}
+    summary["checkpoint"] = str(latest_checkpoint(cfg.out_dir))
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="Train a model (dense / MoE / MoE + knowledge).")
+    add_train_arguments(ap)
+    run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ class CorpusConfig:
 CORPUS_PRESETS: dict[str, CorpusConfig] = {
     # ~300 facts (30 countries, 50 cities): CI and unit tests
     "tiny": CorpusConfig(max_countries=30, max_cities=50),
+    # ~90 facts (12 countries, 12 cities): `kstore demo`, small enough that a model learns every
+    # fact in a few minutes on 2 CPU cores (cluster/demo.py)
+    "demo": CorpusConfig(max_countries=12, max_cities=12),
     # ~640 facts (60 countries, 150 cities): the CPU quality benchmark (benchmarks/quality.py)
     "medium": CorpusConfig(max_countries=60, max_cities=150),
     # the same facts with 9 training paraphrases per relation instead of 4 (more tokens per fact)

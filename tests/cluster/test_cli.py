@@ -3,6 +3,8 @@ a clear exit when no cluster is running."""
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import subprocess
 import sys
 
@@ -61,3 +63,87 @@ def test_commands_without_a_cluster_exit_with_a_message(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cluster.cli", "--state", str(tmp_path / "none.json"), "status"],
                          capture_output=True, text=True)
     assert out.returncode != 0 and "kstore up" in out.stderr
+
+
+def _kstore(*argv, cwd=None, timeout=300):
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}  # this checkout
+    return subprocess.run([sys.executable, "-m", "cluster.cli", *argv], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout, env=env)
+
+
+def test_the_default_cluster_config_names_presets_that_exist():
+    from model_worker.config import configs
+    from model_worker.data.corpus_config import CORPUS_PRESETS
+    cfg = ClusterConfig()
+    assert cfg.model_preset in configs and configs[cfg.model_preset].get("knowledge")
+    assert cfg.corpus_preset in CORPUS_PRESETS
+
+
+def test_errors_are_one_line_with_exit_code_2_and_a_traceback_only_with_v(tmp_path):
+    state = str(tmp_path / "none.json")
+    out = _kstore("--state", state, "admin", "stats")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "kstore up" in out.stderr
+    out = _kstore("--state", state, "-v", "admin", "stats")
+    assert out.returncode == 2 and "Traceback" in out.stderr and "kstore up" in out.stderr.splitlines()[-1]
+    bad = tmp_path / "c.toml"
+    bad.write_text('model_preset = "tiny_knowledge"\n')
+    out = _kstore("--state", state, "up", "--config", str(bad))     # refused before anything starts
+    assert out.returncode == 2 and "unknown model preset 'tiny_knowledge'" in out.stderr
+    assert "tiny-knowledge" in out.stderr and "Traceback" not in out.stderr and out.stdout == ""
+
+
+def _options(module_argv: list[str]) -> set[str]:
+    out = subprocess.run([sys.executable, "-m", *module_argv, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", out.stdout))
+
+
+@pytest.mark.parametrize("verb", ["train", "generate"])
+def test_kstore_train_and_generate_take_the_module_flags(verb):
+    module = _options([f"model_worker.{verb}"])
+    kstore = _options(["cluster.cli", verb])
+    assert "--checkpoint" in module or "--out-dir" in module
+    assert module <= kstore and kstore - module <= {"--local", "--scale-at"}
+
+
+def test_generate_without_a_cluster_answers_as_the_module_does(tmp_path):
+    from model_worker.train import TrainConfig, train
+    train(TrainConfig(model="tiny-knowledge", steps=3, eval_every=0, ckpt_every=3, progress=False,
+                      out_dir=str(tmp_path / "run")))
+    argv = ["--checkpoint", str(tmp_path / "run"), "--max-new-tokens", "4", "--show-rows", "The capital of Peru is"]
+    module = subprocess.run([sys.executable, "-m", "model_worker.generate", *argv], capture_output=True, text=True)
+    kstore = _kstore("--state", str(tmp_path / "none.json"), "generate", *argv)
+    assert module.returncode == 0 and kstore.returncode == 0, kstore.stderr
+    assert kstore.stdout == module.stdout and "layer 1: rows" in module.stdout
+    assert "in this process" in kstore.stderr
+
+
+@pytest.mark.slow
+def test_a_failed_up_leaves_nothing_running(tmp_path):
+    (tmp_path / "blocked").write_text("a file where the store root should be")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'store_root = "{tmp_path / "blocked" / "store"}"\n')
+    out = _kstore("up", "--config", str(cfg), cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    pid = int(re.search(r"\(pid (\d+)\)", out.stdout).group(1))     # the head started, then the store failed
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)                                           # ... and the head is gone
+    assert not (tmp_path / ".kstore" / "cluster.json").exists()
+
+
+@pytest.mark.slow
+def test_a_second_up_says_so_and_down_stops_the_head(tmp_path):
+    first = _kstore("up", cwd=tmp_path)
+    try:
+        assert first.returncode == 0, first.stderr
+        pid = int(re.search(r"\(pid (\d+)\)", first.stdout).group(1))
+        second = _kstore("up", cwd=tmp_path)
+        assert second.returncode == 2 and "already up" in second.stderr and "kstore down" in second.stderr
+        assert "Traceback" not in second.stderr and "started a Ray head" not in second.stdout
+    finally:
+        down = _kstore("down", cwd=tmp_path)
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pid, 0)

@@ -144,3 +144,35 @@ def test_swap_one_shard_composes_a_version(cluster):
         assert v not in (base, edited) and v in persistence.list_versions(cluster.config.store_root)
     finally:
         table.close()
+
+
+def test_swap_to_a_version_with_another_shard_count(cluster):
+    from store_service import errors
+
+    def fresh(check):
+        table = cluster.table()          # a new client: the layout just changed
+        try:
+            return check(table)
+        finally:
+            table.close()
+
+    def ablate_and_publish(table):
+        table.set_ablated(torch.arange(table.info().num_rows), False)   # earlier tests ablated some
+        table.set_ablated(torch.arange(0, 4), True)
+        version, answers = table.snapshot(), probe(table)   # a 2-shard version, recognisable by its ablations
+        table.set_ablated(torch.arange(0, 4), False)
+        return version, answers
+
+    two, expected = fresh(ablate_and_publish)
+    cluster.scale(3, drain_s=0.5)
+    assert not fresh(lambda t: bool(t.usage().ablated.any()))
+    with pytest.raises(errors.FailedPrecondition, match="kstore scale 2"):
+        cluster.swap(two, shard=0)                   # one shard of another layout: refused, saying how
+    serving = cluster.swap(two)                      # the whole table: re-partitioned onto the 3 shards
+    assert serving != two and cluster.shard_map().num_shards == 3
+    assert len(persistence.read_root_attrs(cluster.config.store_root, serving)["shards"]) == 3
+    assert fresh(lambda t: bool(t.usage().ablated[:4].all()) and int(t.usage().ablated.sum()) == 4)
+    assert_same(expected, fresh(probe))
+    with pytest.raises(errors.NotFound, match="no published version 999"):
+        cluster.swap(999)
+    cluster.scale(2, drain_s=0.5)
