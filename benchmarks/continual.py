@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import cpu_model, provenance, write_result
+from benchmarks.common import _git, cpu_model, provenance, write_result
 from benchmarks.continual_eval import bootstrap, compare, heldout_loss, measure_sets, split_facts, tune_score
 from model_worker.checkpoint import latest_checkpoint, load_weights, open_checkpoint_table, read_meta
 from model_worker.config import ModelConfig, configs
@@ -124,26 +124,44 @@ def load_base(ckpt: Path, scratch: str):
     return model.eval(), tokenizer_from_dict(meta["tokenizer"]), table, meta
 
 
+CODE_PATHS = ("model_worker", "store_service", "benchmarks/continual.py", "benchmarks/continual_eval.py")
+
+
+def code_version() -> str | None:
+    """The git trees of the code a trial runs (None when it has uncommitted changes):
+    trials are reused only by a run of the same code."""
+    if _git("status", "--porcelain", "--untracked-files=no", "--", *CODE_PATHS):
+        return None
+    trees = [_git("rev-parse", f"HEAD:{p}") for p in CODE_PATHS]
+    return ",".join(trees) if all(trees) else None
+
+
 class TrialCache:
-    """Finished trials, kept in a JSON file beside the output, so a run cut off by its
-    time limit goes on where it stopped (only trials of the same commit are taken)."""
+    """Finished trials, kept in a JSON file under --scratch, so a run cut off by its time
+    limit goes on where it stopped. Only trials of the same code are taken; each records
+    the commit it ran at, and the result lists the reused ones with their commits."""
 
     def __init__(self, path: str | None, commit: str):
-        self.path, self.commit = path, commit
+        self.path, self.commit, self.version = path, commit, code_version()
         self.trials: dict = {}
-        if path and os.path.exists(path):
+        self.reused: dict[str, str] = {}
+        if path and self.version and os.path.exists(path):
             data = json.load(open(path))
-            if data.get("commit") == commit:
+            if data.get("code_version") == self.version:
                 self.trials = data["trials"]
 
     def get(self, key: str):
-        return self.trials.get(key)
+        t = self.trials.get(key)
+        if t is not None:
+            self.reused[key] = t["ran_at_commit"]
+        return t
 
     def put(self, key: str, value: dict) -> None:
+        value.setdefault("ran_at_commit", self.commit)
         self.trials[key] = value
-        if self.path:
+        if self.path and self.version:
             with open(self.path, "w") as f:
-                json.dump({"commit": self.commit, "trials": self.trials}, f)
+                json.dump({"code_version": self.version, "trials": self.trials}, f)
 
 
 def trial(args, ckpt, scratch, half: dict, base: dict, cfg: dict, background, final: bool, loss_batches: int = 0) -> dict:
@@ -226,8 +244,7 @@ def run(args) -> dict:
     base = {h: measure_sets(model, tok, {k: v for k, v in halves[h].items() if k != "new_train"}) for h in halves}
     base_loss = heldout_loss(model, tok, corpus.heldout_texts, args.loss_batches)
     print("base", json.dumps({h: {k: v["recall"] for k, v in base[h].items()} for h in base}), flush=True)
-    cache = TrialCache(os.path.join(args.scratch, os.path.basename(args.out) + ".trials"),
-                       prov["commit"] if not prov["dirty"] else f"dirty-{os.getpid()}")   # dirty: no reuse
+    cache = TrialCache(os.path.join(args.scratch, os.path.basename(args.out) + ".trials"), prov["commit"])
     tuning, final = {}, {}
     for name in args.methods:
         tuning[name] = tune(args, name, ckpt, scratch, halves["tune"], base["tune"], background, cache)
@@ -244,7 +261,11 @@ def run(args) -> dict:
         print(f"test {name}: new {f['new_recall']:.3f} taught {f['new_seen_recall']:.3f} old lost {f['old']['lost']} "
               f"gained {f['old']['gained']}", flush=True)
     shutil.rmtree(scratch, ignore_errors=True)
-    return summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, final)
+    out = summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, final)
+    out["reused_trials"] = {"code_version": cache.version, "from_commits": sorted(set(cache.reused.values())),
+                            "trials": len(cache.reused),
+                            "rule": "a trial is reused only from a run of the same code (git trees of CODE_PATHS)"}
+    return out
 
 
 def summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, final) -> dict:
