@@ -91,13 +91,13 @@ class ReuseRefused(SystemExit):
 
 def check_reuse(earlier: dict, force: bool = False, what: str = "runs") -> dict:
     """Before taking runs from an earlier results JSON: the commit they came from, refused
-    (SystemExit) when it is not the current commit or the earlier tree was dirty, unless
-    `force`; the returned record goes in the new result (e.g. result["reused"]) so that the
-    reuse, and whether it was forced, is marked."""
+    (SystemExit) when it is not the current commit (or unknown), unless `force`; the
+    returned record goes in the new result (e.g. result["reused"]) so that the reuse, the
+    earlier tree's dirty flag and whether it was forced are marked."""
     prov = earlier.get("provenance") or {}
     came_from = prov.get("commit", "unknown")
     now = git_commit()
-    same = came_from == now and not prov.get("dirty", True)
+    same = came_from == now
     if not same and not force:
         raise ReuseRefused(f"refusing to reuse {what} from commit {came_from} (dirty={prov.get('dirty')}); "
                            f"this is {now}: re-run them, or pass --force-reuse to take them anyway (marked)")

@@ -95,12 +95,12 @@ def base_checkpoint(out: str = BASE_DIR, layer: int | None = None, seed: int = 0
 NEW_ROWS = {"method": "new_rows", "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
             "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,
             "gate_on_subject": True, "detectors": True, "cue_per_phrasing": True}
-METHODS = {
+METHODS = {      # run in this order (the run writes what is done after each method)
     "new_rows": (NEW_ROWS, "lr", 1.0),
-    "full_finetune": ({"method": "full_finetune"}, "model_lr", 1e-3),
     "full_finetune_replay": ({"method": "full_finetune", "replay": True}, "model_lr", 1e-3),
-    "lora": ({"method": "lora"}, "model_lr", 1e-3),
     "lora_replay": ({"method": "lora", "replay": True}, "model_lr", 1e-3),
+    "full_finetune": ({"method": "full_finetune"}, "model_lr", 1e-3),
+    "lora": ({"method": "lora"}, "model_lr", 1e-3),
     # lr 100 (Lin et al.'s setting scaled to this table) changed no answer in the earlier run
     "sparse_memory": ({"method": "sparse_memory", "top_t": 64, "row_optimizer": "sgd"}, "lr", 1000.0),
 }
@@ -239,6 +239,9 @@ def run(args) -> dict:
     if args.old_n:                                   # a quick check: fewer old facts per half
         for h in halves.values():
             h["old_eval"], h["old_seen"] = h["old_eval"][:args.old_n], h["old_seen"][:args.old_n]
+    if args.tune_old_n:                              # a reduced tuning (the same for every method)
+        halves["tune"]["old_eval"] = halves["tune"]["old_eval"][:args.tune_old_n]
+        halves["tune"]["old_seen"] = halves["tune"]["old_seen"][:args.tune_old_n]
     bg_loader = PackedLoader(corpus.train_texts, tok, 64, 16, seed=1)
     background = [bg_loader.batch(i) for i in range(args.background_batches)]
     base = {h: measure_sets(model, tok, {k: v for k, v in halves[h].items() if k != "new_train"}) for h in halves}
@@ -260,6 +263,10 @@ def run(args) -> dict:
         f = final[name]
         print(f"test {name}: new {f['new_recall']:.3f} taught {f['new_seen_recall']:.3f} old lost {f['old']['lost']} "
               f"gained {f['old']['gained']}", flush=True)
+        if name != args.methods[-1]:                 # what is done so far, in case the run is cut off
+            part = summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, final)
+            part["headline"]["methods_not_run_yet"] = args.methods[args.methods.index(name) + 1:]
+            write_result(args.out, _no_nan(part), plot=plot)
     shutil.rmtree(scratch, ignore_errors=True)
     out = summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, final)
     out["reused_trials"] = {"code_version": cache.version, "from_commits": sorted(set(cache.reused.values())),
@@ -301,7 +308,9 @@ def summarize(args, prov, ckpt, meta, corpus, halves, base, base_loss, tuning, f
         headline["new_rows_forgets_nothing"] = final["new_rows"]["old"]["lost"] == 0 and \
             final["new_rows"]["old_seen"]["lost"] == 0
     return {"benchmark": "continual", "provenance": prov, "device": device_string(), "headline": headline,
-            "protocol": {"split_seed": args.split_seed, "tune_score": tune_score.__doc__.split("\n\n")[0] if tune_score.__doc__
+            "protocol": {"split_seed": args.split_seed, "grid_widen": args.grid_widen,
+                         "tune_old_facts": len(halves["tune"]["old_eval"]), "reduced": bool(args.tune_old_n or
+                                                                                            args.grid_widen < GRID_WIDEN), "tune_score": tune_score.__doc__.split("\n\n")[0] if tune_score.__doc__
                          else "", "grid": f"centre x {{1/{GRID_FACTOR:g}, 1, {GRID_FACTOR:g}}} of each method's lr; "
                          f"while the best is at an edge, one more point beyond it, {args.grid_widen} at most (same rule for all)",
                          "methods": {m: {"fixed": METHODS[m][0], "knob": METHODS[m][1], "centre": METHODS[m][2]}
@@ -381,13 +390,16 @@ def main(argv=None) -> None:
     ap.add_argument("--base-seed", type=int, default=0,
                     help="the base's training seed (another seed: another base, in <base>_s<seed>)")
     ap.add_argument("--checkpoint", default=None, help="a step directory to use as the base instead")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))   # in this order
     ap.add_argument("--grid-widen", type=int, default=GRID_WIDEN,
                     help="points a method's lr grid may grow by beyond its edge (the same for every method)")
     ap.add_argument("--split-seed", type=int, default=24, help="the seed that splits facts into tuning and test halves")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--old-n", type=int, default=0, help="old facts per half to measure (0 = all; less: a quick check)")
+    ap.add_argument("--tune-old-n", type=int, default=0,
+                    help="old facts of the tuning half each trial measures (0 = all; fewer: a reduced tuning, "
+                         "the same for every method)")
     ap.add_argument("--loss-batches", type=int, default=8)
     ap.add_argument("--background-batches", type=int, default=128,
                     help="pretraining batches of 16 x 64 tokens (128: all of the medium corpus' old text)")

@@ -398,6 +398,8 @@ def main():
     RESULT["versions"] = dict(torch=torch.__version__, triton=triton.__version__,
                               has_tl_topk=hasattr(triton.language, "topk"))
     RESULT["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from benchmarks.common import provenance
+    RESULT["provenance"] = provenance(device="cuda" if dev == "cuda" else "cpu (smoke)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def dump():

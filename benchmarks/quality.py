@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, CallTimer, cpu_model, server_handling_seconds  # noqa: E402
+from benchmarks.common import ByteCounter, CallTimer, check_reuse, cpu_model, provenance, server_handling_seconds  # noqa: E402
 
 from model_worker import evaluate  # noqa: E402
 from model_worker.config import configs  # noqa: E402
@@ -294,6 +294,7 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
     """Take the finished runs of an earlier call (e.g. a GPU lease that ended mid-benchmark)
     into `by_seed`, after checking that they were trained with the same settings."""
     old = json.loads(path.read_text())
+    marked = check_reuse(old, getattr(args, "force_reuse", False), f"--reuse {path}")   # code version, not only settings
     prev = old["config"]
     if old.get("calibration"):                      # --time-budget chose the steps there
         prev = {**prev, "steps": old["calibration"]["steps"]}
@@ -310,7 +311,7 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
                 by_seed[int(seed)][key] = r
                 taken.append(f"{key}_seed{seed}")
     print(f"reusing {len(taken)} runs from {path}: {', '.join(taken)}", flush=True)
-    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken}
+    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken, **marked}
     if old.get("throughput"):
         info["throughput"] = old["throughput"]
     return info
@@ -365,6 +366,9 @@ def summarize(path: Path, out: Path) -> dict:
     keys = list(results["runs"])
     seeds = list(results["runs_by_seed"])
     results["headline"] = headline(results, keys, seeds, results["config"]["corpus"])
+    # the runs' own provenance stays with them; this call's (it only re-summarized) beside it
+    results["runs_provenance"] = results.get("runs_provenance") or results.get("provenance")
+    results["provenance"] = provenance(device=results.get("provenance", {}).get("device", "cpu"))
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     return results["headline"]
@@ -459,6 +463,8 @@ def main() -> None:
     ap.add_argument("--reuse", default=None,
                     help="a (partial) quality JSON from an earlier call with the same training settings: its "
                          "finished runs are kept, only the missing (model, seed) runs are trained")
+    ap.add_argument("--force-reuse", action="store_true",
+                    help="take --reuse runs even from another commit (marked as forced in the result)")
     ap.add_argument("--summarize", default=None, metavar="FILE",
                     help="train nothing: rebuild the headline and PNG of a saved quality JSON into --out")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
@@ -468,7 +474,7 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
-    results: dict = {"device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
+    results: dict = {"provenance": provenance(device=args.device), "device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
                                f"{args.threads} torch thread(s) each",
                      "command": " ".join(["python"] + sys.argv), "config": vars(args), "runs": {}}
     if args.throughput_only:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, cpu_model, server_handling_seconds  # noqa: E402
+from benchmarks.common import ByteCounter, cpu_model, provenance, server_handling_seconds  # noqa: E402
 from benchmarks.quality import wire_variant  # noqa: E402
 from protos import knowledge_store_pb2 as pb  # noqa: E402
 from store_service import wire  # noqa: E402
@@ -143,7 +143,8 @@ def main() -> None:
     ids, w, grad = _inputs(args.rows, args.k, args.d_v, args.n_sub ** 2, args.device)
     host = f"CPU: {cpu_model()}, torch {torch.__version__}"
     device = f"GPU: {torch.cuda.get_device_name(0)}; {host}" if args.device.startswith("cuda") else host
-    result = {"benchmark": "wire_bench", "device": device, "config": vars(args)}
+    result = {"benchmark": "wire_bench", "provenance": provenance(device=args.device), "device": device,
+              "config": vars(args)}
     with tempfile.TemporaryDirectory() as d:
         local = Table.create(cfg, f"{d}/local")
         result["in_process"] = {
