@@ -432,6 +432,10 @@ def main():
     if tm and bw:
         head["readout_fwd_bw_frac"] = bw["fwd_frac_of_copy"]
         head["readout_fwdbwd_bw_frac"] = bw["fwdbwd_frac_of_copy"]
+        # the two byte counts side by side: per gathered occurrence (above) and the strict one,
+        # each distinct row's bytes once (what a reader of "x% of copy bandwidth" may assume)
+        head["readout_fwd_bw_frac_strict_unique_rows"] = bw.get("fwd_frac_of_copy_strict")
+        head["readout_fwdbwd_bw_frac_strict_unique_rows"] = bw.get("fwdbwd_frac_of_copy_strict")
         comp = [tm[k] for k in ("compile_fwdbwd_autograd", "compile_fwdbwd_compact") if k in tm]
         if comp:
             head["readout_fwdbwd_speedup_vs_compile"] = min(comp) / tm["triton_fwdbwd"]
