@@ -124,11 +124,17 @@ def interpret(d: dict) -> str:
     h = d["headline"]
     if "ablation_by_rows_per_fact" in h:
         by = h["ablation_by_rows_per_fact"]
-    else:                                                    # older runs: the per-size summary lies beside
-        by = d["ablation"]["by_rows_per_fact"]
+    else:                                                    # older runs: the per-size summary lies beside,
+        by = {r: dict(s) for r, s in d["ablation"]["by_rows_per_fact"].items()}   # the s.e. from its groups
+        for r, s in by.items():
+            sel = [e["target_drop"] - e["others_drop"] for e in d["ablation"]["runs"] if str(e["rows_per_fact"]) == r]
+            if len(sel) > 1:
+                m = sum(sel) / len(sel)
+                s["selectivity_se"] = (sum((x - m) ** 2 for x in sel) / (len(sel) - 1) / len(sel)) ** 0.5
     sizes = "; ".join(f"{r} rows/fact: those facts' recall -{_p(s['target_drop'], 0)}, others' -{_p(s['others_drop'], 0)}, "
                       f"random rows -{_p(s['random_rows_target_drop'], 0)}"
-                      + (f" (selectivity s.e. {_p(s['selectivity_se'], 0)})" if s.get("selectivity_se") is not None else "")
+                      + (f" (selectivity {_p(s['selectivity'], 0)} ± {_p(s['selectivity_se'], 0)} s.e. over fact groups)"
+                         if s.get("selectivity_se") is not None else "")
                       for r, s in by.items())
     return (f"every ablation size: {sizes}; {_p(h['usage_fraction_used'], 0)} of rows used, "
             f"KL from uniform {_f(h['usage_kl_from_uniform'])}, top-1% share {_p(h['usage_top1pct_share'])}")
