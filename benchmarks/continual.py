@@ -205,7 +205,8 @@ def tune(args, name: str, ckpt, scratch, half, base, background, cache: TrialCac
             if lr in trials:
                 continue
             cfg = {**fixed, knob: lr, "steps": args.steps, "batch_size": args.batch_size}
-            key = json.dumps({"tune": cfg, "split_seed": args.split_seed})
+            key = json.dumps({"tune": cfg, "split_seed": args.split_seed, "base": str(ckpt),
+                              "tune_old_facts": len(half["old_eval"])})
             t = cache.get(key)
             if t is None:
                 t = trial(args, ckpt, scratch, half, base, cfg, background, final=False)
@@ -256,7 +257,8 @@ def run(args) -> dict:
             continue
         fixed, knob, _ = METHODS[name]
         cfg = {**fixed, knob: tuning[name]["chosen"], "steps": args.steps, "batch_size": args.batch_size}
-        key = json.dumps({"test": cfg, "split_seed": args.split_seed, "loss_batches": args.loss_batches})
+        key = json.dumps({"test": cfg, "split_seed": args.split_seed, "loss_batches": args.loss_batches,
+                          "base": str(ckpt)})
         final[name] = cache.get(key) or trial(args, ckpt, scratch, halves["test"], base["test"], cfg, background,
                                               final=True, loss_batches=args.loss_batches)
         cache.put(key, final[name])
