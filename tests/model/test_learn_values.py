@@ -83,3 +83,24 @@ def test_bootstrap_interval_holds_the_mean_and_is_zero_width_for_a_constant():
     assert b["lo"] <= b["mean"] == 0.625 <= b["hi"] and b["hi"] - b["lo"] > 0.2
     c = bootstrap([1, 1, 1], [0, 0, 0])
     assert c["mean"] == c["lo"] == c["hi"] == 1.0
+
+
+def test_replay_trains_on_the_old_text_too(tiny_knowledge):
+    """full_finetune / lora with replay: each step adds the LM loss on one background batch,
+    so the weights end elsewhere than without it; replay without old text is refused."""
+    from model_worker.data import ByteTokenizer, PackedLoader
+    from model_worker.learn import LearnConfig, TextFact, learn
+    facts = [TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s) for s, a in [("Xland", "Zorp"), ("Quux", "Blip")]]
+    tok = ByteTokenizer()
+    bg = [PackedLoader(["Old text about rivers and towns. " * 40], tok, 32, 2, seed=1).batch(i) for i in range(2)]
+    out = {}
+    for method in ("full_finetune", "lora"):
+        for replay in (False, True):
+            model, table = tiny_knowledge()
+            learn(model, table, facts, tok, LearnConfig(method=method, steps=2, batch_size=2, replay=replay),
+                  background=bg, publish=False)
+            out[method, replay] = model.layers[0].attention.wqkv.weight.detach().clone()
+        assert not torch.equal(out[method, False], out[method, True])
+    model, table = tiny_knowledge()
+    with pytest.raises(ValueError, match="replay needs"):
+        learn(model, table, facts, tok, LearnConfig(method="lora", steps=1, replay=True), publish=False)
