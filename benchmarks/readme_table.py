@@ -111,6 +111,10 @@ def continual(d: dict) -> str:
            + "; ".join(f"{m} {h['old_heldout_lost'][m]} / {h['old_heldout_gained'][m]}" for m in ms)
            + f"; on a trained phrasing (of {h['old_seen_right_at_base']}): "
            + "; ".join(f"{m} {h['old_seen_lost'][m]} / {h['old_seen_gained'][m]}" for m in ms))
+    cmp = continual_comparison(d)
+    if cmp:
+        out += (f". new_rows minus {cmp['baseline']} (the baseline with the best tuning-half score), paired by test "
+                f"fact: {cmp['mean'] * 100:+.1f} points [{cmp['lo'] * 100:+.1f}, {cmp['hi'] * 100:+.1f}]")
     if h.get("dropped"):
         out += ". Dropped: " + "; ".join(f"{m} ({why})" for m, why in h["dropped"].items())
     if h.get("methods_not_run_yet"):
@@ -118,6 +122,23 @@ def continual(d: dict) -> str:
     if d.get("protocol", {}).get("reduced"):
         out += ". Reduced tuning (same for all): see the JSON's protocol"
     return out
+
+
+def continual_comparison(d: dict) -> dict | None:
+    """new_rows against the baseline whose chosen setting scored best on the tuning half
+    (chosen without looking at the test half): the mean paired difference of test-half
+    held-out recall with its 95% bootstrap interval."""
+    from benchmarks.continual_eval import bootstrap
+    test, tuning = d.get("test", {}), d.get("tuning", {})
+    others = [m for m in test if m != "new_rows" and m in tuning]
+    if "new_rows" not in test or not others:
+        return None
+
+    def tune_score(m):
+        t = tuning[m]
+        return t["grid"][f"{t['chosen']:g}"]["score"]
+    best = max(others, key=tune_score)
+    return {"baseline": best, **bootstrap(test["new_rows"]["new_right"], test[best]["new_right"])}
 
 
 def interpret(d: dict) -> str:
