@@ -59,6 +59,7 @@ from benchmarks import capacity_report as report  # noqa: E402
 from benchmarks.capacity_measure import BITS_FORMULA, measure  # noqa: E402
 from benchmarks.capacity_train import (LARGE_TABLE_OPTIMIZER, RunSpec, advance, n_sub_for,  # noqa: E402
                                        resolve_table_optimizer, throughput)
+from benchmarks.common import check_reuse  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRESETS = {"gpu": {"dense": "cap-dense", "moe": "cap-moe", "knowledge": "cap-knowledge",
@@ -114,12 +115,13 @@ def reuse(args, files: list[str], wanted: list[RunSpec]) -> tuple[dict, list[dic
     taken, info = {}, []
     for f in files:
         old = json.loads(Path(f).read_text())
+        marked = check_reuse(old, getattr(args, "force_reuse", False), f"runs of {f}")
         names = []
         for name, r in old.get("runs", {}).items():
             if name in want and RunSpec(**{**r["spec"]}).training_settings() == want[name] and name not in taken:
                 taken[name] = {**r, "reused_from": f}
                 names.append(name)
-        info.append({"from": f, "runs": names, "commit": old.get("provenance", {}).get("commit")})
+        info.append({"from": f, "runs": names, "commit": old.get("provenance", {}).get("commit"), **marked})
         if old.get("throughput") and not getattr(args, "_tput_taken", None):
             args._tput_taken = {**old["throughput"], "from": f}
     return taken, info
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(x) for x in s.split(",") if x]   # noqa: E731
     names = lambda s: [x for x in s.split(",") if x]       # noqa: E731
+    ap.add_argument("--force-reuse", action="store_true",
+                    help="take --reuse runs even from another commit (marked as forced in the result)")
     ap.add_argument("--size", choices=sorted(PRESETS), default="gpu", help="presets: cap-* (gpu) or cap-tiny-*")
     ap.add_argument("--people", type=ints, default=[10_000, 30_000, 100_000])
     ap.add_argument("--models", type=names, default=["dense", "moe", "knowledge"])

@@ -2,17 +2,13 @@
 the GPU plan (benchmarks/capacity.py runs the training; this module only reads results)."""
 from __future__ import annotations
 
-import datetime
 import math
 import os
-import platform
-import socket
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
-from benchmarks.common import cpu_model
+from benchmarks.common import cpu_model, provenance as common_provenance
 from model_worker.data.bios.lists import information_bits_per_person
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,12 +31,8 @@ def device_string(device: str) -> str:
 
 
 def provenance(device: str) -> dict:
-    """Where and from what a result came: the commit (and whether the tree had changes),
-    the command line, the machine, the date."""
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status), "command": " ".join([sys.executable] + sys.argv),
-            "machine": f"{socket.gethostname()} ({platform.platform()})", "device": device_string(device),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    """benchmarks.common.provenance, with the device described in full."""
+    return common_provenance(device=device_string(device))
 
 
 def _mean_se(xs: list[float]) -> dict:

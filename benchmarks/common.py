@@ -1,10 +1,15 @@
-"""What every benchmark script shares: naming the CPU it ran on, writing its
-result as JSON + PNG and printing the headline, counting gRPC bytes."""
+"""What every benchmark script shares: naming the CPU it ran on, the provenance every
+result carries (`provenance`, `check_reuse`), writing its result as JSON + PNG and
+printing the headline (`write_result`), counting gRPC bytes."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable, Sequence
@@ -21,13 +26,105 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
-def write_results(result: dict, out: str, plot: Callable[[dict, str], object]) -> None:
-    """Write `result` to `out` (JSON), draw `plot(result, <out>.png)`, print the headline."""
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    with open(out, "w") as f:
+# The fields every results JSON's "provenance" holds (tests/benchmarks/test_provenance.py checks them).
+PROVENANCE_FIELDS = ("commit", "dirty", "command", "machine", "date", "device", "python", "torch")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def git_commit() -> str:
+    """The checked-out commit ("unknown" outside a git checkout)."""
+    return _git("rev-parse", "HEAD") or "unknown"
+
+
+def git_dirty() -> bool:
+    """Uncommitted changes to tracked files (the code that ran may not be the commit's).
+    Results files are left out: a script rewriting its own JSON does not make the code dirty."""
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return any(line and not line[3:].startswith("benchmarks/results/") for line in out.splitlines())
+
+
+def machine() -> dict:
+    return {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+            "hostname": platform.node()}
+
+
+def provenance(argv: Sequence[str] | None = None, device: str = "cpu") -> dict:
+    """Where a result came from, written by the script that measured it: git commit and
+    whether the tree had uncommitted changes, the full command line (`argv`; default
+    sys.argv[1:]), the machine, the UTC date, the device the work ran on ("cpu", "cuda: <name>"),
+    python and torch versions."""
+    try:
+        import torch
+        torch_version = torch.__version__
+        if device.startswith("cuda") and torch.cuda.is_available() and ":" not in device:
+            device = f"cuda: {torch.cuda.get_device_name()}"
+    except ImportError:
+        torch_version = None
+    return {"commit": git_commit(), "dirty": git_dirty(), "command": command_line(argv),
+            "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": device, "python": platform.python_version(), "torch": torch_version}
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran, as one could type it again: `python -m <module>` (or the script)
+    followed by `argv`, the arguments (default sys.argv[1:]), shell-quoted."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is not None and spec.name not in ("pytest", "pytest.__main__"):
+        head = ["python", "-m", spec.name.removesuffix(".__main__")]
+    else:
+        head = ["python", os.path.relpath(sys.argv[0], REPO) if sys.argv and sys.argv[0] else "<interactive>"]
+    return shlex.join([*head, *(sys.argv[1:] if argv is None else argv)])
+
+
+class ReuseRefused(SystemExit):
+    pass
+
+
+def check_reuse(earlier: dict, force: bool = False, what: str = "runs") -> dict:
+    """Before taking runs from an earlier results JSON: the commit they came from, refused
+    (SystemExit) when it is not the current commit (or unknown), unless `force`; the
+    returned record goes in the new result (e.g. result["reused"]) so that the reuse, the
+    earlier tree's dirty flag and whether it was forced are marked."""
+    prov = earlier.get("provenance") or {}
+    came_from = prov.get("commit", "unknown")
+    now = git_commit()
+    same = came_from == now
+    if not same and not force:
+        raise ReuseRefused(f"refusing to reuse {what} from commit {came_from} (dirty={prov.get('dirty')}); "
+                           f"this is {now}: re-run them, or pass --force-reuse to take them anyway (marked)")
+    return {"what": what, "from_commit": came_from, "from_dirty": prov.get("dirty"),
+            "from_date": prov.get("date"), "same_commit": came_from == now, "forced": not same}
+
+
+def write_result(path: str, payload: dict, argv: Sequence[str] | None = None, device: str = "cpu",
+                 plot: Callable[[dict, str], object] | None = None) -> dict:
+    """Write `payload` + its provenance to `path` (JSON; `payload` must have a "headline"),
+    draw `plot(result, <path>.png)` if given, print the headline; returns what was written.
+    A provenance the payload already carries (e.g. taken at the start of a long run) is kept."""
+    if "headline" not in payload:
+        raise ValueError("a benchmark result needs a 'headline'")
+    result = {**payload, "provenance": payload.get("provenance") or provenance(argv, device)}
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
-    plot(result, out.replace(".json", ".png"))
+    if plot is not None:
+        plot(result, path.replace(".json", ".png"))
     print(json.dumps(result["headline"], indent=2))
+    return result
+
+
+def write_results(result: dict, out: str, plot: Callable[[dict, str], object], device: str = "cpu") -> None:
+    """Older name: write_result(out, result, plot=plot)."""
+    write_result(out, result, device=device, plot=plot)
 
 
 def _size(message) -> int:

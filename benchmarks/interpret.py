@@ -17,6 +17,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -90,15 +91,19 @@ def run(args) -> dict:
         summary[str(r)] = {k: mean(k) for k in ("rows_ablated", "share_of_table", "target_drop", "others_drop",
                                                "random_rows_target_drop", "random_rows_others_drop")}
         summary[str(r)]["selectivity"] = summary[str(r)]["target_drop"] - summary[str(r)]["others_drop"]
-    best = max(summary.items(), key=lambda kv: kv[1]["selectivity"]) if summary else (None, {})
+        # the spread over fact groups: the standard error of each group's selectivity
+        sel = [e["target_drop"] - e["others_drop"] for e in es]
+        summary[str(r)]["selectivity_se"] = statistics.stdev(sel) / len(sel) ** 0.5 if len(sel) > 1 else None
+        summary[str(r)]["groups"] = len(es)
     example = I.explain(model, tok, corpus.eval[0].prompt if not right else right[0].prompt, contexts=ctx,
                         max_new_tokens=12, top_rows=3, top_contexts=2)
     shutil.rmtree(scratch, ignore_errors=True)
     headline = {
-        "ablation_rows_per_fact": best[0] and int(best[0]),
-        "target_recall_drop": best[1].get("target_drop"), "other_facts_recall_drop": best[1].get("others_drop"),
-        "selectivity": best[1].get("selectivity"),
-        "random_rows_target_drop": best[1].get("random_rows_target_drop"),
+        # every ablation size, each with its spread over fact groups (no best-of pick)
+        "ablation_by_rows_per_fact": {r: {k: s[k] for k in ("target_drop", "others_drop", "random_rows_target_drop",
+                                                            "selectivity", "selectivity_se", "groups")}
+                                      for r, s in summary.items()},
+        "ablated_facts": sum(len(g) for g in groups),
         "usage_fraction_used": usage["store_training_counts"]["fraction_used"],
         "usage_kl_from_uniform": usage["store_training_counts"]["kl_from_uniform"],
         "usage_top1pct_share": usage["store_training_counts"]["top_share"],

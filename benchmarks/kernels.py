@@ -398,6 +398,8 @@ def main():
     RESULT["versions"] = dict(torch=torch.__version__, triton=triton.__version__,
                               has_tl_topk=hasattr(triton.language, "topk"))
     RESULT["date_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    from benchmarks.common import provenance
+    RESULT["provenance"] = provenance(device="cuda" if dev == "cuda" else "cpu (smoke)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def dump():
@@ -430,6 +432,10 @@ def main():
     if tm and bw:
         head["readout_fwd_bw_frac"] = bw["fwd_frac_of_copy"]
         head["readout_fwdbwd_bw_frac"] = bw["fwdbwd_frac_of_copy"]
+        # the two byte counts side by side: per gathered occurrence (above) and the strict one,
+        # each distinct row's bytes once (what a reader of "x% of copy bandwidth" may assume)
+        head["readout_fwd_bw_frac_strict_unique_rows"] = bw.get("fwd_frac_of_copy_strict")
+        head["readout_fwdbwd_bw_frac_strict_unique_rows"] = bw.get("fwdbwd_frac_of_copy_strict")
         comp = [tm[k] for k in ("compile_fwdbwd_autograd", "compile_fwdbwd_compact") if k in tm]
         if comp:
             head["readout_fwdbwd_speedup_vs_compile"] = min(comp) / tm["triton_fwdbwd"]

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -118,15 +119,18 @@ def run(args) -> dict:
             t = remote if policy is None else CachedTable(remote, cap, policy)
             model.attach_table(t)
             timed_generation(model, tok, prompts[:2], args.max_new_tokens)     # warm up gRPC
-            if policy is not None:
-                t.clear()
-                t.reset_stats()
-                if warm:
-                    t.warm()
+            rates = []
+            for _ in range(args.cache_repeats):        # each repeat from the same start (empty or warmed)
+                if policy is not None:
+                    t.clear()
                     t.reset_stats()
-            sec, n = timed_generation(model, tok, prompts, args.max_new_tokens)
-            e = {"capacity_rows": cap, "share_of_table": cap / info.num_rows, "seconds": sec, "tokens": n,
-                 "tokens_per_s": n / sec}
+                    if warm:
+                        t.warm()
+                        t.reset_stats()
+                sec, n = timed_generation(model, tok, prompts, args.max_new_tokens)
+                rates.append(n / sec)
+            e = {"capacity_rows": cap, "share_of_table": cap / info.num_rows, "seconds": n / statistics.median(rates),
+                 "tokens": n, "tokens_per_s": statistics.median(rates), "tokens_per_s_runs": rates}
             if policy is not None:
                 e.update(t.stats())
             cache[name] = e
@@ -134,8 +138,10 @@ def run(args) -> dict:
         remote.close()
     finally:
         server.stop()
-    for name in cache:
+    for name in cache:      # medians over the repeats, with the range of run-by-run ratios to the median uncached
         cache[name]["speedup"] = cache[name]["tokens_per_s"] / cache["none"]["tokens_per_s"]
+        cache[name]["speedup_min_max"] = [min(cache[name]["tokens_per_s_runs"]) / cache["none"]["tokens_per_s"],
+                                          max(cache[name]["tokens_per_s_runs"]) / cache["none"]["tokens_per_s"]]
     shutil.rmtree(scratch, ignore_errors=True)
     kmax = k_sweep[-1]
     half = next((e for e in k_sweep if e["k"] == k_train // 2), k_sweep[0])
@@ -151,6 +157,8 @@ def run(args) -> dict:
         "cache_hit_rate": {n: cache[n]["hit_rate"] for n in cache if n != "none"},
         "cache_fetch_calls_served_without_rpc": {n: cache[n]["call_hit_rate"] for n in cache if n != "none"},
         "cache_generation_speedup": {n: cache[n]["speedup"] for n in cache if n != "none"},
+        "cache_generation_speedup_min_max": {n: cache[n]["speedup_min_max"] for n in cache if n != "none"},
+        "cache_repeats": args.cache_repeats,
     }
     return {"benchmark": "knobs", "device": device_string(), "headline": headline, "k_sweep": k_sweep,
             "reorder": reorder, "cache": cache, "base_checkpoint": str(ckpt),
@@ -209,6 +217,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scratch", default="runs")
+    ap.add_argument("--cache-repeats", type=int, default=3, help="timed generations per cache setting (median)")
     ap.add_argument("--out", default="benchmarks/results/knobs.json")
     args = ap.parse_args(argv)
     os.makedirs(args.scratch, exist_ok=True)

@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, CallTimer, cpu_model, server_handling_seconds  # noqa: E402
+from benchmarks.common import ByteCounter, CallTimer, check_reuse, cpu_model, provenance, server_handling_seconds  # noqa: E402
 
 from model_worker import evaluate  # noqa: E402
 from model_worker.config import configs  # noqa: E402
@@ -182,13 +182,17 @@ def _max_rel_diff(losses: list[float], reference: list[float]) -> float:
 
 def throughput(args, work: Path) -> dict:
     """For each readout mode in --tput-readouts, `throughput_one_mode`; the modes side by
-    side. The headline ratio is the mode whose remote run is fastest (what a user would
-    configure), named in `readout`; each mode's in-process tokens/s is kept beside it, so a
-    mode cannot look good by being slow in-process."""
+    side. The headline, `remote_over_fastest_local`, is the fastest remote mode's median
+    tokens/s over the fastest in-process mode's median tokens/s, all measured in this call
+    (a mode cannot look good by being slow in-process); `remote_over_local` stays the
+    chosen mode's ratio against its own in-process run."""
     modes = [m for m in args.tput_readouts.split(",") if m]
     by_mode = {m: throughput_one_mode(args, work, m) for m in modes}
-    best = max(modes, key=lambda m: by_mode[m]["remote"]["tokens_per_s"])
-    out = {**by_mode[best], "readout": best}
+    best = max(modes, key=lambda m: by_mode[m]["remote_tokens_per_s_median"])
+    fastest_local = max(modes, key=lambda m: by_mode[m]["local_tokens_per_s_median"])
+    out = {**by_mode[best], "readout": best, "fastest_local_readout": fastest_local,
+           "remote_over_fastest_local": by_mode[best]["remote_tokens_per_s_median"]
+           / by_mode[fastest_local]["local_tokens_per_s_median"]}
     if len(modes) > 1:
         out["by_readout"] = {m: {"local_tokens_per_s": r["local"]["tokens_per_s"],
                                  "remote_tokens_per_s": r["remote"]["tokens_per_s"],
@@ -220,6 +224,10 @@ def throughput_one_mode(args, work: Path, readout: str) -> dict:
         if rep > 0:
             out.setdefault("repeats", []).append({n: pair[n]["tokens_per_s"] for n in pair})
     out["remote_over_local"] = statistics.median(ratios)
+    for name in ("local", "remote"):
+        runs = [out[name]["tokens_per_s"]] + [r[name] for r in out.get("repeats", [])]
+        out[f"{name}_tokens_per_s_median"] = statistics.median(runs)
+        out[f"{name}_tokens_per_s_min_max"] = [min(runs), max(runs)]
     if len(ratios) > 1:
         out["remote_over_local_per_repeat"] = ratios
     out["remote_over_local_whole_run"] = out["remote"]["whole_run_tokens_per_s"] / out["local"]["whole_run_tokens_per_s"]
@@ -294,6 +302,7 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
     """Take the finished runs of an earlier call (e.g. a GPU lease that ended mid-benchmark)
     into `by_seed`, after checking that they were trained with the same settings."""
     old = json.loads(path.read_text())
+    marked = check_reuse(old, getattr(args, "force_reuse", False), f"--reuse {path}")   # code version, not only settings
     prev = old["config"]
     if old.get("calibration"):                      # --time-budget chose the steps there
         prev = {**prev, "steps": old["calibration"]["steps"]}
@@ -310,7 +319,7 @@ def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
                 by_seed[int(seed)][key] = r
                 taken.append(f"{key}_seed{seed}")
     print(f"reusing {len(taken)} runs from {path}: {', '.join(taken)}", flush=True)
-    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken}
+    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken, **marked}
     if old.get("throughput"):
         info["throughput"] = old["throughput"]
     return info
@@ -347,6 +356,7 @@ def headline(results: dict, keys: list[str], seeds: list, corpus: str) -> dict:
         "active_params": {k: runs[k]["params"]["active"] for k in runs},
         "total_params": {k: runs[k]["params"]["total"] for k in runs},
         "remote_over_local_tokens_per_s": results.get("throughput", {}).get("remote_over_local"),
+        "remote_over_fastest_local_tokens_per_s": results.get("throughput", {}).get("remote_over_fastest_local"),
         "training_tokens": {k: runs[k]["tokens"] for k in runs},
     }
     if "knowledge" in keys:
@@ -365,6 +375,9 @@ def summarize(path: Path, out: Path) -> dict:
     keys = list(results["runs"])
     seeds = list(results["runs_by_seed"])
     results["headline"] = headline(results, keys, seeds, results["config"]["corpus"])
+    # the runs' own provenance stays with them; this call's (it only re-summarized) beside it
+    results["runs_provenance"] = results.get("runs_provenance") or results.get("provenance")
+    results["provenance"] = provenance(device=results.get("provenance", {}).get("device", "cpu"))
     out.write_text(json.dumps(results, indent=2))
     plot(results, out.with_suffix(".png"))
     return results["headline"]
@@ -459,6 +472,8 @@ def main() -> None:
     ap.add_argument("--reuse", default=None,
                     help="a (partial) quality JSON from an earlier call with the same training settings: its "
                          "finished runs are kept, only the missing (model, seed) runs are trained")
+    ap.add_argument("--force-reuse", action="store_true",
+                    help="take --reuse runs even from another commit (marked as forced in the result)")
     ap.add_argument("--summarize", default=None, metavar="FILE",
                     help="train nothing: rebuild the headline and PNG of a saved quality JSON into --out")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
@@ -468,7 +483,7 @@ def main() -> None:
         return
 
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
-    results: dict = {"device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
+    results: dict = {"provenance": provenance(device=args.device), "device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
                                f"{args.threads} torch thread(s) each",
                      "command": " ".join(["python"] + sys.argv), "config": vars(args), "runs": {}}
     if args.throughput_only:

@@ -36,7 +36,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 from model_worker.progress import progress_bar  # noqa: E402
 
-from benchmarks.common import ByteCounter, cpu_model  # noqa: E402
+from benchmarks.common import ByteCounter, cpu_model, provenance  # noqa: E402
 from store_service import persistence  # noqa: E402
 from store_service.client import connect  # noqa: E402
 from store_service.config import OptimizerConfig, TableConfig  # noqa: E402
@@ -241,13 +241,16 @@ def main() -> None:
     size = SMALL if args.small else FULL
     iters = args.iters or (20 if args.small else 10)
     out = args.out or os.path.join(RESULTS, "store_bench_small.json" if args.small else "store_bench.json")
+    if args.store_root and os.path.isdir(args.store_root) and os.listdir(args.store_root):
+        # a table left there by an earlier call would be measured instead of this call's
+        raise SystemExit(f"--store-root {args.store_root} is not empty: give a new or empty directory")
     root = args.store_root or tempfile.mkdtemp(prefix="store_bench_")
     try:
         result = run(size, iters, args.warmup, root, args.server_threads)
     finally:
         if args.store_root is None:
             shutil.rmtree(root, ignore_errors=True)
-    result["command"] = "python -m benchmarks.store_bench" + (" --small" if args.small else "")
+    result["provenance"] = provenance()
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

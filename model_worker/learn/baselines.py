@@ -8,6 +8,9 @@ data and step budget:
 - "full_finetune": every model parameter (AdamW) and every row (the store's optimizer).
 - "lora": low-rank adapters on the attention and expert weights (`LoRADelta`); rows and
   base weights frozen; the adapters are merged into the weights at the end.
+
+full_finetune and lora with cfg.replay also train, each step, on one batch of old text
+(`background`, cycled): replay, the standard mitigation of forgetting.
 """
 from __future__ import annotations
 
@@ -84,6 +87,22 @@ def document_frequency(model: Transformer, batches: Sequence[Batch], n_rows: int
     return df
 
 
+# -- replay ----------------------------------------------------------------------------------
+
+def replay_loss(run: LearnRun):
+    """With cfg.replay: step s adds the LM loss on background batch s (cycled), else None."""
+    if not run.cfg.replay:
+        return None
+    if not run.background:
+        raise ValueError("replay needs `background` batches of old text")
+    batches, model = list(run.background), run.model
+
+    def extra(s: int) -> torch.Tensor:
+        b = batches[s % len(batches)]
+        return model(b.inputs, b.targets)[1]
+    return extra
+
+
 # -- full finetuning -------------------------------------------------------------------------
 
 def full_finetune(run: LearnRun) -> None:
@@ -96,7 +115,8 @@ def full_finetune(run: LearnRun) -> None:
     rows = row_optimizer(table, cfg.row_optimizer or "adam", cfg.lr, bias_step=0.0) if cfg.lr \
         else contextlib.nullcontext()
     with rows:
-        run.result.losses = train_steps(model, table, run.loader, cfg, list(model.parameters()), model_lr)
+        run.result.losses = train_steps(model, table, run.loader, cfg, list(model.parameters()), model_lr,
+                                        extra_loss=replay_loss(run))
     freeze_model(model)
 
 
@@ -158,7 +178,7 @@ def lora_finetune(run: LearnRun) -> None:
     params = add_lora(model, cfg.lora_rank, cfg.lora_alpha)
     table.set_frozen(run.old_ids, True)
     model_lr = cfg.model_lr if cfg.model_lr is not None else LORA.default_lr
-    run.result.losses = train_steps(model, table, run.loader, cfg, params, model_lr)
+    run.result.losses = train_steps(model, table, run.loader, cfg, params, model_lr, extra_loss=replay_loss(run))
     merge_lora(model)
     freeze_model(model)
 

@@ -96,6 +96,9 @@ class LearnConfig:
     # full_finetune / lora (model parameters, AdamW)
     model_lr: float | None = None     # None -> the method's default (LearnMethod.default_lr)
     lora_rank: int = 8
+    replay: bool = False              # full_finetune / lora: each step also trains on one old-text batch of
+                                      #   `background` (LM loss, weight 1; the batches new rows calibrate on),
+                                      #   the standard mitigation of forgetting
     lora_alpha: float = 16.0
     grad_clip: float = 1.0
 

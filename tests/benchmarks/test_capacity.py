@@ -135,7 +135,7 @@ def test_a_run_over_served_shards_trains_like_the_in_process_one(tmp_path):
 
 
 def test_reuse_takes_runs_trained_the_same_way_only(tmp_path):
-    args = capacity.main.__globals__["argparse"].Namespace()
+    args = capacity.main.__globals__["argparse"].Namespace(force_reuse=True)
     wanted = [_spec(seed=0), _spec(seed=1)]
     same = {"spec": wanted[0].__dict__, "bits": 1.0}
     other = {"spec": {**wanted[1].__dict__, "lr": 1.0}, "bits": 2.0}
@@ -144,7 +144,9 @@ def test_reuse_takes_runs_trained_the_same_way_only(tmp_path):
                              "provenance": {"commit": "abc"}}))
     taken, info = capacity.reuse(args, [str(f)], wanted)
     assert list(taken) == [wanted[0].name] and taken[wanted[0].name]["reused_from"] == str(f)
-    assert info[0]["commit"] == "abc"
+    assert info[0]["commit"] == "abc" and info[0]["forced"] and not info[0]["same_commit"]
+    with pytest.raises(SystemExit, match="refusing to reuse"):          # another commit: only when forced
+        capacity.reuse(capacity.main.__globals__["argparse"].Namespace(), [str(f)], wanted)
 
 
 def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):

@@ -4,6 +4,7 @@ from argparse import Namespace
 
 import pytest
 
+from benchmarks.common import git_commit
 from benchmarks.quality import SAME_TRAINING, reuse_runs
 
 
@@ -17,7 +18,7 @@ def _earlier(tmp_path, **config):
     cfg = {k: v for k, v in vars(_args()).items() if k in SAME_TRAINING}
     run = {"evals": [{"step": 2300, "recall_heldout": 0.3, "heldout_loss": 2.4}]}
     path = tmp_path / "earlier.json"
-    path.write_text(json.dumps({"device": "GPU", "command": "python benchmarks/quality.py",
+    path.write_text(json.dumps({"device": "GPU", "provenance": {"commit": git_commit(), "dirty": False},
                                 "config": {**cfg, **config},
                                 "runs_by_seed": {"0": {"dense": run, "moe": run}, "1": {"dense": run}}}))
     return path
@@ -168,3 +169,15 @@ def test_wire_bench_times_each_format_against_the_in_process_table(tmp_path):
         for op in ("readout", "readout_backward"):
             assert run[op]["table_ms"] > 0 and run[op]["client_rpc_ms"] > 0 and run[op]["server_ms"] > 0
     assert r["in_process"]["readout"]["table_ms"] > 0 and r["server_phases"]["rows"] == 256
+
+
+def test_reuse_refuses_runs_of_another_commit_unless_forced(tmp_path):
+    path = _earlier(tmp_path)
+    data = json.loads(path.read_text())
+    data["provenance"]["commit"] = "0" * 40
+    path.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="refusing to reuse"):
+        reuse_runs(_args(), path, {0: {}}, ["dense"])
+    by_seed = {0: {}}
+    info = reuse_runs(_args(force_reuse=True), path, by_seed, ["dense"])
+    assert "dense" in by_seed[0] and info["forced"] and info["from_commit"] == "0" * 40

@@ -1,0 +1,266 @@
+"""README's Benchmarks table, made from the results JSONs (issue 24): labels and figures
+cannot drift from the runs, because nothing in the table is typed by hand.
+
+    python -m benchmarks.readme_table            # print the table
+    python -m benchmarks.readme_table --write    # put it in README.md between the markers
+    python -m benchmarks.readme_table --check    # exit 1 if README's table differs
+
+Each row reads one JSON: benchmarks/results/<file>, or, when only an archived run exists,
+benchmarks/results/archive/<file>, and the row then says so. tests/benchmarks/
+test_readme_table.py fails when README's table is not what this module makes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+BEGIN = "<!-- benchmarks-table:begin (python -m benchmarks.readme_table --write; do not edit by hand) -->"
+END = "<!-- benchmarks-table:end -->"
+
+
+def _p(x: float | None, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _f(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _by(d: dict, keys: list[str], fmt: Callable = _f) -> str:
+    return " / ".join(fmt(d.get(k)) for k in keys)
+
+
+# -- one formatter per results file: (data) -> the headline cell ------------------------------
+
+def store_bench(d: dict) -> str:
+    h = d["headline"]
+    return (f"search p50 gRPC/local **{_f(h['search_grpc_over_local_p50'])}x**, readout "
+            f"**{_f(h['readout_grpc_over_local_p50'])}x** (target <= 2x); bytes/token pushdown "
+            f"{h['pushdown_bytes_per_token'] / 1000:.1f} KB vs fetch {h['fetch_bytes_per_token'] / 1000:.1f} KB")
+
+
+def kernels(d: dict) -> str:
+    bw, tm = d["readout_bandwidth"], d["timings_ms"]
+    pk = tm.get("pk_search", {})
+    out = (f"readout forward {_f(tm['readout']['triton_fwd'], 3)} ms = {_p(bw['fwd_frac_of_copy'])} of copy bandwidth "
+           f"(each distinct row counted once: {_p(bw.get('fwd_frac_of_copy_strict'))}); fwd+bwd "
+           f"{_f(tm['readout']['triton_fwdbwd'])} ms = {_p(bw['fwdbwd_frac_of_copy'])} counting bytes per gathered "
+           f"occurrence, **{_p(bw.get('fwdbwd_frac_of_copy_strict'))}** counting each distinct row once (target 75%)")
+    if pk:
+        out += f"; pk search {_f(pk['torch_ref_float32'] / pk['triton_float32'])}x torch fp32 (target 3x)"
+    return out
+
+
+def _presets(d: dict) -> dict[str, str]:
+    seen: dict[str, set] = {}
+    for runs in d.get("runs_by_seed", {}).values():
+        for key, r in runs.items():
+            seen.setdefault(key, set()).add(r.get("preset", "?"))
+    return {k: "+".join(sorted(v)) for k, v in seen.items()}
+
+
+def quality(d: dict) -> str:
+    h = d["headline"]
+    keys = [k for k in ("dense", "dense_2x", "moe", "knowledge") if k in h["recall_heldout"]]
+    se = h.get("recall_heldout_se", {})
+    out = (f"models {' / '.join(keys)} (knowledge preset: {_presets(d).get('knowledge', '?')}), "
+           f"{len(h['seeds'])} seeds, corpus {h['corpus']}: recall on held-out phrasings "
+           + " / ".join(f"{_f(h['recall_heldout'][k], 3)} ± {_f(se.get(k), 3)}" for k in keys))
+    if "knowledge_recall_minus" in h:
+        m, s = h["knowledge_recall_minus"], h["knowledge_recall_minus_se"]
+        wins = sum(bool(v) for v in h.get("knowledge_wins_per_seed", {}).values())
+        out += ("; knowledge minus each, paired by seed: "
+                + " / ".join(f"{m[k]:+.3f} ± {_f(s[k], 3)}" for k in m)
+                + f", ahead of all on {wins} of {len(h['seeds'])} seeds")
+    out += f"; trained phrasing {_by(h['recall_seen_phrasing'], keys, lambda x: _f(x, 3))}"
+    if h.get("remote_over_fastest_local_tokens_per_s") is not None:
+        out += f"; remote / fastest in-process tokens/s {_f(h['remote_over_fastest_local_tokens_per_s'])}"
+    elif h.get("remote_over_local_tokens_per_s") is not None:
+        out += (f"; remote / in-process tokens/s of the same readout mode {_f(h['remote_over_local_tokens_per_s'])} "
+                "(not against the fastest in-process run)")
+    return out
+
+
+def cluster_bench(d: dict) -> str:
+    h = d["headline"]
+    swaps = [s["seconds"] for s in d["swap"]]
+    swaps_sorted = sorted(swaps)
+    med = swaps_sorted[len(swaps) // 2] if len(swaps) % 2 else sum(swaps_sorted[len(swaps) // 2 - 1:][:2]) / 2
+    return (f"**{h['failed_calls_during_swap']}** failed calls during swap, {h['failed_calls_during_scale']} during "
+            f"scale; swap median {_f(med)} s (min {_f(min(swaps))}, max {_f(max(swaps))}, {len(swaps)} swaps); "
+            f"scale {_f(h['scale_seconds_1m_rows'], 0)} s; throughput 4/1 shards {_f(h['throughput_4_over_1_shards'])}x")
+
+
+def continual(d: dict) -> str:
+    h = d["headline"]
+    if "new_recall_test_heldout" not in h:                   # a run of the old protocol
+        return ("old protocol (lrs and parts chosen on the reported facts): new-fact recall "
+                + " / ".join(f"{m} {_p(v)}" for m, v in h["new_recall"].items()))
+    ms = list(h["new_recall_test_heldout"])
+    ci = h["new_recall_test_heldout_ci95"]
+    out = (f"{h['split']}; lr of every method chosen on the tuning half ({', '.join(f'{m} {n}' for m, n in h['tuning_trials'].items())} "
+           f"trials). Test half, new-fact recall on held-out phrasings (base {_p(h['base_new_recall_test_heldout'])}): "
+           + "; ".join(f"{m} **{_p(h['new_recall_test_heldout'][m])}** [{_p(ci[m][0], 0)}, {_p(ci[m][1], 0)}]" for m in ms)
+           + f". Old answers on held-out phrasings lost / gained (of {h['old_heldout_right_at_base']} right): "
+           + "; ".join(f"{m} {h['old_heldout_lost'][m]} / {h['old_heldout_gained'][m]}" for m in ms)
+           + f"; on a trained phrasing (of {h['old_seen_right_at_base']}): "
+           + "; ".join(f"{m} {h['old_seen_lost'][m]} / {h['old_seen_gained'][m]}" for m in ms))
+    cmp = continual_comparison(d)
+    if cmp:
+        out += (f". new_rows minus {cmp['baseline']} (the baseline with the best tuning-half score), paired by test "
+                f"fact: {cmp['mean'] * 100:+.1f} points [{cmp['lo'] * 100:+.1f}, {cmp['hi'] * 100:+.1f}]")
+    if h.get("dropped"):
+        out += ". Dropped: " + "; ".join(f"{m} ({why})" for m, why in h["dropped"].items())
+    if h.get("methods_not_run_yet"):
+        out += f". Not run (cut off): {', '.join(h['methods_not_run_yet'])}"
+    if d.get("protocol", {}).get("reduced"):
+        out += ". Reduced tuning (same for all): see the JSON's protocol"
+    return out
+
+
+def continual_comparison(d: dict) -> dict | None:
+    """new_rows against the baseline whose chosen setting scored best on the tuning half
+    (chosen without looking at the test half): the mean paired difference of test-half
+    held-out recall with its 95% bootstrap interval."""
+    from benchmarks.continual_eval import bootstrap
+    test, tuning = d.get("test", {}), d.get("tuning", {})
+    others = [m for m in test if m != "new_rows" and m in tuning]
+    if "new_rows" not in test or not others:
+        return None
+
+    def tune_score(m):
+        t = tuning[m]
+        return t["grid"][f"{t['chosen']:g}"]["score"]
+    best = max(others, key=tune_score)
+    return {"baseline": best, **bootstrap(test["new_rows"]["new_right"], test[best]["new_right"])}
+
+
+def interpret(d: dict) -> str:
+    h = d["headline"]
+    if "ablation_by_rows_per_fact" in h:
+        by = h["ablation_by_rows_per_fact"]
+    else:                                                    # older runs: the per-size summary lies beside,
+        by = {r: dict(s) for r, s in d["ablation"]["by_rows_per_fact"].items()}   # the s.e. from its groups
+        for r, s in by.items():
+            sel = [e["target_drop"] - e["others_drop"] for e in d["ablation"]["runs"] if str(e["rows_per_fact"]) == r]
+            if len(sel) > 1:
+                m = sum(sel) / len(sel)
+                s["selectivity_se"] = (sum((x - m) ** 2 for x in sel) / (len(sel) - 1) / len(sel)) ** 0.5
+    sizes = "; ".join(f"{r} rows/fact: those facts' recall -{_p(s['target_drop'], 0)}, others' -{_p(s['others_drop'], 0)}, "
+                      f"random rows -{_p(s['random_rows_target_drop'], 0)}"
+                      + (f" (selectivity {_p(s['selectivity'], 0)} ± {_p(s['selectivity_se'], 0)} s.e. over fact groups)"
+                         if s.get("selectivity_se") is not None else "")
+                      for r, s in by.items())
+    return (f"every ablation size: {sizes}; {_p(h['usage_fraction_used'], 0)} of rows used, "
+            f"KL from uniform {_f(h['usage_kl_from_uniform'])}, top-1% share {_p(h['usage_top1pct_share'])}")
+
+
+def capacity(d: dict) -> str:
+    h = d["headline"]
+    keys = list(h["bits"])
+    return (f"N = {h['people']} people, {h['exposures']} exposures, seeds {h['seeds']}: bits stored "
+            + " / ".join(f"{k} {h['bits'][k]:.0f} ± {h['bits_se_over_seeds'][k]:.0f}" for k in keys)
+            + f" of {h['information_bits']:.0f}; knowledge / dense bits per active parameter "
+            f"{_f(h['knowledge_over_dense_bits_per_active_param'])}x (target 4x: "
+            f"{'met' if h['target']['met'] else 'not met'})")
+
+
+def knobs(d: dict) -> str:
+    h = d["headline"]
+    sp = h["cache_generation_speedup"]
+    partial = {k: v for k, v in sp.items() if not (k.endswith("_warm") and k.split("_")[1] == str(h["table_rows"]))}
+    whole = {k: v for k, v in sp.items() if k not in partial}
+    reps = h.get("cache_repeats", 1)
+    return (f"recall at k = {', '.join(h['recall_by_k'])}: {_by(h['recall_by_k'], list(h['recall_by_k']), lambda x: _p(x))}; "
+            f"reorder pages/token x{_f(h['reorder_pages_ratio'])}; whole-table warm cache "
+            + ", ".join(f"{_f(v)}x" for v in whole.values())
+            + f" tokens/s; every other cache setting {_f(min(partial.values()))}-{_f(max(partial.values()))}x "
+            f"({len(partial)} settings; " + (f"medians of {reps} runs each)" if reps > 1 else "one run each)"))
+
+
+# (results file, command, what it measures, formatter)
+ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
+    ("store_bench.json", "`python -m benchmarks.store_bench`",
+     "2^20 product + 65,536 flat rows, 3 shards: in-process vs gRPC loopback", store_bench),
+    ("kernels.json", "`python benchmarks/kernels.py` (CUDA)",
+     "Triton readout (T=16384, k=32, d_v=1024, N=2^20, bf16) and product-key search", kernels),
+    ("quality.json", "`python benchmarks/quality.py --seeds 0,1,2,3,4,5,6,7,8`",
+     "dense / dense-2x / MoE / MoE+knowledge at matched active params, medium corpus (CPU)", quality),
+    ("quality_h200_medium_para.json", "`python benchmarks/quality.py --device cuda --corpus medium-para ...`",
+     "the same four models at 12x the tokens, 9 training paraphrases per relation (GPU)", quality),
+    ("cluster_bench.json", "`python -m benchmarks.cluster_bench`", "1M-row table on Ray shard actors, 2 client threads",
+     cluster_bench),
+    ("continual.json", "`python -m benchmarks.continual`",
+     "learn the corpus' 71 new facts (medium corpus, base: knowledge layer in block 1): new rows vs full FT and LoRA "
+     "(each with and without replay of old text) vs sparse memory FT, 100 steps each", continual),
+    ("interpret.json", "`python -m benchmarks.interpret`", "ablate the rows a fact's answer uses; usage statistics",
+     interpret),
+    ("capacity_cpu_small.json", "`python benchmarks/capacity.py --size tiny ...`",
+     "bits of knowledge stored per active parameter (bioS), CPU check at small N", capacity),
+    ("knobs.json", "`python -m benchmarks.knobs`", "k at inference, row reordering, hot-row cache over gRPC", knobs),
+]
+
+
+def machine(d: dict) -> str:
+    p = d.get("provenance")
+    if isinstance(p, dict) and isinstance(p.get("machine"), dict):
+        m = p["machine"]
+        dev = p.get("device", "")
+        where = dev if dev and not dev.startswith("cpu") else f"{m.get('cpu_model')}, {m.get('cores')} cores"
+        return f"{where}; commit {p['commit'][:7]}{' (dirty)' if p.get('dirty') else ''}, {p['date'][:10]}"
+    if isinstance(p, dict):
+        return f"{p.get('device', d.get('device', '?'))[:60]}; commit {str(p.get('commit'))[:7]}"
+    return str(d.get("device", "?"))[:60]
+
+
+def table() -> str:
+    lines = ["| script | what it measures | headline | machine, provenance |", "| --- | --- | --- | --- |"]
+    for name, cmd, what, fmt in ROWS:
+        path, archived = RESULTS / name, False
+        if not path.exists():
+            path, archived = RESULTS / "archive" / name, True
+        if not path.exists():
+            lines.append(f"| {cmd} | {what} | not run | |")
+            continue
+        d = json.loads(path.read_text())
+        cell = fmt(d).replace("|", "/")
+        if archived:
+            cell = f"*archived run, no provenance ([why](benchmarks/results/archive/NOTE.md))*: {cell}"
+        lines.append(f"| {cmd} | {what} | {cell} | {machine(d)} (`{path.relative_to(ROOT)}`) |")
+    return "\n".join(lines) + "\n"
+
+
+def render(readme: str) -> str:
+    """`readme` with the text between the markers replaced by the generated table."""
+    if BEGIN not in readme or END not in readme:
+        raise SystemExit(f"README.md has no table markers ({BEGIN} ... {END})")
+    head, rest = readme.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{table()}{END}{tail}"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--write", action="store_true", help="write the table into README.md")
+    ap.add_argument("--check", action="store_true", help="exit 1 when README.md's table differs")
+    args = ap.parse_args(argv)
+    readme = README.read_text()
+    if args.write:
+        README.write_text(render(readme))
+    elif args.check:
+        if render(readme) != readme:
+            print("README.md's Benchmarks table differs: run python -m benchmarks.readme_table --write")
+            return 1
+    else:
+        print(table(), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
