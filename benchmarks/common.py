@@ -68,9 +68,20 @@ def provenance(argv: Sequence[str] | None = None, device: str = "cpu") -> dict:
             device = f"cuda: {torch.cuda.get_device_name()}"
     except ImportError:
         torch_version = None
-    return {"commit": git_commit(), "dirty": git_dirty(), "command": command_line(argv),
-            "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": device, "python": platform.python_version(), "torch": torch_version}
+    out = {"commit": git_commit(), "dirty": git_dirty(), "command": command_line(argv),
+           "machine": machine(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "device": device, "python": platform.python_version(), "torch": torch_version}
+    source = os.environ.get(SOURCE_COMMIT_ENV)
+    if source:
+        # The tree was copied to this machine with a `.git` that is not its own (the GPU
+        # machine gets the session's checkout): the sender names the commit the tree is, and
+        # what git says here is kept beside it.
+        out.update(commit=source, commit_from=SOURCE_COMMIT_ENV, git_here={"commit": out["commit"], "dirty": out["dirty"]},
+                   dirty=None)
+    return out
+
+
+SOURCE_COMMIT_ENV = "KSTORE_SOURCE_COMMIT"
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:

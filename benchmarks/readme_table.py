@@ -184,6 +184,62 @@ def knobs(d: dict) -> str:
             f"({len(partial)} settings; " + (f"medians of {reps} runs each)" if reps > 1 else "one run each)"))
 
 
+def scale_bench(d: dict) -> str:
+    h = d["headline"]
+    host = d.get("phases", {}).get("host", {}).get("16M", {})
+    out = (f"rows on one GPU (d_v 1024 bf16) **{h['max_rows_one_gpu']:,}** (target >= 16,777,216); 16M rows created in "
+           f"**{_f(h['create_s_16m'], 1)} s** (<= 30); optimizer state / values **{_f(h['optimizer_bytes_over_values'], 4)}** "
+           f"(<= 0.15); snapshot {_f(h['snapshot_gbps'])} / cold load {_f(h['load_gbps'])} GB/s (dd "
+           f"{_f(h['disk_write_gbps'])} / {_f(h['disk_read_gbps'])}); 1% incremental snapshot "
+           f"**{_f(h['incremental_snapshot_speedup_1pct'], 1)}x** faster (>= 10); 16M swap {_f(h['swap_s_16m'], 1)} s, "
+           f"**{h['swap_failed_calls']}** failed calls; 16M search {_f(h['search_qps_16m'] / 1e6)}M q/s, fetch "
+           f"{_f(h['fetch_rows_per_s_16m'] / 1e6, 1)}M rows/s")
+    if host:
+        out += (f"; the 16M table in pinned host memory (GPU capped): search {_f(host['search']['qps'] / 1e3, 0)}k q/s, "
+                f"fetch {_f(host['fetch']['rows_per_s'] / 1e6)}M rows/s")
+    return out
+
+
+def wire_bench(d: dict) -> str:
+    h, t = d["headline"], d.get("train", {})
+    out = (f"fetch of {h['fetch_rows']:,} rows x 1024 bf16: same host ({h['same_host_transport']}) "
+           f"**{_f(h['fetch_gbps_same_host'], 1)} GB/s** (>= 10), gRPC over TCP **{_f(h['fetch_gbps_tcp'])} GB/s** (>= 2), "
+           f"in process {_f(h['fetch_gbps_in_process'], 0)} GB/s; readout same host {_f(h['readout_gbps_same_host'])} GB/s; "
+           f"search 4,096 q k 32 remote **{_f(h['search_ms_4096_remote'], 1)} ms** (<= 10)")
+    if h.get("remote_over_local_tokens_per_s_d1024") is not None:
+        out += (f"; d1024 training remote / in process **{_f(h['remote_over_local_tokens_per_s_d1024'])}** "
+                f"(median of {len(t.get('pairs', []))} pairs, min {_f(t.get('remote_over_local_min'))}, max "
+                f"{_f(t.get('remote_over_local_max'))}; >= 0.8), losses exact: {t.get('losses_exact')}")
+    return out + f"; {h.get('tls', '')}"
+
+
+def optimizer_tradeoff(d: dict) -> str:
+    parts = []
+    for kind, r in d["headline"]["optimizers"].items():
+        loss, rec = r["heldout_loss"], r["recall_heldout"]
+        parts.append(f"{kind} loss {_f(loss['median'])} [{_f(loss['min'])}, {_f(loss['max'])}], recall "
+                     f"{_p(rec['median'])}, state {_p(r['optimizer_over_values'])} of values")
+    n = next(iter(d["headline"]["optimizers"].values()))["heldout_loss"]["n"]
+    return f"held-out loss median [min, max] over {n} seeds: " + "; ".join(parts)
+
+
+def transport_bench(d: dict) -> str:
+    h = d["headline"]
+    return ("fetch of 100k rows, GB/s (absolute figures mean little on 2 loaded cores): " +
+            ", ".join(f"{k.removeprefix('fetch_gbps_').removesuffix('_100000')} {_f(v, 3)}"
+                      for k, v in h.items() if k.startswith("fetch_gbps_")))
+
+
+def reliability(d: dict) -> str:
+    h = d["headline"]
+    r = h["recover_s_after_shard_restart"]
+    return (f"**{h['cases']}** distinct (RPC, field, attack) cases with and without credentials, "
+            f"{h.get('fuzz_iterations', 0):,} fuzz messages: internal errors **{h['internal_errors']}**, "
+            f"unauthenticated mutations **{h['unauthenticated_mutations']}**, non-finite rows **{h['nonfinite_rows']}**; "
+            f"failed calls during {h.get('swaps', '?')} back-to-back swaps **{h['failed_calls_during_swaps']}**; "
+            f"first call after a shard restart p95 **{_f(r['p95'])} s** (p50 {_f(r['p50'])})")
+
+
 # (results file, command, what it measures, formatter)
 ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("store_bench.json", "`python -m benchmarks.store_bench`",
@@ -204,6 +260,21 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("capacity_cpu_small.json", "`python benchmarks/capacity.py --size tiny ...`",
      "bits of knowledge stored per active parameter (bioS), CPU check at small N", capacity),
     ("knobs.json", "`python -m benchmarks.knobs`", "k at inference, row reordering, hot-row cache over gRPC", knobs),
+    ("scale_bench.json", "`python -m benchmarks.scale_bench` (GPU; commands: `benchmarks/STORE_NOTES.md`)",
+     "the store at memory-layer scale: 1M / 4M / 16M rows of 1024 bf16 on one GPU and in pinned host memory "
+     "(the device copy's `.git` named the session's base commit: the tree was main at fc5efb1, STORE_NOTES)",
+     scale_bench),
+    ("wire_bench.json", "`python benchmarks/wire_bench.py --device cuda` (commands: `benchmarks/WIRE_NOTES.md`)",
+     "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
+     "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
+    ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
+     "the quality benchmark's knowledge model trained with each row optimizer, same seeds (CPU check, 100 steps)",
+     optimizer_tradeoff),
+    ("transport_bench_cpu.json", "`python benchmarks/transport_bench.py`",
+     "same-host and cross-host transports against gRPC (CPU)", transport_bench),
+    ("reliability.json", "`python -m benchmarks.reliability`",
+     "hostile clients: every RPC found by reflection, each field attacked, swaps and restarts under load (CPU)",
+     reliability),
 ]
 
 
