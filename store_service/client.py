@@ -14,7 +14,9 @@ same across retries, so a retried mutation is applied once.
 """
 from __future__ import annotations
 
+import os
 import random
+import threading
 import time
 import uuid
 from typing import Mapping, Sequence
@@ -26,6 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import errors, wire
+from store_service.status import MD_LIMIT
+from store_service.tls import ClientTls
 from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
 from store_service.optimizer import OptimizerConfig, RowOptimizer
 from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
@@ -35,7 +39,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
     ("grpc.max_receive_message_length", -1),
     ("grpc.enable_retries", 0),               # retries are ours, below, within one deadline
+    # A restarted shard is reached again within a fraction of a second (gRPC's default
+    # reconnect backoff grows to minutes); a retry after UNAVAILABLE also opens a fresh channel.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
+_MAX_BACKOFF_S = 0.25   # between retries of an UNAVAILABLE call
 
 
 def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.StoreError:
@@ -49,7 +59,12 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
         prefix = f"{field}: "
         return errors.InvalidArgument(field, details[len(prefix):] if details.startswith(prefix) else details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.InvalidArgument("request", f"message too large for shard {shard_id} at {address}: {details}")
+        return errors.ResourceExhausted(md.get(MD_LIMIT, "max_message_mb"),
+                                        f"shard {shard_id} at {address}: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return errors.PermissionDenied(details)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return errors.DataLoss(f"shard {shard_id} at {address}", details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if kind == "stale-version":
             return errors.StaleVersion(int(md[MD_REQUESTED_VERSION]), int(md[MD_SERVING_VERSION]))
@@ -64,13 +79,19 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
 class RemoteShard:
     """A shard served by `store_service.server.serve_shard` at `address` ("host:port")."""
 
-    def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-                 shard_id: int = -1, backoff_s: float = 0.05,
+    def __init__(self, address: str, *, admin_token: str = "", token: str = "", timeout_s: float = 30.0,
+                 retries: int = 5, shard_id: int = -1, backoff_s: float = 0.05,
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
                  compact_readout: bool = True, readout_wire_dtype: str = "float32",
-                 readout_chunk_rows: int = 0):
-        """timeout_s: deadline of one call, retries included. retries: how many
-        times an UNAVAILABLE call is retried. interceptors: client interceptors
+                 readout_chunk_rows: int = 0, tls: ClientTls | None = None, store_root: str | None = None):
+        """token: the bearer token sent with every call (any role, store_service/auth.py);
+        admin_token: the same, kept for callers that name it so (token wins when both are
+        given). tls: connect over TLS (mutual TLS when it has a client certificate).
+        store_root: the store root as this client sees it; absolute admin paths under it are
+        sent relative to it (servers take only relative paths).
+        timeout_s: deadline of one call, retries included. retries: how many times an
+        UNAVAILABLE call is retried at least (it is retried until the deadline while the
+        server is coming back). interceptors: client interceptors
         (tracing, byte counting) wrapped around the channel.
         compact_readout: send a readout only the (token, slot) entries this shard owns, with
         a bit mask of where they go (DESIGN.md section 3's O(d_v + k) bytes, k counted per
@@ -94,12 +115,37 @@ class RemoteShard:
         self.retries = retries
         self.backoff_s = backoff_s
         self._shard_id = shard_id  # learned from describe() when not given
-        self._admin_md = ((MD_AUTHORIZATION, wire.bearer(admin_token)),) if admin_token else ()
-        self._channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
-        channel = grpc.intercept_channel(self._channel, *interceptors) if interceptors else self._channel
-        self._store = pb_grpc.KnowledgeStoreStub(channel)
-        self._admin = pb_grpc.StoreAdminStub(channel)
-        self._health = health_pb2_grpc.HealthStub(channel)
+        token = token or admin_token
+        self._md = ((MD_AUTHORIZATION, wire.bearer(token)),) if token else ()
+        self._tls, self._interceptors, self.store_root = tls, tuple(interceptors), store_root
+        self._channel_lock = threading.Lock()
+        self._old_channels: list[grpc.Channel] = []
+        self._open_channel()
+
+    def _open_channel(self) -> None:
+        """A fresh channel (and stubs over it). The one replaced is closed only with the
+        shard handle: calls of other threads may still be in flight on it."""
+        channel = (self._tls.channel(self.address, _CHANNEL_OPTIONS) if self._tls is not None
+                   else grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS))
+        if getattr(self, "_channel", None) is not None:
+            self._old_channels.append(self._channel)
+            while len(self._old_channels) > 4:
+                self._old_channels.pop(0).close()
+        self._channel = channel
+        wrapped = grpc.intercept_channel(channel, *self._interceptors) if self._interceptors else channel
+        self._store = pb_grpc.KnowledgeStoreStub(wrapped)
+        self._admin = pb_grpc.StoreAdminStub(wrapped)
+        self._health = health_pb2_grpc.HealthStub(wrapped)
+
+    def _stub(self, rpc):
+        """The current channel's version of stub method `rpc` (after a reconnect the
+        caller's bound method may belong to a replaced stub)."""
+        method = getattr(rpc, "_method", None)
+        if method is None:
+            return rpc
+        method = method.decode() if isinstance(method, bytes) else method
+        service = self._admin if "StoreAdmin" in method else (self._health if "Health" in method else self._store)
+        return getattr(service, method.rsplit("/", 1)[-1], rpc)
 
     @property
     def shard_id(self) -> int:
@@ -109,25 +155,32 @@ class RemoteShard:
         return f"RemoteShard({self.address!r}, shard_id={self._shard_id})"
 
     def close(self) -> None:
-        self._channel.close()
+        with self._channel_lock:
+            for c in self._old_channels:
+                c.close()
+            self._old_channels.clear()
+            self._channel.close()
 
     # -- the one place RPCs are made ------------------------------------------
     def _call(self, rpc, request, *, admin: bool = False, timeout_s: float | None = None):
         deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        metadata = self._admin_md if admin else ()
+        metadata = self._md
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
                     raise errors.ShardUnavailable(self._shard_id, self.address, "deadline exceeded before the call")
-                return rpc(request, timeout=remaining, metadata=metadata)
+                return (self._stub(rpc) if attempt else rpc)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                if err.code() == grpc.StatusCode.UNAVAILABLE and (attempt < self.retries
+                                                                  or time.monotonic() < deadline - 1.0):
+                    pause = min(self.backoff_s * (2 ** min(attempt, 8)), _MAX_BACKOFF_S) * (0.5 + random.random())
                     if time.monotonic() + pause < deadline:
                         attempt += 1
                         time.sleep(pause)
+                        with self._channel_lock:   # a restarted server: do not wait out the old channel's backoff
+                            self._open_channel()
                         continue
                 domain = error_from_rpc(err, self._shard_id, self.address)
                 if isinstance(domain, errors.ShardUnavailable):
@@ -140,7 +193,7 @@ class RemoteShard:
         (and mapped to a domain error) by `_call`, so the semantics are `_call`'s."""
         if len(requests) == 1:
             return [self._call(rpc, requests[0])]
-        futures = [rpc.future(r, timeout=self.timeout_s) for r in requests]
+        futures = [rpc.future(r, timeout=self.timeout_s, metadata=self._md) for r in requests]
         out = []
         for request, fut in zip(requests, futures):
             try:
@@ -250,12 +303,20 @@ class RemoteShard:
     def usage(self) -> UsageStats:
         return wire.usage_from_proto(self._call(self._admin.Usage, pb.UsageRequest(), admin=True))
 
+    def _relative(self, path: str) -> str:
+        """An absolute path under this client's store root -> relative to it (servers refuse others)."""
+        path = str(path)
+        if self.store_root is None or not os.path.isabs(path):
+            return path
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(self.store_root))
+        return "" if rel == "." else (path if rel.startswith("..") else rel)
+
     def write_snapshot(self, version_dir: str, version: int) -> None:
-        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version)
+        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=self._relative(version_dir), version=version)
         self._call(self._admin.WriteSnapshot, req, admin=True)
 
     def prepare_version(self, store_root: str, version: int) -> None:
-        req = pb.PrepareVersionRequest(request_id=_new_id(), store_root=str(store_root), version=version)
+        req = pb.PrepareVersionRequest(request_id=_new_id(), store_root=self._relative(store_root), version=version)
         self._call(self._admin.PrepareVersion, req, admin=True)
 
     def flip_version(self, version: int) -> None:
@@ -279,16 +340,18 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-            interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), compact_readout: bool = True,
-            readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0, **table_kwargs):
+def connect(addresses: Sequence[str], *, admin_token: str = "", token: str = "", timeout_s: float = 30.0,
+            retries: int = 5, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+            compact_readout: bool = True, readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0,
+            tls: ClientTls | None = None, **table_kwargs):
     """A `Table` over the shard servers at `addresses` (one per shard, any order).
-    compact_readout, readout_wire_dtype, readout_chunk_rows: see RemoteShard.
+    token/admin_token, tls, compact_readout, readout_wire_dtype, readout_chunk_rows: see RemoteShard.
     table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
-    shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
+    shards = [RemoteShard(a, admin_token=admin_token, token=token, timeout_s=timeout_s, retries=retries,
                           interceptors=interceptors, compact_readout=compact_readout,
-                          readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows)
+                          readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows,
+                          tls=tls, store_root=table_kwargs.get("store_root"))
               for a in addresses]
     return Table(shards, **table_kwargs)

@@ -27,9 +27,12 @@ Nothing writes format 1.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -54,8 +57,11 @@ def version_name(version: int) -> str:
     return f"v{version:08d}"
 
 
+VERSIONS_DIR, STAGING_DIR = "versions", "staging"
+
+
 def version_path(store_root: str, version: int) -> str:
-    return os.path.join(store_root, "versions", version_name(version))
+    return os.path.join(store_root, VERSIONS_DIR, version_name(version))
 
 
 def shard_group_name(shard_id: int) -> str:
@@ -157,11 +163,33 @@ def write_shard(version_dir: str, data: ShardData) -> None:
     group.attrs.update(data.attrs)
 
 
+@contextlib.contextmanager
+def _reading(path: str):
+    """Anything but a missing file that goes wrong reading `path` is data loss, named so."""
+    try:
+        yield
+    except (errors.StoreError, FileNotFoundError, KeyError):
+        raise
+    except Exception as e:
+        raise errors.DataLoss(path, f"cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
+
+
+def _open_shard_group(version_dir: str, shard_id: int):
+    name = shard_group_name(shard_id)
+    with _reading(os.path.join(version_dir, "zarr.json")):
+        root = zarr.open_group(version_dir, mode="r")
+    try:
+        with _reading(os.path.join(version_dir, name, "zarr.json")):
+            return root[name]
+    except (FileNotFoundError, KeyError) as e:
+        raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
+
+
 def shard_format(version_dir: str, shard_id: int) -> int:
     """The format a shard's subgroup was written in (1 when it says none)."""
     try:
-        group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
-    except (FileNotFoundError, KeyError) as e:
+        group = _open_shard_group(version_dir, shard_id)
+    except FileNotFoundError as e:
         raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
     return int(group.attrs.get("format", 1))
 
@@ -172,8 +200,14 @@ def read_shard(version_dir: str, shard_id: int) -> ShardData:
     if fmt not in (1, FORMAT):
         raise errors.FailedPrecondition(f"shard {shard_id} of {version_dir} is in format {fmt}; this store "
                                         f"reads formats 1 and {FORMAT}")
-    group = zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
-    data = ShardData(dict(group.attrs), {name: arr[...] for name, arr in group.arrays()})
+    group = _open_shard_group(version_dir, shard_id)
+    base = os.path.join(version_dir, shard_group_name(shard_id))
+    with _reading(base):
+        arrays = dict(group.arrays())
+    data = ShardData(dict(group.attrs), {})
+    for name, arr in arrays.items():
+        with _reading(os.path.join(base, name)):   # a truncated or corrupt chunk names its array
+            data.arrays[name] = arr[...]
     return _from_format1(data) if fmt == 1 else data
 
 
@@ -185,13 +219,18 @@ def read_root_attrs(store_root: str, version: int) -> dict:
     path = version_path(store_root, version)
     if not os.path.isdir(path):
         raise errors.NotFound(f"version {version} is not published under {store_root}")
-    return dict(zarr.open_group(path, mode="r").attrs)
+    with _reading(os.path.join(path, "zarr.json")):
+        return dict(zarr.open_group(path, mode="r").attrs)
 
 
 def new_stage(store_root: str, version: int) -> str:
     """A fresh, empty Zarr group under staging/ for (a rewrite of) `version`."""
-    os.makedirs(os.path.join(store_root, "versions"), exist_ok=True)
-    stage = os.path.join(store_root, "staging", f"{version_name(version)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.join(store_root, VERSIONS_DIR), exist_ok=True)
+    clean_staging(store_root)
+    # The owner (host, pid) is in the name, so a cleaner can tell a crashed writer's leftovers
+    # from a live one's work: v00000007-h<host hash>-p<pid>-<random>.
+    stage = os.path.join(store_root, STAGING_DIR, f"{version_name(version)}-h{_HOST}-p{os.getpid()}-"
+                                                  f"{uuid.uuid4().hex[:8]}")
     os.makedirs(stage)
     zarr.open_group(stage, mode="w")
     return stage
@@ -224,9 +263,45 @@ def fsync_tree(path: str) -> None:
                 os.close(fd)
 
 
-def clean_staging(store_root: str) -> None:
-    """Delete leftovers of writers that crashed (never visible as versions)."""
-    shutil.rmtree(os.path.join(store_root, "staging"), ignore_errors=True)
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_STAGE_RE = re.compile(r"^v\d{8}-h([0-9a-f]{8})-p(\d+)-[0-9a-f]{8}(-old)?$")
+STAGING_LEASE_S = 6 * 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(store_root: str, lease_s: float = STAGING_LEASE_S) -> list[str]:
+    """Delete what crashed writers left under staging/ (never visible as versions): a
+    directory whose owner process, on this host, is gone, or, whatever its owner, one not
+    touched for lease_s seconds (servers and publishers share a store root, so a live
+    writer's staging is never removed). Runs when a publisher stages a version and when a
+    server starts. Returns the names removed."""
+    top = os.path.join(store_root, STAGING_DIR)
+    try:
+        names = os.listdir(top)
+    except FileNotFoundError:
+        return []
+    removed, now = [], time.time()
+    for name in names:
+        path = os.path.join(top, name)
+        m = _STAGE_RE.match(name)
+        try:
+            age = now - max([os.stat(path).st_mtime] + [e.stat().st_mtime for e in os.scandir(path)])
+        except FileNotFoundError:
+            continue   # its writer finished (published or removed it) meanwhile
+        dead = m is not None and m.group(1) == _HOST and not _alive(int(m.group(2)))
+        if dead or age > lease_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def table_root_attrs(version: int, step: int, shard_datas_attrs: list[dict]) -> dict:
