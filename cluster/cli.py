@@ -42,7 +42,7 @@ def _load_state(args) -> ClusterConfig:
     p = _state_path(args)
     if not p.exists():
         sys.exit(f"kstore: no running cluster recorded at {p}; start one with `kstore up`")
-    return ClusterConfig.from_dict(json.loads(p.read_text()))
+    return ClusterConfig.from_dict(json.loads(p.read_text())).ensure_tokens()
 
 
 def _attach(args):

@@ -12,6 +12,7 @@ store's gRPC API; this module only places actors and publishes maps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -69,6 +70,7 @@ class StoreCluster:
         start one shard actor per shard."""
         owns = init_ray(config)
         os.makedirs(config.store_root, exist_ok=True)
+        config.ensure_tokens()
         version = persistence.latest_version(config.store_root)
         if version is None:
             if table_config is None:
@@ -91,7 +93,8 @@ class StoreCluster:
         # (a command line, or a worker that scales the store mid-run); stop() ends it.
         opts = dict(self.config.shard.ray_options(), lifetime="detached")
         actors = [ShardActor.options(name=f"kstore_shard_g{gen}_{i}", **opts).remote(
-            os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token)
+            os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token,
+            tokens=dataclasses.asdict(self.config.tokens()))
             for i in range(num_shards)]
         m = ShardMap.from_dict(ray.get(self.registry.wait_for.remote(min_map_version=gen, complete=True,
                                                                     timeout_s=120.0)))

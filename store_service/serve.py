@@ -115,17 +115,21 @@ class ShardProcess:
             self.proc.stdout.close()
 
 
-def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_token: str, port: int = 0,
+def start_shard_process(store_root: str, version: int, shard_id: int, *, admin_token: str = "",
+                        tokens: auth.Tokens | None = None, port: int = 0,
                         host: str = "127.0.0.1", metrics_port: int | None = None, extra_args: Sequence[str] = (),
                         env: dict[str, str] | None = None, startup_timeout_s: float = 60.0) -> ShardProcess:
-    """Launch one shard server process and wait until it reports its bound address."""
+    """Launch one shard server process and wait until it reports its bound address.
+    tokens (or admin_token alone) reach it through its environment."""
+    tokens = tokens or auth.Tokens(admin=admin_token)
     cmd = [sys.executable, "-m", "store_service.serve", "--store-root", str(store_root), "--version", str(version),
            "--shard", str(shard_id), "--port", str(port), "--host", host, *extra_args]
     if metrics_port is not None:
         cmd += ["--metrics-port", str(metrics_port)]
     # Idle OpenMP threads sleep instead of spinning: several servers (and their
     # clients) often share a machine's cores, and spinning threads starve them.
-    full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": admin_token}
+    full_env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **(env or {}), "KSTORE_ADMIN_TOKEN": tokens.admin,
+                "KSTORE_TRAIN_TOKEN": tokens.train, "KSTORE_READ_TOKEN": tokens.read}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=full_env)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()

@@ -250,3 +250,20 @@ def hostile(tmp_path):
     yield store
     for s in made:
         s.close()
+
+
+def self_signed_cert(directory, name: str = "server") -> tuple[str, str]:
+    """A fresh self-signed certificate for localhost / 127.0.0.1 made with the openssl
+    command line -> (cert.pem path, key.pem path)."""
+    import subprocess
+    cert, key = str(directory / f"{name}.crt"), str(directory / f"{name}.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", f"/CN={name}", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """Self-signed certificates made for this test: a server's and a client's (mutual TLS)."""
+    return {"server": self_signed_cert(tmp_path, "server"), "client": self_signed_cert(tmp_path, "client")}
