@@ -173,7 +173,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return None
         try:
             self._authority.check(details.method, details.invocation_metadata)
-            return handler
+            return _tolerating_malformed(handler)
         except errors.StoreError as exc:
             code, message, trailing = self._status_of(exc)
             self._on_refused(details.method.rsplit("/", 1)[-1], code.name)
@@ -188,3 +188,30 @@ class AuthInterceptor(grpc.ServerInterceptor):
             if handler.response_streaming:
                 return grpc.unary_stream_rpc_method_handler(deny)
             return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class _Malformed:
+    """What a request that does not parse becomes (gRPC would answer INTERNAL)."""
+
+    def __init__(self, error: Exception):
+        self.error = f"{type(error).__name__}: {error}"[:120]
+
+
+def _tolerating_malformed(handler):
+    """A unary handler whose undecodable requests get INVALID_ARGUMENT instead of gRPC's INTERNAL."""
+    if handler.unary_unary is None or handler.request_deserializer is None:
+        return handler
+    parse, behavior = handler.request_deserializer, handler.unary_unary
+
+    def deserialize(data: bytes):
+        try:
+            return parse(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed message
+            return _Malformed(exc)
+
+    def call(request, context):
+        if isinstance(request, _Malformed):
+            context.set_trailing_metadata((("ks-error", "invalid-argument"), ("ks-field", "request")))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: malformed message ({request.error})")
+        return behavior(request, context)
+    return handler._replace(request_deserializer=deserialize, unary_unary=call)
