@@ -5,6 +5,7 @@ reached again quickly; back-to-back swaps under load fail no call; staging left 
 crashed publisher is removed (and a live one's is not)."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def test_a_restarted_shard_is_reached_again_within_a_second(tmp_path):
         client.close()
         server.stop(grace=None)
     waits.sort()
-    assert waits[int(0.95 * (len(waits) - 1))] <= 1.0, waits
+    assert waits[math.ceil(0.95 * len(waits)) - 1] <= 1.0, waits   # p95, nearest rank
 
 
 def test_back_to_back_swaps_under_load_fail_no_call(tmp_path):
