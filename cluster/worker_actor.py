@@ -110,7 +110,7 @@ class WorkerActor:
                     result = train(cfg, table=table, resume=resume, data_parallel=dp, step_hook=hook,
                                    progress_bar=progress)
                     break
-                except (ShardRestarted, errors.ShardUnavailable) as e:
+                except (ShardRestarted, errors.ShardUnavailable, errors.ShardsDisagree) as e:
                     if self.recoveries >= max_recoveries or dp is not None:
                         raise  # data-parallel recovery restarts the whole group: the caller's job
                     self.recoveries += 1

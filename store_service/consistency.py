@@ -21,7 +21,7 @@ def agreed(table) -> tuple[int, int]:
     for shard, info in zip(table.shards, infos):
         if (info.version, info.step) != (version, step):
             where = getattr(shard, "address", "in process")
-            raise errors.FailedPrecondition(
+            raise errors.ShardsDisagree(
                 f"shard {info.shard_id} ({where}) is at version {info.version} step {info.step}, the others at "
                 f"version {version} step {step}; Table.recover() rolls every shard back to the last published "
                 "version")

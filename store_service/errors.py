@@ -62,6 +62,11 @@ class NonFinite(InvalidArgument):
     step whose result would not be finite). Counted in the server's metrics."""
 
 
+class ShardsDisagree(FailedPrecondition):
+    """A table's shards are at different versions or steps (one restarted): it may not train
+    or publish until `Table.recover()` rolls them back to one published version."""
+
+
 class StepRefused(FailedPrecondition):
     """end_step would have written a non-finite value; the step's gradients are dropped and
     nothing changes. Counted in the server's metrics."""
