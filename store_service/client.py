@@ -83,15 +83,17 @@ class RemoteShard:
                  retries: int = 5, shard_id: int = -1, backoff_s: float = 0.05,
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
                  compact_readout: bool = True, readout_wire_dtype: str = "float32",
-                 readout_chunk_rows: int = 0, tls: ClientTls | None = None, store_root: str | None = None):
+                 readout_chunk_rows: int = 0, tls: ClientTls | None = None, store_root: str | None = None,
+                 reconnect_window_s: float = 10.0):
         """token: the bearer token sent with every call (any role, store_service/auth.py);
         admin_token: the same, kept for callers that name it so (token wins when both are
         given). tls: connect over TLS (mutual TLS when it has a client certificate).
         store_root: the store root as this client sees it; absolute admin paths under it are
         sent relative to it (servers take only relative paths).
         timeout_s: deadline of one call, retries included. retries: how many times an
-        UNAVAILABLE call is retried at least (it is retried until the deadline while the
-        server is coming back). interceptors: client interceptors
+        UNAVAILABLE call is retried at least; it goes on being retried (each time on a fresh
+        channel) for reconnect_window_s, within the deadline, while a restarted server comes
+        back. interceptors: client interceptors
         (tracing, byte counting) wrapped around the channel.
         compact_readout: send a readout only the (token, slot) entries this shard owns, with
         a bit mask of where they go (DESIGN.md section 3's O(d_v + k) bytes, k counted per
@@ -118,6 +120,7 @@ class RemoteShard:
         token = token or admin_token
         self._md = ((MD_AUTHORIZATION, wire.bearer(token)),) if token else ()
         self._tls, self._interceptors, self.store_root = tls, tuple(interceptors), store_root
+        self.reconnect_window_s = reconnect_window_s
         self._channel_lock = threading.Lock()
         self._old_channels: list[grpc.Channel] = []
         self._open_channel()
@@ -163,7 +166,8 @@ class RemoteShard:
 
     # -- the one place RPCs are made ------------------------------------------
     def _call(self, rpc, request, *, admin: bool = False, timeout_s: float | None = None):
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        start = time.monotonic()
+        deadline = start + (timeout_s if timeout_s is not None else self.timeout_s)
         metadata = self._md
         attempt = 0
         while True:
@@ -173,8 +177,8 @@ class RemoteShard:
                     raise errors.ShardUnavailable(self._shard_id, self.address, "deadline exceeded before the call")
                 return (self._stub(rpc) if attempt else rpc)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and (attempt < self.retries
-                                                                  or time.monotonic() < deadline - 1.0):
+                if err.code() == grpc.StatusCode.UNAVAILABLE and (
+                        attempt < self.retries or time.monotonic() < start + self.reconnect_window_s):
                     pause = min(self.backoff_s * (2 ** min(attempt, 8)), _MAX_BACKOFF_S) * (0.5 + random.random())
                     if time.monotonic() + pause < deadline:
                         attempt += 1

@@ -61,8 +61,7 @@ class ShardState:
         self.row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local rows, grads) pairs
         self.key_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat positions, grads)
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.arrivals: dict[int, tuple[int, set[int]]] = {}  # step -> (num_workers, workers)
-        self.refused: dict[int, str] = {}      # step -> why end_step refused it (told to its waiters)
+        self.arrivals: dict = {}               # step -> step.Round (the workers waiting at it)
         self.pending_grad_bytes = 0            # bytes in row_grads and key_grads (bounded per step)
         self.nonfinite_refused = 0             # steps refused for a non-finite result
         self.lock = threading.RLock()

@@ -26,6 +26,15 @@ StepRefused = errors.StepRefused
 _WAIT_SLICE_S = 0.25   # how often a waiting caller checks that it is still there
 
 
+@dataclasses.dataclass
+class Round:
+    """The workers waiting at one step: how many the first of them said to wait for, who
+    arrived, and why the step was refused (told to this round's waiters only)."""
+    n: int
+    arrived: set[int] = dataclasses.field(default_factory=set)
+    refused: str | None = None
+
+
 def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id: str, timeout_s: float,
             active: Callable[[], bool] = lambda: True) -> int:
     """Record `worker`'s arrival for `step`; the last of the step's members applies the step
@@ -41,18 +50,19 @@ def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id
         return st.step
     if step > st.step:
         raise errors.InvalidArgument("step", f"shard {st.shard_id} is at step {st.step}, cannot end step {step}")
-    n, arrived = st.arrivals.get(step, (num_workers, set()))
-    if n != num_workers:
-        raise errors.InvalidArgument("num_workers", f"{num_workers} differs from {n}, the count of the "
-                                                    f"{len(arrived)} worker(s) waiting at step {step}")
-    st.arrivals[step] = (n, arrived)
-    arrived.add(worker)
-    if len(arrived) == n:
+    rnd = st.arrivals.get(step)
+    if rnd is None:
+        rnd = st.arrivals[step] = Round(num_workers)
+    if rnd.n != num_workers:
+        raise errors.InvalidArgument("num_workers", f"{num_workers} differs from {rnd.n}, the count of the "
+                                                    f"{len(rnd.arrived)} worker(s) waiting at step {step}")
+    rnd.arrived.add(worker)
+    if len(rnd.arrived) == rnd.n:
         del st.arrivals[step]
         try:
             apply_step(st)
         except StepRefused as exc:
-            st.refused[step] = str(exc)
+            rnd.refused = str(exc)   # the waiters of this round are told, not those of a later one
             st.cond.notify_all()
             raise
         st.mark_seen(request_id)
@@ -60,7 +70,7 @@ def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id
         st.cond.notify_all()
         return step + 1
     deadline = time.monotonic() + timeout_s
-    while st.step <= step and step not in st.refused and active():
+    while st.step <= step and rnd.refused is None and active():
         left = deadline - time.monotonic()
         if left <= 0:
             break
@@ -68,12 +78,12 @@ def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id
     if st.step > step:
         st.mark_seen(request_id)
         return step + 1
-    if step in st.refused:
-        raise StepRefused(st.refused[step])
-    arrived.discard(worker)  # as if it never came: a retry arrives afresh
-    if not arrived and st.arrivals.get(step, (0, None))[1] is arrived:
+    if rnd.refused is not None:
+        raise StepRefused(rnd.refused)
+    rnd.arrived.discard(worker)  # as if it never came: a retry arrives afresh
+    if not rnd.arrived and st.arrivals.get(step) is rnd:
         del st.arrivals[step]
-    raise BarrierTimeout(f"end_step {step}: {len(arrived) + 1} of {n} workers arrived "
+    raise BarrierTimeout(f"end_step {step}: {len(rnd.arrived) + 1} of {rnd.n} workers arrived "
                          f"within {timeout_s:g}s (shard {st.shard_id})" if active() else
                          f"end_step {step}: the caller went away (shard {st.shard_id})")
 

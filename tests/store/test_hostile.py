@@ -134,6 +134,28 @@ def test_a_step_whose_result_is_not_finite_is_refused_whole(hostile):
     assert 'kstore_nonfinite_refused_total{method="EndStep"} 1.0' in h.metrics_text()
 
 
+def test_a_refused_step_tells_its_own_waiters_and_not_a_later_round():
+    from store_service.config import TableConfig
+    from store_service.shard import Shard
+    shard = Shard(TableConfig(d_k=8, d_v=16, segments=[("flat", 10)], optimizer=OptimizerConfig("sgd", lr=1e32)))
+    shard.accumulate_value_grads(torch.tensor([1]), torch.full((1, 16), 1e8))
+    results = {}
+
+    def worker(w):
+        try:
+            results[w] = shard.end_step(0, worker=w, num_workers=2, timeout_s=10)
+        except errors.StepRefused:
+            results[w] = "refused"
+
+    for want in ("refused", 1):   # the overflowing step, then a new round of step 0 without gradients
+        t = threading.Thread(target=worker, args=(0,))
+        t.start()
+        time.sleep(0.3)
+        worker(1)
+        t.join()
+        assert results == {0: want, 1: want}
+
+
 def test_snapshot_checks_finiteness_before_publishing(hostile):
     h = hostile
     h.shard._serving.values[3, 0] = float("nan")   # no call can do this; a bug or a bit flip could
