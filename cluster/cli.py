@@ -82,7 +82,9 @@ def cmd_up(args) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(cfg.to_dict(), indent=2))
     _print(cluster.status())
-    print(f"cluster up; its settings are in {p}")
+    where = (f"; its tokens (read, train, admin) in {cfg.token_path()} (mode 0600)"
+             if os.path.exists(cfg.token_path()) else "")
+    print(f"cluster up; its settings are in {p}{where}")
 
 
 def cmd_status(args) -> None:
