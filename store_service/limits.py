@@ -26,7 +26,7 @@ from . import errors
 class Limits:
     max_k: int = 4096                          # top-k (and side-query k) of one search
     max_queries: int = 65536                   # query rows of one search
-    max_fetch_rows: int = 1 << 20              # ids of one fetch or gradient call
+    max_fetch_rows: int = 1 << 22              # ids of one fetch or gradient call (the reply bound guards memory)
     max_readout_rows: int = 1 << 18            # token rows of one readout (with or without a slot mask)
     max_mask_slots: int = 1 << 26              # rows x cols of one readout's slot grid
     max_reply_bytes: int = 512 << 20           # what one answer may carry
