@@ -12,7 +12,6 @@ import torch
 
 from cluster.config import ClusterConfig
 from protos import knowledge_store_pb2 as pb
-from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import auth, errors, wire
 from store_service.client import RemoteShard
 from store_service.tls import ClientTls, ServerTls
