@@ -143,3 +143,30 @@ def test_cluster_config_generates_its_own_tokens(tmp_path):
     assert again.admin_token == a.admin_token                                    # clients read it from there
     assert "admin_token" in a.to_dict() and a.to_dict()["admin_token"] == ""     # state files hold no token
     assert ClusterConfig.from_dict(a.to_dict()).ensure_tokens().admin_token == a.admin_token
+
+
+def test_serve_command_takes_a_token_file_limits_and_tls(tmp_path, certs):
+    """`python -m store_service.serve --token-file ... --limit max_k=8 --tls-cert ... --tls-key ...`"""
+    from store_service.config import TableConfig
+    from store_service.serve import start_shard_process
+    from store_service.table import Table
+    root = str(tmp_path / "store")
+    t = Table.create(TableConfig(d_k=8, d_v=16, segments=[("flat", 40)], num_shards=1), root)
+    v = t.snapshot()
+    t.close()
+    path = str(tmp_path / "tokens.json")
+    tokens = auth.load_or_create_token_file(path)
+    cert, key = certs["server"]
+    proc = start_shard_process(root, v, 0, tokens=tokens, extra_args=[
+        "--token-file", path, "--limit", "max_k=8", "--tls-cert", cert, "--tls-key", key])
+    try:
+        shard = RemoteShard(proc.address, token=tokens.read, tls=ClientTls.from_files(cert), retries=0, timeout_s=10)
+        assert shard.search(torch.randn(2, 8), 8).ids.shape == (2, 8)
+        with pytest.raises(errors.ResourceExhausted) as info:
+            shard.search(torch.randn(2, 8), 9)
+        assert info.value.limit == "max_k"
+        with pytest.raises(errors.PermissionDenied):
+            shard.usage()
+        shard.close()
+    finally:
+        proc.stop()
