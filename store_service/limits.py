@@ -36,7 +36,7 @@ class Limits:
     max_usage_hits: int = 1 << 32              # one fetch's hits per row
     max_usage_weight_abs: float = 1e12         # |one fetch's weight_sum per row|
     max_barrier_timeout_s: float = 3600.0      # EndStep.timeout_s: finite, 0 < t <= this
-    max_barrier_waiters: int = 4               # EndStep calls waiting at once (beyond: RESOURCE_EXHAUSTED)
+    max_barrier_waiters: int = 16              # EndStep calls waiting at once (>= data-parallel workers - 1)
     max_path_chars: int = 1024                 # admin paths (relative to the store root)
     max_error_chars: int = 400                 # error texts are cut to this many characters
 
