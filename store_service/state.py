@@ -85,6 +85,7 @@ class ShardState:
 
     def reindex(self) -> None:
         """Recompute what is derived from the flat rows (after they changed)."""
+        self._tag_rows: dict[str, int] | None = None
         # local row -> position among flat rows (-1 for product rows)
         self.flat_pos = torch.full((self.num_rows,), -1, dtype=torch.int64, device=self.device)
         self.flat_local = self.flat_ids - self.row_start
@@ -106,7 +107,10 @@ class ShardState:
                    if s.kind == SEGMENT_FLAT or (s.kind == SEGMENT_PRODUCT and self.config.store_codebooks))
 
     def tag_rows(self) -> dict[str, int]:
-        return {name: int((t != TAG_UNSET).sum()) for name, t in sorted(self.tags.items())}
+        # cached until the flat rows change (reindex): describe() runs before every remote end step
+        if self._tag_rows is None:
+            self._tag_rows = {name: int((t != TAG_UNSET).sum()) for name, t in sorted(self.tags.items())}
+        return dict(self._tag_rows)
 
     def partition_rows(self) -> dict[int, int]:
         return {p: int(pos.numel()) for p, pos in sorted(self.partition_pos.items())}
