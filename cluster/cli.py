@@ -42,7 +42,7 @@ def _load_state(args) -> ClusterConfig:
     p = _state_path(args)
     if not p.exists():
         sys.exit(f"kstore: no running cluster recorded at {p}; start one with `kstore up`")
-    return ClusterConfig.from_dict(json.loads(p.read_text()))
+    return ClusterConfig.from_dict(json.loads(p.read_text())).ensure_tokens()
 
 
 def _attach(args):
@@ -82,7 +82,9 @@ def cmd_up(args) -> None:
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(cfg.to_dict(), indent=2))
     _print(cluster.status())
-    print(f"cluster up; its settings are in {p}")
+    where = (f"; its tokens (read, train, admin) in {cfg.token_path()} (mode 0600)"
+             if os.path.exists(cfg.token_path()) else "")
+    print(f"cluster up; its settings are in {p}{where}")
 
 
 def cmd_status(args) -> None:
