@@ -14,6 +14,7 @@ from cluster.config import ClusterConfig
 from protos import knowledge_store_pb2 as pb
 from store_service import auth, errors, wire
 from store_service.client import RemoteShard
+from store_service.grpc_datapath import WireConfig
 from store_service.tls import ClientTls, ServerTls
 
 T = wire.to_proto
@@ -94,8 +95,11 @@ def test_refusals_are_counted_in_metrics(hostile):
 def test_tls_with_a_self_signed_certificate(hostile, certs):
     cert, key = certs["server"]
     h = hostile.make("tls", tls=ServerTls.from_files(cert, key))
-    shard = RemoteShard(h.server.address, token=h.tokens.read, tls=ClientTls.from_files(cert), retries=0, timeout_s=5)
+    shard = RemoteShard(h.server.address, token=h.tokens.read, tls=ClientTls.from_files(cert), retries=0, timeout_s=5,
+                        wire_config=WireConfig(channels=3, stream_min_rows=1, split_min_rows=1))
     assert shard.describe().info.num_rows == 356
+    ids = torch.arange(300)   # a streamed fetch in 3 parts, one on each channel of the pool: all over TLS
+    assert torch.equal(shard.fetch(ids), h.shard.fetch(ids))
     shard.close()
     plain = RemoteShard(h.server.address, token=h.tokens.read, retries=0, timeout_s=2)
     with pytest.raises(errors.ShardUnavailable):
