@@ -139,7 +139,7 @@ def run(size: Size, iters: int, warmup: int, store_root: str, server_threads: in
             procs.append(start_shard_process(store_root, version, i, admin_token=TOKEN, extra_args=extra,
                                              startup_timeout_s=300))
         counter = ByteCounter()
-        remote = connect([p.address for p in procs], timeout_s=120, interceptors=[counter])
+        remote = connect([p.address for p in procs], admin_token=TOKEN, timeout_s=120, interceptors=[counter])
         stages.update()
         # Same answers before timing anything.
         got = _workload(remote, size)

@@ -47,7 +47,7 @@ def _read_state(args) -> tuple[ClusterConfig, dict | None] | None:
     if not p.exists():
         return None
     raw = json.loads(p.read_text())
-    return ClusterConfig.from_dict(raw["cluster"]), raw.get("ray_head")
+    return ClusterConfig.from_dict(raw["cluster"]).ensure_tokens(), raw.get("ray_head")
 
 
 def _load_state(args) -> ClusterConfig:
@@ -131,7 +131,9 @@ def cmd_up(args) -> None:
         if head is not None:
             head.stop()        # a failed `up` leaves nothing running
         raise
-    print(f"cluster up; its settings are in {p}")
+    where = (f"; its tokens (read, train, admin) in {cfg.token_path()} (mode 0600)"
+             if os.path.exists(cfg.token_path()) else "")
+    print(f"cluster up; its settings are in {p}{where}")
 
 
 def cmd_status(args) -> None:

@@ -2,10 +2,16 @@
 
 Loaded from a TOML or JSON file (`kstore up --config cluster.toml`); every
 field has a default that runs an embedded one-machine cluster.
+
+Credentials: there is no default token. Unless the config names an admin_token, the
+cluster's tokens (read, train, admin; store_service/auth.py) are generated on first use
+into `token_file` (default <store_root>/kstore_tokens.json, mode 0600) and read from
+there by every later command and client.
 """
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -46,7 +52,8 @@ class ClusterConfig:
     store_root: str = "store_data"
     num_shards: int = 2
     num_workers: int = 1
-    admin_token: str = "kstore-dev-token"
+    admin_token: str = ""           # "": the admin token of token_file (generated on first use)
+    token_file: str = ""            # "": <store_root>/kstore_tokens.json
     ray_address: str = ""           # "" embeds a local cluster; "auto" joins a running one
     shard: ShardResources = field(default_factory=ShardResources)
     # per shard id ("0", "1", ...): fields of `shard` to change for that shard, e.g.
@@ -61,10 +68,30 @@ class ClusterConfig:
     @staticmethod
     def load(path: str | Path | None) -> "ClusterConfig":
         if path is None:
-            return ClusterConfig()
+            return ClusterConfig().ensure_tokens()
         text = Path(path).read_text()
         raw = tomllib.loads(text) if str(path).endswith(".toml") else json.loads(text)
-        return ClusterConfig.from_dict(raw)
+        return ClusterConfig.from_dict(raw).ensure_tokens()
+
+    def token_path(self) -> str:
+        return self.token_file or os.path.join(self.store_root, "kstore_tokens.json")
+
+    def tokens(self):
+        """The cluster's tokens (store_service.auth.Tokens): the token file's, made on first
+        use; a config naming admin_token uses that one token for every role."""
+        from store_service.auth import Tokens, load_or_create_token_file
+        if self.admin_token and not os.path.exists(self.token_path()):
+            return Tokens(admin=self.admin_token)
+        tokens = load_or_create_token_file(self.token_path())
+        if self.admin_token and self.admin_token != tokens.admin:
+            return Tokens(admin=self.admin_token)
+        return tokens
+
+    def ensure_tokens(self) -> "ClusterConfig":
+        """Fill admin_token from the token file (generating it when missing); returns self."""
+        if not self.admin_token:
+            self.admin_token = self.tokens().admin
+        return self
 
     @staticmethod
     def from_dict(raw: dict) -> "ClusterConfig":
@@ -90,4 +117,11 @@ class ClusterConfig:
         return ShardResources(**{**asdict(self.shard), **over}) if over else self.shard
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as data; a token that comes from the token file stays there (a state
+        file written from this holds no credential)."""
+        d = asdict(self)
+        if self.admin_token and os.path.exists(self.token_path()):
+            from store_service.auth import read_token_file
+            if read_token_file(self.token_path()).admin == self.admin_token:
+                d["admin_token"] = ""
+        return d

@@ -40,6 +40,7 @@ class FollowingTable(Table):
             raise ValueError(f"on_restart must be 'follow' or 'raise', got {on_restart!r}")
         self._registry = get_registry()
         self._admin_token = admin_token
+        self._client_root = table_kwargs.get("store_root")   # admin paths travel relative to it
         self._timeout_s = timeout_s
         self._wait_s = wait_s
         self.on_restart = on_restart
@@ -58,7 +59,7 @@ class FollowingTable(Table):
 
     def _handles(self, m: ShardMap) -> list[RemoteShard]:
         return [RemoteShard(e.address, admin_token=self._admin_token, timeout_s=self._timeout_s,
-                            shard_id=e.shard_id) for e in (m.entries[i] for i in range(m.num_shards))]
+                            shard_id=e.shard_id, store_root=self._client_root) for e in (m.entries[i] for i in range(m.num_shards))]
 
     def _watch(self) -> None:
         seen = self._bound.revision

@@ -12,6 +12,7 @@ store's gRPC API; this module only places actors and publishes maps.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ class StoreCluster:
         start one shard actor per shard."""
         owns = init_ray(config)
         os.makedirs(config.store_root, exist_ok=True)
+        config.ensure_tokens()
         version = persistence.latest_version(config.store_root)
         if version is None:
             if table_config is None:
@@ -113,7 +115,7 @@ class StoreCluster:
             actors.append(ShardActor.options(name=f"kstore_shard_g{gen}_{i}", lifetime="detached",
                                              **res.ray_options()).remote(
                 os.path.abspath(self.config.store_root), i, num_shards, version, gen, self.config.admin_token,
-                rows=res.rows))
+                rows=res.rows, tokens=dataclasses.asdict(self.config.tokens())))
         self.actors = self.actors + actors   # stop() reaches them even if they never register
         m = ShardMap.from_dict(ray.get(self.registry.wait_for.remote(min_map_version=gen, complete=True,
                                                                     timeout_s=120.0)))

@@ -52,9 +52,11 @@ def rows_device(rows: str, gpu_ids: list, cuda_available: bool) -> dict:
 class ShardActor:
     def __init__(self, store_root: str, shard_id: int, num_shards: int, base_version: int,
                  map_version: int, admin_token: str, bind_host: str = "127.0.0.1",
-                 torch_threads: int = 1, metrics: bool = True, rows: str = "auto"):
+                 torch_threads: int = 1, metrics: bool = True, rows: str = "auto",
+                 tokens: dict | None = None):
         import torch
 
+        from store_service.auth import Tokens
         from store_service.server import serve_shard
         from store_service.shard import Shard
 
@@ -64,7 +66,8 @@ class ShardActor:
         self.placement = rows_device(rows, ray.get_gpu_ids(), torch.cuda.is_available())
         self.shard = Shard.load(store_root, version, shard_id, self.placement["device"],
                                 self.placement["pin_memory"])
-        self.server = serve_shard(self.shard, port=0, admin_token=admin_token, host=bind_host,
+        self.server = serve_shard(self.shard, port=0, tokens=Tokens(**tokens) if tokens else Tokens(admin_token),
+                                  host=bind_host,
                                   metrics_port=0 if metrics else None)
         info = self.shard.describe().info
         self.entry = {"shard_id": shard_id, "address": self.server.address, "row_start": info.row_start,

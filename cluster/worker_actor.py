@@ -97,6 +97,7 @@ class WorkerActor:
         from .following_table import ShardRestarted
 
         ccfg = ClusterConfig.from_dict(cluster_config)
+        ccfg.admin_token = ccfg.admin_token or self.admin_token   # to_dict leaves file-held tokens out
         self._store_root = os.path.abspath(ccfg.store_root)
         cfg = TrainConfig(**train_config)
         dp = DataParallel.init(*data_parallel) if data_parallel is not None else None
@@ -109,7 +110,7 @@ class WorkerActor:
                     result = train(cfg, table=table, resume=resume, data_parallel=dp, step_hook=hook,
                                    progress_bar=progress)
                     break
-                except (ShardRestarted, errors.ShardUnavailable) as e:
+                except (ShardRestarted, errors.ShardUnavailable, errors.ShardsDisagree) as e:
                     if self.recoveries >= max_recoveries or dp is not None:
                         raise  # data-parallel recovery restarts the whole group: the caller's job
                     self.recoveries += 1

@@ -10,7 +10,7 @@ table.end_step (rows, at the step barrier), eval, checkpoint }.
 In code:
 
     result = train(TrainConfig(model="tiny-knowledge", steps=50, out_dir=d))
-    result = train(TrainConfig(...), table=connect(addresses))   # a remote table
+    result = train(TrainConfig(...), table=connect(addresses, token=TOKEN))   # a remote table (store_service/auth.py)
 """
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ same across retries, so a retried mutation is applied once.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
@@ -29,6 +30,8 @@ from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import datapath, errors, wire
 from store_service.grpc_datapath import GrpcDataPath, WireConfig
+from store_service.status import MD_LIMIT
+from store_service.tls import ClientTls
 from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
 from store_service.optimizer import OptimizerConfig, RowOptimizer
 from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
@@ -39,7 +42,13 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", -1),
     ("grpc.enable_retries", 0),               # retries are ours, below, within one deadline
     ("grpc.use_local_subchannel_pool", 1),    # each channel of a shard's pool its own TCP connection
+    # A restarted shard is reached again within a fraction of a second (gRPC's default
+    # reconnect backoff grows to minutes); a retry after UNAVAILABLE also opens fresh channels.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
 ]
+_MAX_BACKOFF_S = 0.25   # between retries of an UNAVAILABLE call
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +64,12 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
         prefix = f"{field}: "
         return errors.InvalidArgument(field, details[len(prefix):] if details.startswith(prefix) else details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return errors.InvalidArgument("request", f"message too large for shard {shard_id} at {address}: {details}")
+        return errors.ResourceExhausted(md.get(MD_LIMIT, "max_message_mb"),
+                                        f"shard {shard_id} at {address}: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return errors.PermissionDenied(details)
+    if code == grpc.StatusCode.DATA_LOSS:
+        return errors.DataLoss(f"shard {shard_id} at {address}", details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if kind == "stale-version":
             return errors.StaleVersion(int(md[MD_REQUESTED_VERSION]), int(md[MD_SERVING_VERSION]))
@@ -70,14 +84,24 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
 class RemoteShard:
     """A shard served by `store_service.server.serve_shard` at `address` ("host:port")."""
 
-    def __init__(self, address: str, *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-                 shard_id: int = -1, backoff_s: float = 0.05,
+    def __init__(self, address: str, *, admin_token: str = "", token: str = "", timeout_s: float = 30.0,
+                 retries: int = 5, shard_id: int = -1, backoff_s: float = 0.05,
                  interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
                  compact_readout: bool = True, readout_wire_dtype: str = "float32",
                  readout_chunk_rows: int = 0, wire_config: WireConfig | None = None,
-                 data_paths: Sequence[str] = (), device: str | torch.device = "cpu"):
-        """timeout_s: deadline of one call, retries included. retries: how many
-        times an UNAVAILABLE call is retried. interceptors: client interceptors
+                 data_paths: Sequence[str] = (), device: str | torch.device = "cpu",
+                 tls: ClientTls | None = None, store_root: str | None = None,
+                 reconnect_window_s: float = 10.0):
+        """token: the bearer token sent with every call (any role, store_service/auth.py);
+        admin_token: the same, kept for callers that name it so (token wins when both are
+        given). tls: connect over TLS (mutual TLS when it has a client certificate): every
+        channel of the pool, and a faster data path's own channel, use it.
+        store_root: the store root as this client sees it; absolute admin paths under it are
+        sent relative to it (servers take only relative paths).
+        timeout_s: deadline of one call, retries included. retries: how many times an
+        UNAVAILABLE call is retried at least; it goes on being retried (each time on fresh
+        channels) for reconnect_window_s, within the deadline, while a restarted server comes
+        back. interceptors: client interceptors
         (tracing, byte counting) wrapped around the channel.
         compact_readout: send a readout only the (token, slot) entries this shard owns, with
         a bit mask of where they go (DESIGN.md section 3's O(d_v + k) bytes, k counted per
@@ -106,15 +130,17 @@ class RemoteShard:
         self.retries = retries
         self.backoff_s = backoff_s
         self._shard_id = shard_id  # learned from describe() when not given
-        self._admin_md = ((MD_AUTHORIZATION, wire.bearer(admin_token)),) if admin_token else ()
+        token = token or admin_token
+        self._md = ((MD_AUTHORIZATION, wire.bearer(token)),) if token else ()
+        self.data_metadata = self._md   # credentials of data-plane calls (GrpcDataPath's streams)
+        self._tls, self._interceptors, self.store_root = tls, tuple(interceptors), store_root
+        self.reconnect_window_s = reconnect_window_s
         self.wire_config = wire_config or WireConfig()
-        self._raw_channels = [self._make_channel() for _ in range(self.wire_config.channels)]
-        self.channels = [grpc.intercept_channel(c, *interceptors) if interceptors else c for c in self._raw_channels]
-        self.store_stubs = [pb_grpc.KnowledgeStoreStub(c) for c in self.channels]
-        self._store = self.store_stubs[0]
-        self._admin = pb_grpc.StoreAdminStub(self.channels[0])
-        self._health = health_pb2_grpc.HealthStub(self.channels[0])
-        self.data_metadata: tuple = ()   # credentials of data-plane calls (none yet)
+        self._channel_lock = threading.Lock()
+        self._old_channels: list[grpc.Channel] = []
+        self._raw_channels: list[grpc.Channel] = []
+        self._grpc_path = None
+        self._open_channels()
         self.device = str(device)
         self._data_path_kinds = tuple(data_paths)
         self._grpc_path = GrpcDataPath(self, self.wire_config)
@@ -122,7 +148,36 @@ class RemoteShard:
         self._path_lock = threading.Lock()
 
     def _make_channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+        return (self._tls.channel(self.address, _CHANNEL_OPTIONS) if self._tls is not None
+                else grpc.insecure_channel(self.address, options=_CHANNEL_OPTIONS))
+
+    def _open_channels(self) -> None:
+        """A fresh channel pool (and stubs over it). The ones replaced are closed only later
+        (or with the shard handle): calls of other threads may still be in flight on them."""
+        if self._raw_channels:
+            self._old_channels += self._raw_channels
+            while len(self._old_channels) > 4 * len(self._raw_channels):
+                self._old_channels.pop(0).close()
+        self._raw_channels = [self._make_channel() for _ in range(self.wire_config.channels)]
+        self.channels = [grpc.intercept_channel(c, *self._interceptors) if self._interceptors else c
+                         for c in self._raw_channels]
+        self.store_stubs = [pb_grpc.KnowledgeStoreStub(c) for c in self.channels]
+        self._store = self.store_stubs[0]
+        self._admin = pb_grpc.StoreAdminStub(self.channels[0])
+        self._health = health_pb2_grpc.HealthStub(self.channels[0])
+        if self._grpc_path is not None:
+            self._grpc_path.bind_channels()
+
+    def _stub(self, rpc):
+        """The current pool's version of stub method `rpc` (after a reconnect the caller's
+        bound method may belong to a replaced stub). A raw-bytes callable (GrpcDataPath's)
+        is kept: its channel stays open, and the path has bound new ones for later calls."""
+        method = getattr(rpc, "_method", None)
+        if method is None or getattr(rpc, "_request_serializer", True) is None:
+            return rpc
+        method = method.decode() if isinstance(method, bytes) else method
+        service = self._admin if "StoreAdmin" in method else (self._health if "Health" in method else self._store)
+        return getattr(service, method.rsplit("/", 1)[-1], rpc)
 
     @property
     def shard_id(self) -> int:
@@ -135,8 +190,10 @@ class RemoteShard:
         if self._path is not None and self._path is not self._grpc_path:
             self._path.close()
         self._grpc_path.close()
-        for c in self._raw_channels:
-            c.close()
+        with self._channel_lock:
+            for c in self._old_channels + self._raw_channels:
+                c.close()
+            self._old_channels.clear()
 
     @property
     def data_path_kind(self) -> str:
@@ -162,7 +219,7 @@ class RemoteShard:
         for kind, client in clients.items():
             req.offers[kind].values.update(client.params(me))
         try:
-            resp = self._call(self._store.OpenDataPath, req, admin=True)
+            resp = self._call(self._store.OpenDataPath, req)
         except errors.ShardUnavailable as exc:
             if "UNIMPLEMENTED" not in str(exc):
                 raise       # a dead peer is a dead peer, whichever path
@@ -174,7 +231,8 @@ class RemoteShard:
             raise errors.FailedPrecondition(f"shard {self._shard_id} chose transport {resp.kind!r}, not offered")
         try:
             return clients[resp.kind].connect(dict(resp.params.values), shard_id=self._shard_id,
-                                              address=self.address, timeout_s=self.timeout_s)
+                                              address=self.address, timeout_s=self.timeout_s,
+                                              metadata=self._md, tls=self._tls)
         except Exception as exc:  # the fast path is an optimisation: fall back, say why
             log.warning("shard %s at %s: %s transport failed to connect (%s); using gRPC",
                         self._shard_id, self.address, resp.kind, exc)
@@ -193,21 +251,25 @@ class RemoteShard:
         return domain
 
     def _call(self, rpc, request, *, admin: bool = False, timeout_s: float | None = None):
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
-        metadata = self._admin_md if admin else self.data_metadata
+        start = time.monotonic()
+        deadline = start + (timeout_s if timeout_s is not None else self.timeout_s)
+        metadata = self._md
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
                 if remaining <= 0:
                     raise errors.ShardUnavailable(self._shard_id, self.address, "deadline exceeded before the call")
-                return rpc(request, timeout=remaining, metadata=metadata)
+                return (self._stub(rpc) if attempt else rpc)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and attempt < self.retries:
-                    pause = self.backoff_s * (2 ** attempt) * (0.5 + random.random())
+                if err.code() == grpc.StatusCode.UNAVAILABLE and (
+                        attempt < self.retries or time.monotonic() < start + self.reconnect_window_s):
+                    pause = min(self.backoff_s * (2 ** min(attempt, 8)), _MAX_BACKOFF_S) * (0.5 + random.random())
                     if time.monotonic() + pause < deadline:
                         attempt += 1
                         time.sleep(pause)
+                        with self._channel_lock:   # a restarted server: do not wait out the old channel's backoff
+                            self._open_channels()
                         continue
                 raise self.domain_error(err, attempt) from None
 
@@ -216,7 +278,7 @@ class RemoteShard:
         (and mapped to a domain error) by `_call`, so the semantics are `_call`'s."""
         if len(requests) == 1:
             return [self._call(rpc, requests[0])]
-        futures = [rpc.future(r, timeout=self.timeout_s) for r in requests]
+        futures = [rpc.future(r, timeout=self.timeout_s, metadata=self._md) for r in requests]
         out = []
         for request, fut in zip(requests, futures):
             try:
@@ -319,13 +381,21 @@ class RemoteShard:
     def usage(self) -> UsageStats:
         return wire.usage_from_proto(self._call(self._admin.Usage, pb.UsageRequest(), admin=True))
 
+    def _relative(self, path: str) -> str:
+        """An absolute path under this client's store root -> relative to it (servers refuse others)."""
+        path = str(path)
+        if self.store_root is None or not os.path.isabs(path):
+            return path
+        rel = os.path.relpath(os.path.realpath(path), os.path.realpath(self.store_root))
+        return "" if rel == "." else (path if rel.startswith("..") else rel)
+
     def write_snapshot(self, version_dir: str, version: int, *, full: bool = False) -> None:
-        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=str(version_dir), version=version,
+        req = pb.WriteSnapshotRequest(request_id=_new_id(), version_dir=self._relative(version_dir), version=version,
                                       full=bool(full))
         self._call(self._admin.WriteSnapshot, req, admin=True)
 
     def prepare_version(self, store_root: str, version: int) -> None:
-        req = pb.PrepareVersionRequest(request_id=_new_id(), store_root=str(store_root), version=version)
+        req = pb.PrepareVersionRequest(request_id=_new_id(), store_root=self._relative(store_root), version=version)
         self._call(self._admin.PrepareVersion, req, admin=True)
 
     def flip_version(self, version: int) -> None:
@@ -349,19 +419,21 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
-def connect(addresses: Sequence[str], *, admin_token: str = "", timeout_s: float = 30.0, retries: int = 5,
-            interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (), compact_readout: bool = True,
-            readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0, wire_config: WireConfig | None = None,
-            data_paths: Sequence[str] = (), device: str | torch.device = "cpu", **table_kwargs):
+def connect(addresses: Sequence[str], *, admin_token: str = "", token: str = "", timeout_s: float = 30.0,
+            retries: int = 5, interceptors: Sequence[grpc.UnaryUnaryClientInterceptor] = (),
+            compact_readout: bool = True, readout_wire_dtype: str = "float32", readout_chunk_rows: int = 0,
+            wire_config: WireConfig | None = None, data_paths: Sequence[str] = (),
+            device: str | torch.device = "cpu", tls: ClientTls | None = None, **table_kwargs):
     """A `Table` over the shard servers at `addresses` (one per shard, any order).
-    compact_readout, readout_wire_dtype, readout_chunk_rows, wire_config, data_paths, device:
-    see RemoteShard.
+    token/admin_token, tls, compact_readout, readout_wire_dtype, readout_chunk_rows, wire_config,
+    data_paths, device: see RemoteShard.
     table_kwargs go to `Table` (e.g. store_root=..., needed for snapshot and load_version)."""
     from store_service.table import Table
 
-    shards = [RemoteShard(a, admin_token=admin_token, timeout_s=timeout_s, retries=retries,
+    shards = [RemoteShard(a, admin_token=admin_token, token=token, timeout_s=timeout_s, retries=retries,
                           interceptors=interceptors, compact_readout=compact_readout,
                           readout_wire_dtype=readout_wire_dtype, readout_chunk_rows=readout_chunk_rows,
-                          wire_config=wire_config, data_paths=data_paths, device=device)
+                          wire_config=wire_config, data_paths=data_paths, device=device,
+                          tls=tls, store_root=table_kwargs.get("store_root"))
               for a in addresses]
     return Table(shards, **table_kwargs)

@@ -114,8 +114,11 @@ class DataPathClient(Protocol):
     def params(self, client: Endpoint) -> dict[str, str]:
         """What the server's `open` needs from this client (sent in OpenDataPath)."""
 
-    def connect(self, params: Mapping[str, str], *, shard_id: int, address: str, timeout_s: float) -> DataPath:
-        """Connect with what `open` returned; raise on failure (the caller falls back to gRPC)."""
+    def connect(self, params: Mapping[str, str], *, shard_id: int, address: str, timeout_s: float,
+                metadata: tuple = (), tls=None) -> DataPath:
+        """Connect with what `open` returned; raise on failure (the caller falls back to gRPC).
+        metadata: the caller's credentials, to send with every call it makes to the shard;
+        tls: its store_service.tls.ClientTls (None: plaintext), for any channel it opens."""
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,41 @@ class Unauthenticated(StoreError):
     """An admin call without a valid bearer token."""
 
 
+class PermissionDenied(StoreError):
+    """A valid credential whose role does not allow the call (store_service/auth.py)."""
+
+
+class ResourceExhausted(StoreError):
+    """A request over one of the server's bounds (store_service/limits.py). Names the limit."""
+
+    def __init__(self, limit: str, message: str):
+        self.limit = limit
+        super().__init__(message)
+
+
+class DataLoss(StoreError):
+    """Stored data that cannot be read back (a corrupt zarr.json, a truncated chunk). Names the file."""
+
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"{path}: {message}")
+
+
+class NonFinite(InvalidArgument):
+    """A number that could make a stored value non-finite (over a documented bound, or a
+    step whose result would not be finite). Counted in the server's metrics."""
+
+
+class ShardsDisagree(FailedPrecondition):
+    """A table's shards are at different versions or steps (one restarted): it may not train
+    or publish until `Table.recover()` rolls them back to one published version."""
+
+
+class StepRefused(FailedPrecondition):
+    """end_step would have written a non-finite value; the step's gradients are dropped and
+    nothing changes. Counted in the server's metrics."""
+
+
 class ShardUnavailable(StoreError):
     """A shard could not be reached within the deadline, after retries."""
 

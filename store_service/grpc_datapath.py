@@ -90,13 +90,7 @@ class GrpcDataPath:
     def __init__(self, shard, config: WireConfig):
         self._shard = shard
         self.config = config
-        self._streams = [ch.unary_stream(FETCH_STREAM, request_serializer=pb.FetchRequest.SerializeToString,
-                                         response_deserializer=None)  # raw bytes: wire_chunks decodes
-                         for ch in shard.channels]
-        # Row gradients as bytes encoded here (wire_chunks.encode_with_tensor): one copy.
-        self._grads = [ch.unary_unary(VALUE_GRADS, request_serializer=None,
-                                      response_deserializer=pb.AccumulateValueGradsResponse.FromString)
-                       for ch in shard.channels]
+        self.bind_channels()
         self._pool = ThreadPoolExecutor(max_workers=max(config.channels, 1), thread_name_prefix="kstore-wire")
         self._next = 0
         self._lock = threading.Lock()
@@ -104,6 +98,16 @@ class GrpcDataPath:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
+
+    def bind_channels(self) -> None:
+        """Raw callables over the shard's current channel pool (again after a reconnect)."""
+        self._streams = [ch.unary_stream(FETCH_STREAM, request_serializer=pb.FetchRequest.SerializeToString,
+                                         response_deserializer=None)  # raw bytes: wire_chunks decodes
+                         for ch in self._shard.channels]
+        # Row gradients as bytes encoded here (wire_chunks.encode_with_tensor): one copy.
+        self._grads = [ch.unary_unary(VALUE_GRADS, request_serializer=None,
+                                      response_deserializer=pb.AccumulateValueGradsResponse.FromString)
+                       for ch in self._shard.channels]
 
     def _stubs(self, n: int) -> list:
         """n stubs over the channel pool, round robin across calls."""

@@ -62,6 +62,8 @@ class ServerMetrics:
                                  ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.items = Counter("kstore_request_items", "Queries, tokens or rows carried by RPCs, by method",
                              ["method"], registry=self.registry)
+        self.nonfinite = Counter("kstore_nonfinite_refused", "Calls and steps refused because they could make a "
+                                 "stored value non-finite, by method", ["method"], registry=self.registry)
         self.registry.register(_ShardCollector(shard))
         self._http = None
         self.port: int | None = None

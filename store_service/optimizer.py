@@ -157,16 +157,49 @@ def sparse_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Ten
     """Update param[rows] in place. rows [U] int64 local, unique; grads [U, d]
     fp32; frozen [R] bool (rows where True are skipped entirely). `state` must hold
     what `kind` needs (RowState.ensure)."""
+    plan = plan_step(kind, param, state, rows, grads, lr=lr, betas=betas, eps=eps, frozen=frozen)
+    if plan is not None:
+        plan.commit()
+
+
+@dataclass
+class StepPlan:
+    """One sparse step computed but not yet written (so a caller can check it first).
+    `new_state`: the touched rows' new optimizer state by RowState field (m, v, acc, row_v:
+    whichever the kind keeps), written with the rows only on commit."""
+    what: str
+    param: torch.Tensor
+    state: RowState
+    rows: torch.Tensor
+    new_param: torch.Tensor
+    new_steps: torch.Tensor
+    new_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+    def finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in (self.new_param, *self.new_state.values()))
+
+    def commit(self) -> None:
+        self.state.steps.index_copy_(0, self.rows, self.new_steps)
+        for name, t in self.new_state.items():
+            getattr(self.state, name).index_copy_(0, self.rows, t)
+        self.param.index_copy_(0, self.rows, self.new_param.to(self.param.dtype))
+
+
+def plan_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Tensor, grads: torch.Tensor, *,
+              lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+              frozen: torch.Tensor | None = None, what: str = "") -> StepPlan | None:
+    """sparse_step's arithmetic, nothing written: the new rows and state (None: no row to update)."""
     if kind not in _STATE_OF_KIND:
         raise ValueError(f"unknown optimizer kind {kind!r}")
     if frozen is not None and rows.numel():
         keep = ~frozen[rows]
         rows, grads = rows[keep], grads[keep]
     if rows.numel() == 0:
-        return
+        return None
     g = grads.float()
     p = param.index_select(0, rows).float()
-    state.steps.index_add_(0, rows, torch.ones_like(rows))
+    new_steps = state.steps.index_select(0, rows) + 1
+    plan = StepPlan(what or "rows", param, state, rows, p, new_steps)
     b1, b2 = betas
     if kind == "sgd":
         p.add_(g, alpha=-lr)  # the op torch.optim.SGD uses, so results match it bitwise
@@ -174,24 +207,23 @@ def sparse_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Ten
         m, v = state.m.index_select(0, rows), state.v.index_select(0, rows)
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        t = state.steps.index_select(0, rows).double()
+        t = new_steps.double()
         step_size = (lr / (1 - b1 ** t)).float().unsqueeze(1)       # [U, 1]
         bc2_sqrt = (1 - b2 ** t).sqrt().float().unsqueeze(1)        # [U, 1]
         denom = v.sqrt().div_(bc2_sqrt).add_(eps)
         p.sub_((m * step_size).div_(denom))
-        state.m.index_copy_(0, rows, m)
-        state.v.index_copy_(0, rows, v)
+        plan.new_state = {"m": m, "v": v}
     elif kind == "rowwise_adagrad":
         acc = state.acc.index_select(0, rows) + _row_mean_sq(g)     # [U]
-        state.acc.index_copy_(0, rows, acc)
         p.sub_(g * (lr / (acc.sqrt() + eps)).unsqueeze(1))
+        plan.new_state = {"acc": acc}
     else:  # rowwise_adam
         rv = state.row_v.index_select(0, rows).mul_(b2).add_(_row_mean_sq(g), alpha=1 - b2)
-        state.row_v.index_copy_(0, rows, rv)
-        t = state.steps.index_select(0, rows).double()
+        t = new_steps.double()
         bc2 = (1 - b2 ** t).float()                                 # [U]
         p.sub_(g * (lr / ((rv / bc2).sqrt() + eps)).unsqueeze(1))
-    param.index_copy_(0, rows, p.to(param.dtype))
+        plan.new_state = {"row_v": rv}
+    return plan
 
 
 def optimizer_overhead(kind: str, d_v: int, value_dtype: str = "bfloat16") -> float:

@@ -36,9 +36,12 @@ Nothing writes format 1.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 
@@ -65,8 +68,11 @@ def version_name(version: int) -> str:
     return f"v{version:08d}"
 
 
+VERSIONS_DIR, STAGING_DIR = "versions", "staging"
+
+
 def version_path(store_root: str, version: int) -> str:
-    return os.path.join(store_root, "versions", version_name(version))
+    return os.path.join(store_root, VERSIONS_DIR, version_name(version))
 
 
 def shard_group_name(shard_id: int) -> str:
@@ -190,16 +196,38 @@ def store_root_of(version_dir: str) -> str:
     return os.path.dirname(os.path.dirname(os.path.normpath(version_dir)))
 
 
-def _group(version_dir: str, shard_id: int):
+@contextlib.contextmanager
+def _reading(path: str):
+    """Anything but a missing file that goes wrong reading `path` is data loss, named so."""
     try:
-        return zarr.open_group(version_dir, mode="r")[shard_group_name(shard_id)]
+        yield
+    except (errors.StoreError, FileNotFoundError, KeyError):
+        raise
+    except Exception as e:
+        raise errors.DataLoss(path, f"cannot be read ({type(e).__name__}: {str(e)[:120]})") from e
+
+
+def _group(version_dir: str, shard_id: int):
+    name = shard_group_name(shard_id)
+    try:
+        with _reading(os.path.join(version_dir, "zarr.json")):
+            root = zarr.open_group(version_dir, mode="r")
+    except FileNotFoundError as e:
+        raise errors.NotFound(f"version dir {version_dir} not found") from e
+    try:
+        with _reading(os.path.join(version_dir, name, "zarr.json")):
+            return root[name]
     except (FileNotFoundError, KeyError) as e:
         raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
 
 
 def shard_format(version_dir: str, shard_id: int) -> int:
     """The format a shard's subgroup was written in (1 when it says none)."""
-    return int(_group(version_dir, shard_id).attrs.get("format", 1))
+    try:
+        group = _group(version_dir, shard_id)
+    except FileNotFoundError as e:
+        raise errors.NotFound(f"shard {shard_id} not in {version_dir}") from e
+    return int(group.attrs.get("format", 1))
 
 
 def shard_attrs(version_dir: str, shard_id: int) -> dict | None:
@@ -219,7 +247,7 @@ def _chain(version_dir: str, shard_id: int) -> list:
         if fmt not in (1, FORMAT, DELTA_FORMAT):
             raise errors.FailedPrecondition(f"shard {shard_id} of {d} is in format {fmt}; this store reads "
                                             f"formats 1, {FORMAT} and {DELTA_FORMAT}")
-        chain.append((fmt, group))
+        chain.append((fmt, group, os.path.join(d, shard_group_name(shard_id))))
         if fmt != DELTA_FORMAT:
             return chain
         if len(chain) > 1000:
@@ -234,24 +262,36 @@ def _stored_dtypes(group) -> dict[str, np.dtype]:
     return {name: np.dtype(arr.dtype) for name, arr in group.arrays()}
 
 
+def _read_arrays(group, path: str, read) -> dict:
+    """read(arr) of every array of a subgroup at `path`; a truncated or corrupt chunk is
+    DATA_LOSS naming its array's directory."""
+    with _reading(path):
+        arrays = dict(group.arrays())
+    out = {}
+    for name, arr in arrays.items():
+        with _reading(os.path.join(path, name)):
+            out[name] = read(arr)
+    return out
+
+
 def read_shard_tensors(version_dir: str, shard_id: int, device: str | torch.device = "cpu"
                        ) -> tuple[dict, dict[str, torch.Tensor], dict[str, np.dtype]]:
     """One shard's version as tensors on `device`, read in parallel straight into them
     (uint16 arrays as int16 bits), whatever format it was written in, a delta chain
     resolved. -> (attrs in format 2, tensors, each array's stored numpy dtype)."""
     chain = _chain(version_dir, shard_id)
-    fmt, base = chain[-1]
+    fmt, base, base_path = chain[-1]
     if fmt == 1:
-        data = _from_format1(ShardData(dict(base.attrs), {name: arr[...] for name, arr in base.arrays()}))
+        data = _from_format1(ShardData(dict(base.attrs), _read_arrays(base, base_path, lambda a: a[...])))
         dtypes = {n: a.dtype for n, a in data.arrays.items()}
         tensors = {n: torch.from_numpy(np.ascontiguousarray(a).view(np.int16) if a.dtype == np.uint16 else
                                        np.ascontiguousarray(a)).to(device) for n, a in data.arrays.items()}
     else:
         dtypes = _stored_dtypes(base)
-        tensors = {name: chunk_io.read_tensor(arr, device) for name, arr in base.arrays()}
-    for _, group in reversed(chain[:-1]):
+        tensors = _read_arrays(base, base_path, lambda a: chunk_io.read_tensor(a, device))
+    for _, group, path in reversed(chain[:-1]):
         attrs = dict(group.attrs)
-        part = {name: chunk_io.read_tensor(arr, device) for name, arr in group.arrays()}
+        part = _read_arrays(group, path, lambda a: chunk_io.read_tensor(a, device))
         tensors = deltas.apply(tensors, attrs, part)
         dtypes.update(_stored_dtypes(group))
     top = dict(chain[0][1].attrs)
@@ -274,13 +314,18 @@ def read_root_attrs(store_root: str, version: int) -> dict:
     path = version_path(store_root, version)
     if not os.path.isdir(path):
         raise errors.NotFound(f"version {version} is not published under {store_root}")
-    return dict(zarr.open_group(path, mode="r").attrs)
+    with _reading(os.path.join(path, "zarr.json")):
+        return dict(zarr.open_group(path, mode="r").attrs)
 
 
 def new_stage(store_root: str, version: int) -> str:
     """A fresh, empty Zarr group under staging/ for (a rewrite of) `version`."""
-    os.makedirs(os.path.join(store_root, "versions"), exist_ok=True)
-    stage = os.path.join(store_root, "staging", f"{version_name(version)}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.join(store_root, VERSIONS_DIR), exist_ok=True)
+    clean_staging(store_root)
+    # The owner (host, pid) is in the name, so a cleaner can tell a crashed writer's leftovers
+    # from a live one's work: v00000007-h<host hash>-p<pid>-<random>.
+    stage = os.path.join(store_root, STAGING_DIR, f"{version_name(version)}-h{_HOST}-p{os.getpid()}-"
+                                                  f"{uuid.uuid4().hex[:8]}")
     os.makedirs(stage)
     zarr.open_group(stage, mode="w")
     return stage
@@ -321,9 +366,45 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def clean_staging(store_root: str) -> None:
-    """Delete leftovers of writers that crashed (never visible as versions)."""
-    shutil.rmtree(os.path.join(store_root, "staging"), ignore_errors=True)
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+_STAGE_RE = re.compile(r"^v\d{8}-h([0-9a-f]{8})-p(\d+)-[0-9a-f]{8}(-old)?$")
+STAGING_LEASE_S = 6 * 3600.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(store_root: str, lease_s: float = STAGING_LEASE_S) -> list[str]:
+    """Delete what crashed writers left under staging/ (never visible as versions): a
+    directory whose owner process, on this host, is gone, or, whatever its owner, one not
+    touched for lease_s seconds (servers and publishers share a store root, so a live
+    writer's staging is never removed). Runs when a publisher stages a version and when a
+    server starts. Returns the names removed."""
+    top = os.path.join(store_root, STAGING_DIR)
+    try:
+        names = os.listdir(top)
+    except FileNotFoundError:
+        return []
+    removed, now = [], time.time()
+    for name in names:
+        path = os.path.join(top, name)
+        m = _STAGE_RE.match(name)
+        try:
+            age = now - max([os.stat(path).st_mtime] + [e.stat().st_mtime for e in os.scandir(path)])
+        except FileNotFoundError:
+            continue   # its writer finished (published or removed it) meanwhile
+        dead = m is not None and m.group(1) == _HOST and not _alive(int(m.group(2)))
+        if dead or age > lease_s:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(name)
+    return removed
 
 
 def table_root_attrs(version: int, step: int, shard_datas_attrs: list[dict]) -> dict:

@@ -1,9 +1,11 @@
 """gRPC server of one shard: thin servicers over a `ShardHandle` (DESIGN.md section 5).
 
-Every RPC goes the same way: check the bearer token (StoreAdmin only), convert
-the request (`store_service.wire`), call the shard, convert the answer back.
-Domain errors become status codes in exactly one place, `status_of`; the client
-maps them back in `store_service.client.error_from_rpc`.
+Every RPC goes the same way: the caller's role is checked (`store_service.auth`, one
+interceptor for every RPC), the request's size bounded (`store_service.guard`,
+`store_service.limits`), converted (`store_service.wire`), the shard called, the answer
+converted back. Domain errors become status codes in exactly one place,
+`store_service.status.status_of`; the client maps them back in
+`store_service.client.error_from_rpc`. The StoreAdmin servicer is in `server_admin`.
 
     handle = serve_shard(shard, port=0, admin_token="secret", metrics_port=0)
     handle.address        # "127.0.0.1:<port>"
@@ -13,7 +15,6 @@ A shard server as its own process: `store_service.serve`.
 """
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 import time
@@ -29,13 +30,16 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
-from store_service import datapath, errors, wire, wire_chunks
+from store_service import auth, datapath, errors, guard, persistence, validation, wire, wire_chunks
 from store_service.interface import ShardHandle
+from store_service.limits import Limits
 from store_service.metrics import ServerMetrics
+from store_service.server_admin import StoreAdminServicer
+from store_service.status import status_of
+from store_service.tls import ServerTls
 from store_service.transport.service import SERVICE as TRANSPORT_SERVICE
 from store_service.transport.service import add_transport_service
-from store_service.wire import (ADMIN_SERVICE, MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION,
-                                MD_SERVING_VERSION, STORE_SERVICE)
+from store_service.wire import ADMIN_SERVICE, STORE_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -44,54 +48,35 @@ DEFAULT_FETCH_CHUNK_MB = 4       # a FetchStream piece: large enough to amortise
 _MAX_TRANSPORT_KINDS, _MAX_PARAMS, _MAX_PARAM_CHARS = 16, 64, 4096
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
-    """Domain error -> (status code, message, trailing metadata). The one mapping."""
-    if isinstance(exc, errors.InvalidArgument):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ((MD_ERROR, "invalid-argument"), (MD_FIELD, exc.field))
-    if isinstance(exc, errors.StaleVersion):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), (
-            (MD_ERROR, "stale-version"),
-            (MD_REQUESTED_VERSION, str(exc.requested)),
-            (MD_SERVING_VERSION, str(exc.serving)))
-    if isinstance(exc, errors.NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc), ((MD_ERROR, "not-found"),)
-    if isinstance(exc, errors.FailedPrecondition):
-        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), ((MD_ERROR, "failed-precondition"),)
-    if isinstance(exc, errors.Unauthenticated):
-        return grpc.StatusCode.UNAUTHENTICATED, str(exc), ((MD_ERROR, "unauthenticated"),)
-    if isinstance(exc, errors.ShardUnavailable):
-        return grpc.StatusCode.UNAVAILABLE, str(exc), ((MD_ERROR, "unavailable"),)
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}", ((MD_ERROR, "internal"),)
-
-
 class _Rpc:
-    """What every servicer method shares: auth, error mapping, metrics, replay of retried mutations."""
+    """What every servicer method shares: error mapping, metrics, replay of retried mutations.
+    Who may call is checked before a servicer runs (`auth.AuthInterceptor`)."""
 
-    def __init__(self, shard: ShardHandle, admin_token: str, metrics: ServerMetrics,
-                 on_admin_change: Callable[[], None]):
+    def __init__(self, shard: ShardHandle, authority: auth.Authority, metrics: ServerMetrics,
+                 on_admin_change: Callable[[], None], limits: Limits, store_root: str | None):
         self.shard = shard
-        self._token = wire.bearer(admin_token).encode()
+        self.authority = authority
         self.metrics = metrics
+        self.limits = limits
+        self.store_root = store_root
         self._on_admin_change = on_admin_change
         self._replayed: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._replay_lock = threading.Lock()
+        self._dims: tuple[int, int, int] | None = None
 
-    def _check_token(self, context: grpc.ServicerContext) -> None:
-        for key, value in context.invocation_metadata() or ():
-            if key == MD_AUTHORIZATION:
-                got = value.encode() if isinstance(value, str) else value
-                if hmac.compare_digest(got, self._token):
-                    return
-                raise errors.Unauthenticated("the bearer token in `authorization` metadata is not valid")
-        raise errors.Unauthenticated("StoreAdmin needs `authorization: Bearer <token>` metadata")
+    def dims(self) -> tuple[int, int, int]:
+        """(d_k, d_v, value itemsize) of the shard, for the size of answers (cached; an
+        admin call, which may swap versions, clears it)."""
+        if self._dims is None:
+            d = self.shard.describe()
+            self._dims = (d.d_k, d.d_v, 2 if d.value_dtype == "bfloat16" else 4)
+        return self._dims
 
     def handle(self, method: str, context: grpc.ServicerContext, call: Callable[[], Any], *,
                admin: bool = False, request_id: str = "", items: int = 0):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            if admin:
-                self._check_token(context)
             if not request_id:
                 return call()
             # A retried mutation (same request_id) is answered from the first attempt.
@@ -103,14 +88,17 @@ class _Rpc:
                         self._replayed.popitem(last=False)
                 return self._replayed[key]
         except Exception as exc:
-            code, message, trailing = status_of(exc)
+            code, message, trailing = status_of(exc, self.limits.max_error_chars)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("%s failed", method)
+            if isinstance(exc, (errors.NonFinite, errors.StepRefused)):
+                self.metrics.nonfinite.labels(method).inc()
             context.set_trailing_metadata(trailing)
             context.abort(code, message)
         finally:
             self.metrics.observe(method, code.name, time.perf_counter() - start, items)
             if admin and code == grpc.StatusCode.OK:
+                self._dims = None
                 self._on_admin_change()
 
 
@@ -129,6 +117,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         self._shard = rpc.shard
         self._data_paths = data_paths or {}
         self._fetch_chunk_bytes = fetch_chunk_bytes
+        self._waiters = threading.BoundedSemaphore(rpc.limits.max_barrier_waiters)
 
     @property
     def _device(self) -> torch.device:
@@ -140,6 +129,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Search(self, request, context):
         def call():
+            guard.search(request, self._rpc.limits, self._rpc.dims()[0])
             queries, options = wire.search_request_from_proto(request)
             res = self._shard.search(queries, int(request.k), **options, version=request.version)
             return wire.search_result_to_proto(res)
@@ -147,6 +137,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Fetch(self, request, context):
         def call():
+            self._check_fetch(request, context)
             ids, out_dtype, usage = wire.fetch_request_from_proto(request)
             values = self._shard.fetch(ids, version=request.version, **usage)
             resp = pb.FetchResponse()
@@ -154,11 +145,20 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             return resp
         return self._rpc.handle("Fetch", context, call, items=_rows(request.ids))
 
+    def _check_fetch(self, request, context) -> None:
+        """Fetch and FetchStream: usage counts make it a training call; the rows are bounded."""
+        if request.HasField("hits") or request.HasField("weight_sum"):
+            self._rpc.authority.require(auth.TRAIN, context.invocation_metadata())
+        _, d_v, itemsize = self._rpc.dims()
+        guard.fetch(request, self._rpc.limits, d_v, itemsize)
+
     def FetchStream(self, request, context):
         # The rows are gathered in one piece (one version, one lock), then sent as pieces of
         # about fetch_chunk_bytes, each encoded as raw bytes (wire_chunks: registered with a
-        # pass-through serializer, see _RawFetchStream).
+        # pass-through serializer, see _RawFetchStream). Bounded as Fetch is: the whole answer
+        # is held at once.
         def call():
+            self._check_fetch(request, context)
             ids, out_dtype, usage = wire.fetch_request_from_proto(request)
             if request.chunk_rows < 0:
                 raise errors.InvalidArgument("chunk_rows", f"must be >= 0, got {request.chunk_rows}")
@@ -177,8 +177,9 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             yield wire_chunks.encode_chunk(start, values[start:start + chunk])
 
     def OpenDataPath(self, request, context):
-        # Handles of a faster transport go only to callers with credentials (the admin token
-        # until the data plane has its own); `open` decides whether it can serve this pair.
+        # Handles of a faster transport go only to callers with credentials (the read role,
+        # auth.RPC_ROLES; each call on the path then needs its own role); `open` decides
+        # whether it can serve this pair.
         def call():
             if len(request.kinds) > _MAX_TRANSPORT_KINDS:
                 raise errors.InvalidArgument("kinds", f"more than {_MAX_TRANSPORT_KINDS}")
@@ -199,10 +200,11 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
                     resp.params.values.update(params)
                     break
             return resp
-        return self._rpc.handle("OpenDataPath", context, call, admin=True)
+        return self._rpc.handle("OpenDataPath", context, call)
 
     def AccumulateValueGrads(self, request, context):
         def call():
+            guard.rows(request.ids, self._rpc.limits, "ids")
             ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
             grads = wire.from_proto(request.grads, "grads", dtypes=_WIRE_FLOATS, ndim=2).float()
             self._shard.accumulate_value_grads(ids, grads, request_id=request.request_id, version=request.version)
@@ -211,6 +213,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def Readout(self, request, context):
         def call():
+            guard.readout(request, self._rpc.limits, self._rpc.dims()[1], backward=False)
             mask, ids, weights = wire.readout_entries_from_proto(request, self._device)
             out_dtype = wire.readout_wire_dtype(request.out_dtype, "out_dtype")
             resp = pb.ReadoutResponse()
@@ -221,6 +224,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def ReadoutBackward(self, request, context):
         # request_id is passed to the shard, which owns the dedup of row-gradient accumulation.
         def call():
+            guard.readout(request, self._rpc.limits, self._rpc.dims()[1], backward=True)
             mask, ids, weights = wire.readout_entries_from_proto(request, self._device)
             grad_out = wire.from_proto(request.grad_out, "grad_out", dtypes=_WIRE_FLOATS, ndim=2).float()
             grad_w = self._shard.readout_backward(ids, weights, grad_out, request_id=request.request_id,
@@ -232,6 +236,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
 
     def AccumulateKeyGrads(self, request, context):
         def call():
+            guard.rows(request.ids, self._rpc.limits, "ids")
             ids = wire.from_proto(request.ids, "ids", ids=True, ndim=1)
             grads = wire.from_proto(request.grads, "grads", dtypes=_FLOATS, ndim=2)
             self._shard.accumulate_key_grads(ids, grads, request_id=request.request_id, version=request.version)
@@ -239,79 +244,23 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         return self._rpc.handle("AccumulateKeyGrads", context, call)
 
     def EndStep(self, request, context):
+        # A barrier wait holds a handler thread for up to timeout_s: at most
+        # limits.max_barrier_waiters of them at once, on threads added for them (serve_shard),
+        # so reads and health checks always keep their own threads.
         def call():
-            timeout_s = request.timeout_s if request.timeout_s > 0 else 60.0
-            step = self._shard.end_step(int(request.step), worker=int(request.worker),
-                                        num_workers=int(request.num_workers) or 1,
-                                        request_id=request.request_id, timeout_s=timeout_s)
+            timeout_s = validation.barrier_timeout(request.timeout_s, self._rpc.limits)
+            if not self._waiters.acquire(blocking=False):
+                raise errors.ResourceExhausted("max_barrier_waiters", "EndStep calls waiting at once exceed the "
+                                               f"limit max_barrier_waiters={self._rpc.limits.max_barrier_waiters}")
+            try:
+                step = self._shard.end_step(int(request.step), worker=int(request.worker),
+                                            num_workers=int(request.num_workers),
+                                            request_id=request.request_id, timeout_s=timeout_s,
+                                            active=context.is_active)
+            finally:
+                self._waiters.release()
             return pb.EndStepResponse(step=step)
         return self._rpc.handle("EndStep", context, call)
-
-
-class StoreAdminServicer(pb_grpc.StoreAdminServicer):
-    def __init__(self, rpc: _Rpc):
-        self._rpc = rpc
-        self._shard = rpc.shard
-
-    def _admin(self, method, context, call, request_id=""):
-        return self._rpc.handle(method, context, call, admin=True, request_id=request_id)
-
-    def Describe(self, request, context):
-        return self._admin("Admin.Describe", context, lambda: wire.description_to_proto(self._shard.describe()))
-
-    def AddRows(self, request, context):
-        def call():
-            values, keys, bias, options = wire.add_rows_from_proto(request)
-            resp = pb.AddRowsResponse()
-            wire.to_proto(self._shard.add_rows(values, keys, bias, **options), resp.ids)
-            return resp
-        return self._admin("AddRows", context, call, request.request_id)
-
-    def SetOptimizer(self, request, context):
-        def call():
-            bias_step = request.bias_step if request.HasField("bias_step") else None
-            old = self._shard.set_optimizer(wire.optimizer_from_proto(request.optimizer), bias_step=bias_step)
-            return wire.row_optimizer_to_proto(old)
-        return self._admin("SetOptimizer", context, call, request.request_id)
-
-    def _set_flag(self, method, setter, request, context):
-        def call():
-            setter(wire.from_proto(request.ids, "ids", ids=True, ndim=1), bool(request.value))
-            return pb.SetFlagResponse()
-        return self._admin(method, context, call, request.request_id)
-
-    def SetFrozen(self, request, context):
-        return self._set_flag("SetFrozen", self._shard.set_frozen, request, context)
-
-    def SetAblated(self, request, context):
-        return self._set_flag("SetAblated", self._shard.set_ablated, request, context)
-
-    def Usage(self, request, context):
-        return self._admin("Usage", context, lambda: wire.usage_to_proto(self._shard.usage()))
-
-    def WriteSnapshot(self, request, context):
-        def call():
-            self._shard.write_snapshot(request.version_dir, int(request.version), full=bool(request.full))
-            return pb.VersionResponse()
-        return self._admin("WriteSnapshot", context, call, request.request_id)
-
-    def PrepareVersion(self, request, context):
-        def call():
-            self._shard.prepare_version(request.store_root, int(request.version))
-            return pb.VersionResponse()
-        return self._admin("PrepareVersion", context, call, request.request_id)
-
-    def FlipVersion(self, request, context):
-        def call():
-            self._shard.flip_version(int(request.version))
-            return pb.VersionResponse()
-        return self._admin("FlipVersion", context, call, request.request_id)
-
-    def ReleaseVersion(self, request, context):
-        def call():
-            self._shard.release_version(int(request.version))
-            return pb.VersionResponse()
-        return self._admin("ReleaseVersion", context, call, request.request_id)
 
 
 @dataclass
@@ -374,21 +323,36 @@ class _RawFetchStream:
         self._server.add_registered_method_handlers(service, handlers)
 
 
-def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: str = "127.0.0.1",
-                metrics_port: int | None = None, max_message_mb: int = DEFAULT_MAX_MESSAGE_MB,
-                max_workers: int = 8, data_paths: Sequence[str] = (),
+def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str = "", tokens: auth.Tokens | None = None,
+                host: str = "127.0.0.1", metrics_port: int | None = None,
+                max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, max_workers: int = 8,
+                limits: Limits | None = None, tls: ServerTls | None = None,
+                store_root: str | None = None, data_paths: Sequence[str] = (),
                 fetch_chunk_mb: float = DEFAULT_FETCH_CHUNK_MB) -> ShardServer:
     """Serve `shard` over gRPC on host:port (0: a free port); returns the running server.
 
-    metrics_port: None for no metrics endpoint, 0 for a free port. Requests larger
-    than max_message_mb are refused by gRPC with RESOURCE_EXHAUSTED before they
-    reach the shard. data_paths: faster transports this server offers beside gRPC
-    (store_service/datapath.py). fetch_chunk_mb: the size of a FetchStream piece.
+    tokens: the bearer token of each role (store_service/auth.py); admin_token alone
+    means Tokens(admin=admin_token), one token for everything. limits: the bounds of
+    store_service/limits.py (default Limits()). tls: serve over TLS (mutual TLS when it has
+    a client CA) instead of plaintext. store_root: the only tree admin paths may name
+    (default: where the shard was loaded from). metrics_port: None for no metrics
+    endpoint, 0 for a free port. Requests larger than max_message_mb are refused by gRPC
+    with RESOURCE_EXHAUSTED before they reach the shard. data_paths: faster transports this
+    server offers beside gRPC (store_service/datapath.py). fetch_chunk_mb: the size of a
+    FetchStream piece.
     """
-    if not admin_token:
-        raise ValueError("serve_shard needs a non-empty admin_token")
+    if tokens is None:
+        if not admin_token:
+            raise ValueError("serve_shard needs tokens or a non-empty admin_token")
+        tokens = auth.Tokens(admin=admin_token)
     if not fetch_chunk_mb > 0:
         raise ValueError(f"fetch_chunk_mb must be > 0, got {fetch_chunk_mb}")
+    limits = limits or Limits()
+    if hasattr(shard, "limits"):
+        shard.limits = limits
+    store_root = store_root if store_root is not None else getattr(shard, "store_root", None)
+    if store_root is not None:
+        persistence.clean_staging(store_root)   # what crashed publishers left (never a live one's)
     transports = {kind: datapath.transport(kind).server(shard) for kind in data_paths}
     metrics = ServerMetrics(shard)
     health_servicer = health.HealthServicer()
@@ -403,10 +367,16 @@ def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: st
         for name in ("", STORE_SERVICE, ADMIN_SERVICE):
             health_servicer.set(name, status)
 
-    rpc = _Rpc(shard, admin_token, metrics, refresh_health)
+    authority = auth.Authority(tokens)
+    rpc = _Rpc(shard, authority, metrics, refresh_health, limits, store_root)
     limit = max_message_mb * 1024 * 1024
+    interceptor = auth.AuthInterceptor(authority, lambda e: status_of(e, limits.max_error_chars),
+                                       lambda method, code: metrics.observe(method, code, 0.0))
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kstore-rpc"),
+        # barrier waits get threads of their own (KnowledgeStoreServicer.EndStep)
+        futures.ThreadPoolExecutor(max_workers=max_workers + limits.max_barrier_waiters,
+                                   thread_name_prefix="kstore-rpc"),
+        interceptors=[interceptor],
         options=[("grpc.max_receive_message_length", limit),
                  ("grpc.max_send_message_length", -1),
                  ("grpc.so_reuseport", 0)])
@@ -418,7 +388,7 @@ def serve_shard(shard: ShardHandle, port: int = 0, *, admin_token: str, host: st
     reflection.enable_server_reflection(
         (STORE_SERVICE, ADMIN_SERVICE, TRANSPORT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(bind)
+    bound = server.add_secure_port(bind, tls.credentials()) if tls is not None else server.add_insecure_port(bind)
     if bound == 0:
         raise RuntimeError(f"could not bind {bind}")
     refresh_health()

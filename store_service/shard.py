@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -34,10 +34,11 @@ from . import validation as check
 from .appends import append_rows
 from .host_rows import gather_rows
 from .config import TableConfig
+from .limits import Limits
 from .interface import SearchResult, ShardDescription, ShardInfo, SideQuery, TagFilter, UsageStats
 from .optimizer import OptimizerConfig, RowOptimizer
 from .state import ShardState, init_state, load_state, state_attrs, state_tensors, state_to_data
-from .step import BarrierTimeout, barrier, replace_optimizer
+from .step import BarrierTimeout, barrier, check_finite_rows, replace_optimizer
 
 __all__ = ["Shard", "BarrierTimeout"]
 
@@ -60,10 +61,13 @@ class Shard:
         one it was published from; pin_memory: host rows page-locked, default as published)."""
         self = cls.__new__(cls)
         self._start(shard_id, load_state(store_root, version, shard_id, device, pin_memory))
+        self.store_root = str(store_root)
         return self
 
     def _start(self, shard_id: int, serving: ShardState) -> None:
         self.shard_id = shard_id
+        self.store_root: str | None = None   # where it was loaded from (a server confines admin paths there)
+        self.limits = Limits()               # the bounds of store_service/limits.py (a server sets its own)
         self._vlock = threading.Lock()
         self._vcond = threading.Condition(self._vlock)
         self._serving = serving
@@ -217,7 +221,7 @@ class Shard:
         training readout's use of the rows (entries with weight > 0, summed weights),
         recorded as a pushdown readout records its own (usage, this step's balancing load)."""
         with self._use(version) as st, st.lock:
-            local = _fetched_rows(st, ids, hits, weight_sum)
+            local = _fetched_rows(st, ids, hits, weight_sum, self.limits)
             # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
             out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
                               pad=local < 0)
@@ -232,7 +236,7 @@ class Shard:
             if out.shape != (ids.shape[0], st.config.d_v) or not out.is_contiguous():
                 raise errors.InvalidArgument("out", f"expected a contiguous [{ids.shape[0]}, {st.config.d_v}] "
                                                     f"buffer, got {list(out.shape)}")
-            local = _fetched_rows(st, ids, hits, weight_sum)
+            local = _fetched_rows(st, ids, hits, weight_sum, self.limits)
             if out.dtype == st.values.dtype and out.device == st.device:
                 torch.index_select(st.values, 0, local.clamp_min(0), out=out)   # the one copy
             else:
@@ -243,7 +247,7 @@ class Shard:
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
         with self._use(version) as st, st.lock:
-            local, w = _readout_rows(st, ids, weights)
+            local, w = _readout_rows(st, ids, weights, self.limits)
             out = kernels.readout_weighted(st.values, local, w)
             valid = local >= 0
             rows, rw = local[valid], w[valid]
@@ -259,11 +263,16 @@ class Shard:
         """grad_out [T, d_v] fp32 -> grad of weights [T, k] fp32; accumulates row
         gradients w_j * grad_out for end_step (once per request_id)."""
         with self._use(version) as st, st.lock:
-            local, w = _readout_rows(st, ids, weights)
+            lim = self.limits
+            local, w = _readout_rows(st, ids, weights, lim)
             check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], st.config.d_v))
+            check.magnitude("grad_out", grad_out, lim.max_grad_abs, "max_grad_abs")
             grad_w, rows, row_grads = kernels.readout_weighted_backward(
                 st.values, local, w, grad_out.to(st.device))
+            # the row gradients (weights x grad_out, summed) obey the bound of sent ones
+            check.magnitude("grad_out", row_grads, lim.max_grad_abs, "max_grad_abs (of weights x grad_out)")
             if not st.mark_seen(request_id):
+                st.pending_grad_bytes = check.pending_grads(st.pending_grad_bytes, row_grads, lim)
                 st.row_grads.append((rows, row_grads))
             return grad_w
 
@@ -275,12 +284,15 @@ class Shard:
         with self._use(version) as st, st.lock:
             check.tensor("ids", ids, torch.int64, (None,))
             check.tensor("grads", grads, torch.float32, (ids.shape[0], st.config.d_v))
+            check.magnitude("grads", grads, self.limits.max_grad_abs, "max_grad_abs")
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-            if st.mark_seen(request_id):
-                return
             local = st.local(ids)
             keep = local >= 0
+            pending = check.pending_grads(st.pending_grad_bytes, grads[keep.to(grads.device)], self.limits)
+            if st.mark_seen(request_id):
+                return
             if bool(keep.any()):
+                st.pending_grad_bytes = pending
                 st.row_grads.append((local[keep], grads.to(st.device)[keep]))
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
@@ -289,6 +301,7 @@ class Shard:
         with self._use(version) as st, st.lock:
             check.tensor("ids", ids, torch.int64, (None,))
             check.tensor("grads", grads, torch.float32, (ids.shape[0], st.config.d_k))
+            check.magnitude("grads", grads, self.limits.max_grad_abs, "max_grad_abs")
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
             local = st.local(ids)
             keep = local >= 0
@@ -296,22 +309,26 @@ class Shard:
             if bool((pos < 0).any()):
                 bad = int(ids.to(st.device)[keep][pos < 0][0])
                 raise errors.InvalidArgument("ids", f"id {bad} is a product-key row; key gradients are for flat rows")
+            kept = grads.to(st.device)[keep]
+            pending = check.pending_grads(st.pending_grad_bytes, kept, self.limits)
             if not st.mark_seen(request_id) and pos.numel():
-                st.key_grads.append((pos, grads.to(st.device)[keep]))
+                st.pending_grad_bytes = pending
+                st.key_grads.append((pos, kept))
 
     def end_step(self, step: int, *, worker: int = 0, num_workers: int = 1,
-                 request_id: str = "", timeout_s: float = 60.0) -> int:
+                 request_id: str = "", timeout_s: float = 60.0, active: Callable[[], bool] | None = None) -> int:
         """Step barrier. Applies the accumulated gradients once all num_workers
-        workers have arrived for `step`; every caller waits until then and gets
-        the new step (step + 1). A call for a step already applied (a retry)
-        returns at once."""
+        workers have arrived for `step` (the first arrival fixes that count); every caller
+        waits until then and gets the new step (step + 1). A call for a step already
+        applied (a retry) returns at once. A step whose result would be non-finite is
+        refused (errors.StepRefused), its gradients dropped. active: for servers, whether
+        the caller is still there (one that went away is withdrawn from the barrier)."""
         check.integer("step", step, 0)
         check.integer("num_workers", num_workers, 1)
         check.integer("worker", worker, 0, num_workers)
-        if not timeout_s > 0:
-            raise errors.InvalidArgument("timeout_s", f"must be > 0, got {timeout_s}")
+        timeout_s = check.barrier_timeout(timeout_s, self.limits)
         with self._use(0) as st, st.cond:
-            return barrier(st, step, worker, num_workers, request_id, timeout_s)
+            return barrier(st, step, worker, num_workers, request_id, timeout_s, active or (lambda: True))
 
     # -- control plane -------------------------------------------------------
 
@@ -379,6 +396,7 @@ class Shard:
         check.flag("full", full)
         with self._use(0) as st:
             with st.lock:   # the rows are copied to the host under it, their writes already running
+                check_finite_rows(st)             # never publish a non-finite value or key
                 data = snapshots.take(st, state_tensors(st), state_attrs(st, version), version_dir, full)
                 write = persistence.start_shard(version_dir, data, keep_content_id=True)
             write.finish()
@@ -416,11 +434,11 @@ def _check_k(st: ShardState, k, field: str = "k") -> None:
         raise errors.InvalidArgument(field, f"{field}={k} exceeds {_MAX_SEARCH_K}")
 
 
-def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum) -> torch.Tensor:
+def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum, limits: Limits) -> torch.Tensor:
     """A fetch's ids, validated, with its usage recorded -> local rows (-1 at PAD)."""
     check.tensor("ids", ids, torch.int64, (None,))
     check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-    check.fetch_usage(ids, hits, weight_sum)
+    check.fetch_usage(ids, hits, weight_sum, limits)
     local = st.local(ids)
     if hits is not None:
         keep = local >= 0
@@ -432,8 +450,10 @@ def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum) -> torch.
     return local
 
 
-def _readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor,
+                  limits: Limits) -> tuple[torch.Tensor, torch.Tensor]:
     """A readout's ids and weights, validated -> (local rows, weights) on the state's device."""
     check.readout_entries(ids, weights)
+    check.magnitude("weights", weights, limits.max_weight_abs, "max_weight_abs")
     check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
     return st.local(ids), weights.to(st.device)

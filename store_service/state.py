@@ -63,7 +63,9 @@ class ShardState:
         self.row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local rows, grads) pairs
         self.key_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat positions, grads)
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.arrivals: dict[int, tuple[int, set[int]]] = {}  # step -> (num_workers, workers)
+        self.arrivals: dict = {}               # step -> step.Round (the workers waiting at it)
+        self.pending_grad_bytes = 0            # bytes in row_grads and key_grads (bounded per step)
+        self.nonfinite_refused = 0             # steps refused for a non-finite result
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.inflight = 0
@@ -106,6 +108,7 @@ class ShardState:
 
     def reindex(self) -> None:
         """Recompute what is derived from the flat rows (after they changed)."""
+        self._tag_rows: dict[str, int] | None = None
         # local row -> position among flat rows (-1 for product rows)
         self.flat_pos = torch.full((self.num_rows,), -1, dtype=torch.int64, device=self.device)
         self.flat_local = self.flat_ids - self.row_start
@@ -162,7 +165,10 @@ class ShardState:
                 "optimizer_over_values": opt_bytes / max(value_bytes, 1)}
 
     def tag_rows(self) -> dict[str, int]:
-        return {name: int((t != TAG_UNSET).sum()) for name, t in sorted(self.tags.items())}
+        # cached until the flat rows change (reindex): describe() runs before every remote end step
+        if self._tag_rows is None:
+            self._tag_rows = {name: int((t != TAG_UNSET).sum()) for name, t in sorted(self.tags.items())}
+        return dict(self._tag_rows)
 
     def partition_rows(self) -> dict[int, int]:
         return {p: int(pos.numel()) for p, pos in sorted(self.partition_pos.items())}

@@ -7,12 +7,14 @@ The caller holds the state's lock (`barrier` waits on its condition, which relea
 from __future__ import annotations
 
 import dataclasses
+import time
+from typing import Callable
 
 import torch
 
 from . import errors
 from .balancing import balance
-from .optimizer import OptimizerConfig, RowOptimizer, resolve_kind, sparse_step
+from .optimizer import OptimizerConfig, RowOptimizer, plan_step, resolve_kind
 from .state import ShardState
 
 
@@ -20,55 +22,122 @@ class BarrierTimeout(errors.FailedPrecondition):
     """end_step waited longer than timeout_s for the other workers."""
 
 
-def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id: str, timeout_s: float) -> int:
-    """Record `worker`'s arrival for `step`; the last of num_workers applies the step and
-    wakes the others. Returns the new step (step + 1); a step already applied (a retry)
-    returns at once. Arguments are validated by the caller."""
+StepRefused = errors.StepRefused
+_WAIT_SLICE_S = 0.25   # how often a waiting caller checks that it is still there
+
+
+@dataclasses.dataclass
+class Round:
+    """The workers waiting at one step: how many the first of them said to wait for, who
+    arrived, and why the step was refused (told to this round's waiters only)."""
+    n: int
+    arrived: set[int] = dataclasses.field(default_factory=set)
+    refused: str | None = None
+
+
+def barrier(st: ShardState, step: int, worker: int, num_workers: int, request_id: str, timeout_s: float,
+            active: Callable[[], bool] = lambda: True) -> int:
+    """Record `worker`'s arrival for `step`; the last of the step's members applies the step
+    and wakes the others. Returns the new step (step + 1); a step already applied (a retry)
+    returns at once. Arguments are validated by the caller (timeout_s finite and bounded).
+
+    Membership: the first worker to arrive at a step fixes how many workers it waits for
+    (its num_workers); a caller naming another count is refused. An arrival lasts only while
+    its caller waits: a caller that times out or goes away (`active()` turns False) is
+    withdrawn, and a step nobody waits for any more forgets its membership, so one bad
+    EndStep cannot wedge the barrier for later ones."""
     if step < st.step:
         return st.step
     if step > st.step:
         raise errors.InvalidArgument("step", f"shard {st.shard_id} is at step {st.step}, cannot end step {step}")
-    n, arrived = st.arrivals.get(step, (num_workers, set()))
-    if n != num_workers:
-        raise errors.InvalidArgument("num_workers", f"{num_workers} differs from {n} given by "
-                                                    "another worker for this step")
-    st.arrivals[step] = (n, arrived)
-    arrived.add(worker)
-    st.mark_seen(request_id)
-    if len(arrived) == n:
-        apply_step(st)
-        st.step += 1
+    rnd = st.arrivals.get(step)
+    if rnd is None:
+        rnd = st.arrivals[step] = Round(num_workers)
+    if rnd.n != num_workers:
+        raise errors.InvalidArgument("num_workers", f"{num_workers} differs from {rnd.n}, the count of the "
+                                                    f"{len(rnd.arrived)} worker(s) waiting at step {step}")
+    rnd.arrived.add(worker)
+    if len(rnd.arrived) == rnd.n:
         del st.arrivals[step]
+        try:
+            apply_step(st)
+        except StepRefused as exc:
+            rnd.refused = str(exc)   # the waiters of this round are told, not those of a later one
+            st.cond.notify_all()
+            raise
+        st.mark_seen(request_id)
+        st.step += 1
         st.cond.notify_all()
-    elif not st.cond.wait_for(lambda: st.step > step, timeout_s):
-        arrived.discard(worker)  # as if it never came: a retry arrives afresh
-        if not arrived:
-            del st.arrivals[step]
-        raise BarrierTimeout(f"end_step {step}: {len(arrived)} of {n} workers arrived "
-                             f"within {timeout_s}s (shard {st.shard_id})")
-    return step + 1
+        return step + 1
+    deadline = time.monotonic() + timeout_s
+    while st.step <= step and rnd.refused is None and active():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        st.cond.wait(min(left, _WAIT_SLICE_S))
+    if st.step > step:
+        st.mark_seen(request_id)
+        return step + 1
+    if rnd.refused is not None:
+        raise StepRefused(rnd.refused)
+    rnd.arrived.discard(worker)  # as if it never came: a retry arrives afresh
+    if not rnd.arrived and st.arrivals.get(step) is rnd:
+        del st.arrivals[step]
+    raise BarrierTimeout(f"end_step {step}: {len(rnd.arrived) + 1} of {rnd.n} workers arrived "
+                         f"within {timeout_s:g}s (shard {st.shard_id})" if active() else
+                         f"end_step {step}: the caller went away (shard {st.shard_id})")
 
 
 def apply_step(st: ShardState) -> None:
     """One optimizer step on the rows and flat keys that received gradients (frozen rows
-    untouched), then balancing; clears the accumulators."""
+    untouched), then balancing; clears the accumulators. The updates are computed first and
+    written only if every new value, key and optimizer moment is finite; otherwise the
+    step's gradients are dropped, nothing changes, and StepRefused is raised."""
     cfg, opt = st.config, st.config.optimizer
-    if st.row_grads:
-        rows, grads = merge_grads(st.row_grads, cfg.d_v)
-        sparse_step(opt.kind, st.values, st.opt, rows, grads, lr=opt.lr, betas=opt.betas, eps=opt.eps,
-                    frozen=st.frozen)
-        st.mark_rows(rows)
-    if st.key_grads:
-        pos, grads = merge_grads(st.key_grads, cfg.d_k)
-        sparse_step(opt.kind, st.keys, st.key_opt, pos, grads, lr=opt.effective_key_lr, betas=opt.betas,
-                    eps=opt.eps, frozen=st.frozen[st.flat_local])
-        st.mark_flat(pos)
-        if st.faiss is not None:
-            st.faiss.invalidate()
+    keys_change = bool(st.key_grads)
+    try:
+        plans, row_ids, flat_ids = [], None, None
+        if st.row_grads:
+            rows, grads = merge_grads(st.row_grads, cfg.d_v)
+            row_ids = rows
+            plans.append(plan_step(opt.kind, st.values, st.opt, rows, grads, lr=opt.lr, betas=opt.betas,
+                                   eps=opt.eps, frozen=st.frozen, what="values"))
+        if st.key_grads:
+            pos, grads = merge_grads(st.key_grads, cfg.d_k)
+            flat_ids = pos
+            plans.append(plan_step(opt.kind, st.keys, st.key_opt, pos, grads, lr=opt.effective_key_lr,
+                                   betas=opt.betas, eps=opt.eps, frozen=st.frozen[st.flat_local], what="keys"))
+        bad = [p.what for p in plans if p is not None and not p.finite()]
+    finally:
+        st.row_grads, st.key_grads, st.pending_grad_bytes = [], [], 0
+    if bad:
+        st.step_hits.zero_()
+        st.nonfinite_refused += 1
+        raise StepRefused(f"end_step {st.step} on shard {st.shard_id} would make {' and '.join(bad)} "
+                          "non-finite; the step's gradients were dropped and nothing changed")
+    for p in plans:
+        if p is not None:
+            p.commit()
+    if row_ids is not None:
+        st.mark_rows(row_ids)       # dirty rows: the next delta version writes them
+    if flat_ids is not None:
+        st.mark_flat(flat_ids)
+    if keys_change and st.faiss is not None:
+        st.faiss.invalidate()
     if cfg.bias_step > 0 and bool(st.step_hits.any()):
         balance(st)
-    st.row_grads, st.key_grads = [], []
     st.step_hits.zero_()
+
+
+def check_finite_rows(st: ShardState) -> None:
+    """Refuse to publish a state holding a non-finite value or key (nothing written)."""
+    for name, t in (("values", st.values), ("keys", st.keys)):
+        bad = ~torch.isfinite(t.float()).all(dim=1) if t.numel() else torch.zeros(0, dtype=torch.bool)
+        if bool(bad.any()):
+            row = int(torch.nonzero(bad)[0])
+            gid = st.row_start + row if name == "values" else int(st.flat_ids[row])
+            raise errors.FailedPrecondition(f"shard {st.shard_id}: row {gid} has non-finite {name}; "
+                                            "not published")
 
 
 def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import errors, persistence
+from . import consistency, errors, persistence
 from . import validation as check
 from .config import TableConfig
 from .interface import (PAD_ID, SearchResult, SegmentInfo, ShardHandle, ShardInfo, SideQuery,
@@ -115,6 +115,8 @@ class Table:
             if tiled and one_version:
                 break
             if time.monotonic() > deadline:
+                if tiled:   # name the shard a restart left on another version
+                    consistency.agreed(self)
                 raise errors.FailedPrecondition(
                     f"shards disagree: ranges {ranges}, versions {[d.info.version for d in descs]}")
             time.sleep(0.01)
@@ -173,16 +175,26 @@ class Table:
                 raise e
         return [f.result() for f in futures]
 
+    def _stale_retry(self, attempt: int, deadline: float) -> None:
+        """After a StaleVersion: give up once max_retries are spent and refresh_wait_s has
+        passed (swaps may follow each other back to back), else refresh the map."""
+        if attempt >= self.max_retries and time.monotonic() > deadline:
+            raise
+        if attempt >= self.max_retries:
+            time.sleep(min(0.005 * (attempt - self.max_retries + 1), 0.05))
+        self.refresh()
+
     def _retrying(self, op: Callable[[_ShardMap], object]):
         """Run op against the current map; on StaleVersion refresh and rerun all of it."""
-        for attempt in range(self.max_retries + 1):
+        deadline = time.monotonic() + self.refresh_wait_s
+        attempt = 0
+        while True:
             m = self._map
             try:
                 return op(m)
             except errors.StaleVersion:
-                if attempt == self.max_retries:
-                    raise
-                self.refresh()
+                self._stale_retry(attempt, deadline)
+                attempt += 1
 
     @staticmethod
     def _owner(m: _ShardMap, ids: torch.Tensor) -> torch.Tensor:
@@ -324,13 +336,14 @@ class Table:
         remote. A StaleVersion (the shard flipped meanwhile) refreshes the map and resends
         to that shard: these mutations are per row, and a flip keeps a shard's rows."""
         def task() -> None:
-            for attempt in range(self.max_retries + 1):
+            deadline = time.monotonic() + self.refresh_wait_s
+            attempt = 0
+            while True:
                 try:
                     return call(self.shards[i], self._map.infos[i].version)
                 except errors.StaleVersion:
-                    if attempt == self.max_retries:
-                        raise
-                    self.refresh()
+                    self._stale_retry(attempt, deadline)
+                    attempt += 1
         if self._send_pool is None:
             task()
             return
@@ -366,6 +379,8 @@ class Table:
         check.integer("num_workers", num_workers, 1)
         check.integer("worker", worker, 0, num_workers)
         self.flush()
+        if consistency.needs_check(self):
+            consistency.agreed(self)   # never step a table whose shards disagree (one restarted)
         rid = request_id or uuid.uuid4().hex
 
         def call(i, s):
@@ -442,12 +457,18 @@ class Table:
         if self.store_root is None:
             raise errors.FailedPrecondition("snapshot: this table has no store_root")
         self.flush()
+        consistency.agreed(self)       # never publish shards of different steps or versions
         held = max(i.version for i in self._map.infos)
         version = max(persistence.latest_version(self.store_root) or 0, held) + 1
         with persistence.staged_version(self.store_root, version) as stage:
             self._each(lambda i, s: s.write_snapshot(stage, version, full=full))
             persistence.finish_version(stage, version)
         return version
+
+    def recover(self, version: int | None = None) -> tuple[int, int]:
+        """Roll every shard back to published `version` (default: the latest) after some
+        shard restarted; -> the (version, step) they are then at (store_service.consistency)."""
+        return consistency.recover(self, version)
 
     def load_version(self, version: int) -> None:
         """Hot swap: every shard loads `version` beside the serving one, then all

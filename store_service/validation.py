@@ -14,6 +14,7 @@ import torch
 
 from . import errors
 from .interface import PAD_ID, SEGMENT_FLAT, TAG_UNSET, SegmentInfo, SideQuery, TagFilter
+from .limits import Limits, at_most
 from .optimizer import OptimizerConfig
 
 TAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -84,8 +85,10 @@ def flag(field: str, x) -> bool:
     return x
 
 
-def fetch_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.Tensor | None) -> None:
-    """A fetch's usage: hits [M] int64 >= 0 and weight_sum [M] float64, both or neither."""
+def fetch_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.Tensor | None,
+                limits: Limits = Limits()) -> None:
+    """A fetch's usage: hits [M] int64 in [0, max_usage_hits] and weight_sum [M] float64 with
+    |w| <= max_usage_weight_abs, both or neither (so counters can neither wrap nor run away)."""
     if (hits is None) != (weight_sum is None):
         raise errors.InvalidArgument("hits" if hits is None else "weight_sum",
                                      "hits and weight_sum come together (a fetch's usage) or not at all")
@@ -95,6 +98,32 @@ def fetch_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.
     tensor("weight_sum", weight_sum, torch.float64, (ids.shape[0],))
     if bool((hits < 0).any()):
         raise errors.InvalidArgument("hits", "counts must be >= 0")
+    if bool((hits > limits.max_usage_hits).any()):
+        raise errors.InvalidArgument("hits", f"counts must be <= max_usage_hits={limits.max_usage_hits}")
+    magnitude("weight_sum", weight_sum, limits.max_usage_weight_abs, "max_usage_weight_abs")
+
+
+def magnitude(field: str, t: torch.Tensor, bound: float, limit: str) -> None:
+    """|t| <= bound everywhere (t already checked finite): the documented bounds that keep
+    sums of gradients and usage finite (store_service/limits.py)."""
+    if t.numel() and float(t.abs().max()) > bound:
+        raise errors.NonFinite(field, f"|entries| must be <= {limit}={bound:g}, got {float(t.abs().max()):.3g}")
+
+
+def barrier_timeout(timeout_s, limits: Limits) -> float:
+    """EndStep.timeout_s: a finite number in (0, max_barrier_timeout_s]."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not math.isfinite(timeout_s) \
+            or not 0 < timeout_s <= limits.max_barrier_timeout_s:
+        raise errors.InvalidArgument("timeout_s", f"must be finite, > 0 and <= max_barrier_timeout_s="
+                                                  f"{limits.max_barrier_timeout_s:g}, got {timeout_s!r}")
+    return float(timeout_s)
+
+
+def pending_grads(held_bytes: int, add: torch.Tensor, limits: Limits) -> int:
+    """Bytes of gradients held until the next end step, with `add` (float32) added."""
+    total = held_bytes + add.numel() * 4
+    at_most("max_pending_grad_bytes", total, limits.max_pending_grad_bytes, "gradient bytes pending this step")
+    return total
 
 
 def readout_entries(ids: torch.Tensor, weights: torch.Tensor) -> None:

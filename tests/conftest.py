@@ -159,3 +159,111 @@ def legacy_v1(tmp_path):
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "store_root": str(dst / "store")}))
     return dst
+
+
+# ============================================================================================
+# Store side (test_hostile, test_auth, test_fuzz): one published shard served over real gRPC
+# with a token per role, and raw stubs to send exactly what a hostile client would
+# ============================================================================================
+
+
+class HostileStore:
+    """A one-shard table (16^2 product rows + 100 flat rows, d_k 16, d_v 32) published under
+    `root`, its shard served in this process with read/train/admin tokens."""
+    D_K, D_V = 16, 32
+
+    def __init__(self, root: str, *, limits=None, tls=None, optimizer=None):
+        import grpc
+        from protos import knowledge_store_pb2_grpc as pb_grpc
+        from store_service.auth import Tokens
+        from store_service.config import OptimizerConfig, TableConfig
+        from store_service.server import serve_shard
+        from store_service.shard import Shard
+        from store_service.table import Table
+
+        self.root = root
+        cfg = TableConfig(d_k=self.D_K, d_v=self.D_V, segments=[("product", 16), ("flat", 100)],
+                          store_codebooks=True, num_shards=1,
+                          optimizer=optimizer or OptimizerConfig("adam", lr=0.1))
+        self.version = Table.create(cfg, root).snapshot()
+        self.shard = Shard.load(root, self.version, 0)
+        self.tokens = Tokens(admin="admin-tok", train="train-tok", read="read-tok")
+        self.server = serve_shard(self.shard, tokens=self.tokens, limits=limits, tls=tls, metrics_port=0)
+        self.channel = None if tls is not None else grpc.insecure_channel(self.server.address)
+        if self.channel is not None:
+            self.store = pb_grpc.KnowledgeStoreStub(self.channel)
+            self.admin = pb_grpc.StoreAdminStub(self.channel)
+
+    def md(self, role: str = "admin") -> tuple:
+        return (("authorization", f"Bearer {getattr(self.tokens, role)}"),) if role else ()
+
+    def observe(self) -> dict:
+        """Everything observable about the shard, to check that a refused call changed nothing."""
+        return dict(describe=self.shard.describe(), versions=self.shard.held_versions(),
+                    state=self.shard.state_dict(), pending=self.shard._serving.pending_grad_bytes,
+                    arrivals=dict(self.shard._serving.arrivals))
+
+    def assert_unchanged(self, before: dict) -> None:
+        after = self.observe()
+        for key in ("describe", "versions", "pending", "arrivals"):
+            assert after[key] == before[key], key
+        assert after["state"].keys() == before["state"].keys()
+        for name, t in before["state"].items():
+            assert torch.equal(after["state"][name], t), name
+
+    def expect(self, rpc, request, code, *, role: str = "admin", contains: str = "", timeout: float = 10.0):
+        """Send `request`; it must fail with `code` (its text short and containing `contains`)
+        and leave the shard as it was. -> the error."""
+        import grpc
+        before = self.observe()
+        with pytest.raises(grpc.RpcError) as info:
+            rpc(request, timeout=timeout, metadata=self.md(role))
+        err = info.value
+        assert err.code() == code, (err.code(), err.details())
+        assert contains in (err.details() or ""), err.details()
+        assert len(err.details() or "") <= 400
+        self.assert_unchanged(before)
+        return err
+
+    def metrics_text(self) -> str:
+        import urllib.request
+        return urllib.request.urlopen(f"http://127.0.0.1:{self.server.metrics_port}/metrics", timeout=5).read().decode()
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.server.stop(grace=None)
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    """A HostileStore under tmp_path with the default limits; factory `hostile.make(**kw)`
+    for other limits or TLS (closed at the end too)."""
+    made = []
+
+    def make(sub: str = "other", **kw) -> HostileStore:
+        s = HostileStore(str(tmp_path / sub), **kw)
+        made.append(s)
+        return s
+    store = make("store")
+    store.make = make
+    yield store
+    for s in made:
+        s.close()
+
+
+def self_signed_cert(directory, name: str = "server") -> tuple[str, str]:
+    """A fresh self-signed certificate for localhost / 127.0.0.1 made with the openssl
+    command line -> (cert.pem path, key.pem path)."""
+    import subprocess
+    cert, key = str(directory / f"{name}.crt"), str(directory / f"{name}.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", f"/CN={name}", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def certs(tmp_path):
+    """Self-signed certificates made for this test: a server's and a client's (mutual TLS)."""
+    return {"server": self_signed_cert(tmp_path, "server"), "client": self_signed_cert(tmp_path, "client")}

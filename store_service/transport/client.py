@@ -51,9 +51,11 @@ class _Done:
 
 class BulkPath:
     def __init__(self, address: str, channel, end, session: str, max_bytes: int, description,
-                 config: ClientConfig):
+                 config: ClientConfig, metadata: tuple = ()):
         self.address, self.kind, self.config = address, end.kind, config
-        self._channel, self._md, self._end = channel, (), end
+        # The bearer token goes with every call (store_service/auth.py: a session id alone is
+        # not enough; each call also needs its role).
+        self._channel, self._md, self._end = channel, tuple(metadata), end
         self._session = session
         self._stub = pb_grpc.StoreTransportStub(channel)
         self.shard_id = description.info.shard_id
@@ -66,26 +68,29 @@ class BulkPath:
         self._one_at_a_time = threading.Lock()
 
     @classmethod
-    def open(cls, address: str, token: str, kind: str, config: ClientConfig = ClientConfig()) -> "BulkPath":
+    def open(cls, address: str, token: str, kind: str, config: ClientConfig = ClientConfig(),
+             tls=None) -> "BulkPath":
         """A session of `kind` with the shard at `address`, opened with the credentials `token`.
         Unauthenticated without valid credentials; FailedPrecondition where the kind is not
         offered (another host, no GPU, no backend); OSError where the handoff socket cannot
         be reached."""
         md = ((wire.MD_AUTHORIZATION, wire.bearer(token)),) if token else ()
-        with grpc.insecure_channel(address, options=_OPTIONS) as channel:
+        with _channel(address, tls) as channel:
             req = pb.OpenTransportRequest(kind=kind, host_id=config.host_id or hostid.host_id(),
                                           buffer_bytes=config.buffer_bytes, backend=config.dist_backend)
             resp = _unary(pb_grpc.StoreTransportStub(channel).Open, req, md, config, -1, address)
         params = {f.name: str(v) for f, v in resp.ListFields()}
-        return cls.connect(address, kind, params, config)
+        return cls.connect(address, kind, params, config, metadata=md, tls=tls)
 
     @classmethod
-    def connect(cls, address: str, kind: str, params, config: ClientConfig = ClientConfig()) -> "BulkPath":
-        """Join a session opened for us (`params`: what `SessionTable.open` returned, as strings)."""
-        channel = grpc.insecure_channel(address, options=_OPTIONS)
+    def connect(cls, address: str, kind: str, params, config: ClientConfig = ClientConfig(), *,
+                metadata: tuple = (), tls=None) -> "BulkPath":
+        """Join a session opened for us (`params`: what `SessionTable.open` returned, as strings).
+        metadata: the caller's credentials (sent with every call); tls: a store_service.tls.ClientTls."""
+        channel = _channel(address, tls)
         try:
             description = wire.description_from_proto(
-                _unary(pb_grpc.KnowledgeStoreStub(channel).Describe, pb.DescribeRequest(), (), config, -1, address),
+                _unary(pb_grpc.KnowledgeStoreStub(channel).Describe, pb.DescribeRequest(), metadata, config, -1, address),
                 address)
             if kind == "torch_dist":
                 host = params.get("rendezvous_host", "")
@@ -99,7 +104,8 @@ class BulkPath:
         except BaseException:
             channel.close()
             raise
-        return cls(address, channel, end, params["session"], int(params.get("max_bytes", 0)), description, config)
+        return cls(address, channel, end, params["session"], int(params.get("max_bytes", 0)), description, config,
+                   metadata)
 
     def close(self) -> None:
         try:
@@ -284,11 +290,15 @@ def _unary(rpc, req, md, config: ClientConfig, shard_id: int, address: str):
         raise _domain(err, shard_id, address) from None
 
 
-def open_path(address: str, token: str, config: ClientConfig = ClientConfig()) -> BulkPath | None:
+def _channel(address: str, tls) -> grpc.Channel:
+    return tls.channel(address, _OPTIONS) if tls is not None else grpc.insecure_channel(address, options=_OPTIONS)
+
+
+def open_path(address: str, token: str, config: ClientConfig = ClientConfig(), tls=None) -> BulkPath | None:
     """The first of config.kinds the shard grants, or None (the caller stays on gRPC)."""
     for kind in config.kinds:
         try:
-            return BulkPath.open(address, token, kind, config)
+            return BulkPath.open(address, token, kind, config, tls)
         except (errors.FailedPrecondition, errors.InvalidArgument, OSError):
             continue
     return None

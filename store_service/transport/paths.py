@@ -47,10 +47,11 @@ class PathClient:
         self._device = str(client.device) if self.kind == "shm" else "cpu"
         return {"buffer_bytes": str(self.config.buffer_bytes), "backend": backend}
 
-    def connect(self, params, *, shard_id: int, address: str, timeout_s: float) -> "Path":
+    def connect(self, params, *, shard_id: int, address: str, timeout_s: float, metadata: tuple = (),
+                tls=None) -> "Path":
         cfg = dataclasses.replace(self.config, timeout_s=timeout_s, dist_backend=params.get("backend", "gloo"),
                                   device=self._device)
-        return Path(BulkPath.connect(address, self.kind, params, cfg))
+        return Path(BulkPath.connect(address, self.kind, params, cfg, metadata=metadata, tls=tls))
 
 
 class Path:

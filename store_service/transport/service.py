@@ -1,9 +1,11 @@
 """The shard's `StoreTransport` service: sessions of the bulk data path and the calls that
 move a tensor through one (protos/knowledge_store.proto says the contract).
 
-Every call goes through the server's `_Rpc.handle` like any other: credentials checked,
-errors mapped to status codes in the one place, metrics kept. ROLES is where each call's
-role is registered.
+Every call goes through the server's `_Rpc.handle` like any other: errors mapped to status
+codes in the one place, metrics kept. Who may call is checked before, by the server's
+interceptor, from the one table of roles (`store_service.auth.RPC_ROLES`: Open, Close,
+Fetch, Readout need read; ReadoutBackward, PushGrads need train; a Fetch with usage counts
+needs train, checked here as the store's Fetch does).
 
     add_transport_service(grpc_server, rpc, host="127.0.0.1")   # in serve_shard
 """
@@ -13,17 +15,16 @@ import torch
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
-from store_service import errors, wire
+from store_service import auth, errors, guard, wire
 from store_service.transport.config import ServerLimits
 from store_service.transport.registry import SessionTable
 
 SERVICE = "knowledge_store.v1.StoreTransport"
 
-# The role each call needs. Open hands out the handles, so it needs the caller's credentials
-# (until per-role credentials exist, the bearer token). The other calls name a session, a
-# 128-bit capability that only an authenticated Open (or the store's OpenDataPath) hands out:
-# an unknown session is NOT_FOUND and touches nothing.
-ROLES = {"Open": "read"}
+# The role each call needs: auth.RPC_ROLES, the one table. Besides its role, every call but
+# Open names a session, a 128-bit capability that only an authorized Open (or the store's
+# OpenDataPath) hands out: an unknown session is NOT_FOUND and touches nothing.
+ROLES = {m.rsplit("/", 1)[-1]: role for m, role in auth.RPC_ROLES.items() if m.startswith(f"/{SERVICE}/")}
 SESSION = {"Close", "Fetch", "Readout", "ReadoutBackward", "PushGrads"}
 
 _GRAD_DTYPES = {"value": ("float32", "bfloat16"), "key": ("float32",)}
@@ -49,8 +50,8 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
         return self._table.device
 
     def _call(self, method: str, context, call, items: int = 0):
-        # Roles: once they land, `role=ROLES.get(method)` replaces `admin=...` here, nothing else.
-        return self._rpc.handle(f"Transport.{method}", context, call, admin=method in ROLES, items=items)
+        # The caller's role was checked by the server's interceptor (auth.RPC_ROLES) before this.
+        return self._rpc.handle(f"Transport.{method}", context, call, items=items)
 
     def Open(self, request, context):
         def call():
@@ -74,6 +75,9 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
 
     def Fetch(self, request, context):
         def call():
+            f = request.fetch
+            if f.HasField("hits") or f.HasField("weight_sum"):   # usage counts: a training call
+                self._rpc.authority.require(auth.TRAIN, context.invocation_metadata())
             session = self._session(request.at.session)
             ids, out_dtype, usage = wire.fetch_request_from_proto(request.fetch)
             dtype = out_dtype or self._d["dtype"]
@@ -87,6 +91,7 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
 
     def Readout(self, request, context):
         def call():
+            guard.readout(request.readout, self._rpc.limits, self._d["value"], backward=False)
             session = self._session(request.at.session)
             _, ids, weights = wire.readout_entries_from_proto(request.readout, self._device)
             dtype = wire.readout_wire_dtype(request.readout.out_dtype, "out_dtype")
@@ -102,6 +107,7 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
     def ReadoutBackward(self, request, context):
         # request_id goes to the shard, which owns the dedup of row-gradient accumulation.
         def call():
+            guard.readout(request.backward, self._rpc.limits, self._d["value"], backward=True)
             session = self._session(request.at.session)
             rb = request.backward
             mask, ids, weights = wire.readout_entries_from_proto(rb, self._device)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 class FastRemoteShard:
     def __init__(self, remote, token: str, config: ClientConfig = ClientConfig()):
         self.remote = remote
-        self.path = open_path(remote.address, token, config)
+        self.path = open_path(remote.address, token, config, getattr(remote, "_tls", None))   # the gRPC side's TLS too
 
     def __getattr__(self, name):
         return getattr(self.remote, name)

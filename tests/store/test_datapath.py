@@ -164,7 +164,7 @@ class _Client:
     def params(self, client):
         return {"want": "rows"}
 
-    def connect(self, params, *, shard_id, address, timeout_s):
+    def connect(self, params, *, shard_id, address, timeout_s, metadata=(), tls=None):
         if _Client.fail:
             raise ConnectionError("refused")
         return _InProcessPath(_TICKETS.pop(params["ticket"]), shard_id, address)
@@ -211,9 +211,12 @@ def test_fallback_to_grpc_when_the_fast_path_cannot_connect_and_handles_need_cre
         assert torch.equal(remote.fetch(torch.arange(90)), Table.open(root, version).fetch(torch.arange(90)))
     assert [s.data_path_kind for s in remote.shards] == ["grpc"] * 2 and "refused" in caplog.text
     _Client.fail = False
-    stranger = _remote(root, servers, admin_token="wrong", data_paths=("test_inprocess",))
-    with pytest.raises(errors.Unauthenticated):
-        stranger.fetch(torch.arange(3))
+    with pytest.raises(errors.Unauthenticated):   # every call needs a token now (auth.py), the first one too
+        _remote(root, servers, admin_token="wrong", data_paths=("test_inprocess",)).fetch(torch.arange(3))
+    shard = _remote(root, servers, admin_token=TOKEN).shards[0]
+    shard._md = ((wire.MD_AUTHORIZATION, wire.bearer("wrong")),)
+    with pytest.raises(errors.Unauthenticated):   # and OpenDataPath, which hands out the handles
+        shard._call(shard._store.OpenDataPath, pb.OpenDataPathRequest(kinds=["test_inprocess"]))
 
 
 def test_open_data_path_bounds_its_request(seam):

@@ -211,8 +211,8 @@ def _bad_requests(env):
         "value-grads-out-of-range": (s.AccumulateValueGrads, pb.AccumulateValueGradsRequest(
             ids=_t(torch.tensor([76])), grads=_t(torch.zeros(1, D_V))), IA, "ids"),
         "fetch-out-dtype": (s.Fetch, pb.FetchRequest(ids=_t(torch.tensor([0])), out_dtype="int8"), IA, "out_dtype"),
-        "end-step-future": (s.EndStep, pb.EndStepRequest(step=5, num_workers=1), IA, "step"),
-        "end-step-worker": (s.EndStep, pb.EndStepRequest(step=0, worker=3, num_workers=2), IA, "worker"),
+        "end-step-future": (s.EndStep, pb.EndStepRequest(step=5, num_workers=1, timeout_s=5), IA, "step"),
+        "end-step-worker": (s.EndStep, pb.EndStepRequest(step=0, worker=3, num_workers=2, timeout_s=5), IA, "worker"),
         "add-rows-nan": (a.AddRows, pb.AddRowsRequest(values=_t(torch.full((2, D_V), float("nan"))),
                                                       keys=_t(torch.zeros(2, D_K))), IA, "values"),
         "add-rows-bias-shape": (a.AddRows, pb.AddRowsRequest(values=_t(torch.zeros(2, D_V)), keys=_t(torch.zeros(2, D_K)),
@@ -228,7 +228,7 @@ def _bad_requests(env):
         "ablate-padding-id": (a.SetAblated, pb.SetFlagRequest(ids=_t(torch.tensor([-1])), value=True), IA, "ids"),
         "search-unknown-version": (s.Search, pb.SearchRequest(version=99, queries=_t(q), k=4),
                                    grpc.StatusCode.FAILED_PRECONDITION, None),
-        "prepare-unknown-version": (a.PrepareVersion, pb.PrepareVersionRequest(store_root=env["root"], version=99),
+        "prepare-unknown-version": (a.PrepareVersion, pb.PrepareVersionRequest(store_root="", version=99),
                                     grpc.StatusCode.NOT_FOUND, None),
         "flip-unprepared-version": (a.FlipVersion, pb.FlipVersionRequest(version=99),
                                     grpc.StatusCode.NOT_FOUND, None),
@@ -307,15 +307,15 @@ def test_oversized_message_is_refused_before_the_shard(env):
     err = _expect(env, env["store"].Search, pb.SearchRequest(queries=_t(big), k=4),
                   grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert "larger than max" in err.details()
-    shard = RemoteShard(env["server"].address, retries=0)
-    with pytest.raises(errors.InvalidArgument) as info:
+    shard = RemoteShard(env["server"].address, admin_token=TOKEN, retries=0)
+    with pytest.raises(errors.ResourceExhausted) as info:
         shard.search(big, 4)
-    assert info.value.field == "request" and "too large" in str(info.value)
+    assert info.value.limit == "max_message_mb" and "larger than max" in str(info.value)
     shard.close()
 
 
 def test_client_maps_codes_back_to_domain_errors(env):
-    shard = RemoteShard(env["server"].address, admin_token=TOKEN, retries=0)
+    shard = RemoteShard(env["server"].address, admin_token=TOKEN, retries=0, store_root=env["root"])
     with pytest.raises(errors.InvalidArgument) as info:
         shard.search(NAN_Q, 4)
     assert info.value.field == "queries" and "NaN" in str(info.value)
@@ -348,7 +348,7 @@ def test_retried_add_rows_is_applied_once(tmp_path):
         first = wire.from_proto(admin.AddRows(req, metadata=AUTH).ids, "ids", ids=True)
         again = wire.from_proto(admin.AddRows(req, metadata=AUTH).ids, "ids", ids=True)
         assert torch.equal(first, torch.tensor([10, 11])) and torch.equal(first, again)
-        assert RemoteShard(server.address).describe().info.row_end == 12
+        assert RemoteShard(server.address, token=TOKEN).describe().info.row_end == 12
 
 
 def _free_port() -> int:
@@ -364,7 +364,7 @@ def test_unavailable_is_retried_until_the_server_is_up():
     timer = threading.Timer(0.6, lambda: started.append(serve_shard(Shard(cfg), port, admin_token=TOKEN)))
     timer.start()
     try:
-        shard = RemoteShard(f"127.0.0.1:{port}", timeout_s=15, retries=12, backoff_s=0.05)
+        shard = RemoteShard(f"127.0.0.1:{port}", token=TOKEN, timeout_s=15, retries=12, backoff_s=0.05)
         assert shard.fetch(torch.tensor([3])).shape == (1, D_V)
         shard.close()
     finally:
@@ -408,9 +408,9 @@ def test_reflection_lists_and_describes_the_services(env):
 
 def test_metrics_endpoint_serves_counters(env):
     store = env["store"]
-    store.Search(pb.SearchRequest(queries=_t(torch.randn(4, D_K)), k=3), timeout=5)
+    store.Search(pb.SearchRequest(queries=_t(torch.randn(4, D_K)), k=3), timeout=5, metadata=AUTH)
     with pytest.raises(grpc.RpcError):
-        store.Search(pb.SearchRequest(queries=_t(NAN_Q), k=3), timeout=5)
+        store.Search(pb.SearchRequest(queries=_t(NAN_Q), k=3), timeout=5, metadata=AUTH)
     port = env["server"].metrics_port
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'kstore_requests_total{code="OK",method="Search"}' in text
@@ -450,7 +450,7 @@ def test_cuda_server_device_overrides_the_published_device(tmp_path):
     version = gpu.snapshot()
     proc = start_shard_process(str(tmp_path), version, 0, admin_token=TOKEN, extra_args=["--device", "cpu"])
     try:
-        remote = connect([proc.address])
+        remote = connect([proc.address], admin_token=TOKEN)
         ids = torch.randint(0, 40, (5, 3))
         w = torch.rand(5, 3)
         torch.testing.assert_close(remote.readout(ids, w), gpu.readout(ids.cuda(), w.cuda()).cpu())

@@ -102,7 +102,7 @@ def test_hot_swap_under_load_never_fails_and_never_mixes_versions(tmp_path):
                 else:
                     seen[v] += 1
 
-    clients = [connect(addresses, timeout_s=30) for _ in range(2)]
+    clients = [connect(addresses, token=TOKEN, timeout_s=30) for _ in range(2)]
     threads = [threading.Thread(target=hammer, args=(clients[w % 2], w)) for w in range(4)]
     try:
         for t in threads:

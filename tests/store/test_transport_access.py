@@ -77,8 +77,12 @@ def test_unknown_sessions_and_bad_placements_change_nothing(served):
     grads = pb.PlacedTensor(dtype="float32", shape=[4, 16])
     bad_session = pb.PlacedGradsRequest(at=pb.Placement(session="f" * 32, capacity=256), kind="value",
                                         request_id="x", ids=ids, grads=grads)
-    with pytest.raises(grpc.RpcError) as err:
+    md = ((wire.MD_AUTHORIZATION, wire.bearer(TOKEN)),)
+    with pytest.raises(grpc.RpcError) as err:      # a session id is not enough: each call needs its role too
         stub.PushGrads(bad_session, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PushGrads(bad_session, timeout=10, metadata=md)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     session = _open(stub).session
     for at in (pb.Placement(session=session, offset=(1 << 16) - 64, capacity=256),   # past the end
@@ -86,7 +90,7 @@ def test_unknown_sessions_and_bad_placements_change_nothing(served):
                pb.Placement(session=session, offset=0, capacity=16)):                # too small
         req = pb.PlacedGradsRequest(at=at, kind="value", request_id="y", ids=ids, grads=grads)
         with pytest.raises(grpc.RpcError) as err:
-            stub.PushGrads(req, timeout=10)
+            stub.PushGrads(req, timeout=10, metadata=md)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert dict(err.value.trailing_metadata())[wire.MD_FIELD] == "at"
     shard.end_step(0)
