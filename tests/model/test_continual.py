@@ -440,11 +440,12 @@ def test_migrate_moves_the_detectors_of_a_format1_version_to_their_partition(leg
 
 def test_a_format1_checkpoint_is_migrated_when_loaded_and_answers_as_before(legacy_v1):
     """Loading the pre-restructure learned checkpoint migrates its store version on the way
-    and gives that code's logits bitwise, and its answers."""
+    and gives that code's logits (to float rounding: the fixture was written on an Intel host,
+    whose BLAS kernels round differently from an AMD one's) and its answers."""
     expected = torch.load(legacy_v1 / "expected.pt", weights_only=False)
     model, tok, meta = load_for_inference(legacy_v1 / "checkpoint")
     assert not needs_migration(meta["store_root"], meta["table_version"])
     assert model.tables()[0].info().partition_rows == {DETECTOR_PARTITION: expected["detector_rows"]}
     with torch.no_grad():
-        assert torch.equal(model(expected["inputs"])[0], expected["logits"])
+        torch.testing.assert_close(model(expected["inputs"])[0], expected["logits"], rtol=1e-4, atol=1e-4)
     assert generate_fn(model, tok)(expected["prompts"], 6) == expected["answers"]
