@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import ray
 
+from model_worker.provenance import provenance
+
 from .config import ClusterConfig
 from .launch import StoreCluster
 from .worker_actor import WorkerActor, follow_training
@@ -212,6 +214,7 @@ def run_demo(steps: int | None = None, store_root: str = "runs/demo", num_shards
     # what else ran: on a shared machine the wall time says as much about the load as the demo
     s["machine"] = {"cpus": os.cpu_count(), "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start))}
+    s["provenance"] = provenance()   # commit, command, machine, date: where this summary came from
     _summary_table(s)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "summary.json"), "w") as f:
