@@ -215,6 +215,9 @@ def run_demo(steps: int | None = None, store_root: str = "runs/demo", num_shards
     s["machine"] = {"cpus": os.cpu_count(), "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0],
                     "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t_start))}
     s["provenance"] = provenance()   # commit, command, machine, date: where this summary came from
+    s["headline"] = {k: s.get(k) for k in ("known_answers", "asked", "ablation_changed_answer",
+                                           "others_unchanged_by_ablation", "swap_restored_answer",
+                                           "learned_facts_answered", "learned_facts", "seconds")}
     _summary_table(s)
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "summary.json"), "w") as f:

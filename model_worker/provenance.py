@@ -71,8 +71,11 @@ def provenance(argv: Sequence[str] | None = None, device: str = "cpu") -> dict:
         # The tree was copied to this machine with a `.git` that is not its own (the GPU
         # machine gets the session's checkout): the sender names the commit the tree is, and
         # what git says here is kept beside it.
+        # The sender vouches that the tree is that commit, clean (it names the full hash).
+        if len(source) != 40:
+            raise ValueError(f"{SOURCE_COMMIT_ENV} must hold a full 40-character commit hash, got {source!r}")
         out.update(commit=source, commit_from=SOURCE_COMMIT_ENV, git_here={"commit": out["commit"], "dirty": out["dirty"]},
-                   dirty=None)
+                   dirty=False)
     return out
 
 
