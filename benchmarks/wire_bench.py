@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import math
 import secrets
+import shlex
 import statistics
 import sys
 import tempfile
@@ -71,28 +72,14 @@ def _gbps(nbytes: int, ms: dict) -> dict:
     return {k: nbytes / (ms[k] / 1e3) / 1e9 for k in ("median", "min", "max")}
 
 
-def provenance_of(args, device: str) -> dict:
-    """benchmarks.common.provenance when it exists (issue 24), else the same fields here."""
-    try:
-        from benchmarks.common import provenance
-        return provenance(sys.argv[1:], device=device)
-    except ImportError:
-        import os
-        import platform
-        import subprocess
-        from datetime import datetime, timezone
-
-        from benchmarks.common import cpu_model
-        root = Path(__file__).resolve().parents[1]
-
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-        return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain")),
-                "command": "python -m benchmarks.wire_bench " + " ".join(sys.argv[1:]),
-                "machine": {"cpu_model": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-                            "hostname": platform.node()},
-                "date": datetime.now(timezone.utc).isoformat(), "device": device,
-                "python": platform.python_version(), "torch": torch.__version__}
+def provenance_of(argv: list[str] | None, device: str) -> dict:
+    """benchmarks.common.provenance; called as a function with its own argv (a test), the
+    command is this script with that argv, not the caller's command line."""
+    from benchmarks.common import provenance
+    out = provenance(argv, device=device)
+    if argv is not None:
+        out["command"] = shlex.join(["python", "benchmarks/wire_bench.py", *argv])
+    return out
 
 
 def device_name(device: str) -> str:
@@ -271,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(f"unknown phases {sorted(unknown)}")
 
     dev = device_name(args.device)
-    result: dict = {"benchmark": "wire_bench", "device": dev, "provenance": provenance_of(args, dev),
+    result: dict = {"benchmark": "wire_bench", "device": dev, "provenance": provenance_of(argv, dev),
                     "config": vars(args), "tls": tls_note()}
     if phases & {"fetch", "search", "readout"}:
         with tempfile.TemporaryDirectory() as d:
