@@ -122,9 +122,12 @@ def test_generate_without_a_cluster_answers_as_the_module_does(tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_up_leaves_nothing_running(tmp_path):
-    (tmp_path / "blocked").write_text("a file where the store root should be")
+    # The store root takes the cluster's token file, but a file stands where the store stages
+    # its first version: the Ray head is up by the time the store fails.
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "staging").write_text("a file where the staging directory should be")
     cfg = tmp_path / "c.toml"
-    cfg.write_text(f'store_root = "{tmp_path / "blocked" / "store"}"\n')
+    cfg.write_text(f'store_root = "{tmp_path / "store"}"\n')
     out = _kstore("up", "--config", str(cfg), cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     pid = int(re.search(r"\(pid (\d+)\)", out.stdout).group(1))     # the head started, then the store failed
