@@ -146,7 +146,10 @@ def test_throughput_compares_readout_modes_side_by_side(tmp_path):
         assert len(r["remote_over_local_per_repeat"]) == 3 and len(r["repeats"]) == 2
         assert r["remote_over_local"] == sorted(r["remote_over_local_per_repeat"])[1]
     assert set(modes) == {"pushdown", "fetch"} and out["readout"] in modes
-    assert out["remote"]["tokens_per_s"] == max(m["remote_tokens_per_s"] for m in modes.values())
+    # the headline mode is the one whose remote runs have the highest median tokens/s (the
+    # representative pair's own run, out["remote"], need not be that median)
+    runs = {m: out if m == out["readout"] else out["runs_by_readout"][m] for m in modes}
+    assert out["readout"] == max(modes, key=lambda m: runs[m]["remote_tokens_per_s_median"])
     fetch = out if out["readout"] == "fetch" else out["runs_by_readout"]["fetch"]
     assert fetch["max_rel_loss_diff"] < 1e-5 and modes["fetch"]["local_tokens_per_s"] > 0
     calls = fetch["remote"]["calls_per_step"]
