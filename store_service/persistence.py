@@ -343,7 +343,7 @@ def staged_version(store_root: str, version: int):
         yield stage
         fsync_tree(stage)
         os.rename(stage, version_path(store_root, version))  # fails if the target exists
-        _fsync_dir(os.path.join(store_root, "versions"))     # the rename itself, durable
+        fsync_dir(os.path.join(store_root, "versions"))     # the rename itself, durable
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -358,7 +358,8 @@ def fsync_tree(path: str) -> None:
     chunk_io.fsync_files(files + dirs)   # all before the publishing rename, so in any order
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a rename into it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from . import errors
+from . import errors, persistence
 from .config import partition_rows, segments_from_json
 from .interface import SEGMENT_PRODUCT
 from .optimizer import FLAT_STATE_ARRAYS, ROW_STATE_ARRAYS
@@ -258,17 +258,10 @@ def rewrite_version(store_root: str, version: int, edit: Callable[[ShardData], S
             os.rename(path, aside)
             os.rename(stage, path)
             stage = aside
-        _fsync_dir(os.path.dirname(path))   # the exchange itself, durable
+        persistence.fsync_dir(os.path.dirname(path))   # the exchange itself, durable
     finally:
         shutil.rmtree(stage, ignore_errors=True)   # the old version, or a failed new one
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _exchange(a: str, b: str) -> bool:
