@@ -74,6 +74,8 @@ class Shard:
         # where this shard serves from; a swap of a GPU shard stages the new version on the
         # host (None: when home is a GPU), so the GPU never holds two full copies
         self._home = serving.device
+        # host rows stay page-locked (or not) across swaps, whatever the version was published with
+        self._home_pinned = bool(serving.config.pin_memory)
         self.stage_swaps_on_host: bool | None = None
         self._staged: dict[int, torch.device] = {}   # id(state) -> device it settles on
         self._pending: dict[int, ShardState] = {}
@@ -117,7 +119,7 @@ class Shard:
         if stage:
             st = load_state(store_root, version, self.shard_id, "cpu", pin_memory=False)
         else:
-            st = load_state(store_root, version, self.shard_id, str(self._home))
+            st = load_state(store_root, version, self.shard_id, str(self._home), self._home_pinned)
         with self._vlock:
             self._pending[version] = st
             if stage:
