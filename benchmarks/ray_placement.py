@@ -28,6 +28,7 @@ Writes benchmarks/results/ray_placement.json (--out).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -213,6 +214,7 @@ def publish(args, store_root: str, device: str) -> dict:
     snapshot_s = time.perf_counter() - t0
     table.close()
     del table
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()   # the shard actors need the GPU memory, not this process
     vbytes = dir_bytes(os.path.join(store_root))
@@ -255,7 +257,8 @@ def run(args) -> dict:
     work = tempfile.mkdtemp(prefix="kr-", dir="/tmp")   # short: Ray's socket paths live under it
     store_root = args.store_root or os.path.join(work, "store")
     os.makedirs(store_root, exist_ok=True)
-    result: dict = {"rows": None, "d_k": args.d_k, "d_v": args.d_v, "value_dtype": "bfloat16",
+    result: dict = {"device": f"cuda: {torch.cuda.get_device_name()}" if device.startswith("cuda") else "cpu",
+                    "rows": None, "d_k": args.d_k, "d_v": args.d_v, "value_dtype": "bfloat16",
                     "placement_flag": args.placement_spec, "client_threads": args.clients, "k": K,
                     "queries_per_call": args.queries, "probe_rows": args.probe_rows}
     # the shard actors import the project from here, whatever the working directory
@@ -266,7 +269,8 @@ def run(args) -> dict:
         result["rows"] = result["publish"]["rows"]
         t0 = time.perf_counter()
         ray.init(namespace=NAMESPACE, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-                 num_cpus=args.ray_cpus, object_store_memory=args.object_store_mb * 2 ** 20,
+                 num_cpus=args.ray_cpus, num_gpus=torch.cuda.device_count() if cuda else 0,
+                 object_store_memory=args.object_store_mb * 2 ** 20,
                  _temp_dir=os.path.join(work, "ray"))
         result["ray"] = {"version": ray.__version__, "init_s": time.perf_counter() - t0,
                          "resources": ray.cluster_resources()}
@@ -317,6 +321,11 @@ def run(args) -> dict:
                 log(f"swap to version {target}: {sec:.1f} s, {d['calls']} calls during "
                     f"({d['failed']} failed, {d['mixed']} mixed), then {d2['calls']} calls ({d2['mixed']} mixed)")
             phases["swaps"] = swaps
+            # the swaps loaded versions written by other tables (the base: this process, on --device):
+            # every shard must still be where its config put it (host rows pinned where CUDA exists)
+            result["shards_after_swaps"] = check_devices(cluster.status(), cfg, cuda)
+            log(f"after the swaps: devices {[s['device'] for s in result['shards_after_swaps']]}, pinned "
+                f"{[s['pinned'] for s in result['shards_after_swaps']]}")
             phases["scale"] = scale(args, cluster, load, store_root, base, cuda)
             if "seconds" in phases["scale"]:
                 phases["steady_after"] = during(load, lambda: time.sleep(args.seconds))[2]
@@ -363,7 +372,9 @@ def headline(result: dict) -> dict:
         "rows": result["rows"],
         "shards": [{k: s[k] for k in ("placement", "device", "pinned", "rows", "value_bytes", "optimizer_bytes")}
                    for s in result["shards"]],
-        "status_devices_match_placement": True,   # check_devices raised otherwise
+        "status_devices_match_placement": True,   # check_devices raised otherwise (after the swaps too)
+        "devices_after_swaps": [s["device"] for s in result["shards_after_swaps"]],
+        "pinned_after_swaps": [s["pinned"] for s in result["shards_after_swaps"]],
         "create_s": result["publish"]["create_s"],
         "publish_snapshot_s": result["publish"]["snapshot_s"],
         "start_s": result["start_s"],

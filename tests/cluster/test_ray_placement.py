@@ -57,6 +57,8 @@ def test_ray_placement_end_to_end_on_cpu(tmp_path):
     cli = written["kstore_status"]
     assert [s["device"] for s in cli["shards"]] == ["cpu", "cpu"]
     assert [s["memory"]["rows"] for s in cli["output"]["shards"]] == [2048, 2048]
+    assert h["devices_after_swaps"] == ["cpu", "cpu"] and h["pinned_after_swaps"] == [False, False]
+    assert written["device"] == "cpu"
     ph = written["phases"]
     assert [s["to_version"] for s in ph["swaps"]] == [2, 1, 2] and all(s["during"]["calls"] > 0 for s in ph["swaps"])
     assert h["scale_s"] > 0 and h["scale_skipped"] is None
