@@ -288,11 +288,15 @@ def run(args) -> dict:
                 f"optimizer {s['optimizer_bytes'] / 1e6:.1f} MB")
         if args.cli_status:
             t0 = time.perf_counter()
-            cli = cli_status(store_root, cfg, ray.get_runtime_context().gcs_address, work)
-            result["kstore_status"] = {"seconds": time.perf_counter() - t0, "output": cli,
-                                       "shards": check_devices(cli, cfg, cuda)}
-            log(f"`kstore status` (second process) agrees: devices "
-                f"{[s['device'] for s in result['kstore_status']['shards']]}")
+            try:   # recorded, not fatal: the run goes on to the swaps and the scale
+                cli = cli_status(store_root, cfg, ray.get_runtime_context().gcs_address, work)
+                result["kstore_status"] = {"seconds": time.perf_counter() - t0, "output": cli,
+                                           "shards": check_devices(cli, cfg, cuda)}
+                log(f"`kstore status` (second process) agrees: devices "
+                    f"{[s['device'] for s in result['kstore_status']['shards']]}")
+            except Exception as e:  # noqa: BLE001
+                result["kstore_status"] = {"error": repr(e)[:2000]}
+                log(f"`kstore status` failed: {e!r}"[:500])
 
         g = torch.Generator().manual_seed(1)
         probe = torch.randperm(result["rows"], generator=g)[:args.probe_rows].sort().values
@@ -326,7 +330,11 @@ def run(args) -> dict:
             result["shards_after_swaps"] = check_devices(cluster.status(), cfg, cuda)
             log(f"after the swaps: devices {[s['device'] for s in result['shards_after_swaps']]}, pinned "
                 f"{[s['pinned'] for s in result['shards_after_swaps']]}")
-            phases["scale"] = scale(args, cluster, load, store_root, base, cuda)
+            try:   # recorded, not fatal: the swaps' figures are kept
+                phases["scale"] = scale(args, cluster, load, store_root, base, cuda)
+            except Exception as e:  # noqa: BLE001
+                phases["scale"] = {"error": repr(e)[:2000]}
+                log(f"scale failed: {e!r}"[:500])
             if "seconds" in phases["scale"]:
                 phases["steady_after"] = during(load, lambda: time.sleep(args.seconds))[2]
         result["phases"] = phases
@@ -381,6 +389,8 @@ def headline(result: dict) -> dict:
         "swap_s": stats([w["seconds"] for w in ph["swaps"]]),
         "scale_s": sc.get("seconds"),
         "scale_skipped": sc.get("skipped"),
+        "scale_error": sc.get("error"),
+        "kstore_status_ok": "shards" in result.get("kstore_status", {}),
         "scaled_shards": [{k: s[k] for k in ("placement", "device", "rows")} for s in sc.get("shards", [])],
         "calls": sum(w["calls"] for w in windows),
         "failed_calls": sum(w["failed"] for w in windows),

@@ -61,7 +61,7 @@ def test_ray_placement_end_to_end_on_cpu(tmp_path):
     assert written["device"] == "cpu"
     ph = written["phases"]
     assert [s["to_version"] for s in ph["swaps"]] == [2, 1, 2] and all(s["during"]["calls"] > 0 for s in ph["swaps"])
-    assert h["scale_s"] > 0 and h["scale_skipped"] is None
+    assert h["kstore_status_ok"] and h["scale_s"] > 0 and h["scale_skipped"] is None and h["scale_error"] is None
     assert [s["rows"] for s in h["scaled_shards"]] == [1344, 1408, 1344]
     assert h["calls"] > 0 and h["failed_calls"] == 0 and h["mixed_answers"] == 0, written["errors"]
     assert written["final_status"]["shards"][0]["version"] == ph["scale"]["version"]
