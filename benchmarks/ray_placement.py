@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 
 import torch
 
@@ -243,7 +244,7 @@ def stats(xs: list[float]) -> dict:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def run(args) -> dict:
+def run(args, result: dict) -> dict:
     import ray
 
     from cluster.launch import StoreCluster
@@ -257,10 +258,10 @@ def run(args) -> dict:
     work = tempfile.mkdtemp(prefix="kr-", dir="/tmp")   # short: Ray's socket paths live under it
     store_root = args.store_root or os.path.join(work, "store")
     os.makedirs(store_root, exist_ok=True)
-    result: dict = {"device": f"cuda: {torch.cuda.get_device_name()}" if device.startswith("cuda") else "cpu",
+    result.update({"device": f"cuda: {torch.cuda.get_device_name()}" if device.startswith("cuda") else "cpu",
                     "rows": None, "d_k": args.d_k, "d_v": args.d_v, "value_dtype": "bfloat16",
                     "placement_flag": args.placement_spec, "client_threads": args.clients, "k": K,
-                    "queries_per_call": args.queries, "probe_rows": args.probe_rows}
+                    "queries_per_call": args.queries, "probe_rows": args.probe_rows})
     # the shard actors import the project from here, whatever the working directory
     os.environ["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p])
     cluster = None
@@ -306,6 +307,7 @@ def run(args) -> dict:
         log(f"edited version {edited} (a delta over {base}: {probe.numel()} probe rows changed)")
 
         phases: dict = {}
+        result["phases"] = phases
         with Load(cluster, queries, probe, args.clients) as load:
             load.set_allowed([after])
             phases["steady"] = during(load, lambda: time.sleep(args.seconds))[2]
@@ -324,6 +326,7 @@ def run(args) -> dict:
                 swaps.append({"to_version": target, "serving": serving, "seconds": sec, "during": d, "after": d2})
                 log(f"swap to version {target}: {sec:.1f} s, {d['calls']} calls during "
                     f"({d['failed']} failed, {d['mixed']} mixed), then {d2['calls']} calls ({d2['mixed']} mixed)")
+                phases["swaps"] = swaps   # kept as they come: a later failure still reports these
             phases["swaps"] = swaps
             # the swaps loaded versions written by other tables (the base: this process, on --device):
             # every shard must still be where its config put it (host rows pinned where CUDA exists)
@@ -432,9 +435,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     args.placement = parse_placement(args.placement_spec)
     args.n_sub = parse_rows(args.rows)[1]     # product rows: n_sub^2 (16M: 4096^2)
-    result = run(args)
-    result["headline"] = headline(result)
-    return write_result(args.out, result, argv=sys.argv[1:] if argv is None else argv, device=args.device)
+    result: dict = {}
+    try:
+        run(args, result)
+    except Exception:  # noqa: BLE001 - a GPU run is one shot: what was measured is written, then it fails
+        result["error"] = traceback.format_exc()[-6000:]
+        log("failed:\n" + result["error"])
+    try:
+        result["headline"] = headline(result)
+    except Exception:  # noqa: BLE001 - a run that stopped early has a partial result
+        result["headline"] = {"error": (result.get("error") or traceback.format_exc())[-600:],
+                              "rows": result.get("rows"), "shards": result.get("shards")}
+    written = write_result(args.out, result, argv=sys.argv[1:] if argv is None else argv, device=args.device)
+    if "error" in result:
+        raise SystemExit(f"ray_placement failed; what it measured is in {args.out}")
+    return written
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ from .shard_actor import ShardActor, latest_version_with_layout
 
 log = logging.getLogger(__name__)
 
+# Deadline of each call a scale or swap makes to a shard: a shard preparing a version reads and
+# places its whole share of the table (8.6 GB per shard of a 16M x 1024 bf16 table over 4 shards,
+# tens of seconds from a cold disk), and a scale's snapshot writes it; a client's 30 s would fail them.
+ADMIN_TIMEOUT_S = 600.0
+
 
 _owns_ray = False
 
@@ -176,7 +181,7 @@ class StoreCluster:
         Returns the new version."""
         if num_shards < 1:
             raise ValueError(f"num_shards must be >= 1, got {num_shards}")
-        table = self.table()
+        table = self.table(timeout_s=ADMIN_TIMEOUT_S)
         try:
             version = table.snapshot()
         finally:
@@ -214,7 +219,7 @@ class StoreCluster:
         elif held != m.num_shards:
             # the serving actors keep their number: the version's rows are re-partitioned onto them
             version = versions.repartition(self.config.store_root, version, m.num_shards)
-        table = self.table()
+        table = self.table(timeout_s=ADMIN_TIMEOUT_S)
         try:
             table.load_version(version)
         finally:

@@ -65,3 +65,15 @@ def test_ray_placement_end_to_end_on_cpu(tmp_path):
     assert [s["rows"] for s in h["scaled_shards"]] == [1344, 1408, 1344]
     assert h["calls"] > 0 and h["failed_calls"] == 0 and h["mixed_answers"] == 0, written["errors"]
     assert written["final_status"]["shards"][0]["version"] == ph["scale"]["version"]
+
+
+def test_a_failed_run_still_writes_what_it_has(tmp_path, monkeypatch):
+    def broken(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(ray_placement, "publish", broken)
+    out = tmp_path / "rp.json"
+    with pytest.raises(SystemExit, match="ray_placement failed"):
+        ray_placement.main(["--device", "cpu", "--rows", "4096", "--placement", "host", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert "disk full" in written["error"] and "disk full" in written["headline"]["error"]
+    assert written["provenance"]["device"] == "cpu"
