@@ -110,6 +110,23 @@ def check_devices(status: dict, cfg, cuda: bool) -> list[dict]:
     return rows
 
 
+def machine_memory() -> dict:
+    """Machine-wide memory in use (GB): the GPU's (every process; this one's CUDA context too)
+    and the host's (MemTotal - MemAvailable: page cache not counted)."""
+    out = {}
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        out["gpu_used_gb"], out["gpu_total_gb"] = (total - free) / 1e9, total / 1e9
+    try:
+        with open("/proc/meminfo") as f:
+            kb = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        out["host_used_gb"] = (kb["MemTotal"] - kb["MemAvailable"]) * 1024 / 1e9
+        out["host_total_gb"] = kb["MemTotal"] * 1024 / 1e9
+    except (OSError, KeyError, ValueError):
+        pass
+    return out
+
+
 def cli_status(store_root: str, cfg, ray_address: str, workdir: str) -> dict:
     """`kstore status` in a second process, against this cluster (a state file as `kstore up`
     writes, naming the Ray address): the JSON it prints."""
@@ -283,6 +300,8 @@ def run(args, result: dict) -> dict:
         log(f"{len(args.placement)} shard actors serving in {result['start_s']:.1f} s")
         status = cluster.status()
         result["shards"] = check_devices(status, cfg, cuda)
+        result["memory_serving"] = machine_memory()
+        log(f"machine memory in use: {result['memory_serving']}")
         for s in result["shards"]:
             log(f"  shard {s['shard']}: {s['placement']} -> {s['device']} (pinned {s['pinned']}, GPUs "
                 f"{s['gpu_ids']}) {s['rows']:,} rows, values {s['value_bytes'] / 1e9:.2f} GB, "
@@ -386,6 +405,7 @@ def headline(result: dict) -> dict:
         "status_devices_match_placement": True,   # check_devices raised otherwise (after the swaps too)
         "devices_after_swaps": [s["device"] for s in result["shards_after_swaps"]],
         "pinned_after_swaps": [s["pinned"] for s in result["shards_after_swaps"]],
+        "machine_memory_serving": result["memory_serving"],
         "create_s": result["publish"]["create_s"],
         "publish_snapshot_s": result["publish"]["snapshot_s"],
         "start_s": result["start_s"],
