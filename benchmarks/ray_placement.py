@@ -163,9 +163,11 @@ class Load:
         res = table.search(self.queries, K)
         ids = res.ids[res.ids >= 0].unique()
         table.fetch(ids)
+        with self._lock:
+            allowed = self.allowed   # what a fetch starting now may return (narrowed once a swap is done)
         got = table.fetch(self.probe)
         with self._lock:
-            allowed = self.allowed
+            allowed = allowed + self.allowed
         return ids.numel() + self.probe.numel(), not any(torch.equal(got, a) for a in allowed)
 
     def _run(self) -> None:
@@ -328,6 +330,7 @@ def run(args, result: dict) -> dict:
         phases: dict = {}
         result["phases"] = phases
         with Load(cluster, queries, probe, args.clients) as load:
+            result["errors"] = load.errors   # live: kept if the run stops early (trimmed when written)
             load.set_allowed([after])
             phases["steady"] = during(load, lambda: time.sleep(args.seconds))[2]
             log(f"steady: {phases['steady']['qps']:.1f} calls/s from {args.clients} threads")
@@ -346,7 +349,6 @@ def run(args, result: dict) -> dict:
                 log(f"swap to version {target}: {sec:.1f} s, {d['calls']} calls during "
                     f"({d['failed']} failed, {d['mixed']} mixed), then {d2['calls']} calls ({d2['mixed']} mixed)")
                 phases["swaps"] = swaps   # kept as they come: a later failure still reports these
-            phases["swaps"] = swaps
             # the swaps loaded versions written by other tables (the base: this process, on --device):
             # every shard must still be where its config put it (host rows pinned where CUDA exists)
             result["shards_after_swaps"] = check_devices(cluster.status(), cfg, cuda)
@@ -359,8 +361,6 @@ def run(args, result: dict) -> dict:
                 log(f"scale failed: {e!r}"[:500])
             if "seconds" in phases["scale"]:
                 phases["steady_after"] = during(load, lambda: time.sleep(args.seconds))[2]
-        result["phases"] = phases
-        result["errors"] = load.errors[:10]
         result["final_status"] = cluster.status()
     finally:
         if cluster is not None:
@@ -461,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict:
     except Exception:  # noqa: BLE001 - a GPU run is one shot: what was measured is written, then it fails
         result["error"] = traceback.format_exc()[-6000:]
         log("failed:\n" + result["error"])
+    result["errors"] = result.get("errors", [])[:10]
     try:
         result["headline"] = headline(result)
     except Exception:  # noqa: BLE001 - a run that stopped early has a partial result
