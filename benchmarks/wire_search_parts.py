@@ -8,13 +8,18 @@ wire_bench's search phase beside the end-to-end figures:
 - rpc_1_query: a remote search of one query: the fixed cost of a round trip (both processes'
   gRPC threads, HTTP/2 framing, the loopback).
 - shard_call: RemoteShard.search alone (no Table around it: no query check, no merge).
+- client_gc: the collector's pauses in this process during search_reps remote searches
+  (the shard server process freezes its startup heap, store_service/serve.py).
 - protobuf: the same server asked the way the client asked before (the generated stub, a
   protobuf-encoded SearchRequest with the queries as a bytes field, the answer parsed by
   protobuf and converted by wire.search_result_from_proto): the client-side before/after.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -70,8 +75,34 @@ def remote_parts(table, open_table, queries: torch.Tensor, args) -> dict:
         r = stub.Search(req, timeout=120, metadata=md)
         res = wire.search_result_from_proto(r, (), False)
         return res.ids.to(queries.device), res.scores.to(queries.device)
-    out = {"rpc_1_query": _timed(lambda: table.search(queries[:1], 32), args),
+    with gc_pauses() as pauses:
+        for _ in range(args.search_reps):
+            table.search(queries, 32)
+    out = {"client_gc": pauses,
+           "rpc_1_query": _timed(lambda: table.search(queries[:1], 32), args),
            "shard_call": _timed(lambda: shard.search(queries, 32), args),
            "protobuf": _timed(protobuf, args)}
-    print("search parts (remote): " + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in out.items()), flush=True)
+    print("search parts (remote): " + ", ".join(f"{k} {v['median']:.2f} ms" for k, v in out.items()
+                                                if "median" in v) + f"; client gc {pauses}", flush=True)
     return out
+
+
+@contextlib.contextmanager
+def gc_pauses():
+    """{collections per generation, total and longest pause in ms} while the block runs."""
+    out = {"collections": {0: 0, 1: 0, 2: 0}, "ms": 0.0, "max_ms": 0.0}
+    started = [0.0]
+
+    def watch(phase, info):
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - started[0]) * 1e3
+            out["collections"][info["generation"]] += 1
+            out["ms"] += ms
+            out["max_ms"] = max(out["max_ms"], ms)
+    gc.callbacks.append(watch)
+    try:
+        yield out
+    finally:
+        gc.callbacks.remove(watch)

@@ -31,8 +31,13 @@ _FLOATS = ("float32",)
 
 def encode_search_request(queries: torch.Tensor, k: int, tags: Sequence[str], where: TagFilter | None,
                           side: SideQuery | None, version: int, want_keys: bool = False) -> bytes:
-    header = wire.search_request_to_proto(queries[:0], k, tags, where, side, version, want_keys)
-    header.ClearField("queries")
+    header = pb.SearchRequest(version=version, k=k, tags=list(tags), want_keys=want_keys)
+    if where is not None:
+        header.where.name = where.name
+        if where.values:
+            wire.to_proto(torch.tensor(where.values, dtype=torch.int64), header.where.values)
+    if side is not None:
+        header.side.partition, header.side.k = side.partition, side.k
     return wire_chunks.encode_with_tensors(header, [(_REQ_QUERIES, queries)])
 
 

@@ -26,7 +26,7 @@ def test_wire_bench_smoke_writes_the_headline(tmp_path):
     assert set(saved["data"]["tls"]["fetch"]) == {"1024", "10240", "65536"}
     assert saved["data"]["search"]["grpc"]["ms"]["reps"] == 3
     parts = saved["data"]["search_parts"]
-    assert {"shard_host", "encode_request", "decode_answer", "rpc_1_query", "shard_call", "protobuf"} <= set(parts)
+    assert {"shard_host", "encode_request", "decode_answer", "rpc_1_query", "shard_call", "protobuf", "client_gc"} <= set(parts)
     # Raw bytes: 256 x 32 fp32 queries up, 256 x 32 int32 ids + fp32 scores down, a few bytes of header.
     assert 0 <= parts["request_mb"] - 256 * 32 * 4 / 1e6 < 1e-4 and 0 <= parts["answer_mb"] - 256 * 32 * 8 / 1e6 < 1e-4
     data = saved["data"]
