@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from benchmarks.common import write_result  # noqa: E402
-from store_service import wire  # noqa: E402
+from protos import knowledge_store_pb2 as pb  # noqa: E402
+from store_service import wire, wire_search  # noqa: E402
 from store_service.client import connect  # noqa: E402
 from store_service.config import TableConfig  # noqa: E402
 from store_service.serve import start_shard_process  # noqa: E402
@@ -41,6 +42,23 @@ def _protobuf_search(self, queries, k, *, tags=(), where=None, side=None, want_k
     req = wire.search_request_to_proto(queries, k, tags, where, side, version, want_keys)
     r = self._call(self._store.Search, req)
     return wire.search_result_from_proto(r, tags, side is not None)
+
+
+def _codec_before(queries, res):
+    """Client encode, server decode, server encode, client decode, as before (protobuf)."""
+    raw = wire.search_request_to_proto(queries, 32, (), None, None, 0).SerializeToString()
+    q, _ = wire.search_request_from_proto(pb.SearchRequest.FromString(raw))
+    answer = wire.search_result_to_proto(res).SerializeToString()
+    return q, wire.search_result_from_proto(pb.SearchResponse.FromString(answer), (), False)
+
+
+def _codec_after(queries, res):
+    """The same four steps, raw bytes (the server's aligned copy for a CPU shard included)."""
+    raw = wire_search.encode_search_request(queries, 32, (), None, None, 0)
+    q, _ = wire_search.search_request_from_split(*wire_search.split_search_request(raw))
+    q = wire_search.aligned_for(q, torch.device("cpu"))
+    answer = wire_search.encode_search_result(res)
+    return q, wire_search.decode_search_result(answer, (), False)
 
 
 def _stats(ts: list[float]) -> dict:
@@ -90,6 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
                 got = arms[name]()
                 if not (torch.equal(got.ids, ref.ids) and torch.equal(got.scores, ref.scores)):
                     raise SystemExit(f"{name}: the remote answer differs from the in-process one")
+            # The codecs alone, both sides, in this process (no network): what each way costs on
+            # top of gRPC's own copies and the loopback.
+            arms["codec_before"] = lambda: _codec_before(queries, ref)
+            arms["codec_after"] = lambda: _codec_after(queries, ref)
             times: dict[str, list[float]] = {name: [] for name in arms}
             for i in range(args.warmup + args.reps):
                 for name, fn in arms.items():
@@ -110,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
                             "search_ms_shard_host": ms["shard_host"]["median"],
                             "before_over_after": ms["before"]["median"] / ms["after"]["median"],
                             "wire_ms_before": over["before"], "wire_ms_after": over["after"],
+                            "codec_ms_before": ms["codec_before"]["median"], "codec_ms_after": ms["codec_after"]["median"],
+                            "codec_before_over_after": ms["codec_before"]["median"] / ms["codec_after"]["median"],
                             "queries": args.queries, "k": args.k, "rows": math.isqrt(args.rows) ** 2,
                             "bitwise_equal_to_in_process": True}}
     return write_result(args.out, payload, argv)
