@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import secrets
 import shlex
 import statistics
@@ -36,6 +37,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# This process (the caller) shares the host's cores with its shard server processes. OpenMP
+# threads left spinning after each parallel region (the default) take cores a server's gRPC
+# and handler threads need, which shows as milliseconds of jitter on every remote call; idle
+# threads sleep instead (the servers do the same, store_service/serve.py). Read when the
+# OpenMP runtime starts (torch's import), so set before it; an explicit setting wins.
+_OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -309,7 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     dev = device_name(args.device)
     result: dict = {"benchmark": "wire_bench", "device": dev, "provenance": provenance_of(argv, dev),
-                    "config": vars(args), "tls": tls_note(args)}
+                    "config": vars(args), "tls": tls_note(args),
+                    "client_omp_wait_policy": {"value": os.environ.get("OMP_WAIT_POLICY"),
+                                               "set_by_this_script": _OMP_WAIT_POLICY_SET_HERE}}
     if phases & {"fetch", "search", "readout"}:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()
