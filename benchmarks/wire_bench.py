@@ -12,7 +12,10 @@ Phases (--phases, comma-separated):
   channel pool and streamed replies), and over each same-host transport registered
   (store_service/datapath.py) that the server offers.
 - readout: a pushdown readout of 4,096 x 32 entries ([4096, d_v] fp32 out), per transport.
-- search: 4,096 queries, k 32 (ids and scores; keys not asked), in process and over gRPC.
+- search: 4,096 queries, k 32 (ids and scores; keys not asked), in process and over gRPC
+  (--search-reps after --search-warmup), with where the remote time goes (`search_parts`,
+  benchmarks/wire_search_parts.py).
+- TLS (--tls, default on): the gRPC fetches and the search again over a TLS channel (`data.tls`).
 - train: benchmarks/wire_train.py (the d1024 preset, alternating in-process / remote pairs).
 - pushdown: benchmarks/wire_pushdown.py (the readout wire variants at the quality shape).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import secrets
 import shlex
 import statistics
@@ -34,6 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# This process (the caller) shares the host's cores with its shard server processes. OpenMP
+# threads left spinning after each parallel region (the default) take cores a server's gRPC
+# and handler threads need, which shows as milliseconds of jitter on every remote call; idle
+# threads sleep instead (the servers do the same, store_service/serve.py). Read when the
+# OpenMP runtime starts (torch's import), so set before it; an explicit setting wins.
+_OMP_WAIT_POLICY_SET_HERE = "OMP_WAIT_POLICY" not in os.environ and "torch" not in sys.modules
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch  # noqa: E402
 
 from store_service import datapath  # noqa: E402
@@ -42,6 +54,8 @@ from store_service.config import TableConfig  # noqa: E402
 from store_service.grpc_datapath import WireConfig  # noqa: E402
 from store_service.serve import start_shard_process  # noqa: E402
 from store_service.table import Table  # noqa: E402
+from store_service.tls import ClientTls  # noqa: E402
+from benchmarks import wire_search_parts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FETCH_SIZES = (1024, 10240, 102400)
@@ -93,20 +107,25 @@ def table_config(args) -> TableConfig:
 
 
 @contextlib.contextmanager
-def served(root: str, version: int, args, data_paths: tuple[str, ...] = ()):
+def served(root: str, version: int, args, data_paths: tuple[str, ...] = (), tls: tuple[str, str] | None = None):
     """One shard server process (rows on --device) and a function that connects a client
-    Table to it (wire_config: the gRPC path's settings; default --channels channels)."""
+    Table to it (wire_config: the gRPC path's settings; default --channels channels).
+    tls: (certificate, key) PEM files: the server serves TLS only, the client trusts that certificate."""
     token = secrets.token_hex(8)
+    tls_args = ["--tls-cert", tls[0], "--tls-key", tls[1]] if tls else []
     proc = start_shard_process(root, version, 0, admin_token=token, startup_timeout_s=300,
                                extra_args=["--device", args.device, "--torch-threads", str(args.server_threads),
-                                           *(["--data-paths", ",".join(data_paths)] if data_paths else [])])
+                                           *(["--data-paths", ",".join(data_paths)] if data_paths else []),
+                                           *tls_args])
     tables = []
 
     def open_table(wire_config: WireConfig | None = None):
         tables.append(connect([proc.address], admin_token=token, store_root=root, timeout_s=120,
                               data_paths=data_paths, device=args.device,
+                              tls=ClientTls.from_files(tls[0]) if tls else None,
                               wire_config=wire_config or WireConfig(channels=args.channels)))
         return tables[-1]
+    open_table.address, open_table.token = proc.address, token
     try:
         yield open_table
     finally:
@@ -155,13 +174,15 @@ def data_phases(args, phases: set[str], root: str, version: int) -> dict:
             nbytes = args.readout_tokens * args.d_v * 4
             out["readout"][name] = {"ms": ms, "gbps": _gbps(nbytes, ms), "out_mb": nbytes / 1e6}
             print(f"readout {name}: {ms['median']:.2f} ms", flush=True)
-        if "search" in phases and name in ("in_process", "grpc", "grpc_unary_1_channel"):
-            ms = timed_ms(lambda: table.search(queries, 32), args.reps, args.device)
+        if "search" in phases and name in ("in_process", "grpc"):
+            ms = timed_ms(lambda: table.search(queries, 32), args.search_reps, args.device, args.search_warmup)
             out["search"][name] = {"ms": ms, "queries": args.search_queries, "k": 32}
-            print(f"search {name}: {ms['median']:.2f} ms", flush=True)
+            print(f"search {name}: {ms['median']:.2f} ms ({ms['min']:.2f}-{ms['max']:.2f})", flush=True)
 
     local = Table.open(root, version, device=args.device)
     measure("in_process", local)
+    if "search" in phases:   # what a shard server does besides the wire: host queries in, host answer out
+        out["search_parts"] = wire_search_parts.local_parts(local, queries, args)
     local.close()
     del local
     if args.device.startswith("cuda"):
@@ -178,7 +199,36 @@ def data_phases(args, phases: set[str], root: str, version: int) -> dict:
                 print(f"{kind}: not offered for this pair (used {used}); skipped", flush=True)
                 continue
             measure(kind, table)
+            if kind == "grpc" and "search" in phases:
+                out["search_parts"].update(wire_search_parts.remote_parts(table, open_table, queries, args))
+    if args.tls:
+        out["tls"] = tls_arm(args, phases, root, version, fetch_ids, queries)
     return out
+
+
+def tls_arm(args, phases: set[str], root: str, version: int, fetch_ids: dict, queries: torch.Tensor) -> dict:
+    """The gRPC path's fetch and search again, over TLS (a self-signed certificate made for
+    this run; store_service/tls.py), against a server process that serves TLS only."""
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            cert = wire_search_parts.self_signed_cert(d)
+        except (OSError, RuntimeError) as exc:
+            return {"skipped": f"no certificate: {exc}"}
+        out: dict = {"fetch": {}, "search": {}}
+        with served(root, version, args, tls=cert) as open_table:
+            table = open_table()
+            row_bytes = args.d_v * 2
+            if "fetch" in phases:
+                for n, ids in fetch_ids.items():
+                    ms = timed_ms(lambda: table.fetch(ids), args.reps, args.device)
+                    out["fetch"][str(n)] = {"ms": ms, "gbps": _gbps(n * row_bytes, ms), "mb": n * row_bytes / 1e6}
+                    print(f"fetch grpc+tls {n}: {ms['median']:.2f} ms, {_gbps(n * row_bytes, ms)['median']:.2f} GB/s",
+                          flush=True)
+            if "search" in phases:
+                ms = timed_ms(lambda: table.search(queries, 32), args.search_reps, args.device, args.search_warmup)
+                out["search"] = {"ms": ms, "queries": args.search_queries, "k": 32}
+                print(f"search grpc+tls: {ms['median']:.2f} ms ({ms['min']:.2f}-{ms['max']:.2f})", flush=True)
+        return out
 
 
 def headline(result: dict) -> dict:
@@ -190,7 +240,14 @@ def headline(result: dict) -> dict:
         runs = fetch.get(name)
         return runs[max(runs, key=int)]["gbps"]["median"] if runs else None
     train = result.get("train", {})
+    tls = data.get("tls") or {}
+    tls_fetch = tls.get("fetch") or {}
     return {"fetch_gbps_same_host": big(same) if same else None,
+            "fetch_gbps_tcp_tls": tls_fetch[max(tls_fetch, key=int)]["gbps"]["median"] if tls_fetch else None,
+            "search_ms_4096_remote_tls": tls["search"]["ms"]["median"] if tls.get("search") else None,
+            "search_ms_4096_remote_min": search["grpc"]["ms"]["min"] if "grpc" in search else None,
+            "search_ms_4096_remote_max": search["grpc"]["ms"]["max"] if "grpc" in search else None,
+            "search_ms_4096_in_process": search["in_process"]["ms"]["median"] if "in_process" in search else None,
             "fetch_gbps_tcp": big("grpc"), "fetch_gbps_in_process": big("in_process"),
             "readout_gbps_same_host": readout[same]["gbps"]["median"] if same in readout else None,
             "search_ms_4096_remote": search["grpc"]["ms"]["median"] if "grpc" in search else None,
@@ -214,13 +271,11 @@ def merge_earlier(result: dict, path: str, force: bool) -> None:
     result["merged"] = {"from": path, "phases": taken, "provenance": prov}
 
 
-def tls_note() -> str:
-    import inspect
-
-    from store_service.server import serve_shard
-    if any("tls" in p or "credential" in p for p in inspect.signature(serve_shard).parameters):
-        return "TLS exists on this commit; this script does not yet measure it (figures without TLS)"
-    return "no TLS on this commit (issue 18 adds it): figures without TLS only"
+def tls_note(args) -> str:
+    if args.tls:
+        return ("plain figures without TLS; the gRPC path's fetch and search over TLS (self-signed certificate, "
+                "loopback) beside them in data.tls and the headline's *_tls keys")
+    return "figures without TLS only (--no-tls)"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -237,6 +292,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                        "(default: the same-host ones available, cuda_ipc and shm)")
     ap.add_argument("--grpc-unary", action=argparse.BooleanOptionalAction, default=True,
                     help="also measure the gRPC path as it was (one channel, unary Fetch), against the same server")
+    ap.add_argument("--search-reps", type=int, default=30, help="timed searches per arm (median, min, max)")
+    ap.add_argument("--search-warmup", type=int, default=5, help="untimed searches before them")
+    ap.add_argument("--tls", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the gRPC fetch and search over TLS (one more server process)")
     ap.add_argument("--readout-tokens", type=int, default=4096)
     ap.add_argument("--search-queries", type=int, default=4096)
     from benchmarks import wire_train
@@ -259,7 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     dev = device_name(args.device)
     result: dict = {"benchmark": "wire_bench", "device": dev, "provenance": provenance_of(argv, dev),
-                    "config": vars(args), "tls": tls_note()}
+                    "config": vars(args), "tls": tls_note(args),
+                    "client_omp_wait_policy": {"value": os.environ.get("OMP_WAIT_POLICY"),
+                                               "set_by_this_script": _OMP_WAIT_POLICY_SET_HERE}}
     if phases & {"fetch", "search", "readout"}:
         with tempfile.TemporaryDirectory() as d:
             t0 = time.perf_counter()

@@ -301,9 +301,9 @@ class RemoteShard:
 
     def search(self, queries: torch.Tensor, k: int, *, tags: Sequence[str] = (), where: TagFilter | None = None,
                side: SideQuery | None = None, want_keys: bool = False, version: int = 0) -> SearchResult:
-        req = wire.search_request_to_proto(queries, k, tags, where, side, version, want_keys)
-        r = self._call(self._store.Search, req)
-        return wire.search_result_from_proto(r, tags, side is not None)
+        # Raw bytes both ways on the channel pool (store_service/wire_search.py).
+        return self._grpc_path.search(queries, k, tags=tags, where=where, side=side, want_keys=want_keys,
+                                      version=version)
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
               weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:

@@ -21,11 +21,13 @@ import grpc
 import torch
 
 from protos import knowledge_store_pb2 as pb
-from store_service import errors, wire, wire_chunks
+from store_service import errors, wire, wire_chunks, wire_search
+from store_service.interface import SearchResult
 from store_service.wire import STORE_SERVICE
 
 FETCH_STREAM = f"/{STORE_SERVICE}/FetchStream"
 VALUE_GRADS = f"/{STORE_SERVICE}/AccumulateValueGrads"
+SEARCH = f"/{STORE_SERVICE}/Search"
 _GRADS_FIELD = pb.AccumulateValueGradsRequest.DESCRIPTOR.fields_by_name["grads"].number
 
 
@@ -108,6 +110,9 @@ class GrpcDataPath:
         self._grads = [ch.unary_unary(VALUE_GRADS, request_serializer=None,
                                       response_deserializer=pb.AccumulateValueGradsResponse.FromString)
                        for ch in self._shard.channels]
+        # Search as bytes both ways (wire_search): queries and answers copied once a side.
+        self._searches = [ch.unary_unary(SEARCH, request_serializer=None, response_deserializer=None)
+                          for ch in self._shard.channels]
 
     def _stubs(self, n: int) -> list:
         """n stubs over the channel pool, round robin across calls."""
@@ -122,6 +127,19 @@ class GrpcDataPath:
         futures = [self._pool.submit(job) for job in jobs[1:]]
         first = jobs[0]()
         return [first] + [f.result() for f in futures]
+
+    # -- search -------------------------------------------------------------
+    def search(self, queries, k, *, tags=(), where=None, side=None, want_keys=False, version=0) -> SearchResult:
+        """One Search call, raw bytes both ways, on the next channel of the pool."""
+        raw = wire_search.encode_search_request(queries, k, tags, where, side, version, want_keys)
+        with self._lock:
+            i, self._next = self._next, self._next + 1
+        # Looked up at each attempt: a retry after UNAVAILABLE reopens the pool and rebinds.
+        answer = self._shard.call(lambda req, **kw: self._searches[i % len(self._searches)](req, **kw), raw)
+        try:
+            return wire_search.decode_search_result(answer, tags, side is not None)
+        except errors.InvalidArgument as exc:   # the server's bytes, not the caller's input
+            raise errors.ShardUnavailable(self._shard.shard_id, self._shard.address, f"malformed answer: {exc}") from None
 
     # -- fetch --------------------------------------------------------------
     def fetch(self, ids, *, hits=None, weight_sum=None, out_dtype=None, version=0) -> torch.Tensor:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import queue
@@ -94,6 +95,10 @@ def main(argv: list[str] | None = None) -> None:
     handle = serve_shard(shard, args.port, tokens=tokens, host=args.host, metrics_port=args.metrics_port,
                          max_message_mb=args.max_message_mb, max_workers=args.workers, limits=limits, tls=tls,
                          data_paths=[k for k in args.data_paths.split(",") if k], fetch_chunk_mb=args.fetch_chunk_mb)
+    # What is loaded by now (modules, the shard's state) lives as long as the process: out of
+    # the collector's reach, a full collection no longer walks it in the middle of a call
+    # (tens of ms with torch and grpc loaded; benchmarks/WIRE_NOTES.md).
+    gc.freeze()
     print(f"kstore-shard {args.shard} serving {handle.address} metrics {handle.metrics_port}", flush=True)
 
     done = threading.Event()

@@ -30,7 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
-from store_service import auth, datapath, errors, guard, persistence, validation, wire, wire_chunks
+from store_service import auth, datapath, errors, guard, persistence, validation, wire, wire_chunks, wire_search
 from store_service.interface import ShardHandle
 from store_service.limits import Limits
 from store_service.metrics import ServerMetrics
@@ -73,7 +73,7 @@ class _Rpc:
         return self._dims
 
     def handle(self, method: str, context: grpc.ServicerContext, call: Callable[[], Any], *,
-               admin: bool = False, request_id: str = "", items: int = 0):
+               admin: bool = False, request_id: str = "", items: int | Callable[[], int] = 0):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
@@ -96,7 +96,7 @@ class _Rpc:
             context.set_trailing_metadata(trailing)
             context.abort(code, message)
         finally:
-            self.metrics.observe(method, code.name, time.perf_counter() - start, items)
+            self.metrics.observe(method, code.name, time.perf_counter() - start, items() if callable(items) else items)
             if admin and code == grpc.StatusCode.OK:
                 self._dims = None
                 self._on_admin_change()
@@ -128,12 +128,23 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         return self._rpc.handle("Describe", context, lambda: wire.description_to_proto(self._shard.describe()))
 
     def Search(self, request, context):
+        # Registered with pass-through (de)serializers (_RawHandlers): the request arrives as
+        # bytes, its queries read in place, and the answer leaves as bytes (wire_search).
+        rows = [0]
+
         def call():
-            guard.search(request, self._rpc.limits, self._rpc.dims()[0])
-            queries, options = wire.search_request_from_proto(request)
-            res = self._shard.search(queries, int(request.k), **options, version=request.version)
-            return wire.search_result_to_proto(res)
-        return self._rpc.handle("Search", context, call, items=_rows(request.queries))
+            req, at = (wire_search.split_search_request(request) if isinstance(request, bytes)
+                       else (request, None))
+            rows[0] = _rows(req.queries)
+            guard.search(req, self._rpc.limits, self._rpc.dims()[0])
+            if isinstance(request, bytes):
+                queries, options = wire_search.search_request_from_split(req, at)
+                queries = wire_search.aligned_for(queries, torch.device(self._device))
+            else:
+                queries, options = wire.search_request_from_proto(req)
+            res = self._shard.search(queries, int(req.k), **options, version=req.version)
+            return wire_search.encode_search_result(res)
+        return self._rpc.handle("Search", context, call, items=lambda: rows[0])
 
     def Fetch(self, request, context):
         def call():
@@ -306,7 +317,8 @@ class ShardServer:
 class _RawFetchStream:
     """Registers the generated KnowledgeStore handlers on `server`, FetchStream's with a
     pass-through serializer: its servicer yields FetchChunk messages already encoded as
-    bytes (wire_chunks.encode_chunk), which protobuf would otherwise copy twice more."""
+    bytes (wire_chunks.encode_chunk), which protobuf would otherwise copy twice more; and
+    Search's with pass-through (de)serializers (store_service/wire_search.py)."""
 
     def __init__(self, server: grpc.Server):
         self._server = server
@@ -319,6 +331,9 @@ class _RawFetchStream:
         h = handlers["FetchStream"]
         handlers["FetchStream"] = grpc.unary_stream_rpc_method_handler(
             h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=None)
+        # Search: bytes both ways (wire_search reads the queries in place and writes the answer).
+        handlers["Search"] = grpc.unary_unary_rpc_method_handler(
+            handlers["Search"].unary_unary, request_deserializer=None, response_serializer=None)
         self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
         self._server.add_registered_method_handlers(service, handlers)
 

@@ -72,17 +72,26 @@ def to_proto(t: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
 def ids_to_proto(ids: torch.Tensor, out: pb.Tensor | None = None) -> pb.Tensor:
     """Row ids travel as int32 when every id fits (half the bytes), else int64.
     The dtype field says which; `from_proto(..., ids=True)` widens back to int64."""
-    if ids.dtype == torch.int64 and ids.numel() and -1 <= int(ids.min()) and int(ids.max()) <= INT32_MAX:
-        ids = ids.to(torch.int32)
-    return to_proto(ids, out)
+    return to_proto(narrow_ids(ids), out)
+
+
+def narrow_ids(ids: torch.Tensor) -> torch.Tensor:
+    """int64 ids as int32 when every one fits (one pass and one device sync for the bounds)."""
+    if ids.dtype == torch.int64 and ids.numel():
+        lo, hi = (int(v) for v in torch.stack(torch.aminmax(ids)).tolist())
+        if -1 <= lo and hi <= INT32_MAX:
+            return ids.to(torch.int32)
+    return ids
 
 
 def from_proto(msg: pb.Tensor, field: str, *, dtypes: tuple[str, ...] | None = None,
-               ndim: int | None = None, ids: bool = False) -> torch.Tensor:
+               ndim: int | None = None, ids: bool = False, raw: tuple[bytes, int, int] | None = None) -> torch.Tensor:
     """Tensor message -> tensor, validated. Errors raise InvalidArgument naming `field`.
 
     dtypes: accepted dtype names (None: any known). ndim: required rank.
     ids: accept int32 or int64 and return int64.
+    raw: (buffer, offset, nbytes): the data is there, not in msg.data (a message split by
+    wire_chunks.split_tensor_data); the tensor is a view of the buffer.
     """
     if ids:
         dtypes = ("int64", "int32")
@@ -99,10 +108,11 @@ def from_proto(msg: pb.Tensor, field: str, *, dtypes: tuple[str, ...] | None = N
         raise InvalidArgument(field, f"expected {ndim} dimensions, got shape {list(shape)}")
     dtype = DTYPES[msg.dtype]
     itemsize = torch.empty((), dtype=dtype).element_size()
-    data = msg.data  # a fresh bytes object owned by this call
+    data, offset, nbytes = raw if raw is not None else (msg.data, 0, None)  # msg.data: a fresh bytes object
+    nbytes = len(data) if nbytes is None else nbytes
     expected = math.prod(shape) * itemsize
-    if len(data) != expected:
-        raise InvalidArgument(field, f"{len(data)} data bytes do not match shape {list(shape)} "
+    if nbytes != expected:
+        raise InvalidArgument(field, f"{nbytes} data bytes do not match shape {list(shape)} "
                                      f"of {msg.dtype} ({expected} bytes)")
     if expected == 0:
         t = torch.empty(shape, dtype=dtype)
@@ -110,7 +120,7 @@ def from_proto(msg: pb.Tensor, field: str, *, dtypes: tuple[str, ...] | None = N
         with warnings.catch_warnings():
             # frombuffer warns that `bytes` is read-only; the buffer is ours alone.
             warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(data, dtype=dtype).reshape(shape)
+            t = torch.frombuffer(data, dtype=dtype, count=expected // itemsize, offset=offset).reshape(shape)
     if ids and t.dtype != torch.int64:
         t = t.to(torch.int64)
     return t
@@ -230,9 +240,10 @@ def search_request_to_proto(queries: torch.Tensor, k: int, tags: Sequence[str], 
     return req
 
 
-def search_request_from_proto(req: pb.SearchRequest) -> tuple[torch.Tensor, dict]:
-    """-> (queries, keyword arguments of ShardHandle.search besides k and version)."""
-    queries = from_proto(req.queries, "queries", dtypes=_FLOATS, ndim=2)
+def search_request_from_proto(req: pb.SearchRequest, queries: bool = True) -> tuple[torch.Tensor | None, dict]:
+    """-> (queries, keyword arguments of ShardHandle.search besides k and version).
+    queries=False: the queries are read elsewhere (wire_search), None here."""
+    queries = from_proto(req.queries, "queries", dtypes=_FLOATS, ndim=2) if queries else None
     where = side = None
     if req.HasField("where"):
         values = ()
@@ -244,7 +255,7 @@ def search_request_from_proto(req: pb.SearchRequest) -> tuple[torch.Tensor, dict
     return queries, dict(tags=tuple(req.tags), where=where, side=side, want_keys=bool(req.want_keys))
 
 
-def _tags_to_proto(tags: dict[str, torch.Tensor], out) -> None:
+def tags_to_proto(tags: dict[str, torch.Tensor], out) -> None:
     # A tag unset on every row found is left out (the reader fills it in): most searches
     # of a table whose rows carry few tags find none.
     for name, t in tags.items():
@@ -252,7 +263,7 @@ def _tags_to_proto(tags: dict[str, torch.Tensor], out) -> None:
             ids_to_proto(t, out[name])
 
 
-def _tags_from_proto(msg, names: Sequence[str], like: torch.Tensor, field: str) -> dict[str, torch.Tensor]:
+def tags_from_proto(msg, names: Sequence[str], like: torch.Tensor, field: str) -> dict[str, torch.Tensor]:
     return {name: from_proto(msg[name], f"{field}[{name}]", ids=True) if name in msg else torch.full_like(like, -1)
             for name in names}
 
@@ -263,11 +274,11 @@ def search_result_to_proto(res: SearchResult) -> pb.SearchResponse:
     to_proto(res.scores, resp.scores)
     if res.keys is not None:
         to_proto(res.keys, resp.keys)
-    _tags_to_proto(res.tags, resp.tags)
+    tags_to_proto(res.tags, resp.tags)
     if res.side is not None:
         ids_to_proto(res.side.ids, resp.side.ids)
         to_proto(res.side.scores, resp.side.scores)
-        _tags_to_proto(res.side.tags, resp.side.tags)
+        tags_to_proto(res.side.tags, resp.side.tags)
     return resp
 
 
@@ -275,11 +286,11 @@ def search_result_from_proto(r: pb.SearchResponse, tags: Sequence[str], side: bo
     ids = from_proto(r.ids, "ids", ids=True)
     keys = from_proto(r.keys, "keys", dtypes=_FLOATS, ndim=3) if r.HasField("keys") else None
     res = SearchResult(ids=ids, scores=from_proto(r.scores, "scores"), keys=keys,
-                       tags=_tags_from_proto(r.tags, tags, ids, "tags"))
+                       tags=tags_from_proto(r.tags, tags, ids, "tags"))
     if side:
         side_ids = from_proto(r.side.ids, "side.ids", ids=True)
         res.side = SearchResult(ids=side_ids, scores=from_proto(r.side.scores, "side.scores"), keys=None,
-                                tags=_tags_from_proto(r.side.tags, tags, side_ids, "side.tags"))
+                                tags=tags_from_proto(r.side.tags, tags, side_ids, "side.tags"))
     return res
 
 

@@ -135,3 +135,85 @@ def decode_chunk(raw: bytes, field: str = "values") -> tuple[int, torch.Tensor]:
         warnings.simplefilter("ignore", UserWarning)  # read-only bytes: the view is ours alone
         t = torch.frombuffer(raw, dtype=dtype, count=nbytes // itemsize, offset=offset)
     return row_start, t.reshape(shape)
+
+
+def encode_with_tensors(header, tensors: list[tuple[int, torch.Tensor]]) -> bytes:
+    """encode_with_tensor for several Tensor fields of one message: each payload copied once."""
+    parts = [header.SerializeToString()]
+    for field, t in tensors:
+        t = _host(t)
+        meta = pb.Tensor(dtype=wire.dtype_name(t.dtype), shape=t.shape).SerializeToString()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        inner = meta + _varint(_F_DATA << 3 | _LEN) + _varint(data.nbytes)
+        parts += [_varint(field << 3 | _LEN) + _varint(len(inner) + data.nbytes), inner, data]
+    return b"".join(parts)
+
+
+def split_tensor_data(raw: bytes, fields: frozenset[int], what: str = "request") -> tuple[bytes, dict]:
+    """The bytes of a message -> (the same message without the `data` of its Tensor fields
+    `fields`, {field: (offset, nbytes) of that data in raw}). The rest (dtype, shape, every
+    other field) stays, so protobuf parses the header exactly as it would the whole message,
+    and the payload is read in place (no copy). As protobuf does, the last `data` wins.
+    Malformed bytes raise InvalidArgument(what)."""
+    buf = memoryview(raw)
+    pos, end = 0, len(buf)
+    header, data = [], {}
+    try:
+        while pos < end:
+            start = pos
+            key, pos = _read_varint(buf, pos, end)
+            f, kind = key >> 3, key & 7
+            if kind == _VARINT:
+                _, pos = _read_varint(buf, pos, end)
+            elif kind == 1:
+                pos += 8
+            elif kind == 5:
+                pos += 4
+            elif kind == _LEN:
+                n, pos = _read_varint(buf, pos, end)
+                if pos + n > end:
+                    raise InvalidArgument(what, "malformed message (truncated field)")
+                if f in fields:
+                    inner = _strip_data(buf, pos, pos + n, f, data)
+                    header.append(_varint(key) + _varint(len(inner)) + inner)
+                    pos += n
+                    continue
+                pos += n
+            else:
+                raise InvalidArgument(what, f"malformed message (wire type {kind})")
+            if pos > end:
+                raise InvalidArgument(what, "malformed message (truncated field)")
+            header.append(bytes(buf[start:pos]))
+    except InvalidArgument as exc:
+        if exc.field != what:
+            raise InvalidArgument(what, f"malformed message ({exc})") from None
+        raise
+    return b"".join(header), data
+
+
+def _strip_data(buf: memoryview, pos: int, end: int, field: int, data: dict) -> bytes:
+    """A Tensor's bytes without its data field(s); the data's place recorded in data[field]."""
+    keep = []
+    while pos < end:
+        start = pos
+        key, pos = _read_varint(buf, pos, end)
+        f, kind = key >> 3, key & 7
+        if kind == _VARINT:
+            _, pos = _read_varint(buf, pos, end)
+        elif kind == _LEN:
+            n, pos = _read_varint(buf, pos, end)
+            if pos + n > end:
+                raise InvalidArgument("chunk", "truncated field")
+            if f == _F_DATA:
+                data[field] = (pos, n)
+                pos += n
+                continue
+            pos += n
+        elif kind in (1, 5):
+            pos += 8 if kind == 1 else 4
+        else:
+            raise InvalidArgument("chunk", f"unexpected wire type {kind}")
+        if pos > end:
+            raise InvalidArgument("chunk", "truncated field")
+        keep.append(bytes(buf[start:pos]))
+    return b"".join(keep)

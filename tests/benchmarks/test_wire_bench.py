@@ -10,7 +10,7 @@ def test_wire_bench_smoke_writes_the_headline(tmp_path):
     out = tmp_path / "wire_bench.json"
     result = wire_bench.main([
         "--device", "cpu", "--rows", "65536", "--d-v", "64", "--d-k", "32", "--reps", "1", "--readout-tokens", "256",
-        "--search-queries", "256", "--server-threads", "1", "--phases", "fetch,search,readout,train",
+        "--search-queries", "256", "--search-reps", "3", "--search-warmup", "1", "--server-threads", "1", "--phases", "fetch,search,readout,train",
         "--train-preset", "d1024-tiny", "--train-corpus", "tiny", "--train-batch-size", "4", "--train-seq-len", "32",
         "--train-steps", "2", "--train-warm-steps", "1", "--train-pairs", "2", "--out", str(out)])
     saved = json.loads(out.read_text())
@@ -20,6 +20,15 @@ def test_wire_bench_smoke_writes_the_headline(tmp_path):
                          "search_ms_4096_remote", "remote_over_local_tokens_per_s_d1024"}
     assert head["fetch_gbps_tcp"] > 0 and head["fetch_gbps_in_process"] > 0 and head["search_ms_4096_remote"] > 0
     assert head["remote_over_local_tokens_per_s_d1024"] is None       # only the d1024 preset fills it
+    # The TLS arm beside the plain figures, and where a remote search's time goes.
+    assert head["fetch_gbps_tcp_tls"] > 0 and head["search_ms_4096_remote_tls"] > 0
+    assert head["search_ms_4096_remote_min"] <= head["search_ms_4096_remote"] <= head["search_ms_4096_remote_max"]
+    assert set(saved["data"]["tls"]["fetch"]) == {"1024", "10240", "65536"}
+    assert saved["data"]["search"]["grpc"]["ms"]["reps"] == 3
+    parts = saved["data"]["search_parts"]
+    assert {"shard_host", "encode_request", "decode_answer", "rpc_1_query", "shard_call", "protobuf", "client_gc"} <= set(parts)
+    # Raw bytes: 256 x 32 fp32 queries up, 256 x 32 int32 ids + fp32 scores down, a few bytes of header.
+    assert 0 <= parts["request_mb"] - 256 * 32 * 4 / 1e6 < 1e-4 and 0 <= parts["answer_mb"] - 256 * 32 * 8 / 1e6 < 1e-4
     data = saved["data"]
     assert data["transport_used"]["grpc"] == ["grpc"]
     assert set(data["fetch"]["grpc"]) == {"1024", "10240", "65536"}   # 102,400 capped at the table's rows
