@@ -81,11 +81,12 @@ class VersionLeases:
         return lease
 
     def find(self, version: int, lease_id: str):
-        """The retired state of `version` that the live lease `lease_id` pins, else None."""
+        """The state of `version` that the live lease `lease_id` pins (a state whose leases are
+        gone was dropped, or is reachable otherwise), else None."""
         le = self._leases.get(lease_id)
         if le is None or le.state.version != version or le.deadline <= time.monotonic():
             return None
-        return le.state if any(s is le.state for s in self.retired) else None
+        return le.state
 
     def versions(self) -> list[int]:
         """The version of every live lease (one entry each)."""

@@ -173,10 +173,13 @@ class Shard:
             # steady traffic from stale clients cannot hold the drain open.
             going = [s for s in self._retiring if s.version == version]
             self._retiring = [s for s in self._retiring if s.version != version]
-            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
-            self.leases.retire(going)   # leased ones stay (retired), within the bound
-            gone = {id(s) for s in going}
+            # Leased ones stay (retired, reached only through their leases; within the bound):
+            # the rest is drained and dropped.
+            self.leases.retire(going)
+            gone = {id(s) for s in going}   # none of them serves again
             self._staged = {k: d for k, d in self._staged.items() if k not in gone}
+            going = [s for s in going if not any(s is r for r in self.leases.retired)]
+            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
             del going   # the old version's tensors are freed here (nothing else refers to them)
             if not drained:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
