@@ -14,7 +14,8 @@
 2. readout_backward: the pushdown backward of --backward-tokens x k --backward-k with d_v 1024
    (grad_out float32, the bulk payload) in process, over gRPC and through each same-host
    transport via the DataPath seam (RemoteShard(data_paths=...)); median wall ms of --reps (an
-   end_step between calls, not timed), and the table after them checked bitwise against gRPC's.
+   end_step between calls, not timed), and the table after them checked bitwise against gRPC's;
+   k 1 too, where the shard's work is small and the payload's transport shows.
 
 Writes benchmarks/results/lease_bench_<device>.json.
 """
@@ -118,11 +119,12 @@ def swap_arm(root: str, versions: list[int], want: dict, address: str, kind: str
     return out
 
 
-def backward_arms(root: str, version: int, device: str, kinds: list[str], tokens: int, k: int, rows: int,
+def backward_arms(root: str, version: int, device: str, kinds: list[str], tokens: int, ks: list[int], rows: int,
                   reps: int) -> dict:
+    """Per path and k: the backward's median ms (each k's calls on the same server, one after the other)."""
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, rows, (tokens, k), generator=g)
-    w = torch.softmax(torch.randn(tokens, k, generator=g), -1)
+    calls = {k: (torch.randint(0, rows, (tokens, k), generator=g), torch.softmax(torch.randn(tokens, k, generator=g), -1))
+             for k in ks}
     grad_out = torch.randn(tokens, D_V, generator=g)
     out, tables = {}, {}
     for name in ["in_process", "grpc"] + kinds:
@@ -135,24 +137,27 @@ def backward_arms(root: str, version: int, device: str, kinds: list[str], tokens
             target = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=300,
                                  data_paths=() if name == "grpc" else (name,))
         try:
-            ms = []
-            for step in range(reps + 1):   # the first is a warm-up
-                t0 = time.perf_counter()
-                target.readout_backward(ids, w, grad_out, request_id=f"b{step}")
-                if step:
-                    ms.append((time.perf_counter() - t0) * 1e3)
-                target.end_step(step)
-            kind = getattr(target, "data_path_kind", "in_process")
+            step = 0
+            for k, (ids, w) in calls.items():
+                ms = []
+                for rep in range(reps + 1):   # the first is a warm-up
+                    t0 = time.perf_counter()
+                    target.readout_backward(ids, w, grad_out, request_id=f"b{step}")
+                    if rep:
+                        ms.append((time.perf_counter() - t0) * 1e3)
+                    target.end_step(step)
+                    step += 1
+                kind = getattr(target, "data_path_kind", "in_process")
+                out[f"{name}_k{k}"] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms),
+                                       "reps": reps, "path": kind, "tokens": tokens, "k": k,
+                                       "grad_out_mb": grad_out.numel() * 4 / 1e6}
+                print(f"readout_backward {tokens}x{k} {name:>10} ({kind}): {statistics.median(ms):9.1f} ms", flush=True)
             tables[name] = target.fetch(torch.arange(rows)).cpu().view(torch.uint8)
-            out[name] = {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms), "reps": reps,
-                         "path": kind, "grad_out_mb": grad_out.numel() * 4 / 1e6}
-            print(f"readout_backward {tokens}x{k} {name:>10} ({kind}): {out[name]['median_ms']:9.1f} ms", flush=True)
         finally:
             if proc is not None:
                 target.close()
                 proc.stop()
-    for name, t in tables.items():
-        out[name]["table_bitwise_grpc"] = bool(torch.equal(t, tables["grpc"]))
+    out["tables_bitwise_grpc"] = {name: bool(torch.equal(t, tables["grpc"])) for name, t in tables.items()}
     return out
 
 
@@ -165,7 +170,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--swap-seconds", type=float, default=10.0)
     ap.add_argument("--rows", type=int, default=32768, help="rows of the backward's table (d_v 1024 bfloat16)")
     ap.add_argument("--backward-tokens", type=int, default=4096)
-    ap.add_argument("--backward-k", type=int, default=8)
+    ap.add_argument("--backward-k", default="8,1", help="slots per token (comma list): 1 leaves little work to "
+                                                      "the shard, so the payload's transport shows")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", default="")
     args = ap.parse_args(argv)
@@ -195,13 +201,13 @@ def main(argv=None) -> dict:
                           optimizer=OptimizerConfig("sgd", lr=0.1))
         version = Table.create(cfg, root).snapshot()
         result["readout_backward"] = backward_arms(root, version, args.device, kinds, args.backward_tokens,
-                                                   args.backward_k, args.rows, args.reps)
+                                                   [int(k) for k in args.backward_k.split(",")], args.rows, args.reps)
     sw, rb = result["swaps"], result["readout_backward"]
     result["headline"] = {
         **{f"failed_reads_{name}": arm["failed"] + arm["mixed"] for name, arm in sw.items()},
         **{f"rereads_{name}": arm["rereads"] for name, arm in sw.items()},
-        **{f"readout_backward_ms_{name}": round(r["median_ms"], 1) for name, r in rb.items()},
-        "backward_tables_bitwise": all(r["table_bitwise_grpc"] for r in rb.values()),
+        **{f"readout_backward_ms_{name}": round(r["median_ms"], 1) for name, r in rb.items() if "median_ms" in r},
+        "backward_tables_bitwise": all(rb["tables_bitwise_grpc"].values()),
     }
     result["provenance"] = prov
     result["provenance"]["loadavg_1_5_15"] = list(os.getloadavg())
