@@ -58,6 +58,7 @@ class VersionLeases:
         self._on_drop = on_drop        # called without the lock after retired states were dropped
         self._leases: dict[str, Lease] = {}
         self.retired: list = []        # flipped away and released, kept alive for their leases
+        self._timers: dict[int, threading.Timer] = {}   # id(retired state) -> its expiry
         self.revoked = 0               # leases revoked to keep the bound (tests, benchmarks)
 
     def _purge(self, now: float) -> None:
@@ -113,6 +114,8 @@ class VersionLeases:
         kept = [s for s in self.retired if self._pinned(s)]
         dropped = len(kept) != len(self.retired)
         self.retired = kept
+        for key in set(self._timers) - {id(s) for s in kept}:
+            self._timers.pop(key).cancel()
         if dropped:
             self._cond.notify_all()
         return dropped
@@ -127,7 +130,8 @@ class VersionLeases:
             pins = self._pinned(st)
             if pins:
                 self.retired.append(st)
-                timer = threading.Timer(max(le.deadline for le in pins) - now + 0.01, self._expire)
+                timer = self._timers[id(st)] = threading.Timer(max(le.deadline for le in pins) - now + 0.01,
+                                                              self._expire)
                 timer.daemon = True
                 timer.start()
         give_up = now + self.policy.wait_s
@@ -138,9 +142,8 @@ class VersionLeases:
             oldest = self.retired[0]
             now = time.monotonic()
             if now >= give_up:
-                self.forget(oldest)
-                self.revoked += 1
-                self.retired.pop(0)
+                self.revoked += len(self._pinned(oldest))
+                self.forget(oldest)   # the next _reap drops it
                 continue
             expires = min(le.deadline for le in self._pinned(oldest))
             self._cond.wait(max(0.001, min(give_up, expires) - now))

@@ -121,6 +121,7 @@ class Shard:
     def lease_version(self, version: int = 0, *, holder: str = "", ttl_s: float = 30.0) -> tuple[str, int]:
         """Pin `version` (0: the serving one) for a read of several pieces -> (lease, version).
         Name the lease in each piece (`fetch(..., lease=)`) and release it at the end."""
+        check.integer("version", version, 0)
         with self._vlock:
             st = self._resolve(version)
             return self.leases.grant(st, holder, ttl_s).id, st.version
