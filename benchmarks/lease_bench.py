@@ -143,6 +143,8 @@ def backward_arms(root: str, version: int, device: str, kinds: list[str], tokens
                 for rep in range(reps + 1):   # the first is a warm-up
                     t0 = time.perf_counter()
                     target.readout_backward(ids, w, grad_out, request_id=f"b{step}")
+                    if device.startswith("cuda"):
+                        torch.cuda.synchronize()   # the in-process call's work is queued on the GPU
                     if rep:
                         ms.append((time.perf_counter() - t0) * 1e3)
                     target.end_step(step)
