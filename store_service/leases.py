@@ -15,7 +15,8 @@ Bounds, so that a hostile or dead client cannot keep old versions alive:
   or retiring one of a swap in progress). A release that would keep one more waits up to `wait_s`
   for the oldest retired version's leases to end (released or expired), then revokes them: that
   version is dropped, and its readers' next piece gets StaleVersion (they read it all again, on
-  the serving version). New leases are only granted on reachable versions, never a retired one;
+  the serving version); while the release waits both are held, at most wait_s. New leases are
+  only granted on reachable versions, never a retired one;
 - a holder that goes away has its leases dropped at once (`drop_holder`: a transport session is
   closed when its client closes it or its process dies); a gRPC caller's lapse at their deadline.
 """
