@@ -153,20 +153,22 @@ class SearchResponse(_message.Message):
     def __init__(self, ids: _Optional[_Union[Tensor, _Mapping]] = ..., scores: _Optional[_Union[Tensor, _Mapping]] = ..., keys: _Optional[_Union[Tensor, _Mapping]] = ..., tags: _Optional[_Mapping[str, Tensor]] = ..., side: _Optional[_Union[SideResult, _Mapping]] = ...) -> None: ...
 
 class FetchRequest(_message.Message):
-    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum", "chunk_rows")
+    __slots__ = ("version", "ids", "out_dtype", "hits", "weight_sum", "chunk_rows", "lease")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_SUM_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     out_dtype: str
     hits: Tensor
     weight_sum: Tensor
     chunk_rows: int
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_rows: _Optional[int] = ...) -> None: ...
+    lease: str
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., out_dtype: _Optional[str] = ..., hits: _Optional[_Union[Tensor, _Mapping]] = ..., weight_sum: _Optional[_Union[Tensor, _Mapping]] = ..., chunk_rows: _Optional[int] = ..., lease: _Optional[str] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
     __slots__ = ("values",)
@@ -259,18 +261,20 @@ class SlotMask(_message.Message):
     def __init__(self, rows: _Optional[int] = ..., cols: _Optional[int] = ..., bits: _Optional[bytes] = ...) -> None: ...
 
 class ReadoutRequest(_message.Message):
-    __slots__ = ("version", "ids", "weights", "slots", "out_dtype")
+    __slots__ = ("version", "ids", "weights", "slots", "out_dtype", "lease")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     OUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LEASE_FIELD_NUMBER: _ClassVar[int]
     version: int
     ids: Tensor
     weights: Tensor
     slots: SlotMask
     out_dtype: str
-    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[SlotMask, _Mapping]] = ..., out_dtype: _Optional[str] = ...) -> None: ...
+    lease: str
+    def __init__(self, version: _Optional[int] = ..., ids: _Optional[_Union[Tensor, _Mapping]] = ..., weights: _Optional[_Union[Tensor, _Mapping]] = ..., slots: _Optional[_Union[SlotMask, _Mapping]] = ..., out_dtype: _Optional[str] = ..., lease: _Optional[str] = ...) -> None: ...
 
 class ReadoutResponse(_message.Message):
     __slots__ = ("out",)
@@ -335,6 +339,34 @@ class EndStepResponse(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class LeaseRequest(_message.Message):
+    __slots__ = ("version", "ttl_s", "session")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ttl_s: float
+    session: str
+    def __init__(self, version: _Optional[int] = ..., ttl_s: _Optional[float] = ..., session: _Optional[str] = ...) -> None: ...
+
+class LeaseResponse(_message.Message):
+    __slots__ = ("lease", "version")
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    version: int
+    def __init__(self, lease: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ReleaseLeaseRequest(_message.Message):
+    __slots__ = ("lease",)
+    LEASE_FIELD_NUMBER: _ClassVar[int]
+    lease: str
+    def __init__(self, lease: _Optional[str] = ...) -> None: ...
+
+class ReleaseLeaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class AddRowsRequest(_message.Message):
     __slots__ = ("request_id", "values", "keys", "bias", "tags", "partition")

@@ -84,6 +84,16 @@ class KnowledgeStoreStub:
                 request_serializer=knowledge__store__pb2.EndStepRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.EndStepResponse.FromString,
                 _registered_method=True)
+        self.LeaseVersion = channel.unary_unary(
+                '/knowledge_store.v1.KnowledgeStore/LeaseVersion',
+                request_serializer=knowledge__store__pb2.LeaseRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.LeaseResponse.FromString,
+                _registered_method=True)
+        self.ReleaseLease = channel.unary_unary(
+                '/knowledge_store.v1.KnowledgeStore/ReleaseLease',
+                request_serializer=knowledge__store__pb2.ReleaseLeaseRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.ReleaseLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class KnowledgeStoreServicer:
@@ -150,6 +160,18 @@ class KnowledgeStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LeaseVersion(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseLease(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KnowledgeStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -202,6 +224,16 @@ def add_KnowledgeStoreServicer_to_server(servicer, server):
                     servicer.EndStep,
                     request_deserializer=knowledge__store__pb2.EndStepRequest.FromString,
                     response_serializer=knowledge__store__pb2.EndStepResponse.SerializeToString,
+            ),
+            'LeaseVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaseVersion,
+                    request_deserializer=knowledge__store__pb2.LeaseRequest.FromString,
+                    response_serializer=knowledge__store__pb2.LeaseResponse.SerializeToString,
+            ),
+            'ReleaseLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseLease,
+                    request_deserializer=knowledge__store__pb2.ReleaseLeaseRequest.FromString,
+                    response_serializer=knowledge__store__pb2.ReleaseLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -474,6 +506,60 @@ class KnowledgeStore:
             '/knowledge_store.v1.KnowledgeStore/EndStep',
             knowledge__store__pb2.EndStepRequest.SerializeToString,
             knowledge__store__pb2.EndStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaseVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/LeaseVersion',
+            knowledge__store__pb2.LeaseRequest.SerializeToString,
+            knowledge__store__pb2.LeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.KnowledgeStore/ReleaseLease',
+            knowledge__store__pb2.ReleaseLeaseRequest.SerializeToString,
+            knowledge__store__pb2.ReleaseLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -49,6 +49,8 @@ RPC_ROLES: dict[str, str] = {
     _KS + "AccumulateKeyGrads": TRAIN,
     _KS + "AccumulateValueGrads": TRAIN,
     _KS + "EndStep": TRAIN,
+    _KS + "LeaseVersion": READ,           # pins a version for a read of several pieces (store_service/leases.py)
+    _KS + "ReleaseLease": READ,
     # The bulk data path (store_service/transport): a call names a session (a capability Open
     # or OpenDataPath handed out) AND needs its role, like any other call.
     _TR + "Open": READ,

@@ -208,6 +208,28 @@ class RemoteShard:
                     self._path = self._open_data_path()
         return self._path
 
+    def _on_path(self, call):
+        """call(path) on this pair's data path. A transport that lost its session (NotFound: the
+        shard restarted) or its peer (ShardUnavailable) is dropped and the call made again over
+        gRPC, so the caller sees what the gRPC path says (the same request id: a gradient is
+        accumulated once); the next call opens a data path afresh."""
+        path = self.data_path()
+        if path is self._grpc_path:
+            return call(path)
+        try:
+            return call(path)
+        except (errors.NotFound, errors.ShardUnavailable) as exc:
+            log.warning("shard %s at %s: %s path lost (%s); this call over gRPC", self._shard_id, self.address,
+                        path.kind, exc)
+            with self._path_lock:
+                if self._path is path:
+                    self._path = None
+            try:
+                path.close()
+            except Exception:   # the peer may be gone: nothing to tell it
+                pass
+            return call(self._grpc_path)
+
     def _open_data_path(self) -> datapath.DataPath:
         known = datapath.transports()
         kinds = [k for k in self._data_path_kinds if k in known and known[k].available()]
@@ -273,22 +295,6 @@ class RemoteShard:
                         continue
                 raise self.domain_error(err, attempt) from None
 
-    def _call_all(self, rpc, requests: list) -> list:
-        """Several calls of one method in flight together; each failed one is then retried
-        (and mapped to a domain error) by `_call`, so the semantics are `_call`'s."""
-        if len(requests) == 1:
-            return [self._call(rpc, requests[0])]
-        futures = [rpc.future(r, timeout=self.timeout_s, metadata=self._md) for r in requests]
-        out = []
-        for request, fut in zip(requests, futures):
-            try:
-                out.append(fut.result())
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.UNAVAILABLE:
-                    raise error_from_rpc(err, self._shard_id, self.address) from None
-                out.append(self._call(rpc, request))
-        return out
-
     def row_chunks(self, rows: int) -> list[slice]:
         step = self.readout_chunk_rows or rows
         return [slice(i, min(i + step, rows)) for i in range(0, max(rows, 1), max(step, 1))]
@@ -310,35 +316,28 @@ class RemoteShard:
         # With a bfloat16 readout wire the values travel rounded to bfloat16 too (`Table.fetch`
         # hands them back in the table's value dtype).
         out_dtype = torch.bfloat16 if self.readout_wire_dtype == "bfloat16" else None
-        return self.data_path().fetch(ids, hits=hits, weight_sum=weight_sum, out_dtype=out_dtype, version=version)
+        return self._on_path(lambda p: p.fetch(ids, hits=hits, weight_sum=weight_sum, out_dtype=out_dtype,
+                                               version=version))
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                                request_id: str = "", version: int = 0) -> None:
         grads = grads.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype])
-        self.data_path().accumulate_value_grads(ids, grads, request_id=request_id or _new_id(), version=version)
+        rid = request_id or _new_id()   # the same on a redo over gRPC: accumulated once
+        self._on_path(lambda p: p.accumulate_value_grads(ids, grads, request_id=rid, version=version))
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
         out_dtype = wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype]
-        return self.data_path().readout(ids, weights, out_dtype=out_dtype, version=version).float()
+        return self._on_path(lambda p: p.readout(ids, weights, out_dtype=out_dtype, version=version)).float()
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "", version: int = 0) -> torch.Tensor:
         # An id of our own when the caller gives none, so a retry is not accumulated twice;
-        # each piece of a chunked call has its own, derived from it.
-        rid = request_id or _new_id()
-        chunks = self.row_chunks(ids.shape[0])
+        # each piece of a chunked call has its own, derived from it. grad_out (the bulk payload)
+        # goes through the pair's data path: a same-host buffer where one is open, else gRPC.
         grad_out = grad_out.to(wire.READOUT_WIRE_DTYPES[self.readout_wire_dtype])
-        requests, masks = [], []
-        for i, rows in enumerate(chunks):
-            req = pb.ReadoutBackwardRequest(version=version, request_id=rid if len(chunks) == 1 else f"{rid}/{i}")
-            masks.append(wire.readout_entries_to_proto(req, ids[rows], weights[rows], self.compact_readout))
-            wire.to_proto(grad_out[rows], req.grad_out)
-            requests.append(req)
-        parts = []
-        for mask, resp in zip(masks, self._call_all(self._store.ReadoutBackward, requests)):
-            grad_w = wire.from_proto(resp.grad_weights, "grad_weights")
-            parts.append(grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights"))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        rid = request_id or _new_id()
+        return self._on_path(lambda p: p.readout_backward(ids, weights, grad_out, request_id=rid,
+                                                          version=version)).float()
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None:

@@ -1,8 +1,8 @@
 """The bulk data path seam: how rows, readouts and row gradients travel between a caller and
 one shard server, chosen per pair of endpoints (benchmarks/WIRE_NOTES.md).
 
-gRPC stays the control plane. The three calls whose bytes grow with d_v (fetch, readout,
-accumulate_value_grads) go through a `DataPath`, picked once per (client, shard server):
+gRPC stays the control plane. The calls whose bytes grow with d_v (fetch, readout,
+accumulate_value_grads, readout_backward's grad_out) go through a `DataPath`, picked once per (client, shard server):
 
     client                                 shard server (store_service.server)
     RemoteShard(data_paths=("shm", ...))
@@ -88,6 +88,12 @@ class DataPath(Protocol):
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str,
                                version: int = 0) -> None:
         """ids [M], grads [M, d_v] (float32 or bfloat16; the shard widens to float32)."""
+
+    def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
+                         request_id: str, version: int = 0) -> torch.Tensor:
+        """A pushdown readout's backward: grad_out [T, d_v] (float32 or bfloat16, the bulk
+        payload) -> grad of weights [T, k] float32. The shard accumulates the row gradients
+        (once per request_id) and applies them at its end_step, as over gRPC."""
 
     def close(self) -> None: ...
 

@@ -8,6 +8,8 @@ What makes it fast (benchmarks/WIRE_NOTES.md has the figures):
 - A piece is raw bytes copied once on each side (store_service/wire_chunks.py) and copied
   straight into its place in the result: no per-element Python work, no concatenation.
 - Readouts and row gradients are split likewise (`readout_chunk_rows`, `grad_chunk_rows`).
+- A read in several parts pins its version with a lease (store_service/leases.py), so every
+  part is answered from one version even when a swap lands between them.
 """
 from __future__ import annotations
 
@@ -97,6 +99,7 @@ class GrpcDataPath:
         self._next = 0
         self._lock = threading.Lock()
         self._pin = str(getattr(shard, "device", "cpu")).startswith("cuda") and torch.cuda.is_available()
+        self.leases = True     # off once the shard says it keeps none
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -141,6 +144,29 @@ class GrpcDataPath:
         except errors.InvalidArgument as exc:   # the server's bytes, not the caller's input
             raise errors.ShardUnavailable(self._shard.shard_id, self._shard.address, f"malformed answer: {exc}") from None
 
+    # -- version leases -------------------------------------------------------
+    def _lease(self, version: int, parts: int) -> tuple[int, str]:
+        """A read of several parts: (version pinned, lease); (version, "") for one part, or where
+        the shard grants none (it keeps none, or this connection holds its cap of leases)."""
+        if parts < 2 or not self.leases:
+            return version, ""
+        try:
+            resp = self._shard.call(self._stubs(1)[0].LeaseVersion,
+                                    pb.LeaseRequest(version=version, ttl_s=self._shard.timeout_s))
+        except (errors.FailedPrecondition, errors.ResourceExhausted, errors.ShardUnavailable) as exc:
+            if isinstance(exc, errors.ShardUnavailable) and "UNIMPLEMENTED" not in str(exc):
+                raise
+            self.leases = isinstance(exc, errors.ResourceExhausted)
+            return version, ""
+        return resp.version, resp.lease
+
+    def _unlease(self, lease: str) -> None:
+        if lease:
+            try:
+                self._shard.call(self._stubs(1)[0].ReleaseLease, pb.ReleaseLeaseRequest(lease=lease))
+            except errors.StoreError:
+                pass   # it lapses at its deadline
+
     # -- fetch --------------------------------------------------------------
     def fetch(self, ids, *, hits=None, weight_sum=None, out_dtype=None, version=0) -> torch.Tensor:
         dtype_name = "" if out_dtype is None else wire.dtype_name(out_dtype)
@@ -153,14 +179,18 @@ class GrpcDataPath:
         with self._lock:
             first, self._next = self._next, self._next + len(parts)
         done = _Assembler(rows, pin=self._pin)
+        version, lease = self._lease(version, len(parts))
 
         def job(i: int, part: slice):
             req = wire.fetch_request_to_proto(ids[part], None if hits is None else hits[part],
                                               None if weight_sum is None else weight_sum[part], dtype_name, version)
-            req.chunk_rows = self.config.chunk_rows
+            req.chunk_rows, req.lease = self.config.chunk_rows, lease
             stream = self._streams[(first + i) % len(self._streams)]
             return lambda: self._stream_part(stream, req, part, done)
-        self._in_flight([job(i, p) for i, p in enumerate(parts)])
+        try:
+            self._in_flight([job(i, p) for i, p in enumerate(parts)])
+        finally:
+            self._unlease(lease)
         return done.out
 
     def _stream_part(self, stream, req: pb.FetchRequest, part: slice, done: _Assembler) -> None:
@@ -198,14 +228,39 @@ class GrpcDataPath:
         chunks = shard.row_chunks(ids.shape[0])
         if len(chunks) == 1:   # no chunking asked: a large readout still goes over the channel pool
             chunks = split(ids.shape[0], min(self.config.channels, max(1, ids.shape[0] // self.config.split_min_rows)))
+        version, lease = self._lease(version, len(chunks))
         for rows in chunks:
-            req = pb.ReadoutRequest(version=version, out_dtype=wire.dtype_name(out_dtype))
+            req = pb.ReadoutRequest(version=version, out_dtype=wire.dtype_name(out_dtype), lease=lease)
             wire.readout_entries_to_proto(req, ids[rows], weights[rows], shard.compact_readout)
             requests.append(req)
         stubs = self._stubs(len(requests))
-        outs = self._in_flight([lambda s=s, r=r: shard.call(s.Readout, r) for s, r in zip(stubs, requests)])
+        try:
+            outs = self._in_flight([lambda s=s, r=r: shard.call(s.Readout, r) for s, r in zip(stubs, requests)])
+        finally:
+            self._unlease(lease)
         outs = [wire.from_proto(r.out, "out") for r in outs]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def readout_backward(self, ids, weights, grad_out, *, request_id: str, version=0) -> torch.Tensor:
+        """grad_out [T, d_v] (in the wire dtype) -> grad of the weights [T, k]; the row
+        gradients are accumulated on the shard (once per request id), applied at its end_step.
+        In `readout_chunk_rows` pieces in flight, each with an id derived from the caller's."""
+        shard = self._shard
+        chunks = shard.row_chunks(ids.shape[0])
+        requests, masks = [], []
+        for i, rows in enumerate(chunks):
+            req = pb.ReadoutBackwardRequest(version=version,
+                                            request_id=request_id if len(chunks) == 1 else f"{request_id}/{i}")
+            masks.append(wire.readout_entries_to_proto(req, ids[rows], weights[rows], shard.compact_readout))
+            wire.to_proto(grad_out[rows], req.grad_out)
+            requests.append(req)
+        stubs = self._stubs(len(requests))
+        parts = []
+        for mask, resp in zip(masks, self._in_flight([lambda s=s, r=r: shard.call(s.ReadoutBackward, r)
+                                                      for s, r in zip(stubs, requests)])):
+            grad_w = wire.from_proto(resp.grad_weights, "grad_weights")
+            parts.append(grad_w if mask is None else wire.scatter_slots(mask.cpu(), grad_w, 0.0, "grad_weights"))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def accumulate_value_grads(self, ids, grads, *, request_id: str, version=0) -> None:
         shard = self._shard

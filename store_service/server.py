@@ -37,6 +37,7 @@ from store_service.metrics import ServerMetrics
 from store_service.server_admin import StoreAdminServicer
 from store_service.status import status_of
 from store_service.tls import ServerTls
+from store_service.transport.registry import SessionTable
 from store_service.transport.service import SERVICE as TRANSPORT_SERVICE
 from store_service.transport.service import add_transport_service
 from store_service.wire import ADMIN_SERVICE, STORE_SERVICE
@@ -110,6 +111,11 @@ def _rows(t: pb.Tensor) -> int:
     return t.shape[0] if t.shape else 0
 
 
+def _lease(request) -> dict:
+    """A read request's lease, as the shard's keyword (none: nothing, for any ShardHandle)."""
+    return {"lease": request.lease} if request.lease else {}
+
+
 class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
     def __init__(self, rpc: _Rpc, data_paths: dict[str, datapath.DataPathServer] | None = None,
                  fetch_chunk_bytes: int = DEFAULT_FETCH_CHUNK_MB << 20):
@@ -150,7 +156,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
         def call():
             self._check_fetch(request, context)
             ids, out_dtype, usage = wire.fetch_request_from_proto(request)
-            values = self._shard.fetch(ids, version=request.version, **usage)
+            values = self._shard.fetch(ids, version=request.version, **usage, **_lease(request))
             resp = pb.FetchResponse()
             wire.to_proto(values if out_dtype is None else values.to(out_dtype), resp.values)
             return resp
@@ -173,7 +179,7 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             ids, out_dtype, usage = wire.fetch_request_from_proto(request)
             if request.chunk_rows < 0:
                 raise errors.InvalidArgument("chunk_rows", f"must be >= 0, got {request.chunk_rows}")
-            values = self._shard.fetch(ids, version=request.version, **usage)
+            values = self._shard.fetch(ids, version=request.version, **usage, **_lease(request))
             values = values if out_dtype is None else values.to(out_dtype)
             if values.device.type != "cpu":   # through page-locked memory, as wire.to_proto does
                 host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -228,7 +234,8 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             mask, ids, weights = wire.readout_entries_from_proto(request, self._device)
             out_dtype = wire.readout_wire_dtype(request.out_dtype, "out_dtype")
             resp = pb.ReadoutResponse()
-            wire.to_proto(self._shard.readout(ids, weights, version=request.version).to(out_dtype), resp.out)
+            out = self._shard.readout(ids, weights, version=request.version, **_lease(request))
+            wire.to_proto(out.to(out_dtype), resp.out)
             return resp
         return self._rpc.handle("Readout", context, call, items=wire.readout_tokens(request))
 
@@ -253,6 +260,29 @@ class KnowledgeStoreServicer(pb_grpc.KnowledgeStoreServicer):
             self._shard.accumulate_key_grads(ids, grads, request_id=request.request_id, version=request.version)
             return pb.AccumulateKeyGradsResponse()
         return self._rpc.handle("AccumulateKeyGrads", context, call)
+
+    def LeaseVersion(self, request, context):
+        # A read of several pieces pins its version (store_service/leases.py). The caller whose
+        # cap it counts against: the transport session it names (its leases go when the session
+        # does, e.g. its process died), else this connection (its leases lapse at their deadline).
+        def call():
+            if not hasattr(self._shard, "lease_version"):
+                raise errors.FailedPrecondition("this shard keeps no version leases")
+            holder = f"peer:{context.peer()}"
+            if request.session:
+                SessionTable.of(self._shard).get(request.session)   # NotFound: not a session of this shard
+                holder = f"session:{request.session}"
+            lease, version = self._shard.lease_version(int(request.version), holder=holder, ttl_s=request.ttl_s)
+            return pb.LeaseResponse(lease=lease, version=version)
+        return self._rpc.handle("LeaseVersion", context, call)
+
+    def ReleaseLease(self, request, context):
+        # The lease id is the capability (128 random bits): an unknown one changes nothing.
+        def call():
+            if hasattr(self._shard, "release_lease"):
+                self._shard.release_lease(request.lease)
+            return pb.ReleaseLeaseResponse()
+        return self._rpc.handle("ReleaseLease", context, call)
 
     def EndStep(self, request, context):
         # A barrier wait holds a handler thread for up to timeout_s: at most

@@ -20,6 +20,10 @@ state. A request names the version it expects (0 = whatever is serving) and
 is answered by the serving, a retiring or a prepared state of that number,
 else it gets StaleVersion. Gradients accumulated on a state that is flipped
 away before its end_step are dropped with it: swap between steps.
+
+Leases (`leases`). A read of several pieces pins its version (`lease_version`); a
+release keeps a leased state alive, reachable only through its leases, until they
+are released or expire (at most one such retired state, bounded waits, revocation).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from . import errors, kernels, persistence, search, snapshots
 from . import validation as check
 from .appends import append_rows
 from .host_rows import gather_rows
+from .leases import VersionLeases
 from .config import TableConfig
 from .limits import Limits
 from .interface import SearchResult, ShardDescription, ShardInfo, SideQuery, TagFilter, UsageStats
@@ -80,6 +85,7 @@ class Shard:
         self._staged: dict[int, torch.device] = {}   # id(state) -> device it settles on
         self._pending: dict[int, ShardState] = {}
         self._retiring: list[ShardState] = []
+        self.leases = VersionLeases(self._vcond, on_drop=self._settle)
 
     @property
     def device(self) -> torch.device:
@@ -89,10 +95,10 @@ class Shard:
     # -- versions and in-flight accounting ----------------------------------
 
     @contextlib.contextmanager
-    def _use(self, version: int):
+    def _use(self, version: int, lease: str = ""):
         check.integer("version", version, 0)
         with self._vlock:
-            st = self._resolve(version)
+            st = self._resolve(version, lease)
             st.inflight += 1
         try:
             yield st
@@ -101,7 +107,7 @@ class Shard:
                 st.inflight -= 1
                 self._vcond.notify_all()
 
-    def _resolve(self, version: int) -> ShardState:
+    def _resolve(self, version: int, lease: str = "") -> ShardState:
         if version == 0 or version == self._serving.version:
             return self._serving
         for st in reversed(self._retiring):
@@ -109,7 +115,31 @@ class Shard:
                 return st
         if version in self._pending:
             return self._pending[version]
+        leased = self.leases.find(version, lease) if lease else None
+        if leased is not None:
+            return leased
         raise errors.StaleVersion(version, self._serving.version)
+
+    def lease_version(self, version: int = 0, *, holder: str = "", ttl_s: float = 30.0) -> tuple[str, int]:
+        """Pin `version` (0: the serving one) for a read of several pieces -> (lease, version).
+        Name the lease in each piece (`fetch(..., lease=)`) and release it at the end."""
+        check.integer("version", version, 0)
+        with self._vlock:
+            st = self._resolve(version)
+            return self.leases.grant(st, holder, ttl_s).id, st.version
+
+    def release_lease(self, lease: str) -> None:
+        with self._vlock:
+            dropped = self.leases.release(lease)
+        if dropped:
+            self._settle()
+
+    def drop_leases(self, holder: str) -> None:
+        """Every lease of `holder` (a caller that went away)."""
+        with self._vlock:
+            dropped = self.leases.drop_holder(holder)
+        if dropped:
+            self._settle()
 
     def prepare_version(self, store_root: str, version: int) -> None:
         check.integer("version", version, 1)
@@ -140,14 +170,19 @@ class Shard:
             unflipped = self._pending.pop(version, None)
             if unflipped is not None:
                 self._staged.pop(id(unflipped), None)
+                self.leases.forget(unflipped)
             del unflipped
             # Unreachable from now on (new requests for it get StaleVersion), so
             # steady traffic from stale clients cannot hold the drain open.
             going = [s for s in self._retiring if s.version == version]
             self._retiring = [s for s in self._retiring if s.version != version]
-            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
-            gone = {id(s) for s in going}
+            # Leased ones stay (retired, reached only through their leases; within the bound):
+            # the rest is drained and dropped.
+            self.leases.retire(going)
+            gone = {id(s) for s in going}   # none of them serves again
             self._staged = {k: d for k, d in self._staged.items() if k not in gone}
+            going = [s for s in going if not any(s is r for r in self.leases.retired)]
+            drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
             del going   # the old version's tensors are freed here (nothing else refers to them)
             if not drained:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
@@ -161,7 +196,7 @@ class Shard:
         with self._vlock:
             st = self._serving
             target = self._staged.get(id(st))
-            if target is None or self._retiring:
+            if target is None or self._retiring or self.leases.retired:
                 return
         with st.lock:
             if self._staged.get(id(st)) is not target:
@@ -217,12 +252,13 @@ class Shard:
             return res
 
     def fetch(self, ids: torch.Tensor, *, hits: torch.Tensor | None = None,
-              weight_sum: torch.Tensor | None = None, version: int = 0) -> torch.Tensor:
+              weight_sum: torch.Tensor | None = None, version: int = 0, lease: str = "") -> torch.Tensor:
         """ids [M] int64 (owned or PAD) -> values [M, d_v] in the value dtype (0 at PAD).
         hits [M] int64 >= 0 and weight_sum [M] float64, both or neither: a fetch-mode
         training readout's use of the rows (entries with weight > 0, summed weights),
-        recorded as a pushdown readout records its own (usage, this step's balancing load)."""
-        with self._use(version) as st, st.lock:
+        recorded as a pushdown readout records its own (usage, this step's balancing load).
+        lease: one of `lease_version` on `version`, which reaches it after a swap retired it."""
+        with self._use(version, lease) as st, st.lock:
             local = _fetched_rows(st, ids, hits, weight_sum, self.limits)
             # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
             out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
@@ -230,11 +266,11 @@ class Shard:
             return out
 
     def fetch_into(self, ids: torch.Tensor, out: torch.Tensor, *, hits: torch.Tensor | None = None,
-                   weight_sum: torch.Tensor | None = None, version: int = 0) -> tuple[int, int]:
+                   weight_sum: torch.Tensor | None = None, version: int = 0, lease: str = "") -> tuple[int, int]:
         """`fetch` with the rows written straight into `out` [M, d_v] (a staging buffer another
         process reads: the value dtype or one they convert to, any device), all under the
         version's lock, so `out` holds one version at one step -> (version, step) read."""
-        with self._use(version) as st, st.lock:
+        with self._use(version, lease) as st, st.lock:
             if out.shape != (ids.shape[0], st.config.d_v) or not out.is_contiguous():
                 raise errors.InvalidArgument("out", f"expected a contiguous [{ids.shape[0]}, {st.config.d_v}] "
                                                     f"buffer, got {list(out.shape)}")
@@ -246,9 +282,9 @@ class Shard:
             out.masked_fill_((local < 0).unsqueeze(1).to(out.device), 0)
             return st.version, st.step
 
-    def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0) -> torch.Tensor:
+    def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0, lease: str = "") -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
-        with self._use(version) as st, st.lock:
+        with self._use(version, lease) as st, st.lock:
             local, w = _readout_rows(st, ids, weights, self.limits)
             out = kernels.readout_weighted(st.values, local, w)
             valid = local >= 0
@@ -412,7 +448,8 @@ class Shard:
     def held_versions(self) -> dict[str, list[int]]:
         with self._vlock:
             return {"serving": [self._serving.version], "pending": sorted(self._pending),
-                    "retiring": [s.version for s in self._retiring]}
+                    "retiring": [s.version for s in self._retiring],
+                    "retired": [s.version for s in self.leases.retired], "leased": self.leases.versions()}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Copies of every persisted tensor of the serving state (for tests)."""

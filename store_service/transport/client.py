@@ -6,10 +6,12 @@ the calls a remote shard's bulk tensors go through (fetch, readout, gradients).
     path = open_path(address, token, ClientConfig())          # the first kind granted, or None
 
 A tensor larger than a slot goes as several pieces (`slots.run`). Versions: the pieces of
-one call are read from one version (the first piece's, named in every later one) at one step
-(each piece says its step; a call whose pieces disagree is read again, up to
-`ClientConfig.retries` times), so an answer never mixes versions or steps even though a swap
-or a step may land between two of its pieces.
+one call are read from one version, pinned by a lease (store_service/leases.py: the shard keeps
+it until the read releases it, so a swap landing between two pieces costs nothing), at one
+step (each piece says its step; a call whose pieces disagree is read again, up to
+`ClientConfig.retries` times), so an answer never mixes versions or steps. Without a lease (a
+shard that keeps none, or `ClientConfig.lease` off) the first piece's version is named in every
+later one, and a swap that releases it mid-read costs a re-read.
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ class BulkPath:
         self._channel, self._md, self._end = channel, tuple(metadata), end
         self._session = session
         self._stub = pb_grpc.StoreTransportStub(channel)
+        self._store = pb_grpc.KnowledgeStoreStub(channel)
+        self._leases = config.lease          # off once the shard says it keeps none
+        self.rereads = 0                     # reads started again (a swap or step between pieces)
         self.shard_id = description.info.shard_id
         self.d_v, self.d_k = description.d_v, description.d_k
         self.value_dtype = wire.DTYPES[description.value_dtype]
@@ -130,15 +135,39 @@ class BulkPath:
         except grpc.RpcError as err:
             raise _domain(err, self.shard_id, self.address) from None
 
+    def _lease(self, version: int) -> tuple[int, str]:
+        """Pin `version` (0: the serving one) for a read of several pieces -> (version, lease);
+        (version, "") where the shard grants none (it keeps none, or this caller holds its cap)."""
+        req = pb.LeaseRequest(version=version, ttl_s=self.config.timeout_s, session=self._session)
+        try:
+            resp = self._store.LeaseVersion(req, timeout=self.config.timeout_s, metadata=self._md)
+        except grpc.RpcError as err:
+            domain = _domain(err, self.shard_id, self.address)
+            if err.code() == grpc.StatusCode.UNIMPLEMENTED or isinstance(domain, errors.FailedPrecondition):
+                self._leases = False   # a shard that keeps none
+                return version, ""
+            if isinstance(domain, errors.ResourceExhausted):
+                return version, ""     # this caller holds its cap: read without one
+            raise domain from None
+        return resp.version, resp.lease
+
+    def _unlease(self, lease: str) -> None:
+        try:
+            self._store.ReleaseLease(pb.ReleaseLeaseRequest(lease=lease), timeout=self.config.timeout_s,
+                                     metadata=self._md)
+        except grpc.RpcError:
+            pass   # it lapses at its deadline, or went with the shard
+
     def _read(self, rows: int, row_bytes: int, version: int, make, out: torch.Tensor) -> int:
-        """Read `out` in pieces: make(rows slice, version, first) -> (rpc, request); every piece
-        from one version at one step. -> the version read."""
+        """Read `out` in pieces: make(rows slice, version, first, lease) -> (rpc, request); every
+        piece from one version at one step. -> the version read."""
         parts = slots.pieces(rows, row_bytes, self._slots.capacity)
         for attempt in range(self.config.retries + 1):
             stamps: list[tuple[int, int]] = []
+            pinned, lease = self._lease(version) if self._leases and len(parts) > 1 else (version, "")
 
             def start(part, slot, v, alone):
-                rpc, req = make(part, v, attempt == 0)
+                rpc, req = make(part, v, attempt == 0, lease)
                 req.at.CopyFrom(self._at(slot))
                 if alone:
                     return _Done(rpc, req, self.config.timeout_s, self._md)
@@ -152,19 +181,23 @@ class BulkPath:
             depth = 1 if self._ordered else 0
             alone = len(parts) == 1 or self._ordered
             try:
-                pinned = version
                 rest = parts
                 with self._serial():
-                    if not pinned and len(parts) > 1:
+                    if not pinned and len(parts) > 1:   # no lease: the first piece's version is named in the rest
                         slots.run(self._slots, parts[:1], lambda p, s: start(p, s, 0, True), finish)
                         pinned, rest = stamps[0][0], parts[1:]
                     slots.run(self._slots, rest, lambda p, s: start(p, s, pinned, alone), finish, depth=depth)
             except errors.StaleVersion:
                 if version or attempt == self.config.retries:
                     raise
+                self.rereads += 1
                 continue   # the version we pinned was released between pieces: read it all again
+            finally:
+                if lease:
+                    self._unlease(lease)
             if len(set(stamps)) <= 1:
                 return stamps[0][0] if stamps else version
+            self.rereads += 1
         raise errors.FailedPrecondition(f"shard {self.shard_id} stepped or swapped during every one of "
                                         f"{self.config.retries + 1} reads of {rows} rows")
 
@@ -178,10 +211,11 @@ class BulkPath:
         out = torch.empty((ids.shape[0], self.d_v), dtype=torch.bfloat16 if half else self.value_dtype,
                           device=self._end.device)
 
-        def make(part, v, first):
+        def make(part, v, first, lease):
             use = first and hits is not None
             req = wire.fetch_request_to_proto(ids[part], hits[part] if use else None,
                                               weight_sum[part] if use else None, wire_dtype, v)
+            req.lease = lease
             return self._stub.Fetch, pb.PlacedFetchRequest(fetch=req)
         self._read(ids.shape[0], self.d_v * out.element_size(), version, make, out)
         return out if out_dtype is None else out.to(out_dtype)
@@ -192,8 +226,8 @@ class BulkPath:
         travelling as out_dtype), as Shard.readout."""
         out = torch.empty((ids.shape[0], self.d_v), dtype=wire.READOUT_WIRE_DTYPES[out_dtype], device=self._end.device)
 
-        def make(part, v, first):
-            req = pb.ReadoutRequest(version=v, out_dtype=out_dtype)
+        def make(part, v, first, lease):
+            req = pb.ReadoutRequest(version=v, out_dtype=out_dtype, lease=lease)
             wire.readout_entries_to_proto(req, ids[part], weights[part], compact)
             return self._stub.Readout, pb.PlacedReadoutRequest(readout=req)
         self._read(ids.shape[0], self.d_v * out.element_size(), version, make, out)

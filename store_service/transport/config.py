@@ -19,7 +19,8 @@ class ClientConfig:
     timeout_s: deadline of one call; retries: how many times a stale-step read is redone.
     device: where shm results land: "cpu", or a GPU ("cuda:0"), for which the mapping is
     page-locked and rows go straight from shared memory to the GPU (cuda_ipc results are on
-    the shard's GPU, torch_dist gloo results on the CPU)."""
+    the shard's GPU, torch_dist gloo results on the CPU). lease: pin the version of a read of
+    several pieces (store_service/leases.py); off: the pre-lease behaviour (benchmarks)."""
     kinds: tuple[str, ...] = KINDS
     buffer_bytes: int = 256 << 20
     slots: int = 4
@@ -28,6 +29,7 @@ class ClientConfig:
     timeout_s: float = 30.0
     retries: int = 3
     device: str = "cpu"
+    lease: bool = True
 
 
 @dataclass(frozen=True)

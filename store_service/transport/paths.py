@@ -71,6 +71,12 @@ class Path:
     def accumulate_value_grads(self, ids, grads, *, request_id: str, version: int = 0) -> None:
         self._bulk.accumulate_value_grads(ids, grads, request_id=request_id, version=version)
 
+    def readout_backward(self, ids, weights, grad_out, *, request_id: str, version: int = 0) -> torch.Tensor:
+        # grad_out through the buffer (or the group), in its own dtype; grad_weights in the reply
+        wire_dtype = "bfloat16" if grad_out.dtype == torch.bfloat16 else "float32"
+        return self._bulk.readout_backward(ids, weights, grad_out, request_id=request_id, out_dtype=wire_dtype,
+                                           version=version)
+
     def close(self) -> None:
         self._bulk.close()
 

@@ -125,6 +125,13 @@ class SessionTable:
             session = self._sessions.pop(sid, None)
         if session is not None:
             session.close()
+            self._drop_leases(sid)
+
+    def _drop_leases(self, sid: str) -> None:
+        """The version leases the session's reads held (store_service/leases.py) go with it."""
+        drop = getattr(self._shard, "drop_leases", None)
+        if drop is not None:
+            drop(f"session:{sid}")
 
     def close_all(self) -> None:
         with self._lock:
@@ -132,5 +139,6 @@ class SessionTable:
             handoff, self._handoff = self._handoff, None
         for s in sessions:
             s.close()
+            self._drop_leases(s.id)
         if handoff is not None:
             handoff.close()

@@ -82,7 +82,7 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
             ids, out_dtype, usage = wire.fetch_request_from_proto(request.fetch)
             dtype = out_dtype or self._d["dtype"]
             out = session.out_tensor(request.at, dtype, (ids.shape[0], self._d["value"]), self._device)
-            version, step = _fetch_into(self._shard, ids, out, usage, request.fetch.version)
+            version, step = _fetch_into(self._shard, ids, out, usage, request.fetch.version, request.fetch.lease)
             session.sent(request.at, out)
             resp = pb.PlacedFetchResponse(version=version, step=step)
             resp.values.dtype, resp.values.shape[:] = wire.dtype_name(dtype), out.shape
@@ -97,7 +97,8 @@ class StoreTransportServicer(pb_grpc.StoreTransportServicer):
             dtype = wire.readout_wire_dtype(request.readout.out_dtype, "out_dtype")
             version = request.readout.version or _serving(self._shard)
             out = session.out_tensor(request.at, dtype, (ids.shape[0], self._d["value"]), self._device)
-            out.copy_(self._shard.readout(ids, weights, version=version))
+            lease = {"lease": request.readout.lease} if request.readout.lease else {}
+            out.copy_(self._shard.readout(ids, weights, version=version, **lease))
             session.sent(request.at, out)
             resp = pb.PlacedReadoutResponse(version=version)
             resp.out.dtype, resp.out.shape[:] = wire.dtype_name(dtype), out.shape
@@ -146,13 +147,14 @@ def _serving(shard) -> int:
     return int(v) if v is not None else shard.describe().info.version
 
 
-def _fetch_into(shard, ids, out, usage, version) -> tuple[int, int]:
+def _fetch_into(shard, ids, out, usage, version, lease="") -> tuple[int, int]:
     """Rows into `out` under one lock where the shard can (`Shard.fetch_into`), else a fetch
-    of the version pinned first, then a copy."""
+    of the version pinned first, then a copy. lease: the read's version lease, if any."""
+    leased = {"lease": lease} if lease else {}
     if hasattr(shard, "fetch_into"):
-        return shard.fetch_into(ids, out, **usage, version=version)
+        return shard.fetch_into(ids, out, **usage, version=version, **leased)
     version = version or _serving(shard)
-    out.copy_(shard.fetch(ids, **usage, version=version))
+    out.copy_(shard.fetch(ids, **usage, version=version, **leased))
     return version, -1
 
 

@@ -137,6 +137,10 @@ class _InProcessPath:
         self._do(lambda: self._shard.accumulate_value_grads(ids, grads.float(), request_id=request_id,
                                                             version=version))
 
+    def readout_backward(self, ids, weights, grad_out, *, request_id, version=0):
+        return self._do(lambda: self._shard.readout_backward(ids, weights, grad_out.float(), request_id=request_id,
+                                                             version=version))
+
     def close(self):
         pass
 

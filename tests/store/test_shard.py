@@ -349,7 +349,7 @@ def test_hot_swap_with_a_request_in_flight(tmp_path, monkeypatch):
     rel.join(10)
     assert not rel.is_alive()
     torch.testing.assert_close(out["r"], old_row.float())  # answered wholly from the old version
-    assert sh.held_versions() == {"serving": [1], "pending": [], "retiring": []}
+    assert sh.held_versions() == {"serving": [1], "pending": [], "retiring": [], "retired": [], "leased": []}
     with pytest.raises(errors.StaleVersion):
         sh.fetch(torch.tensor([0]), version=7)
     assert torch.equal(sh.fetch(torch.tensor([0]), version=1), new_row)

@@ -79,7 +79,8 @@ def test_staged_swap_frees_the_old_version_before_moving_and_never_mixes(tmp_pat
     # shard i moves after its own old version was released (shards release in order)
     assert all(f[i] for i, f in enumerate(freed))
     for s in table.shards:
-        assert s._staged == {} and s.held_versions() == {"serving": [v2], "pending": [], "retiring": []}
+        assert s._staged == {} and s.held_versions() == {"serving": [v2], "pending": [], "retiring": [],
+                                                          "retired": [], "leased": []}
         assert s._serving.config.device == "cpu"
     assert torch.equal(table.fetch(ids), want[v2])
 

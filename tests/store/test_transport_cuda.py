@@ -3,7 +3,7 @@
 A shard server process keeps its rows on the GPU (`--device cuda`); the client maps the
 shard's staging buffer with CUDA IPC. Rows, readouts and applied gradients must be bitwise
 what the gRPC path gives, also through a buffer smaller than the answer, and a read during
-back-to-back swaps must see one version.
+unpaced back-to-back swaps must see one version, without failing or reading again (leases).
 
     python -m pytest -q tests/store/test_transport_cuda.py | tee benchmarks/results/transport_cuda_pytest.txt
 """
@@ -124,21 +124,25 @@ def test_cuda_ipc_reads_during_swaps_see_one_version(published):
         admin.flip_version(v)
         admin.release_version(v - 1)
         want[v] = _bits(admin.fetch(ids))
-    stop, seen, failures = threading.Event(), [], []
+    stop, seen, failures, flips = threading.Event(), [], [], [0]
 
     def swap():
-        # Paced: a swap every 20 ms at most. Unpaced, a GPU shard swaps faster than a read of
-        # 20,000 rows through a 1 MiB buffer (dozens of pieces) completes, so every attempt
-        # finds its pinned version released and the read ends, after `retries` attempts, in
-        # StaleVersion: a clear error, never a torn read (measured on the H100, 2026-12-07).
+        # Unpaced, back to back. Before leases a GPU shard swapped faster than a read of 20,000
+        # rows through a 1 MiB buffer (dozens of pieces) completed, so every attempt found its
+        # pinned version released and the read ended in StaleVersion (H100, 2026-12-07; the test
+        # then paced swaps at 20 ms). Now each read holds a lease on its version
+        # (store_service/leases.py): it finishes on it without reading again.
         serving = v1 + 2
-        while not stop.is_set():
-            nxt = v1 + (serving - v1 + 1) % 3
-            admin.prepare_version(root, nxt)
-            admin.flip_version(nxt)
-            admin.release_version(serving)
-            serving = nxt
-            time.sleep(0.02)
+        try:
+            while not stop.is_set():
+                nxt = v1 + (serving - v1 + 1) % 3
+                admin.prepare_version(root, nxt)
+                admin.flip_version(nxt)
+                admin.release_version(serving)
+                serving = nxt
+                flips[0] += 1
+        except Exception as exc:
+            failures.append(exc)
 
     def read():
         try:
@@ -153,7 +157,8 @@ def test_cuda_ipc_reads_during_swaps_see_one_version(published):
     for t in threads:
         t.start()
     deadline = time.monotonic() + 60   # until reads saw two versions, at most a minute
-    while time.monotonic() < deadline and not failures and not (len(seen) >= 10 and len(set(seen)) >= 2):
+    while time.monotonic() < deadline and not failures and not (
+            flips[0] >= 10 and len(seen) >= 10 and len(set(seen)) >= 2):
         time.sleep(0.1)
     stop.set()
     for t in threads:
@@ -163,6 +168,7 @@ def test_cuda_ipc_reads_during_swaps_see_one_version(published):
     proc.stop()
     assert not failures, failures
     assert seen and None not in seen and len(set(seen)) >= 2, seen
+    assert flips[0] >= 10 and path.rereads == 0, (flips[0], path.rereads)
 
 
 def test_cuda_ipc_through_the_data_path_seam(published):
@@ -181,3 +187,28 @@ def test_cuda_ipc_through_the_data_path_seam(published):
         fast.close()
         grpc_only.close()
         proc.stop()
+
+
+def test_cuda_ipc_readout_backward_through_the_seam_is_bitwise_grpc(published):
+    """readout_backward's grad_out through CUDA IPC (RemoteShard's DataPath seam) leaves the
+    table bitwise as the gRPC path does after end_step, with the same grad of the weights."""
+    root, version = published
+    a, b = _serve(root, version), _serve(root, version)
+    fast = RemoteShard(a.address, admin_token=TOKEN, timeout_s=60, data_paths=("cuda_ipc",), device="cuda")
+    plain = RemoteShard(b.address, admin_token=TOKEN, timeout_s=60)
+    try:
+        g = torch.Generator().manual_seed(5)
+        ids = torch.randint(-1, 20000, (512, 8), generator=g)
+        w = torch.rand(512, 8, generator=g)
+        grad_out = torch.randn(512, 256, generator=g)
+        got = fast.readout_backward(ids, w, grad_out, request_id="rb")
+        assert fast.data_path_kind == "cuda_ipc"
+        assert torch.equal(_bits(got), _bits(plain.readout_backward(ids, w, grad_out, request_id="rb")))
+        assert fast.end_step(0) == plain.end_step(0) == 1
+        every = torch.arange(20000)
+        assert torch.equal(_bits(fast.fetch(every)), _bits(plain.fetch(every)))
+    finally:
+        fast.close()
+        plain.close()
+        a.stop()
+        b.stop()

@@ -1,9 +1,11 @@
 """A reader on a bulk path while the shard swaps versions sees one version, never a torn buffer.
 
-The shard serves v1, v2 = v1 + 1000, v3 = v1 + 2000 in turn (prepare, flip, release, as fast
-as it can) while reader threads fetch every row through a small staging buffer, so each read
-is many pieces with swaps landing between them. Every answer must equal one version's rows
-exactly; a mix of versions matches none."""
+The shard serves v1, v2 = v1 + 1000, v3 = v1 + 2000 in turn (prepare, flip, release, back to
+back, unpaced) while reader threads fetch every row through a small staging buffer (or over
+gRPC in parts on several channels), so each read is many pieces with swaps landing between
+them. Every answer must equal one version's rows exactly (a mix of versions matches none), and
+none fails: each read pins its version with a lease (store_service/leases.py), so it finishes
+on that version without reading again."""
 from __future__ import annotations
 
 import random
@@ -14,7 +16,9 @@ import pytest
 import torch
 
 from store_service import persistence
+from store_service.client import RemoteShard
 from store_service.config import TableConfig
+from store_service.grpc_datapath import WireConfig
 from store_service.server import serve_shard
 from store_service.shard import Shard
 from store_service.table import Table
@@ -32,7 +36,31 @@ def _publish_shifted(root: str, src: int, dst: int, shift: float) -> None:
         persistence.finish_version(stage, dst)
 
 
-@pytest.mark.parametrize("kind", ["shm", "torch_dist"])
+class _GrpcReader:
+    """RemoteShard's gRPC path with tiny parts: 2000 rows in 4 parts (one per channel) of
+    FetchStream pieces of 64 rows, all in flight."""
+
+    def __init__(self, address: str):
+        self.remote = RemoteShard(address, admin_token=TOKEN, timeout_s=30,
+                                  wire_config=WireConfig(channels=4, stream_min_rows=1, split_min_rows=100,
+                                                         chunk_rows=64))
+        self.rereads = 0
+
+    def fetch(self, ids):
+        return self.remote.fetch(ids)
+
+    def close(self):
+        self.remote.close()
+
+
+def _reader(address: str, kind: str):
+    if kind == "grpc":
+        return _GrpcReader(address)
+    # 8 KiB slots hold 64 rows: a read of 2000 rows is 32 pieces.
+    return BulkPath.open(address, TOKEN, kind, ClientConfig(buffer_bytes=4 * 8192, slots=4, timeout_s=30, retries=50))
+
+
+@pytest.mark.parametrize("kind", ["shm", "torch_dist", "grpc"])
 def test_reads_during_swaps_see_one_version(tmp_path, kind):
     root = str(tmp_path)
     v1 = Table.create(TableConfig(d_k=8, d_v=32, segments=[("flat", 2000)], seed=9), root).snapshot()
@@ -42,27 +70,26 @@ def test_reads_during_swaps_see_one_version(tmp_path, kind):
     want = {v: Shard.load(root, v, 0).fetch(ids) for v in (v1, v1 + 1, v1 + 2)}
     shard = Shard.load(root, v1, 0)
     server = serve_shard(shard, admin_token=TOKEN, max_workers=16)
-    # 8 KiB slots hold 64 rows: a read of 2000 rows is 32 pieces.
-    cfg = ClientConfig(buffer_bytes=4 * 8192, slots=4, timeout_s=30, retries=50)
-    paths = [BulkPath.open(server.address, TOKEN, kind, cfg) for _ in range(2)]
+    paths = [_reader(server.address, kind) for _ in range(2)]
     stop, flips, seen, failures = threading.Event(), [0], [], []
 
     def swap():
         serving = v1
-        while not stop.is_set():
-            nxt = v1 + (serving - v1 + 1) % 3
-            shard.prepare_version(root, nxt)
-            shard.flip_version(nxt)
-            shard.release_version(serving)
-            serving = nxt
-            flips[0] += 1
-            # A version lives a while once flipped to (as a real swap's does): a back-to-back loop
-            # (faster since loads read chunks in parallel) can release every version before a
-            # 32-piece read of it ends, through all of the reader's retries, which then fail with
-            # StaleVersion (a clear error, never a torn read). 50 ms was not always enough on a
-            # 2-core host; a lease that keeps a pinned version until its reads end is the fix
-            # still to build (issue 21's note).
-            stop.wait(0.2)
+        try:
+            while not stop.is_set():
+                nxt = v1 + (serving - v1 + 1) % 3
+                shard.prepare_version(root, nxt)
+                shard.flip_version(nxt)
+                shard.release_version(serving)
+                serving = nxt
+                flips[0] += 1
+                # Back to back, unpaced: a release waits (bounded) while reads hold leases on the
+                # one retired version a shard keeps, so swaps never starve reads.
+                retired = shard.held_versions()["retired"]
+                if len(retired) > 1:
+                    failures.append(AssertionError(f"{retired} retired versions kept"))
+        except Exception as exc:
+            failures.append(exc)
 
     def read(path):
         try:
@@ -90,6 +117,8 @@ def test_reads_during_swaps_see_one_version(tmp_path, kind):
     assert not failures, failures
     assert None not in seen, "a read mixed versions"
     assert flips[0] >= 10 and len(seen) >= 10 and len(set(seen)) >= 2, (flips[0], len(seen), set(seen))
+    assert [p.rereads for p in paths] == [0, 0], "a read started again: its lease did not hold its version"
+    assert shard.leases.revoked == 0 and shard.held_versions()["leased"] == []
 
 
 @pytest.mark.parametrize("kind", ["shm", "torch_dist"])
