@@ -213,14 +213,27 @@ def wire_bench(d: dict) -> str:
     return out + f"; {h.get('tls', '')}"
 
 
+def lr_note(r: dict) -> str:
+    return f" (lr {r['lr']:g})"
+
+
 def optimizer_tradeoff(d: dict) -> str:
+    h = d["headline"]
+    tuned = "tuning_seeds" in h             # issue 24's protocol: each kind's row lr chosen on a tuning half
     parts = []
-    for kind, r in d["headline"]["optimizers"].items():
+    for kind, r in h["optimizers"].items():
         loss, rec = r["heldout_loss"], r["recall_heldout"]
-        parts.append(f"{kind} loss {_f(loss['median'])} [{_f(loss['min'])}, {_f(loss['max'])}], recall "
-                     f"{_p(rec['median'])}, state {_p(r['optimizer_over_values'])} of values")
-    n = next(iter(d["headline"]["optimizers"].values()))["heldout_loss"]["n"]
-    return f"held-out loss median [min, max] over {n} seeds: " + "; ".join(parts)
+        parts.append(f"{kind}{lr_note(r) if tuned else ''} loss {_f(loss['median'])} "
+                     f"[{_f(loss['min'])}, {_f(loss['max'])}], recall {_p(rec['median'])} "
+                     f"[{_p(rec['min'])}, {_p(rec['max'])}], state {_p(r['optimizer_over_values'])} of values")
+    n = next(iter(h["optimizers"].values()))["heldout_loss"]["n"]
+    if not tuned:
+        return (f"{d['config']['steps']} steps, one row lr for every kind (untuned); held-out loss median "
+                f"[min, max] over {n} seeds: " + "; ".join(parts))
+    trials = sorted(set(h["tuning_trials_per_kind"].values()))
+    return (f"each kind's row lr chosen on the tuning half ({'/'.join(map(str, trials))} trials per kind: factors "
+            f"{', '.join(f'{x:g}' for x in h['lr_grid_factors'])} of its centre, seed {h['tuning_seeds']}); test half, "
+            f"{h['steps']} steps, median [min, max] over {n} seeds: " + "; ".join(parts))
 
 
 def transport_bench(d: dict) -> str:
@@ -268,7 +281,7 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
      "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
-     "the quality benchmark's knowledge model trained with each row optimizer, same seeds (CPU check, 100 steps)",
+     "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
      optimizer_tradeoff),
     ("transport_bench_cpu.json", "`python benchmarks/transport_bench.py`",
      "same-host and cross-host transports against gRPC (CPU)", transport_bench),
