@@ -65,8 +65,34 @@ def _presets(d: dict) -> dict[str, str]:
     return {k: "+".join(sorted(v)) for k, v in seen.items()}
 
 
+def _range(s: dict, digits: int = 3) -> str:
+    return f"{_f(s['median'], digits)} [{_f(s['min'], digits)}, {_f(s['max'], digits)}]"
+
+
+def quality_protocol(d: dict) -> str:
+    """A run of issue 24's protocol (benchmarks/quality_protocol.py)."""
+    h = d["headline"]
+    fams, sp = list(h["test"]), h["split"]
+    counts = [h["tuning_trials_per_family"][f] for f in fams]
+    trials = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+    out = (f"variant of each family chosen on the tuning half ({trials} trials per family, seeds "
+           f"{h['tuning_seeds']}): " + ", ".join(f"{f} -> {h['chosen'][f]}" for f in fams)
+           + f". Test half ({sp['test_facts']} facts, {sp['test_prompts']} held-out-phrasing prompts), {h['steps']} steps, "
+           f"{len(h['seeds'])} seeds, recall median [min, max]: "
+           + "; ".join(f"{f} {_range(h['test'][f]['recall_heldout'])}" for f in fams))
+    k = h.get("knowledge_minus_best_baseline")
+    if k:
+        ps, bs = k["paired_by_seed"], k["bootstrap_over_test_facts"]
+        out += (f". Knowledge minus the best baseline ({k['baseline']}): **{ps['mean']:+.3f}** ± {_f(ps['se'], 3)} "
+                f"(seed s.e.), 95% bootstrap over test facts [{bs['lo']:+.3f}, {bs['hi']:+.3f}]")
+    out += "; trained phrasing " + " / ".join(_f(h["test"][f]["recall_seen"]["median"], 3) for f in fams)
+    return out
+
+
 def quality(d: dict) -> str:
     h = d["headline"]
+    if "test" in h:
+        return quality_protocol(d)
     keys = [k for k in ("dense", "dense_2x", "moe", "knowledge") if k in h["recall_heldout"]]
     se = h.get("recall_heldout_se", {})
     out = (f"models {' / '.join(keys)} (knowledge preset: {_presets(d).get('knowledge', '?')}), "
