@@ -1,34 +1,42 @@
-"""Quality at matched active parameters: dense vs MoE vs MoE + knowledge (and a
-dense model with twice the knowledge model's active parameters), the same
-training tokens and data, on this CPU. Also: training throughput with the table
-served by 2 gRPC shard processes on loopback vs the in-process table.
+"""Quality at matched active parameters: dense vs MoE vs MoE + knowledge, the same
+training tokens and data, on this CPU, under issue 24's protocol. Also (unless
+--no-throughput): training throughput with the table served by 2 gRPC shard processes on
+loopback vs the in-process table.
 
-    python benchmarks/quality.py                      # ~30 min on 2 CPU cores (4 models x 3 seeds)
-    python benchmarks/quality.py --seeds 0,1,2,3,4,5 --reuse benchmarks/results/quality.json   # 3 more seeds
-    python benchmarks/quality.py --seeds 0 --steps 300 --no-throughput   # a quick look
+    nice -n 10 python benchmarks/quality.py --no-throughput    # ~70 min on 2 shared CPU cores (15 runs)
+    python benchmarks/quality.py --size tiny --corpus tiny --knowledge '{}' --steps 5 --no-throughput   # a smoke run
 
-The regime (the defaults): the "medium" corpus (~640 facts: 60 countries, 150
-cities; one paraphrase template per relation held out), 1500 steps of 32 x 64
-tokens (~25 passes over the training text, enough for these models to memorise
-a good share of the facts; with fewer passes every model sits at the
-majority-answer baseline and the comparison is noise). The knowledge model is
-the small-knowledge-2l preset (knowledge layers beside the FFNs of blocks 1 and 2,
-both over one 16k-row table, n_sub 128; chosen over the one-layer small-knowledge
-on seeds 100-102, which the reported seeds do not include) at matched active
-parameters (the codebooks count as active, the rows it does not read do not).
-Recall is exact match over *all* held-out-phrasing prompts of the trained
-facts; the headline is the mean over `--seeds`, each seed is reported beside it,
-with recall on a seen phrasing and per relation in each run's `final_recall`.
+Protocol (benchmarks/quality_protocol.py): the trained facts' held-out-phrasing prompts
+(and held-out loss texts) are split by fact, with --split-seed, into a tuning half and a
+test half. Every family (dense, MoE, MoE + knowledge) has the same number of variants,
+fixed in advance: its preset and one other way of spending the same active parameters
+(quality_protocol.VARIANTS). Each variant trains once per --tune-seeds seed and is
+scored on the tuning half only; the family's variant with the best tuning-half recall is
+chosen; the chosen variant then trains once per --seeds seed (disjoint from the tuning
+seeds) and is scored on the test half only. The JSON holds the tuning (trials per family,
+what was tried, each trial's tuning metrics, the winner), every run, and a headline of
+test-half figures: per family mean / median / min / max / seed s.e. over the reported
+seeds, and knowledge minus the best baseline (the baseline family with the highest
+test-half mean, i.e. the hardest comparator) paired by seed and with a bootstrap
+interval over test facts.
 
-On a GPU, `--device cuda --jobs 12 --time-budget 150` puts every run's model and
-table on the GPU and sets --steps so that the slowest run fits the budget;
-`--reuse FILE` keeps the finished runs of an earlier call trained with the same
-settings (a lease ends mid-benchmark) and trains only the missing ones.
+The regime (the defaults): the "medium" corpus (~640 facts: 60 countries, 150 cities;
+one paraphrase template per relation held out), 1500 steps of 32 x 64 tokens (~25 passes
+over the training text, enough for these models to memorise a good share of the facts;
+with fewer passes every model sits at the majority-answer baseline and the comparison
+is noise). Active parameters are matched (the codebooks count as active, the rows a
+token does not read do not). The rows' lr is the preset's (0.05, rowwise): not tuned
+here (benchmarks/optimizer_tradeoff.py tunes it per row optimizer).
+
+On a GPU, `--device cuda --jobs 12 --time-budget 150` puts every run's model and table
+on the GPU and sets --steps so that the slowest run fits the budget; `--reuse FILE` (the
+result or its .partial.json, written after every run) keeps the finished runs of an
+earlier call at the same commit and settings and trains only the missing ones.
 `--throughput-only` measures remote vs in-process training throughput alone;
 `--summarize FILE` rebuilds a saved JSON's headline and PNG without training.
 
-Writes benchmarks/results/quality.json and quality.png (recall vs training steps).
-What it measured on an H200: benchmarks/QUALITY_NOTES.md.
+Writes benchmarks/results/quality.json and quality.png. What it measured:
+benchmarks/QUALITY_NOTES.md.
 """
 from __future__ import annotations
 
@@ -40,23 +48,25 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from benchmarks.common import ByteCounter, CallTimer, check_reuse, cpu_model, provenance, server_handling_seconds  # noqa: E402
-
-from model_worker import evaluate  # noqa: E402
+from benchmarks.common import (ByteCounter, CallTimer, check_reuse, cpu_model, provenance,  # noqa: E402
+                               server_handling_seconds, write_result)
+from benchmarks.quality_protocol import (VARIANTS, Variant, choose, evaluate_half, headline,  # noqa: E402
+                                         merge_overrides, split_examples)
 from model_worker.config import configs  # noqa: E402
 from model_worker.data import ByteTokenizer, build_corpus  # noqa: E402
-from model_worker.generate import generate_fn  # noqa: E402
 from store_service.testing import loopback_table  # noqa: E402
 from model_worker.train import TrainConfig, create_table, model_config, table_config, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = {"dense": "small-dense", "dense_2x": "small-dense-2x", "moe": "small-moe", "knowledge": "small-knowledge-2l"}
+# The knowledge model of the throughput comparison and of benchmarks/optimizer_tradeoff.py.
+RUNS = {"knowledge": "small-knowledge-2l"}
 
 
 def device_string(device: str = "cpu") -> str:
@@ -253,129 +263,103 @@ def throughput_one_mode(args, work: Path, readout: str) -> dict:
     return out
 
 
-@torch.no_grad()
-def final_detail(model, corpus, batch_size: int = 64) -> dict:
-    """The trained model's recall per relation on held-out phrasings, and on a seen phrasing."""
-    model.eval()
-    fn = generate_fn(model, ByteTokenizer())
-    out = {}
-    with model.reading(readout="fetch"):
-        for name, examples in (("heldout", corpus.eval), ("seen", corpus.eval_seen)):
-            r = evaluate.recall_on_examples(fn, examples, batch_size=batch_size)
-            out[name] = {"recall": r["recall"], "n": r["n"],
-                         "by_type": {t: round(v["recall"], 4) for t, v in r["by_type"].items()}}
-    return out
+def variant_config(args, v: Variant, out_dir: str, seed: int, **kw) -> TrainConfig:
+    """A variant's TrainConfig: the shared settings, the preset, the --knowledge overrides
+    (knowledge presets), the variant's own overrides; no evaluation during training (the
+    evaluation after it sees one half of the prompts only)."""
+    cfg = base_config(args, v.preset, out_dir, seed=seed, eval_every=0, **kw)
+    cfg.model_overrides = merge_overrides(cfg.model_overrides, v.overrides)
+    return cfg
 
 
 def _timing_run(job) -> float:
     """Seconds per training step of one run's config, measured with the other runs
     training beside it (the contention the real runs will see): `--time-budget`."""
-    args, key, seed, work = job
+    args, phase, v, seed, work = job
     torch.set_num_threads(args.threads)
     warm, timed = 10, args.calibrate_steps
-    cfg = base_config(args, RUNS[key], str(Path(work) / f"calib_{key}_seed{seed}"), seed=seed,
-                      steps=warm + timed, eval_every=0)
+    cfg = variant_config(args, v, str(Path(work) / f"calib_{v.name}_seed{seed}"), seed, steps=warm + timed)
     marks = []
     train(cfg, step_hook=lambda done: marks.append(time.perf_counter()))
     return (marks[-1] - marks[warm - 1]) / timed
 
 
-def _quality_run(job) -> dict:
-    args, key, seed, work = job
+def _job(job) -> dict:
+    """Train one variant with one seed and evaluate it on one half: a tuning run (tuning
+    seed) on the tuning half only, a reported run (reported seed) on the test half only."""
+    args, phase, v, seed, work = job
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    cfg = base_config(args, RUNS[key], str(Path(work) / f"{key}_seed{seed}"), seed=seed)
+    cfg = variant_config(args, v, str(Path(work) / f"{phase}_{v.name}_seed{seed}"), seed)
     r = train(cfg)
-    detail = final_detail(r["model"], build_corpus(cfg.corpus), args.eval_batch_size)
-    return {"key": key, "seed": seed, "preset": RUNS[key], "params": r["params"], "evals": r["evals"], "final_train_loss": r["final_loss"],
-            "final_recall": detail, "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
-            "wall_s": time.time() - t0, "model_config": r["model"].cfg.to_dict()}
+    t1 = time.time()
+    half = split_examples(build_corpus(cfg.corpus), args.split_seed)[phase]
+    ev = evaluate_half(r["model"], half, cfg.seq_len, cfg.batch_size, args.eval_batch_size, seen=phase == "test")
+    return {"phase": phase, "variant": v.to_dict(), "seed": seed, "params": r["params"], "tokens": r["tokens"],
+            "final_train_loss": r["final_loss"], "tokens_per_s": r["tokens_per_s"], **ev,
+            "train_s": t1 - t0, "wall_s": time.time() - t0, "model_config": r["model"].cfg.to_dict()}
+
+
+def job_key(phase: str, v: Variant, seed: int) -> str:
+    return f"{phase}/{v.name}/{seed}"
 
 
 # Settings that must match for an earlier call's run to stand beside this call's runs.
 SAME_TRAINING = ("steps", "seq_len", "batch_size", "lr", "value_lr", "knowledge", "knowledge_model", "warmup",
-                 "corpus", "device")
-ADDED_LATER = {"knowledge_model": ""}   # what an option meant in files written before it existed
+                 "corpus", "device", "split_seed", "size")
 
 
-def reuse_runs(args, path: Path, by_seed: dict, keys: list[str]) -> dict:
-    """Take the finished runs of an earlier call (e.g. a GPU lease that ended mid-benchmark)
-    into `by_seed`, after checking that they were trained with the same settings."""
+def reuse_jobs(args, path: Path) -> tuple[dict, dict]:
+    """The finished runs of an earlier call (its result or its .partial.json: a GPU lease
+    that ended mid-benchmark) trained with the same settings, by job key; a run whose
+    variant is defined otherwise now is left out (it is trained again). Refused when the
+    earlier call ran at another commit, unless --force-reuse (then marked)."""
     old = json.loads(path.read_text())
-    marked = check_reuse(old, getattr(args, "force_reuse", False), f"--reuse {path}")   # code version, not only settings
-    prev = old["config"]
+    marked = check_reuse(old, getattr(args, "force_reuse", False), f"--reuse {path}")
+    prev = dict(old["config"])
     if old.get("calibration"):                      # --time-budget chose the steps there
-        prev = {**prev, "steps": old["calibration"]["steps"]}
-    prev = {**ADDED_LATER, **prev}
+        prev["steps"] = old["calibration"]["steps"]
     diff = {k: (prev.get(k), getattr(args, k)) for k in SAME_TRAINING if prev.get(k) != getattr(args, k)}
     if diff:
         raise SystemExit(f"--reuse {path}: trained with other settings (earlier, now): {diff}")
-    taken = []
-    for seed, runs in old["runs_by_seed"].items():
-        for key, r in runs.items():
-            if r.get("preset", RUNS.get(key)) != RUNS.get(key):   # that model has changed since
-                continue
-            if int(seed) in by_seed and key in keys:
-                by_seed[int(seed)][key] = r
-                taken.append(f"{key}_seed{seed}")
+    now = {v.name: v.to_dict() for vs in VARIANTS[args.size].values() for v in vs}
+    taken = {k: r for k, r in old.get("jobs", {}).items() if now.get(r["variant"]["name"]) == r["variant"]}
     print(f"reusing {len(taken)} runs from {path}: {', '.join(taken)}", flush=True)
-    info = {"from": str(path), "device": old.get("device"), "command": old.get("command"), "runs": taken, **marked}
-    if old.get("throughput"):
-        info["throughput"] = old["throughput"]
-    return info
+    return taken, {"from": str(path), "device": old.get("device"), "command": old.get("command"),
+                   "runs": sorted(taken), **marked}
 
 
-def _mean_and_se(xs: list[float]) -> dict:
-    """Mean and its standard error over seeds (se is None for one seed)."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return {"mean": m, "se": None}
-    var = sum((x - m) ** 2 for x in xs) / (len(xs) - 1)
-    return {"mean": m, "se": (var / len(xs)) ** 0.5}
+def split_summary(corpus, seed: int) -> dict:
+    halves = split_examples(corpus, seed)
+    test = halves["test"]
+    index = {k: i for i, k in enumerate(test["facts"])}
+    return {"split_seed": seed, "by": "fact (subject, relation): all phrasings of a fact on one side",
+            "tune_facts": len(halves["tune"]["facts"]), "tune_prompts": len(halves["tune"]["eval"]),
+            "test_facts": len(test["facts"]), "test_prompts": len(test["eval"]),
+            "test_fact_of_prompt": [index[(e.subject, e.relation)] for e in test["eval"]]}
 
 
-def headline(results: dict, keys: list[str], seeds: list, corpus: str) -> dict:
-    """The summary a reader looks for first, from the runs of every seed. The per-seed
-    spread and the paired (same seed) differences say whether a gap is more than noise."""
-    by_seed = {s: results["runs_by_seed"][s] for s in seeds}
-    runs = results["runs"]
-
-    def final(s, k, metric="recall_heldout"):
-        return by_seed[s][k]["evals"][-1][metric]
-
-    recall = {k: _mean_and_se([final(s, k) for s in seeds]) for k in keys}
-    out = {
-        "recall_heldout": {k: recall[k]["mean"] for k in keys},
-        "recall_heldout_se": {k: recall[k]["se"] for k in keys},
-        "recall_heldout_per_seed": {s: {k: final(s, k) for k in keys} for s in seeds},
-        "recall_seen_phrasing": {k: sum(by_seed[s][k]["final_recall"]["seen"]["recall"] for s in seeds)
-                                 / len(seeds) for k in keys},
-        "heldout_loss": {k: _mean_and_se([final(s, k, "heldout_loss") for s in seeds])["mean"] for k in keys},
-        "seeds": list(seeds),
-        "corpus": corpus,
-        "active_params": {k: runs[k]["params"]["active"] for k in runs},
-        "total_params": {k: runs[k]["params"]["total"] for k in runs},
-        "remote_over_local_tokens_per_s": results.get("throughput", {}).get("remote_over_local"),
-        "remote_over_fastest_local_tokens_per_s": results.get("throughput", {}).get("remote_over_fastest_local"),
-        "training_tokens": {k: runs[k]["tokens"] for k in runs},
-    }
-    if "knowledge" in keys:
-        others = [k for k in keys if k != "knowledge"]
-        paired = {k: _mean_and_se([final(s, "knowledge") - final(s, k) for s in seeds]) for k in others}
-        out["knowledge_recall_minus"] = {k: paired[k]["mean"] for k in others}
-        out["knowledge_recall_minus_se"] = {k: paired[k]["se"] for k in others}
-        out["knowledge_wins_per_seed"] = {s: all(final(s, "knowledge") > final(s, k) for k in others) for s in seeds}
+def tuning_record(families: dict, jobs: dict, tune_seeds: list) -> dict:
+    """Per family: trials, what was tried with its tuning-half metrics, and the winner,
+    chosen from those metrics alone (`choose`)."""
+    out = {}
+    for fam, vs in families.items():
+        runs = {v.name: [jobs[job_key("tune", v, s)] for s in tune_seeds] for v in vs}
+        tried = [{"variant": v.name, "what": v.what, "preset": v.preset, "overrides": v.overrides,
+                  "active_params": runs[v.name][0]["params"]["active"],
+                  "tune_recall_heldout": statistics.fmean(r["recall_heldout"] for r in runs[v.name]),
+                  "tune_heldout_loss": statistics.fmean(r["heldout_loss"] for r in runs[v.name])} for v in vs]
+        metrics = {n: [{"recall_heldout": r["recall_heldout"], "heldout_loss": r["heldout_loss"]} for r in rs]
+                   for n, rs in runs.items()}
+        out[fam] = {"trials": len(vs) * len(tune_seeds), "tried": tried, "winner": choose(metrics),
+                    "rule": " ".join(choose.__doc__.split(". `")[0].split())}
     return out
 
 
 def summarize(path: Path, out: Path) -> dict:
-    """Rebuild the headline and the PNG of a saved quality JSON (no training): for runs
-    gathered over several calls, or a headline that gained fields since."""
+    """Rebuild the headline and the PNG of a saved quality JSON (no training)."""
     results = json.loads(path.read_text())
-    keys = list(results["runs"])
-    seeds = list(results["runs_by_seed"])
-    results["headline"] = headline(results, keys, seeds, results["config"]["corpus"])
-    # the runs' own provenance stays with them; this call's (it only re-summarized) beside it
+    results["headline"] = build_headline(results)
     results["runs_provenance"] = results.get("runs_provenance") or results.get("provenance")
     results["provenance"] = provenance(device=results.get("provenance", {}).get("device", "cpu"))
     out.write_text(json.dumps(results, indent=2))
@@ -383,34 +367,45 @@ def summarize(path: Path, out: Path) -> dict:
     return results["headline"]
 
 
+def build_headline(results: dict) -> dict:
+    c = results["config"]
+    jobs, tuning = results["jobs"], results["tuning"]
+    test = {f: [jobs[f"test/{t['winner']}/{s}"] for s in c["seeds"]] for f, t in tuning.items()}
+    h = headline(tuning, test, results["split"], c["seeds"], c["tune_seeds"], c["corpus"], c["steps"])
+    h["remote_over_fastest_local_tokens_per_s"] = results.get("throughput", {}).get("remote_over_fastest_local")
+    return h
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    h, tuning = results["headline"], results["tuning"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    by_seed = results["runs_by_seed"]
-    for i, name in enumerate(results["runs"]):
-        runs = [by_seed[s][name] for s in by_seed]
-        label = f"{name} ({runs[0]['params']['active'] / 1e3:.0f}k active, {runs[0]['params']['total'] / 1e6:.2f}M total)"
-        for ax, metric in ((a, "recall_heldout"), (b, "heldout_loss")):
-            # Runs reused from another call may have been evaluated at other steps: the
-            # mean is drawn at the steps every run shares (at least the last one).
-            shared = sorted(set.intersection(*({e["step"] for e in r["evals"]} for r in runs)))
-            at = [{e["step"]: e[metric] for e in r["evals"]} for r in runs]
-            ax.plot(shared, [sum(c[t] for c in at) / len(at) for t in shared], marker="o", color=f"C{i}",
-                    label=label, ls="none" if len(shared) == 1 else "-")
-            if len(runs) > 1:
-                for r in runs:
-                    ax.plot([e["step"] for e in r["evals"]], [e[metric] for e in r["evals"]],
-                            color=f"C{i}", alpha=0.3, lw=0.8, marker="." if len(r["evals"]) == 1 else None)
-    a.set(xlabel="training step", ylabel="fact recall, held-out phrasings",
-          title=f"Recall vs training steps (mean of {len(by_seed)} seed(s); thin: each seed)")
-    b.set(xlabel="training step", ylabel="held-out loss (nats/token)", title="Held-out text loss")
+    for i, (fam, t) in enumerate(h["test"].items()):
+        runs = [results["jobs"][f"test/{t['variant']}/{s}"]["recall_heldout"] for s in h["seeds"]]
+        r = t["recall_heldout"]
+        a.bar(i, r["median"], color=f"C{i}", alpha=0.5)
+        a.errorbar(i, r["median"], yerr=[[r["median"] - r["min"]], [r["max"] - r["median"]]], color="k", capsize=4)
+        a.plot([i] * len(runs), runs, "k.", alpha=0.6)
+    a.set_xticks(range(len(h["test"])), [f"{f}\n{t['variant']}" for f, t in h["test"].items()], fontsize=8)
+    a.set(ylabel="recall, held-out phrasings, test half",
+          title=f"test half: median, min-max, each seed ({len(h['seeds'])} seeds)")
+    names, vals, cols = [], [], []
+    for i, (fam, t) in enumerate(tuning.items()):
+        for tr in t["tried"]:
+            names.append(tr["variant"] + (" *" if tr["variant"] == t["winner"] else ""))
+            vals.append(tr["tune_recall_heldout"])
+            cols.append(f"C{i}")
+    b.bar(range(len(vals)), vals, color=cols)
+    b.set_xticks(range(len(vals)), names, rotation=30, fontsize=8)
+    b.set(ylabel="recall, held-out phrasings, tuning half",
+          title=f"tuning trials (seeds {h['tuning_seeds']}); * chosen")
     for ax in (a, b):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _wire_variants(text: str) -> str:
@@ -423,10 +418,14 @@ def _wire_variants(text: str) -> str:
     return text
 
 
-def main() -> None:
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--evals", type=int, default=3, help="evaluations per run")
+    ap.add_argument("--evals", type=int, default=1, help="(unused by the quality runs: they evaluate once, at the end)")
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -436,10 +435,12 @@ def main() -> None:
                     help='JSON overrides of the knowledge model\'s config, e.g. \'{"d_ff": 144}\'')
     ap.add_argument("--warmup", type=int, default=40)
     ap.add_argument("--corpus", default="medium")
-    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2],
-                    help="comma-separated seeds; the headline is the mean over seeds, each seed is reported too")
+    ap.add_argument("--size", default="small", choices=sorted(VARIANTS), help="the variant table (tiny: tests)")
+    ap.add_argument("--families", default="dense,moe,knowledge", help="comma-separated families of the variant table")
+    ap.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="the reported seeds (test half)")
+    ap.add_argument("--tune-seeds", type=_ints, default=[100], help="the tuning seeds (tuning half); disjoint from --seeds")
+    ap.add_argument("--split-seed", type=int, default=24, help="the seed that splits the facts into tuning and test halves")
     ap.add_argument("--tput-steps", type=int, default=40)
-    ap.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of " + ",".join(RUNS))
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--wire-variants", default="", type=_wire_variants,
                     help="comma-separated readout wire formats to also time remotely, "
@@ -470,73 +471,102 @@ def main() -> None:
                     help="prompts per generation call in recall; on a GPU use ~1024 (decoding is launch-bound: "
                          "the H200 runs spent most of their wall time decoding groups of <= 64 prompts)")
     ap.add_argument("--reuse", default=None,
-                    help="a (partial) quality JSON from an earlier call with the same training settings: its "
-                         "finished runs are kept, only the missing (model, seed) runs are trained")
+                    help="a (partial) quality JSON of an earlier call with the same training settings: its "
+                         "finished runs are kept, only the missing ones are trained")
     ap.add_argument("--force-reuse", action="store_true",
                     help="take --reuse runs even from another commit (marked as forced in the result)")
     ap.add_argument("--summarize", default=None, metavar="FILE",
                     help="train nothing: rebuild the headline and PNG of a saved quality JSON into --out")
     ap.add_argument("--out", default=str(RESULTS / "quality.json"))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if set(args.seeds) & set(args.tune_seeds):
+        ap.error(f"--tune-seeds {args.tune_seeds} and --seeds {args.seeds} must be disjoint")
+    unknown = set(args.families.split(",")) - set(VARIANTS[args.size])
+    if unknown:
+        ap.error(f"unknown families {sorted(unknown)}; known: {sorted(VARIANTS[args.size])}")
+    return args
+
+
+def run_protocol(args, work: Path, results: dict, jobs: dict) -> None:
+    """Tuning runs first; as soon as a family's tuning runs are done its winner is chosen
+    (tuning-half metrics only) and its reported runs are queued. Each finished run is
+    written to <out>.partial.json at once (a run cut off keeps them: --reuse it)."""
+    families = {f: VARIANTS[args.size][f] for f in args.families.split(",")}
+    ctx = multiprocessing.get_context("spawn")
+    partial = Path(args.out).with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    tuning: dict = {}
+    with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+        tune_jobs = [(args, "tune", v, s, str(work)) for vs in families.values() for v in vs for s in args.tune_seeds]
+        if args.time_budget:
+            per_step = dict(zip([j[2].name for j in tune_jobs], pool.map(_timing_run, tune_jobs)))
+            slowest = max(per_step.values())
+            args.steps = max(100, int(args.time_budget / slowest) // 100 * 100)
+            results["calibration"] = {"seconds_per_step": per_step, "steps": args.steps}
+            print(f"calibration: slowest {slowest * 1e3:.1f} ms/step -> {args.steps} steps per run", flush=True)
+        pending = {pool.submit(_job, j): j for j in tune_jobs if job_key(*j[1:4]) not in jobs}
+
+        def queue_tested(fam: str) -> None:
+            tuning[fam] = tuning_record({fam: families[fam]}, jobs, args.tune_seeds)[fam]
+            win = next(v for v in families[fam] if v.name == tuning[fam]["winner"])
+            print(f"{fam}: chose {win.name} on the tuning half", flush=True)
+            for s in args.seeds:
+                j = (args, "test", win, s, str(work))
+                if job_key("test", win, s) not in jobs:
+                    pending[pool.submit(_job, j)] = j
+
+        def tuned(fam: str) -> bool:
+            return all(job_key("tune", v, s) in jobs for v in families[fam] for s in args.tune_seeds)
+
+        for fam in families:                          # families whose tuning runs were all reused
+            if tuned(fam):
+                queue_tested(fam)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                pending.pop(fut)
+                r = fut.result()
+                jobs[f"{r['phase']}/{r['variant']['name']}/{r['seed']}"] = r
+                partial.write_text(json.dumps({**results, "tuning": tuning, "jobs": jobs}, indent=1))
+                print(f"{r['phase']:4s} seed {r['seed']:3d} {r['variant']['name']:13s} active {r['params']['active']:>9,d} "
+                      f"recall {r['recall_heldout']:.3f} heldout_loss {r['heldout_loss']:.4f} "
+                      f"tok/s {r['tokens_per_s']:.0f} wall {r['wall_s']:.0f}s", flush=True)
+                fam = r["variant"]["family"]
+                if r["phase"] == "tune" and fam not in tuning and tuned(fam):
+                    queue_tested(fam)
+    results["tuning"] = {f: tuning[f] for f in families}
+
+
+def main() -> None:
+    args = parse_args()
     if args.summarize:
         print(json.dumps(summarize(Path(args.summarize), Path(args.out)), indent=2))
         return
-
     work = Path(tempfile.mkdtemp(prefix="kstore_quality_"))
     results: dict = {"provenance": provenance(device=args.device), "device": f"{device_string(args.device)}; {args.jobs} runs in parallel, "
                                f"{args.threads} torch thread(s) each",
-                     "command": " ".join(["python"] + sys.argv), "config": vars(args), "runs": {}}
+                     "command": " ".join(["python"] + sys.argv), "config": vars(args)}
     if args.throughput_only:
         torch.set_num_threads(args.threads)
         results.update(device=device_string(args.device), throughput=throughput(args, work))
-        del results["runs"]
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
         print(json.dumps(results["throughput"], indent=2))
         return
-    keys = args.runs.split(",")
-    # Runs are independent: run them in `--jobs` processes of one torch thread each
-    # (on a small shared CPU, one thread per process wastes far less time on contention).
-    ctx = multiprocessing.get_context("spawn")
-    by_seed: dict = {s: {} for s in args.seeds}
+    results["split"] = split_summary(build_corpus(args.corpus), args.split_seed)
+    results["variants"] = {f: [v.to_dict() for v in VARIANTS[args.size][f]] for f in args.families.split(",")}
+    jobs: dict = {}
     if args.reuse:
-        results["reused"] = reuse_runs(args, Path(args.reuse), by_seed, keys)
-    with ctx.Pool(args.jobs) as pool:
-        slow_first = sorted(keys, key=lambda k: ("knowledge", "dense_2x", "moe", "dense").index(k))
-        jobs = [(args, key, seed, str(work)) for seed in args.seeds for key in slow_first if key not in by_seed[seed]]
-        if args.time_budget:
-            per_step = dict(zip([(k, s) for _, k, s, _ in jobs], pool.map(_timing_run, jobs, chunksize=1)))
-            slowest = max(per_step.values())
-            args.steps = max(100, int(args.time_budget / slowest) // 100 * 100)
-            results["calibration"] = {"seconds_per_step": {f"{k}_seed{s}": t for (k, s), t in per_step.items()},
-                                      "steps": args.steps}
-            print(f"calibration: slowest {slowest * 1e3:.1f} ms/step -> {args.steps} steps per run", flush=True)
-        partial = Path(args.out).with_suffix(".partial.json")
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        for r in pool.imap_unordered(_quality_run, jobs, chunksize=1):
-            key, seed = r["key"], r["seed"]
-            by_seed[seed][key] = r
-            partial.write_text(json.dumps({**results, "runs_by_seed": by_seed}, indent=1))
-            last = r["evals"][-1]
-            print(f"seed {seed} {key:10s} active {r['params']['active']:>9,d} total {r['params']['total']:>10,d} "
-                  f"recall {last['recall_heldout']:.3f} (seen {r['final_recall']['seen']['recall']:.3f}) heldout_loss {last['heldout_loss']:.4f} "
-                  f"tok/s {r['tokens_per_s']:.0f} wall {r['wall_s']:.0f}s", flush=True)
+        jobs, results["reused"] = reuse_jobs(args, Path(args.reuse))
+    run_protocol(args, work, results, jobs)
+    results["jobs"] = jobs
     if not args.no_throughput:
         torch.set_num_threads(args.threads)
         results["throughput"] = throughput(args, work)
         print("throughput", json.dumps(results["throughput"]), flush=True)
-    elif results.get("reused", {}).get("throughput"):   # measured by the call whose runs we took
-        results["throughput"] = {**results["reused"].pop("throughput"), "from": results["reused"]["from"]}
-
-    results["runs_by_seed"] = {s: {k: by_seed[s][k] for k in keys} for s in args.seeds}
-    results["runs"] = dict(results["runs_by_seed"][args.seeds[0]])  # the first seed's runs, in full
-    results["headline"] = headline(results, keys, args.seeds, args.corpus)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    results["headline"] = build_headline(results)
+    write_result(args.out, results, device=args.device, plot=lambda r, p: plot(r, Path(p)))
     Path(args.out).with_suffix(".partial.json").unlink(missing_ok=True)
-    plot(results, out.with_suffix(".png"))
-    print(json.dumps(results["headline"], indent=2))
 
 
 if __name__ == "__main__":

@@ -65,8 +65,34 @@ def _presets(d: dict) -> dict[str, str]:
     return {k: "+".join(sorted(v)) for k, v in seen.items()}
 
 
+def _range(s: dict, digits: int = 3) -> str:
+    return f"{_f(s['median'], digits)} [{_f(s['min'], digits)}, {_f(s['max'], digits)}]"
+
+
+def quality_protocol(d: dict) -> str:
+    """A run of issue 24's protocol (benchmarks/quality_protocol.py)."""
+    h = d["headline"]
+    fams, sp = list(h["test"]), h["split"]
+    counts = [h["tuning_trials_per_family"][f] for f in fams]
+    trials = str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
+    out = (f"variant of each family chosen on the tuning half ({trials} trials per family, seeds "
+           f"{h['tuning_seeds']}): " + ", ".join(f"{f} -> {h['chosen'][f]}" for f in fams)
+           + f". Test half ({sp['test_facts']} facts, {sp['test_prompts']} held-out-phrasing prompts), {h['steps']} steps, "
+           f"{len(h['seeds'])} seeds, recall median [min, max]: "
+           + "; ".join(f"{f} {_range(h['test'][f]['recall_heldout'])}" for f in fams))
+    k = h.get("knowledge_minus_best_baseline")
+    if k:
+        ps, bs = k["paired_by_seed"], k["bootstrap_over_test_facts"]
+        out += (f". Knowledge minus the best baseline ({k['baseline']}): **{ps['mean']:+.3f}** ± {_f(ps['se'], 3)} "
+                f"(seed s.e.), 95% bootstrap over test facts [{bs['lo']:+.3f}, {bs['hi']:+.3f}]")
+    out += "; trained phrasing " + " / ".join(_f(h["test"][f]["recall_seen"]["median"], 3) for f in fams)
+    return out
+
+
 def quality(d: dict) -> str:
     h = d["headline"]
+    if "test" in h:
+        return quality_protocol(d)
     keys = [k for k in ("dense", "dense_2x", "moe", "knowledge") if k in h["recall_heldout"]]
     se = h.get("recall_heldout_se", {})
     out = (f"models {' / '.join(keys)} (knowledge preset: {_presets(d).get('knowledge', '?')}), "
@@ -213,14 +239,27 @@ def wire_bench(d: dict) -> str:
     return out + f"; {h.get('tls', '')}"
 
 
+def lr_note(r: dict) -> str:
+    return f" (lr {r['lr']:g})"
+
+
 def optimizer_tradeoff(d: dict) -> str:
+    h = d["headline"]
+    tuned = "tuning_seeds" in h             # issue 24's protocol: each kind's row lr chosen on a tuning half
     parts = []
-    for kind, r in d["headline"]["optimizers"].items():
+    for kind, r in h["optimizers"].items():
         loss, rec = r["heldout_loss"], r["recall_heldout"]
-        parts.append(f"{kind} loss {_f(loss['median'])} [{_f(loss['min'])}, {_f(loss['max'])}], recall "
-                     f"{_p(rec['median'])}, state {_p(r['optimizer_over_values'])} of values")
-    n = next(iter(d["headline"]["optimizers"].values()))["heldout_loss"]["n"]
-    return f"held-out loss median [min, max] over {n} seeds: " + "; ".join(parts)
+        parts.append(f"{kind}{lr_note(r) if tuned else ''} loss {_f(loss['median'])} "
+                     f"[{_f(loss['min'])}, {_f(loss['max'])}], recall {_p(rec['median'])} "
+                     f"[{_p(rec['min'])}, {_p(rec['max'])}], state {_p(r['optimizer_over_values'])} of values")
+    n = next(iter(h["optimizers"].values()))["heldout_loss"]["n"]
+    if not tuned:
+        return (f"{d['config']['steps']} steps, one row lr for every kind (untuned); held-out loss median "
+                f"[min, max] over {n} seeds: " + "; ".join(parts))
+    trials = sorted(set(h["tuning_trials_per_kind"].values()))
+    return (f"each kind's row lr chosen on the tuning half ({'/'.join(map(str, trials))} trials per kind: factors "
+            f"{', '.join(f'{x:g}' for x in h['lr_grid_factors'])} of its centre, seed {h['tuning_seeds']}); test half, "
+            f"{h['steps']} steps, median [min, max] over {n} seeds: " + "; ".join(parts))
 
 
 def transport_bench(d: dict) -> str:
@@ -268,7 +307,7 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
      "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
-     "the quality benchmark's knowledge model trained with each row optimizer, same seeds (CPU check, 100 steps)",
+     "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
      optimizer_tradeoff),
     ("transport_bench_cpu.json", "`python benchmarks/transport_bench.py`",
      "same-host and cross-host transports against gRPC (CPU)", transport_bench),

@@ -1,48 +1,49 @@
-"""benchmarks/quality.py --reuse: an earlier call's runs are taken only when trained the same way."""
+"""benchmarks/quality.py --reuse: an earlier call's runs are taken only when trained the same way,
+at the same commit; --summarize rebuilds a saved result; the throughput comparison."""
 import json
 from argparse import Namespace
 
 import pytest
 
 from benchmarks.common import git_commit
-from benchmarks.quality import SAME_TRAINING, reuse_runs
+from benchmarks.quality import SAME_TRAINING, reuse_jobs
+from benchmarks.quality_protocol import VARIANTS
 
 
 def _args(**kw):
     base = dict(steps=2300, seq_len=64, batch_size=256, lr=3e-3, value_lr=None, knowledge='{"n_sub": 128}',
-                knowledge_model="", warmup=40, corpus="medium-para", device="cuda")
+                knowledge_model="", warmup=40, corpus="medium-para", device="cuda", split_seed=24, size="small")
     return Namespace(**{**base, **kw})
+
+
+def _job(v, seed, phase="tune"):
+    return {"phase": phase, "variant": v.to_dict(), "seed": seed, "recall_heldout": 0.3, "heldout_loss": 2.4}
 
 
 def _earlier(tmp_path, **config):
     cfg = {k: v for k, v in vars(_args()).items() if k in SAME_TRAINING}
-    run = {"evals": [{"step": 2300, "recall_heldout": 0.3, "heldout_loss": 2.4}]}
+    dense, moe = VARIANTS["small"]["dense"][0], VARIANTS["small"]["moe"][0]
+    jobs = {f"tune/{dense.name}/100": _job(dense, 100), f"tune/{moe.name}/100": _job(moe, 100),
+            f"test/{dense.name}/0": _job(dense, 0, "test")}
     path = tmp_path / "earlier.json"
     path.write_text(json.dumps({"device": "GPU", "provenance": {"commit": git_commit(), "dirty": False},
-                                "config": {**cfg, **config},
-                                "runs_by_seed": {"0": {"dense": run, "moe": run}, "1": {"dense": run}}}))
+                                "config": {**cfg, **config}, "jobs": jobs}))
     return path
 
 
-def test_reuse_takes_finished_runs_of_the_seeds_and_models_asked_for(tmp_path):
-    by_seed = {0: {}, 2: {}}
-    info = reuse_runs(_args(), _earlier(tmp_path), by_seed, ["dense", "knowledge"])
-    assert set(by_seed[0]) == {"dense"} and by_seed[2] == {}
-    assert info["runs"] == ["dense_seed0"]
+def test_reuse_takes_the_finished_runs(tmp_path):
+    jobs, info = reuse_jobs(_args(), _earlier(tmp_path))
+    assert set(jobs) == {"tune/dense/100", "tune/moe/100", "test/dense/0"} and info["runs"] == sorted(jobs)
+    assert info["same_commit"] and not info["forced"]
 
 
-def test_reuse_skips_runs_of_a_model_whose_preset_has_changed(tmp_path):
-    """A run records its preset; when the benchmark's model for that key is another preset now
-    (the knowledge model moved to small-knowledge-2l), the old run is retrained, not taken."""
-    from benchmarks.quality import RUNS
+def test_reuse_skips_runs_of_a_variant_defined_otherwise_now(tmp_path):
     path = _earlier(tmp_path)
     data = json.loads(path.read_text())
-    data["runs_by_seed"]["0"]["knowledge"] = {**data["runs_by_seed"]["0"]["dense"], "preset": "small-knowledge"}
-    data["runs_by_seed"]["0"]["dense"]["preset"] = RUNS["dense"]
+    data["jobs"]["tune/moe/100"]["variant"]["overrides"] = {"n_experts": 8}
     path.write_text(json.dumps(data))
-    by_seed = {0: {}}
-    info = reuse_runs(_args(), path, by_seed, ["dense", "knowledge"])
-    assert set(by_seed[0]) == {"dense"} and info["runs"] == ["dense_seed0"]
+    jobs, _ = reuse_jobs(_args(), path)
+    assert "tune/moe/100" not in jobs and "tune/dense/100" in jobs
 
 
 def test_reuse_counts_the_steps_a_time_budget_chose(tmp_path):
@@ -50,50 +51,43 @@ def test_reuse_counts_the_steps_a_time_budget_chose(tmp_path):
     data = json.loads(path.read_text())
     data["calibration"] = {"steps": 2300}
     path.write_text(json.dumps(data))
-    by_seed = {0: {}}
-    reuse_runs(_args(), path, by_seed, ["dense"])
-    assert "dense" in by_seed[0]
+    assert reuse_jobs(_args(), path)[0]
 
 
-@pytest.mark.parametrize("field,value", [("batch_size", 32), ("corpus", "medium"), ("lr", 1e-3)])
+@pytest.mark.parametrize("field,value", [("batch_size", 32), ("corpus", "medium"), ("lr", 1e-3), ("split_seed", 3)])
 def test_reuse_refuses_runs_trained_otherwise(tmp_path, field, value):
-    by_seed = {0: {}}
     with pytest.raises(SystemExit, match=field):
-        reuse_runs(_args(), _earlier(tmp_path, **{field: value}), by_seed, ["dense"])
-    assert by_seed == {0: {}}
+        reuse_jobs(_args(), _earlier(tmp_path, **{field: value}))
 
 
-def _run(recall, loss=2.4, steps=(2300,)):
-    return {"evals": [{"step": s, "recall_heldout": recall, "heldout_loss": loss} for s in steps],
-            "final_recall": {"seen": {"recall": 0.9}}, "params": {"active": 10, "total": 20}, "tokens": 100}
-
-
-def test_headline_reports_seed_spread_and_paired_differences():
-    from benchmarks.quality import headline
-    by_seed = {0: {"dense": _run(0.2), "knowledge": _run(0.4)},
-               1: {"dense": _run(0.3), "knowledge": _run(0.2)}}
-    h = headline({"runs_by_seed": by_seed, "runs": by_seed[0]}, ["dense", "knowledge"], [0, 1], "medium")
-    assert h["recall_heldout"] == pytest.approx({"dense": 0.25, "knowledge": 0.3})
-    # paired per seed: +0.2 and -0.1 -> mean 0.05, sd 0.2121, se 0.15
-    assert h["knowledge_recall_minus"]["dense"] == pytest.approx(0.05)
-    assert h["knowledge_recall_minus_se"]["dense"] == pytest.approx(0.15)
-    assert h["recall_heldout_se"]["dense"] == pytest.approx(0.05)
-    assert h["knowledge_wins_per_seed"] == {0: True, 1: False}
-    assert h["remote_over_local_tokens_per_s"] is None
-
-
-def test_summarize_rebuilds_headline_and_plot_of_runs_evaluated_at_other_steps(tmp_path):
-    """Runs gathered over calls with different --evals: the plot draws the shared steps."""
-    from benchmarks.quality import summarize
-    by_seed = {"0": {"dense": _run(0.2, steps=(700, 1400, 2300)), "knowledge": _run(0.4)},
-               "1": {"dense": _run(0.3), "knowledge": _run(0.2)}}
+def test_summarize_rebuilds_the_headline_and_plot(tmp_path):
+    """A saved result (e.g. gathered over calls with --reuse) summarized again: the same
+    headline from its runs, a PNG, this call's provenance beside the runs'."""
+    from benchmarks.quality import summarize, tuning_record
+    fams = {f: VARIANTS["tiny"][f] for f in ("dense", "knowledge")}
+    jobs = {}
+    for f, vs in fams.items():
+        for i, v in enumerate(vs):
+            jobs[f"tune/{v.name}/100"] = {"recall_heldout": 0.1 * (2 - i), "heldout_loss": 2.0, "params": {"active": 1}}
+            for s, r in ((0, 0.2), (1, 0.3), (2, 0.1)):
+                jobs[f"test/{v.name}/{s}"] = {"seed": s, "recall_heldout": r + (0.1 if f == "knowledge" else 0),
+                                              "right": [1, 0], "heldout_loss": 2.0, "recall_seen": 0.5,
+                                              "variant": v.to_dict(), "params": {"active": 10, "total": 20},
+                                              "tokens": 100}
     src = tmp_path / "q.json"
-    src.write_text(json.dumps({"config": {"corpus": "medium"}, "runs_by_seed": by_seed, "runs": by_seed["0"],
-                               "throughput": {"remote_over_local": 0.5}}))
+    src.write_text(json.dumps({
+        "config": {"corpus": "tiny", "seeds": [0, 1, 2], "tune_seeds": [100], "steps": 5},
+        "split": {"split_seed": 24, "tune_facts": 2, "tune_prompts": 2, "test_facts": 2, "test_prompts": 2,
+                  "test_fact_of_prompt": [0, 1]},
+        "tuning": tuning_record(fams, jobs, [100]), "jobs": jobs, "throughput": {"remote_over_fastest_local": 0.5},
+        "provenance": {"commit": "abc", "device": "cpu"}}))
     h = summarize(src, tmp_path / "out.json")
-    assert h["remote_over_local_tokens_per_s"] == 0.5
-    assert h["recall_heldout"]["knowledge"] == pytest.approx(0.3)
-    assert json.loads((tmp_path / "out.json").read_text())["headline"] == json.loads(json.dumps(h))
+    assert h["chosen"] == {"dense": "dense", "knowledge": "knowledge_1l"}
+    assert h["test"]["knowledge"]["recall_heldout"]["median"] == pytest.approx(0.3)
+    assert h["knowledge_minus_best_baseline"]["paired_by_seed"]["mean"] == pytest.approx(0.1)
+    assert h["remote_over_fastest_local_tokens_per_s"] == 0.5
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["headline"] == json.loads(json.dumps(h)) and out["runs_provenance"]["commit"] == "abc"
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
@@ -183,7 +177,6 @@ def test_reuse_refuses_runs_of_another_commit_unless_forced(tmp_path):
     data["provenance"]["commit"] = "0" * 40
     path.write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="refusing to reuse"):
-        reuse_runs(_args(), path, {0: {}}, ["dense"])
-    by_seed = {0: {}}
-    info = reuse_runs(_args(force_reuse=True), path, by_seed, ["dense"])
-    assert "dense" in by_seed[0] and info["forced"] and info["from_commit"] == "0" * 40
+        reuse_jobs(_args(), path)
+    jobs, info = reuse_jobs(_args(force_reuse=True), path)
+    assert jobs and info["forced"] and info["from_commit"] == "0" * 40

@@ -36,3 +36,18 @@ def test_the_table_follows_the_json(tmp_path, monkeypatch):
 def test_a_readme_without_markers_is_refused():
     with pytest.raises(SystemExit, match="markers"):
         rt.render("# no table here\n")
+
+
+def test_the_quality_row_of_the_protocol_shows_choices_spreads_and_the_interval():
+    spread = {"median": 0.2, "min": 0.1, "max": 0.3}
+    fam = {"recall_heldout": spread, "recall_seen": spread}
+    h = {"test": {"dense": fam, "knowledge": fam}, "split": {"test_facts": 300, "test_prompts": 310},
+         "tuning_trials_per_family": {"dense": 2, "knowledge": 2}, "tuning_seeds": [100], "steps": 1500,
+         "seeds": [0, 1, 2], "chosen": {"dense": "dense_5x152", "knowledge": "knowledge_1l"},
+         "knowledge_minus_best_baseline": {"baseline": "dense",
+                                           "paired_by_seed": {"mean": 0.012, "se": 0.004},
+                                           "bootstrap_over_test_facts": {"lo": -0.01, "hi": 0.03}}}
+    cell = rt.quality({"headline": h})
+    assert "(2 trials per family, seeds [100])" in cell and "knowledge -> knowledge_1l" in cell
+    assert "dense 0.200 [0.100, 0.300]" in cell and "(dense): **+0.012** ± 0.004" in cell
+    assert "[-0.010, +0.030]" in cell and "300 facts" in cell
