@@ -129,15 +129,24 @@ def apply_step(st: ShardState) -> None:
     st.step_hits.zero_()
 
 
-def check_finite_rows(st: ShardState) -> None:
-    """Refuse to publish a state holding a non-finite value or key (nothing written)."""
+def check_finite_rows(st: ShardState, block_elems: int = 1 << 26) -> None:
+    """Refuse to publish a state holding a non-finite value or key (nothing written).
+
+    Checked block by block (about 64M elements at a time): a whole 16M x 1024 shard cast to
+    fp32 at once would take 64 GiB, which is what made a 16M-row GPU snapshot run out of memory.
+    """
     for name, t in (("values", st.values), ("keys", st.keys)):
-        bad = ~torch.isfinite(t.float()).all(dim=1) if t.numel() else torch.zeros(0, dtype=torch.bool)
-        if bool(bad.any()):
-            row = int(torch.nonzero(bad)[0])
-            gid = st.row_start + row if name == "values" else int(st.flat_ids[row])
-            raise errors.FailedPrecondition(f"shard {st.shard_id}: row {gid} has non-finite {name}; "
-                                            "not published")
+        if not t.numel():
+            continue
+        rows = t.reshape(t.shape[0], -1)
+        step = max(1, block_elems // max(1, rows.shape[1]))
+        for start in range(0, rows.shape[0], step):
+            bad = ~torch.isfinite(rows[start:start + step]).all(dim=1)
+            if bool(bad.any()):
+                row = start + int(torch.nonzero(bad)[0])
+                gid = st.row_start + row if name == "values" else int(st.flat_ids[row])
+                raise errors.FailedPrecondition(f"shard {st.shard_id}: row {gid} has non-finite {name}; "
+                                                "not published")
 
 
 def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[torch.Tensor, torch.Tensor]:

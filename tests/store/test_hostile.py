@@ -165,6 +165,20 @@ def test_snapshot_checks_finiteness_before_publishing(hostile):
     assert os.listdir(stage) == ["zarr.json"]   # nothing written
 
 
+@pytest.mark.parametrize("block_elems", [1, 16, 1 << 26])
+def test_finiteness_check_in_blocks_names_the_first_bad_row(hostile, block_elems):
+    # checked block by block so that a 16M-row shard never needs a whole fp32 copy; the row named
+    # must be the same whatever the block size, including a bad row in the last partial block
+    from store_service.step import check_finite_rows
+    st = hostile.shard._serving
+    last = st.values.shape[0] - 1
+    st.values[last, -1] = float("inf")
+    with pytest.raises(errors.FailedPrecondition, match=f"row {st.row_start + last} has non-finite values"):
+        check_finite_rows(st, block_elems=block_elems)
+    st.values[last, -1] = 0.0
+    check_finite_rows(st, block_elems=block_elems)   # finite again: passes
+
+
 # -- (3) bounded work per request --------------------------------------------------------
 
 @pytest.mark.parametrize("queries", [64, 256])
