@@ -168,6 +168,11 @@ class RemoteShard:
         if self._grpc_path is not None:
             self._grpc_path.bind_channels()
 
+    def reopen_channels(self) -> None:
+        """A fresh channel pool after UNAVAILABLE (GrpcDataPath's streamed retries)."""
+        with self._channel_lock:
+            self._open_channels()
+
     def _stub(self, rpc):
         """The current pool's version of stub method `rpc` (after a reconnect the caller's
         bound method may belong to a replaced stub). A raw-bytes callable (GrpcDataPath's)
@@ -290,8 +295,7 @@ class RemoteShard:
                     if time.monotonic() + pause < deadline:
                         attempt += 1
                         time.sleep(pause)
-                        with self._channel_lock:   # a restarted server: do not wait out the old channel's backoff
-                            self._open_channels()
+                        self.reopen_channels()   # a restarted server: do not wait out the old channel's backoff
                         continue
                 raise self.domain_error(err, attempt) from None
 

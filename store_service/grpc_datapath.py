@@ -185,16 +185,16 @@ class GrpcDataPath:
             req = wire.fetch_request_to_proto(ids[part], None if hits is None else hits[part],
                                               None if weight_sum is None else weight_sum[part], dtype_name, version)
             req.chunk_rows, req.lease = self.config.chunk_rows, lease
-            stream = self._streams[(first + i) % len(self._streams)]
-            return lambda: self._stream_part(stream, req, part, done)
+            return lambda: self._stream_part(first + i, req, part, done)
         try:
             self._in_flight([job(i, p) for i, p in enumerate(parts)])
         finally:
             self._unlease(lease)
         return done.out
 
-    def _stream_part(self, stream, req: pb.FetchRequest, part: slice, done: _Assembler) -> None:
-        """One part's FetchStream, retried as a whole on UNAVAILABLE before any piece arrived."""
+    def _stream_part(self, channel: int, req: pb.FetchRequest, part: slice, done: _Assembler) -> None:
+        """One part's FetchStream on the pool's `channel`-th channel, retried as a whole on
+        UNAVAILABLE before any piece arrived, on a reopened pool (as RemoteShard's unary calls)."""
         shard = self._shard
         deadline = time.monotonic() + shard.timeout_s
         attempt = 0
@@ -204,6 +204,7 @@ class GrpcDataPath:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise errors.ShardUnavailable(shard.shard_id, shard.address, "deadline exceeded before the call")
+                stream = self._streams[channel % len(self._streams)]
                 for raw in stream(req, timeout=remaining, metadata=shard.data_metadata):
                     start, values = wire_chunks.decode_chunk(raw)
                     done.put(part.start + start, values)
@@ -218,6 +219,7 @@ class GrpcDataPath:
                     if time.monotonic() + pause < deadline:
                         attempt += 1
                         time.sleep(pause)
+                        shard.reopen_channels()   # a restarted server: not the old channel's backoff
                         continue
                 raise shard.domain_error(err, attempt) from None
 
@@ -275,5 +277,7 @@ class GrpcDataPath:
             header = pb.AccumulateValueGradsRequest(version=version, request_id=rid)
             wire.ids_to_proto(ids[part], header.ids)
             raw = wire_chunks.encode_with_tensor(header, _GRADS_FIELD, grads[part])
-            return lambda: shard.call(self._grads[(first + i) % len(self._grads)], raw)
+            # Looked up at each attempt, as search's: a retry after UNAVAILABLE reopens the pool
+            # and rebinds, and the pool that saw the server die is closed soon after.
+            return lambda: shard.call(lambda req, **kw: self._grads[(first + i) % len(self._grads)](req, **kw), raw)
         self._in_flight([job(i, p) for i, p in enumerate(parts)])
