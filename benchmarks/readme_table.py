@@ -279,6 +279,20 @@ def reliability(d: dict) -> str:
             f"first call after a shard restart p95 **{_f(r['p95'])} s** (p50 {_f(r['p50'])})")
 
 
+def ray_placement(d: dict) -> str:
+    h = d["headline"]
+    if "error" in h:
+        return f"failed: {h['error'].strip().splitlines()[-1][:200]}"   # the exception, not the traceback
+    places = ", ".join(f"{s['placement']} -> {s['device']}{' (pinned)' if s['pinned'] else ''}" for s in h["shards"])
+    sw = h["swap_s"]
+    scale = (f"scale to {len(h['scaled_shards'])} shards {_f(h['scale_s'], 1)} s" if h.get("scale_s") is not None
+             else f"scale skipped ({h.get('scale_skipped') or h.get('scale_error')})")
+    return (f"{h['rows']:,} rows on Ray shard actors: {places}; `kstore status` agrees: {h['kstore_status_ok']}; "
+            f"{sw['n']} swaps median {_f(sw['median'], 1)} s [{_f(sw['min'], 1)}, {_f(sw['max'], 1)}]; {scale}; "
+            f"**{h['failed_calls']}** failed and **{h['mixed_answers']}** mixed of {h['calls']:,} calls; "
+            f"{_f(h['qps_steady'], 0)} calls/s steady")
+
+
 # (results file, command, what it measures, formatter)
 ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("store_bench.json", "`python -m benchmarks.store_bench`",
@@ -306,6 +320,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("wire_bench.json", "`python benchmarks/wire_bench.py --device cuda` (commands: `benchmarks/WIRE_NOTES.md`)",
      "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
      "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
+    ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda` (GPU)",
+     "a real Ray cluster serving the 16M-row table: shards on fractional GPUs and in pinned host memory, "
+     "hot swaps and a scale under 4 client threads", ray_placement),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
      "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
      optimizer_tradeoff),

@@ -65,6 +65,9 @@ def test_ray_placement_end_to_end_on_cpu(tmp_path):
     assert [s["rows"] for s in h["scaled_shards"]] == [1344, 1408, 1344]
     assert h["calls"] > 0 and h["failed_calls"] == 0 and h["mixed_answers"] == 0, written["errors"]
     assert written["final_status"]["shards"][0]["version"] == ph["scale"]["version"]
+    from benchmarks import readme_table       # README's row renders this JSON as written
+    row = readme_table.ray_placement(written)
+    assert "4,096 rows" in row and "host -> cpu" in row and "**0** failed and **0** mixed" in row
 
 
 def test_a_failed_run_still_writes_what_it_has(tmp_path, monkeypatch):
@@ -77,3 +80,5 @@ def test_a_failed_run_still_writes_what_it_has(tmp_path, monkeypatch):
     written = json.loads(out.read_text())
     assert "disk full" in written["error"] and "disk full" in written["headline"]["error"]
     assert written["provenance"]["device"] == "cpu"
+    from benchmarks import readme_table
+    assert readme_table.ray_placement(written).startswith("failed: ") and "disk full" in readme_table.ray_placement(written)
