@@ -320,9 +320,6 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("wire_bench.json", "`python benchmarks/wire_bench.py --device cuda` (commands: `benchmarks/WIRE_NOTES.md`)",
      "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
      "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
-    ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda` (GPU)",
-     "a real Ray cluster serving the 16M-row table: shards on fractional GPUs and in pinned host memory, "
-     "hot swaps and a scale under 4 client threads", ray_placement),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
      "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
      optimizer_tradeoff),
