@@ -482,9 +482,9 @@ class Table:
             raise errors.NotFound(f"version {version} is not published under {self.store_root}")
         self.flush()
         disowned = labels.unpublished_label()
-        if sum(self._each(lambda i, s: s.relabel_version(version, disowned))):
-            self.refresh()     # this table's own requests follow the old states to their new label
-        old = [info.version for info in self._map.infos]
+        moved = self._each(lambda i, s: s.relabel_version(version, disowned))
+        # what to release after the flip (no map refresh: a recovery's shards disagree until then)
+        old = [{info.version, *([disowned] if n else [])} - {version} for info, n in zip(self._map.infos, moved)]
         store_root = self.store_root
         try:
             self._each(lambda i, s: s.prepare_version(store_root, version))
@@ -497,5 +497,5 @@ class Table:
             raise
         self._each(lambda i, s: s.flip_version(version))
         self.refresh()
-        self._each(lambda i, s: s.release_version(old[i]))
+        self._each(lambda i, s: [s.release_version(v) for v in sorted(old[i])])
 

@@ -112,6 +112,27 @@ def test_a_swap_to_the_number_of_a_state_trained_since_never_mixes(trained, snap
         t.close()
 
 
+def test_a_recovery_to_the_number_the_trained_shards_carry(trained):
+    """Shard 1 restarts on v1 (as a Ray restart loads the cluster's registered version) while
+    shard 0 carries v2 and trained past it: recovering to v2 disowns shard 0's state and loads
+    v2 on both, though the shards disagree until the flip."""
+    root, v1, before, after = trained
+    t = Table.open(root, v1)
+    try:
+        _train(t)
+        v2 = t.snapshot()
+        published = t.fetch(IDS)
+        _train(t)
+        t.rebind([t.shards[0], Shard.load(root, v1, 1)], refresh=False)   # the restart
+        with pytest.raises(errors.ShardsDisagree):
+            t.snapshot()
+        assert t.recover(v2) == (v2, 1)
+        assert torch.equal(t.fetch(IDS), published)
+        assert t.shards[0].held_versions()["retiring"] == []
+    finally:
+        t.close()
+
+
 def test_a_snapshot_relabels_only_the_state_that_wrote_the_number(trained):
     root, v1, _, _ = trained
     shard = Shard.load(root, v1, 0)
