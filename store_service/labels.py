@@ -16,9 +16,10 @@ state labelled v1 that trained since differs from what v1 is on disk. Loading v1
 such a state is held would put two states under v1, and while the shards flip one by one a
 request pinned to v1 would be answered by the new v1 on one shard and the trained state on
 another. Hence (`Table.load_version`): before any shard loads `v`, every shard relabels the
-states it holds under `v` (serving, retiring, kept for leases) to one fresh unpublished label;
-requests pinned to `v` then get StaleVersion, their table refreshes onto the new label (still
-the old state), and only then can `v` mean the loaded bytes. A shard refuses to prepare a
+states it holds under `v` (serving, retiring, kept for leases) to one fresh unpublished label,
+so no shard answers `v` from an old state once one can answer it from the loaded bytes;
+requests pinned to `v` meanwhile get StaleVersion and their table refreshes (onto the new
+label, the old state, or after the flip onto `v`). A shard refuses to prepare a
 number a request would reach it holds (`check_not_held`), so a swap driver that skips this
 step fails instead of mixing. A lease pins a state, not a number (`leases.VersionLeases.find`):
 a piece whose lease's state was relabelled gets StaleVersion, never rows of another state
