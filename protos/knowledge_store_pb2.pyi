@@ -503,6 +503,22 @@ class VersionResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RelabelVersionRequest(_message.Message):
+    __slots__ = ("request_id", "version", "new_version")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    version: int
+    new_version: int
+    def __init__(self, request_id: _Optional[str] = ..., version: _Optional[int] = ..., new_version: _Optional[int] = ...) -> None: ...
+
+class RelabelVersionResponse(_message.Message):
+    __slots__ = ("relabelled",)
+    RELABELLED_FIELD_NUMBER: _ClassVar[int]
+    relabelled: int
+    def __init__(self, relabelled: _Optional[int] = ...) -> None: ...
+
 class OpenTransportRequest(_message.Message):
     __slots__ = ("kind", "host_id", "buffer_bytes", "backend")
     KIND_FIELD_NUMBER: _ClassVar[int]

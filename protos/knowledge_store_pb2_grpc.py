@@ -630,6 +630,11 @@ class StoreAdminStub:
                 request_serializer=knowledge__store__pb2.ReleaseVersionRequest.SerializeToString,
                 response_deserializer=knowledge__store__pb2.VersionResponse.FromString,
                 _registered_method=True)
+        self.RelabelVersion = channel.unary_unary(
+                '/knowledge_store.v1.StoreAdmin/RelabelVersion',
+                request_serializer=knowledge__store__pb2.RelabelVersionRequest.SerializeToString,
+                response_deserializer=knowledge__store__pb2.RelabelVersionResponse.FromString,
+                _registered_method=True)
 
 
 class StoreAdminServicer:
@@ -699,6 +704,13 @@ class StoreAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RelabelVersion(self, request, context):
+        """labels.py
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StoreAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -751,6 +763,11 @@ def add_StoreAdminServicer_to_server(servicer, server):
                     servicer.ReleaseVersion,
                     request_deserializer=knowledge__store__pb2.ReleaseVersionRequest.FromString,
                     response_serializer=knowledge__store__pb2.VersionResponse.SerializeToString,
+            ),
+            'RelabelVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.RelabelVersion,
+                    request_deserializer=knowledge__store__pb2.RelabelVersionRequest.FromString,
+                    response_serializer=knowledge__store__pb2.RelabelVersionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1023,6 +1040,33 @@ class StoreAdmin:
             '/knowledge_store.v1.StoreAdmin/ReleaseVersion',
             knowledge__store__pb2.ReleaseVersionRequest.SerializeToString,
             knowledge__store__pb2.VersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RelabelVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/knowledge_store.v1.StoreAdmin/RelabelVersion',
+            knowledge__store__pb2.RelabelVersionRequest.SerializeToString,
+            knowledge__store__pb2.RelabelVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

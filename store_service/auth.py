@@ -69,6 +69,7 @@ RPC_ROLES: dict[str, str] = {
     _AD + "PrepareVersion": ADMIN,
     _AD + "FlipVersion": ADMIN,
     _AD + "ReleaseVersion": ADMIN,
+    _AD + "RelabelVersion": ADMIN,
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": PUBLIC,

@@ -404,6 +404,10 @@ class RemoteShard:
     def flip_version(self, version: int) -> None:
         self._call(self._admin.FlipVersion, pb.FlipVersionRequest(request_id=_new_id(), version=version), admin=True)
 
+    def relabel_version(self, version: int, new_version: int) -> int:
+        req = pb.RelabelVersionRequest(request_id=_new_id(), version=version, new_version=new_version)
+        return int(self._call(self._admin.RelabelVersion, req, admin=True).relabelled)
+
     def release_version(self, version: int) -> None:
         req = pb.ReleaseVersionRequest(request_id=_new_id(), version=version)
         self._call(self._admin.ReleaseVersion, req, admin=True)

@@ -2,7 +2,9 @@
 
 A multi-piece read (a gRPC fetch split over the channel pool, a read through a staging
 buffer in pieces) takes a lease on one version (`Shard.lease_version`), names it in every
-piece and releases it at the end. A hot swap's `release_version` then drops that version's
+piece and releases it at the end. A piece naming a lease is answered by the state the lease
+pins or gets StaleVersion (the lease ended, or its state was relabelled): never by another
+state that its number names by then. A hot swap's `release_version` then drops that version's
 state only once its leases are released or expired; until then the state stays alive as
 *retired*, reachable only through a lease: a request naming it without one still gets
 StaleVersion (so a stale client refreshes, and no gradient lands on a version nobody serves).
@@ -83,10 +85,11 @@ class VersionLeases:
         return lease
 
     def find(self, version: int, lease_id: str):
-        """The state of `version` that the live lease `lease_id` pins (a state whose leases are
-        gone was dropped, or is reachable otherwise), else None."""
+        """The state the live lease `lease_id` pins, if it is still labelled `version` (0: any
+        label), else None: the lease ended, or its state was relabelled (store_service/labels.py),
+        so `version` may name another state now and the caller must read all again."""
         le = self._leases.get(lease_id)
-        if le is None or le.state.version != version or le.deadline <= time.monotonic():
+        if le is None or version not in (0, le.state.version) or le.deadline <= time.monotonic():
             return None
         return le.state
 

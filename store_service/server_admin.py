@@ -79,3 +79,9 @@ class StoreAdminServicer(pb_grpc.StoreAdminServicer):
             self._shard.release_version(int(request.version))
             return pb.VersionResponse()
         return self._admin("ReleaseVersion", context, call, request.request_id)
+
+    def RelabelVersion(self, request, context):
+        def call():
+            moved = self._shard.relabel_version(int(request.version), int(request.new_version))
+            return pb.RelabelVersionResponse(relabelled=moved)
+        return self._admin("RelabelVersion", context, call, request.request_id)

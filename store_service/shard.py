@@ -14,16 +14,18 @@ prepared one and retiring ones. `_vlock` guards that table of versions and
 the in-flight count per state; `release_version` makes a retiring state
 unreachable, then waits until it has no request in flight.
 
-Versions. A state's version is the published version it was loaded from; a
-fresh shard serves version 0. `write_snapshot` does not relabel the serving
-state. A request names the version it expects (0 = whatever is serving) and
-is answered by the serving, a retiring or a prepared state of that number,
-else it gets StaleVersion. Gradients accumulated on a state that is flipped
-away before its end_step are dropped with it: swap between steps.
+Versions. A state's version is its label (`labels`): the published version it was loaded
+from or last published as (the table relabels it after a snapshot's publish,
+`relabel_version`), or an unpublished label given before a swap reloads its number; a
+fresh shard serves version 0. A request names the version it expects (0 = whatever is
+serving) and is answered by the serving, a retiring or a prepared state of that label,
+else it gets StaleVersion; a shard never loads a number it holds. Gradients accumulated
+on a state that is flipped away before its end_step are dropped with it: swap between steps.
 
 Leases (`leases`). A read of several pieces pins its version (`lease_version`); a
 release keeps a leased state alive, reachable only through its leases, until they
-are released or expire (at most one such retired state, bounded waits, revocation).
+are released or expire (at most one such retired state, bounded waits, revocation). A
+request naming a lease is answered by the state it pins, under the label asked, or not at all.
 """
 from __future__ import annotations
 
@@ -33,10 +35,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import errors, kernels, persistence, search, snapshots
+from . import errors, kernels, labels, persistence, search, snapshots
 from . import validation as check
 from .appends import append_rows
 from .host_rows import gather_rows
+from .row_requests import check_k, fetched_rows, readout_rows
 from .leases import VersionLeases
 from .config import TableConfig
 from .limits import Limits
@@ -46,9 +49,6 @@ from .state import ShardState, init_state, load_state, state_attrs, state_tensor
 from .step import BarrierTimeout, barrier, check_finite_rows, replace_optimizer
 
 __all__ = ["Shard", "BarrierTimeout"]
-
-_MAX_SEARCH_K = 1 << 16   # the most rows a shard that is not the table's last returns per query
-
 
 class Shard:
     """Owns global rows [row_start, row_end) of a table. Implements ShardHandle."""
@@ -108,6 +108,11 @@ class Shard:
                 self._vcond.notify_all()
 
     def _resolve(self, version: int, lease: str = "") -> ShardState:
+        if lease:   # the pinned state itself: its number may name another state by now (labels)
+            leased = self.leases.find(version, lease)
+            if leased is None:
+                raise errors.StaleVersion(version, self._serving.version)
+            return leased
         if version == 0 or version == self._serving.version:
             return self._serving
         for st in reversed(self._retiring):
@@ -115,9 +120,6 @@ class Shard:
                 return st
         if version in self._pending:
             return self._pending[version]
-        leased = self.leases.find(version, lease) if lease else None
-        if leased is not None:
-            return leased
         raise errors.StaleVersion(version, self._serving.version)
 
     def lease_version(self, version: int = 0, *, holder: str = "", ttl_s: float = 30.0) -> tuple[str, int]:
@@ -142,7 +144,9 @@ class Shard:
             self._settle()
 
     def prepare_version(self, store_root: str, version: int) -> None:
-        check.integer("version", version, 1)
+        check.integer("version", version, 1, labels.UNPUBLISHED)
+        with self._vlock:
+            labels.check_not_held([self._serving, *self._retiring], version, self.shard_id)
         stage = self.stage_swaps_on_host
         if stage is None:
             stage = self._home.type == "cuda"
@@ -150,7 +154,8 @@ class Shard:
             st = load_state(store_root, version, self.shard_id, "cpu", pin_memory=False)
         else:
             st = load_state(store_root, version, self.shard_id, str(self._home), self._home_pinned)
-        with self._vlock:
+        with self._vlock:   # again: a relabel or swap may have run while it loaded
+            labels.check_not_held([self._serving, *self._retiring], version, self.shard_id)
             self._pending[version] = st
             if stage:
                 self._staged[id(st)] = self._home
@@ -188,6 +193,15 @@ class Shard:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
                                                 f"{timeout_s}s; dropped anyway")
         self._settle()
+
+    def relabel_version(self, version: int, new_version: int) -> int:
+        """The states held under label `version` take `new_version` (`labels.relabel`) -> how
+        many. Requests naming `version` get StaleVersion from then on (their table refreshes)."""
+        check.integer("version", version, 0)
+        check.integer("new_version", new_version, 1)
+        with self._vlock:
+            return labels.relabel(self._serving, [*self._retiring, *self.leases.retired],
+                                  self._pending.values(), version, new_version, self.shard_id)
 
     def _settle(self) -> None:
         """Move a serving version staged on the host to its device, once no older version is
@@ -242,9 +256,9 @@ class Shard:
         where, side = check.tag_filter(where), check.side_query(side)
         with self._use(version) as st, st.lock:
             check.tensor("queries", queries, torch.float32, (None, st.config.d_k))
-            _check_k(st, k)
+            check_k(st, k)
             if side is not None:
-                _check_k(st, side.k, "side.k")
+                check_k(st, side.k, "side.k")
             q = queries.to(st.device)
             res = search.top_k(st, q, k, tags, where, want_keys)
             if side is not None:
@@ -259,7 +273,7 @@ class Shard:
         recorded as a pushdown readout records its own (usage, this step's balancing load).
         lease: one of `lease_version` on `version`, which reaches it after a swap retired it."""
         with self._use(version, lease) as st, st.lock:
-            local = _fetched_rows(st, ids, hits, weight_sum, self.limits)
+            local = fetched_rows(st, ids, hits, weight_sum, self.limits)
             # host rows answer a GPU caller on its device (host_rows.py); else on the shard's
             out = gather_rows(st.values, local.clamp_min(0), ids.device if st.device.type == "cpu" else st.device,
                               pad=local < 0)
@@ -274,7 +288,7 @@ class Shard:
             if out.shape != (ids.shape[0], st.config.d_v) or not out.is_contiguous():
                 raise errors.InvalidArgument("out", f"expected a contiguous [{ids.shape[0]}, {st.config.d_v}] "
                                                     f"buffer, got {list(out.shape)}")
-            local = _fetched_rows(st, ids, hits, weight_sum, self.limits)
+            local = fetched_rows(st, ids, hits, weight_sum, self.limits)
             if out.dtype == st.values.dtype and out.device == st.device:
                 torch.index_select(st.values, 0, local.clamp_min(0), out=out)   # the one copy
             else:
@@ -285,7 +299,7 @@ class Shard:
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0, lease: str = "") -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
         with self._use(version, lease) as st, st.lock:
-            local, w = _readout_rows(st, ids, weights, self.limits)
+            local, w = readout_rows(st, ids, weights, self.limits)
             out = kernels.readout_weighted(st.values, local, w)
             valid = local >= 0
             rows, rw = local[valid], w[valid]
@@ -302,7 +316,7 @@ class Shard:
         gradients w_j * grad_out for end_step (once per request_id)."""
         with self._use(version) as st, st.lock:
             lim = self.limits
-            local, w = _readout_rows(st, ids, weights, lim)
+            local, w = readout_rows(st, ids, weights, lim)
             check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], st.config.d_v))
             check.magnitude("grad_out", grad_out, lim.max_grad_abs, "max_grad_abs")
             grad_w, rows, row_grads = kernels.readout_weighted_backward(
@@ -456,43 +470,3 @@ class Shard:
         with self._use(0) as st, st.lock:
             data = state_to_data(st, st.version)
         return {k: torch.from_numpy(v.copy()) for k, v in data.arrays.items()}
-
-
-
-def _check_k(st: ShardState, k, field: str = "k") -> None:
-    check.integer(field, k, 1)
-    if st.is_last:
-        # the last shard: rows are appended here, so its view of the table is current
-        if k > st.row_end:
-            raise errors.InvalidArgument(field, f"{field}={k} exceeds the table's {st.row_end} rows")
-        if field == "k" and st.searchable_rows() == 0:
-            raise errors.InvalidArgument("k", "the table holds no searchable keys (no flat rows, no codebooks)")
-    elif k > _MAX_SEARCH_K:
-        # another shard's view may predate rows appended since (the table checks k against
-        # its own row count): it answers from its own rows, padded, up to a bound on the answer
-        raise errors.InvalidArgument(field, f"{field}={k} exceeds {_MAX_SEARCH_K}")
-
-
-def _fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum, limits: Limits) -> torch.Tensor:
-    """A fetch's ids, validated, with its usage recorded -> local rows (-1 at PAD)."""
-    check.tensor("ids", ids, torch.int64, (None,))
-    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-    check.fetch_usage(ids, hits, weight_sum, limits)
-    local = st.local(ids)
-    if hits is not None:
-        keep = local >= 0
-        rows, h = local[keep], hits.to(st.device)[keep]
-        st.hits.index_add_(0, rows, h)
-        st.step_hits.index_add_(0, rows, h)
-        st.weight_sum.index_add_(0, rows, weight_sum.to(st.device)[keep])
-        st.mark_rows(rows)
-    return local
-
-
-def _readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor,
-                  limits: Limits) -> tuple[torch.Tensor, torch.Tensor]:
-    """A readout's ids and weights, validated -> (local rows, weights) on the state's device."""
-    check.readout_entries(ids, weights)
-    check.magnitude("weights", weights, limits.max_weight_abs, "max_weight_abs")
-    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
-    return st.local(ids), weights.to(st.device)

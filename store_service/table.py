@@ -21,7 +21,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from . import consistency, errors, persistence
+from . import consistency, errors, labels, persistence
 from . import validation as check
 from .config import TableConfig
 from .interface import (PAD_ID, SearchResult, SegmentInfo, ShardHandle, ShardInfo, SideQuery,
@@ -453,16 +453,19 @@ class Table:
     def snapshot(self, *, full: bool = False) -> int:
         """Publish the current state (take it between steps) as a new version: each shard
         writes the rows changed since its base version where it can (a delta, read as a
-        whole; `snapshots`), or its whole state (`full`, or where no delta can serve)."""
+        whole; `snapshots`), or its whole state (`full`, or where no delta can serve). Once
+        published, the serving states carry its number (`labels`), not the one they had."""
         if self.store_root is None:
             raise errors.FailedPrecondition("snapshot: this table has no store_root")
         self.flush()
-        consistency.agreed(self)       # never publish shards of different steps or versions
-        held = max(i.version for i in self._map.infos)
-        version = max(persistence.latest_version(self.store_root) or 0, held) + 1
+        held, _ = consistency.agreed(self)   # never publish shards of different steps or versions
+        published = [i.version for i in self._map.infos if labels.is_published(i.version)]
+        version = max([persistence.latest_version(self.store_root) or 0, *published]) + 1
         with persistence.staged_version(self.store_root, version) as stage:
             self._each(lambda i, s: s.write_snapshot(stage, version, full=full))
             persistence.finish_version(stage, version)
+        self._each(lambda i, s: s.relabel_version(held, version))
+        self.refresh()
         return version
 
     def recover(self, version: int | None = None) -> tuple[int, int]:
@@ -471,13 +474,17 @@ class Table:
         return consistency.recover(self, version)
 
     def load_version(self, version: int) -> None:
-        """Hot swap: every shard loads `version` beside the serving one, then all
-        flip, then the old versions are released once their in-flight requests end."""
-        check.integer("version", version, 1)
+        """Hot swap: every shard loads `version` beside the serving one, then all flip, then the
+        old ones are released once their in-flight requests end. States held under `version`
+        first take a fresh unpublished label, so it never names two states at once (`labels`)."""
+        check.integer("version", version, 1, labels.UNPUBLISHED)
         if self.store_root is not None and not os.path.isdir(persistence.version_path(self.store_root, version)):
             raise errors.NotFound(f"version {version} is not published under {self.store_root}")
         self.flush()
-        old = [info.version for info in self._map.infos]
+        disowned = labels.unpublished_label()
+        moved = self._each(lambda i, s: s.relabel_version(version, disowned))
+        # what to release after the flip (no map refresh: a recovery's shards disagree until then)
+        old = [{info.version, *([disowned] if n else [])} - {version} for info, n in zip(self._map.infos, moved)]
         store_root = self.store_root
         try:
             self._each(lambda i, s: s.prepare_version(store_root, version))
@@ -490,5 +497,5 @@ class Table:
             raise
         self._each(lambda i, s: s.flip_version(version))
         self.refresh()
-        self._each(lambda i, s: s.release_version(old[i]))
+        self._each(lambda i, s: [s.release_version(v) for v in sorted(old[i])])
 

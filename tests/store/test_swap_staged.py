@@ -88,10 +88,12 @@ def test_staged_swap_frees_the_old_version_before_moving_and_never_mixes(tmp_pat
 def test_unflipped_staged_version_is_dropped(tmp_path):
     root = str(tmp_path)
     cfg = TableConfig(d_k=8, d_v=4, segments=[("flat", 50)])
-    v1 = Table.create(cfg, root).snapshot()
+    t = Table.create(cfg, root)
+    v1 = t.snapshot()
+    v2 = t.snapshot()   # a shard never prepares the number it serves (store_service/labels.py)
     s = Shard.load(root, v1, 0)
     s.stage_swaps_on_host = True
-    s.prepare_version(root, v1)
+    s.prepare_version(root, v2)
     assert len(s._staged) == 1
-    s.release_version(v1)
+    s.release_version(v2)
     assert s._staged == {}

@@ -174,3 +174,96 @@ def test_reads_during_steps_see_one_step(kind):
     assert not failures, failures
     assert seen and None not in seen, "a read mixed steps"
     assert len(set(seen)) >= 2, seen
+
+
+@pytest.mark.parametrize("kind", ["shm", "grpc"])
+def test_reads_during_rollbacks_to_the_number_a_trained_state_holds_see_one_state(tmp_path, kind):
+    """The shard trains the state it loaded as v1, then swaps back to the published v1 as
+    Table.load_version does (the trained state disowned to an unpublished label first), over
+    and over. A read in pieces leased the trained state: a piece naming that lease after the
+    disowning gets StaleVersion and the read starts again; it never gets rows of the reloaded
+    v1 under the same number. Every answer equals the published or the trained rows."""
+    from store_service import labels
+    from store_service.client import connect
+    from store_service.config import OptimizerConfig
+    root = str(tmp_path)
+    cfg = TableConfig(d_k=8, d_v=32, segments=[("flat", 2000)], seed=9, optimizer=OptimizerConfig("sgd", lr=0.5))
+    v1 = Table.create(cfg, root).snapshot()
+    ids = torch.arange(2000)
+    grads = torch.randn(2000, 32, generator=torch.Generator().manual_seed(1))
+    twin = Shard.load(root, v1, 0)
+    want = [twin.fetch(ids)]
+    twin.accumulate_value_grads(ids, grads)
+    twin.end_step(0)
+    want.append(twin.fetch(ids))   # the rows after one step from v1: what every cycle trains to
+    shard = Shard.load(root, v1, 0)
+    server = serve_shard(shard, admin_token=TOKEN, max_workers=16)
+    if kind == "grpc":   # through a table: it refreshes its map and reads again on StaleVersion
+        reader = connect([server.address], token=TOKEN, timeout_s=30, wire_config=WireConfig(
+            channels=4, stream_min_rows=1, split_min_rows=100, chunk_rows=64))
+    else:
+        reader = _reader(server.address, kind)
+    stop, cycles, seen, failures = threading.Event(), [0], [], []
+    # No read runs across the training step: a step between the pieces of one read is another
+    # test's (test_reads_during_steps_see_one_step); this one is about the swaps' labels.
+    gate, reading, training = threading.Condition(), [0], [False]
+
+    def rollback():
+        try:
+            while not stop.is_set():
+                time.sleep(0.05)   # reads of the published v1
+                with gate:
+                    training[0] = True
+                    gate.wait_for(lambda: reading[0] == 0)
+                shard.accumulate_value_grads(ids, grads)
+                shard.end_step(0)
+                with gate:
+                    training[0] = False
+                    gate.notify_all()
+                time.sleep(0.05)   # reads of the trained state
+                disowned = labels.unpublished_label()
+                shard.relabel_version(v1, disowned)
+                shard.prepare_version(root, v1)
+                shard.flip_version(v1)
+                shard.release_version(disowned)
+                cycles[0] += 1
+        except Exception as exc:
+            failures.append(exc)
+
+    def read():
+        try:
+            while not stop.is_set():
+                with gate:
+                    gate.wait_for(lambda: not training[0])
+                    reading[0] += 1
+                try:
+                    got = reader.fetch(ids)
+                finally:
+                    with gate:
+                        reading[0] -= 1
+                        gate.notify_all()
+                match = [i for i, rows in enumerate(want) if torch.equal(got, rows)]
+                seen.append(match[0] if len(match) == 1 else None)
+        except Exception as exc:   # reported below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=rollback)] + [threading.Thread(target=read) for _ in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not failures and not (
+            cycles[0] >= 20 and len(seen) >= 20 and len(set(seen)) >= 2):
+        time.sleep(0.1)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    if kind == "grpc":
+        reader.close()
+        for s in reader.shards:
+            s.close()
+    else:
+        reader.close()
+    server.stop(grace=None)
+    assert not failures, failures
+    assert None not in seen, "a read mixed the trained and the published rows"
+    assert cycles[0] >= 20 and len(seen) >= 20 and len(set(seen)) >= 2, (cycles[0], len(seen), set(seen))
