@@ -474,9 +474,8 @@ class Table:
         return consistency.recover(self, version)
 
     def load_version(self, version: int) -> None:
-        """Hot swap: every shard loads `version` beside the serving one, then all flip, then the
-        old ones are released once their in-flight requests end. States held under `version`
-        first take a fresh unpublished label, so it never names two states at once (`labels`)."""
+        """Hot swap: every shard loads `version` beside the serving one, all flip, the old ones go once
+        their requests end. States held under `version` first take a fresh unpublished label (`labels`)."""
         check.integer("version", version, 1, labels.UNPUBLISHED)
         if self.store_root is not None and not os.path.isdir(persistence.version_path(self.store_root, version)):
             raise errors.NotFound(f"version {version} is not published under {self.store_root}")
