@@ -299,8 +299,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "2^20 product + 65,536 flat rows, 3 shards: in-process vs gRPC loopback", store_bench),
     ("kernels.json", "`python benchmarks/kernels.py` (CUDA)",
      "Triton readout (T=16384, k=32, d_v=1024, N=2^20, bf16) and product-key search", kernels),
-    ("quality.json", "`python benchmarks/quality.py --seeds 0,1,2,3,4,5,6,7,8`",
-     "dense / dense-2x / MoE / MoE+knowledge at matched active params, medium corpus (CPU)", quality),
+    ("quality.json", "`python benchmarks/quality.py --no-throughput`",
+     "dense / MoE / MoE+knowledge at matched active params, medium corpus (CPU), each family's variant "
+     "chosen on a tuning half of the facts, reported on the test half", quality),
     ("quality_h200_medium_para.json", "`python benchmarks/quality.py --device cuda --corpus medium-para ...`",
      "the same four models at 12x the tokens, 9 training paraphrases per relation (GPU)", quality),
     ("cluster_bench.json", "`python -m benchmarks.cluster_bench`", "1M-row table on Ray shard actors, 2 client threads",
