@@ -17,8 +17,8 @@ function of the population, the seed and the exposure).
 
 The knowledge model's table has n_sub^2 rows with n_sub = ceil(sqrt(rows_per_person *
 people)) rounded up to a multiple of 16: the rows grow with the population. Its row
-optimizer is the store's `table_optimizer` (the scale issue's row-wise Adam once the
-store has it; `resolve_table_optimizer`).
+optimizer is the store's `table_optimizer` (the scale issue's row-wise Adam by default;
+`resolve_table_optimizer`).
 """
 from __future__ import annotations
 
@@ -89,9 +89,12 @@ def n_sub_for(spec: RunSpec) -> int:
 
 
 def resolve_table_optimizer(kind: str) -> str:
-    """`kind` if the store knows it, else dense row Adam ("adam"). Until the scale issue's
-    optimizers land, "rowwise_adam" resolves to "adam"; results record both names."""
-    return kind if kind in store_optimizer.OPTIMIZER_KINDS else "adam"
+    """`kind`, checked against the store's row optimizers. (It used to fall back to dense row
+    Adam while the scale issue's row-wise kinds were not on main; they are, and a silent
+    fallback would now only hide a typo.)"""
+    if kind not in store_optimizer.OPTIMIZER_KINDS:
+        raise SystemExit(f"--table-optimizer {kind!r}: the store knows {sorted(store_optimizer.OPTIMIZER_KINDS)}")
+    return kind
 
 
 def model_config(spec: RunSpec, vocab_size: int) -> ModelConfig:

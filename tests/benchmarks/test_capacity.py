@@ -171,3 +171,10 @@ def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):
     res2 = json.loads(out2.read_text())
     assert set(res2["runs"]) == set(res["runs"]) and res2["reused"][0]["runs"]
     assert not (tmp_path / "empty").exists() or not any((tmp_path / "empty").glob("N16*"))
+
+
+def test_an_unknown_table_optimizer_is_refused_not_replaced():
+    from benchmarks.capacity_train import resolve_table_optimizer
+    assert resolve_table_optimizer("rowwise_adam") == "rowwise_adam"
+    with pytest.raises(SystemExit, match="rowwise_adma"):
+        resolve_table_optimizer("rowwise_adma")
