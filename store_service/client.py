@@ -289,15 +289,23 @@ class RemoteShard:
                     raise errors.ShardUnavailable(self._shard_id, self.address, "deadline exceeded before the call")
                 return (self._stub(rpc) if attempt else rpc)(request, timeout=remaining, metadata=metadata)
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and (
-                        attempt < self.retries or time.monotonic() < start + self.reconnect_window_s):
-                    pause = min(self.backoff_s * (2 ** min(attempt, 8)), _MAX_BACKOFF_S) * (0.5 + random.random())
-                    if time.monotonic() + pause < deadline:
-                        attempt += 1
-                        time.sleep(pause)
-                        self.reopen_channels()   # a restarted server: do not wait out the old channel's backoff
-                        continue
+                pause = self.retry_pause(attempt, start, deadline) if err.code() == grpc.StatusCode.UNAVAILABLE else None
+                if pause is not None:
+                    attempt += 1
+                    time.sleep(pause)
+                    self.reopen_channels()   # a restarted server: do not wait out the old channel's backoff
+                    continue
                 raise self.domain_error(err, attempt) from None
+
+    def retry_pause(self, attempt: int, start: float, deadline: float) -> float | None:
+        """The pause before retrying an UNAVAILABLE call begun at `start` (monotonic) that has
+        been retried `attempt` times, or None when it may not be retried: `retries` times, or
+        any number within `reconnect_window_s`, capped backoff, never past `deadline`. The one
+        rule for unary calls and GrpcDataPath's streamed parts."""
+        if not (attempt < self.retries or time.monotonic() < start + self.reconnect_window_s):
+            return None
+        pause = min(self.backoff_s * (2 ** min(attempt, 8)), _MAX_BACKOFF_S) * (0.5 + random.random())
+        return pause if time.monotonic() + pause < deadline else None
 
     def row_chunks(self, rows: int) -> list[slice]:
         step = self.readout_chunk_rows or rows

@@ -13,7 +13,6 @@ What makes it fast (benchmarks/WIRE_NOTES.md has the figures):
 """
 from __future__ import annotations
 
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -196,7 +195,8 @@ class GrpcDataPath:
         """One part's FetchStream on the pool's `channel`-th channel, retried as a whole on
         UNAVAILABLE before any piece arrived, on a reopened pool (as RemoteShard's unary calls)."""
         shard = self._shard
-        deadline = time.monotonic() + shard.timeout_s
+        start = time.monotonic()
+        deadline = start + shard.timeout_s
         attempt = 0
         while True:
             got = 0
@@ -214,13 +214,13 @@ class GrpcDataPath:
                                                   f"FetchStream ended after {got} of {part.stop - part.start} rows")
                 return
             except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.UNAVAILABLE and got == 0 and attempt < shard.retries:
-                    pause = shard.backoff_s * (2 ** attempt) * (0.5 + random.random())
-                    if time.monotonic() + pause < deadline:
-                        attempt += 1
-                        time.sleep(pause)
-                        shard.reopen_channels()   # a restarted server: not the old channel's backoff
-                        continue
+                pause = shard.retry_pause(attempt, start, deadline) \
+                    if err.code() == grpc.StatusCode.UNAVAILABLE and got == 0 else None
+                if pause is not None:
+                    attempt += 1
+                    time.sleep(pause)
+                    shard.reopen_channels()   # a restarted server: not the old channel's backoff
+                    continue
                 raise shard.domain_error(err, attempt) from None
 
     # -- readout and row gradients --------------------------------------------

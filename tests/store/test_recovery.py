@@ -228,4 +228,7 @@ def test_raw_data_plane_calls_reach_a_restarted_shard(tmp_path, call):
     finally:
         client.close()
         servers[-1].stop(grace=None)
-    assert max(waits) <= 1.0, waits
+    # retries pause at most 0.375 s (capped backoff); the channel that saw the server die would
+    # have raised ValueError (closed) or waited out gRPC's own reconnect backoff (1 s and growing).
+    # 1.5 s leaves room for a loaded CI machine; the p95 figure is test_a_restarted_shard_...'s
+    assert max(waits) <= 1.5, waits
