@@ -279,6 +279,15 @@ def reliability(d: dict) -> str:
             f"first call after a shard restart p95 **{_f(r['p95'])} s** (p50 {_f(r['p50'])})")
 
 
+def wire_search(d: dict) -> str:
+    """A search-only wire_bench run (--phases search): the remote search after raw-bytes search."""
+    h = d["headline"]
+    return (f"search 4,096 queries k 32 over gRPC on loopback **{_f(h['search_ms_4096_remote'], 2)} ms** median "
+            f"[{_f(h['search_ms_4096_remote_min'], 2)}, {_f(h['search_ms_4096_remote_max'], 2)}] (<= 10), with TLS "
+            f"{_f(h['search_ms_4096_remote_tls'], 2)} ms, in process {_f(h['search_ms_4096_in_process'], 2)} ms; "
+            "only the search phase ran (the other headline keys are the full run's, row above)")
+
+
 def ray_placement(d: dict) -> str:
     h = d["headline"]
     if "error" in h:
@@ -321,6 +330,11 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("wire_bench.json", "`python benchmarks/wire_bench.py --device cuda` (commands: `benchmarks/WIRE_NOTES.md`)",
      "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
      "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
+    ("wire_bench_search.json", "`python benchmarks/wire_bench.py --device cuda --phases search --no-grpc-unary`",
+     "remote search after the raw-bytes search path (GPU shard process, same host)", wire_search),
+    ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda --rows 4M` (GPU)",
+     "a real Ray cluster serving a 4M-row table: shards on fractional GPUs and in pinned host memory, "
+     "hot swaps (one a rollback) and a scale 4 -> 6 under 4 client threads", ray_placement),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
      "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
      optimizer_tradeoff),
