@@ -335,8 +335,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda --rows 4M` (GPU)",
      "a real Ray cluster serving a 4M-row table: shards on fractional GPUs and in pinned host memory, "
      "hot swaps (one a rollback) and a scale 4 -> 6 under 4 client threads", ray_placement),
-    ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py`",
-     "the quality benchmark's knowledge model trained with each row optimizer, same seeds and data",
+    ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2`",
+     "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
+     "on the tuning half, same seeds and data (CPU)",
      optimizer_tradeoff),
     ("transport_bench_cpu.json", "`python benchmarks/transport_bench.py`",
      "same-host and cross-host transports against gRPC (CPU)", transport_bench),
