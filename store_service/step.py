@@ -159,7 +159,14 @@ def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tup
     grads = torch.cat([p[1].float() for p in pairs]).reshape(-1, dim)
     uniq, inverse = torch.unique(ids, return_inverse=True)
     out = torch.zeros(uniq.numel(), dim, dtype=torch.float32, device=grads.device)
-    out.index_add_(0, inverse, grads)
+    if out.is_cuda:
+        # CUDA's index_add_ adds with atomics in no fixed order: the float32 sum of a row sent
+        # three or more times then differs from run to run, and between two shards given the
+        # same gradients (torch lists it as nondeterministic). index_put_'s accumulate sorts
+        # the indices first and is deterministic (torch's own deterministic index_add_ uses it).
+        out.index_put_((inverse,), grads, accumulate=True)
+    else:
+        out.index_add_(0, inverse, grads)   # in arrival order on the CPU
     return uniq, out
 
 
