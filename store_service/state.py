@@ -316,6 +316,12 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None,
 
     segments = segments_from_json(a["segments"])
     lo, hi = a["row_start"], a["row_end"]
+    values = t("values", a["value_dtype"])
+    if tuple(values.shape) != (hi - lo, cfg.d_v):
+        # e.g. bfloat16 bits (uint16) shifted by a float: float64, read back 4x as wide. Served,
+        # such rows would overrun a caller's staging slot (fetch_into's out= resizes its view).
+        raise errors.DataLoss(f"{vdir}/{persistence.shard_group_name(shard_id)}/values",
+                              f"shape {list(values.shape)}, expected [{hi - lo}, {cfg.d_v}] {a['value_dtype']}")
     pieces = []
     for si, seg, i0, i1 in _owned_pieces(segments, lo, hi):
         if f"pk{si}_codebook_a" in arr:
@@ -323,7 +329,7 @@ def load_state(store_root: str, version: int, shard_id: int, device: str | None,
                                        t(f"pk{si}_bias_a"), t(f"pk{si}_bias_b")))
     st = ShardState(
         config=cfg, shard_id=shard_id, version=version, step=a["step"], row_start=lo, row_end=hi,
-        segments=segments, values=_placed(t("values", a["value_dtype"]), cfg.pin_memory), frozen=t("frozen"), ablated=t("ablated"),
+        segments=segments, values=_placed(values, cfg.pin_memory), frozen=t("frozen"), ablated=t("ablated"),
         hits=t("hits"), weight_sum=t("weight_sum"),
         opt=RowState.from_arrays("opt", maybe),
         flat_ids=t("flat_ids"), keys=t("keys"), flat_bias=t("flat_bias"),

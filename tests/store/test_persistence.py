@@ -299,3 +299,20 @@ def test_publish_permuted_refuses_moves_the_codebooks_do_not_make(tmp_path):
             versions.publish_permuted(root, v, *args)
         assert e.value.field == field
     assert persistence.list_versions(root) == [v]
+
+
+def test_a_version_whose_values_have_another_width_is_refused_at_load(tmp_path):
+    """bfloat16 values are stored as uint16 bits; those + a float are float64, read back four
+    times as wide. Such a version is DataLoss at load, never served (a GPU shard would have
+    written the wide rows past a client's CUDA IPC staging slot)."""
+    root = str(tmp_path)
+    cfg = TableConfig(d_k=4, d_v=8, segments=[("flat", 20)], value_dtype="bfloat16", seed=1)
+    v1 = Table.create(cfg, root).snapshot()
+    with persistence.staged_version(root, v1 + 1) as stage:
+        data = persistence.read_shard(persistence.version_path(root, v1), 0)
+        arrays = dict(data.arrays, values=data.arrays["values"] + 1000.0)   # the mistake
+        persistence.write_shard(stage, persistence.ShardData(dict(data.attrs, version=v1 + 1), arrays))
+        persistence.finish_version(stage, v1 + 1)
+    Shard.load(root, v1, 0)   # the version it came from loads
+    with pytest.raises(errors.DataLoss, match=r"values.*\[20, 8\]"):
+        Shard.load(root, v1 + 1, 0)
