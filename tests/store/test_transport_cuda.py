@@ -5,7 +5,11 @@ shard's staging buffer with CUDA IPC. Rows, readouts and applied gradients must 
 what the gRPC path gives, also through a buffer smaller than the answer, and a read during
 unpaced back-to-back swaps must see one version, without failing or reading again (leases).
 
-    python -m pytest -q tests/store/test_transport_cuda.py | tee benchmarks/results/transport_cuda_pytest.txt
+The tests whose logic is not CUDA's (swaps driven by an admin client against a shard process,
+the seam choosing the path a shard process offers) run with shared memory from a CPU shard
+process too (`[shm-...]`), so that a mistake in them shows on a machine without a GPU.
+
+    python -m pytest -q -rf --tb=short tests/store/test_transport_cuda.py 2>&1 | tee benchmarks/results/transport_cuda_pytest.txt
 """
 from __future__ import annotations
 
@@ -23,7 +27,9 @@ from store_service.table import Table
 from store_service.transport.client import BulkPath
 from store_service.transport.config import ClientConfig
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+# (where the shard process keeps its rows, the same-host path that reaches them)
+MEDIA = [pytest.param(("cuda", "cuda_ipc"), marks=CUDA, id="cuda_ipc"), pytest.param(("cpu", "shm"), id="shm")]
 
 TOKEN = "transport-cuda"
 SMALL = ClientConfig(buffer_bytes=1 << 16, slots=4, timeout_s=60)
@@ -40,10 +46,13 @@ def published(tmp_path, request):
     return str(tmp_path), Table.create(cfg, str(tmp_path)).snapshot()
 
 
-def _serve(root, version):
-    return start_shard_process(root, version, 0, admin_token=TOKEN, extra_args=["--device", "cuda"])
+def _serve(root, version, device="cuda", data_paths=()):
+    """A shard process; it offers a path beside gRPC only when told (`--data-paths`)."""
+    paths = ["--data-paths", ",".join(data_paths)] if data_paths else []
+    return start_shard_process(root, version, 0, admin_token=TOKEN, extra_args=["--device", device, *paths])
 
 
+@CUDA
 @pytest.mark.parametrize("rows", [1, 1000, 20000])
 def test_cuda_ipc_fetch_and_readout_are_bitwise_the_grpc_path(published, rows):
     root, version = published
@@ -65,6 +74,7 @@ def test_cuda_ipc_fetch_and_readout_are_bitwise_the_grpc_path(published, rows):
         proc.stop()
 
 
+@CUDA
 def test_shm_from_a_gpu_shard_to_a_gpu_client_is_bitwise_the_grpc_path(published):
     """Rows on the shard's GPU, gathered into page-locked shared memory, copied to the client's GPU."""
     root, version = published
@@ -84,7 +94,11 @@ def test_shm_from_a_gpu_shard_to_a_gpu_client_is_bitwise_the_grpc_path(published
         proc.stop()
 
 
+@CUDA
 def test_cuda_ipc_gradients_are_applied_as_over_grpc(published):
+    # Three or more gradients of one row are summed in float32 at end_step: on a GPU that sum
+    # must not depend on the order of CUDA atomics (step.merge_grads), or the float32 table
+    # differs from its twin in a last bit (H100, f0fa7bf; bfloat16 rounding hid it).
     root, version = published
     a, b = _serve(root, version), _serve(root, version)
     ra, rb = RemoteShard(a.address, admin_token=TOKEN), RemoteShard(b.address, admin_token=TOKEN)
@@ -106,18 +120,26 @@ def test_cuda_ipc_gradients_are_applied_as_over_grpc(published):
         b.stop()
 
 
-def test_cuda_ipc_reads_during_swaps_see_one_version(published):
+@pytest.mark.parametrize("medium", MEDIA)
+def test_cuda_ipc_reads_during_swaps_see_one_version(published, medium):
     root, v1 = published
+    device, kind = medium
     for shift, v in ((1000.0, v1 + 1), (2000.0, v1 + 2)):
         with persistence.staged_version(root, v) as stage:
             data = persistence.read_shard(persistence.version_path(root, v1), 0)
-            arrays = dict(data.arrays, values=data.arrays["values"] + shift)
+            # Shifted in the table's dtype: bfloat16 values are stored as uint16 bits, and
+            # those + a float are float64, read back as rows four times as wide.
+            dtype = data.attrs["value_dtype"]
+            values = persistence.from_numpy(data.arrays["values"], dtype) + shift
+            arrays = dict(data.arrays, values=persistence.to_numpy(values.to(getattr(torch, dtype))))
             persistence.write_shard(stage, persistence.ShardData(dict(data.attrs, version=v), arrays))
             persistence.finish_version(stage, v)
-    proc = _serve(root, v1)
-    admin = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
+    proc = _serve(root, v1, device)
+    # store_root: the server takes admin paths relative to its root (admin_paths.confine);
+    # without it an absolute root is refused (InvalidArgument) before any swap.
+    admin = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60, store_root=root)
     ids = torch.arange(20000)
-    path = BulkPath.open(proc.address, TOKEN, "cuda_ipc", ClientConfig(buffer_bytes=1 << 20, slots=4, retries=50))
+    path = BulkPath.open(proc.address, TOKEN, kind, ClientConfig(buffer_bytes=1 << 20, slots=4, retries=50))
     want = {v1: _bits(admin.fetch(ids))}
     for v in (v1 + 1, v1 + 2):   # each version's rows as the gRPC path reads them
         admin.prepare_version(root, v)
@@ -171,17 +193,19 @@ def test_cuda_ipc_reads_during_swaps_see_one_version(published):
     assert flips[0] >= 10 and path.rereads == 0, (flips[0], path.rereads)
 
 
-def test_cuda_ipc_through_the_data_path_seam(published):
-    """RemoteShard(data_paths=("cuda_ipc",)) against a GPU shard process picks CUDA IPC and
-    answers bitwise what the gRPC path answers."""
+@pytest.mark.parametrize("medium", MEDIA)
+def test_cuda_ipc_through_the_data_path_seam(published, medium):
+    """RemoteShard(data_paths=("cuda_ipc",)) against a GPU shard process offering it
+    (`--data-paths cuda_ipc`) picks CUDA IPC and answers bitwise what the gRPC path answers."""
     root, version = published
-    proc = _serve(root, version)
+    device, kind = medium
+    proc = _serve(root, version, device, data_paths=(kind,))
     grpc_only = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60)
-    fast = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60, data_paths=("cuda_ipc",), device="cuda")
+    fast = RemoteShard(proc.address, admin_token=TOKEN, timeout_s=60, data_paths=(kind,), device=device)
     try:
         ids = torch.randint(-1, 20000, (5000,), generator=torch.Generator().manual_seed(11))
         got = fast.fetch(ids)
-        assert fast.data_path_kind == "cuda_ipc"
+        assert fast.data_path_kind == kind
         assert torch.equal(_bits(got), _bits(grpc_only.fetch(ids)))
     finally:
         fast.close()
@@ -189,12 +213,14 @@ def test_cuda_ipc_through_the_data_path_seam(published):
         proc.stop()
 
 
-def test_cuda_ipc_readout_backward_through_the_seam_is_bitwise_grpc(published):
+@pytest.mark.parametrize("medium", MEDIA)
+def test_cuda_ipc_readout_backward_through_the_seam_is_bitwise_grpc(published, medium):
     """readout_backward's grad_out through CUDA IPC (RemoteShard's DataPath seam) leaves the
     table bitwise as the gRPC path does after end_step, with the same grad of the weights."""
     root, version = published
-    a, b = _serve(root, version), _serve(root, version)
-    fast = RemoteShard(a.address, admin_token=TOKEN, timeout_s=60, data_paths=("cuda_ipc",), device="cuda")
+    device, kind = medium
+    a, b = _serve(root, version, device, data_paths=(kind,)), _serve(root, version, device)
+    fast = RemoteShard(a.address, admin_token=TOKEN, timeout_s=60, data_paths=(kind,), device=device)
     plain = RemoteShard(b.address, admin_token=TOKEN, timeout_s=60)
     try:
         g = torch.Generator().manual_seed(5)
@@ -202,7 +228,7 @@ def test_cuda_ipc_readout_backward_through_the_seam_is_bitwise_grpc(published):
         w = torch.rand(512, 8, generator=g)
         grad_out = torch.randn(512, 256, generator=g)
         got = fast.readout_backward(ids, w, grad_out, request_id="rb")
-        assert fast.data_path_kind == "cuda_ipc"
+        assert fast.data_path_kind == kind
         assert torch.equal(_bits(got), _bits(plain.readout_backward(ids, w, grad_out, request_id="rb")))
         assert fast.end_step(0) == plain.end_step(0) == 1
         every = torch.arange(20000)
