@@ -268,6 +268,13 @@ def merge_earlier(result: dict, path: str, force: bool) -> None:
     taken = [k for k in ("table", "data", "train", "pushdown") if k in earlier and k not in result]
     for k in taken:
         result[k] = earlier[k]
+    # fetch, search and readout all live under "data": a call that ran some of them has "data"
+    # with the others empty, and those are taken from the earlier result one by one
+    if "data" in result and "data" not in taken:
+        for phase, runs in earlier.get("data", {}).items():
+            if runs and not result["data"].get(phase):
+                result["data"][phase] = runs
+                taken.append(f"data.{phase}")
     result["merged"] = {"from": path, "phases": taken, "provenance": prov}
 
 

@@ -50,3 +50,18 @@ def test_merge_takes_the_phases_not_run_only_from_the_same_clean_commit(tmp_path
     assert now["data"] == earlier["data"] and now["train"] == {"x": 2} and now["merged"]["phases"] == ["data"]
     with pytest.raises(SystemExit, match="rerun"):
         wire_bench.merge_earlier({"provenance": {"commit": "def", "dirty": False}}, str(path), force=False)
+
+
+def test_merge_takes_the_data_phases_a_partial_call_left_empty(tmp_path):
+    # a search-only call has "data" with fetch and readout empty: those come from the earlier
+    # result, its own search stays (the first such merge, on the H100, dropped the fetch figures)
+    earlier = {"provenance": {"commit": "abc", "dirty": False},
+               "data": {"fetch": {"grpc": {"1024": 1}}, "readout": {"grpc": 2}, "search": {"grpc": "old"}}}
+    path = tmp_path / "earlier.json"
+    path.write_text(json.dumps(earlier))
+    now = {"provenance": {"commit": "abc", "dirty": False},
+           "data": {"fetch": {}, "readout": {}, "search": {"grpc": "new"}, "search_parts": {"x": 1}}}
+    wire_bench.merge_earlier(now, str(path), force=False)
+    assert now["data"] == {"fetch": {"grpc": {"1024": 1}}, "readout": {"grpc": 2}, "search": {"grpc": "new"},
+                           "search_parts": {"x": 1}}
+    assert now["merged"]["phases"] == ["data.fetch", "data.readout"]
