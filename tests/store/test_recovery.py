@@ -54,6 +54,19 @@ def _close(table: Table) -> None:
             s.close()
 
 
+def _one_served_shard(tmp_path, token: str):
+    """A one-shard version served over gRPC and a client that has reached it:
+    (store root, version, server, client)."""
+    root = str(tmp_path)
+    t = Table.create(_cfg(1), root)
+    v = t.snapshot()
+    t.close()
+    server = serve_shard(Shard.load(root, v, 0), tokens=TOKENS)
+    client = RemoteShard(server.address, token=token, timeout_s=10)
+    client.describe()
+    return root, v, server, client
+
+
 def test_restarted_shard_stops_training_until_recovered_then_matches_an_uninterrupted_run(tmp_path):
     root = str(tmp_path)
     t = Table.create(_cfg(), root)
@@ -89,14 +102,8 @@ def test_restarted_shard_stops_training_until_recovered_then_matches_an_uninterr
 def test_a_restarted_shard_is_reached_again_within_a_second(tmp_path):
     """p95 over 10 restarts, from the restarted server serving to the first successful call
     of a client that saw it go down."""
-    root = str(tmp_path)
-    t = Table.create(_cfg(1), root)
-    v = t.snapshot()
-    t.close()
-    server = serve_shard(Shard.load(root, v, 0), tokens=TOKENS)
+    root, v, server, client = _one_served_shard(tmp_path, TOKENS.read)
     port = server.port
-    client = RemoteShard(server.address, token=TOKENS.read, timeout_s=10)
-    client.describe()
     waits = []
     try:
         for _ in range(10):
@@ -197,14 +204,8 @@ def test_raw_data_plane_calls_reach_a_restarted_shard(tmp_path, call):
     the shard is down, retry on the client's reopened channel pool rather than on the channel
     that saw the server die: each is answered within a second of the restarted server serving,
     5 restarts in a row."""
-    root = str(tmp_path)
-    t = Table.create(_cfg(1), root)
-    v = t.snapshot()
-    t.close()
-    server = serve_shard(Shard.load(root, v, 0), tokens=TOKENS)
+    root, v, server, client = _one_served_shard(tmp_path, TOKENS.admin)
     port = server.port
-    client = RemoteShard(server.address, token=TOKENS.admin, timeout_s=10)
-    client.describe()
     ids, big = torch.arange(N), torch.arange(N).repeat(2)[:300]    # 300 ids: a streamed fetch
     do = {"grads": lambda: client.accumulate_value_grads(ids, torch.zeros(N, D_V), request_id=f"r{time.monotonic()}"),
           "stream_fetch": lambda: client.fetch(big),
