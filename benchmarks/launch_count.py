@@ -1,0 +1,148 @@
+"""Ops per training step of the capacity models (issue 22): what a launch-bound GPU pays for.
+
+A ~1M-parameter model on a GPU is bound by kernel launches and host work, not FLOPs, so the
+number of aten ops one training step runs (forward, backward, clip, optimizer, the store's
+step barrier) predicts its GPU time better than its FLOPs do. This script counts them with
+`torch.profiler` for each capacity preset (benchmarks/capacity_train.py's training step,
+on the bioS stream), and for the MoE models with the routed experts run both ways
+(model_worker/moe.py: batched over a padded block, or the per-expert loop), so the change
+between the two is measured side by side in one run. It also counts the host syncs the
+step makes (Tensor.item / __bool__ / __int__ / __float__ / tolist calls from our code and torch's;
+on the CPU they wait for nothing, and the plain AdamW loop there reads its step count with
+.item() twice per parameter tensor, which the GPU's fused AdamW does not).
+
+    python -m benchmarks.launch_count                                   # CPU, ~1 min
+    python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine
+
+Ops are counted over --steps steps after --warm steps (the router's balancing moves between
+steps; the count is the median step's). Counts include view ops (as_strided, view, ...): they
+launch no kernel but cost host time. Writes benchmarks/results/launch_count_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.capacity_train import RunSpec, model_config, open_table, run_data, train_config, train_step
+from benchmarks.common import write_result
+from model_worker.data.bios.batches import BioStream
+from model_worker.model import Transformer
+from model_worker.moe import RoutedExperts
+from model_worker.train import make_optimizer
+
+PRESETS = {"dense": "cap-dense", "moe": "cap-moe", "knowledge": "cap-knowledge"}
+SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist")
+
+
+@contextlib.contextmanager
+def counting_syncs(counter: Counter):
+    """Count the Tensor methods that make the host wait for the device."""
+    saved = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+
+    def wrap(name, fn):
+        def counted(self, *a, **k):
+            counter[name] += 1
+            return fn(self, *a, **k)
+        return counted
+
+    for name, fn in saved.items():
+        setattr(torch.Tensor, name, wrap(name, fn))
+    try:
+        yield counter
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def count_step(model_name: str, experts: str, args, root: Path) -> dict:
+    """Ops and syncs per step of one capacity model; experts: 'batched' or 'loop'."""
+    spec = RunSpec(model=model_name, preset=PRESETS[model_name], people=args.people, seed=0,
+                   batch_size=args.batch_size, device=args.device, threads=args.threads)
+    work = root / f"{model_name}_{experts}"
+    work.mkdir(parents=True)
+    data = run_data(spec, root)
+    mcfg = model_config(spec, data.tokenizer.vocab_size)
+    stream = BioStream(data.population, data.pieces, seed=0, exposures=1 << 20, seq_len=spec.seq_len,
+                       batch_size=spec.batch_size)
+    tables = open_table(spec, mcfg, work, None) if mcfg.knowledge else contextlib.nullcontext()
+    ops, syncs, seconds = [], [], []
+    with tables as table:
+        model = Transformer(mcfg, table).to(args.device)
+        for m in model.modules():
+            if isinstance(m, RoutedExperts):
+                m.max_padding = float("inf") if experts == "batched" else 0.0   # force one path
+        optimizer = make_optimizer(model, train_config(spec, work))
+        for step in range(args.warm + args.steps):
+            batch = stream.batch().to(args.device)
+            if step < args.warm:
+                train_step(model, optimizer, table, batch, 1e-3, step)
+                continue
+            counter: Counter = Counter()
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU]) as prof, counting_syncs(counter):
+                train_step(model, optimizer, table, batch, 1e-3, step)
+            seconds.append(time.perf_counter() - t0)
+            ops.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+            syncs.append(sum(counter.values()))
+        params = model.count_params()
+        model.close()
+    stream.close()
+    return {"model": model_name, "preset": spec.preset, "experts": experts,
+            "aten_ops_per_step": statistics.median(ops), "aten_ops_min": min(ops), "aten_ops_max": max(ops),
+            "host_syncs_per_step": statistics.median(syncs),
+            "profiled_step_s_median": statistics.median(seconds), "params": params}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--models", default="dense,moe,knowledge")
+    ap.add_argument("--people", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warm", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="default benchmarks/results/launch_count_<cpu|cuda>.json")
+    args = ap.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - set(PRESETS))
+    if unknown:
+        raise SystemExit(f"launch_count: unknown model(s) {unknown}; choose from {sorted(PRESETS)}")
+    out = args.out or f"benchmarks/results/launch_count_{'cuda' if args.device.startswith('cuda') else 'cpu'}.json"
+    root = Path(tempfile.mkdtemp(prefix="launch_count_"))
+    rows = []
+    try:
+        for m in models:
+            for experts in (("batched", "loop") if m != "dense" else ("none",)):
+                rows.append(count_step(m, experts, args, root))
+                r = rows[-1]
+                print(f"{m:10s} {experts:8s} {r['aten_ops_per_step']:>7.0f} ops/step  "
+                      f"{r['host_syncs_per_step']:>4.0f} syncs/step", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    by = {(r["model"], r["experts"]): r["aten_ops_per_step"] for r in rows}
+    headline = {"aten_ops_per_step": {(m if e == "none" else f"{m}_{e}"): v for (m, e), v in by.items()},
+                "batch_size": args.batch_size, "seq_len": 256}
+    for m in ("moe", "knowledge"):
+        if (m, "loop") in by:
+            headline[f"{m}_loop_over_batched"] = by[(m, "loop")] / by[(m, "batched")]
+    if ("dense", "none") in by:
+        for m in ("moe", "knowledge"):
+            if (m, "batched") in by:
+                headline[f"{m}_batched_over_dense"] = by[(m, "batched")] / by[("dense", "none")]
+    return write_result(out, {"device": args.device, "config": vars(args), "runs": rows, "headline": headline},
+                        argv=sys.argv if argv is None else ["benchmarks/launch_count.py", *argv], device=args.device)
+
+
+if __name__ == "__main__":
+    main()
