@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -141,7 +140,7 @@ def main(argv=None) -> dict:
             if (m, "batched") in by:
                 headline[f"{m}_batched_over_dense"] = by[(m, "batched")] / by[("dense", "none")]
     return write_result(out, {"device": args.device, "config": vars(args), "runs": rows, "headline": headline},
-                        argv=sys.argv if argv is None else ["benchmarks/launch_count.py", *argv], device=args.device)
+                        argv=argv, device=args.device)
 
 
 if __name__ == "__main__":

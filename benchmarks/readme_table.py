@@ -231,11 +231,16 @@ def wire_bench(d: dict) -> str:
     out = (f"fetch of {h['fetch_rows']:,} rows x 1024 bf16: same host ({h['same_host_transport']}) "
            f"**{_f(h['fetch_gbps_same_host'], 1)} GB/s** (>= 10), gRPC over TCP **{_f(h['fetch_gbps_tcp'])} GB/s** (>= 2), "
            f"in process {_f(h['fetch_gbps_in_process'], 0)} GB/s; readout same host {_f(h['readout_gbps_same_host'])} GB/s; "
-           f"search 4,096 q k 32 remote **{_f(h['search_ms_4096_remote'], 1)} ms** (<= 10)")
+           f"search 4,096 q k 32 remote **{_f(h['search_ms_4096_remote'], 1)} ms** (<= 10)"
+           + (f" [{_f(h['search_ms_4096_remote_min'], 1)}, {_f(h['search_ms_4096_remote_max'], 1)}]"
+              if h.get("search_ms_4096_remote_min") is not None else ""))
     if h.get("remote_over_local_tokens_per_s_d1024") is not None:
         out += (f"; d1024 training remote / in process **{_f(h['remote_over_local_tokens_per_s_d1024'])}** "
                 f"(median of {len(t.get('pairs', []))} pairs, min {_f(t.get('remote_over_local_min'))}, max "
                 f"{_f(t.get('remote_over_local_max'))}; >= 0.8), losses exact: {t.get('losses_exact')}")
+    if h.get("fetch_gbps_tcp_tls") is not None:
+        return out + (f"; over TLS (loopback, self-signed): gRPC fetch {_f(h['fetch_gbps_tcp_tls'])} GB/s, "
+                      f"search {_f(h['search_ms_4096_remote_tls'], 1)} ms")
     return out + f"; {h.get('tls', '')}"
 
 
@@ -279,13 +284,12 @@ def reliability(d: dict) -> str:
             f"first call after a shard restart p95 **{_f(r['p95'])} s** (p50 {_f(r['p50'])})")
 
 
-def wire_search(d: dict) -> str:
-    """A search-only wire_bench run (--phases search): the remote search after raw-bytes search."""
+def launch_count(d: dict) -> str:
     h = d["headline"]
-    return (f"search 4,096 queries k 32 over gRPC on loopback **{_f(h['search_ms_4096_remote'], 2)} ms** median "
-            f"[{_f(h['search_ms_4096_remote_min'], 2)}, {_f(h['search_ms_4096_remote_max'], 2)}] (<= 10), with TLS "
-            f"{_f(h['search_ms_4096_remote_tls'], 2)} ms, in process {_f(h['search_ms_4096_in_process'], 2)} ms; "
-            "only the search phase ran (the other headline keys are the full run's, row above)")
+    ops = h["aten_ops_per_step"]
+    return (f"batch {h['batch_size']} x {h['seq_len']}: dense {ops['dense']:,.0f}; MoE {ops['moe_loop']:,.0f} looped -> "
+            f"**{ops['moe_batched']:,.0f}** batched; MoE + knowledge {ops['knowledge_loop']:,.0f} -> "
+            f"**{ops['knowledge_batched']:,.0f}** ops per step")
 
 
 def ray_placement(d: dict) -> str:
@@ -328,13 +332,15 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "(the device copy's `.git` named the session's base commit: the tree was main at fc5efb1, STORE_NOTES)",
      scale_bench),
     ("wire_bench.json", "`python benchmarks/wire_bench.py --device cuda` (commands: `benchmarks/WIRE_NOTES.md`)",
-     "the data plane per transport (in process, gRPC, CUDA IPC, shm) and d1024 training with the store in "
-     "2 shard processes (same `.git` caveat: the tree was fc5efb1)", wire_bench),
-    ("wire_bench_search.json", "`python benchmarks/wire_bench.py --device cuda --phases search --no-grpc-unary`",
-     "remote search after the raw-bytes search path (GPU shard process, same host)", wire_search),
-    ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda --rows 4M` (GPU)",
-     "a real Ray cluster serving a 4M-row table: shards on fractional GPUs and in pinned host memory, "
-     "hot swaps (one a rollback) and a scale 4 -> 6 under 4 client threads", ray_placement),
+     "the data plane per transport (in process, gRPC, CUDA IPC, shm; gRPC also over TLS) and d1024 training "
+     "with the store in 2 shard processes, all phases at one commit", wire_bench),
+    ("ray_placement.json", "`python -m benchmarks.ray_placement --device cuda` (GPU)",
+     "a real Ray cluster serving the 16M-row table (34 GB): shards on fractional GPUs and in pinned host memory, "
+     "hot swaps (one a rollback) under 4 client threads; the scale needs a second full copy on disk", ray_placement),
+    ("ray_placement_4m.json", "`python -m benchmarks.ray_placement --device cuda --rows 4M` (GPU)",
+     "the same at 4M rows, where the disk holds a second copy: hot swaps and a scale 4 -> 6", ray_placement),
+    ("launch_count_cuda.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128`",
+     "aten ops per training step of the capacity models, MoE experts batched vs looped (GPU)", launch_count),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2`",
      "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
      "on the tuning half, same seeds and data (CPU)",
