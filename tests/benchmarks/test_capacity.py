@@ -162,6 +162,9 @@ def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):
     for key in ("bits_per_active_param", "bits_per_total_param", "tokens_per_s", "recall_heldout_template"):
         assert set(h[key]) == {"dense", "knowledge"}
     assert res["throughput"]["remote"]["knowledge"]["remote_over_local"] > 0
+    # the served table moves rows over the same-host bulk path (shared memory on the CPU), not protobuf
+    assert res["throughput"]["remote"]["knowledge"]["transport"] == ["shm"]
+    assert res["throughput"]["local"]["knowledge"]["transport"] == ["in_process"]
     assert res["provenance"]["command"] and "commit" in res["provenance"] and "bits_formula" in res
     assert out.with_suffix(".png").exists()
     run = res["runs"]["N16_knowledge_s0"]
