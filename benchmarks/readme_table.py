@@ -341,7 +341,7 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "the same at 4M rows, where the disk holds a second copy: hot swaps and a scale 4 -> 6", ray_placement),
     ("launch_count_cuda.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128`",
      "aten ops per training step of the capacity models, MoE experts batched vs looped (GPU)", launch_count),
-    ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2`",
+    ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2 --lr-grid 0.01,0.1,1,10`",
      "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
      "on the tuning half, same seeds and data (CPU)",
      optimizer_tradeoff),
