@@ -12,10 +12,15 @@ on the CPU they wait for nothing, and the plain AdamW loop there reads its step 
 .item() twice per parameter tensor, which the GPU's fused AdamW does not).
 
     python -m benchmarks.launch_count                                   # CPU, ~1 min
-    python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine
+    python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine, ~1 min
+
+On a GPU it also records the device's kernel time per step (CUDA activity of the profiler)
+against the step's wall time without the profiler: a device busy fraction well below 1 means
+the step is bound by the host (launches, Python, syncs), near 1 by the kernels; and the ops
+that take the most device time.
 
 Ops are counted over --steps steps after --warm steps (the router's balancing moves between
-steps; the count is the median step's). Counts include view ops (as_strided, view, ...): they
+steps; the count is the median step's), then --steps more steps are timed without the profiler. Counts include view ops (as_strided, view, ...): they
 launch no kernel but cost host time. Writes benchmarks/results/launch_count_<device>.json.
 """
 from __future__ import annotations
@@ -74,7 +79,10 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     stream = BioStream(data.population, data.pieces, seed=0, exposures=1 << 20, seq_len=spec.seq_len,
                        batch_size=spec.batch_size)
     tables = open_table(spec, mcfg, work, None) if mcfg.knowledge else contextlib.nullcontext()
-    ops, syncs, seconds = [], [], []
+    ops, syncs, seconds, kernel_s, kernels, timed = [], [], [], [], [], []
+    top: Counter = Counter()
+    cuda = args.device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with tables as table:
         model = Transformer(mcfg, table).to(args.device)
         for m in model.modules():
@@ -88,18 +96,36 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
                 continue
             counter: Counter = Counter()
             t0 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU]) as prof, counting_syncs(counter):
+            with profile(activities=activities) as prof, counting_syncs(counter):
                 train_step(model, optimizer, table, batch, 1e-3, step)
             seconds.append(time.perf_counter() - t0)
-            ops.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+            averages = prof.key_averages()
+            ops.append(sum(e.count for e in averages if e.key.startswith("aten::")))
             syncs.append(sum(counter.values()))
+            if cuda:
+                # kernel time on the device, attributed to the ops that launched it (microseconds)
+                kernel_s.append(sum(e.self_device_time_total for e in averages) / 1e6)
+                kernels.append(sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")))
+                for e in averages:
+                    if e.self_device_time_total > 0:
+                        top[e.key] += e.self_device_time_total / 1e6 / args.steps
+        # The same steps without the profiler: the wall time a step costs (train_step waits for it).
+        for step in range(args.steps):
+            batch = stream.batch().to(args.device)
+            t0 = time.perf_counter()
+            train_step(model, optimizer, table, batch, 1e-3, args.warm + args.steps + step)
+            timed.append(time.perf_counter() - t0)
         params = model.count_params()
         model.close()
     stream.close()
     return {"model": model_name, "preset": spec.preset, "experts": experts,
             "aten_ops_per_step": statistics.median(ops), "aten_ops_min": min(ops), "aten_ops_max": max(ops),
             "host_syncs_per_step": statistics.median(syncs),
-            "profiled_step_s_median": statistics.median(seconds), "params": params}
+            "profiled_step_s_median": statistics.median(seconds), "step_s_median": statistics.median(timed),
+            "step_s_min": min(timed), "step_s_max": max(timed), "params": params,
+            **({"device_kernel_s_per_step": statistics.median(kernel_s), "kernels_per_step": statistics.median(kernels),
+                "device_busy_fraction": statistics.median(kernel_s) / statistics.median(timed),
+                "top_device_ops_s_per_step": dict(top.most_common(12))} if cuda else {})}
 
 
 def main(argv=None) -> dict:
@@ -126,11 +152,16 @@ def main(argv=None) -> dict:
                 rows.append(count_step(m, experts, args, root))
                 r = rows[-1]
                 print(f"{m:10s} {experts:8s} {r['aten_ops_per_step']:>7.0f} ops/step  "
-                      f"{r['host_syncs_per_step']:>4.0f} syncs/step", flush=True)
+                      f"{r['host_syncs_per_step']:>4.0f} syncs/step  {r['step_s_median'] * 1e3:8.1f} ms/step"
+                      + (f"  device busy {r['device_busy_fraction']:.0%}" if "device_busy_fraction" in r else ""),
+                      flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     by = {(r["model"], r["experts"]): r["aten_ops_per_step"] for r in rows}
-    headline = {"aten_ops_per_step": {(m if e == "none" else f"{m}_{e}"): v for (m, e), v in by.items()},
+    name = {(r["model"], r["experts"]): (r["model"] if r["experts"] == "none" else f"{r['model']}_{r['experts']}")
+            for r in rows}
+    headline = {"aten_ops_per_step": {name[k]: v for k, v in by.items()},
+                "step_ms": {name[(r["model"], r["experts"])]: r["step_s_median"] * 1e3 for r in rows},
                 "batch_size": args.batch_size, "seq_len": 256}
     for m in ("moe", "knowledge"):
         if (m, "loop") in by:
