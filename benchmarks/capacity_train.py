@@ -103,6 +103,12 @@ def model_config(spec: RunSpec, vocab_size: int) -> ModelConfig:
     base = preset(spec.preset)
     if base.knowledge is not None:
         kw["knowledge"] = {**dataclasses.asdict(base.knowledge), "n_sub": n_sub_for(spec)}
+        if spec.remote:
+            # Served from other processes, the rows come to the trainer (fetch) rather than the
+            # shards' partial sums (pushdown): the same weighted sum, but over CUDA IPC a fetch
+            # moves 24.9 GB/s and a readout 2.05 GB/s (wire_bench.json, H100, 242b625); the
+            # pushdown twin ran at 0.24x of in process (149.5k vs 616k tokens/s, bcea650).
+            kw["knowledge"]["readout"] = "fetch"
     return preset(spec.preset, **kw)
 
 

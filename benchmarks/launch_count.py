@@ -82,6 +82,8 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     ops, syncs, seconds, kernel_s, kernels, timed = [], [], [], [], [], []
     top: Counter = Counter()
     cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True      # as the capacity runs train (capacity_train.advance)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with tables as table:
         model = Transformer(mcfg, table).to(args.device)
@@ -103,12 +105,13 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
             ops.append(sum(e.count for e in averages if e.key.startswith("aten::")))
             syncs.append(sum(counter.values()))
             if cuda:
-                # kernel time on the device, attributed to the ops that launched it (microseconds)
-                kernel_s.append(sum(e.self_device_time_total for e in averages) / 1e6)
-                kernels.append(sum(1 for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")))
-                for e in averages:
-                    if e.self_device_time_total > 0:
-                        top[e.key] += e.self_device_time_total / 1e6 / args.steps
+                # The kernels themselves (device events; an aten op's own device total would count
+                # its kernels a second time): their summed time, and the ones taking the most.
+                device_events = [e for e in prof.events() if str(getattr(e, "device_type", "")).endswith("CUDA")]
+                kernel_s.append(sum(e.time_range.elapsed_us() for e in device_events) / 1e6)
+                kernels.append(len(device_events))
+                for e in device_events:
+                    top[e.name[:120]] += e.time_range.elapsed_us() / 1e6 / args.steps
         # The same steps without the profiler: the wall time a step costs (train_step waits for it).
         for step in range(args.steps):
             batch = stream.batch().to(args.device)

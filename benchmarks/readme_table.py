@@ -286,10 +286,15 @@ def reliability(d: dict) -> str:
 
 def launch_count(d: dict) -> str:
     h = d["headline"]
-    ops = h["aten_ops_per_step"]
-    return (f"batch {h['batch_size']} x {h['seq_len']}: dense {ops['dense']:,.0f}; MoE {ops['moe_loop']:,.0f} looped -> "
-            f"**{ops['moe_batched']:,.0f}** batched; MoE + knowledge {ops['knowledge_loop']:,.0f} -> "
-            f"**{ops['knowledge_batched']:,.0f}** ops per step")
+    ops, ms = h["aten_ops_per_step"], h.get("step_ms", {})
+    parts = []
+    for m, label in (("moe", "MoE"), ("knowledge", "MoE + knowledge")):
+        if f"{m}_loop" in ops:
+            parts.append(f"{label} {ops[f'{m}_loop']:,.0f} looped -> **{ops[f'{m}_batched']:,.0f}** batched"
+                         + (f" ({_f(ms[f'{m}_loop'], 1)} -> **{_f(ms[f'{m}_batched'], 1)}** ms a step)"
+                            if f"{m}_loop" in ms else ""))
+    dense = f"dense {ops['dense']:,.0f}" + (f" ({_f(ms['dense'], 1)} ms)" if "dense" in ms else "")
+    return f"batch {h['batch_size']} x {h['seq_len']}, ops per step: {dense}; " + "; ".join(parts)
 
 
 def ray_placement(d: dict) -> str:
@@ -341,6 +346,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "the same at 4M rows, where the disk holds a second copy: hot swaps and a scale 4 -> 6", ray_placement),
     ("launch_count_cuda.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128`",
      "aten ops per training step of the capacity models, MoE experts batched vs looped (GPU)", launch_count),
+    ("launch_count_cuda_moe_steps.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128 --models dense,moe`",
+     "the same with each step's wall time, side by side in one run (GPU; FP32 matmuls, no TF32: the script "
+     "enables TF32 since; its device-busy figures double-count and are not used)", launch_count),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2 --lr-grid 0.01,0.1,1,10`",
      "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
      "on the tuning half, same seeds and data (CPU)",
