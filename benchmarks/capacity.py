@@ -82,7 +82,8 @@ def specs(args, remote: bool = False) -> list[RunSpec]:
                                    seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
                                    warmup_steps=args.warmup_steps, value_lr=args.value_lr,
                                    rows_per_person=args.rows_per_person, table_optimizer=args.table_optimizer,
-                                   vocab=args.vocab, remote=remote, device=args.device, threads=args.threads))
+                                   vocab=args.vocab, remote=remote, device=args.device, threads=args.threads,
+                                   moe_grouped_bf16=args.moe_grouped_bf16))
     return out
 
 
@@ -142,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         ap.add_argument("--" + k.replace("_", "-"), type=t, default=None, help="default: by --size")
     ap.add_argument("--value-lr", type=float, default=None, help="the table's row lr (default: the preset's)")
     ap.add_argument("--rows-per-person", type=float, default=4.0)
+    ap.add_argument("--moe-grouped-bf16", action="store_true",
+                    help="MoE models' routed experts as bf16 grouped GEMMs (sm90; other numerics than the dense model's)")
     ap.add_argument("--table-optimizer", default=LARGE_TABLE_OPTIMIZER,
                     help="the table's row optimizer (a store optimizer kind; one the store lacks resolves to adam)")
     ap.add_argument("--device", default="cpu")

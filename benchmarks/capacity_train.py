@@ -68,6 +68,7 @@ class RunSpec:
     rows_per_person: float = 4.0
     table_optimizer: str = LARGE_TABLE_OPTIMIZER
     vocab: int = 2048
+    moe_grouped_bf16: bool = False  # the MoE's routed experts as bf16 grouped GEMMs (ModelConfig.moe_grouped_bf16)
     remote: bool = False            # the table served by REMOTE_SHARDS shard processes over gRPC
     device: str = "cpu"
     threads: int = 1
@@ -101,6 +102,8 @@ def model_config(spec: RunSpec, vocab_size: int) -> ModelConfig:
     # block_size bounds the rotary table only: long enough for any scored biography too
     kw: dict = {"vocab_size": vocab_size, "block_size": max(spec.seq_len, 512)}
     base = preset(spec.preset)
+    if spec.moe_grouped_bf16 and base.ffn == "moe":
+        kw["moe_grouped_bf16"] = True
     if base.knowledge is not None:
         kw["knowledge"] = {**dataclasses.asdict(base.knowledge), "n_sub": n_sub_for(spec)}
         if spec.remote:

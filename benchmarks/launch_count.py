@@ -90,6 +90,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
         for m in model.modules():
             if isinstance(m, RoutedExperts):
                 m.max_padding = float("inf") if experts == "batched" else 0.0   # force one path
+                m.grouped_bf16 = experts == "grouped"
         optimizer = make_optimizer(model, train_config(spec, work))
         for step in range(args.warm + args.steps):
             batch = stream.batch().to(args.device)
@@ -140,9 +141,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--experts", default="batched,loop",
+                    help="MoE expert paths to count: batched, loop, grouped (bf16 grouped GEMMs; sm90 on a GPU)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/launch_count_<cpu|cuda>.json")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.experts = [e.strip() for e in args.experts.split(",") if e.strip()]
+    if not args.experts or set(args.experts) - {"batched", "loop", "grouped"}:
+        raise SystemExit(f"launch_count: --experts takes batched, loop, grouped; got {args.experts}")
     unknown = sorted(set(models) - set(PRESETS))
     if unknown:
         raise SystemExit(f"launch_count: unknown model(s) {unknown}; choose from {sorted(PRESETS)}")
@@ -151,7 +157,7 @@ def main(argv=None) -> dict:
     rows = []
     try:
         for m in models:
-            for experts in (("batched", "loop") if m != "dense" else ("none",)):
+            for experts in (args.experts if m != "dense" else ("none",)):
                 rows.append(count_step(m, experts, args, root))
                 r = rows[-1]
                 print(f"{m:10s} {experts:8s} {r['aten_ops_per_step']:>7.0f} ops/step  "
@@ -167,12 +173,15 @@ def main(argv=None) -> dict:
                 "step_ms": {name[(r["model"], r["experts"])]: r["step_s_median"] * 1e3 for r in rows},
                 "batch_size": args.batch_size, "seq_len": 256}
     for m in ("moe", "knowledge"):
-        if (m, "loop") in by:
+        if (m, "loop") in by and (m, "batched") in by:
             headline[f"{m}_loop_over_batched"] = by[(m, "loop")] / by[(m, "batched")]
     if ("dense", "none") in by:
         for m in ("moe", "knowledge"):
             if (m, "batched") in by:
                 headline[f"{m}_batched_over_dense"] = by[(m, "batched")] / by[("dense", "none")]
+    experts_of = {(r["model"], r["experts"]): r for r in rows}
+    headline["step_ms_over_dense"] = {name[k]: r["step_s_median"] / experts_of[("dense", "none")]["step_s_median"]
+                                      for k, r in experts_of.items() if ("dense", "none") in experts_of}
     return write_result(out, {"device": args.device, "config": vars(args), "runs": rows, "headline": headline},
                         argv=argv, device=args.device)
 

@@ -96,6 +96,8 @@ class ModelConfig:
     route_norm: bool = True          # normalise the selected experts' routing weights to sum to 1
     moe_bias_rate: float = 1e-3      # loss-free balancing step (0 = off)
     aux_loss_coef: float = 0.0       # optional sequence-level balance loss (DeepSeek-V3 uses ~1e-4)
+    moe_grouped_bf16: bool = False   # routed experts as bf16 grouped GEMMs (torch._grouped_mm): faster
+                                     # on sm90, not the fp32 numerics (model_worker/moe.py)
 
     knowledge: KnowledgeConfig | None = None
 
