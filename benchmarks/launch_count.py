@@ -89,7 +89,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
         model = Transformer(mcfg, table).to(args.device)
         for m in model.modules():
             if isinstance(m, RoutedExperts):
-                m.max_padding = float("inf") if experts == "batched" else 0.0   # force one path
+                m.mode = "loop" if experts == "loop" else "padded"     # force one path
                 m.grouped_bf16 = experts == "grouped"
         optimizer = make_optimizer(model, train_config(spec, work))
         for step in range(args.warm + args.steps):

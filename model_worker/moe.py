@@ -7,9 +7,9 @@ fixed amount against the sign of the expert's load error (loss-free
 balancing); it affects selection only. An optional small sequence-level
 auxiliary loss is available.
 
-Dispatch sorts the (token, slot) pairs by expert and runs all experts at once as
-batched matmuls over a padded [E, cap, D] block (RoutedExperts); there is no loop over
-tokens, nor over experts unless routing is badly skewed.
+Dispatch sorts the (token, slot) pairs by expert; on a GPU all experts then run at once as
+batched matmuls over a padded [E, cap, D] block (RoutedExperts), on the CPU one slice per
+expert. There is no loop over tokens.
 """
 from __future__ import annotations
 
@@ -37,25 +37,32 @@ class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: w1, w3 [E, D, F], w2 [E, F, D].
 
     Two ways to run them on rows grouped by expert, with the same math:
-    - padded (the default): every expert's rows go into one [E, cap, D] block (cap = the
-      busiest expert's rows, zero rows after an expert's own) and the three matmuls run as
-      three batched matmuls. A zero row gives a zero output and adds nothing to any weight's
-      gradient, so outputs and gradients equal the loop's. The op count no longer grows with
-      E: a small model on a GPU is bound by kernel launches, and the loop's ~10 kernels per
-      expert per layer (forward and backward) were most of a training step's.
-    - loop: one slice per expert. Used when routing is so skewed that the padding would be
-      more than `max_padding` times the rows (E x cap > max_padding x M), and as the
-      reference the padded path is tested against.
+    - padded: every expert's rows go into one [E, cap, D] block (cap = the busiest expert's
+      rows, zero rows after an expert's own) and the three matmuls run as three batched
+      matmuls. A zero row gives a zero output and adds nothing to any weight's gradient, so
+      outputs and gradients equal the loop's up to rounding. The op count no longer grows
+      with E: a small model on a GPU is bound by kernel launches, and the loop's ~10 kernels
+      per expert per layer (forward and backward) were most of a training step's.
+    - loop: one slice per expert; the reference the padded path is tested against.
+    `mode` "auto" (the default) takes the padded path on a GPU unless routing is so skewed
+    that the padding would pass `max_padding` times the rows (E x cap > max_padding x M),
+    and the loop on the CPU: there no launch is saved, padding only adds FLOPs, and the CPU
+    keeps its results bit for bit across this change (rounding differs between the paths,
+    and a knowledge layer's top-k can turn a last-bit difference into another row).
+    "padded" and "loop" force one path (benchmarks/launch_count.py compares them).
     A third, opt-in way (grouped_bf16) runs them as bf16 grouped GEMMs: other numerics.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, std: float = 0.02,
-                 max_padding: float = 4.0, grouped_bf16: bool = False):
+                 max_padding: float = 4.0, grouped_bf16: bool = False, mode: str = "auto"):
         super().__init__()
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
         self.w3 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_expert, d_model) * std)
         self.max_padding = max_padding
+        if mode not in ("auto", "padded", "loop"):
+            raise ValueError(f"mode must be auto, padded or loop; got {mode!r}")
+        self.mode = mode
         if grouped_bf16 and not hasattr(torch, "_grouped_mm"):
             raise ValueError(f"moe_grouped_bf16 needs torch._grouped_mm, which torch {torch.__version__} lacks")
         if grouped_bf16 and (d_model % 8 or d_expert % 8):
@@ -63,17 +70,25 @@ class RoutedExperts(nn.Module):
             raise ValueError(f"moe_grouped_bf16 needs d_model and d_expert multiples of 8; got {d_model}, {d_expert}")
         self.grouped_bf16 = grouped_bf16
 
+    def use_padded(self, on_gpu: bool, E: int, cap: int, M: int) -> bool:
+        """Whether `mode` sends this call down the padded path."""
+        if self.mode != "auto":
+            return self.mode == "padded"
+        return on_gpu and E * cap <= self.max_padding * M
+
     def forward(self, x_sorted: torch.Tensor, expert_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         # x_sorted: [M, D], rows grouped by expert (ascending); expert_sorted [M] each row's
-        # expert; counts [E] rows per expert. One host sync (cap), as the loop's split had.
+        # expert; counts [E] rows per expert. One host sync (cap, or the loop's split sizes).
         M, D = x_sorted.shape
         E = counts.shape[0]
         if M == 0:
             return x_sorted.new_zeros(0, D)
         if self.grouped_bf16:
             return self.forward_grouped(x_sorted, counts)
+        if self.mode == "loop" or (self.mode == "auto" and not x_sorted.is_cuda):
+            return self.forward_loop(x_sorted, counts.tolist())
         cap = int(counts.max())
-        if E * cap > self.max_padding * M:
+        if not self.use_padded(x_sorted.is_cuda, E, cap, M):
             return self.forward_loop(x_sorted, counts.tolist())
         starts = torch.cumsum(counts, 0) - counts
         pos = torch.arange(M, device=x_sorted.device) - starts[expert_sorted] + expert_sorted * cap

@@ -105,35 +105,42 @@ def test_aux_loss():
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 4, 0, 0]])
 def test_padded_experts_equal_the_loop(counts):
     """The batched, padded expert path gives the loop's outputs and gradients, with empty
-    experts and with routing skewed enough to take the loop fallback ([0, 0, 9, 0]: padding
-    4 x 9 > 4 x 9 is false, so it stays padded; max_padding 1.5 sends it to the loop)."""
+    experts and with skewed routing."""
     from model_worker.moe import RoutedExperts
-    for max_padding in (4.0, 1.5):
-        torch.manual_seed(0)
-        experts = RoutedExperts(4, 8, 12, std=0.3, max_padding=max_padding)
-        c = torch.tensor(counts)
-        x = torch.randn(int(c.sum()), 8, requires_grad=True)
-        expert_sorted = torch.repeat_interleave(torch.arange(4), c)
-        y = experts(x, expert_sorted, c)
-        y.square().sum().backward()
-        got = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
-        x.grad = None
-        experts.zero_grad()
-        y_ref = experts.forward_loop(x, counts)
-        y_ref.square().sum().backward()
-        want = [x.grad] + [p.grad for p in experts.parameters()]
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    torch.manual_seed(0)
+    experts = RoutedExperts(4, 8, 12, std=0.3, mode="padded")
+    c = torch.tensor(counts)
+    x = torch.randn(int(c.sum()), 8, requires_grad=True)
+    expert_sorted = torch.repeat_interleave(torch.arange(4), c)
+    y = experts(x, expert_sorted, c)
+    y.square().sum().backward()
+    got = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+    x.grad = None
+    experts.zero_grad()
+    y_ref = experts.forward_loop(x, counts)
+    y_ref.square().sum().backward()
+    want = [x.grad] + [p.grad for p in experts.parameters()]
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
-def test_padded_experts_take_no_loop(monkeypatch):
-    """Balanced routing runs the padded path (the loop would launch per expert)."""
+def test_which_path_the_experts_take(monkeypatch):
+    """auto: padded on a GPU unless the padding passes max_padding x the rows, the loop on
+    the CPU (bit for bit the earlier CPU results); padded / loop force one path."""
     from model_worker.moe import RoutedExperts
-    experts = RoutedExperts(4, 8, 12)
-    monkeypatch.setattr(RoutedExperts, "forward_loop", lambda *a: pytest.fail("took the loop"))
+    auto = RoutedExperts(4, 8, 12)
+    assert auto.use_padded(True, E=4, cap=3, M=10) and auto.use_padded(True, E=4, cap=10, M=10)
+    assert not auto.use_padded(True, E=4, cap=11, M=10)          # 44 > 4 x 10: the loop
+    assert not auto.use_padded(False, E=4, cap=3, M=10)          # the CPU: the loop
+    assert RoutedExperts(4, 8, 12, mode="padded").use_padded(False, 4, 40, 10)
+    assert not RoutedExperts(4, 8, 12, mode="loop").use_padded(True, 4, 3, 10)
+    with pytest.raises(ValueError, match="mode"):
+        RoutedExperts(4, 8, 12, mode="fast")
+    # on the CPU, auto runs the loop and never builds the padded block
+    monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("took the padded path"))
     c = torch.tensor([3, 2, 3, 2])
-    experts(torch.randn(10, 8), torch.repeat_interleave(torch.arange(4), c), c)
+    auto(torch.randn(10, 8), torch.repeat_interleave(torch.arange(4), c), c)
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 8], [0, 16, 0, 0]])
