@@ -102,24 +102,29 @@ def test_aux_loss():
     assert moe.aux_loss.requires_grad and moe.aux_loss.item() > 0
 
 
+def _path_and_loop(experts, counts: list[int], d_model: int):
+    """Outputs and gradients (input's, then each weight's) of `experts` on rows grouped by
+    `counts`, and the same from its loop path: -> (y, grads, y_loop, grads_loop)."""
+    c = torch.tensor(counts)
+    x = torch.randn(int(c.sum()), d_model, requires_grad=True)
+    runs = []
+    for fn in (lambda: experts(x, torch.repeat_interleave(torch.arange(len(counts)), c), c),
+               lambda: experts.forward_loop(x, counts)):
+        x.grad = None
+        experts.zero_grad()
+        y = fn()
+        y.square().sum().backward()
+        runs.append((y.detach(), [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]))
+    return (*runs[0], *runs[1])
+
+
 @pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 4, 0, 0]])
 def test_padded_experts_equal_the_loop(counts):
     """The batched, padded expert path gives the loop's outputs and gradients, with empty
     experts and with skewed routing."""
     from model_worker.moe import RoutedExperts
     torch.manual_seed(0)
-    experts = RoutedExperts(4, 8, 12, std=0.3, mode="padded")
-    c = torch.tensor(counts)
-    x = torch.randn(int(c.sum()), 8, requires_grad=True)
-    expert_sorted = torch.repeat_interleave(torch.arange(4), c)
-    y = experts(x, expert_sorted, c)
-    y.square().sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
-    x.grad = None
-    experts.zero_grad()
-    y_ref = experts.forward_loop(x, counts)
-    y_ref.square().sum().backward()
-    want = [x.grad] + [p.grad for p in experts.parameters()]
+    y, got, y_ref, want = _path_and_loop(RoutedExperts(4, 8, 12, std=0.3, mode="padded"), counts, 8)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -149,22 +154,12 @@ def test_grouped_bf16_experts_are_close_to_the_loop(counts):
     gradients (torch's CPU fallback runs the same op as the GPU kernel's contract)."""
     from model_worker.moe import RoutedExperts
     torch.manual_seed(0)
-    experts = RoutedExperts(4, 16, 24, std=0.3, grouped_bf16=True)
-    c = torch.tensor(counts)
-    x = torch.randn(int(c.sum()), 16, requires_grad=True)
-    y = experts(x, torch.repeat_interleave(torch.arange(4), c), c)
+    y, got, y_ref, want = _path_and_loop(RoutedExperts(4, 16, 24, std=0.3, grouped_bf16=True), counts, 16)
     assert y.dtype == torch.float32
-    y.square().sum().backward()
-    got = [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
-    x.grad = None
-    experts.zero_grad()
-    y_ref = experts.forward_loop(x, counts)
-    y_ref.square().sum().backward()
-    want = [x.grad] + [p.grad for p in experts.parameters()]
 
     def rel(a, b):
         return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-    assert rel(y.detach(), y_ref.detach()) < 2e-2
+    assert rel(y, y_ref) < 2e-2
     for g, w in zip(got, want):
         assert rel(g, w) < 3e-2
     # the empty experts' weights get exactly no gradient
