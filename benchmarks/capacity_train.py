@@ -152,17 +152,11 @@ def lr_at(spec: RunSpec, step: int, progress: float) -> float:
     return spec.lr * warm * (spec.min_lr_ratio + (1 - spec.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def same_host_data_paths() -> tuple[str, ...]:
-    """The same-host bulk transports this machine offers, fastest first (what the remote runs ask for)."""
-    from store_service import datapath
-    kinds = {k for k, t in datapath.transports().items() if t.available()}
-    return tuple(k for k in ("cuda_ipc", "shm") if k in kinds)
-
-
 @contextlib.contextmanager
 def open_table(spec: RunSpec, mcfg: ModelConfig, run_dir: Path, version: int | None):
     """The run's table: fresh (version None) or a checkpoint's version; in process, or
     served by REMOTE_SHARDS shard processes over gRPC (spec.remote)."""
+    from store_service import datapath
     from store_service.client import connect
     from store_service.serve import start_shard_process
     from store_service.testing import loopback_table
@@ -181,7 +175,7 @@ def open_table(spec: RunSpec, mcfg: ModelConfig, run_dir: Path, version: int | N
     # as wire_bench's training phase does; gRPC carries the control calls. Without data paths
     # every readout and its gradients went through protobuf on loopback: ~30x slower than in
     # process on the H100 (242b625, N = 30k: 25k against 786k tokens/s).
-    data_paths = same_host_data_paths()
+    data_paths = datapath.available_kinds()
     if version is None:
         with loopback_table(tcfg, store_root, server_device=spec.device, data_paths=data_paths,
                             connect_kw={"device": spec.device}) as table:

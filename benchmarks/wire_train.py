@@ -113,10 +113,8 @@ def _max_rel_diff(a: list[float], b: list[float]) -> float:
 def train_phase(args) -> dict:
     if args.train_warm_steps < 1 or args.train_steps < 1 or args.train_pairs < 1:
         raise SystemExit("--train-warm-steps, --train-steps and --train-pairs must be >= 1")
-    kinds = [k for k, t in datapath.transports().items() if t.available()]
-    wanted = ["cuda_ipc", "shm"] if args.train_data_paths is None else \
-        [k for k in args.train_data_paths.split(",") if k]
-    data_paths = tuple(k for k in wanted if k in kinds)
+    data_paths = datapath.available_kinds() if args.train_data_paths is None else \
+        datapath.available_kinds([k for k in args.train_data_paths.split(",") if k])
     with tempfile.TemporaryDirectory() as work:
         cfg = _config(args, work)
         mcfg = model_config(cfg, ByteTokenizer().vocab_size)

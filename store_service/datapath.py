@@ -35,7 +35,7 @@ import os
 import socket
 import threading
 from dataclasses import dataclass
-from typing import Callable, Mapping, Protocol, runtime_checkable
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -164,6 +164,16 @@ def transports() -> dict[str, Transport]:
                 raise
     with _LOCK:
         return dict(_REGISTRY)
+
+
+SAME_HOST_KINDS = ("cuda_ipc", "shm")      # fastest first
+
+
+def available_kinds(wanted: Sequence[str] = SAME_HOST_KINDS) -> tuple[str, ...]:
+    """Those of `wanted` (in its order) whose transport is registered and usable here: what a
+    client on the shard's host asks for (default: the same-host kinds, fastest first)."""
+    known = transports()
+    return tuple(k for k in wanted if k in known and known[k].available())
 
 
 def transport(kind: str) -> Transport:

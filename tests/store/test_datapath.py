@@ -289,3 +289,12 @@ def test_a_streamed_fetch_during_hot_swaps_sees_one_version(tmp_path):
         for s in servers:
             s.stop(grace=None)
     assert not bad and seen == {0, 1}
+
+
+def test_available_kinds_keeps_the_asked_order_and_drops_what_this_host_lacks():
+    shm_here = datapath.transports()["shm"].available()
+    assert datapath.available_kinds(["nope", "shm"]) == (("shm",) if shm_here else ())
+    assert datapath.available_kinds(["shm", "cuda_ipc"])[:1] == (("shm",) if shm_here else ())
+    assert ("cuda_ipc" in datapath.available_kinds()) == datapath.transports()["cuda_ipc"].available()
+    assert datapath.available_kinds() == tuple(k for k in datapath.SAME_HOST_KINDS
+                                               if datapath.transports()[k].available())
