@@ -20,8 +20,9 @@ the step is bound by the host (launches, Python, syncs), near 1 by the kernels; 
 that take the most device time.
 
 Ops are counted over --steps steps after --warm steps (the router's balancing moves between
-steps; the count is the median step's), then --steps more steps are timed without the profiler. Counts include view ops (as_strided, view, ...): they
-launch no kernel but cost host time. Writes benchmarks/results/launch_count_<device>.json.
+steps; the count is the median step's), then --steps more steps are timed without the
+profiler. Counts include view ops (as_strided, view, ...): they launch no kernel but cost
+host time. Writes benchmarks/results/launch_count_<device>.json.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ def counting_syncs(counter: Counter):
 
 
 def count_step(model_name: str, experts: str, args, root: Path) -> dict:
-    """Ops and syncs per step of one capacity model; experts: 'batched' or 'loop'."""
+    """Ops, syncs and step time of one capacity model; experts: 'batched', 'loop', 'grouped'
+    (or 'none' for the dense model)."""
     spec = RunSpec(model=model_name, preset=PRESETS[model_name], people=args.people, seed=0,
                    batch_size=args.batch_size, device=args.device, threads=args.threads)
     work = root / f"{model_name}_{experts}"
