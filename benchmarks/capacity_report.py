@@ -133,7 +133,8 @@ def plot(results: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{results['device'][:90]} | {results['config']['exposures']} exposures, seeds {results['config']['seeds']}",
+    device = results["device"].split("; CPU:")[0]   # on a GPU the card says where it ran; the host's CPU is in the JSON
+    fig.suptitle(f"{device[:90]} | {results['config']['exposures']} exposures, seeds {results['config']['seeds']}",
                  fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
