@@ -79,7 +79,8 @@ def specs(args, remote: bool = False) -> list[RunSpec]:
                 if remote and m not in args.remote_runs:
                     continue
                 out.append(RunSpec(model=m, preset=PRESETS[args.size][m], people=n, seed=seed, exposures=args.exposures,
-                                   seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
+                                   seq_len=args.seq_len, batch_size=args.batch_size,
+                                   lr=getattr(args, "lr_by_model", {}).get(m, args.lr),
                                    warmup_steps=args.warmup_steps, value_lr=args.value_lr,
                                    rows_per_person=args.rows_per_person, table_optimizer=args.table_optimizer,
                                    vocab=args.vocab, remote=remote, device=args.device, threads=args.threads,
@@ -128,16 +129,16 @@ def reuse(args, files: list[str], wanted: list[RunSpec]) -> tuple[dict, list[dic
     return taken, info
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ints = lambda s: [int(x) for x in s.split(",") if x]   # noqa: E731
-    names = lambda s: [x for x in s.split(",") if x]       # noqa: E731
+INTS = lambda s: [int(x) for x in s.split(",") if x]    # noqa: E731
+NAMES = lambda s: [x for x in s.split(",") if x]        # noqa: E731
+
+
+def add_training_arguments(ap: argparse.ArgumentParser, runs_dir_default: str) -> None:
+    """The options that say how runs train and are scored, and where (shared with capacity_tune.py)."""
     ap.add_argument("--force-reuse", action="store_true",
                     help="take --reuse runs even from another commit (marked as forced in the result)")
     ap.add_argument("--size", choices=sorted(PRESETS), default="gpu", help="presets: cap-* (gpu) or cap-tiny-*")
-    ap.add_argument("--people", type=ints, default=[10_000, 30_000, 100_000])
-    ap.add_argument("--models", type=names, default=["dense", "moe", "knowledge"])
-    ap.add_argument("--seeds", type=ints, default=[0, 1])
+    ap.add_argument("--models", type=NAMES, default=["dense", "moe", "knowledge"])
     ap.add_argument("--exposures", type=int, default=100)
     for k, t in (("vocab", int), ("seq_len", int), ("batch_size", int), ("lr", float), ("warmup_steps", int)):
         ap.add_argument("--" + k.replace("_", "-"), type=t, default=None, help="default: by --size")
@@ -146,18 +147,65 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--moe-grouped-bf16", action="store_true",
                     help="MoE models' routed experts as bf16 grouped GEMMs (sm90; other numerics than the dense model's)")
     ap.add_argument("--table-optimizer", default=LARGE_TABLE_OPTIMIZER,
-                    help="the table's row optimizer (a store optimizer kind; one the store lacks resolves to adam)")
+                    help="the table's row optimizer (a store optimizer kind; an unknown name is refused)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run process")
     ap.add_argument("--jobs", type=int, default=0, help="runs trained at once (0: all on cuda, 2 on cpu)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="this command's wall seconds")
     ap.add_argument("--reserve-s", type=float, default=45.0,
                     help="seconds before the deadline at which runs stop to checkpoint (and measure, when done)")
-    ap.add_argument("--runs-dir", default=None, help="checkpoints (default runs/capacity/<size>)")
+    ap.add_argument("--runs-dir", default=None, help=f"checkpoints (default {runs_dir_default})")
     ap.add_argument("--bits-people", type=int, default=20_000, help="people scored for bits (a sample above)")
     ap.add_argument("--recall-people", type=int, default=1_000)
     ap.add_argument("--eval-batch-size", type=int, default=256)
-    ap.add_argument("--remote-runs", type=names, default=[], help="models whose runs also train over 2 served shards")
+
+
+def apply_size_defaults(args) -> None:
+    for k, v in SIZE_DEFAULTS[args.size].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+
+def train_runs(args, runs: dict[str, RunSpec], runs_dir: Path, deadline: float, start: float) -> dict[str, dict]:
+    """Train every run of `runs` ({key: spec}, each in runs_dir/key) until done or the deadline
+    nears, `--jobs` at a time; -> {key: result} of those finished (now or by an earlier call)."""
+    eval_kw = dict(bits_people=args.bits_people, recall_people=args.recall_people, batch_size=args.eval_batch_size)
+    jobs = [(dataclasses.asdict(s), str(runs_dir / key), deadline, args.reserve_s, eval_kw) for key, s in runs.items()
+            if not (runs_dir / key / "result.json").exists()]
+    n_jobs = args.jobs or (len(jobs) if args.device.startswith("cuda") else 2)
+    if jobs:
+        with multiprocessing.get_context("spawn").Pool(max(1, min(n_jobs, len(jobs)))) as pool:
+            for name in pool.imap_unordered(_advance_job, jobs, chunksize=1):
+                print(f"[{time.time() - start:.0f}s] {name}", flush=True)
+    return {key: json.loads((runs_dir / key / "result.json").read_text()) for key in runs
+            if (runs_dir / key / "result.json").exists()}
+
+
+def lr_by_model(path: str | None, args) -> dict[str, float]:
+    """The lr each model trains at: capacity_tune.py's choice (--lr-from), else --lr for all.
+    The tuning must have trained the way these runs will (all settings but lr, seed and N)."""
+    if not path:
+        return {}
+    tune = json.loads(Path(path).read_text())
+    ref = tune["settings"]
+    mine = {k: getattr(args, k) for k in ref}
+    if mine != ref:
+        diff = {k: (ref[k], mine[k]) for k in ref if ref[k] != mine[k]}
+        raise SystemExit(f"--lr-from {path}: tuned with other settings (tuned, here): {diff}")
+    missing = [m for m in args.models if m not in tune["headline"]["chosen_lr"]]
+    if missing:
+        raise SystemExit(f"--lr-from {path}: no lr was tuned for {missing}")
+    return {m: tune["headline"]["chosen_lr"][m] for m in args.models}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(ap, "runs/capacity/<size>")
+    ap.add_argument("--people", type=INTS, default=[10_000, 30_000, 100_000])
+    ap.add_argument("--seeds", type=INTS, default=[0, 1])
+    ap.add_argument("--lr-from", default=None, metavar="TUNE_JSON",
+                    help="each model's lr from capacity_tune.py's result (tuned on a population not reported)")
+    ap.add_argument("--remote-runs", type=NAMES, default=[], help="models whose runs also train over 2 served shards")
     ap.add_argument("--throughput", action="store_true", help="also time each model alone (after the runs)")
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--tput-steps", type=int, default=50)
@@ -167,9 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="for --plan: aggregate tokens/s of a population's runs together over one run's alone")
     ap.add_argument("--out", default=str(RESULTS / "capacity.json"))
     args = ap.parse_args(argv)
-    for k, v in SIZE_DEFAULTS[args.size].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    apply_size_defaults(args)
+    args.lr_by_model = lr_by_model(args.lr_from, args)
     if args.plan:
         old = json.loads(Path(args.plan).read_text())
         tokens_per_person = old.get("tokens_per_person") or 66.0
@@ -189,18 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.throughput_only:
         pending = [s for s in wanted if s.name not in taken]
         pending.sort(key=lambda s: (s.people, s.seed, s.remote, s.model))   # the small populations first
-        eval_kw = dict(bits_people=args.bits_people, recall_people=args.recall_people, batch_size=args.eval_batch_size)
-        jobs = [(dataclasses.asdict(s), str(runs_dir / s.name), deadline, args.reserve_s, eval_kw) for s in pending
-                if not (runs_dir / s.name / "result.json").exists()]
-        n_jobs = args.jobs or (len(jobs) if args.device.startswith("cuda") else 2)
-        if jobs:
-            with ctx.Pool(max(1, min(n_jobs, len(jobs)))) as pool:
-                for name in pool.imap_unordered(_advance_job, jobs, chunksize=1):
-                    print(f"[{time.time() - start:.0f}s] {name}", flush=True)
-        for s in pending:
-            path = runs_dir / s.name / "result.json"
-            if path.exists():
-                taken[s.name] = json.loads(path.read_text())
+        taken.update(train_runs(args, {s.name: s for s in pending}, runs_dir, deadline, start))
     tput = getattr(args, "_tput_taken", None)
     if args.throughput or args.throughput_only:
         n = max(args.people)
