@@ -190,11 +190,15 @@ def interpret(d: dict) -> str:
 def capacity(d: dict) -> str:
     h = d["headline"]
     keys = list(h["bits"])
-    return (f"N = {h['people']} people, {h['exposures']} exposures, seeds {h['seeds']}: bits stored "
-            + " / ".join(f"{k} {h['bits'][k]:.0f} ± {h['bits_se_over_seeds'][k]:.0f}" for k in keys)
-            + f" of {h['information_bits']:.0f}; knowledge / dense bits per active parameter "
-            f"{_f(h['knowledge_over_dense_bits_per_active_param'])}x (target 4x: "
-            f"{'met' if h['target']['met'] else 'not met'})")
+    out = (f"N = {h['people']} people, {h['exposures']} exposures, seeds {h['seeds']}: bits stored "
+           + " / ".join(f"{k} {h['bits'][k]:.0f} ± {h['bits_se_over_seeds'][k]:.0f}" for k in keys)
+           + f" of {h['information_bits']:.0f}; knowledge / dense bits per active parameter "
+           f"**{_f(h['knowledge_over_dense_bits_per_active_param'])}x** (target 4x)")
+    if h.get("knowledge_over_moe_bits_per_active_param") is not None:
+        out += f", / MoE {_f(h['knowledge_over_moe_bits_per_active_param'])}x"
+    if h.get("knowledge_over_dense_tokens_per_s") is not None:
+        out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x)"
+    return out + f"; targets {'met' if h['target']['met'] else 'not all met'}"
 
 
 def knobs(d: dict) -> str:
@@ -289,12 +293,13 @@ def launch_count(d: dict) -> str:
     ops, ms = h["aten_ops_per_step"], h.get("step_ms", {})
     parts = []
     for m, label in (("moe", "MoE"), ("knowledge", "MoE + knowledge")):
-        if f"{m}_loop" in ops:
-            parts.append(f"{label} {ops[f'{m}_loop']:,.0f} looped -> **{ops[f'{m}_batched']:,.0f}** batched"
-                         + (f" ({_f(ms[f'{m}_loop'], 1)} -> **{_f(ms[f'{m}_batched'], 1)}** ms a step)"
-                            if f"{m}_loop" in ms else ""))
+        paths = [p for p in ("loop", "batched", "grouped") if f"{m}_{p}" in ops]
+        if paths:
+            parts.append(f"{label} " + ", ".join(
+                f"{p} {ops[f'{m}_{p}']:,.0f}" + (f" ({_f(ms[f'{m}_{p}'], 1)} ms)" if f"{m}_{p}" in ms else "")
+                for p in paths))
     dense = f"dense {ops['dense']:,.0f}" + (f" ({_f(ms['dense'], 1)} ms)" if "dense" in ms else "")
-    return f"batch {h['batch_size']} x {h['seq_len']}, ops per step: {dense}; " + "; ".join(parts)
+    return f"batch {h['batch_size']} x {h['seq_len']}, ops (step time) per step: {dense}; " + "; ".join(parts)
 
 
 def ray_placement(d: dict) -> str:
@@ -329,6 +334,9 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
      "(each with and without replay of old text) vs sparse memory FT, 100 steps each", continual),
     ("interpret.json", "`python -m benchmarks.interpret`", "ablate the rows a fact's answer uses; usage statistics",
      interpret),
+    ("capacity.json", "`python benchmarks/capacity.py --device cuda ...` (commands: `benchmarks/CAPACITY_NOTES.md`)",
+     "bits of knowledge stored per active parameter (bioS, 100 exposures), dense / MoE / MoE + knowledge at "
+     "~1.07M active parameters, and training tokens/s alone on the card (GPU)", capacity),
     ("capacity_cpu_small.json", "`python benchmarks/capacity.py --size tiny ...`",
      "bits of knowledge stored per active parameter (bioS), CPU check at small N", capacity),
     ("knobs.json", "`python -m benchmarks.knobs`", "k at inference, row reordering, hot-row cache over gRPC", knobs),
@@ -345,10 +353,8 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("ray_placement_4m.json", "`python -m benchmarks.ray_placement --device cuda --rows 4M` (GPU)",
      "the same at 4M rows, where the disk holds a second copy: hot swaps and a scale 4 -> 6", ray_placement),
     ("launch_count_cuda.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128`",
-     "aten ops per training step of the capacity models, MoE experts batched vs looped (GPU)", launch_count),
-    ("launch_count_cuda_moe_steps.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128 --models dense,moe`",
-     "the same with each step's wall time, side by side in one run (GPU; FP32 matmuls, no TF32: the script "
-     "enables TF32 since; its device-busy figures double-count and are not used)", launch_count),
+     "aten ops and wall time per training step of the capacity models, the MoE's experts looped, batched "
+     "(padded) and as bf16 grouped GEMMs, side by side in one run (GPU, TF32)", launch_count),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2 --lr-grid 0.01,0.1,1,10`",
      "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
      "on the tuning half, same seeds and data (CPU)",
@@ -366,6 +372,11 @@ def machine(d: dict) -> str:
     if isinstance(p, dict) and isinstance(p.get("machine"), dict):
         m = p["machine"]
         dev = p.get("device", "")
+        reused = d.get("reused") or []
+        if reused and d.get("device") and d["device"] != dev:   # a merge: the runs ran on another machine
+            froms = sorted({str(r.get("from_commit") or r.get("commit"))[:7] for r in reused})
+            return (f"{d['device'].split('; CPU:')[0][:60]}; runs at commit {', '.join(froms)}, "
+                    f"merged at {p['commit'][:7]}{' (dirty)' if p.get('dirty') else ''}, {p['date'][:10]}")
         where = dev if dev and not dev.startswith("cpu") else f"{m.get('cpu_model')}, {m.get('cores')} cores"
         return f"{where}; commit {p['commit'][:7]}{' (dirty)' if p.get('dirty') else ''}, {p['date'][:10]}"
     if isinstance(p, dict):
