@@ -86,6 +86,9 @@ class ModelConfig:
 
     ffn: str = "dense"               # "dense" | "moe"
     d_ff: int = 0                    # dense SwiGLU hidden width; 0 -> 8/3 d_model rounded
+    mlp: str = "swiglu"              # the dense FFN: "swiglu" (LLaMA's gated MLP) or "gelu" (GPT-2's, no gate; at
+                                     # 1.5x the width it holds the same parameters). Allen-Zhu and Li 2024 find the
+                                     # gated MLP stores less knowledge than GPT-2's at 100 exposures.
 
     # MoE (ffn == "moe"): n_shared shared experts + n_experts routed, n_active of them per token.
     n_experts: int = 8
@@ -106,6 +109,10 @@ class ModelConfig:
             self.knowledge = KnowledgeConfig.from_dict(self.knowledge)
         if self.ffn not in ("dense", "moe"):
             raise ValueError(f"ffn must be 'dense' or 'moe', got {self.ffn!r}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.mlp == "gelu" and self.ffn != "dense":
+            raise ValueError("mlp='gelu' is the dense FFN's; the MoE's experts are SwiGLU")
         if self.router not in ("sigmoid", "softmax"):
             raise ValueError(f"router must be 'sigmoid' or 'softmax', got {self.router!r}")
         if self.head_dim == 0:
@@ -188,12 +195,14 @@ configs: dict[str, dict[str, Any]] = {
     # grouped GEMMs. 120 and 96 round up, so the MoE models carry slightly more active
     # parameters than the dense one (1.087M and 1.094M against 1.066M), never fewer.
     "cap-dense": dict(_CAP, ffn="dense", d_ff=352),                                     # ~1.07M active
+    "cap-dense-gelu": dict(_CAP, ffn="dense", mlp="gelu", d_ff=528),                    # ~1.07M: GPT-2's MLP
     "cap-moe": dict(_CAP, ffn="moe", d_ff=352, d_expert=120, n_experts=16, n_active=2),  # ~1.08M / 3.7M
     "cap-knowledge": dict(_CAP, ffn="moe", d_ff=272, d_expert=96, n_experts=16, n_active=2,
                           knowledge=_CAP_KN),                                            # ~1.09M
     "cap-knowledge-dense": dict(_CAP, ffn="dense", d_ff=272, knowledge=_CAP_KN),        # ~1.05M: the store without MoE
     # Their CPU check at small N: ~160k active (1,024-token BPE).
     "cap-tiny-dense": dict(_CAP_TINY, ffn="dense", d_ff=192),
+    "cap-tiny-dense-gelu": dict(_CAP_TINY, ffn="dense", mlp="gelu", d_ff=288),
     "cap-tiny-moe": dict(_CAP_TINY, ffn="moe", d_ff=192, n_experts=8, n_active=2),
     "cap-tiny-knowledge": dict(_CAP_TINY, ffn="moe", d_ff=144, n_experts=8, n_active=2, knowledge=_CAP_TINY_KN),
     "cap-tiny-knowledge-dense": dict(_CAP_TINY, ffn="dense", d_ff=144, knowledge=_CAP_TINY_KN),

@@ -19,7 +19,7 @@ from store_service.interface import KnowledgeTable
 from .config import ModelConfig
 from .gating import GateState
 from .knowledge_layer import KnowledgeLayer
-from .moe import MoE, FeedForward
+from .moe import FeedForward, GeluMLP, MoE
 from .reading import ReadOptions, ReadTrace
 
 
@@ -96,7 +96,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn: nn.Module | None = None
         if kn is None or kn.placement == "beside":
-            self.ffn = MoE(cfg) if cfg.ffn == "moe" else FeedForward(cfg.d_model, cfg.d_ff)
+            dense = FeedForward if cfg.mlp == "swiglu" else GeluMLP
+            self.ffn = MoE(cfg) if cfg.ffn == "moe" else dense(cfg.d_model, cfg.d_ff)
         self.knowledge = KnowledgeLayer(cfg.d_model, kn, init_std=cfg.init_std) if kn is not None else None
 
     def forward(self, x, rope, mask, input_pos, read: dict | None = None):

@@ -33,6 +33,18 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: w2(gelu(w1 x)), no gate (ModelConfig.mlp = "gelu")."""
+
+    def __init__(self, d_model: int, d_hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_hidden, bias=False)
+        self.w2 = nn.Linear(d_hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.gelu(self.w1(x)))
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts with stacked weights: w1, w3 [E, D, F], w2 [E, F, D].
 

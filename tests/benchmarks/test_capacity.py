@@ -197,3 +197,29 @@ def test_the_capacity_benchmark_imports_without_the_geography_packages():
             "import benchmarks.capacity, benchmarks.capacity_tune, benchmarks.launch_count\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_the_gpt2_mlp_baseline_holds_the_dense_models_parameters():
+    from model_worker.config import preset
+    for swiglu, gelu in (("cap-dense", "cap-dense-gelu"), ("cap-tiny-dense", "cap-tiny-dense-gelu")):
+        a, b = (Transformer(preset(name, vocab_size=600)).count_params()["active"] for name in (swiglu, gelu))
+        assert a == b
+    with pytest.raises(ValueError, match="dense FFN"):
+        preset("cap-moe", mlp="gelu")
+
+
+def test_the_headline_compares_with_the_dense_variant_that_stores_more():
+    from benchmarks import capacity_report as report
+
+    def point(bits, active=1000):
+        return {"bits": {"mean": bits, "se": 0.0}, "bits_per_active_param": {"mean": bits / active},
+                "bits_per_total_param": {"mean": bits / active}, "recall": {"held_out": {"mean": 0.0},
+                                                                            "trained": {"mean": 0.0}},
+                "seeds": [0], "active_params": active, "total_params": active}
+    points = {100: {"dense": point(100.0), "dense_gelu": point(200.0), "moe": point(150.0), "knowledge": point(900.0)}}
+    tput = {"dense": {"tokens_per_s": 10.0}, "dense_gelu": {"tokens_per_s": 20.0}, "knowledge": {"tokens_per_s": 8.0}}
+    h = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge"], [0], 100, tput)
+    assert h["dense_baseline"] == "dense_gelu"
+    assert h["knowledge_over_dense_bits_per_active_param"] == pytest.approx(4.5)
+    assert h["knowledge_over_dense_tokens_per_s"] == pytest.approx(0.4)
+    assert not h["target"]["met"]
