@@ -7,8 +7,11 @@ On a CUDA machine: checks the Triton kernels against the PyTorch reference
 k = 32, d_v = 1024, N = 2^20, bf16 values:
   forward and forward+backward of the Triton kernels, the PyTorch eager
   reference and torch.compile of it; a device-to-device copy in the same run
-  (the bandwidth ceiling); product-key search (16384 queries, n = 1024,
-  k = 32, d = 64 per half) against the torch reference.
+  (the bandwidth ceiling); the two readout backward pipelines (first-occurrence and
+  chunked) forced side by side, here and at the capacity model's training-step shape
+  (T = 131072, k = 16, N = 123904, d_v = 128, fp32 values, skewed ids: hot rows);
+  product-key search (16384 queries, n = 1024, k = 32, d = 64 per half) against the
+  torch reference.
 Timings: triton.testing.do_bench medians (it flushes L2 between calls), inputs
 rotated over several sets. Writes JSON (also printed) with a `headline`.
 """
@@ -83,24 +86,26 @@ def check_readout(dev):
             o = TR.softmax_readout_triton(V, ids, s)
             r = R.softmax_readout_reference(Vd, ids, s.double())
             e_f = rel(o, r)
-            gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, g)
-            rgs, ru, rrg = R.softmax_readout_backward_reference(Vd, ids, s.double(), g.double())
-            same_ids = bool(torch.equal(u, ru))
-            e_gs = rel(gs, rgs)
-            e_rg = rel(rg, rrg) if same_ids else float("inf")
             w = R.masked_softmax(s, ids)
             o2 = TR.readout_weighted_triton(V, ids, w)
             e_w = rel(o2, R.readout_weighted_reference(Vd, ids, w.double()))
-            gw, u2, rg2 = TR.readout_weighted_backward_triton(V, ids, w, g)
-            rgw, ru2, rrg2 = R.readout_weighted_backward_reference(Vd, ids, w.double(), g.double())
-            e_gw = rel(gw, rgw)
-            e_rg2 = rel(rg2, rrg2) if torch.equal(u2, ru2) else float("inf")
             key = f"{str(dt).split('.')[-1]}_T{T}_k{K}_d{D}_N{N}"
-            errs = dict(fwd=e_f, grad_scores=e_gs, row_grads=e_rg, weighted_fwd=e_w,
-                        grad_weights=e_gw, weighted_row_grads=e_rg2, unique_ids_equal=same_ids,
-                        finite=bool(torch.isfinite(o).all() and torch.isfinite(rg).all()))
+            errs = dict(fwd=e_f, weighted_fwd=e_w)
+            worst = max(worst, e_f, e_w)
+            rgs, ru, rrg = R.softmax_readout_backward_reference(Vd, ids, s.double(), g.double())
+            rgw, ru2, rrg2 = R.readout_weighted_backward_reference(Vd, ids, w.double(), g.double())
+            for pipe in ("first", "chunked"):  # both backward pipelines, whichever the shape picks
+                gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, g, pipeline=pipe)
+                same_ids = bool(torch.equal(u, ru))
+                gw, u2, rg2 = TR.readout_weighted_backward_triton(V, ids, w, g, pipeline=pipe)
+                e = dict(grad_scores=rel(gs, rgs), row_grads=rel(rg, rrg) if same_ids else float("inf"),
+                         grad_weights=rel(gw, rgw),
+                         weighted_row_grads=rel(rg2, rrg2) if torch.equal(u2, ru2) else float("inf"))
+                worst = max(worst, *e.values())
+                errs.update({f"{k}_{pipe}": v for k, v in e.items()})
+                errs[f"unique_ids_equal_{pipe}"] = same_ids
+                errs[f"finite_{pipe}"] = bool(torch.isfinite(o).all() and torch.isfinite(rg).all())
             out[key] = errs
-            worst = max(worst, e_f, e_gs, e_rg, e_w, e_gw, e_rg2)
             log("check readout", key, {k: (f"{v:.2e}" if isinstance(v, float) else v) for k, v in errs.items()})
     out["worst_rel_err"] = worst
     out["pass"] = worst < 1e-4
@@ -214,6 +219,11 @@ def time_readout(dev, variants: bool):
     tm["triton_bwd"] = bench(rotating(bwd, sets))
     tm["triton_fwdbwd"] = bench(rotating(fwdbwd, sets))
     log(f"triton fwd {tm['triton_fwd']:.3f}  bwd {tm['triton_bwd']:.3f}  fwd+bwd {tm['triton_fwdbwd']:.3f} ms")
+    # the two backward pipelines forced (the auto rule picks first here: T*k < N)
+    for pipe in ("first", "chunked"):
+        tm[f"triton_bwd_{pipe}"] = bench(rotating(
+            lambda V, ids, s, g, pipe=pipe: TR.softmax_readout_backward_triton(V, ids, s, g, pipeline=pipe), sets))
+    log(f"bwd pipelines: first {tm['triton_bwd_first']:.3f}  chunked {tm['triton_bwd_chunked']:.3f} ms")
 
     # backward pieces, and the previous pipeline (sort, nonzero + host sync, one program
     # per unique row) in the same run
@@ -308,6 +318,69 @@ def time_readout(dev, variants: bool):
     RESULT["readout_shape"] = dict(T=T, k=K, d_v=D, N=N, dtype="bfloat16", input_sets=n_sets)
     log("bandwidth", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in bw.items()})
     return tm, bw
+
+
+def time_bwd_pipelines(dev, variants: bool):
+    """The two backward pipelines side by side at the capacity model's training-step shape
+    (T = 32,768 tokens x 4 heads, k = 16, over a 123,904-row table of d_v = 128, fp32
+    values): ~17 pairs per row and hot rows, where the first-occurrence pipeline walks
+    long segments (benchmarks/results/launch_count_cuda.json). Ids are skewed:
+    id = perm[floor(N * u^2)], u uniform, so P(row) ~ 1/sqrt(rank) and the hottest row
+    gets ~T*k/sqrt(N) pairs. Checks both against the fp64 reference, and the chunked one
+    for determinism (two calls, the same bits)."""
+    from store_service.kernels import triton_readout as TR
+    from store_service.kernels.triton_readout_chunked import ChunkedConfig
+    T, K, D, N = (64, 4, 16, 40) if SMOKE else (131072, 16, 128, 123904)
+    torch.manual_seed(5)
+    V = torch.randn(N, D, device=dev)
+    sets = []
+    for _ in range(3):
+        rows = torch.randperm(N, device=dev)
+        ids = rows[(N * torch.rand(T, K, device=dev) ** 2).long().clamp_max(N - 1)]
+        sets.append((V, ids, torch.randn(T, K, device=dev), torch.randn(T, D, device=dev)))
+    counts = torch.bincount(sets[0][1].flatten(), minlength=N)
+    out = dict(shape=dict(T=T, k=K, d_v=D, N=N, dtype="float32", ids="perm[floor(N * u^2)]",
+                          unique_rows=int((counts > 0).sum()), hottest_row_pairs=int(counts.max()),
+                          pairs_per_used_row=T * K / max(int((counts > 0).sum()), 1)))
+    V0, ids0, s0, g0 = sets[0]
+    ref = R.softmax_readout_backward_reference(V0.double(), ids0, s0.double(), g0.double())
+    checks = {}
+    for pipe in ("first", "chunked"):
+        gs, u, rg = TR.softmax_readout_backward_triton(V0, ids0, s0, g0, pipeline=pipe)
+        same = bool(torch.equal(u, ref[1]))
+        checks[pipe] = dict(unique_ids_equal=same, grad_scores=rel(gs, ref[0]),
+                            row_grads=rel(rg, ref[2]) if same else float("inf"))
+    again = [TR.softmax_readout_backward_triton(V0, ids0, s0, g0, pipeline="chunked") for _ in range(2)]
+    checks["chunked_deterministic"] = all(torch.equal(a, b) for a, b in zip(*again))
+    checks["pass"] = checks["chunked_deterministic"] and all(
+        max(checks[p]["grad_scores"], checks[p]["row_grads"]) < 1e-4 for p in ("first", "chunked"))
+    out["checks"] = checks
+    del ref, again
+    log("bwd pipelines at the capacity shape", out["shape"], checks)
+    tm = {}
+    for pipe in ("first", "chunked"):
+        fn = rotating(lambda V, ids, s, g, pipe=pipe: TR.softmax_readout_backward_triton(V, ids, s, g, pipeline=pipe),
+                      sets)
+        tm[f"bwd_{pipe}"] = bench(fn, rep=100)
+        out[f"kernel_breakdown_ms_{pipe}"] = kernel_breakdown(fn, iters=5)
+        log(f"capacity-shape bwd {pipe}: {tm[f'bwd_{pipe}']:.3f} ms", out[f"kernel_breakdown_ms_{pipe}"])
+    out["timings_ms"] = tm
+    if variants:
+        cv = {}
+        for cfg in [ChunkedConfig(), ChunkedConfig(num_warps=8), ChunkedConfig(chunk=128),
+                    ChunkedConfig(chunk=32), ChunkedConfig(d_step=16), ChunkedConfig(d_step=64, num_warps=8),
+                    ChunkedConfig(block_d=64), ChunkedConfig(carry_span=4)]:
+            name = f"chunk{cfg.chunk}_bd{cfg.block_d}_step{cfg.d_step}_w{cfg.num_warps}_span{cfg.carry_span}"
+            try:
+                cv[name] = bench(rotating(
+                    lambda V, ids, s, g, cfg=cfg: TR.softmax_readout_backward_triton(V, ids, s, g, config=cfg), sets),
+                    rep=100)
+            except Exception as e:  # noqa: BLE001
+                cv[name] = repr(e)[:200]
+            log("chunked bwd variant", name, cv[name])
+        out["chunked_variants_ms"] = cv
+    RESULT["bwd_pipelines_capacity"] = out
+    return tm
 
 
 def triton_cdiv(a, b):
@@ -423,6 +496,13 @@ def main():
         RESULT["notes"].append("readout timing failed: " + traceback.format_exc()[-1500:])
         traceback.print_exc()
     dump()
+    cap = None
+    try:
+        cap = time_bwd_pipelines(dev, args.variants)
+    except Exception:  # noqa: BLE001
+        RESULT["notes"].append("backward pipelines timing failed: " + traceback.format_exc()[-1500:])
+        traceback.print_exc()
+    dump()
     try:
         pk = time_pk(dev, args.variants)
     except Exception:  # noqa: BLE001
@@ -441,6 +521,10 @@ def main():
             head["readout_fwdbwd_speedup_vs_compile"] = min(comp) / tm["triton_fwdbwd"]
         head["readout_fwd_ms"] = tm["triton_fwd"]
         head["readout_fwdbwd_ms"] = tm["triton_fwdbwd"]
+    if cap:
+        head["capacity_bwd_first_ms"] = cap["bwd_first"]
+        head["capacity_bwd_chunked_ms"] = cap["bwd_chunked"]
+        head["capacity_bwd_chunked_speedup"] = cap["bwd_first"] / cap["bwd_chunked"]
     if pk:
         head["pk_search_speedup_vs_torch"] = pk["torch_ref_float32"] / pk["triton_float32"]
         head["pk_search_speedup_vs_torch_bf16"] = pk["torch_ref_bfloat16"] / pk["triton_bfloat16"]

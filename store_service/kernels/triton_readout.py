@@ -18,6 +18,13 @@ rows in L2. No atomics, no dense N x d_v buffer: the output is (unique ids
 [U] sorted, row grads [U, d_v] fp32). For the fused softmax, grad_scores =
 w * (gw - sum_j w_j gw_j) is a small [T, k] epilogue kernel.
 
+That backward (the "first-occurrence" pipeline) suits batches that reuse rows little.
+Where there are at least as many (t, j) pairs as table rows, so rows are reused and hot
+rows make long segments, a second pipeline runs by default, with the same outputs and
+no per-segment walk: triton_readout_chunked.py (the rule, and how to force either:
+triton_readout_chunked.backward_pipeline). The sort stage both share:
+triton_readout_sort.py.
+
 Their timings against the copy bandwidth, and the variants tried:
 benchmarks/KERNEL_NOTES.md.
 
@@ -29,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _next_pow2(x: int) -> int:
-    return 1 if x <= 1 else 1 << (int(x) - 1).bit_length()
+# the sort stage is shared with the chunked backward (triton_readout_chunked.py)
+from .triton_readout_sort import _bwd_prep_kernel, _next_pow2, _start_flags_kernel  # noqa: F401
+from .triton_readout_chunked import ChunkedConfig, backward_pipeline, readout_backward_chunked
 
 
 # ----------------------------------------------------------------------------
@@ -293,37 +300,6 @@ def _segments(ids: torch.Tensor, n_rows: int):
 
 
 @triton.jit
-def _bwd_prep_kernel(s_ptr, ids_ptr, w_ptr, key_ptr, K, SENT, K_PAD: tl.constexpr, SOFTMAX: tl.constexpr):
-    """Per token: the sort keys of its k ids (padding -> SENT, which sorts last) and,
-    for the fused softmax, the weights recomputed from the scores (one launch for both)."""
-    t = tl.program_id(0).to(tl.int64)
-    offs = tl.arange(0, K_PAD)
-    mask = offs < K
-    idk = tl.load(ids_ptr + t * K + offs, mask=mask, other=-1)
-    tl.store(key_ptr + t * K + offs, tl.where(idk >= 0, idk, SENT).to(key_ptr.dtype.element_ty), mask=mask)
-    if SOFTMAX:
-        s = tl.load(s_ptr + t * K + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(idk >= 0, s, float("-inf"))
-        m = tl.max(s, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.exp(s - m)
-        den = tl.sum(e, axis=0)
-        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-        tl.store(w_ptr + t * K + offs, e * inv, mask=mask)
-
-
-@triton.jit
-def _start_flags_kernel(skey_ptr, flag_ptr, TK, SENT, BLOCK: tl.constexpr):
-    """flag[i] = 1 where sorted position i starts the segment of a real id."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < TK
-    cur = tl.load(skey_ptr + offs, mask=m, other=SENT)
-    prev = tl.load(skey_ptr + offs - 1, mask=m & (offs >= 1), other=SENT)
-    start = (cur != SENT) & ((offs == 0) | (cur != prev))
-    tl.store(flag_ptr + offs, start.to(tl.int32), mask=m)
-
-
-@triton.jit
 def _first_occurrence_kernel(skey_ptr, perm_ptr, csum_ptr, uniq_ptr, fo_u_ptr, fo_cnt_ptr, fo_start_ptr,
                              TK, SENT, BLOCK: tl.constexpr):
     """For each segment start i (output slot u = csum[i] - 1): walk the segment
@@ -510,12 +486,30 @@ def _readout_backward_sorted(values, ids, w, grad_out, config=None):
     return grad_w.reshape(T, K), uniq, row_grads
 
 
+def _backward(values, ids, w, grad_out, config, softmax, pipeline):
+    """The chosen pipeline's (grad_w, weights, uniq buffer, row-grad buffer, csum).
+    pipeline: 'first' | 'chunked' | 'auto' | None (then $KSTORE_READOUT_BWD, default auto:
+    triton_readout_chunked.backward_pipeline). config: a ChunkedConfig runs the chunked
+    pipeline, a tuple the first-occurrence one (its row-gradient kernel's config)."""
+    if pipeline is None and config is not None:
+        pipeline = "chunked" if isinstance(config, ChunkedConfig) else "first"
+    T, K = ids.shape
+    if backward_pipeline(T, K, values.shape[0], pipeline) == "chunked":
+        if config is not None and not isinstance(config, ChunkedConfig):
+            raise ValueError(f"the chunked backward takes a ChunkedConfig, not {config!r}")
+        return readout_backward_chunked(values, ids, w, grad_out, config, softmax=softmax)
+    if isinstance(config, ChunkedConfig):
+        raise ValueError("a ChunkedConfig given to the first-occurrence backward")
+    return _readout_backward(values, ids, w, grad_out, config, softmax=softmax)
+
+
 def readout_weighted_backward_triton(values: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                                     grad_out: torch.Tensor, config=None
+                                     grad_out: torch.Tensor, config=None, pipeline: str | None = None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (grad_weights [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
+    """-> (grad_weights [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32).
+    pipeline / config: see _backward."""
     _check(values, ids, weights)
-    grad_w, _, uniq, row_grads, csum = _readout_backward(values, ids, weights.float(), grad_out, config)
+    grad_w, _, uniq, row_grads, csum = _backward(values, ids, weights.float(), grad_out, config, False, pipeline)
     return (grad_w, *_trim(uniq, row_grads, csum))
 
 
@@ -556,12 +550,13 @@ def masked_softmax_triton(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tens
 
 
 def softmax_readout_backward_triton(values: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor,
-                                    grad_out: torch.Tensor, config=None
+                                    grad_out: torch.Tensor, config=None, pipeline: str | None = None
                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (grad_scores [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32)."""
+    """-> (grad_scores [T, k] fp32, unique ids [U] int64 sorted, row grads [U, d_v] fp32).
+    pipeline / config: see _backward."""
     _check(values, ids, scores)
     T, K = ids.shape
-    grad_w, w, uniq, row_grads, csum = _readout_backward(values, ids, scores, grad_out, config, softmax=True)
+    grad_w, w, uniq, row_grads, csum = _backward(values, ids, scores, grad_out, config, True, pipeline)
     grad_s = torch.empty_like(w)
     if T and K:
         _softmax_bwd_kernel[(T,)](w, grad_w, grad_s, K, K_PAD=_next_pow2(K), num_warps=1)

@@ -23,11 +23,13 @@ from store_service.kernels import reference as R  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-for _m in ("store_service.kernels.triton_readout", "store_service.kernels.triton_pk_search"):
+for _m in ("store_service.kernels.triton_readout_sort", "store_service.kernels.triton_readout_chunked",
+           "store_service.kernels.triton_readout", "store_service.kernels.triton_pk_search"):  # dependencies first
     if _m in sys.modules:  # imported before the interpreter was switched on: rebuild under it
         importlib.reload(sys.modules[_m])
 from store_service.kernels import triton_pk_search as TP  # noqa: E402
 from store_service.kernels import triton_readout as TR  # noqa: E402
+from store_service.kernels import triton_readout_chunked as TC  # noqa: E402
 
 
 def _rel(a, b):
@@ -52,11 +54,14 @@ def _inputs(T, k, d, N, dtype, seed, pad_frac=0.15, repeats=True):
 
 # (T, k, d_v, N): odd sizes, k = 1, few rows (many repeats), d_v not a power of two
 SHAPES = [(7, 5, 33, 20), (16, 1, 64, 8), (5, 16, 16, 40), (13, 3, 24, 5)]
+# both backward pipelines (these small shapes would all pick chunked by the auto rule)
+PIPELINES = ["first", "chunked"]
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_softmax_readout_triton_matches_reference(shape, dtype):
+def test_softmax_readout_triton_matches_reference(shape, dtype, pipeline):
     T, k, d, N = shape
     # a fixed seed per case (hash() of a str changes from one interpreter to the next)
     V, ids, s, go = _inputs(T, k, d, N, dtype, seed=10 * SHAPES.index(shape) + (dtype == torch.bfloat16))
@@ -66,7 +71,7 @@ def test_softmax_readout_triton_matches_reference(shape, dtype):
     assert _rel(out, R.softmax_readout_reference(Vd, ids, s.double())) < 1e-5
     if T > 3:
         assert torch.all(out[3] == 0)
-    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, pipeline=pipeline)
     rgs, ru, rrg = R.softmax_readout_backward_reference(Vd, ids, s.double(), go.double())
     assert u.dtype == torch.int64 and torch.equal(u, ru)
     assert rg.dtype == torch.float32 and rg.shape == (u.numel(), d)
@@ -75,34 +80,36 @@ def test_softmax_readout_triton_matches_reference(shape, dtype):
     assert torch.all(gs[ids < 0] == 0)
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_weighted_readout_triton_matches_reference(dtype):
+def test_weighted_readout_triton_matches_reference(dtype, pipeline):
     T, k, d, N = 9, 6, 40, 12
     V, ids, s, go = _inputs(T, k, d, N, dtype, seed=7)
     w = torch.rand(T, k)  # any weights, not only softmax ones
     Vd = V.double()
     out = TR.readout_weighted_triton(V, ids, w)
     assert _rel(out, R.readout_weighted_reference(Vd, ids, w.double())) < 1e-5
-    gw, u, rg = TR.readout_weighted_backward_triton(V, ids, w, go)
+    gw, u, rg = TR.readout_weighted_backward_triton(V, ids, w, go, pipeline=pipeline)
     rgw, ru, rrg = R.readout_weighted_backward_reference(Vd, ids, w.double(), go.double())
     assert torch.equal(u, ru)
     assert _rel(gw, rgw) < 1e-5 and _rel(rg, rrg) < 1e-5
     assert torch.all(gw[ids < 0] == 0)
 
 
-def test_backward_compact_layout_and_edge_cases():
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_backward_compact_layout_and_edge_cases(pipeline):
     # all padding: no rows, zero score grads
     V = torch.randn(10, 8)
     ids = torch.full((3, 4), -1)
     s, go = torch.randn(3, 4), torch.randn(3, 8)
     out = TR.softmax_readout_triton(V, ids, s)
     assert torch.all(out == 0)
-    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, pipeline=pipeline)
     assert u.numel() == 0 and rg.shape == (0, 8) and torch.all(gs == 0)
     # one row used in every slot of every token: one segment summing all occurrences
     ids = torch.zeros((4, 3), dtype=torch.int64)
     s4, go4 = torch.randn(4, 3), torch.randn(4, 8)
-    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s4, go4)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s4, go4, pipeline=pipeline)
     assert u.tolist() == [0]
     torch.testing.assert_close(rg[0], go4.sum(0), rtol=1e-5, atol=1e-5)  # softmax weights sum to 1
     torch.testing.assert_close(gs, torch.zeros(4, 3), rtol=0, atol=1e-6)  # equal rows: flat scores
@@ -123,6 +130,129 @@ def test_row_grad_config_variants_agree():
         assert torch.equal(u, ref_w[1]) and _rel(rg, ref_w[2]) < 1e-5 and _rel(gw, ref_w[0]) < 1e-5
     out = TR.softmax_readout_triton(V, ids, s, config=(4, 8, 16, 1))  # k tiles, d split over programs
     assert _rel(out, R.softmax_readout_reference(V.double(), ids, s.double())) < 1e-5
+
+
+# ---------------------------------------------------------------------------- chunked backward
+
+
+def _shuffled(rows_and_counts, k, seed):
+    """ids [T, k] holding each row the given number of times, in a random order
+    (padding fills the last token)."""
+    flat = torch.cat([torch.full((n,), r) for r, n in rows_and_counts])
+    flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(seed))]
+    pad = -flat.numel() % k
+    return torch.cat([flat, torch.full((pad,), -1)]).reshape(-1, k)
+
+
+def _chunked_case(case):
+    """(ids, N, d, ChunkedConfig) of one layout of the sorted pairs against the chunks."""
+    g = torch.Generator().manual_seed(len(case))
+    cfg = TC.ChunkedConfig(chunk=8, block_d=16, d_step=8, carry_span=2)
+    if case == "padding":            # repeats, padding, an all-padding token; 3 d-blocks of 2 steps
+        ids = _inputs(9, 6, 40, 12, torch.float32, seed=7)[1]
+        return ids, 12, 40, cfg
+    if case == "hot_row":            # one row in almost every pair: a segment over ~14 chunks
+        ids = torch.full((20, 6), 3)
+        ids[torch.rand(20, 6, generator=g) < 0.1] = 7
+        ids[0, 0], ids[5, 2], ids[19, 5] = -1, 0, 9
+        return ids, 10, 24, cfg
+    if case == "chunk_edges":        # segments of exactly 1 and 2 chunks, and two inside one chunk
+        return _shuffled([(0, 8), (1, 16), (2, 4), (5, 4)], 4, seed=1), 6, 16, cfg
+    if case == "ragged_tail":        # T*k = 35, not a multiple of the chunk
+        return torch.randint(0, 4, (7, 5), generator=g), 4, 20, cfg
+    if case == "fewer_pairs_than_chunk":  # the default config: one partial chunk
+        return torch.tensor([[2, 2, -1], [0, 2, 5]]), 8, 33, TC.ChunkedConfig()
+    if case == "all_padding":
+        return torch.full((3, 4), -1), 10, 8, cfg
+    if case == "no_tokens":
+        return torch.zeros((0, 4), dtype=torch.int64), 10, 8, cfg
+    raise KeyError(case)
+
+
+CHUNKED_CASES = ["padding", "hot_row", "chunk_edges", "ragged_tail", "fewer_pairs_than_chunk", "all_padding",
+                 "no_tokens"]
+
+
+@pytest.mark.parametrize("softmax", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CHUNKED_CASES)
+def test_chunked_backward_matches_reference(case, dtype, softmax):
+    ids, N, d, cfg = _chunked_case(case)
+    T, k = ids.shape
+    g = torch.Generator().manual_seed(CHUNKED_CASES.index(case))
+    V = torch.randn(N, d, generator=g).to(dtype)
+    s, go = torch.randn(T, k, generator=g), torch.randn(T, d, generator=g)
+    w = torch.rand(T, k, generator=g)
+    if softmax:
+        grad, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg)
+    else:
+        grad, u, rg = TR.readout_weighted_backward_triton(V, ids, w, go, config=cfg)
+    if T == 0:  # (the reference does not take T = 0)
+        ref = (torch.zeros(0, k), torch.zeros(0, dtype=torch.int64), torch.zeros(0, d))
+    elif softmax:
+        ref = R.softmax_readout_backward_reference(V.double(), ids, s.double(), go.double())
+    else:
+        ref = R.readout_weighted_backward_reference(V.double(), ids, w.double(), go.double())
+    assert u.dtype == torch.int64 and torch.equal(u, ref[1])
+    assert grad.dtype == rg.dtype == torch.float32 and grad.shape == (T, k) and rg.shape == (u.numel(), d)
+    assert torch.all(grad[ids < 0] == 0)
+    if u.numel():
+        assert _rel(rg, ref[2]) < 1e-5 and _rel(grad, ref[0]) < 1e-5
+
+
+def test_chunked_backward_is_deterministic_and_agrees_with_first():
+    ids, N, d, cfg = _chunked_case("hot_row")
+    V, _, s, go = _inputs(*ids.shape, d, N, torch.float32, seed=4, repeats=False)
+    runs = [TR.softmax_readout_backward_triton(V, ids, s, go, config=cfg) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))  # the same bits
+    first = TR.softmax_readout_backward_triton(V, ids, s, go, pipeline="first")
+    assert torch.equal(first[1], runs[0][1])
+    torch.testing.assert_close(runs[0][2], first[2], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runs[0][0], first[0], rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_backward_int64_keys():
+    # a table of >= 2^31 - 1 rows sorts int64 keys: one stored row, broadcast (stride 0)
+    N, d = 2 ** 31 + 5, 8
+    g = torch.Generator().manual_seed(8)
+    row = torch.randn(1, d, generator=g)
+    V = row.expand(N, d)
+    ids = torch.tensor([[N - 1, 0, -1], [2 ** 31, N - 1, N - 1]])
+    s, go = torch.randn(2, 3, generator=g), torch.randn(2, d, generator=g)
+    gs, u, rg = TR.softmax_readout_backward_triton(V, ids, s, go, pipeline="chunked",
+                                                    config=TC.ChunkedConfig(chunk=4, block_d=8))
+    ref = R.softmax_readout_backward_reference(row.double().expand(N, d), ids, s.double(), go.double())
+    assert torch.equal(u, ref[1]) and _rel(rg, ref[2]) < 1e-5
+    # every row is the same, so the score grads are ~0: compare them absolutely
+    torch.testing.assert_close(gs.double(), ref[0], rtol=0, atol=1e-6)
+
+
+def test_backward_pipeline_rule(monkeypatch):
+    monkeypatch.delenv(TC.PIPELINE_ENV, raising=False)
+    assert TC.backward_pipeline(8, 16, 128) == "chunked"        # T*k == N: chunked
+    assert TC.backward_pipeline(8, 16, 129) == "first"
+    assert TC.backward_pipeline(131072, 16, 123904) == "chunked"  # the capacity model's step
+    assert TC.backward_pipeline(16384, 32, 2 ** 20) == "first"    # benchmarks/kernels.py's shape
+    monkeypatch.setenv(TC.PIPELINE_ENV, "first")
+    assert TC.backward_pipeline(8, 16, 1) == "first"
+    assert TC.backward_pipeline(8, 16, 1, "auto") == "chunked"   # the argument beats the env var
+    monkeypatch.setenv(TC.PIPELINE_ENV, "chunked")
+    assert TC.backward_pipeline(1, 1, 100) == "chunked"
+    with pytest.raises(ValueError):
+        TC.backward_pipeline(1, 1, 1, "fast")
+    # the entry points run what the rule picks (a tuple config is the first pipeline's)
+    monkeypatch.delenv(TC.PIPELINE_ENV)
+    calls = []
+    real = TR.readout_backward_chunked
+    monkeypatch.setattr(TR, "readout_backward_chunked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    V, ids, s, go = _inputs(4, 3, 8, 12, torch.float32, seed=2)
+    TR.softmax_readout_backward_triton(V, ids, s, go)                 # 12 pairs, 12 rows
+    TR.readout_weighted_backward_triton(V, ids, s.abs(), go)
+    TR.softmax_readout_backward_triton(V, ids, s, go, config=(8, 1))
+    TR.softmax_readout_backward_triton(torch.randn(13, 8), ids, s, go)  # 12 pairs, 13 rows
+    assert len(calls) == 2
+    with pytest.raises(ValueError):
+        TR.softmax_readout_backward_triton(V, ids, s, go, config=(8, 1), pipeline="chunked")
 
 
 # ---------------------------------------------------------------------------- reference
