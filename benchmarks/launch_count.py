@@ -9,7 +9,10 @@ on the bioS stream), and for the MoE models with the routed experts run both way
 between the two is measured side by side in one run. It also counts the host syncs the
 step makes (Tensor.item / __bool__ / __int__ / __float__ / tolist calls from our code and torch's;
 on the CPU they wait for nothing, and the plain AdamW loop there reads its step count with
-.item() twice per parameter tensor, which the GPU's fused AdamW does not).
+.item() twice per parameter tensor, which the GPU's fused AdamW does not). That count misses
+the syncs inside aten ops (nonzero, boolean-mask indexing, unique, bincount, .cpu(), ...): on a
+GPU the timed steps also run under torch.cuda.set_sync_debug_mode("warn"), whose warnings count
+every host wait (host_syncs_cuda_per_step; None on the CPU, where nothing is waited for).
 
     python -m benchmarks.launch_count                                   # CPU, ~1 min
     python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine, ~1 min
@@ -32,6 +35,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -69,6 +73,24 @@ def counting_syncs(counter: Counter):
             setattr(torch.Tensor, name, fn)
 
 
+@contextlib.contextmanager
+def counting_cuda_syncs(counter: Counter, enabled: bool = True):
+    """Count every host sync CUDA ops make (torch's sync debug mode warns at each, wherever the
+    op was called from: our code, torch's, or inside an aten op); nothing when not enabled."""
+    if not enabled:
+        yield counter
+        return
+    saved = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")      # every sync, not once per place
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield counter
+        finally:
+            torch.cuda.set_sync_debug_mode(saved)
+    counter["cuda_syncs"] += sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+
+
 def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     """Ops, syncs and step time of one capacity model; experts: 'batched', 'loop', 'grouped'
     (or 'none' for the dense model)."""
@@ -81,7 +103,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     stream = BioStream(data.population, data.pieces, seed=0, exposures=1 << 20, seq_len=spec.seq_len,
                        batch_size=spec.batch_size)
     tables = open_table(spec, mcfg, work, None) if mcfg.knowledge else contextlib.nullcontext()
-    ops, syncs, seconds, kernel_s, kernels, timed = [], [], [], [], [], []
+    ops, syncs, seconds, kernel_s, kernels, timed, cuda_syncs = [], [], [], [], [], [], []
     top: Counter = Counter()
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -115,18 +137,24 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
                 kernels.append(len(device_events))
                 for e in device_events:
                     top[e.name[:120]] += e.time_range.elapsed_us() / 1e6 / args.steps
-        # The same steps without the profiler: the wall time a step costs (train_step waits for it).
+        # The same steps without the profiler: the wall time a step costs (train_step waits for it),
+        # and on a GPU every host sync it makes (a warning each: a few microseconds against ~10 ms).
         for step in range(args.steps):
             batch = stream.batch().to(args.device)
+            waits: Counter = Counter()
             t0 = time.perf_counter()
-            train_step(model, optimizer, table, batch, 1e-3, args.warm + args.steps + step)
+            with counting_cuda_syncs(waits, enabled=cuda):
+                train_step(model, optimizer, table, batch, 1e-3, args.warm + args.steps + step)
             timed.append(time.perf_counter() - t0)
+            cuda_syncs.append(waits["cuda_syncs"])
         params = model.count_params()
         model.close()
     stream.close()
     return {"model": model_name, "preset": spec.preset, "experts": experts,
             "aten_ops_per_step": statistics.median(ops), "aten_ops_min": min(ops), "aten_ops_max": max(ops),
             "host_syncs_per_step": statistics.median(syncs),
+            # every host wait on a GPU (torch's sync debug mode); unknown on the CPU
+            "host_syncs_cuda_per_step": statistics.median(cuda_syncs) if cuda else None,
             "profiled_step_s_median": statistics.median(seconds), "step_s_median": statistics.median(timed),
             "step_s_min": min(timed), "step_s_max": max(timed), "params": params,
             **({"device_kernel_s_per_step": statistics.median(kernel_s), "kernels_per_step": statistics.median(kernels),
@@ -162,8 +190,11 @@ def main(argv=None) -> dict:
             for experts in (args.experts if m != "dense" else ("none",)):
                 rows.append(count_step(m, experts, args, root))
                 r = rows[-1]
+                cuda_syncs = r["host_syncs_cuda_per_step"]
                 print(f"{m:10s} {experts:8s} {r['aten_ops_per_step']:>7.0f} ops/step  "
-                      f"{r['host_syncs_per_step']:>4.0f} syncs/step  {r['step_s_median'] * 1e3:8.1f} ms/step"
+                      f"{r['host_syncs_per_step']:>4.0f} syncs/step"
+                      + (f" ({cuda_syncs:.0f} on CUDA)" if cuda_syncs is not None else "")
+                      + f"  {r['step_s_median'] * 1e3:8.1f} ms/step"
                       + (f"  device busy {r['device_busy_fraction']:.0%}" if "device_busy_fraction" in r else ""),
                       flush=True)
     finally:
@@ -172,6 +203,8 @@ def main(argv=None) -> dict:
     name = {(r["model"], r["experts"]): (r["model"] if r["experts"] == "none" else f"{r['model']}_{r['experts']}")
             for r in rows}
     headline = {"aten_ops_per_step": {name[k]: v for k, v in by.items()},
+                "host_syncs_cuda_per_step": {name[(r["model"], r["experts"])]: r["host_syncs_cuda_per_step"]
+                                             for r in rows},
                 "step_ms": {name[(r["model"], r["experts"])]: r["step_s_median"] * 1e3 for r in rows},
                 "batch_size": args.batch_size, "seq_len": 256}
     for m in ("moe", "knowledge"):

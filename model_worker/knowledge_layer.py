@@ -195,11 +195,16 @@ class KnowledgeLayer(nn.Module):
 
     @torch.no_grad()
     def _count_load(self, ids: torch.Tensor) -> None:
+        """Each sub-key's selections among ids' product rows. Counted into n + 1 bins, the last
+        one taking padding and flat rows, then dropped: no boolean-mask indexing and no
+        bincount, each of which makes the host wait for the device on CUDA."""
         n = self.n
-        is_prod = (ids >= 0) & (ids < n * n)
-        pid = ids.clamp(0, n * n - 1)
-        self.load_a += torch.bincount(pid[is_prod] // n, minlength=n).to(self.load_a.dtype)
-        self.load_b += torch.bincount(pid[is_prod] % n, minlength=n).to(self.load_b.dtype)
+        is_prod = ((ids >= 0) & (ids < n * n)).reshape(-1)
+        pid = ids.clamp(0, n * n - 1).reshape(-1)
+        for load, sub in ((self.load_a, pid // n), (self.load_b, pid % n)):
+            counts = torch.zeros(n + 1, dtype=torch.int64, device=ids.device)
+            counts.index_add_(0, torch.where(is_prod, sub, n), torch.ones_like(sub))
+            load += counts[:n].to(load.dtype)
 
     @torch.no_grad()
     def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, k: int, shape: tuple[int, int],
@@ -258,6 +263,6 @@ class KnowledgeLayer(nn.Module):
         sign of its load error (the store does the same for flat rows)."""
         rate = self.cfg.bias_update_rate
         for load, bias in ((self.load_a, self.bias_a), (self.load_b, self.bias_b)):
-            if rate > 0 and load.sum() > 0:
-                bias += rate * torch.sign(load.mean() - load)
+            if rate > 0:   # skipped on the device when nothing was selected (no host sync)
+                bias.copy_(torch.where(load.sum() > 0, bias + rate * torch.sign(load.mean() - load), bias))
             load.zero_()

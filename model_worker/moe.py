@@ -20,6 +20,13 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+def expert_counts(expert: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Rows per expert [E] int64 of expert [M] (ids in [0, E)): torch.bincount's counts, without
+    its host syncs (on CUDA bincount reads the ids' min and max back to size its output)."""
+    return torch.zeros(n_experts, dtype=torch.int64, device=expert.device).index_add_(
+        0, expert, torch.ones_like(expert))
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
@@ -177,7 +184,7 @@ class MoE(nn.Module):
         flat_expert = top_idx.reshape(-1)                       # [T*K]
         order = torch.argsort(flat_expert, stable=True)         # [T*K]
         token_of = order // self.n_active                       # which token each sorted pair came from
-        counts = torch.bincount(flat_expert, minlength=self.n_experts)
+        counts = expert_counts(flat_expert, self.n_experts)      # [E]
         y_sorted = self.experts(xf[token_of], flat_expert[order], counts)  # [T*K, D]
         y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
         out = torch.zeros_like(xf).index_add_(0, token_of, y_sorted)
@@ -203,8 +210,11 @@ class MoE(nn.Module):
     def update_bias(self) -> torch.Tensor:
         """After an optimizer step: b_e += rate * sign(mean load - load_e). Returns the step's load."""
         load = self.load.clone()
-        if load.sum() > 0 and self.bias_rate > 0:
-            self.router.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+        if self.bias_rate > 0:
+            # Skipped on the device when nothing was routed (a python `if` on the sum would make the
+            # host wait for the step's kernels).
+            moved = self.router.expert_bias + self.bias_rate * torch.sign(load.mean() - load)
+            self.router.expert_bias.copy_(torch.where(load.sum() > 0, moved, self.router.expert_bias))
         self.last_load.copy_(load)
         self.load.zero_()
         return load

@@ -175,8 +175,10 @@ class StepPlan:
     new_steps: torch.Tensor
     new_state: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
-    def finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in (self.new_param, *self.new_state.values()))
+    def finite_verdict(self) -> torch.Tensor:
+        """Whether the new rows and state are all finite: a 0-dim bool on their device (reading
+        it is a host sync; step.finite_plans reads several plans' at once)."""
+        return torch.stack([torch.isfinite(t).all() for t in (self.new_param, *self.new_state.values())]).all()
 
     def commit(self) -> None:
         self.state.steps.index_copy_(0, self.rows, self.new_steps)
@@ -192,7 +194,7 @@ def plan_step(kind: str, param: torch.Tensor, state: RowState, rows: torch.Tenso
     if kind not in _STATE_OF_KIND:
         raise ValueError(f"unknown optimizer kind {kind!r}")
     if frozen is not None and rows.numel():
-        keep = ~frozen[rows]
+        keep = torch.nonzero(~frozen[rows]).squeeze(1)   # one host sync (for rows and grads)
         rows, grads = rows[keep], grads[keep]
     if rows.numel() == 0:
         return None

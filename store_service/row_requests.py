@@ -42,10 +42,27 @@ def fetched_rows(st: ShardState, ids: torch.Tensor, hits, weight_sum, limits: Li
     return local
 
 
-def readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor,
-                  limits: Limits) -> tuple[torch.Tensor, torch.Tensor]:
-    """A readout's ids and weights, validated -> (local rows, weights) on the state's device."""
-    check.readout_entries(ids, weights)
-    check.magnitude("weights", weights, limits.max_weight_abs, "max_weight_abs")
-    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True)
+def readout_rows(st: ShardState, ids: torch.Tensor, weights: torch.Tensor, limits: Limits,
+                 defer: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A readout's ids and weights, validated -> (local rows, weights) on the state's device.
+    defer: where the device-side verdicts go (`validation.at_once`); None: read one by one."""
+    check.readout_entries(ids, weights, defer)
+    check.magnitude("weights", weights, limits.max_weight_abs, "max_weight_abs", defer)
+    check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=True, defer=defer)
     return st.local(ids), weights.to(st.device)
+
+
+def record_readout_usage(st: ShardState, local: torch.Tensor, weights: torch.Tensor) -> None:
+    """A pushdown readout's use of its rows (local [T, k], -1 at PAD; weights [T, k] on the
+    state's device): hits and step_hits count the entries with weight > 0, weight_sum adds every
+    entry's weight (float64), and the rows are marked changed. Every entry is added, PAD as
+    nothing (0 hits, +0.0) into row 0, rather than the valid ones picked out by boolean masks:
+    on CUDA each mask made the host wait for the device (its count sizes the output), three
+    per readout. The sums are the same: x + 0 is x (a weight sum is never -0.0)."""
+    valid = local >= 0
+    rows = local.clamp_min(0).reshape(-1)
+    hit = (valid & (weights > 0)).reshape(-1).to(st.hits.dtype)
+    st.hits.index_add_(0, rows, hit)
+    st.step_hits.index_add_(0, rows, hit)
+    st.weight_sum.index_add_(0, rows, torch.where(valid, weights, 0.0).reshape(-1).double())
+    st.mark_rows_where(rows, valid.reshape(-1))

@@ -39,7 +39,7 @@ from . import errors, kernels, labels, persistence, search, snapshots
 from . import validation as check
 from .appends import append_rows
 from .host_rows import gather_rows
-from .row_requests import check_k, fetched_rows, readout_rows
+from .row_requests import check_k, fetched_rows, readout_rows, record_readout_usage
 from .leases import VersionLeases
 from .config import TableConfig
 from .limits import Limits
@@ -299,15 +299,9 @@ class Shard:
     def readout(self, ids: torch.Tensor, weights: torch.Tensor, *, version: int = 0, lease: str = "") -> torch.Tensor:
         """ids [T, k] (owned or PAD), weights [T, k] fp32 -> [T, d_v] fp32 partial readout."""
         with self._use(version, lease) as st, st.lock:
-            local, w = readout_rows(st, ids, weights, self.limits)
+            local, w = check.at_once(lambda defer: readout_rows(st, ids, weights, self.limits, defer))
             out = kernels.readout_weighted(st.values, local, w)
-            valid = local >= 0
-            rows, rw = local[valid], w[valid]
-            hit = rows[rw > 0]
-            st.hits.index_add_(0, hit, torch.ones_like(hit))
-            st.step_hits.index_add_(0, hit, torch.ones_like(hit))
-            st.weight_sum.index_add_(0, rows, rw.double())
-            st.mark_rows(rows)
+            record_readout_usage(st, local, w)
             return out
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
@@ -316,16 +310,20 @@ class Shard:
         gradients w_j * grad_out for end_step (once per request_id)."""
         with self._use(version) as st, st.lock:
             lim = self.limits
-            local, w = readout_rows(st, ids, weights, lim)
-            check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], st.config.d_v))
-            check.magnitude("grad_out", grad_out, lim.max_grad_abs, "max_grad_abs")
+
+            def checks(defer):
+                rows_w = readout_rows(st, ids, weights, lim, defer)
+                check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], st.config.d_v), defer)
+                check.magnitude("grad_out", grad_out, lim.max_grad_abs, "max_grad_abs", defer)
+                return rows_w
+            local, w = check.at_once(checks)
             grad_w, rows, row_grads = kernels.readout_weighted_backward(
                 st.values, local, w, grad_out.to(st.device))
             # the row gradients (weights x grad_out, summed) obey the bound of sent ones
             check.magnitude("grad_out", row_grads, lim.max_grad_abs, "max_grad_abs (of weights x grad_out)")
             if not st.mark_seen(request_id):
                 st.pending_grad_bytes = check.pending_grads(st.pending_grad_bytes, row_grads, lim)
-                st.row_grads.append((rows, row_grads))
+                st.row_grads.append((rows, row_grads))   # the kernels' rows: sorted and unique
             return grad_w
 
     def accumulate_value_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
@@ -346,6 +344,7 @@ class Shard:
             if bool(keep.any()):
                 st.pending_grad_bytes = pending
                 st.row_grads.append((local[keep], grads.to(st.device)[keep]))
+                st.row_grads_sorted = False   # a caller's ids: in any order, repeats allowed
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *,
                              request_id: str = "", version: int = 0) -> None:
@@ -430,6 +429,8 @@ class Shard:
             check.ids_in_range("ids", ids, st.row_start, st.row_end, allow_pad=False)
             getattr(st, name)[st.local(ids)] = flag
             st.mark_rows(st.local(ids))
+            if name == "frozen":
+                st.frozen_changed()
             if name == "ablated" and st.faiss is not None:
                 st.faiss.invalidate()
 

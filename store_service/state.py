@@ -61,6 +61,7 @@ class ShardState:
         self.key_opt, self.pieces = key_opt, pieces
         self.step_hits = torch.zeros_like(hits)   # load since the last end_step (balancing)
         self.row_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (local rows, grads) pairs
+        self.row_grads_sorted = True           # every pair's rows sorted and unique (readout_backward's are)
         self.key_grads: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat positions, grads)
         self.seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.arrivals: dict = {}               # step -> step.Round (the workers waiting at it)
@@ -70,6 +71,8 @@ class ShardState:
         self.cond = threading.Condition(self.lock)
         self.inflight = 0
         self.faiss: FaissFlatIndex | None = None
+        self._frozen_seen: torch.Tensor | None = None   # the mask has_frozen_rows last read
+        self._frozen_any = False
         # Rows changed since `base` (the published version this state's data equals but for
         # them), for incremental snapshots (`snapshots`). Every writer of a persisted row marks
         # it; `dense` names arrays changed wholesale.
@@ -84,6 +87,16 @@ class ShardState:
         if self.dirty.device != local_rows.device:   # the state moved (a swap staged on the host)
             self.dirty = self.dirty.to(local_rows.device)
         self.dirty[local_rows] = True
+
+    def mark_rows_where(self, local_rows: torch.Tensor, keep: torch.Tensor) -> None:
+        """mark_rows(local_rows[keep]) without picking them out (on CUDA a boolean mask makes
+        the host wait for the device): the rows not kept are set in a scratch slot past the end."""
+        if self.dirty.device != local_rows.device:
+            self.dirty = self.dirty.to(local_rows.device)
+        n = self.dirty.numel()
+        touched = torch.zeros(n + 1, dtype=torch.bool, device=self.dirty.device)
+        touched.index_fill_(0, torch.where(keep, local_rows, n), True)
+        self.dirty |= touched[:n]
 
     def mark_flat(self, flat_pos: torch.Tensor) -> None:
         """Flat positions [M] whose persisted data changed."""
@@ -177,6 +190,17 @@ class ShardState:
         """Global ids (owned or PAD) -> local rows (PAD stays -1), on the state's device."""
         ids = ids.to(self.device)
         return torch.where(ids >= 0, ids - self.row_start, torch.full_like(ids, PAD_ID))
+
+    def has_frozen_rows(self) -> bool:
+        """Whether any row is frozen: read from the device once per mask (a new tensor, or one
+        `frozen_changed` was told of), not at every step (on CUDA each read waits for the device)."""
+        if self._frozen_seen is not self.frozen:
+            self._frozen_any, self._frozen_seen = bool(self.frozen.any()), self.frozen
+        return self._frozen_any
+
+    def frozen_changed(self) -> None:
+        """The frozen mask was written in place."""
+        self._frozen_seen = None
 
     def mark_seen(self, request_id: str) -> bool:
         """True if request_id was seen before (and so must not be applied again)."""

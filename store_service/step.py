@@ -14,7 +14,7 @@ import torch
 
 from . import errors
 from .balancing import balance
-from .optimizer import OptimizerConfig, RowOptimizer, plan_step, resolve_kind
+from .optimizer import OptimizerConfig, RowOptimizer, StepPlan, plan_step, resolve_kind
 from .state import ShardState
 
 
@@ -96,37 +96,51 @@ def apply_step(st: ShardState) -> None:
     cfg, opt = st.config, st.config.optimizer
     keys_change = bool(st.key_grads)
     try:
+        # No frozen row (known on the host): the optimizer need not pick the others out (on
+        # CUDA a boolean mask makes the host wait for the device).
+        frozen = st.frozen if st.has_frozen_rows() else None
         plans, row_ids, flat_ids = [], None, None
         if st.row_grads:
-            rows, grads = merge_grads(st.row_grads, cfg.d_v)
+            rows, grads = merge_grads(st.row_grads, cfg.d_v, sorted_unique=st.row_grads_sorted)
             row_ids = rows
             plans.append(plan_step(opt.kind, st.values, st.opt, rows, grads, lr=opt.lr, betas=opt.betas,
-                                   eps=opt.eps, frozen=st.frozen, what="values"))
+                                   eps=opt.eps, frozen=frozen, what="values"))
         if st.key_grads:
             pos, grads = merge_grads(st.key_grads, cfg.d_k)
             flat_ids = pos
             plans.append(plan_step(opt.kind, st.keys, st.key_opt, pos, grads, lr=opt.effective_key_lr,
-                                   betas=opt.betas, eps=opt.eps, frozen=st.frozen[st.flat_local], what="keys"))
-        bad = [p.what for p in plans if p is not None and not p.finite()]
+                                   betas=opt.betas, eps=opt.eps,
+                                   frozen=None if frozen is None else frozen[st.flat_local], what="keys"))
+        plans = [p for p in plans if p is not None]
+        bad = [p.what for p, ok in zip(plans, finite_plans(plans)) if not ok]
     finally:
         st.row_grads, st.key_grads, st.pending_grad_bytes = [], [], 0
+        st.row_grads_sorted = True
     if bad:
         st.step_hits.zero_()
         st.nonfinite_refused += 1
         raise StepRefused(f"end_step {st.step} on shard {st.shard_id} would make {' and '.join(bad)} "
                           "non-finite; the step's gradients were dropped and nothing changed")
     for p in plans:
-        if p is not None:
-            p.commit()
+        p.commit()
     if row_ids is not None:
         st.mark_rows(row_ids)       # dirty rows: the next delta version writes them
     if flat_ids is not None:
         st.mark_flat(flat_ids)
     if keys_change and st.faiss is not None:
         st.faiss.invalidate()
-    if cfg.bias_step > 0 and bool(st.step_hits.any()):
+    # balance() moves flat-row and store-side sub-key biases: where the shard holds neither,
+    # there is nothing to move and no need to read whether any row was hit (a host sync)
+    if cfg.bias_step > 0 and (st.flat_ids.numel() or st.pieces) and bool(st.step_hits.any()):
         balance(st)
     st.step_hits.zero_()
+
+
+def finite_plans(plans: list[StepPlan]) -> list[bool]:
+    """Whether each plan's new rows and state are all finite, read with one host sync."""
+    if not plans:
+        return []
+    return torch.stack([p.finite_verdict() for p in plans]).tolist()
 
 
 def check_finite_rows(st: ShardState, block_elems: int = 1 << 26) -> None:
@@ -149,11 +163,13 @@ def check_finite_rows(st: ShardState, block_elems: int = 1 << 26) -> None:
                                                 "not published")
 
 
-def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, grads) pairs -> (unique sorted ids, summed grads)."""
+def merge_grads(pairs: list[tuple[torch.Tensor, torch.Tensor]], dim: int,
+                sorted_unique: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, grads) pairs -> (unique sorted ids, summed grads). sorted_unique: every pair's ids
+    are known sorted and unique (else one pair is checked: a host sync)."""
     if len(pairs) == 1 and pairs[0][0].numel() <= 1:
         return pairs[0][0], pairs[0][1].float().reshape(-1, dim)
-    if len(pairs) == 1 and bool((pairs[0][0][1:] > pairs[0][0][:-1]).all()):
+    if len(pairs) == 1 and (sorted_unique or bool((pairs[0][0][1:] > pairs[0][0][:-1]).all())):
         return pairs[0][0], pairs[0][1].float().reshape(-1, dim)  # already unique and sorted
     ids = torch.cat([p[0] for p in pairs])
     grads = torch.cat([p[1].float() for p in pairs]).reshape(-1, dim)

@@ -276,10 +276,10 @@ class Table:
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids [T, k], weights [T, k] fp32 -> [T, d_v] fp32 = sum_j w_j V[ids_j]."""
-        check.readout_entries(ids, weights)
 
         def op(m: _ShardMap) -> torch.Tensor:
-            check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
+            check.at_once(lambda d: (check.readout_entries(ids, weights, d),
+                                     check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)))
             parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout(loc, weights, version=v))
             out = torch.zeros(ids.shape[0], m.d_v, device=ids.device)
             for p in parts:
@@ -290,12 +290,12 @@ class Table:
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "") -> torch.Tensor:
         """grad_out [T, d_v] fp32 -> grad of weights [T, k] fp32; row gradients stay on the shards."""
-        check.readout_entries(ids, weights)
-        check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], self._map.d_v))
         rid = request_id or uuid.uuid4().hex  # so our own retries are never applied twice
 
         def op(m: _ShardMap) -> torch.Tensor:
-            check.ids_in_table("ids", ids, m.num_rows, allow_pad=True)
+            check.at_once(lambda d: (check.readout_entries(ids, weights, d),
+                                     check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], m.d_v), d),
+                                     check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)))
             parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout_backward(
                 loc, weights, grad_out, request_id=rid, version=v))
             out = torch.zeros(ids.shape, device=ids.device)

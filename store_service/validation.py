@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -20,11 +20,50 @@ from .optimizer import OptimizerConfig
 TAG_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_TAG_NAMES = 16            # per table
 MAX_FILTER_VALUES = 1 << 16   # values of one TagFilter
+T = TypeVar("T")
 
 
-def tensor(field: str, t, dtype: torch.dtype | tuple[torch.dtype, ...], shape: tuple) -> torch.Tensor:
+# -- device-side checks read at once ---------------------------------------------------------
+# A check of a tensor's entries (finite, bounded, ids in range) is a reduction on the tensor's
+# device whose verdict the host must read: on a GPU every such read waits for all the work
+# queued before it. The checks that take `defer` put their verdict there instead (and pass for
+# now); `at_once` reads all of them with one wait.
+
+def _holds(ok: torch.Tensor, defer: list[torch.Tensor] | None) -> bool:
+    """A device-side verdict (0-dim bool): read now, or with `defer` kept to be read later."""
+    if defer is None:
+        return bool(ok)
+    defer.append(ok)
+    return True
+
+
+def _all_hold(verdicts: list[torch.Tensor]) -> bool:
+    """Every verdict true: one host read per device they lie on."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for v in verdicts:
+        by_device.setdefault(v.device, []).append(v)
+    return all(bool(torch.stack(vs).all()) for vs in by_device.values())
+
+
+def at_once(checks: Callable[[list[torch.Tensor] | None], T]) -> T:
+    """checks(defer): run checks whose device-side verdicts go to `defer`, then read them with
+    one host sync. If one failed, or a host-side check raised after a deferred one that failed,
+    the checks run again one by one (checks(None)), so the error raised is the one the checks
+    in order raise. Returns what `checks` returns."""
+    verdicts: list[torch.Tensor] = []
+    try:
+        out = checks(verdicts)
+    except errors.StoreError:
+        if _all_hold(verdicts):
+            raise
+        return checks(None)
+    return out if _all_hold(verdicts) else checks(None)
+
+
+def tensor(field: str, t, dtype: torch.dtype | tuple[torch.dtype, ...], shape: tuple,
+           defer: list[torch.Tensor] | None = None) -> torch.Tensor:
     """t must be a non-empty tensor of `dtype` and `shape` (ints must match, None matches
-    anything), and finite when floating."""
+    anything), and finite when floating (that verdict kept in `defer` when given: `at_once`)."""
     if not isinstance(t, torch.Tensor):
         raise errors.InvalidArgument(field, f"expected a tensor, got {type(t).__name__}")
     dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
@@ -35,24 +74,26 @@ def tensor(field: str, t, dtype: torch.dtype | tuple[torch.dtype, ...], shape: t
         raise errors.InvalidArgument(field, f"shape must be {want}, got {list(t.shape)}")
     if t.numel() == 0:
         raise errors.InvalidArgument(field, f"empty batch (shape {list(t.shape)})")
-    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+    if t.is_floating_point() and not _holds(torch.isfinite(t).all(), defer):
         raise errors.InvalidArgument(field, "contains NaN or Inf")
     return t
 
 
-def ids_in_range(field: str, ids: torch.Tensor, lo: int, hi: int, *, allow_pad: bool) -> None:
+def ids_in_range(field: str, ids: torch.Tensor, lo: int, hi: int, *, allow_pad: bool,
+                 defer: list[torch.Tensor] | None = None) -> None:
     bad = (ids < lo) | (ids >= hi)
     if allow_pad:
         bad &= ids != PAD_ID
-    if bool(bad.any()):
+    if not _holds(~bad.any(), defer):
         first = int(ids[bad].reshape(-1)[0])
         raise errors.InvalidArgument(field, f"id {first} is not in this shard's rows [{lo}, {hi})"
                                      + (" (and is not padding -1)" if allow_pad else ""))
 
 
-def ids_in_table(field: str, ids: torch.Tensor, num_rows: int, *, allow_pad: bool) -> None:
+def ids_in_table(field: str, ids: torch.Tensor, num_rows: int, *, allow_pad: bool,
+                 defer: list[torch.Tensor] | None = None) -> None:
     bad = (ids >= num_rows) | (ids < (PAD_ID if allow_pad else 0))
-    if bool(bad.any()):
+    if not _holds(~bad.any(), defer):
         raise errors.InvalidArgument(field, f"id {int(ids[bad].reshape(-1)[0])} is out of range "
                                             f"[{'-1 (padding), ' if allow_pad else ''}0, {num_rows})")
 
@@ -103,10 +144,12 @@ def fetch_usage(ids: torch.Tensor, hits: torch.Tensor | None, weight_sum: torch.
     magnitude("weight_sum", weight_sum, limits.max_usage_weight_abs, "max_usage_weight_abs")
 
 
-def magnitude(field: str, t: torch.Tensor, bound: float, limit: str) -> None:
+def magnitude(field: str, t: torch.Tensor, bound: float, limit: str,
+              defer: list[torch.Tensor] | None = None) -> None:
     """|t| <= bound everywhere (t already checked finite): the documented bounds that keep
     sums of gradients and usage finite (store_service/limits.py)."""
-    if t.numel() and float(t.abs().max()) > bound:
+    # compared in float64, as python compares float(max) with the bound
+    if t.numel() and not _holds(~(t.abs().max().double() > bound), defer):
         raise errors.NonFinite(field, f"|entries| must be <= {limit}={bound:g}, got {float(t.abs().max()):.3g}")
 
 
@@ -126,10 +169,10 @@ def pending_grads(held_bytes: int, add: torch.Tensor, limits: Limits) -> int:
     return total
 
 
-def readout_entries(ids: torch.Tensor, weights: torch.Tensor) -> None:
+def readout_entries(ids: torch.Tensor, weights: torch.Tensor, defer: list[torch.Tensor] | None = None) -> None:
     """ids [T, k] int64, weights [T, k] float32."""
     tensor("ids", ids, torch.int64, (None, None))
-    tensor("weights", weights, torch.float32, tuple(ids.shape))
+    tensor("weights", weights, torch.float32, tuple(ids.shape), defer)
 
 
 # -- tags, partitions, search options ------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_worker.model import Transformer
 from model_worker.reading import LayerRead
@@ -14,6 +15,44 @@ from model_worker.train import TrainConfig, create_table, model_config
 from store_service import kernels
 from store_service.interface import (SEGMENT_FLAT, SEGMENT_PRODUCT, SearchResult, SegmentInfo, ShardInfo, TableInfo,
                                      UsageStats)
+
+# ============================================================================================
+# Host syncs (test_moe, test_knowledge_layer, test_shard): counted on the CPU
+# ============================================================================================
+
+class HostWaits(TorchDispatchMode):
+    """Counts, by op name, the ops that make the host wait for a GPU when they run on one:
+    reads of a value (item, bool, int, float), boolean-mask indexing, nonzero, unique and
+    bincount (on CUDA it reads its input's min and max). Run on the CPU, where they wait for
+    nothing, it finds them all the same. (.tolist() and .cpu() run no op on a CPU tensor: not seen.)"""
+    READS = {"_local_scalar_dense", "nonzero", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+             "masked_select"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    @property
+    def count(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None):
+            name += "[bool]"
+        elif name not in self.READS:
+            name = None
+        if name:
+            self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def host_waits():
+    """host_waits() -> a HostWaits mode: `with mode: ...`, then mode.count / mode.ops."""
+    return HostWaits
+
 
 # ============================================================================================
 # Model side (test_model, test_knowledge_layer, test_gates, test_detectors, test_continual,

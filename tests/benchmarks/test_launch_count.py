@@ -1,8 +1,13 @@
 """benchmarks/launch_count.py: the batched experts run fewer ops per training step than the
-per-expert loop, counted on the same model and stream."""
+per-expert loop, counted on the same model and stream; host syncs on CUDA are counted from
+torch's sync debug warnings (unknown on the CPU)."""
 from __future__ import annotations
 
 import json
+import warnings
+from collections import Counter
+
+import torch
 
 from benchmarks import launch_count
 
@@ -17,3 +22,23 @@ def test_batched_experts_run_fewer_ops_than_the_loop(tmp_path):
     assert ops["moe_loop"] > 1.5 * ops["moe_batched"] > 0
     assert ops["dense"] < ops["moe_batched"]
     assert result["provenance"]["commit"]
+    # every host wait is counted on a GPU only: on the CPU the field says unknown
+    assert all(r["host_syncs_cuda_per_step"] is None for r in result["runs"])
+    assert set(result["headline"]["host_syncs_cuda_per_step"]) == set(ops)
+
+
+def test_cuda_syncs_are_counted_from_the_sync_debug_warnings(monkeypatch):
+    """Each warning of torch's sync debug mode counts once (two from one line are two syncs),
+    other warnings not; the mode is set to warn inside and restored after."""
+    modes = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    counter = Counter()
+    with launch_count.counting_cuda_syncs(counter):
+        for _ in range(2):
+            warnings.warn("called a synchronizing CUDA operation (Triggered internally)")
+        warnings.warn("something else")
+    assert counter["cuda_syncs"] == 2 and modes == ["warn", 0]
+    with warnings.catch_warnings(record=True), launch_count.counting_cuda_syncs(counter, enabled=False):
+        warnings.warn("called a synchronizing CUDA operation")
+    assert counter["cuda_syncs"] == 2

@@ -119,6 +119,27 @@ def test_subkey_bias_moves_against_load(tensor_table):
     assert layer.load_a.sum() == 0
 
 
+def test_load_counting_and_bias_update_read_nothing_back(tensor_table, host_waits):
+    """The sub-key loads count the product rows among the selected ids (flat rows and padding
+    left out) as bincount does, and neither counting nor the bias update reads a value back
+    from the device (on a GPU each read made the host wait for the step's kernels)."""
+    table = tensor_table(8, 6, 6, n_flat=5)
+    layer = _layer(table, bias_update_rate=0.01)
+    n = layer.n
+    ids = torch.randint(-1, n * n + 5, (40, layer.k), generator=torch.Generator().manual_seed(1))
+    bias_a = layer.bias_a.clone()
+    with host_waits() as waits:
+        layer._count_load(ids)
+        load_a, load_b = layer.load_a.clone(), layer.load_b.clone()
+        layer.update_bias()
+        layer.update_bias()          # nothing selected since: the biases stay, bit for bit
+    assert waits.count == 0, waits.ops
+    prod = ids[(ids >= 0) & (ids < n * n)]
+    assert torch.equal(load_a, torch.bincount(prod // n, minlength=n).float())
+    assert torch.equal(load_b, torch.bincount(prod % n, minlength=n).float())
+    assert torch.equal(layer.bias_a, bias_a + 0.01 * torch.sign(load_a.mean() - load_a))
+
+
 @pytest.mark.parametrize("readout", ["pushdown", "fetch", "auto"])
 def test_per_call_options_override_the_layer_and_leave_it_unchanged(readout, tensor_table):
     """options=ReadOptions(k, readout) reads k rows by that path for one call: the dense

@@ -81,6 +81,27 @@ def test_loss_free_bias_moves_against_load():
     assert before == 128 and max(loads[-20:]) < 0.5 * before
 
 
+def test_padded_step_reads_back_only_the_block_size(host_waits):
+    """A training forward on the padded path and the bias update read one value back from the
+    device (the padded block's size; on a GPU each read makes the host wait), not bincount's
+    min and max nor the load's sum; the counts equal bincount's, and a step without tokens
+    leaves the bias bit for bit."""
+    torch.manual_seed(0)
+    cfg = preset("tiny-moe", n_experts=4, n_active=2, moe_bias_rate=0.01)
+    moe = MoE(cfg).train()
+    moe.experts.mode = "padded"
+    x = torch.randn(2, 16, cfg.d_model)
+    top = moe.router(x.reshape(-1, cfg.d_model))[1]         # the experts this step routes to
+    with host_waits() as waits:
+        moe(x)
+        load = moe.update_bias()
+        bias = moe.router.expert_bias.clone()
+        moe.update_bias()
+    assert waits.ops == {"_local_scalar_dense": 1}
+    assert torch.equal(load, torch.bincount(top.reshape(-1), minlength=4).float())
+    assert torch.equal(moe.router.expert_bias, bias)
+
+
 def test_bias_affects_selection_not_routing_weights():
     torch.manual_seed(0)
     cfg = preset("tiny-moe", n_experts=4, n_active=2)

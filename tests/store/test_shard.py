@@ -6,6 +6,7 @@ import torch
 
 from store_service import errors, kernels
 from store_service.config import OptimizerConfig, TableConfig
+from store_service.row_requests import record_readout_usage
 from store_service.shard import BarrierTimeout, Shard
 
 
@@ -353,3 +354,94 @@ def test_hot_swap_with_a_request_in_flight(tmp_path, monkeypatch):
     with pytest.raises(errors.StaleVersion):
         sh.fetch(torch.tensor([0]), version=7)
     assert torch.equal(sh.fetch(torch.tensor([0]), version=1), new_row)
+
+
+def test_readout_usage_over_every_entry_is_the_masked_count_bit_for_bit(host_waits):
+    """A readout's usage (hits, step hits, weight sums, changed rows) added over every entry,
+    padding as nothing, is bit for bit what the valid entries picked out by masks add, and
+    reads nothing back from the device (each mask made a GPU's host wait)."""
+    st = Shard(_cfg(), 2)._serving            # rows [51, 76): 25 local rows
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        local = torch.randint(-1, 25, (30, 4), generator=g)
+        w = torch.randn(30, 4, generator=g)
+        w[0, :2] = torch.tensor([0.0, -0.0])
+        valid = local >= 0
+        rows, rw = local[valid], w[valid]
+        hit = rows[rw > 0]
+        want = {"hits": st.hits.clone().index_add_(0, hit, torch.ones_like(hit)),
+                "step_hits": st.step_hits.clone().index_add_(0, hit, torch.ones_like(hit)),
+                "weight_sum": st.weight_sum.clone().index_add_(0, rows, rw.double()),
+                "dirty": st.dirty.clone().index_fill_(0, rows, True)}
+        with host_waits() as waits:
+            record_readout_usage(st, local, w)
+        assert waits.count == 0, waits.ops
+        for name, t in want.items():
+            got = getattr(st, name)
+            assert torch.equal(got.view(torch.int64) if got.dtype == torch.float64 else got,
+                               t.view(torch.int64) if t.dtype == torch.float64 else t), name
+
+
+def test_readout_checks_read_at_once_raise_the_first_fault_in_order():
+    """The shard's checks of a readout's entries (finite, bounded weights; ids in its rows;
+    grad_out) are read from the device at once; with several faults the error is still the
+    one the checks in order raise, a host-side check's (grad_out's shape) included."""
+    sh = Shard(_cfg(), 2)   # rows [51, 76)
+    nan = torch.tensor([[float("nan"), 1.0]])
+    cases = [(torch.tensor([[60, 99]]), nan, torch.ones(1, 15), "weights"),      # before grad_out's shape
+             (torch.tensor([[60, 99]]), torch.full((1, 2), 1e7), torch.ones(1, 16), "weights"),   # magnitude
+             (torch.tensor([[60, 99]]), torch.ones(1, 2), torch.full((1, 16), float("inf")), "ids"),
+             (torch.tensor([[60, 61]]), torch.ones(1, 2), torch.ones(1, 15), "grad_out")]
+    for ids, w, g, field in cases:
+        with pytest.raises(errors.InvalidArgument) as e:
+            sh.readout_backward(ids, w, g)
+        assert e.value.field == field
+
+
+def test_steps_read_back_nothing_but_their_finiteness(host_waits):
+    """After the first end_step (which learns that no row is frozen), a readout reads its checks
+    back once and a step's barrier reads nothing (its finiteness comes back by tolist, which runs
+    no op on the CPU); gradients, optimizer and usage need no read."""
+    sh = Shard(_cfg(segments=[("product", 6)], num_shards=1, store_codebooks=False, bias_step=1e-3), 0)
+    ids, w = torch.tensor([[3, 4, -1], [4, 9, 3]]), torch.rand(2, 3)
+    sh.readout_backward(ids, w, torch.randn(2, 16))
+    sh.end_step(0)
+    with host_waits() as waits:
+        sh.readout(ids, w)
+    assert waits.ops == {"_local_scalar_dense": 1}
+    sh.readout_backward(ids, w, torch.randn(2, 16))   # (the reference kernel's unique and masks: CPU only)
+    with host_waits() as waits:
+        sh.end_step(1)
+    assert waits.count == 0, waits.ops
+
+
+def test_rows_frozen_after_a_step_are_left_alone_by_the_next():
+    """Whether any row is frozen is kept on the host between steps: freezing (and thawing)
+    one after a step is noticed by the next."""
+    sh = Shard(_cfg(), 2)   # rows [51, 76)
+    ids = torch.tensor([[60, 61]])
+
+    def step(i):
+        before = sh.state_dict()["values"]
+        sh.readout_backward(ids, torch.ones(1, 2), torch.randn(1, 16))
+        sh.end_step(i)
+        after = sh.state_dict()["values"]
+        return [not torch.equal(after[r], before[r]) for r in (9, 10)]
+    assert step(0) == [True, True]
+    sh.set_frozen(torch.tensor([60]))
+    assert step(1) == [False, True]
+    sh.set_frozen(torch.tensor([60]), False)
+    assert step(2) == [True, True]
+
+
+def test_one_gradient_call_with_repeated_unordered_ids_is_summed():
+    """Row gradients sent by the caller (fetch mode) may repeat rows in any order: even as the
+    step's only call they are summed per row (only the readout's own rows are known sorted)."""
+    cfg = _cfg(optimizer=OptimizerConfig("sgd", lr=1.0))
+    a, b = Shard(cfg, 2), Shard(cfg, 2)
+    g = torch.randn(3, 16)
+    a.accumulate_value_grads(torch.tensor([62, 60, 62]), g)
+    b.accumulate_value_grads(torch.tensor([60, 62]), torch.stack([g[1], g[0] + g[2]]))
+    a.end_step(0)
+    b.end_step(0)
+    assert torch.equal(a.state_dict()["values"], b.state_dict()["values"])
