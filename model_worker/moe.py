@@ -134,7 +134,9 @@ class RoutedExperts(nn.Module):
         xp = torch.zeros(E * cap, D, dtype=x.dtype, device=x.device).index_put_((slot,), x.view(T, 1, D))
         xp = xp.view(E, cap, D)                                                         # each token in its K rows
         yp = torch.bmm(F.silu(torch.bmm(xp, self.w1)) * torch.bmm(xp, self.w3), self.w2)
-        y = yp.view(E * cap, D)[slot]                                                   # [T, K, D] back in pair order
+        # back in pair order; index_select, not yp[slot]: its backward is an index_add_, where
+        # indexing's is an accumulating index_put_, which sorts the indices on CUDA
+        y = yp.view(E * cap, D).index_select(0, slot.view(-1)).view(T, K, D)
         return (y * _as_dtype(weights, y.dtype).view(T, K, 1)).sum(1)
 
     def forward_sorted(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor,
