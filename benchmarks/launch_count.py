@@ -25,7 +25,9 @@ that take the most device time.
 Ops are counted over --steps steps after --warm steps (the router's balancing moves between
 steps; the count is the median step's), then --steps more steps are timed without the
 profiler. Counts include view ops (as_strided, view, ...): they launch no kernel but cost
-host time. Writes benchmarks/results/launch_count_<device>.json.
+host time. With --sources N, each run also lists the N lines of code its ops come from most
+(benchmarks/op_sources.py; forward ops by the function that called them, backward ops by
+the forward op that made their autograd node). Writes benchmarks/results/launch_count_<device>.json.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.capacity_train import RunSpec, model_config, open_table, run_data, train_config, train_step
 from benchmarks.common import write_result
+from benchmarks.op_sources import op_sources
 from model_worker.data.bios.batches import BioStream
 from model_worker.model import Transformer
 from model_worker.moe import RoutedExperts
@@ -105,6 +108,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     tables = open_table(spec, mcfg, work, None) if mcfg.knowledge else contextlib.nullcontext()
     ops, syncs, seconds, kernel_s, kernels, timed, cuda_syncs = [], [], [], [], [], [], []
     top: Counter = Counter()
+    sources: Counter = Counter()
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True      # as the capacity runs train (capacity_train.advance)
@@ -123,12 +127,14 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
                 continue
             counter: Counter = Counter()
             t0 = time.perf_counter()
-            with profile(activities=activities) as prof, counting_syncs(counter):
+            with profile(activities=activities, with_stack=args.sources > 0) as prof, counting_syncs(counter):
                 train_step(model, optimizer, table, batch, 1e-3, step)
             seconds.append(time.perf_counter() - t0)
             averages = prof.key_averages()
             ops.append(sum(e.count for e in averages if e.key.startswith("aten::")))
             syncs.append(sum(counter.values()))
+            if args.sources:
+                sources.update(op_sources(prof.events()))
             if cuda:
                 # The kernels themselves (device events; an aten op's own device total would count
                 # its kernels a second time): their summed time, and the ones taking the most.
@@ -157,6 +163,8 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
             "host_syncs_cuda_per_step": statistics.median(cuda_syncs) if cuda else None,
             "profiled_step_s_median": statistics.median(seconds), "step_s_median": statistics.median(timed),
             "step_s_min": min(timed), "step_s_max": max(timed), "params": params,
+            **({"top_op_sources_per_step": {k: v / args.steps for k, v in sources.most_common(args.sources)}}
+               if args.sources else {}),
             **({"device_kernel_s_per_step": statistics.median(kernel_s), "kernels_per_step": statistics.median(kernels),
                 "device_busy_fraction": statistics.median(kernel_s) / statistics.median(timed),
                 "top_device_ops_s_per_step": dict(top.most_common(12))} if cuda else {})}
@@ -173,6 +181,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--experts", default="batched,loop",
                     help="MoE expert paths to count: batched, loop, grouped (bf16 grouped GEMMs; sm90 on a GPU)")
+    ap.add_argument("--sources", type=int, default=0,
+                    help="list the N lines of code each run's ops come from most (0: off)")
     ap.add_argument("--out", default=None, help="default benchmarks/results/launch_count_<cpu|cuda>.json")
     args = ap.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -197,6 +207,8 @@ def main(argv=None) -> dict:
                       + f"  {r['step_s_median'] * 1e3:8.1f} ms/step"
                       + (f"  device busy {r['device_busy_fraction']:.0%}" if "device_busy_fraction" in r else ""),
                       flush=True)
+                for source, n in r.get("top_op_sources_per_step", {}).items():
+                    print(f"    {n:8.1f}  {source}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     by = {(r["model"], r["experts"]): r["aten_ops_per_step"] for r in rows}

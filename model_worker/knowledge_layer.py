@@ -136,11 +136,12 @@ class KnowledgeLayer(nn.Module):
         k = options.k or self.k
         q = self.query(x)                                                    # [T, d_k], T = B*S*h
         ca, cb = self.codebooks()                                            # [n, d_k/2] each
-        ids, flat_keys, gate_record = self._select(q.detach(), ca.detach(), cb.detach(), k, (B, S),
-                                                   input_pos, gates)      # [T, k], [T, k, d_k]
-        w = self._weights(q, ca, cb, ids, flat_keys)                         # [T, k]
+        # (_select runs without grad: only q, which goes to the table, is detached)
+        ids, flat_keys, gate_record = self._select(q.detach(), ca, cb, k, (B, S), input_pos, gates)  # [T, k], [T, k, d_k]
+        parts = self._product_parts(ids)
+        w = self._weights(q, ca, cb, ids, flat_keys, parts)                  # [T, k]
         if self.training:
-            self._count_load(ids)
+            self._count_load(*parts)
         if on_read is not None:
             on_read(LayerRead(ids.view(B, S, self.n_heads, k), w.detach().view(B, S, self.n_heads, k), gate_record))
         pending = start_readout(self.table, ids, w, options.readout or self.cfg.readout, self.training,
@@ -153,7 +154,8 @@ class KnowledgeLayer(nn.Module):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """q = norm(W_q x): x [B, S, D] -> [B*S*h, d_k] fp32."""
         B, S, _ = x.shape
-        return self.q_norm(self.wq(x).view(B * S * self.n_heads, self.d_k)).float()
+        q = self.q_norm(self.wq(x).view(B * S * self.n_heads, self.d_k))
+        return q if q.dtype == torch.float32 else q.float()   # (a no-op .float() is an op all the same)
 
     def codebooks(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cfg.qk_norm:
@@ -170,41 +172,49 @@ class KnowledgeLayer(nn.Module):
                                           cb.detach(), k or self.k, self.bias_a, self.bias_b, self._ablated)
         return s
 
+    def _product_parts(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ids [T, k] -> (is_prod [T, k]: a product row; i, j [T, k]: its sub-keys, row = i*n + j,
+        padding and flat rows clamped into the product segment), made once for the weights and
+        the load."""
+        n = self.n
+        pid = ids.clamp(0, n * n - 1)
+        return (ids >= 0) & (ids < n * n), pid // n, pid % n
+
     def _weights(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, ids: torch.Tensor,
-                 flat_keys: torch.Tensor | None) -> torch.Tensor:
+                 flat_keys: torch.Tensor | None, parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                 ) -> torch.Tensor:
         """w = softmax(q.k_I / tau), recomputed differentiably (no bias). A product key is
         (c_a[i], c_b[j]), so q.k = (q_a C_a^T)[i] + (q_b C_b^T)[j]: gathered from the [T, n]
-        sub-scores (a cheap scatter in backward) instead of gathering keys."""
-        n, half = self.n, self.d_k // 2
-        is_prod = (ids >= 0) & (ids < n * n)
-        pid = ids.clamp(0, n * n - 1)
-        sa, sb = q[:, :half] @ ca.T, q[:, half:] @ cb.T                     # [T, n] each
-        scores = sa.gather(1, pid // n) + sb.gather(1, pid % n)            # [T, k]
+        sub-scores (a cheap scatter in backward) instead of gathering keys. parts: _product_parts(ids)."""
+        is_prod, i, j = parts
+        q_a, q_b = q.split(self.d_k // 2, dim=1)    # (split: its backward is one cat, a slice's a zero fill and a copy)
+        scores = (q_a @ ca.T).gather(1, i) + (q_b @ cb.T).gather(1, j)     # [T, k]
         if flat_keys is not None:
             flat = torch.einsum("td,tkd->tk", q, self._store_keys(flat_keys, ids, is_prod))
             scores = torch.where(is_prod, scores, flat)
-        return kernels.masked_softmax(scores / self.cfg.tau, ids)
+        if self.cfg.tau != 1.0:                     # dividing by 1 changes nothing and is an op
+            scores = scores / self.cfg.tau
+        return kernels.masked_softmax(scores, ids)
 
     def _output(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """y = W_o concat_h(r) * silu(W_g x): r [T, d_v] -> [B, S, D]."""
         B, S, _ = x.shape
-        y = self.wo(r.to(x.dtype).view(B, S, self.n_heads * self.d_v))
+        y = self.wo((r if r.dtype == x.dtype else r.to(x.dtype)).view(B, S, self.n_heads * self.d_v))
         if self.wg is not None:
             y = y * F.silu(self.wg(x))
         return y
 
     @torch.no_grad()
-    def _count_load(self, ids: torch.Tensor) -> None:
-        """Each sub-key's selections among ids' product rows. Counted into n + 1 bins, the last
-        one taking padding and flat rows, then dropped: no boolean-mask indexing and no
-        bincount, each of which makes the host wait for the device on CUDA."""
+    def _count_load(self, is_prod: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> None:
+        """Each sub-key's selections among the product rows (is_prod, i, j: _product_parts),
+        both halves in one scatter into 2 x (n + 1) bins, the last bin of each taking padding
+        and flat rows, then dropped: no boolean-mask indexing and no bincount, each of which
+        makes the host wait for the device on CUDA."""
         n = self.n
-        is_prod = ((ids >= 0) & (ids < n * n)).reshape(-1)
-        pid = ids.clamp(0, n * n - 1).reshape(-1)
-        for load, sub in ((self.load_a, pid // n), (self.load_b, pid % n)):
-            counts = torch.zeros(n + 1, dtype=torch.int64, device=ids.device)
-            counts.index_add_(0, torch.where(is_prod, sub, n), torch.ones_like(sub))
-            load += counts[:n].to(load.dtype)
+        sub = torch.stack([i, j]).masked_fill_(~is_prod, n).view(2, -1)              # [2, T*k]
+        counts = torch.zeros(2, n + 1, dtype=torch.int64, device=sub.device).scatter_add_(1, sub, torch.ones_like(sub))
+        self.load_a += counts[0, :n]    # int64 into the float buffers: cast inside the add
+        self.load_b += counts[1, :n]
 
     @torch.no_grad()
     def _select(self, q: torch.Tensor, ca: torch.Tensor, cb: torch.Tensor, k: int, shape: tuple[int, int],
@@ -263,6 +273,9 @@ class KnowledgeLayer(nn.Module):
         sign of its load error (the store does the same for flat rows)."""
         rate = self.cfg.bias_update_rate
         for load, bias in ((self.load_a, self.bias_a), (self.load_b, self.bias_b)):
-            if rate > 0:   # skipped on the device when nothing was selected (no host sync)
-                bias.copy_(torch.where(load.sum() > 0, bias + rate * torch.sign(load.mean() - load), bias))
+            if rate > 0:
+                # A step that selected nothing moves nothing: every load is 0, and so is every
+                # sign (no python `if` on the sum: the host would wait for the step's kernels).
+                # rate * sign is exact: one add, the same bits as bias + rate * sign.
+                bias.add_(torch.sign(load.mean() - load), alpha=rate)
             load.zero_()

@@ -241,7 +241,8 @@ class Transformer(nn.Module):
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of the MoE auxiliary balance losses of the last forward (0 when off)."""
-        return sum((m.aux_loss for m in self.moe_layers()), torch.zeros(()))
+        # Layers with the loss off add nothing and are left out (each add is an op a step).
+        return sum((m.aux_loss for m in self.moe_layers() if m.aux_loss_coef > 0), torch.zeros(()))
 
     @torch.no_grad()
     def end_step(self) -> dict[str, torch.Tensor]:

@@ -7,9 +7,9 @@ fixed amount against the sign of the expert's load error (loss-free
 balancing); it affects selection only. An optional small sequence-level
 auxiliary loss is available.
 
-Dispatch sorts the (token, slot) pairs by expert; on a GPU all experts then run at once as
-batched matmuls over a padded [E, cap, D] block (RoutedExperts), on the CPU one slice per
-expert. There is no loop over tokens.
+On a GPU all experts run at once as batched matmuls over a padded [E, cap, D] block; on
+the CPU the (token, slot) pairs are sorted by expert and each expert runs on its slice
+(RoutedExperts). There is no loop over tokens.
 """
 from __future__ import annotations
 
@@ -53,23 +53,29 @@ class GeluMLP(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights: w1, w3 [E, D, F], w2 [E, F, D].
+    """E SwiGLU experts with stacked weights: w1, w3 [E, D, F], w2 [E, F, D], run on the
+    (token, slot) pairs a router chose: out[t] = sum_k weights[t, k] * expert_{top_idx[t, k]}(x[t]).
 
-    Two ways to run them on rows grouped by expert, with the same math:
+    Two ways to run them, with the same math:
     - padded: every expert's rows go into one [E, cap, D] block (cap = the busiest expert's
       rows, zero rows after an expert's own) and the three matmuls run as three batched
       matmuls. A zero row gives a zero output and adds nothing to any weight's gradient, so
       outputs and gradients equal the loop's up to rounding. The op count no longer grows
       with E: a small model on a GPU is bound by kernel launches, and the loop's ~10 kernels
-      per expert per layer (forward and backward) were most of a training step's.
-    - loop: one slice per expert; the reference the padded path is tested against.
+      per expert per layer (forward and backward) were most of a training step's. Each pair's
+      row in the block comes from a running count of the pairs per expert (no sort), and the
+      outputs are gathered back in pair order and summed over the slots: a handful of ops
+      per layer, each of which costs a small model's step host time whether or not it
+      launches a kernel.
+    - loop: the pairs sorted by expert, one slice per expert, the weighted outputs added
+      back per token in that order; the reference the padded path is tested against.
     `mode` "auto" (the default) takes the padded path on a GPU unless routing is so skewed
     that the padding would pass `max_padding` times the rows (E x cap > max_padding x M),
     and the loop on the CPU: there no launch is saved, padding only adds FLOPs, and the CPU
     keeps its results bit for bit across this change (rounding differs between the paths,
     and a knowledge layer's top-k can turn a last-bit difference into another row).
     "padded" and "loop" force one path (benchmarks/launch_count.py compares them).
-    A third, opt-in way (grouped_bf16) runs them as bf16 grouped GEMMs: other numerics.
+    A third, opt-in way (grouped_bf16) runs the sorted pairs as bf16 grouped GEMMs: other numerics.
     """
 
     def __init__(self, n_experts: int, d_model: int, d_expert: int, std: float = 0.02,
@@ -78,6 +84,8 @@ class RoutedExperts(nn.Module):
         self.w1 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
         self.w3 = nn.Parameter(torch.randn(n_experts, d_model, d_expert) * std)
         self.w2 = nn.Parameter(torch.randn(n_experts, d_expert, d_model) * std)
+        # The expert ids [1, E], kept rather than built each call (an op each time)
+        self.register_buffer("expert_ids", torch.arange(n_experts).unsqueeze(0), persistent=False)
         self.max_padding = max_padding
         if mode not in ("auto", "padded", "loop"):
             raise ValueError(f"mode must be auto, padded or loop; got {mode!r}")
@@ -95,25 +103,54 @@ class RoutedExperts(nn.Module):
             return self.mode == "padded"
         return on_gpu and E * cap <= self.max_padding * M
 
-    def forward(self, x_sorted: torch.Tensor, expert_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        # x_sorted: [M, D], rows grouped by expert (ascending); expert_sorted [M] each row's
-        # expert; counts [E] rows per expert. One host sync (cap, or the loop's split sizes).
-        M, D = x_sorted.shape
-        E = counts.shape[0]
-        if M == 0:
-            return x_sorted.new_zeros(0, D)
-        if self.grouped_bf16:
-            return self.forward_grouped(x_sorted, counts)
-        if self.mode == "loop" or (self.mode == "auto" and not x_sorted.is_cuda):
-            return self.forward_loop(x_sorted, counts.tolist())
+    def forward(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D], top_idx [T, K] each token's experts, weights [T, K] their routing weights
+        -> (the weighted sum of the experts' outputs [T, D], pairs per expert [E] int64).
+        One host sync (the padded block's size, or the loop's split sizes)."""
+        E = self.w1.shape[0]
+        if x.shape[0] == 0:
+            return torch.zeros_like(x), torch.zeros(E, dtype=torch.int64, device=x.device)
+        if self.grouped_bf16 or self.mode == "loop" or (self.mode == "auto" and not x.is_cuda):
+            counts = expert_counts(top_idx.reshape(-1), E)
+            return self.forward_sorted(x, top_idx, weights, counts), counts
+        expert = top_idx.view(-1, 1)                                     # [M, 1], M = T*K pairs
+        # seen[j, e]: the pairs j' <= j routed to e (an exclusive count would cost an op more)
+        seen = (expert == self.expert_ids).cumsum(0)                     # [M, E]
+        counts = seen[-1]
         cap = int(counts.max())
-        if not self.use_padded(x_sorted.is_cuda, E, cap, M):
-            return self.forward_loop(x_sorted, counts.tolist())
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(M, device=x_sorted.device) - starts[expert_sorted] + expert_sorted * cap
-        xp = x_sorted.new_zeros(E * cap, D).index_copy(0, pos, x_sorted).view(E, cap, D)
+        if not self.use_padded(x.is_cuda, E, cap, expert.shape[0]):
+            return self.forward_sorted(x, top_idx, weights, counts), counts
+        return self.forward_padded(x, weights, expert, seen, cap), counts
+
+    def forward_padded(self, x: torch.Tensor, weights: torch.Tensor, expert: torch.Tensor, seen: torch.Tensor,
+                       cap: int) -> torch.Tensor:
+        """The padded path: x [T, D], weights [T, K], expert [T*K, 1], seen [T*K, E] (forward's
+        running count) -> [T, D]. Pair j's row in the block is expert * cap + (its rank among
+        its expert's pairs, in pair order: the order a stable sort by expert keeps)."""
+        (T, D), K, E = x.shape, weights.shape[1], seen.shape[1]
+        slot = torch.add(seen.gather(1, expert), expert, alpha=cap).view(T, K) - 1       # [T, K]
+        # (views rather than unsqueeze, torch.zeros rather than new_zeros: fewer ops each)
+        xp = torch.zeros(E * cap, D, dtype=x.dtype, device=x.device).index_put_((slot,), x.view(T, 1, D))
+        xp = xp.view(E, cap, D)                                                         # each token in its K rows
         yp = torch.bmm(F.silu(torch.bmm(xp, self.w1)) * torch.bmm(xp, self.w3), self.w2)
-        return yp.view(E * cap, D).index_select(0, pos)
+        # back in pair order; index_select, not yp[slot]: its backward is an index_add_, where
+        # indexing's is an accumulating index_put_, which sorts the indices on CUDA
+        y = yp.view(E * cap, D).index_select(0, slot.view(-1)).view(T, K, D)
+        return (y * _as_dtype(weights, y.dtype).view(T, K, 1)).sum(1)
+
+    def forward_sorted(self, x: torch.Tensor, top_idx: torch.Tensor, weights: torch.Tensor,
+                       counts: torch.Tensor) -> torch.Tensor:
+        """The loop (or grouped bf16) path: the pairs sorted by expert, so that each expert
+        sees one contiguous slice; the weighted outputs added back per token in sorted order."""
+        K = top_idx.shape[1]
+        flat_expert = top_idx.reshape(-1)                                # [M]
+        order = torch.argsort(flat_expert, stable=True)                  # [M]
+        token_of = order // K                                            # which token each sorted pair came from
+        x_sorted = x[token_of]
+        y = self.forward_grouped(x_sorted, counts) if self.grouped_bf16 else self.forward_loop(x_sorted, counts.tolist())
+        y = y * _as_dtype(weights.reshape(-1)[order], y.dtype).unsqueeze(-1)
+        return torch.zeros_like(x).index_add_(0, token_of, y)
 
     def forward_grouped(self, x_sorted: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """The three matmuls as grouped GEMMs in bf16 (fp32 accumulate; what torchtitan runs on
@@ -127,12 +164,18 @@ class RoutedExperts(nn.Module):
         return torch._grouped_mm(h, w2, offs=offs).to(x_sorted.dtype)
 
     def forward_loop(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x_sorted [M, D] rows grouped by expert (ascending), counts[e] rows of expert e -> [M, D]."""
         outs = []
         for e, chunk in enumerate(torch.split(x_sorted, counts)):
             if chunk.shape[0] == 0:
                 continue
             outs.append((F.silu(chunk @ self.w1[e]) * (chunk @ self.w3[e])) @ self.w2[e])
         return torch.cat(outs) if outs else x_sorted.new_zeros(0, x_sorted.shape[-1])
+
+
+def _as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype; no op when it already is (a no-op .to() is still an op the host pays for)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 class Router(nn.Module):
@@ -147,7 +190,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # x: [T, D] -> scores [T, E], top_idx [T, K], routing weights [T, K]
-        logits = self.proj(x).float()
+        logits = _as_dtype(self.proj(x), torch.float32)
         scores = torch.sigmoid(logits) if self.score_func == "sigmoid" else torch.softmax(logits, dim=-1)
         top_idx = torch.topk(scores + self.expert_bias, self.n_active, dim=-1).indices
         weights = scores.gather(-1, top_idx)
@@ -176,23 +219,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, D]
         B, S, D = x.shape
-        self.aux_loss = x.new_zeros(())
+        if self.aux_loss_coef > 0:   # else aux_loss stays the zero it was built with
+            self.aux_loss = x.new_zeros(())
         xf = x.reshape(-1, D)                                   # [T, D]
         scores, top_idx, weights = self.router(xf)              # [T, E], [T, K], [T, K]
-
-        # Sort the T*K (token, slot) pairs by expert: each expert then sees one contiguous slice.
-        flat_expert = top_idx.reshape(-1)                       # [T*K]
-        order = torch.argsort(flat_expert, stable=True)         # [T*K]
-        token_of = order // self.n_active                       # which token each sorted pair came from
-        counts = expert_counts(flat_expert, self.n_experts)      # [E]
-        y_sorted = self.experts(xf[token_of], flat_expert[order], counts)  # [T*K, D]
-        y_sorted = y_sorted * weights.reshape(-1)[order].unsqueeze(-1).to(y_sorted.dtype)
-        out = torch.zeros_like(xf).index_add_(0, token_of, y_sorted)
-
+        out, counts = self.experts(xf, top_idx, weights)        # [T, D], [E]
         if self.shared is not None:
             out = out + self.shared(xf)
         if self.training:
-            self.load += counts.to(self.load.dtype)
+            self.load += counts       # int64 into the float buffer: cast inside the add, not by an op of its own
             if self.aux_loss_coef > 0:
                 self.aux_loss = self._seq_aux_loss(scores.view(B, S, -1), top_idx.view(B, S, -1))
         return out.view(B, S, D)
@@ -211,10 +246,10 @@ class MoE(nn.Module):
         """After an optimizer step: b_e += rate * sign(mean load - load_e). Returns the step's load."""
         load = self.load.clone()
         if self.bias_rate > 0:
-            # Skipped on the device when nothing was routed (a python `if` on the sum would make the
-            # host wait for the step's kernels).
-            moved = self.router.expert_bias + self.bias_rate * torch.sign(load.mean() - load)
-            self.router.expert_bias.copy_(torch.where(load.sum() > 0, moved, self.router.expert_bias))
+            # A step that routed nothing moves nothing: every load is 0, and so is every sign
+            # (no python `if` on the sum, which would make the host wait for the step's kernels).
+            # (alpha * sign is exact: one add, the same bits as adding rate * sign)
+            self.router.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_rate)
         self.last_load.copy_(load)
         self.load.zero_()
         return load

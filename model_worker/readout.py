@@ -32,6 +32,16 @@ def request_id() -> str:
     return uuid.uuid4().hex
 
 
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """t as a contiguous fp32 tensor; no op where it already is one (a no-op .float() is still
+    an op the host pays for, and a small model's step is bound by them)."""
+    return (t if t.dtype == torch.float32 else t.float()).contiguous()
+
+
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t if t.device == device else t.to(device)
+
+
 class PushdownReadout(torch.autograd.Function):
     """r = table.readout(ids, w); backward: dL/dw = table.readout_backward(ids, w, dL/dr).
     The row gradients stay on the store and are applied at `table.end_step`."""
@@ -39,18 +49,18 @@ class PushdownReadout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weights: torch.Tensor, ids: torch.Tensor, table: KnowledgeTable) -> torch.Tensor:
         # weights [T, k] fp32, ids [T, k] int64 -> [T, d_v] fp32
-        w = weights.detach().float().contiguous()
+        w = _fp32(weights.detach())
         ctx.table = table
         ctx.save_for_backward(ids, w)
         # A remote store's answer arrives in host memory (decoded from the wire, wherever its
         # shards live); the result joins the model on the worker's device.
-        return table.readout(ids, w).to(w.device)
+        return _on(table.readout(ids, w), w.device)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         ids, w = ctx.saved_tensors
-        grad_w = ctx.table.readout_backward(ids, w, grad_out.float().contiguous(), request_id=request_id())
-        return grad_w.to(w.device), None, None
+        grad_w = ctx.table.readout_backward(ids, w, _fp32(grad_out), request_id=request_id())
+        return _on(grad_w, w.device), None, None
 
 
 class FetchReadout(torch.autograd.Function):
@@ -61,7 +71,7 @@ class FetchReadout(torch.autograd.Function):
     def forward(ctx, weights: torch.Tensor, values: torch.Tensor, local: torch.Tensor, uniq: torch.Tensor,
                 table: KnowledgeTable) -> torch.Tensor:
         # weights [T, k] fp32; values [U, d_v] the fetched rows uniq [U]; local [T, k] from distinct_rows
-        w = weights.detach().float().contiguous()
+        w = _fp32(weights.detach())
         ctx.table = table
         ctx.save_for_backward(uniq, local, w, values)
         return kernels.readout_weighted(values, local, w)
@@ -69,7 +79,7 @@ class FetchReadout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         uniq, local, w, values = ctx.saved_tensors
-        grad_w, rows, row_grads = kernels.readout_weighted_backward(values, local, w, grad_out.float().contiguous())
+        grad_w, rows, row_grads = kernels.readout_weighted_backward(values, local, w, _fp32(grad_out))
         if rows.numel():
             ctx.table.accumulate_value_grads(uniq[rows], row_grads, request_id=request_id())
         return grad_w, None, None, None, None

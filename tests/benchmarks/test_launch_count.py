@@ -42,3 +42,27 @@ def test_cuda_syncs_are_counted_from_the_sync_debug_warnings(monkeypatch):
     with warnings.catch_warnings(record=True), launch_count.counting_cuda_syncs(counter, enabled=False):
         warnings.warn("called a synchronizing CUDA operation")
     assert counter["cuda_syncs"] == 2
+
+
+def test_op_sources_charge_forward_backward_and_optimizer_ops_to_their_code():
+    """Every aten op of a profiled step is charged once: a forward op to our function that
+    called it, a backward op to the forward code that made its autograd node, the optimizer's
+    to `optimizer`."""
+    from torch.profiler import profile
+
+    from benchmarks.op_sources import op_sources
+    from model_worker.moe import FeedForward
+
+    ffn = FeedForward(8, 16)
+    opt = torch.optim.AdamW(ffn.parameters(), foreach=False)
+    x = torch.randn(4, 8)
+    with profile(with_stack=True) as prof:
+        ffn(x).square().sum().backward()
+        opt.step()
+    events = prof.events()
+    sources = op_sources(events)
+    assert sum(sources.values()) == sum(e.name.startswith("aten::") for e in events)
+    forward = [s for s in sources if s.startswith("model_worker/moe.py(") and s.endswith(": forward -> linear")]
+    backward = [s for s in sources if s.startswith("backward of model_worker/moe.py(") and "[MmBackward0]" in s]
+    assert forward and backward and sources["optimizer"] > 0
+    assert sum(sources[s] for s in backward) > sum(sources[s] for s in forward)  # two matmuls back per matmul forward

@@ -129,7 +129,7 @@ def test_load_counting_and_bias_update_read_nothing_back(tensor_table, host_wait
     ids = torch.randint(-1, n * n + 5, (40, layer.k), generator=torch.Generator().manual_seed(1))
     bias_a = layer.bias_a.clone()
     with host_waits() as waits:
-        layer._count_load(ids)
+        layer._count_load(*layer._product_parts(ids))
         load_a, load_b = layer.load_a.clone(), layer.load_b.clone()
         layer.update_bias()
         layer.update_bias()          # nothing selected since: the biases stay, bit for bit

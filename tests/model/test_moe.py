@@ -123,29 +123,38 @@ def test_aux_loss():
     assert moe.aux_loss.requires_grad and moe.aux_loss.item() > 0
 
 
-def _path_and_loop(experts, counts: list[int], d_model: int):
-    """Outputs and gradients (input's, then each weight's) of `experts` on rows grouped by
-    `counts`, and the same from its loop path: -> (y, grads, y_loop, grads_loop)."""
-    c = torch.tensor(counts)
-    x = torch.randn(int(c.sum()), d_model, requires_grad=True)
+def _path_and_loop(experts, counts: list[int], d_model: int, k: int = 1):
+    """Outputs and gradients (input's, each expert weight's, then the routing weights') of
+    `experts` on tokens whose k (token, slot) pairs go to expert e counts[e] times (in no
+    particular order), and the same from its loop path: -> (y, grads, y_loop, grads_loop)."""
+    pairs = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    top_idx = pairs[torch.randperm(pairs.numel())].view(-1, k)
+    x = torch.randn(top_idx.shape[0], d_model, requires_grad=True)
+    weights = torch.rand(top_idx.shape, requires_grad=True)
     runs = []
-    for fn in (lambda: experts(x, torch.repeat_interleave(torch.arange(len(counts)), c), c),
-               lambda: experts.forward_loop(x, counts)):
-        x.grad = None
+    path = experts.mode, experts.grouped_bf16
+    for mode, grouped in (path, ("loop", False)):
+        experts.mode, experts.grouped_bf16 = mode, grouped
+        x.grad = weights.grad = None
         experts.zero_grad()
-        y = fn()
+        y, got_counts = experts(x, top_idx, weights)
+        assert got_counts.tolist() == counts
         y.square().sum().backward()
-        runs.append((y.detach(), [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]))
+        runs.append((y.detach(), [x.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+                     + [weights.grad.clone()]))
+    experts.mode, experts.grouped_bf16 = path
     return (*runs[0], *runs[1])
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 5, 1], [0, 0, 9, 0], [2, 2, 2, 2], [0, 4, 0, 0]])
-def test_padded_experts_equal_the_loop(counts):
-    """The batched, padded expert path gives the loop's outputs and gradients, with empty
-    experts and with skewed routing."""
+@pytest.mark.parametrize("counts,k", [([3, 0, 5, 1], 1), ([0, 0, 9, 0], 1), ([2, 2, 2, 2], 1), ([0, 4, 0, 0], 1),
+                                      ([3, 0, 5, 2], 2), ([2, 2, 2, 3], 3)])
+def test_padded_experts_equal_the_loop(counts, k):
+    """The batched, padded expert path gives the loop's outputs and gradients (the input's,
+    the experts' and the routing weights'), with empty experts, with skewed routing, and with
+    several experts per token."""
     from model_worker.moe import RoutedExperts
     torch.manual_seed(0)
-    y, got, y_ref, want = _path_and_loop(RoutedExperts(4, 8, 12, std=0.3, mode="padded"), counts, 8)
+    y, got, y_ref, want = _path_and_loop(RoutedExperts(4, 8, 12, std=0.3, mode="padded"), counts, 8, k)
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
@@ -165,8 +174,8 @@ def test_which_path_the_experts_take(monkeypatch):
         RoutedExperts(4, 8, 12, mode="fast")
     # on the CPU, auto runs the loop and never builds the padded block
     monkeypatch.setattr(torch, "bmm", lambda *a: pytest.fail("took the padded path"))
-    c = torch.tensor([3, 2, 3, 2])
-    auto(torch.randn(10, 8), torch.repeat_interleave(torch.arange(4), c), c)
+    top_idx = torch.repeat_interleave(torch.arange(4), torch.tensor([3, 2, 3, 2])).view(-1, 1)
+    auto(torch.randn(10, 8), top_idx, torch.ones(10, 1))
 
 
 @pytest.mark.parametrize("counts", [[3, 0, 5, 8], [0, 16, 0, 0]])
