@@ -188,7 +188,10 @@ class Shard:
             self._staged = {k: d for k, d in self._staged.items() if k not in gone}
             going = [s for s in going if not any(s is r for r in self.leases.retired)]
             drained = self._vcond.wait_for(lambda: all(s.inflight == 0 for s in going), timeout_s)
-            del going   # the old version's tensors are freed here (nothing else refers to them)
+            if drained:
+                for s in going:
+                    s.drop_data()   # freed now, even while a finished request's frame still holds s
+            del going
             if not drained:
                 raise errors.FailedPrecondition(f"version {version}: requests still in flight after "
                                                 f"{timeout_s}s; dropped anyway")

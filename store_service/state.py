@@ -164,6 +164,20 @@ class ShardState:
         self.config = dataclasses.replace(self.config, device=str(dev))
         self.reindex()
 
+    def drop_data(self) -> None:
+        """Free this version's rows now (values, keys, their optimizer state, pending grads),
+        not when its last reference goes: a request that has just finished still holds the
+        state in its frame for a moment after its in-flight count drops, and a hot swap staged
+        on the host must not move the new version onto the device while the old rows are
+        still there (release_version calls this once the version is drained)."""
+        def empty(t):
+            return t.new_empty((0, *t.shape[1:])) if t.dim() else t
+        self.values, self.keys = empty(self.values), empty(self.keys)
+        for opt in (self.opt, self.key_opt):
+            for name, t in opt.tensors().items():
+                setattr(opt, name, empty(t))
+        self.row_grads, self.key_grads = [], []
+
     def memory(self) -> dict:
         """Bytes this version holds, by kind, and where its rows live. optimizer_bytes counts
         every optimizer tensor (rows' and flat keys', step counts included)."""
