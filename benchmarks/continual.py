@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import _git, cpu_model, provenance, write_result
+from benchmarks.common import cpu_model, provenance, write_result
 from benchmarks.continual_eval import bootstrap, compare, heldout_loss, measure_sets, split_facts, tune_score
 from model_worker.checkpoint import latest_checkpoint, load_weights, open_checkpoint_table, read_meta
 from model_worker.config import ModelConfig, configs
@@ -35,6 +35,7 @@ from model_worker.data import PackedLoader, build_corpus, tokenizer_from_dict
 from model_worker.learn import LearnConfig, learn
 from model_worker.learn.measure import new_row_reads
 from model_worker.model import Transformer
+from model_worker.provenance import _git
 from model_worker.train import TrainConfig, train
 from store_service import persistence
 
