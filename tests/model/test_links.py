@@ -1,13 +1,18 @@
 """Links (gating.py): detectors with a cue and no gate, each `after` its chain's previous
 label; a label holds where its score is positive and its predecessor held at the position
-before, so a chain's last label opens only where its tokens occur in order."""
+before, so a chain's last label opens only where its tokens occur in order. `learn` keys a
+chain on each subject's last tokens (links.py)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from model_worker.data import ByteTokenizer
 from model_worker.gating import AFTER_TAG, CUE_TAG, DETECTOR_PARTITION, GATE_TAG, GateState
+from model_worker.learn import LearnConfig, TextFact, learn
+from model_worker.learn.links import _closest_negative
+from model_worker.reading import recording
 
 CHAIN = (70, 71, 72)          # labels of a 3-token chain, in token order
 AT = (4, 5, 6)                # the positions whose queries (head 0) the links are keyed on
@@ -70,3 +75,45 @@ def test_a_chain_carries_across_generation_calls(gate_lab, prompt):
     full, stepwise = gate_lab.full_and_stepwise(kl, x, prompt, state)
     assert bool((full[0, 9] == row).any()) and torch.equal(stepwise, full)
     assert state.held is not None and state.held.shape == state.fired.shape
+
+
+def test_closest_negative_is_the_best_cosine_with_any_query_but_the_subjects_own():
+    g = torch.Generator().manual_seed(0)
+    u = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    subj = torch.tensor([0, 0, 1, 1, 2])
+    q = torch.randn(7, 2, 8, generator=g)                      # 7 prompt positions, 2 heads
+    owner = torch.tensor([0, -1, 1, 1, -1, 2, 0])              # the subject whose name the position is in
+    bg = torch.randn(11, 2, 8, generator=g)
+    theta = _closest_negative(u, subj, (q, owner), bg, chunk=2)
+    nq, nb = F.normalize(q, dim=-1), F.normalize(bg, dim=-1)
+    for r in range(5):
+        negs = [nq[i, h] for i in range(7) for h in range(2) if owner[i] != subj[r]] + list(nb.reshape(-1, 8))
+        assert float(theta[r]) == pytest.approx(float((torch.stack(negs) @ u[r]).max()), abs=1e-6)
+    assert torch.equal(_closest_negative(u, subj, None, None), torch.full((5,), -1.0))
+
+
+FACTS = [TextFact(f"The capital of {s} is", f" {a}.", a, "capital_of", s)
+         for s, a in [("Xland", "Zorp"), ("Quux", "Blip")]]
+
+
+def test_learn_opens_a_subjects_gate_at_its_name_and_nowhere_else(tiny_knowledge):
+    """Taught on a tiny random model (whose queries are little more than their byte), each
+    subject's chain end opens at the last letter of its name in its prompt, and on no position of
+    a prompt naming another subject that shares the relation's words and letters."""
+    model, table = tiny_knowledge()
+    tok = ByteTokenizer()
+    res = learn(model, table, FACTS, tok, LearnConfig(steps=2, batch_size=2), publish=False)
+    ends = {v.removeprefix("subject "): int(k) for k, v in res.info["labels"].items()
+            if v.startswith("subject ") and "token" not in v}
+    assert set(ends) == {"Xland", "Quux"}
+
+    def opened(prompt: str) -> dict[str, list[int]]:
+        with recording(model) as trace:
+            model(torch.tensor([tok.encode(prompt, bos=True)]))
+            g = next(iter(trace.take().values())).gates
+        return {s: g.opened[0, :, g.labels.tolist().index(lab)].nonzero().flatten().tolist()
+                if lab in g.labels.tolist() else [] for s, lab in ends.items()}
+    n = len(tok.encode("The capital of Xland", bos=True))
+    assert opened("The capital of Xland is") == {"Xland": list(range(n - 1, n + 3)), "Quux": []}
+    assert opened("The capital of Xdlan is") == {"Xland": [], "Quux": []}      # its letters, another order
+    assert opened("The capital of Quux is")["Xland"] == []
