@@ -79,7 +79,7 @@ class LearnConfig:
                                       #   per (phrasing, token, head) of the subject's last subject_rows tokens,
                                       #   where those tokens hold in order; False: on subject rows (read, trained),
                                       #   any one of which in a query's top-k opens it (it then opened on other
-                                      #   subjects sharing a token: CONTINUAL_NOTES, 2026-12-08)
+                                      #   subjects sharing a token: CONTINUAL_NOTES, 2026-12-07)
     link_margin: float = 0.0          # a link holds where cos(q, key) beats its closest negative query (old text,
                                       #   the new prompts outside the subject's name) by more than this
     detectors: bool = True            # with gate_on_subject, for a subject with several new facts: detector rows

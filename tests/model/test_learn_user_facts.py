@@ -113,7 +113,7 @@ def test_learn_leaves_other_subjects_questions_alone(learned):
     "Quenmoor was taught in), its gate opens, and the contest of its facts' detectors always opens one of them "
     "(gating.family_winners has no floor; a floor at 0 changed nothing on the continual base), so 'The anthem of "
     "Quenmoor is' answers 'ilver' (silver, the river). On the continual base, holding one fact out per subject "
-    "with several: 13 of 45 of its prompts answered a taught sibling's answer (CONTINUAL_NOTES, 2026-12-08)."))
+    "with several: 13 of 45 of its prompts answered a taught sibling's answer (CONTINUAL_NOTES, 2026-12-07)."))
 def test_another_relation_of_a_taught_subject_does_not_answer_its_facts(tmp_path):
     out = _learn(tmp_path, "quenmoor", 2, ["The anthem of Quenmoor is"])
     assert not _says_one_of(out["others_before"][0], out["answers"])
