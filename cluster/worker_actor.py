@@ -181,7 +181,8 @@ class WorkerActor:
         self.model.eval()
         return {"new_rows": int(res.new_ids.numel()), "version": res.version, "seconds": res.seconds,
                 "loss_first": res.losses[0], "loss_last": res.losses[-1],
-                "cue_rows": res.info.get("cue_rows", 0), "gated_rows": res.info.get("gated_rows", 0)}
+                "cue_rows": res.info.get("cue_rows", 0), "link_rows": res.info.get("link_rows", 0),
+                "gated_rows": res.info.get("gated_rows", 0)}
 
     def rows_used(self, question: str, top: int = 5) -> dict:
         """For the first answer token: the rows each knowledge layer read, with weights."""

@@ -15,6 +15,13 @@ follow it:
   evidence for label c against the other labels whose detectors share gate g: label c
   opens at a position where g is open and c's best evidence so far in the sequence (at
   that position or an earlier one) is the highest of them (`family_winners`).
+- Links: detectors with a cue c and no gate. A link holds at a position where its score
+  cos(q, key) + bias is positive and, if it carries the tag "after" = a, label a held at the
+  position just before; label c opens where it holds (and stays open, as a cue's label does).
+  A chain of links (each after the previous) opens its last label only where the whole
+  token sequence it was keyed on is present in order: `learn` keys one chain on a subject's
+  last tokens, so that the subject, not one of its tokens, opens its facts' gates (the
+  tokens of a subject recur in other words; the sequence rarely does).
 
 During generation a `GateState` per knowledge layer carries what was open at the end of
 one model call into the next (the model's `setup_caches` makes them, `clear_caches`
@@ -29,7 +36,8 @@ import torch
 
 CUE_TAG = "cue"
 GATE_TAG = "gate"
-GATE_TAGS = (CUE_TAG, GATE_TAG)
+AFTER_TAG = "after"             # a link's predecessor in its chain (-1: the chain's first link)
+GATE_TAGS = (CUE_TAG, GATE_TAG, AFTER_TAG)
 DETECTOR_PARTITION = 1          # the store's partition that holds detectors (never in the top-k)
 
 
@@ -45,10 +53,12 @@ class FlatCandidates:
 @dataclass
 class DetectorHits:
     """The best detectors per query [T] (the search's side result): scores [T, m]
-    (cos(q, key) + bias; -inf at padding) and their labels [T, m] (-1 at padding)."""
+    (cos(q, key) + bias; -inf at padding) and their labels [T, m] (-1 at padding; `after`
+    None: no links)."""
     scores: torch.Tensor
     cue: torch.Tensor
     gate: torch.Tensor
+    after: torch.Tensor | None = None
 
 
 @dataclass
@@ -63,14 +73,16 @@ class GateRecord:
 
 class GateState:
     """One knowledge layer's gates over the sequences of a generation, carried from one
-    model call to the next like a KV cache: per label seen so far, whether one of its cues
-    fired (fired [B, G]), its best detector evidence (evidence [B, G]) and the label of the
-    gate its detectors compete under (family [G], -1 for none). Empty until a call on a
-    table with gated rows has run."""
+    model call to the next like a KV cache: per label seen so far, whether it is open (a cue
+    fired or a link held: fired [B, G]), whether its link held at the last position (held
+    [B, G]: a chain goes on from there), its best detector evidence (evidence [B, G]) and the
+    label of the gate its detectors compete under (family [G], -1 for none). Empty until a
+    call on a table with gated rows has run."""
 
     def __init__(self) -> None:
         self.labels: torch.Tensor | None = None
         self.fired: torch.Tensor | None = None
+        self.held: torch.Tensor | None = None
         self.evidence: torch.Tensor | None = None
         self.family: torch.Tensor | None = None
 
@@ -79,7 +91,7 @@ class GateState:
         return self.labels is None
 
     def clear(self) -> None:
-        self.labels = self.fired = self.evidence = self.family = None
+        self.labels = self.fired = self.held = self.evidence = self.family = None
 
     def carried(self, batch: int, input_pos: torch.Tensor | None) -> "GateState | None":
         """The state to continue from on a call at input_pos [S] with `batch` sequences:
@@ -88,8 +100,9 @@ class GateState:
             return None
         return self
 
-    def keep(self, labels: torch.Tensor, fired: torch.Tensor, evidence: torch.Tensor, family: torch.Tensor) -> None:
-        self.labels, self.fired, self.evidence, self.family = labels, fired, evidence, family
+    def keep(self, labels: torch.Tensor, fired: torch.Tensor, held: torch.Tensor, evidence: torch.Tensor,
+             family: torch.Tensor) -> None:
+        self.labels, self.fired, self.held, self.evidence, self.family = labels, fired, held, evidence, family
 
 
 def family_winners(is_open: torch.Tensor, evidence: torch.Tensor, family: torch.Tensor) -> torch.Tensor:
@@ -121,9 +134,11 @@ def close_gates(prod_scores: torch.Tensor, flat: FlatCandidates, found: Detector
     fired = _fired_cues(prod_scores, scores, cue, is_gated, k)                        # [T, k]
     carry = state.carried(B, input_pos) if state is not None else None
     det = found is not None and bool((found.cue >= 0).any())
+    after = None
     parts = [fired[fired >= 0], gate[is_gated]]
     if det:
-        parts += [found.cue[found.cue >= 0], found.gate[found.gate >= 0]]
+        after = found.after if found.after is not None else torch.full_like(found.cue, -1)
+        parts += [found.cue[found.cue >= 0], found.gate[found.gate >= 0], after[after >= 0]]
     if carry is not None:
         parts += [carry.labels.to(dev), carry.family[carry.family >= 0].to(dev)]
     labels = torch.unique(torch.cat(parts))                                          # [G] sorted
@@ -135,20 +150,26 @@ def close_gates(prod_scores: torch.Tensor, flat: FlatCandidates, found: Detector
         return scores, GateRecord(labels, none.bool(), none)
     tok = torch.arange(B * S * h, device=dev) // h                                   # row -> token b*S + s
     col = lambda lab: torch.searchsorted(labels, lab)                               # noqa: E731 - label -> column
+    was = col(carry.labels.to(dev)) if carry is not None else None                   # every carried label is in labels
     is_open = torch.zeros(B * S, G, dtype=torch.bool, device=dev)
     hit = fired >= 0
     is_open[tok[:, None].expand_as(fired)[hit], col(fired[hit])] = True
-    is_open = is_open.view(B, S, G).int().cummax(1).values.bool()                   # open from where it fired on
+    held = torch.zeros(B, S, G, dtype=torch.bool, device=dev)
+    if det:
+        prev_held = torch.zeros(B, G, dtype=torch.bool, device=dev)
+        if carry is not None:
+            prev_held[:, was] = carry.held.to(dev)
+        held = _held_links(found, after, tok, col, (B, S, G), prev_held)
+    is_open = (is_open.view(B, S, G) | held).int().cummax(1).values.bool()           # open from where it fired on
     evidence = torch.full((B, S, G), float("-inf"), device=dev)
     family = torch.full((G,), -1, dtype=torch.int64, device=dev)                    # detector label -> its gate's column
     if det:
-        hit = found.cue >= 0
+        hit = (found.cue >= 0) & (found.gate >= 0)                                   # detectors (links have no gate)
         rows = tok[:, None].expand_as(found.cue)[hit]
         evidence.view(-1).scatter_reduce_(0, rows * G + col(found.cue[hit]), found.scores[hit].float(), "amax")
         evidence = evidence.cummax(1).values                                         # the best so far in the sequence
         family[col(found.cue[hit])] = col(found.gate[hit])
     if carry is not None:
-        was = col(carry.labels.to(dev))                                              # every carried label is in labels
         prev = torch.zeros(B, G, dtype=torch.bool, device=dev)
         prev[:, was] = carry.fired.to(dev)
         is_open |= prev[:, None]
@@ -158,11 +179,40 @@ def close_gates(prod_scores: torch.Tensor, flat: FlatCandidates, found: Detector
         known = carry.family.to(dev) >= 0
         family[was[known]] = col(carry.family.to(dev)[known])
     if state is not None:
-        state.keep(labels, is_open[:, -1], evidence[:, -1], torch.where(family >= 0, labels[family.clamp_min(0)], -1))
+        state.keep(labels, is_open[:, -1], held[:, -1], evidence[:, -1],
+                   torch.where(family >= 0, labels[family.clamp_min(0)], -1))
     opened = is_open | family_winners(is_open, evidence, family)
     gi = col(gate.clamp_min(0)).clamp_max(G - 1)
     ok = opened.view(B * S, G)[tok[:, None].expand_as(gate), gi] & (labels[gi] == gate)
     return scores.masked_fill(is_gated & ~ok, float("-inf")), GateRecord(labels, opened, evidence)
+
+
+def _held_links(found: DetectorHits, after: torch.Tensor, tok: torch.Tensor, col, shape: tuple[int, int, int],
+                prev_held: torch.Tensor) -> torch.Tensor:
+    """Where each link label holds [B, S, G]: one of its links scores > 0 there (any head) and
+    its `after` label (if any) held at the position before (prev_held [B, G]: at the last
+    position of the previous call). A chain advances one position per round, so the rounds
+    stop once nothing changes (at most S + 1 of them)."""
+    B, S, G = shape
+    dev = prev_held.device
+    link = (found.cue >= 0) & (found.gate < 0) & (found.scores > 0)
+    if not bool(link.any()):
+        return torch.zeros(B, S, G, dtype=torch.bool, device=dev)
+    hit = torch.zeros(B * S, G, dtype=torch.bool, device=dev)
+    hit[tok[:, None].expand_as(found.cue)[link], col(found.cue[link])] = True
+    hit = hit.view(B, S, G)
+    a = after[link]
+    after_col = torch.full((G,), -1, dtype=torch.int64, device=dev)                 # a label's chain predecessor
+    after_col[col(found.cue[link])] = torch.where(a >= 0, col(a.clamp_min(0)), -1)
+    first = after_col < 0
+    held = hit & first
+    for _ in range(S + 1):
+        before = torch.cat([prev_held[:, None], held[:, :-1]], 1)                   # held at the position before
+        grown = hit & (first | before[..., after_col.clamp_min(0)])
+        if torch.equal(grown, held):
+            break
+        held = grown
+    return held
 
 
 def _fired_cues(prod_scores: torch.Tensor, scores: torch.Tensor, cue: torch.Tensor, is_gated: torch.Tensor,

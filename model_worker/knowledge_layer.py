@@ -11,7 +11,7 @@ Where each piece runs:
   are parameters of this layer and its per-sub-key balancing biases are buffers.
 - Flat segments (rows appended after it) are searched by the store
   (`table.search`), which returns selection scores and the rows' keys; on a table
-  with gated rows the same search returns their cue / gate tags and the best
+  with gated rows the same search returns their cue / gate / after tags and the best
   detectors, and gating.py closes the rows whose gate is shut.
 - The top-k is merged here, and w is recomputed from q and the selected keys
   so that gradients reach q, the codebooks, and the flat keys (sent to the
@@ -242,7 +242,7 @@ class KnowledgeLayer(nn.Module):
             if res.side is not None:
                 d = res.side
                 found = gating.DetectorHits(d.scores.to(dev), d.tags[gating.CUE_TAG].to(dev),
-                                            d.tags[gating.GATE_TAG].to(dev))
+                                            d.tags[gating.GATE_TAG].to(dev), d.tags[gating.AFTER_TAG].to(dev))
             flat = gating.FlatCandidates(flat_scores, res.tags[gating.CUE_TAG].to(dev), res.tags[gating.GATE_TAG].to(dev))
             flat_scores, record = gating.close_gates(scores, flat, found, (*shape, self.n_heads), k, gates, input_pos)
         scores = torch.cat([scores, flat_scores], dim=1)                   # [T, k + flat candidates]

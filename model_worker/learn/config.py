@@ -69,20 +69,27 @@ class LearnConfig:
     fact_rows: bool = True            # with key_per_phrasing: + one row per (fact, position, head) keyed on
                                       #   the mean over the fact's phrasings (what a new phrasing is nearest)
     answer_rows: bool = True          # rows keyed on the queries that predict the answer tokens
-    subject_rows: int = 3             # + rows keyed on the queries at the last n tokens of the subject
-                                      #   (one per subject, token, head; shared by the subject's facts)
-    gate_on_subject: bool = True      # with subject_rows and answer_rows: the subject rows are the cue of
-                                      #   their subject's answer rows, which are selectable only in a sequence
-                                      #   where that cue fired (gating.py) and so take no selection bias: old
-                                      #   text, which never names the new subject, cannot read them, however
-                                      #   close its queries come to their keys
+    subject_rows: int = 3             # the subject's last n tokens: what its gate opens on (links, or subject
+                                      #   rows: one per subject, token, head; shared by the subject's facts)
+    gate_on_subject: bool = True      # with subject_rows and answer_rows: a subject's answer rows are selectable
+                                      #   only in a sequence where the subject's gate opened (gating.py) and so
+                                      #   take no selection bias: old text, which never names the new subject,
+                                      #   cannot read them, however close its queries come to their keys
+    subject_links: bool = True        # with gate_on_subject: the gate opens on a chain of links (links.py), one
+                                      #   per (phrasing, token, head) of the subject's last subject_rows tokens,
+                                      #   where those tokens hold in order; False: on subject rows (read, trained),
+                                      #   any one of which in a query's top-k opens it (it then opened on other
+                                      #   subjects sharing a token: CONTINUAL_NOTES, 2026-12-07)
+    link_margin: float = 0.0          # a link holds where cos(q, key) beats its closest negative query (old text,
+                                      #   the new prompts outside the subject's name) by more than this
     detectors: bool = True            # with gate_on_subject, for a subject with several new facts: detector rows
                                       #   keyed on every prompt position of each fact's phrasings (gating.py);
                                       #   the fact whose detectors match best anywhere in the prompt opens its
                                       #   answer rows, so they no longer compete with their siblings'
     detector_prune: float = 0.95      # drop detectors whose cosine with some sibling fact's query reaches this:
                                       #   they tell nothing apart (the subject's own tokens, shared words)
-    cue_per_phrasing: bool = True     # subject rows per (subject, phrasing) instead of one per subject (the mean
+    cue_per_phrasing: bool = True     # (subject rows; links are always per phrasing)
+                                      #   subject rows per (subject, phrasing) instead of one per subject (the mean
                                       #   over its phrasings), all of them one cue: a new phrasing's subject query
                                       #   is nearer some phrasing's than their mean
     gated_key_norm: str = "own"       # gated rows' key norms: "own" (margin above the product rows on their own

@@ -2,8 +2,8 @@
 
 1. run the frozen model over the new text and keep the knowledge layers' queries
    where the new rows must answer (queries.py);
-2. append rows keyed on them (plan.py: keys, selection biases, cue / gate tags,
-   detectors), values small;
+2. append rows keyed on them (plan.py: keys, selection biases, cue / gate / after
+   tags, subject links, detectors), values small;
 3. freeze every existing row, the detectors and every model parameter, and train only
    the new rows (values, and their keys at `key_lr`) with the store's sparse optimizer.
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..data import Batch
-from ..gating import CUE_TAG, DETECTOR_PARTITION, GATE_TAG
+from ..gating import AFTER_TAG, CUE_TAG, DETECTOR_PARTITION, GATE_TAG
 from ..model import Transformer
 from .plan import plan_new_rows
 from .registry import LearnMethod, LearnRun, register
@@ -32,10 +32,12 @@ def train_new_rows(run: LearnRun) -> None:
     plan = plan_new_rows(model, run.examples, run.tok, cfg, run.background, first_id=run.old_ids.numel())
     values = torch.randn(plan.keys.shape[0], table.info().d_v,
                          generator=torch.Generator().manual_seed(cfg.seed)) * cfg.value_init_std
-    detector = plan.is_detector
+    detector = plan.is_detector                         # detectors and links
     values[detector] = 0.0                              # never read
     tags = {CUE_TAG: plan.cue, GATE_TAG: plan.gate} if plan.cue is not None else {}
-    partition = torch.where(detector, DETECTOR_PARTITION, 0)     # detectors: never in the top-k (gating.py)
+    if plan.after is not None:
+        tags[AFTER_TAG] = plan.after
+    partition = torch.where(detector, DETECTOR_PARTITION, 0)     # never in the top-k (gating.py)
     run.result.new_ids = table.add_rows(values, plan.keys, plan.bias, tags=tags or None, partition=partition)
     run.stay_frozen = run.result.new_ids[detector]     # never read: nothing should move them
     table.set_frozen(run.old_ids, True)

@@ -3,16 +3,21 @@ their keys, selection biases, and cue / gate tags (gating.py).
 
 - answer rows: keyed on the queries that predict each fact's answer tokens, per
   (fact, phrasing) and per fact (`fact_rows`);
-- subject rows: keyed on the queries at the last tokens of the subject; they are the
-  cue of their subject's answer rows, which are gated on it (`gate_on_subject`);
+- subject links: a chain of detectors on the last tokens of the subject (links.py); the
+  label of its last link opens where the subject's tokens occur in order, and the subject's
+  answer rows are gated on it (`gate_on_subject`, `subject_links`);
+- or, without `subject_links`, subject rows: keyed on the queries at the last tokens of the
+  subject, read like answer rows, and the cue of their subject's answer rows (any one of
+  them in a query's top-k opens the gate);
 - detectors: for a subject with several new facts, rows keyed on every prompt position
   of each fact's phrasings, in the store's detector partition; a fact's answer rows are
   gated on its detectors' label instead, which opens where its subject's gate is open
   and its evidence beats its sibling facts' (`detectors`).
 
-Labels are row ids: a subject's cue label is the id of its first subject row in that
-layer, a fact's detector label the id of its first detector there, so labels never
-collide within a table.
+Labels are row ids: a subject's label is the id of its first subject row (or last-token
+link) in that layer, a fact's detector label the id of its first detector there, so labels
+never collide within a table. Rows are laid out: answer rows (and subject rows), links,
+detectors.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from ..data import Batch, ByteTokenizer
 from ..model import Transformer
 from .config import LearnConfig
 from .keys import init_new_keys
+from .links import subject_links
 from .queries import (background_queries, collect_queries, group_batches, group_facts, group_key, group_subjects,
                       prompt_positions, subject_group, subject_index, subject_names, subject_positions)
 
@@ -57,8 +63,9 @@ class GroupIds:
 @dataclass
 class NewRows:
     """The rows `learn` appends for new_rows, before any training: keys [M, d_k], selection
-    bias [M] (None without select_bias), cue / gate labels [M] (None when not gated), and
-    per row its group (`GroupIds`) and knowledge layer."""
+    bias [M] (None without select_bias), cue / gate / after labels [M] (None when not gated;
+    after None without links), which rows go to the detector partition (detectors and links)
+    [M], and per row its group (`GroupIds`) and knowledge layer."""
     keys: torch.Tensor
     bias: torch.Tensor | None
     cue: torch.Tensor | None
@@ -66,13 +73,15 @@ class NewRows:
     groups: torch.Tensor
     layers: torch.Tensor
     info: dict
+    after: torch.Tensor | None = None
+    detector: torch.Tensor | None = None
 
     @property
     def is_detector(self) -> torch.Tensor:
-        """[M] bool: the rows with both a cue and a gate (gating.py: detectors)."""
-        if self.cue is None:
-            return torch.zeros(self.keys.shape[0], dtype=torch.bool)
-        return (self.cue >= 0) & (self.gate >= 0)
+        """[M] bool: the rows of the detector partition (gating.py: detectors and links)."""
+        if self.detector is not None:
+            return self.detector
+        return torch.zeros(self.keys.shape[0], dtype=torch.bool)
 
 
 def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig,
@@ -81,12 +90,14 @@ def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cf
     batches, groups = group_batches(examples, tok, cfg.batch_size, cfg.key_per_phrasing)
     ids = GroupIds(len(group_subjects(examples, cfg.key_per_phrasing)), len(group_subjects(examples, False)))
     bgq = background_queries(model, background) if background and cfg.calibrate else None
+    gated = cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows
+    links = gated and cfg.subject_links
     queries = collect_queries(model, batches, groups) if cfg.answer_rows else {}
     if cfg.answer_rows and cfg.fact_rows and cfg.key_per_phrasing:
         fq = collect_queries(model, *group_batches(examples, tok, cfg.batch_size, False))
         queries = {i: (torch.cat([q, fq[i][0]]), torch.cat([g, fq[i][1] + torch.tensor([ids.fact(0), 0])]))
                    for i, (q, g) in queries.items()}
-    if cfg.subject_rows:
+    if cfg.subject_rows and not links:
         sq = collect_queries(model, *subject_positions(examples, tok, cfg.subject_rows, cfg.batch_size,
                                                        cfg.cue_per_phrasing))
         queries = {i: (torch.cat([queries[i][0], q]), torch.cat([queries[i][1], g])) if i in queries else (q, g)
@@ -97,33 +108,71 @@ def plan_new_rows(model: Transformer, examples: Sequence, tok: ByteTokenizer, cf
                                select_margin=cfg.select_margin, whiten=cfg.whiten)
     bias = info.pop("bias", None)
     row_groups, row_layers = info.pop("row_groups"), info.pop("row_layers")
-    cue = gate = None
-    if cfg.gate_on_subject and cfg.subject_rows and cfg.answer_rows:
-        answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
-        if cfg.fact_rows and cfg.key_per_phrasing:
-            answer.update({ids.fact(f): s for f, s in enumerate(group_subjects(examples, False))})
+    if not gated:
+        return NewRows(keys, bias, None, None, row_groups, row_layers, info)
+    answer = dict(enumerate(group_subjects(examples, cfg.key_per_phrasing)))
+    if cfg.fact_rows and cfg.key_per_phrasing:
+        answer.update({ids.fact(f): s for f, s in enumerate(group_subjects(examples, False))})
+    names: dict[int, str] = {}
+    if links:
+        found = subject_links(model, examples, tok, cfg.subject_rows, cfg.batch_size, bgq, cfg.link_margin,
+                              first_id + keys.shape[0])
+        subject_label = found.labels if found is not None else {}
+        cue = torch.full((keys.shape[0],), -1, dtype=torch.int64)
+        gate = torch.tensor([subject_label.get((int(lay), answer[int(g)]), -1) if int(g) in answer else -1
+                             for g, lay in zip(row_groups, row_layers)], dtype=torch.int64)
+    else:
         cues = {subject_group(i): s for i, s in enumerate(subject_names(examples, cfg.cue_per_phrasing))}
         cue, gate = cue_gates(row_groups, row_layers, first_id, answer, cues)
-        if bias is not None:
-            bias = bias.masked_fill(gate >= 0, 0.0)     # the gate keeps old text off them instead
-        if cfg.gated_key_norm != "own" and bool((gate >= 0).any()):
-            norms = keys[gate >= 0].norm(dim=-1)
-            target = norms.median() if cfg.gated_key_norm == "median" else norms.max()
-            keys[gate >= 0] = keys[gate >= 0] * (target / norms.clamp_min(1e-6))[:, None]
-        if cfg.detectors:
-            extra = _add_detectors(model, examples, tok, cfg, ids, row_groups, row_layers, cue, gate,
-                                   first_id + keys.shape[0])
-            if extra is not None:
-                dk, db, dc, dg, dgroups, dlayers = extra
-                keys, cue, gate = torch.cat([keys, dk]), torch.cat([cue, dc]), torch.cat([gate, dg])
-                bias = torch.cat([bias if bias is not None else torch.zeros(row_groups.numel()), db])
-                row_groups, row_layers = torch.cat([row_groups, dgroups]), torch.cat([row_layers, dlayers])
-        detector = (cue >= 0) & (gate >= 0)
-        # counted as the store counts them: gated rows include the detectors
-        info.update(cue_rows=int(((cue >= 0) & ~detector).sum()), gated_rows=int((gate >= 0).sum()),
-                    detector_rows=int(detector.sum()),
-                    labels=_label_names(subject_names(examples, cfg.cue_per_phrasing), examples, cue, row_groups, ids))
-    return NewRows(keys, bias, cue, gate, row_groups, row_layers, info)
+        subject_label = _cue_labels(cue, row_groups, row_layers, subject_names(examples, cfg.cue_per_phrasing))
+    if bias is not None:
+        bias = bias.masked_fill(gate >= 0, 0.0)     # the gate keeps old text off them instead
+    if cfg.gated_key_norm != "own" and bool((gate >= 0).any()):
+        norms = keys[gate >= 0].norm(dim=-1)
+        target = norms.median() if cfg.gated_key_norm == "median" else norms.max()
+        keys[gate >= 0] = keys[gate >= 0] * (target / norms.clamp_min(1e-6))[:, None]
+    rows = NewRows(keys, bias, cue, gate, row_groups, row_layers, info,
+                   after=torch.full_like(cue, -1), detector=torch.zeros(keys.shape[0], dtype=torch.bool))
+    if links and found is not None:
+        _append(rows, found.keys, found.bias, found.cue, torch.full_like(found.cue, -1), found.after, found.groups,
+                found.layers, detector=True)
+        names.update(found.names)
+    if cfg.detectors:
+        extra = _add_detectors(model, examples, tok, cfg, ids, rows.groups, rows.layers, rows.gate, subject_label,
+                               first_id + rows.keys.shape[0])
+        if extra is not None:
+            dk, db, dc, dg, dgroups, dlayers = extra
+            _append(rows, dk, db, dc, dg, torch.full_like(dc, -1), dgroups, dlayers, detector=True)
+    if not links:
+        rows.after = None
+    cue, gate = rows.cue, rows.gate
+    detector = (cue >= 0) & (gate >= 0)
+    # counted as the store counts them: gated rows include the detectors
+    info.update(cue_rows=int(((cue >= 0) & (gate < 0) & ~rows.detector).sum()), gated_rows=int((gate >= 0).sum()),
+                detector_rows=int(detector.sum()), link_rows=int((rows.detector & ~detector).sum()),
+                labels={**names, **_label_names(subject_names(examples, cfg.cue_per_phrasing), examples, cue,
+                                                rows.groups, ids, rows.detector & ~detector)})
+    return rows
+
+
+def _append(rows: NewRows, keys: torch.Tensor, bias: torch.Tensor, cue: torch.Tensor, gate: torch.Tensor,
+            after: torch.Tensor, groups: torch.Tensor, layers: torch.Tensor, detector: bool) -> None:
+    """Append rows to `rows` in place (a missing bias is 0)."""
+    old_bias = rows.bias if rows.bias is not None else torch.zeros(rows.keys.shape[0])
+    rows.keys, rows.bias = torch.cat([rows.keys, keys]), torch.cat([old_bias, bias])
+    rows.cue, rows.gate, rows.after = torch.cat([rows.cue, cue]), torch.cat([rows.gate, gate]), \
+        torch.cat([rows.after, after])
+    rows.groups, rows.layers = torch.cat([rows.groups, groups]), torch.cat([rows.layers, layers])
+    rows.detector = torch.cat([rows.detector, torch.full((keys.shape[0],), detector)])
+
+
+def _cue_labels(cue: torch.Tensor, row_groups: torch.Tensor, row_layers: torch.Tensor,
+                names: Sequence[str]) -> dict[tuple[int, str], int]:
+    """(layer, subject) -> its cue label, from the subject rows `cue_gates` labelled."""
+    out: dict[tuple[int, str], int] = {}
+    for r in torch.nonzero(cue >= 0).flatten().tolist():
+        out.setdefault((int(row_layers[r]), names[subject_index(int(row_groups[r]))]), int(cue[r]))
+    return out
 
 
 def cue_gates(row_groups: torch.Tensor, row_layers: torch.Tensor, first_id: int,
@@ -184,19 +233,16 @@ def fact_detectors(queries: dict[int, tuple[torch.Tensor, torch.Tensor]], fact_s
 
 
 def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, cfg: LearnConfig, ids: GroupIds,
-                   row_groups: torch.Tensor, row_layers: torch.Tensor, cue: torch.Tensor, gate: torch.Tensor,
-                   first_id: int) -> tuple[torch.Tensor, ...] | None:
+                   row_groups: torch.Tensor, row_layers: torch.Tensor, gate: torch.Tensor,
+                   subject_label: dict[tuple[int, str], int], first_id: int) -> tuple[torch.Tensor, ...] | None:
     """Detectors for the facts of subjects with several facts (`fact_detectors`), appended at
     ids first_id + [0, D): their labels (cue: the fact's label, the id of its first detector in
-    that layer; gate: its subject's cue label there), and the fact's answer rows re-gated on the
-    fact's label (in place). Returns (keys, bias, cue, gate, groups, layers) or None."""
+    that layer; gate: its subject's label there, `subject_label` (layer, subject) -> label), and
+    the fact's answer rows re-gated on the fact's label (in place). Returns (keys, bias, cue,
+    gate, groups, layers) or None."""
     fact_subjects = group_subjects(examples, False)
     found = fact_detectors(collect_queries(model, *prompt_positions(examples, tok, cfg.batch_size)),
                            fact_subjects, cfg.detector_prune)
-    subject_label = {}                                                    # (layer, subject) -> cue label
-    names = subject_names(examples, cfg.cue_per_phrasing)
-    for r in torch.nonzero(cue >= 0).flatten().tolist():
-        subject_label.setdefault((int(row_layers[r]), names[subject_index(int(row_groups[r]))]), int(cue[r]))
     fact_of_group = dict(enumerate(group_facts(examples, cfg.key_per_phrasing)))
     fact_of_group.update({ids.fact(f): f for f in range(len(fact_subjects))})
     parts, fact_label, next_id = [], {}, first_id
@@ -220,15 +266,16 @@ def _add_detectors(model: Transformer, examples: Sequence, tok: ByteTokenizer, c
 
 
 def _label_names(subjects: Sequence[str], examples: Sequence, cue: torch.Tensor,
-                 row_groups: torch.Tensor, ids: GroupIds) -> dict[int, str]:
+                 row_groups: torch.Tensor, ids: GroupIds, skip: torch.Tensor) -> dict[int, str]:
     """What each cue label stands for: "subject X" for a subject's cue, "X -> answer" for a
-    fact's detectors (label -> name, for `interpret.explain`). subjects: `subject_names`."""
+    fact's detectors (label -> name, for `interpret.explain`); rows in `skip` (links, named by
+    links.py) are left out. subjects: `subject_names`."""
     facts: dict[tuple, str] = {}
     for e in examples:
         facts.setdefault(group_key(e, False), f"{e.subject} -> {getattr(e, 'answer', '') or e.completion.strip()}")
     fact_names = list(facts.values())
     out = {}
-    for r in torch.nonzero(cue >= 0).flatten().tolist():
+    for r in torch.nonzero((cue >= 0) & ~skip).flatten().tolist():
         g = int(row_groups[r])
         out.setdefault(int(cue[r]), f"subject {subjects[subject_index(g)]}" if g < 0
                        else fact_names[ids.fact_of_detector(g)])

@@ -10,6 +10,7 @@ knowledge layer, the query of every head at chosen positions, each keyed by
   (or by (subject, phrasing)); subject groups are negative (`subject_group`), so they
   never collide with answer groups;
 - `prompt_positions`: every prompt position, grouped by fact (for detectors);
+- `subject_span`: where an example's prompt names its subject;
 - `background_queries`: every position of old text (what new rows must stay off).
 """
 from __future__ import annotations
@@ -144,6 +145,16 @@ def subject_names(examples: Sequence, per_phrasing: bool = False) -> list[str]:
 
 # -- positions -------------------------------------------------------------------------------
 
+def subject_span(e, tok: ByteTokenizer) -> tuple[int, int] | None:
+    """The input indices (first, last) of the tokens of e's subject, where its prompt names it
+    last (BOS is index 0); None when the prompt does not contain it."""
+    subj = getattr(e, "subject", "")
+    j = e.prompt.rfind(subj) if subj else -1
+    if j < 0:
+        return None
+    return len(tok.encode(e.prompt[:j], bos=True)), len(tok.encode(e.prompt[:j + len(subj)], bos=True)) - 1
+
+
 def subject_positions(examples: Sequence, tok: ByteTokenizer, n_last: int, batch_size: int,
                       per_phrasing: bool = False
                       ) -> tuple[list[Batch], list[list[int]], list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -160,13 +171,11 @@ def subject_positions(examples: Sequence, tok: ByteTokenizer, n_last: int, batch
         label = torch.zeros(batch.inputs.shape, dtype=torch.int64)
         grp = []
         for i, e in enumerate(chunk):
-            subj = getattr(e, "subject", "")
             grp.append(subject_group(names.setdefault(cue_key(e, per_phrasing), len(names))))
-            j = e.prompt.rfind(subj) if subj else -1
-            if j < 0:
+            span = subject_span(e, tok)
+            if span is None:
                 continue
-            first = len(tok.encode(e.prompt[:j], bos=True))                  # input index of its first token
-            last = len(tok.encode(e.prompt[:j + len(subj)], bos=True)) - 1   # ... and of its last
+            first, last = span
             for off in range(min(n_last, last - first + 1)):
                 mask[i, last - off], label[i, last - off] = True, off
         batches.append(batch)

@@ -1,6 +1,7 @@
 """`kstore learn --facts`, end to end on a tiny trained checkpoint: it publishes a new
-store version with cue-gated rows (and detectors for a subject with two facts), writes a checkpoint whose weights are a bitwise
-copy of the input's, and that checkpoint loads and answers."""
+store version with rows gated on their subject's links (and detectors for a subject with
+two facts), writes a checkpoint whose weights are a bitwise copy of the input's, and that
+checkpoint loads and answers."""
 from __future__ import annotations
 
 import json
@@ -28,7 +29,7 @@ def test_learn_from_a_facts_file(tmp_path, capsys):
     args.fn(args)
     report = json.loads(capsys.readouterr().out)
     assert report["facts"] == 3 and report["new_rows"] > 0 and report["published_version"] is not None
-    assert report["cue_rows"] > 0 and report["gated_rows"] > 0 and not report["model_weights_changed"]
+    assert report["link_rows"] > 0 and report["gated_rows"] > 0 and not report["model_weights_changed"]
     assert report["detector_rows"] > 0                  # Xland has two facts: detectors tell them apart
     assert (out / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
 
@@ -36,7 +37,7 @@ def test_learn_from_a_facts_file(tmp_path, capsys):
     table = model.tables()[0]
     assert table.info().version == report["published_version"]
     assert table.info().tag_rows[GATE_TAG] == report["gated_rows"]
-    assert table.info().partition_rows[DETECTOR_PARTITION] == report["detector_rows"]
+    assert table.info().partition_rows[DETECTOR_PARTITION] == report["detector_rows"] + report["link_rows"]
     texts = answer(model, tok, ["The capital of Xland is", "The capital of France is"], max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     with torch.no_grad():                         # the gated table also serves a full forward

@@ -200,14 +200,45 @@ def test_learn_gates_each_fact_on_its_subject(tmp_path, gate_on_subject, make):
     st = shard_state(table)
     ids = st["flat_ids"]
     unset = torch.full_like(ids, -1)                          # a tag no row was given is not stored
-    cue, gate = st.get("tag_cue", unset), st.get("tag_gate", unset)
+    cue, gate, after = st.get("tag_cue", unset), st.get("tag_gate", unset), st.get("tag_after", unset)
     new = ids >= n_old
     assert int(new.sum()) == res.new_ids.numel()
     if not gate_on_subject:
         assert bool((cue == -1).all() and (gate == -1).all()) and table.info().tag_rows.get("gate", 0) == 0
         return
-    assert res.info["cue_rows"] == int((cue >= 0).sum()) > 0
+    link = (cue >= 0) & (gate < 0)
+    assert res.info["link_rows"] == int(link.sum()) > 0 and res.info["cue_rows"] == 0
+    assert table.info().partition_rows[DETECTOR_PARTITION] == res.info["link_rows"]   # no subject has two facts
     assert res.info["gated_rows"] == int((gate >= 0).sum()) == table.info().tag_rows["gate"] > 0
+    assert not bool(((cue >= 0) & (gate >= 0)).any())        # a link is never gated
+    # one label per (subject, token, knowledge layer): the id of its first link row; each label
+    # after the one of the token before it, so each subject's links form one chain
+    labels = set(cue[link].tolist())
+    for label in labels:
+        assert int(cue[ids == label]) == label
+        assert len(set(after[cue == label].tolist())) == 1
+    ends = labels - set(after[link].tolist())                 # no link comes after a chain's last one
+    starts = set(cue[link & (after < 0)].tolist())
+    assert len(ends) == len(starts) == len({f.subject for f in FACTS}) * len(model.knowledge_layers())
+    for end in ends:                                          # back from the end to the start: 3 tokens
+        chain, label = [end], end
+        while (a := int(after[cue == label][0])) >= 0:
+            chain.append(label := a)
+        assert label in starts and len(chain) == LearnConfig().subject_rows
+    assert set(gate[gate >= 0].tolist()) == ends              # every subject's answers are gated on its chain's end
+    assert bool((st["flat_bias"][gate >= 0] == 0).all())
+    assert bool(st["frozen"][ids[link]].all()) and bool((st["values"][ids[link]] == 0).all())   # never read
+
+
+def test_learn_with_subject_rows_gates_each_fact_on_its_subject_rows(tmp_path, make):
+    """subject_links=False: the subject rows (read, trained) are the cue of their subject's answers."""
+    model, table = make(tmp_path)
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=2, batch_size=4, subject_links=False),
+          publish=False)
+    st = shard_state(table)
+    ids = st["flat_ids"]
+    cue, gate = st["tag_cue"], st["tag_gate"]
+    assert "tag_after" not in st and not table.info().partition_rows.get(DETECTOR_PARTITION)
     labels = set(cue[cue >= 0].tolist())
     # one label per (subject, knowledge layer): the id of that subject's first cue row
     assert len(labels) == len({f.subject for f in FACTS}) * len(model.knowledge_layers())
@@ -229,7 +260,8 @@ def test_gated_key_norm_max_gives_every_gated_key_one_norm(tmp_path, make):
         LearnConfig(gated_key_norm="mean")
 
 
-def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_path, make):
+@pytest.mark.parametrize("subject_links", [True, False])
+def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_path, subject_links, make):
     model, table = make(tmp_path)
     n_old = table.info().num_rows
     orig = table.add_rows
@@ -240,13 +272,16 @@ def test_key_lr_trains_gated_keys_and_leaves_the_cues_where_they_were_made(tmp_p
         made.update(keys=keys.clone(), **tags)
         return orig(values, keys, bias, tags=tags, partition=partition)
     table.add_rows = add_rows
-    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, key_lr=0.05), publish=False)
+    learn(model, table, FACTS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, key_lr=0.05,
+                                                            subject_links=subject_links), publish=False)
     st = shard_state(table)
     new = st["flat_ids"] >= n_old
     keys, cue, gate = st["keys"][new], made["cue"], made["gate"]
     assert torch.equal(keys[cue >= 0], made["keys"][cue >= 0])            # cues bitwise as made
     assert not torch.equal(keys[gate >= 0], made["keys"][gate >= 0])      # gated keys trained
-    assert not bool(st["frozen"][n_old:].any())                           # and nothing stays frozen
+    # nothing but the links (never read) stays frozen; subject rows are trainable again
+    frozen = (cue >= 0) & (gate < 0) if subject_links else torch.zeros_like(cue, dtype=torch.bool)
+    assert torch.equal(st["frozen"][n_old:], frozen) and bool(frozen.any()) == subject_links
 
 
 def test_auc_and_novelty_probe(tmp_path, make):
@@ -303,12 +338,13 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path, make):
     table.add_rows = add_rows
     res = learn(model, table, SIBLINGS, ByteTokenizer(), LearnConfig(steps=4, batch_size=4, lr=1e-2),
                   publish=False)
-    cue, gate = made["cue"], made["gate"]
-    detector = (cue >= 0) & (gate >= 0)
-    assert res.info["detector_rows"] == int(detector.sum()) == table.info().partition_rows[DETECTOR_PARTITION] > 0
-    assert torch.equal(made["partition"], torch.where(detector, DETECTOR_PARTITION, 0))   # out of the top-k
+    cue, gate, after = made["cue"], made["gate"], made["after"]
+    detector, link = (cue >= 0) & (gate >= 0), (cue >= 0) & (gate < 0)
+    assert res.info["detector_rows"] == int(detector.sum()) > 0 and res.info["link_rows"] == int(link.sum()) > 0
+    assert table.info().partition_rows[DETECTOR_PARTITION] == int((detector | link).sum())
+    assert torch.equal(made["partition"], torch.where(detector | link, DETECTOR_PARTITION, 0))   # out of the top-k
     ids = res.new_ids
-    subject_label = {int(c) for c in cue[(cue >= 0) & (gate < 0)]}           # one cue label per subject
+    subject_label = set(cue[link].tolist()) - set(after[link].tolist())       # one chain's end per subject
     assert len(subject_label) == 2
     # Xland's three facts: each has detectors under Xland's cue label, and its answer rows open on them
     fact_labels = set(cue[detector].tolist())
@@ -320,6 +356,7 @@ def test_learn_tells_a_subjects_facts_apart_with_detectors(tmp_path, make):
     # detectors: never read, frozen, their values (zero) and keys untouched; old rows bitwise as they were
     st = shard_state(table)
     new = st["flat_ids"] >= n_old
+    detector |= link                                                        # links are detectors too
     assert bool(st["frozen"][ids[detector]].all()) and not bool(st["frozen"][ids[~detector]].any())
     assert bool((st["values"][ids[detector]] == 0).all())
     assert torch.equal(st["keys"][new][detector], made["keys"][detector])
