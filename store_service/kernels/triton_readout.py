@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 # the sort stage is shared with the chunked backward (triton_readout_chunked.py)
-from .triton_readout_sort import _bwd_prep_kernel, _next_pow2, _start_flags_kernel  # noqa: F401
+from .triton_readout_sort import _bwd_prep_kernel, _next_pow2, _start_flags_kernel, masked_softmax  # noqa: F401
 from .triton_readout_chunked import ChunkedConfig, backward_pipeline, readout_backward_chunked
 from .triton_readout_sorted import _readout_backward_sorted  # noqa: F401  (the benchmark's comparison)
 
@@ -330,13 +330,7 @@ def _softmax_kernel(s_ptr, ids_ptr, w_ptr, K, K_PAD: tl.constexpr):
     mask = offs < K
     idk = tl.load(ids_ptr + t * K + offs, mask=mask, other=-1)
     s = tl.load(s_ptr + t * K + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.where(idk >= 0, s, float("-inf"))
-    m = tl.max(s, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    e = tl.exp(s - m)
-    den = tl.sum(e, axis=0)
-    inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-    tl.store(w_ptr + t * K + offs, e * inv, mask=mask)
+    tl.store(w_ptr + t * K + offs, masked_softmax(s, idk), mask=mask)
 
 
 @triton.jit

@@ -16,6 +16,18 @@ def _next_pow2(x: int) -> int:
 
 
 @triton.jit
+def masked_softmax(s, idk):
+    """Softmax of one token's k scores over its real ids (idk >= 0; padding weighs 0, and a
+    token with no real id gets all zeros)."""
+    s = tl.where(idk >= 0, s, float("-inf"))
+    m = tl.max(s, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    e = tl.exp(s - m)
+    den = tl.sum(e, axis=0)
+    return e * tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
 def _bwd_prep_kernel(s_ptr, ids_ptr, w_ptr, key_ptr, K, SENT, K_PAD: tl.constexpr, SOFTMAX: tl.constexpr):
     """Per token: the sort keys of its k ids (padding -> SENT, which sorts last) and,
     for the fused softmax, the weights recomputed from the scores (one launch for both)."""
@@ -26,13 +38,7 @@ def _bwd_prep_kernel(s_ptr, ids_ptr, w_ptr, key_ptr, K, SENT, K_PAD: tl.constexp
     tl.store(key_ptr + t * K + offs, tl.where(idk >= 0, idk, SENT).to(key_ptr.dtype.element_ty), mask=mask)
     if SOFTMAX:
         s = tl.load(s_ptr + t * K + offs, mask=mask, other=0.0).to(tl.float32)
-        s = tl.where(idk >= 0, s, float("-inf"))
-        m = tl.max(s, axis=0)
-        m = tl.where(m == float("-inf"), 0.0, m)
-        e = tl.exp(s - m)
-        den = tl.sum(e, axis=0)
-        inv = tl.where(den > 0, 1.0 / tl.where(den > 0, den, 1.0), 0.0)
-        tl.store(w_ptr + t * K + offs, e * inv, mask=mask)
+        tl.store(w_ptr + t * K + offs, masked_softmax(s, idk), mask=mask)
 
 
 @triton.jit
