@@ -194,10 +194,11 @@ def lr_by_model(path: str | None, args) -> dict[str, float]:
     if mine != ref:
         diff = {k: (ref[k], mine[k]) for k in ref if ref[k] != mine[k]}
         raise SystemExit(f"--lr-from {path}: tuned with other settings (tuned, here): {diff}")
-    missing = [m for m in args.models if m not in tune["headline"]["chosen_lr"]]
+    chosen = tune["headline"]["chosen_lr"]
+    missing = [m for m in args.models if m not in chosen and m not in args.untuned]
     if missing:
-        raise SystemExit(f"--lr-from {path}: no lr was tuned for {missing}")
-    return {m: tune["headline"]["chosen_lr"][m] for m in args.models}
+        raise SystemExit(f"--lr-from {path}: no lr was tuned for {missing} (name them in --untuned to train at --lr)")
+    return {m: chosen[m] if m in chosen else args.lr for m in args.models}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=INTS, default=[0, 1])
     ap.add_argument("--lr-from", default=None, metavar="TUNE_JSON",
                     help="each model's lr from capacity_tune.py's result (tuned on a population not reported)")
+    ap.add_argument("--untuned", type=NAMES, default=[],
+                    help="with --lr-from: models left at --lr on purpose (the baselines may get more tuning, never less)")
     ap.add_argument("--remote-runs", type=NAMES, default=[], help="models whose runs also train over 2 served shards")
     ap.add_argument("--throughput", action="store_true", help="also time each model alone (after the runs)")
     ap.add_argument("--throughput-only", action="store_true")
@@ -266,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     results["tokens_per_person"] = _tokens_per_person(taken)
     results["headline"] = report.headline(results["points"], args.models, args.seeds, args.exposures,
                                           (tput or {}).get("local"))
+    results["headline"]["lr"] = _lr_at(taken, results["headline"].get("people"), args)
     results["remote_runs"] = _remote_vs_local(taken)
     results["unfinished"] = [s.name for s in wanted if s.name not in taken]
     out = Path(args.out)
@@ -275,6 +279,17 @@ def main(argv: list[str] | None = None) -> None:
         report.plot(results, out.with_suffix(".png"))
     print(json.dumps(results["headline"], indent=2))
     print(f"unfinished runs: {len(results['unfinished'])}; {time.time() - start:.0f} s", flush=True)
+
+
+def _lr_at(runs: dict, people: int | None, args) -> dict:
+    """Each model's lr at the headline's population, read from its runs, and where it came from."""
+    lrs = {}
+    for r in runs.values():
+        s = r["spec"]
+        if s["people"] == people and not s.get("remote"):
+            lrs.setdefault(s["model"], set()).add(s["lr"])
+    tuned = {m: bool(args.lr_from) and m not in args.untuned for m in args.models}
+    return {"by_model": {m: sorted(v) for m, v in sorted(lrs.items())}, "tuned": tuned, "tune_file": args.lr_from}
 
 
 def _tokens_per_person(runs: dict) -> float | None:

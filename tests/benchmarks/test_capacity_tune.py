@@ -38,12 +38,15 @@ def test_lr_from_refuses_a_tuning_trained_another_way_or_missing_a_model(tmp_pat
             "headline": {"chosen_lr": {"dense": 3e-3}}}
     f = tmp_path / "tune.json"
     f.write_text(json.dumps(tune))
-    ns = capacity.argparse.Namespace(size="tiny", batch_size=4, exposures=1, models=["dense"])
+    ns = capacity.argparse.Namespace(size="tiny", batch_size=4, exposures=1, models=["dense"], untuned=[], lr=1e-2)
     assert capacity.lr_by_model(str(f), ns) == {"dense": 3e-3}
     with pytest.raises(SystemExit, match="batch_size"):
         capacity.lr_by_model(str(f), capacity.argparse.Namespace(**{**vars(ns), "batch_size": 8}))
     with pytest.raises(SystemExit, match="knowledge"):
         capacity.lr_by_model(str(f), capacity.argparse.Namespace(**{**vars(ns), "models": ["dense", "knowledge"]}))
+    # a model named in --untuned keeps --lr, on purpose and on the record
+    both = capacity.argparse.Namespace(**{**vars(ns), "models": ["dense", "knowledge"], "untuned": ["knowledge"]})
+    assert capacity.lr_by_model(str(f), both) == {"dense": 3e-3, "knowledge": 1e-2}
 
 
 def test_a_tiny_tuning_call_and_a_capacity_call_that_trains_at_its_choice(tmp_path):
@@ -65,6 +68,8 @@ def test_a_tiny_tuning_call_and_a_capacity_call_that_trains_at_its_choice(tmp_pa
     res = json.loads(out.read_text())
     assert {r["spec"]["model"]: r["spec"]["lr"] for r in res["runs"].values()} == h["chosen_lr"]
     assert res["config"]["lr_from"] == str(tune_out)
+    assert res["headline"]["lr"]["tuned"] == {"dense": True, "knowledge": True}
+    assert res["headline"]["lr"]["by_model"] == {m: [lr] for m, lr in h["chosen_lr"].items()}
     other = list(common)
     other[other.index("--batch-size") + 1] = "8"
     with pytest.raises(SystemExit, match="tuned with other settings"):
