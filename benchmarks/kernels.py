@@ -456,6 +456,8 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "kernels.json"))
     ap.add_argument("--variants", action="store_true")
     ap.add_argument("--skip-checks", action="store_true")
+    ap.add_argument("--bwd-pipelines", action="store_true",
+                    help="only the readout backward's two pipelines at the capacity shape (~1 min)")
     args = ap.parse_args()
     if args.plot:
         print(plot(args.plot))
@@ -479,6 +481,15 @@ def main():
         with open(args.out, "w") as f:
             json.dump(RESULT, f, indent=1, default=str)
 
+    if args.bwd_pipelines:
+        tm = time_bwd_pipelines(dev, args.variants)
+        cap = RESULT["bwd_pipelines_capacity"]
+        RESULT["headline"] = {"shape": cap["shape"], "checks_pass": cap["checks"]["pass"],
+                              "bwd_first_ms": tm["bwd_first"], "bwd_chunked_ms": tm["bwd_chunked"],
+                              "first_over_chunked": tm["bwd_first"] / tm["bwd_chunked"]}
+        dump()
+        print(json.dumps(RESULT["headline"], indent=1))
+        return
     t0 = time.time()
     if not args.skip_checks:
         for name, fn in (("readout", check_readout), ("pk_search", check_pk)):
