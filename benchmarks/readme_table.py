@@ -198,7 +198,20 @@ def capacity(d: dict) -> str:
         out += f", / MoE {_f(h['knowledge_over_moe_bits_per_active_param'])}x"
     if h.get("knowledge_over_dense_tokens_per_s") is not None:
         out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x)"
-    return out + f"; targets {'met' if h['target']['met'] else 'not all met'}"
+    out += f"; targets {'met' if h['target']['met'] else 'not all met'}"
+    tuned = (h.get("lr") or {}).get("tuned") or {}
+    untuned = [m for m in keys if not tuned.get(m)]
+    if untuned:   # a ratio against a baseline at an untuned lr says less than it seems to
+        out += f"; lr not tuned for {', '.join(untuned)}"
+    return out
+
+
+def capacity_tune(d: dict) -> str:
+    h = d["headline"]
+    per = "; ".join(f"{m} " + ", ".join(f"{lr} {b / 1000:.0f}k" for lr, b in bits.items())
+                    + f" -> {h['chosen_lr'][m]:g}" + (" (grid edge)" if h["at_grid_edge"][m] else "")
+                    for m, bits in h["bits"].items())
+    return f"N = {h['people']} people, seed {h['seed']} (not a reported seed); bits stored by lr: {per}"
 
 
 def knobs(d: dict) -> str:
@@ -337,6 +350,8 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("capacity.json", "`python benchmarks/capacity.py --device cuda ...` (commands: `benchmarks/CAPACITY_NOTES.md`)",
      "bits of knowledge stored per active parameter (bioS, 100 exposures), dense / MoE / MoE + knowledge at "
      "~1.07M active parameters, and training tokens/s alone on the card (GPU)", capacity),
+    ("capacity_tune.json", "`python benchmarks/capacity_tune.py --device cuda --people 10000 ...`",
+     "each capacity model's lr, chosen by bits stored on a population no reported run sees (GPU)", capacity_tune),
     ("capacity_cpu_small.json", "`python benchmarks/capacity.py --size tiny ...`",
      "bits of knowledge stored per active parameter (bioS), CPU check at small N", capacity),
     ("knobs.json", "`python -m benchmarks.knobs`", "k at inference, row reordering, hot-row cache over gRPC", knobs),
