@@ -34,7 +34,7 @@ from store_service.status import MD_LIMIT
 from store_service.tls import ClientTls
 from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
 from store_service.optimizer import OptimizerConfig, RowOptimizer
-from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
+from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION, MD_STALE_REASON,
                                 STORE_SERVICE)
 
 _CHANNEL_OPTIONS = [
@@ -72,7 +72,8 @@ def error_from_rpc(err: grpc.RpcError, shard_id: int, address: str) -> errors.St
         return errors.DataLoss(f"shard {shard_id} at {address}", details)
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         if kind == "stale-version":
-            return errors.StaleVersion(int(md[MD_REQUESTED_VERSION]), int(md[MD_SERVING_VERSION]))
+            return errors.StaleVersion(int(md[MD_REQUESTED_VERSION]), int(md[MD_SERVING_VERSION]),
+                                       md.get(MD_STALE_REASON, ""))
         return errors.FailedPrecondition(details)
     if code == grpc.StatusCode.NOT_FOUND:
         return errors.NotFound(details)

@@ -193,7 +193,7 @@ def error_to_wire(exc: BaseException) -> dict[str, str]:
         prefix = f"{exc.field}: "
         out.update(field=exc.field, message=str(exc)[len(prefix):] if str(exc).startswith(prefix) else str(exc))
     elif isinstance(exc, errors.StaleVersion):
-        out.update(requested=str(exc.requested), serving=str(exc.serving))
+        out.update(requested=str(exc.requested), serving=str(exc.serving), reason=exc.reason)
     return out
 
 
@@ -204,7 +204,7 @@ def error_from_wire(d: Mapping[str, str], shard_id: int, address: str) -> errors
     if cls == "InvalidArgument":
         return errors.InvalidArgument(d.get("field", "request"), message)
     if cls == "StaleVersion":
-        return errors.StaleVersion(int(d["requested"]), int(d["serving"]))
+        return errors.StaleVersion(int(d["requested"]), int(d["serving"]), d.get("reason", ""))
     if cls in ("NotFound", "FailedPrecondition", "Unauthenticated"):
         return getattr(errors, cls)(message)
     return errors.ShardUnavailable(shard_id, address, f"{cls}: {message}")

@@ -23,10 +23,12 @@ class NotFound(StoreError):
 class StaleVersion(StoreError):
     """The request expected a version this shard no longer (or not yet) holds."""
 
-    def __init__(self, requested: int, serving: int):
+    def __init__(self, requested: int, serving: int, reason: str = ""):
         self.requested = requested
         self.serving = serving
-        super().__init__(f"version {requested} is not held by this shard; serving {serving}")
+        self.reason = reason   # why, where the numbers alone mislead (a lapsed lease on the serving version)
+        super().__init__(f"version {requested} is not held by this shard; serving {serving}"
+                         + (f" ({reason})" if reason else ""))
 
 
 class FailedPrecondition(StoreError):

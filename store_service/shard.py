@@ -110,8 +110,10 @@ class Shard:
     def _resolve(self, version: int, lease: str = "") -> ShardState:
         if lease:   # the pinned state itself: its number may name another state by now (labels)
             leased = self.leases.find(version, lease)
-            if leased is None:
-                raise errors.StaleVersion(version, self._serving.version)
+            if leased is None:   # the read starts again with a new lease (the client's retry)
+                raise errors.StaleVersion(version, self._serving.version,
+                                          f"the read's lease lapsed (it lives {self.leases.policy.ttl_s:g} s "
+                                          f"from its grant) or its version was relabelled")
             return leased
         if version == 0 or version == self._serving.version:
             return self._serving

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 
 from . import errors
-from .wire import MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION
+from .wire import MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION, MD_STALE_REASON
 
 MD_LIMIT = "ks-limit"
 MAX_MESSAGE_CHARS = 400
@@ -29,7 +29,8 @@ def _code_of(exc: BaseException) -> tuple[grpc.StatusCode, tuple[tuple[str, str]
     if isinstance(exc, errors.StaleVersion):
         return grpc.StatusCode.FAILED_PRECONDITION, ((MD_ERROR, "stale-version"),
                                                      (MD_REQUESTED_VERSION, str(exc.requested)),
-                                                     (MD_SERVING_VERSION, str(exc.serving)))
+                                                     (MD_SERVING_VERSION, str(exc.serving)),
+                                                     (MD_STALE_REASON, exc.reason))
     if isinstance(exc, errors.NotFound):
         return grpc.StatusCode.NOT_FOUND, ((MD_ERROR, "not-found"),)
     if isinstance(exc, errors.FailedPrecondition):

@@ -191,6 +191,7 @@ MD_ERROR = "ks-error"                        # domain error class, e.g. "stale-v
 MD_FIELD = "ks-field"                        # the offending field of an INVALID_ARGUMENT
 MD_REQUESTED_VERSION = "ks-requested-version"
 MD_SERVING_VERSION = "ks-serving-version"
+MD_STALE_REASON = "ks-stale-reason"           # StaleVersion's reason, where it has one
 
 
 def bearer(token: str) -> str:

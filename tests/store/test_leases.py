@@ -15,7 +15,9 @@ import torch
 from protos import knowledge_store_pb2 as pb
 from protos import knowledge_store_pb2_grpc as pb_grpc
 from store_service import auth, errors, persistence, wire
+from store_service.client import error_from_rpc
 from store_service.config import TableConfig
+from store_service.datapath import error_from_wire, error_to_wire
 from store_service.leases import LeasePolicy
 from store_service.server import serve_shard
 from store_service.shard import Shard
@@ -114,6 +116,34 @@ def test_leases_expire_and_the_retired_version_goes_with_them(published):
     assert shard.held_versions() == {"serving": [v + 1], "pending": [], "retiring": [], "retired": [], "leased": []}
     with pytest.raises(errors.StaleVersion):
         shard.fetch(IDS, version=v, lease=lease)
+
+
+def test_a_lapsed_lease_on_the_serving_version_says_so_in_process_and_over_grpc(published):
+    """A read that outlives its lease is refused even though its version still serves (the
+    lease is the read's pin), and the error says why: "version 1 is not held; serving 1" alone
+    reads as a contradiction (the H100 test log of 2026-12-07)."""
+    root, v = published
+    shard = Shard.load(root, v, 0)
+    shard.leases.policy = LeasePolicy(ttl_s=0.2)
+    lease, _ = shard.lease_version(0, holder="a", ttl_s=60.0)
+    time.sleep(0.3)
+    with pytest.raises(errors.StaleVersion, match="lease lapsed") as err:
+        shard.fetch(IDS, version=v, lease=lease)
+    assert err.value.requested == err.value.serving == v
+    server = serve_shard(shard, admin_token=TOKEN)
+    try:
+        req = wire.fetch_request_to_proto(IDS, None, None, "", v)
+        req.lease = lease
+        with pytest.raises(grpc.RpcError) as rpc:
+            _stub(server.address).Fetch(req, metadata=((wire.MD_AUTHORIZATION, wire.bearer(TOKEN)),))
+        assert rpc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        remote = error_from_rpc(rpc.value, 0, server.address)
+        assert isinstance(remote, errors.StaleVersion) and remote.reason == err.value.reason
+        assert "lease lapsed" in str(remote)
+    finally:
+        server.stop(grace=None)
+    wired = error_from_wire(error_to_wire(err.value), 0, "here")     # the transports' own channel
+    assert isinstance(wired, errors.StaleVersion) and str(wired) == str(err.value)
 
 
 def test_leases_are_capped_per_caller_and_in_all(published):
