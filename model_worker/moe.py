@@ -118,7 +118,7 @@ class RoutedExperts(nn.Module):
         # seen[e, j]: the pairs j' <= j routed to e (an exclusive count would cost an op more).
         # Laid out [E, M] and scanned along its last dim: a scan along dim 0 of [M, E] runs
         # one thread per column down all M rows on CUDA, 46 of an 82 ms knowledge step on
-        # the H100 (launch_count, 8cb638d); the innermost scan is parallel within each row.
+        # the H100 (launch_count, f4961dd); the innermost scan is parallel within each row.
         seen = (expert == self.expert_ids).cumsum(1)                     # [E, M]
         counts = seen[:, -1]
         cap = int(counts.max())

@@ -34,8 +34,8 @@ from store_service.status import MD_LIMIT
 from store_service.tls import ClientTls
 from store_service.interface import SearchResult, ShardDescription, SideQuery, TagFilter, UsageStats
 from store_service.optimizer import OptimizerConfig, RowOptimizer
-from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION, MD_STALE_REASON,
-                                STORE_SERVICE)
+from store_service.wire import (MD_AUTHORIZATION, MD_ERROR, MD_FIELD, MD_REQUESTED_VERSION, MD_SERVING_VERSION,
+                                MD_STALE_REASON, STORE_SERVICE)
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", -1),     # the server enforces its own limit
