@@ -101,6 +101,9 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
             out["knowledge_over_moe_bits_per_active_param"] = bpa["knowledge"] / bpa["moe"] if bpa["moe"] > 0 else None
         if tokens.get("knowledge") and tokens.get(base):
             out["knowledge_over_dense_tokens_per_s"] = tokens["knowledge"] / tokens[base]
+        if tokens.get("knowledge") and tokens.get("moe"):
+            # what the knowledge layers cost on their own: the knowledge model is the MoE plus them
+            out["knowledge_over_moe_tokens_per_s"] = tokens["knowledge"] / tokens["moe"]
         r_kd, r_t = out.get("knowledge_over_dense_bits_per_active_param"), out.get("knowledge_over_dense_tokens_per_s")
         out["target"] = {"knowledge_over_dense_bits_per_active_param_at_least": TARGET_BITS_RATIO,
                          "knowledge_over_dense_tokens_per_s_at_least": TARGET_TOKENS_RATIO,

@@ -198,6 +198,8 @@ def capacity(d: dict) -> str:
         out += f", / MoE {_f(h['knowledge_over_moe_bits_per_active_param'])}x"
     if h.get("knowledge_over_dense_tokens_per_s") is not None:
         out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x)"
+    if h.get("knowledge_over_moe_tokens_per_s") is not None:
+        out += f" (knowledge / MoE {_f(h['knowledge_over_moe_tokens_per_s'])}x: the knowledge layers' own cost)"
     out += f"; targets {'met' if h['target']['met'] else 'not all met'}"
     tuned = (h.get("lr") or {}).get("tuned") or {}
     untuned = [m for m in keys if not tuned.get(m)]

@@ -222,4 +222,8 @@ def test_the_headline_compares_with_the_dense_variant_that_stores_more():
     assert h["dense_baseline"] == "dense_gelu"
     assert h["knowledge_over_dense_bits_per_active_param"] == pytest.approx(4.5)
     assert h["knowledge_over_dense_tokens_per_s"] == pytest.approx(0.4)
+    assert "knowledge_over_moe_tokens_per_s" not in h     # MoE untimed: no ratio made up
+    h = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge"], [0], 100,
+                        {**tput, "moe": {"tokens_per_s": 10.0}})
+    assert h["knowledge_over_moe_tokens_per_s"] == pytest.approx(0.8)
     assert not h["target"]["met"]
