@@ -52,7 +52,9 @@ from model_worker.model import Transformer
 from model_worker.moe import RoutedExperts
 from model_worker.train import make_optimizer
 
-PRESETS = {"dense": "cap-dense", "moe": "cap-moe", "knowledge": "cap-knowledge"}
+PRESETS = {"dense": "cap-dense", "moe": "cap-moe", "knowledge": "cap-knowledge",
+           "knowledge_dense": "cap-knowledge-dense"}   # the store without MoE: the knowledge layers' own cost
+DENSE_FFN = {"dense", "knowledge_dense"}   # no routed experts to run more than one way
 SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist")
 
 
@@ -197,7 +199,7 @@ def main(argv=None) -> dict:
     rows = []
     try:
         for m in models:
-            for experts in (args.experts if m != "dense" else ("none",)):
+            for experts in (args.experts if m not in DENSE_FFN else ("none",)):
                 rows.append(count_step(m, experts, args, root))
                 r = rows[-1]
                 cuda_syncs = r["host_syncs_cuda_per_step"]
@@ -226,6 +228,8 @@ def main(argv=None) -> dict:
         for m in ("moe", "knowledge"):
             if (m, "batched") in by:
                 headline[f"{m}_batched_over_dense"] = by[(m, "batched")] / by[("dense", "none")]
+        if ("knowledge_dense", "none") in by:
+            headline["knowledge_dense_over_dense"] = by[("knowledge_dense", "none")] / by[("dense", "none")]
     experts_of = {(r["model"], r["experts"]): r for r in rows}
     headline["step_ms_over_dense"] = {name[k]: r["step_s_median"] / experts_of[("dense", "none")]["step_s_median"]
                                       for k, r in experts_of.items() if ("dense", "none") in experts_of}
