@@ -104,6 +104,11 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
         if tokens.get("knowledge") and tokens.get("moe"):
             # what the knowledge layers cost on their own: the knowledge model is the MoE plus them
             out["knowledge_over_moe_tokens_per_s"] = tokens["knowledge"] / tokens["moe"]
+        if "knowledge_dense" in models:   # the store without the MoE: does the MoE earn its step time here?
+            kd = "knowledge_dense"
+            out["knowledge_dense_over_dense_bits_per_active_param"] = bpa[kd] / bpa[base] if bpa[base] > 0 else None
+            if tokens.get(kd) and tokens.get(base):
+                out["knowledge_dense_over_dense_tokens_per_s"] = tokens[kd] / tokens[base]
         r_kd, r_t = out.get("knowledge_over_dense_bits_per_active_param"), out.get("knowledge_over_dense_tokens_per_s")
         out["target"] = {"knowledge_over_dense_bits_per_active_param_at_least": TARGET_BITS_RATIO,
                          "knowledge_over_dense_tokens_per_s_at_least": TARGET_TOKENS_RATIO,

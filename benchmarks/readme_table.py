@@ -200,6 +200,11 @@ def capacity(d: dict) -> str:
         out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x)"
     if h.get("knowledge_over_moe_tokens_per_s") is not None:
         out += f" (knowledge / MoE {_f(h['knowledge_over_moe_tokens_per_s'])}x: the knowledge layers' own cost)"
+    if h.get("knowledge_dense_over_dense_bits_per_active_param") is not None:
+        out += (f"; the store without MoE (knowledge_dense) / dense: bits per active parameter "
+                f"{_f(h['knowledge_dense_over_dense_bits_per_active_param'])}x")
+        if h.get("knowledge_dense_over_dense_tokens_per_s") is not None:
+            out += f", tokens/s {_f(h['knowledge_dense_over_dense_tokens_per_s'])}x"
     out += f"; targets {'met' if h['target']['met'] else 'not all met'}"
     tuned = (h.get("lr") or {}).get("tuned") or {}
     untuned = [m for m in keys if not tuned.get(m)]

@@ -226,4 +226,9 @@ def test_the_headline_compares_with_the_dense_variant_that_stores_more():
     h = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge"], [0], 100,
                         {**tput, "moe": {"tokens_per_s": 10.0}})
     assert h["knowledge_over_moe_tokens_per_s"] == pytest.approx(0.8)
+    points[100]["knowledge_dense"] = point(800.0)
+    h = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge", "knowledge_dense"], [0], 100,
+                        {**tput, "knowledge_dense": {"tokens_per_s": 15.0}})
+    assert h["knowledge_dense_over_dense_bits_per_active_param"] == pytest.approx(4.0)
+    assert h["knowledge_dense_over_dense_tokens_per_s"] == pytest.approx(0.75)
     assert not h["target"]["met"]
