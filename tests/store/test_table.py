@@ -131,6 +131,49 @@ def test_bad_input_changes_nothing_on_any_shard():
     assert all(torch.equal(getattr(before[2], f), getattr(after[2], f)) for f in ("hits", "frozen", "ablated"))
 
 
+def test_one_shard_table_leaves_the_checks_to_its_shard_and_still_refuses_bad_input(host_waits):
+    """A table of one shard does not check a readout before its shard does (the shard's rows
+    are the table's, so its checks are the table's): one verdict read a call, not two (a host
+    sync each on a GPU). Bad input is still refused and changes nothing; three shards check
+    at the table first, as before."""
+    t = Table.create(_cfg(num_shards=1))
+    ids, w, g = torch.tensor([[1, 60], [3, -1]]), torch.rand(2, 2), torch.randn(2, 16)
+    t.readout_backward(ids, w, g)
+    t.end_step(0)
+    # readout: the shard's checks; backward: those and the bound of its row gradients (the
+    # CPU reference kernel's unique and masks are the CPU's alone)
+    for call, reads in ((lambda: t.readout(ids, w), 1), (lambda: t.readout_backward(ids, w, g), 2)):
+        with host_waits() as waits:
+            call()
+        assert waits.ops.get("_local_scalar_dense") == reads, waits.ops
+
+    def state():
+        return t.shards[0].state_dict(), len(t.shards[0]._serving.row_grads), t.usage()
+    before = state()
+    bad = [(lambda: t.readout(torch.tensor([[1, 76]]), torch.ones(1, 2)), "ids"),
+           (lambda: t.readout(torch.tensor([[1, -2]]), torch.ones(1, 2)), "ids"),
+           (lambda: t.readout(torch.tensor([[1, 2]]), torch.tensor([[1.0, float("nan")]])), "weights"),
+           (lambda: t.readout(torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)), "ids"),
+           (lambda: t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2), torch.ones(1, 15)), "grad_out"),
+           (lambda: t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2),
+                                       torch.full((1, 16), float("inf"))), "grad_out")]
+    for call, field in bad:
+        with pytest.raises(errors.InvalidArgument) as e:
+            call()
+        assert e.value.field == field
+    after = state()
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert before[1] == after[1]
+    assert torch.equal(before[2].hits, after[2].hits) and torch.equal(before[2].weight_sum, after[2].weight_sum)
+
+    three = Table.create(_cfg(num_shards=3))
+    three.readout_backward(ids, w, g)
+    three.end_step(0)
+    with host_waits() as waits:
+        three.readout(ids, w)
+    assert waits.ops.get("_local_scalar_dense", 0) > 1     # the table's check, then each owner's
+
+
 def test_two_workers_two_threads_step_once():
     t = Table.create(_cfg(optimizer=OptimizerConfig("sgd", lr=1.0)))
     ref = Table.create(_cfg(optimizer=OptimizerConfig("sgd", lr=1.0)))
