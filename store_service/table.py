@@ -46,14 +46,6 @@ class _ShardMap:
         return self.segments[-1].row_end
 
 
-def _one_shard_checks_all(m: _ShardMap) -> bool:
-    """One shard whose rows are the whole table checks a readout's every entry as the table
-    would (its row range is the table's: `ids_in_range` is `ids_in_table`), before it changes
-    anything. Checking here as well would read a second device verdict: a host sync on a GPU,
-    twice a training step per knowledge layer, for nothing."""
-    return len(m.infos) == 1 and m.infos[0].row_start == 0 and m.infos[0].row_end == m.num_rows
-
-
 class Table:
     """The in-process (or client-side) table. Thread-safe: calls may come from many threads."""
 
@@ -274,45 +266,41 @@ class Table:
             return out
         return self._retrying(op)
 
-    def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, call: Callable) -> list:
-        if len(m.infos) == 1:   # nothing to split, and no host sync to find out so
-            return self._each(lambda i, s: call(s, ids, m.infos[i].version), [0])
-        owner = self._owner(m, ids.reshape(-1)).reshape(ids.shape).to(ids.device)
-        which = [int(i) for i in torch.unique(owner) if i >= 0]
-        local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
-        return self._each(lambda i, s: call(s, local[i], m.infos[i].version), which)
+    def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, checks: Callable, call: Callable,
+                         shape: tuple) -> torch.Tensor:
+        """Check (`check.at_once(checks)`), send each owner the ids it owns (the rest PAD), and
+        sum the parts into zeros of `shape`. One shard holds the table's rows (`_describe`), so
+        it checks all the table would before it changes anything: checking here too would read
+        a second device verdict (a host sync on a GPU) for nothing, and there is nothing to split."""
+        if len(m.infos) == 1:
+            parts = self._each(lambda i, s: call(s, ids, m.infos[i].version), [0])
+        else:
+            check.at_once(checks)
+            owner = self._owner(m, ids.reshape(-1)).reshape(ids.shape).to(ids.device)
+            which = [int(i) for i in torch.unique(owner) if i >= 0]
+            local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
+            parts = self._each(lambda i, s: call(s, local[i], m.infos[i].version), which)
+        out = torch.zeros(shape, device=ids.device)
+        for p in parts:
+            out += p.to(ids.device)
+        return out
 
     def readout(self, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """ids [T, k], weights [T, k] fp32 -> [T, d_v] fp32 = sum_j w_j V[ids_j]."""
-
-        def op(m: _ShardMap) -> torch.Tensor:
-            if not _one_shard_checks_all(m):
-                check.at_once(lambda d: (check.readout_entries(ids, weights, d),
-                                         check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)))
-            parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout(loc, weights, version=v))
-            out = torch.zeros(ids.shape[0], m.d_v, device=ids.device)
-            for p in parts:
-                out += p.to(ids.device)
-            return out
-        return self._retrying(op)
+        return self._retrying(lambda m: self._scatter_readout(
+            m, ids, lambda d: (check.readout_entries(ids, weights, d),
+                               check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)),
+            lambda s, loc, v: s.readout(loc, weights, version=v), (ids.shape[0], m.d_v)))
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "") -> torch.Tensor:
         """grad_out [T, d_v] fp32 -> grad of weights [T, k] fp32; row gradients stay on the shards."""
         rid = request_id or uuid.uuid4().hex  # so our own retries are never applied twice
-
-        def op(m: _ShardMap) -> torch.Tensor:
-            if not _one_shard_checks_all(m):
-                check.at_once(lambda d: (check.readout_entries(ids, weights, d),
-                                         check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], m.d_v), d),
-                                         check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)))
-            parts = self._scatter_readout(m, ids, lambda s, loc, v: s.readout_backward(
-                loc, weights, grad_out, request_id=rid, version=v))
-            out = torch.zeros(ids.shape, device=ids.device)
-            for p in parts:
-                out += p.to(ids.device)
-            return out
-        return self._retrying(op)
+        return self._retrying(lambda m: self._scatter_readout(
+            m, ids, lambda d: (check.readout_entries(ids, weights, d),
+                               check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], m.d_v), d),
+                               check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)),
+            lambda s, loc, v: s.readout_backward(loc, weights, grad_out, request_id=rid, version=v), tuple(ids.shape)))
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
         """ids [M] (flat rows or PAD), grads [M, d_k] fp32."""
