@@ -12,7 +12,8 @@ on the CPU they wait for nothing, and the plain AdamW loop there reads its step 
 .item() twice per parameter tensor, which the GPU's fused AdamW does not). That count misses
 the syncs inside aten ops (nonzero, boolean-mask indexing, unique, bincount, .cpu(), ...): on a
 GPU the timed steps also run under torch.cuda.set_sync_debug_mode("warn"), whose warnings count
-every host wait (host_syncs_cuda_per_step; None on the CPU, where nothing is waited for).
+every host wait (host_syncs_cuda_per_step; None on the CPU, where nothing is waited for),
+each by the Python line whose call waited (cuda_sync_sources_per_step).
 
     python -m benchmarks.launch_count                                   # CPU, ~1 min
     python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine, ~1 min
@@ -79,9 +80,10 @@ def counting_syncs(counter: Counter):
 
 
 @contextlib.contextmanager
-def counting_cuda_syncs(counter: Counter, enabled: bool = True):
+def counting_cuda_syncs(counter: Counter, enabled: bool = True, where: Counter | None = None):
     """Count every host sync CUDA ops make (torch's sync debug mode warns at each, wherever the
-    op was called from: our code, torch's, or inside an aten op); nothing when not enabled."""
+    op was called from: our code, torch's, or inside an aten op); nothing when not enabled.
+    where: also counted by the Python line the warning names (the call that waited)."""
     if not enabled:
         yield counter
         return
@@ -93,7 +95,19 @@ def counting_cuda_syncs(counter: Counter, enabled: bool = True):
             yield counter
         finally:
             torch.cuda.set_sync_debug_mode(saved)
-    counter["cuda_syncs"] += sum("synchronizing CUDA operation" in str(w.message) for w in seen)
+    for w in seen:
+        if "synchronizing CUDA operation" in str(w.message):
+            counter["cuda_syncs"] += 1
+            if where is not None:
+                where[f"{_repo_path(w.filename)}:{w.lineno}"] += 1
+
+
+def _repo_path(filename: str) -> str:
+    """A file's path from the repository's root (or from site-packages, for torch's own)."""
+    for root in (str(Path(__file__).resolve().parents[1]) + "/", "site-packages/", "dist-packages/"):
+        if root in filename:
+            return filename.split(root, 1)[1]
+    return filename
 
 
 def count_step(model_name: str, experts: str, args, root: Path) -> dict:
@@ -111,6 +125,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     ops, syncs, seconds, kernel_s, kernels, timed, cuda_syncs = [], [], [], [], [], [], []
     top: Counter = Counter()
     sources: Counter = Counter()
+    sync_sources: Counter = Counter()    # the CUDA syncs by the line that made them (a GPU only)
     cuda = args.device.startswith("cuda")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True      # as the capacity runs train (capacity_train.advance)
@@ -151,7 +166,7 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
             batch = stream.batch().to(args.device)
             waits: Counter = Counter()
             t0 = time.perf_counter()
-            with counting_cuda_syncs(waits, enabled=cuda):
+            with counting_cuda_syncs(waits, enabled=cuda, where=sync_sources):
                 train_step(model, optimizer, table, batch, 1e-3, args.warm + args.steps + step)
             timed.append(time.perf_counter() - t0)
             cuda_syncs.append(waits["cuda_syncs"])
@@ -163,6 +178,8 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
             "host_syncs_per_step": statistics.median(syncs),
             # every host wait on a GPU (torch's sync debug mode); unknown on the CPU
             "host_syncs_cuda_per_step": statistics.median(cuda_syncs) if cuda else None,
+            **({"cuda_sync_sources_per_step": {k: v / args.steps for k, v in sync_sources.most_common()}}
+               if cuda else {}),
             "profiled_step_s_median": statistics.median(seconds), "step_s_median": statistics.median(timed),
             "step_s_min": min(timed), "step_s_max": max(timed), "params": params,
             **({"top_op_sources_per_step": {k: v / args.steps for k, v in sources.most_common(args.sources)}}
@@ -211,6 +228,8 @@ def main(argv=None) -> dict:
                       flush=True)
                 for source, n in r.get("top_op_sources_per_step", {}).items():
                     print(f"    {n:8.1f}  {source}")
+                for line, n in r.get("cuda_sync_sources_per_step", {}).items():
+                    print(f"    {n:8.1f}  CUDA sync at {line}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     by = {(r["model"], r["experts"]): r["aten_ops_per_step"] for r in rows}

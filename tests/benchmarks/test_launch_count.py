@@ -33,12 +33,15 @@ def test_cuda_syncs_are_counted_from_the_sync_debug_warnings(monkeypatch):
     modes = []
     monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: 0)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-    counter = Counter()
-    with launch_count.counting_cuda_syncs(counter):
+    counter, where = Counter(), Counter()
+    with launch_count.counting_cuda_syncs(counter, where=where):
         for _ in range(2):
             warnings.warn("called a synchronizing CUDA operation (Triggered internally)")
         warnings.warn("something else")
     assert counter["cuda_syncs"] == 2 and modes == ["warn", 0]
+    # ... and by the line that waited, named from the repository's root
+    (line, n), = where.items()
+    assert line.startswith("tests/benchmarks/test_launch_count.py:") and n == 2
     with warnings.catch_warnings(record=True), launch_count.counting_cuda_syncs(counter, enabled=False):
         warnings.warn("called a synchronizing CUDA operation")
     assert counter["cuda_syncs"] == 2
