@@ -267,12 +267,11 @@ class Table:
         return self._retrying(op)
 
     def _scatter_readout(self, m: _ShardMap, ids: torch.Tensor, checks: Callable, call: Callable,
-                         shape: tuple) -> torch.Tensor:
-        """Check (`check.at_once(checks)`), send each owner the ids it owns (the rest PAD), and
-        sum the parts into zeros of `shape`. One shard holds the table's rows (`_describe`), so
-        it checks all the table would before it changes anything: checking here too would read
-        a second device verdict (a host sync on a GPU) for nothing, and there is nothing to split."""
+                         shape: Callable[[], tuple]) -> torch.Tensor:
+        """Check, send each owner its ids (the rest PAD), sum the parts into zeros of `shape()`.
+        One shard holds all rows (`_describe`) and reads the device verdicts itself: not twice."""
         if len(m.infos) == 1:
+            check.host_side(checks)
             parts = self._each(lambda i, s: call(s, ids, m.infos[i].version), [0])
         else:
             check.at_once(checks)
@@ -280,7 +279,7 @@ class Table:
             which = [int(i) for i in torch.unique(owner) if i >= 0]
             local = {i: torch.where(owner == i, ids, torch.full_like(ids, PAD_ID)) for i in which}
             parts = self._each(lambda i, s: call(s, local[i], m.infos[i].version), which)
-        out = torch.zeros(shape, device=ids.device)
+        out = torch.zeros(shape(), device=ids.device)
         for p in parts:
             out += p.to(ids.device)
         return out
@@ -290,7 +289,7 @@ class Table:
         return self._retrying(lambda m: self._scatter_readout(
             m, ids, lambda d: (check.readout_entries(ids, weights, d),
                                check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)),
-            lambda s, loc, v: s.readout(loc, weights, version=v), (ids.shape[0], m.d_v)))
+            lambda s, loc, v: s.readout(loc, weights, version=v), lambda: (ids.shape[0], m.d_v)))
 
     def readout_backward(self, ids: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor, *,
                          request_id: str = "") -> torch.Tensor:
@@ -300,7 +299,8 @@ class Table:
             m, ids, lambda d: (check.readout_entries(ids, weights, d),
                                check.tensor("grad_out", grad_out, torch.float32, (ids.shape[0], m.d_v), d),
                                check.ids_in_table("ids", ids, m.num_rows, allow_pad=True, defer=d)),
-            lambda s, loc, v: s.readout_backward(loc, weights, grad_out, request_id=rid, version=v), tuple(ids.shape)))
+            lambda s, loc, v: s.readout_backward(loc, weights, grad_out, request_id=rid, version=v),
+            lambda: tuple(ids.shape)))
 
     def accumulate_key_grads(self, ids: torch.Tensor, grads: torch.Tensor, *, request_id: str = "") -> None:
         """ids [M] (flat rows or PAD), grads [M, d_k] fp32."""

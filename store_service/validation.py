@@ -60,6 +60,17 @@ def at_once(checks: Callable[[list[torch.Tensor] | None], T]) -> T:
     return out if _all_hold(verdicts) else checks(None)
 
 
+def host_side(checks: Callable[[list[torch.Tensor] | None], T]) -> T:
+    """checks(defer) with the device-side verdicts left unread: for a caller whose callee reads
+    the same verdicts itself before it changes anything. A host-side error raised is the one
+    the checks in order raise (a device fault before it comes first, as with `at_once`)."""
+    try:
+        return checks([])
+    except errors.StoreError:
+        at_once(checks)
+        raise
+
+
 def tensor(field: str, t, dtype: torch.dtype | tuple[torch.dtype, ...], shape: tuple,
            defer: list[torch.Tensor] | None = None) -> torch.Tensor:
     """t must be a non-empty tensor of `dtype` and `shape` (ints must match, None matches

@@ -154,6 +154,10 @@ def test_one_shard_table_leaves_the_checks_to_its_shard_and_still_refuses_bad_in
            (lambda: t.readout(torch.tensor([[1, -2]]), torch.ones(1, 2)), "ids"),
            (lambda: t.readout(torch.tensor([[1, 2]]), torch.tensor([[1.0, float("nan")]])), "weights"),
            (lambda: t.readout(torch.tensor([[1.0, 2.0]]), torch.ones(1, 2)), "ids"),
+           (lambda: t.readout([[1, 2]], torch.ones(1, 2)), "ids"),
+           # two faults: the first in the checks' order is named, as the table of many shards does
+           (lambda: t.readout_backward(torch.tensor([[1, 2]]), torch.tensor([[1.0, float("nan")]]),
+                                       torch.ones(1, 15)), "weights"),
            (lambda: t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2), torch.ones(1, 15)), "grad_out"),
            (lambda: t.readout_backward(torch.tensor([[1, 60]]), torch.ones(1, 2),
                                        torch.full((1, 16), float("inf"))), "grad_out")]
