@@ -55,7 +55,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import capacity_report as report  # noqa: E402
+from benchmarks import capacity_flops, capacity_report as report  # noqa: E402
 from benchmarks.capacity_measure import BITS_FORMULA, measure  # noqa: E402
 from benchmarks.capacity_train import (LARGE_TABLE_OPTIMIZER, RunSpec, advance, n_sub_for,  # noqa: E402
                                        resolve_table_optimizer, throughput)
@@ -267,8 +267,10 @@ def main(argv: list[str] | None = None) -> None:
     results["runs"] = dict(sorted(taken.items()))
     results["points"] = report.per_point(taken)
     results["tokens_per_person"] = _tokens_per_person(taken)
+    n = max((int(k) for k in results["points"]), default=None)
+    results["flops_per_token"] = _flops_at(taken, n, args.models)
     results["headline"] = report.headline(results["points"], args.models, args.seeds, args.exposures,
-                                          (tput or {}).get("local"))
+                                          (tput or {}).get("local"), results["flops_per_token"])
     results["headline"]["lr"] = _lr_at(taken, results["headline"].get("people"), args)
     results["remote_runs"] = _remote_vs_local(taken)
     results["unfinished"] = [s.name for s in wanted if s.name not in taken]
@@ -290,6 +292,20 @@ def _lr_at(runs: dict, people: int | None, args) -> dict:
             lrs.setdefault(s["model"], set()).add(s["lr"])
     tuned = {m: bool(args.lr_from) and m not in args.untuned for m in args.models}
     return {"by_model": {m: sorted(v) for m, v in sorted(lrs.items())}, "tuned": tuned, "tune_file": args.lr_from}
+
+
+def _flops_at(runs: dict, people: int | None, models: list[str]) -> dict | None:
+    """Training FLOPs per token (benchmarks/capacity_flops.py) of each model as its runs at
+    `people` trained it (one run's spec each: the FLOPs depend on neither seed nor lr)."""
+    one = {}
+    for r in runs.values():
+        s = r["spec"]
+        if s["people"] == people and s["model"] in models and not s.get("remote"):
+            one.setdefault(s["model"], RunSpec(**s))
+    if not one:
+        return None
+    return {"people": people, "how": capacity_flops.__doc__.split("\n\n")[0],
+            "by_model": {m: capacity_flops.flops_per_token(spec) for m, spec in sorted(one.items())}}
 
 
 def _tokens_per_person(runs: dict) -> float | None:

@@ -62,14 +62,17 @@ def per_point(runs: dict[str, dict]) -> dict:
                 "name_bits": _mean_se([r["name_bits"] for r in rs]),
                 "recall": {k: _mean_se([r["recall"][k]["recall"] for r in rs]) for k in rs[0]["recall"]},
                 "active_params": params["active"], "total_params": params["total"],
+                "tokens_trained": statistics.mean(r["progress"]["tokens"] for r in rs),
                 "tokens_per_s_in_run": _mean_se([r["progress"]["timed_tokens"] / r["progress"]["timed_s"]
                                                  for r in rs if r["progress"]["timed_s"] > 0] or [0.0]),
             }
     return out
 
 
-def headline(points: dict, models: list[str], seeds: list[int], exposures: int, tput: dict | None) -> dict:
-    """At the largest population every model finished with every seed (else with any seed)."""
+def headline(points: dict, models: list[str], seeds: list[int], exposures: int, tput: dict | None,
+             flops: dict | None = None) -> dict:
+    """At the largest population every model finished with every seed (else with any seed).
+    flops: capacity.py's flops_per_token (at the largest population), for the compute figures."""
     full = [n for n in points if all(m in points[n] and len(points[n][m]["seeds"]) >= len(seeds) for m in models)]
     some = [n for n in points if all(m in points[n] for m in models)]
     if not (full or some):
@@ -90,6 +93,8 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
            "information_bits": n * sum(information_bits_per_person().values()),
            "active_params": {m: p[m]["active_params"] for m in models},
            "total_params": {m: p[m]["total_params"] for m in models}}
+    if flops and flops["people"] == n and all(m in flops["by_model"] for m in models):
+        out.update(_compute(p, models, tokens, {m: flops["by_model"][m]["train"] for m in models}))
     dense_kinds = [m for m in ("dense", "dense_gelu") if m in models]
     if "knowledge" in models and dense_kinds:
         bpa = out["bits_per_active_param"]
@@ -109,6 +114,9 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
             out["knowledge_dense_over_dense_bits_per_active_param"] = bpa[kd] / bpa[base] if bpa[base] > 0 else None
             if tokens.get(kd) and tokens.get(base):
                 out["knowledge_dense_over_dense_tokens_per_s"] = tokens[kd] / tokens[base]
+        if "bits_per_train_pflop" in out:
+            bpf = out["bits_per_train_pflop"]
+            out["knowledge_over_dense_bits_per_train_flop"] = bpf["knowledge"] / bpf[base] if bpf[base] > 0 else None
         r_kd, r_t = out.get("knowledge_over_dense_bits_per_active_param"), out.get("knowledge_over_dense_tokens_per_s")
         out["target"] = {"knowledge_over_dense_bits_per_active_param_at_least": TARGET_BITS_RATIO,
                          "knowledge_over_dense_tokens_per_s_at_least": TARGET_TOKENS_RATIO,
@@ -117,6 +125,18 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
     if not full:
         out["note"] = "not every seed finished at this population"
     return out
+
+
+def _compute(p: dict, models: list[str], tokens_per_s: dict, train_flops: dict) -> dict:
+    """Bits per training compute and the compute rate reached: train_flops[m] is model m's
+    matmul FLOPs per training token (capacity_flops.py); every run of a population trains
+    on the same tokens (p[m]["tokens_trained"])."""
+    return {"train_flops_per_token": train_flops,
+            "bits_per_train_pflop": {m: p[m]["bits"]["mean"] / (train_flops[m] * p[m]["tokens_trained"]) * 1e15
+                                     for m in models},
+            # matmul FLOP/s while training alone (tokens/s x FLOPs per token): how far from the card's peak
+            "achieved_train_tflop_per_s": {m: tokens_per_s[m] * train_flops[m] / 1e12 if tokens_per_s.get(m) else None
+                                           for m in models}}
 
 
 def plot(results: dict, path: Path) -> None:

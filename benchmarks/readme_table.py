@@ -205,6 +205,10 @@ def capacity(d: dict) -> str:
                 f"{_f(h['knowledge_dense_over_dense_bits_per_active_param'])}x")
         if h.get("knowledge_dense_over_dense_tokens_per_s") is not None:
             out += f", tokens/s {_f(h['knowledge_dense_over_dense_tokens_per_s'])}x"
+    if h.get("knowledge_over_dense_bits_per_train_flop") is not None:
+        fl = h["train_flops_per_token"]
+        out += (f"; training FLOPs per token knowledge / dense {_f(fl['knowledge'] / fl[h['dense_baseline']])}x, "
+                f"bits per training FLOP {_f(h['knowledge_over_dense_bits_per_train_flop'])}x")
     out += f"; targets {'met' if h['target']['met'] else 'not all met'}"
     tuned = (h.get("lr") or {}).get("tuned") or {}
     untuned = [m for m in keys if not tuned.get(m)]

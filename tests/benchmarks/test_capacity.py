@@ -167,6 +167,7 @@ def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):
     assert res["throughput"]["local"]["knowledge"]["transport"] == ["in_process"]
     assert res["provenance"]["command"] and "commit" in res["provenance"] and "bits_formula" in res
     assert out.with_suffix(".png").exists()
+    assert set(res["flops_per_token"]["by_model"]) == {"dense", "knowledge"} and h["bits_per_train_pflop"]["dense"] >= 0
     run = res["runs"]["N16_knowledge_s0"]
     assert run["provenance"]["date"] and run["n_sub"] == 16
     out2 = tmp_path / "cap2.json"
@@ -232,3 +233,32 @@ def test_the_headline_compares_with_the_dense_variant_that_stores_more():
     assert h["knowledge_dense_over_dense_bits_per_active_param"] == pytest.approx(4.0)
     assert h["knowledge_dense_over_dense_tokens_per_s"] == pytest.approx(0.75)
     assert not h["target"]["met"]
+    assert "bits_per_train_pflop" not in h       # no FLOP count given: no compute figures made up
+    models = ["dense", "dense_gelu", "moe", "knowledge"]
+    for m in models:
+        points[100][m]["tokens_trained"] = 1e6
+    flops = {"people": 100, "by_model": {m: {"train": f} for m, f in
+                                         zip(models, (8e6, 8e6, 9e6, 1e7))}}
+    h = report.headline(points, models, [0], 100, {**tput, "moe": {"tokens_per_s": 10.0}}, flops)
+    # bits / (FLOPs per token x tokens trained), per 1e15 FLOPs
+    assert h["bits_per_train_pflop"]["knowledge"] == pytest.approx(900.0 / (1e7 * 1e6) * 1e15)
+    assert h["knowledge_over_dense_bits_per_train_flop"] == pytest.approx((900.0 / 1e7) / (200.0 / 8e6))
+    assert h["achieved_train_tflop_per_s"]["dense_gelu"] == pytest.approx(20.0 * 8e6 / 1e12)
+    flops["people"] = 30    # counted at another population: not used
+    assert "bits_per_train_pflop" not in report.headline(points, models, [0], 100, tput, flops)
+
+
+def test_the_flop_count_of_a_dense_model_is_the_hand_count():
+    """2 FLOPs per weight of every matmul a token meets (attention projections, SwiGLU, the
+    tied output layer) and 4 S d per layer of attention (scores and weighted values over the
+    whole square), forward; backward twice that."""
+    from benchmarks.capacity_flops import flops_per_token
+    from model_worker.config import preset
+    spec = _spec(seq_len=32)
+    cfg = preset(spec.preset)
+    d, L, S = cfg.d_model, cfg.n_layers, spec.seq_len
+    forward = 2 * (L * (4 * d * d + 3 * d * cfg.d_ff) + spec.vocab * d) + L * 4 * S * d
+    f = flops_per_token(spec)
+    assert f["forward"] == forward and f["train"] == 3 * forward and f["knowledge_layers"] == 0
+    k = flops_per_token(_spec("knowledge", "cap-tiny-knowledge", seq_len=32))
+    assert 0 < k["knowledge_layers"] < k["train"]
