@@ -106,6 +106,9 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
             out["knowledge_over_moe_bits_per_active_param"] = bpa["knowledge"] / bpa["moe"] if bpa["moe"] > 0 else None
         if tokens.get("knowledge") and tokens.get(base):
             out["knowledge_over_dense_tokens_per_s"] = tokens["knowledge"] / tokens[base]
+            spread = _ratio_spread((tput or {})["knowledge"], tput[base])
+            if spread:
+                out["knowledge_over_dense_tokens_per_s_spread"] = spread
         if tokens.get("knowledge") and tokens.get("moe"):
             # what the knowledge layers cost on their own: the knowledge model is the MoE plus them
             out["knowledge_over_moe_tokens_per_s"] = tokens["knowledge"] / tokens["moe"]
@@ -125,6 +128,17 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
     if not full:
         out["note"] = "not every seed finished at this population"
     return out
+
+
+def _ratio_spread(a: dict, b: dict) -> dict | None:
+    """The ratio a / b of two throughput records by their steps (capacity_train.throughput's
+    step_tokens_per_s): of the medians, and from a's lower quartile over b's upper to a's
+    upper over b's lower (None for records made before steps were timed)."""
+    sa, sb = a.get("step_tokens_per_s"), b.get("step_tokens_per_s")
+    if not (sa and sb):
+        return None
+    return {"of_medians": sa["median"] / sb["median"],
+            "quartile_range": [sa["quartiles"][0] / sb["quartiles"][1], sa["quartiles"][1] / sb["quartiles"][0]]}
 
 
 def _compute(p: dict, models: list[str], tokens_per_s: dict, train_flops: dict) -> dict:

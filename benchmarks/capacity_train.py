@@ -29,6 +29,7 @@ import math
 import os
 import secrets
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,7 +239,10 @@ def train_step(model: Transformer, optimizer, table, batch, lr: float, step: int
 
 def throughput(spec: RunSpec, work_dir: Path, steps: int, warm: int = 10, log=print) -> dict:
     """Training tokens/s of `spec`'s model alone: a fresh model on the run's stream, timed over
-    `steps` steps after `warm` (kernel compilation, allocator, the shard processes' start)."""
+    `steps` steps after `warm` (kernel compilation, allocator, the shard processes' start).
+    tokens_per_s is the timed tokens over the timed seconds; each step is timed too (a step
+    ends reading its loss, so it has finished on the device), for the spread: the median
+    step's tokens/s and the quartiles of the steps'."""
     if spec.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
     if spec.threads:
@@ -255,12 +259,15 @@ def throughput(spec: RunSpec, work_dir: Path, steps: int, warm: int = 10, log=pr
     with tables as table:
         model = Transformer(mcfg, table).to(spec.device)
         optimizer = make_optimizer(model, train_config(spec, work_dir))
-        losses, t0, tokens0 = [], None, 0
+        losses, t0, tokens0, per_step = [], None, 0, []
         for step in range(warm + steps):
             if step == warm:
                 t0, tokens0 = time.perf_counter(), stream.tokens_seen
+            t, seen = time.perf_counter(), stream.tokens_seen
             losses.append(train_step(model, optimizer, table, stream.batch().to(spec.device),
                                      lr_at(spec, step, stream.progress), step))
+            if step >= warm:
+                per_step.append((stream.tokens_seen - seen) / (time.perf_counter() - t))
         elapsed = time.perf_counter() - t0
         tokens = stream.tokens_seen - tokens0
         params = model.count_params()
@@ -268,7 +275,9 @@ def throughput(spec: RunSpec, work_dir: Path, steps: int, warm: int = 10, log=pr
             if spec.remote and table is not None else ["in_process"]
         model.close()
     stream.close()
+    q1, median, q3 = statistics.quantiles(per_step, n=4, method="inclusive") if len(per_step) > 1 else per_step * 3
     out = {"tokens_per_s": tokens / elapsed, "seconds_per_step": elapsed / steps, "timed_steps": steps,
+           "step_tokens_per_s": {"median": median, "quartiles": [q1, q3], "min": min(per_step), "max": max(per_step)},
            "losses": losses, "params": params, "transport": transport}
     log(f"throughput {spec.name}: {out['tokens_per_s']:.0f} tokens/s ({', '.join(transport)})")
     return out

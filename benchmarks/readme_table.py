@@ -197,7 +197,10 @@ def capacity(d: dict) -> str:
     if h.get("knowledge_over_moe_bits_per_active_param") is not None:
         out += f", / MoE {_f(h['knowledge_over_moe_bits_per_active_param'])}x"
     if h.get("knowledge_over_dense_tokens_per_s") is not None:
-        out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x)"
+        out += f"; tokens/s knowledge / dense **{_f(h['knowledge_over_dense_tokens_per_s'])}x** (target 0.7x"
+        spread = h.get("knowledge_over_dense_tokens_per_s_spread")
+        out += (f"; by the timed steps' quartiles {_f(spread['quartile_range'][0])}-{_f(spread['quartile_range'][1])}x)"
+                if spread else ")")
     if h.get("knowledge_over_moe_tokens_per_s") is not None:
         out += f" (knowledge / MoE {_f(h['knowledge_over_moe_tokens_per_s'])}x: the knowledge layers' own cost)"
     if h.get("knowledge_dense_over_dense_bits_per_active_param") is not None:

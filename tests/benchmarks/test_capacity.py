@@ -162,6 +162,8 @@ def test_one_call_writes_the_json_and_png_and_a_second_call_reuses_it(tmp_path):
     for key in ("bits_per_active_param", "bits_per_total_param", "tokens_per_s", "recall_heldout_template"):
         assert set(h[key]) == {"dense", "knowledge"}
     assert res["throughput"]["remote"]["knowledge"]["remote_over_local"] > 0
+    st = res["throughput"]["local"]["dense"]["step_tokens_per_s"]
+    assert st["min"] <= st["quartiles"][0] <= st["median"] <= st["quartiles"][1] <= st["max"]
     # the served table moves rows over the same-host bulk path (shared memory on the CPU), not protobuf
     assert res["throughput"]["remote"]["knowledge"]["transport"] == ["shm"]
     assert res["throughput"]["local"]["knowledge"]["transport"] == ["in_process"]
@@ -224,6 +226,13 @@ def test_the_headline_compares_with_the_dense_variant_that_stores_more():
     assert h["knowledge_over_dense_bits_per_active_param"] == pytest.approx(4.5)
     assert h["knowledge_over_dense_tokens_per_s"] == pytest.approx(0.4)
     assert "knowledge_over_moe_tokens_per_s" not in h     # MoE untimed: no ratio made up
+    assert "knowledge_over_dense_tokens_per_s_spread" not in h   # records without timed steps
+    steps = {"dense_gelu": (18.0, 20.0, 22.0), "knowledge": (7.0, 8.0, 9.0)}
+    timed = {m: {**t, "step_tokens_per_s": {"median": steps[m][1], "quartiles": [steps[m][0], steps[m][2]]}}
+             if m in steps else t for m, t in tput.items()}
+    spread = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge"], [0], 100, timed)[
+        "knowledge_over_dense_tokens_per_s_spread"]
+    assert spread["of_medians"] == pytest.approx(0.4) and spread["quartile_range"] == pytest.approx([7 / 22, 9 / 18])
     h = report.headline(points, ["dense", "dense_gelu", "moe", "knowledge"], [0], 100,
                         {**tput, "moe": {"tokens_per_s": 10.0}})
     assert h["knowledge_over_moe_tokens_per_s"] == pytest.approx(0.8)
