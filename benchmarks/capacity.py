@@ -152,7 +152,7 @@ def add_training_arguments(ap: argparse.ArgumentParser, runs_dir_default: str) -
                     help="the table's row optimizer (a store optimizer kind; an unknown name is refused)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run process")
-    ap.add_argument("--jobs", type=int, default=0, help="runs trained at once (0: all on cuda, 2 on cpu)")
+    ap.add_argument("--jobs", type=int, default=0, help="runs trained at once (0: 1 on cuda, 2 on cpu)")
     ap.add_argument("--budget-s", type=float, default=540.0, help="this command's wall seconds")
     ap.add_argument("--reserve-s", type=float, default=45.0,
                     help="seconds before the deadline at which runs stop to checkpoint (and measure, when done)")
@@ -174,7 +174,11 @@ def train_runs(args, runs: dict[str, RunSpec], runs_dir: Path, deadline: float, 
     eval_kw = dict(bits_people=args.bits_people, recall_people=args.recall_people, batch_size=args.eval_batch_size)
     jobs = [(dataclasses.asdict(s), str(runs_dir / key), deadline, args.reserve_s, eval_kw) for key, s in runs.items()
             if not (runs_dir / key / "result.json").exists()]
-    n_jobs = args.jobs or (len(jobs) if args.device.startswith("cuda") else 2)
+    # One at a time on a GPU: processes sharing a card take turns on it rather than overlap,
+    # so 6 runs at once took as long as one after another (l2 at fac56a5: 561 s of training
+    # alone, ~10.5 min together), and one after another finishes each run sooner, so a
+    # lending that ends early has banked whole runs rather than parts of all of them.
+    n_jobs = args.jobs or (1 if args.device.startswith("cuda") else 2)
     if jobs:
         with multiprocessing.get_context("spawn").Pool(max(1, min(n_jobs, len(jobs)))) as pool:
             for name in pool.imap_unordered(_advance_job, jobs, chunksize=1):
@@ -216,8 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tput-steps", type=int, default=50)
     ap.add_argument("--reuse", nargs="*", default=[], help="capacity JSONs of earlier calls to merge")
     ap.add_argument("--plan", default=None, metavar="FILE", help="print the GPU plan from FILE's throughput, train nothing")
-    ap.add_argument("--concurrency-gain", type=float, default=2.0,
-                    help="for --plan: aggregate tokens/s of a population's runs together over one run's alone")
+    ap.add_argument("--concurrency-gain", type=float, default=1.0,
+                    help="for --plan: aggregate tokens/s of a population's runs together over one run's alone "
+                         "(~1.0 measured on the H100: runs take turns on the card)")
     ap.add_argument("--out", default=str(RESULTS / "capacity.json"))
     args = ap.parse_args(argv)
     apply_size_defaults(args)
