@@ -106,7 +106,7 @@ def headline(points: dict, models: list[str], seeds: list[int], exposures: int, 
             out["knowledge_over_moe_bits_per_active_param"] = bpa["knowledge"] / bpa["moe"] if bpa["moe"] > 0 else None
         if tokens.get("knowledge") and tokens.get(base):
             out["knowledge_over_dense_tokens_per_s"] = tokens["knowledge"] / tokens[base]
-            spread = _ratio_spread((tput or {})["knowledge"], tput[base])
+            spread = _ratio_spread(tput["knowledge"], tput[base])
             if spread:
                 out["knowledge_over_dense_tokens_per_s_spread"] = spread
         if tokens.get("knowledge") and tokens.get("moe"):
