@@ -31,8 +31,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -43,6 +41,11 @@ from model_worker.model import Transformer  # noqa: E402
 def flops_per_token(spec: RunSpec) -> dict:
     """{forward, train (forward + backward), knowledge_layers (their share of train), params}
     per token of `spec`'s model, on the CPU (spec.device is ignored)."""
+    # (imported here: torch's flop counter imports Triton, which decides at its import whether
+    # it interprets, and importing this module should not make that choice for its importer)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
     spec = RunSpec(**{**spec.__dict__, "device": "cpu", "remote": False, "batch_size": 1})
     torch.manual_seed(spec.seed)
     mcfg = model_config(spec, spec.vocab)
@@ -64,7 +67,7 @@ def flops_per_token(spec: RunSpec) -> dict:
             "knowledge_layers": _module_flops(step, "knowledge") / spec.seq_len, "params": params}
 
 
-def _module_flops(counter: FlopCounterMode, part: str) -> int:
+def _module_flops(counter, part: str) -> int:
     """FLOPs counted inside modules whose own name (the last part of the path) starts with
     `part`, outermost ones only (their children's counts are already in theirs)."""
     counts = counter.get_flop_counts()

@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+
+# Triton decides at its import whether it interprets (TRITON_INTERPRET) or compiles, and a
+# module of torch may import it first (torch.utils.flop_counter does, for benchmarks/
+# capacity_flops.py): on a machine without CUDA, where Triton only ever interprets (the
+# kernel tests), it is switched on before any test module can import Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model_worker.model import Transformer
