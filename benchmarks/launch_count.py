@@ -18,6 +18,10 @@ each by the Python line whose call waited (cuda_sync_sources_per_step).
     python -m benchmarks.launch_count                                   # CPU, ~1 min
     python -m benchmarks.launch_count --device cuda --batch-size 128    # on the GPU machine, ~1 min
 
+Each run also gives the matmul FLOPs a training token costs (benchmarks/capacity_flops.py)
+and the rate the timed step reaches with them (achieved_tflop_per_s): at ~1M parameters a
+few percent of the card's peak, which is what launch-bound means in FLOP/s.
+
 On a GPU it also records the device's kernel time per step (CUDA activity of the profiler)
 against the step's wall time without the profiler: a device busy fraction well below 1 means
 the step is bound by the host (launches, Python, syncs), near 1 by the kernels; and the ops
@@ -45,6 +49,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.capacity_flops import flops_per_token
 from benchmarks.capacity_train import RunSpec, model_config, open_table, run_data, train_config, train_step
 from benchmarks.common import write_result
 from benchmarks.op_sources import op_sources
@@ -173,7 +178,12 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
         params = model.count_params()
         model.close()
     stream.close()
+    # matmul FLOPs a training token costs (capacity_flops: counted on the CPU, the experts on
+    # the pairs routed), and the rate the step reaches: how launch-bound it is, in FLOP/s
+    flops = flops_per_token(spec)["train"] * spec.batch_size * spec.seq_len
     return {"model": model_name, "preset": spec.preset, "experts": experts,
+            "train_flops_per_token": flops / (spec.batch_size * spec.seq_len),
+            "achieved_tflop_per_s": flops / statistics.median(timed) / 1e12,
             "aten_ops_per_step": statistics.median(ops), "aten_ops_min": min(ops), "aten_ops_max": max(ops),
             "host_syncs_per_step": statistics.median(syncs),
             # every host wait on a GPU (torch's sync debug mode); unknown on the CPU
@@ -239,6 +249,7 @@ def main(argv=None) -> dict:
                 "host_syncs_cuda_per_step": {name[(r["model"], r["experts"])]: r["host_syncs_cuda_per_step"]
                                              for r in rows},
                 "step_ms": {name[(r["model"], r["experts"])]: r["step_s_median"] * 1e3 for r in rows},
+                "achieved_tflop_per_s": {name[(r["model"], r["experts"])]: r["achieved_tflop_per_s"] for r in rows},
                 "batch_size": args.batch_size, "seq_len": 256}
     for m in ("moe", "knowledge"):
         if (m, "loop") in by and (m, "batched") in by:

@@ -25,6 +25,11 @@ def test_batched_experts_run_fewer_ops_than_the_loop(tmp_path):
     # every host wait is counted on a GPU only: on the CPU the field says unknown
     assert all(r["host_syncs_cuda_per_step"] is None for r in result["runs"])
     assert set(result["headline"]["host_syncs_cuda_per_step"]) == set(ops)
+    # the matmul FLOPs a token costs (the MoE's two experts and shared one: a little more than
+    # dense's FFN at matched active parameters), and the rate each timed step reached
+    flops = {r["model"]: r["train_flops_per_token"] for r in result["runs"]}
+    assert flops["moe"] > flops["dense"] > 0
+    assert all(v > 0 for v in result["headline"]["achieved_tflop_per_s"].values())
 
 
 def test_cuda_syncs_are_counted_from_the_sync_debug_warnings(monkeypatch):
