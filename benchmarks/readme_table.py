@@ -325,8 +325,15 @@ def launch_count(d: dict) -> str:
             parts.append(f"{label} " + ", ".join(
                 f"{p} {ops[f'{m}_{p}']:,.0f}" + (f" ({_f(ms[f'{m}_{p}'], 1)} ms)" if f"{m}_{p}" in ms else "")
                 for p in paths))
+    if "knowledge_dense" in ops:
+        parts.append(f"knowledge_dense {ops['knowledge_dense']:,.0f}"
+                     + (f" ({_f(ms['knowledge_dense'], 1)} ms)" if "knowledge_dense" in ms else ""))
     dense = f"dense {ops['dense']:,.0f}" + (f" ({_f(ms['dense'], 1)} ms)" if "dense" in ms else "")
-    return f"batch {h['batch_size']} x {h['seq_len']}, ops (step time) per step: {dense}; " + "; ".join(parts)
+    out = f"batch {h['batch_size']} x {h['seq_len']}, ops (step time) per step: {dense}; " + "; ".join(parts)
+    syncs = {k: v for k, v in (h.get("host_syncs_cuda_per_step") or {}).items() if v is not None}
+    if syncs:
+        out += "; CUDA syncs per step: " + ", ".join(f"{k} {v:.0f}" for k, v in syncs.items())
+    return out
 
 
 def ray_placement(d: dict) -> str:
@@ -384,6 +391,11 @@ ROWS: list[tuple[str, str, str, Callable[[dict], str]]] = [
     ("launch_count_cuda.json", "`python -m benchmarks.launch_count --device cuda --batch-size 128`",
      "aten ops and wall time per training step of the capacity models, the MoE's experts looped, batched "
      "(padded) and as bf16 grouped GEMMs, side by side in one run (GPU, TF32)", launch_count),
+    ("launch_count_parts/launch_count_cuda_fac56a5.json",
+     "`python -m benchmarks.launch_count --device cuda --batch-size 128 --models dense,knowledge,knowledge_dense,moe "
+     "--experts batched`",
+     "the same step after the MoE's scan fix, the experts batched, with the store on a dense FFN (knowledge_dense) "
+     "beside (GPU, TF32)", launch_count),
     ("optimizer_tradeoff.json", "`python benchmarks/optimizer_tradeoff.py --model small-knowledge --steps 600 --jobs 2 --lr-grid 0.01,0.1,1,10`",
      "the quality benchmark's chosen knowledge model trained with each row optimizer, each kind's row lr chosen "
      "on the tuning half, same seeds and data (CPU)",
