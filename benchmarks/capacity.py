@@ -22,7 +22,8 @@ exact-match recall on trained templates, held-out templates and questions.
 Models (model_worker/config.py, cap-*): dense, MoE (16 experts, 2 active + 1 shared)
 and MoE + knowledge (a knowledge layer beside the FFN of block 2 over a product-key
 table of n_sub^2 >= rows_per_person * N rows), matched at ~1.05M active parameters;
-`--size tiny` uses the cap-tiny-* presets (~170k) for a CPU check at small N.
+`--size tiny` uses the cap-tiny-* presets (~170k) for a CPU check at small N; `--size gpu4m`
+the cap4m-* presets (~4M, d_model 256), for tokens/s against model size.
 
 Runs checkpoint and resume: each command trains every unfinished run (in `--jobs`
 processes) until `--budget-s` is nearly spent, checkpoints into `--runs-dir`, and writes
@@ -66,9 +67,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # finds gated MLPs store less at 100 exposures, so the headline compares with the better dense.
 PRESETS = {"gpu": {"dense": "cap-dense", "dense_gelu": "cap-dense-gelu", "moe": "cap-moe",
                    "knowledge": "cap-knowledge", "knowledge_dense": "cap-knowledge-dense"},
+           # ~4M active (the upper size): for tokens/s against model size
+           "gpu4m": {"dense": "cap4m-dense", "dense_gelu": "cap4m-dense-gelu", "moe": "cap4m-moe",
+                     "knowledge": "cap4m-knowledge", "knowledge_dense": "cap4m-knowledge-dense"},
            "tiny": {"dense": "cap-tiny-dense", "dense_gelu": "cap-tiny-dense-gelu", "moe": "cap-tiny-moe",
                     "knowledge": "cap-tiny-knowledge", "knowledge_dense": "cap-tiny-knowledge-dense"}}
 SIZE_DEFAULTS = {"gpu": dict(vocab=2048, seq_len=256, batch_size=128, lr=2e-3, warmup_steps=100),
+                 "gpu4m": dict(vocab=2048, seq_len=256, batch_size=128, lr=2e-3, warmup_steps=100),
                  "tiny": dict(vocab=1024, seq_len=128, batch_size=16, lr=3e-3, warmup_steps=20)}
 MIN_START_S = 90.0      # a run is not started with less than this left before the deadline
 

@@ -153,6 +153,7 @@ _SMALL_KN = dict(layers=(2,), placement="beside", n_heads=2, d_k=32, k=16, n_sub
 
 _CAP = dict(vocab_size=2048, block_size=256, n_layers=4, d_model=128, n_heads=4)
 _CAP_KN = dict(layers=(2,), placement="beside", n_heads=4, d_k=32, k=16, n_sub=256, value_lr=0.05)
+_CAP4M = dict(_CAP, d_model=256)
 _CAP_TINY = dict(vocab_size=1024, block_size=128, n_layers=2, d_model=64, n_heads=4)
 _CAP_TINY_KN = dict(layers=(1,), placement="beside", n_heads=2, d_k=32, k=16, n_sub=64, value_lr=0.05)
 
@@ -200,6 +201,14 @@ configs: dict[str, dict[str, Any]] = {
     "cap-knowledge": dict(_CAP, ffn="moe", d_ff=272, d_expert=96, n_experts=16, n_active=2,
                           knowledge=_CAP_KN),                                            # ~1.09M
     "cap-knowledge-dense": dict(_CAP, ffn="dense", d_ff=272, knowledge=_CAP_KN),        # ~1.05M: the store without MoE
+    # The same five at ~4M active parameters (d_model 256, d_v 256; the upper size):
+    # where a step does 4x the matmul work per launch (tokens/s against model size).
+    "cap4m-dense": dict(_CAP4M, ffn="dense", d_ff=784),                                 # ~3.98M active
+    "cap4m-dense-gelu": dict(_CAP4M, ffn="dense", mlp="gelu", d_ff=1176),               # ~3.98M
+    "cap4m-moe": dict(_CAP4M, ffn="moe", d_ff=784, d_expert=264, n_experts=16, n_active=2),  # ~4.02M
+    "cap4m-knowledge": dict(_CAP4M, ffn="moe", d_ff=672, d_expert=224, n_experts=16, n_active=2,
+                            knowledge=_CAP_KN),                                          # ~4.04M
+    "cap4m-knowledge-dense": dict(_CAP4M, ffn="dense", d_ff=672, knowledge=_CAP_KN),    # ~4.02M
     # Their CPU check at small N: ~160k active (1,024-token BPE).
     "cap-tiny-dense": dict(_CAP_TINY, ffn="dense", d_ff=192),
     "cap-tiny-dense-gelu": dict(_CAP_TINY, ffn="dense", mlp="gelu", d_ff=288),

@@ -211,6 +211,25 @@ def test_the_gpt2_mlp_baseline_holds_the_dense_models_parameters():
         preset("cap-moe", mlp="gelu")
 
 
+def test_each_size_matches_its_models_active_parameters(tmp_path):
+    """Every size's five models carry the dense model's active parameters to within 2%, and
+    the MoE and knowledge models never fewer than dense (their widths round up)."""
+    import contextlib
+    from benchmarks.capacity_train import open_table
+    for size in ("gpu", "gpu4m"):
+        active = {}
+        for m, name in capacity.PRESETS[size].items():
+            spec = RunSpec(model=m, preset=name, people=3000, seed=0)
+            mcfg = model_config(spec, spec.vocab)
+            work = tmp_path / size / m
+            work.mkdir(parents=True)
+            with (open_table(spec, mcfg, work, None) if mcfg.knowledge else contextlib.nullcontext()) as table:
+                active[m] = Transformer(mcfg, table).count_params()["active"]
+        for m, a in active.items():
+            assert abs(a / active["dense"] - 1) < 0.02, (size, m, a, active["dense"])
+        assert min(active["moe"], active["knowledge"]) >= active["dense"], (size, active)
+
+
 def test_the_headline_compares_with_the_dense_variant_that_stores_more():
     from benchmarks import capacity_report as report
 
