@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.capacity_train import RunSpec, model_config, open_table, train_config  # noqa: E402
+from benchmarks.capacity_train import RunSpec, model_config, open_table  # noqa: E402
 from model_worker.model import Transformer  # noqa: E402
 
 
@@ -47,9 +47,10 @@ def flops_per_token(spec: RunSpec) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     spec = RunSpec(**{**spec.__dict__, "device": "cpu", "remote": False, "batch_size": 1})
-    torch.manual_seed(spec.seed)
     mcfg = model_config(spec, spec.vocab)
-    with tempfile.TemporaryDirectory(prefix="capacity_flops_") as work:
+    # (a throwaway model: the caller's random stream is left where it was)
+    with torch.random.fork_rng(devices=[]), tempfile.TemporaryDirectory(prefix="capacity_flops_") as work:
+        torch.manual_seed(spec.seed)
         tables = open_table(spec, mcfg, Path(work), None) if mcfg.knowledge else contextlib.nullcontext()
         with tables as table:
             model = Transformer(mcfg, table).train()
