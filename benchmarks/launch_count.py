@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.capacity import PRESETS as CAPACITY_PRESETS
 from benchmarks.capacity_flops import flops_per_token
 from benchmarks.capacity_train import RunSpec, model_config, open_table, run_data, train_config, train_step
 from benchmarks.common import write_result
@@ -58,8 +59,11 @@ from model_worker.model import Transformer
 from model_worker.moe import RoutedExperts
 from model_worker.train import make_optimizer
 
-PRESETS = {"dense": "cap-dense", "moe": "cap-moe", "knowledge": "cap-knowledge",
-           "knowledge_dense": "cap-knowledge-dense"}   # the store without MoE: the knowledge layers' own cost
+# the capacity models by size (gpu: ~1M active, gpu4m: ~4M); knowledge_dense is the store
+# without MoE: the knowledge layers' own cost
+SIZES = {size: {m: p for m, p in by.items() if m != "dense_gelu"}
+         for size, by in CAPACITY_PRESETS.items() if size != "tiny"}
+PRESETS = SIZES["gpu"]
 DENSE_FFN = {"dense", "knowledge_dense"}   # no routed experts to run more than one way
 SYNC_METHODS = ("item", "__bool__", "__int__", "__float__", "tolist")
 
@@ -118,7 +122,7 @@ def _repo_path(filename: str) -> str:
 def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     """Ops, syncs and step time of one capacity model; experts: 'batched', 'loop', 'grouped'
     (or 'none' for the dense model)."""
-    spec = RunSpec(model=model_name, preset=PRESETS[model_name], people=args.people, seed=0,
+    spec = RunSpec(model=model_name, preset=SIZES[args.size][model_name], people=args.people, seed=0,
                    batch_size=args.batch_size, device=args.device, threads=args.threads)
     work = root / f"{model_name}_{experts}"
     work.mkdir(parents=True)
@@ -208,6 +212,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--size", choices=sorted(SIZES), default="gpu", help="the models' size: ~1M (gpu) or ~4M (gpu4m)")
     ap.add_argument("--experts", default="batched,loop",
                     help="MoE expert paths to count: batched, loop, grouped (bf16 grouped GEMMs; sm90 on a GPU)")
     ap.add_argument("--sources", type=int, default=0,

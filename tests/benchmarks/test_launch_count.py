@@ -32,6 +32,14 @@ def test_batched_experts_run_fewer_ops_than_the_loop(tmp_path):
     assert all(v > 0 for v in result["headline"]["achieved_tflop_per_s"].values())
 
 
+def test_the_4m_size_counts_the_4m_models(tmp_path):
+    out = tmp_path / "lc4.json"
+    launch_count.main(["--size", "gpu4m", "--models", "dense", "--people", "300", "--batch-size", "1", "--steps", "1",
+                       "--warm", "1", "--threads", "1", "--out", str(out)])
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["preset"] == "cap4m-dense" and run["params"]["active"] > 3.9e6
+
+
 def test_cuda_syncs_are_counted_from_the_sync_debug_warnings(monkeypatch):
     """Each warning of torch's sync debug mode counts once (two from one line are two syncs),
     other warnings not; the mode is set to warn inside and restored after."""
