@@ -184,10 +184,9 @@ def count_step(model_name: str, experts: str, args, root: Path) -> dict:
     stream.close()
     # matmul FLOPs a training token costs (capacity_flops: counted on the CPU, the experts on
     # the pairs routed), and the rate the step reaches: how launch-bound it is, in FLOP/s
-    flops = flops_per_token(spec)["train"] * spec.batch_size * spec.seq_len
-    return {"model": model_name, "preset": spec.preset, "experts": experts,
-            "train_flops_per_token": flops / (spec.batch_size * spec.seq_len),
-            "achieved_tflop_per_s": flops / statistics.median(timed) / 1e12,
+    per_token = flops_per_token(spec)["train"]
+    return {"model": model_name, "preset": spec.preset, "experts": experts, "train_flops_per_token": per_token,
+            "achieved_tflop_per_s": per_token * spec.batch_size * spec.seq_len / statistics.median(timed) / 1e12,
             "aten_ops_per_step": statistics.median(ops), "aten_ops_min": min(ops), "aten_ops_max": max(ops),
             "host_syncs_per_step": statistics.median(syncs),
             # every host wait on a GPU (torch's sync debug mode); unknown on the CPU

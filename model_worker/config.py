@@ -202,7 +202,8 @@ configs: dict[str, dict[str, Any]] = {
                           knowledge=_CAP_KN),                                            # ~1.09M
     "cap-knowledge-dense": dict(_CAP, ffn="dense", d_ff=272, knowledge=_CAP_KN),        # ~1.05M: the store without MoE
     # The same five at ~4M active parameters (d_model 256, d_v 256; the upper size):
-    # where a step does 4x the matmul work per launch (tokens/s against model size).
+    # where a step does ~3.4x the matmul work a launch (27.0M FLOPs a training token against
+    # 7.96M: benchmarks/capacity_flops.py), for tokens/s against model size.
     "cap4m-dense": dict(_CAP4M, ffn="dense", d_ff=784),                                 # ~3.98M active
     "cap4m-dense-gelu": dict(_CAP4M, ffn="dense", mlp="gelu", d_ff=1176),               # ~3.98M
     "cap4m-moe": dict(_CAP4M, ffn="moe", d_ff=784, d_expert=264, n_experts=16, n_active=2),  # ~4.02M
